@@ -1,0 +1,59 @@
+//! `tartanctl`: the operator CLI.
+
+use clap::{Parser, Subcommand};
+use tartan::commands::{self, OutputFormat};
+use tartan::etcd_store::EtcdArgs;
+
+#[derive(Parser, Debug)]
+#[command(name = "tartanctl", version, about = "tartan operator CLI")]
+struct Cli {
+    #[command(flatten)]
+    etcd: EtcdArgs,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// The cluster network config.
+    #[command(subcommand)]
+    Network(commands::network::NetworkCmd),
+    /// List subnet leases: node, subnet, public IP, VTEP MAC, expiry.
+    Nodes {
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+    /// Act on one node.
+    #[command(subcommand)]
+    Node(commands::node::NodeCmd),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tartan::logging::init("warn");
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tartanctl: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let r = rt.block_on(async {
+        match cli.cmd {
+            Cmd::Network(c) => commands::network::run(&cli.etcd, c).await,
+            Cmd::Nodes { output } => commands::nodes::run(&cli.etcd, output).await,
+            Cmd::Node(c) => commands::node::run(&cli.etcd, c).await,
+        }
+    });
+    match r {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tartanctl: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

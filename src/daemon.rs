@@ -1,0 +1,321 @@
+//! `tartand`: the per-node daemon. Wires the lease store, the subnet manager, the liveness
+//! lease, the overlay reconciler, subnet.env and metrics together.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use ipnetwork::Ipv4Network;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::backoff::Backoff;
+use crate::etcd_store::{EtcdArgs, Store};
+use crate::metrics::{self, Metrics};
+use crate::netconf::NetworkConfig;
+use crate::netlink_ops::Netlink;
+use crate::node_state::{NodeState, state_path, vtep_mac_for};
+use crate::overlay_reconciler::{self, OverlaySettings, overlay_mtu};
+use crate::shutdown::shutdown_signal;
+use crate::subnet_env::SubnetEnv;
+use crate::subnet_manager::{KeepOutcome, NodeIdentity, OwnLease, SubnetManager};
+use crate::node_liveness;
+
+/// Command-line flags of `tartand`.
+#[derive(clap::Parser, Debug, Clone)]
+#[command(
+    name = "tartand",
+    version,
+    about = "tartan node daemon: leases this node's pod subnet from etcd and programs the VXLAN overlay"
+)]
+pub struct DaemonArgs {
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    /// This node's name (unique in the cluster).
+    #[arg(long, env = "TARTAN_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Underlay interface carrying VXLAN traffic.
+    #[arg(long, env = "TARTAN_IFACE")]
+    pub iface: String,
+    /// Underlay address to advertise (default: the first IPv4 address of --iface).
+    #[arg(long)]
+    pub public_ip: Option<Ipv4Addr>,
+    /// Virtual IP range for services.
+    #[arg(long, default_value = "10.96.0.0/12")]
+    pub service_cidr: Ipv4Network,
+    /// Where to write subnet.env.
+    #[arg(long, default_value = "/run/tartan/subnet.env")]
+    pub subnet_file: PathBuf,
+    /// Directory for the node state file (remembered subnet, VTEP MAC).
+    #[arg(long, default_value = "/var/lib/tartan")]
+    pub state_dir: PathBuf,
+    /// Prometheus endpoint (never bind this beyond loopback unless you mean it).
+    #[arg(long, default_value = "127.0.0.1:9402")]
+    pub metrics_addr: SocketAddr,
+    /// TTL in seconds of the subnet lease (ownership survives reboots within it).
+    #[arg(long, default_value_t = 86400, value_parser = clap::value_parser!(i64).range(10..))]
+    pub subnet_lease_ttl: i64,
+    /// TTL in seconds of the node liveness lease (per-node records vanish this long after death).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i64).range(2..=3600))]
+    pub liveness_ttl: i64,
+    /// Masquerade pod traffic leaving the cluster network.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub ip_masq: bool,
+    /// Full overlay resync period in seconds.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub resync_secs: u64,
+    /// Release this node's subnet, remove its device and rules, and exit.
+    #[arg(long)]
+    pub leave: bool,
+}
+
+fn node_name(args: &DaemonArgs) -> Result<String> {
+    let name = match &args.node_name {
+        Some(n) => n.clone(),
+        None => nix::unistd::gethostname()
+            .context("reading the hostname for --node-name")?
+            .to_string_lossy()
+            .into_owned(),
+    };
+    if name.is_empty()
+        || name.len() > 253
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_')
+    {
+        bail!("--node-name {name:?}: use letters, digits, '-', '.', '_' (at most 253)");
+    }
+    Ok(name)
+}
+
+/// Reads the network config, retrying (with backoff) while it is missing or invalid.
+async fn wait_for_config(store: &Store, keys: &EtcdArgs) -> NetworkConfig {
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(15));
+    let key = keys.config_key();
+    loop {
+        match store.get(&key).await {
+            Ok(Some(kv)) => match NetworkConfig::parse(&kv.value) {
+                Ok(c) => return c,
+                Err(e) => error!(key, "invalid network config, waiting for a valid one: {e}"),
+            },
+            Ok(None) => warn!(key, "no network config yet (run `tartanctl network init`)"),
+            Err(e) => warn!("reading the network config: {e:#}"),
+        }
+        backoff.wait().await;
+    }
+}
+
+/// Runs the daemon until SIGTERM/SIGINT (dataplane left in place) or a leave.
+pub async fn run(args: DaemonArgs) -> Result<()> {
+    let name = node_name(&args)?;
+    let nl = Netlink::connect()?;
+    let iface = nl
+        .iface(&args.iface)
+        .await
+        .with_context(|| format!("--iface {}", args.iface))?;
+    let public_ip = match args.public_ip {
+        Some(ip) => ip,
+        None => iface
+            .addrs
+            .first()
+            .map(|a| a.ip())
+            .ok_or_else(|| anyhow!("--iface {} has no IPv4 address; give --public-ip", args.iface))?,
+    };
+    let mtu = overlay_mtu(iface.mtu)?;
+    let state_file = state_path(&args.state_dir, &name);
+    let state = match NodeState::load(&state_file) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!("{e:#}; starting without remembered state");
+            None
+        }
+    };
+    let vtep_mac = state
+        .as_ref()
+        .filter(|s| s.node_name == name && s.vtep_mac.is_valid_unicast())
+        .map(|s| s.vtep_mac)
+        .unwrap_or_else(|| vtep_mac_for(&name));
+    let preferred = state.as_ref().and_then(|s| s.subnet);
+    let node = NodeIdentity {
+        name: name.clone(),
+        public_ip,
+        vtep_mac,
+    };
+    info!(node = %name, %public_ip, %vtep_mac, iface = %args.iface, "starting");
+
+    let store = Store::connect(&args.etcd).await?;
+    let metrics = Metrics::new();
+    metrics::serve(args.metrics_addr, metrics.clone()).await?;
+
+    if args.leave {
+        return leave(&args, &store, &node).await;
+    }
+
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+
+    let cfg = tokio::select! {
+        c = wait_for_config(&store, &args.etcd) => c,
+        _ = &mut shutdown => return Ok(()),
+    };
+    info!(network = %cfg.network, subnet_len = cfg.subnet_len, vni = cfg.backend.vni, "network config");
+
+    let subnets = store.mirror(&args.etcd.subnets_prefix());
+    let manager = SubnetManager::new(
+        store.clone(),
+        args.etcd.clone(),
+        node.clone(),
+        cfg.clone(),
+        args.subnet_lease_ttl,
+        metrics.clone(),
+    );
+    let own = tokio::select! {
+        o = manager.acquire(preferred) => o,
+        _ = &mut shutdown => return Ok(()),
+    };
+    info!(subnet = %own.subnet, reservation = own.etcd_lease == 0, "holding subnet");
+    let (own_tx, own_rx) = watch::channel(Some(own.clone()));
+
+    let persist = |o: &OwnLease| {
+        let st = NodeState {
+            node_name: name.clone(),
+            subnet: Some(o.subnet),
+            vtep_mac,
+        };
+        if let Err(e) = st.save(&state_file) {
+            warn!("saving node state: {e:#}");
+        }
+        let env = SubnetEnv {
+            network: cfg.network,
+            subnet: o.subnet,
+            mtu,
+            ipmasq: args.ip_masq,
+        };
+        if let Err(e) = env.write_atomic(&args.subnet_file) {
+            error!("writing {}: {e:#}", args.subnet_file.display());
+        }
+    };
+    persist(&own);
+
+    let (lease_tx, _lease_rx) = watch::channel(None);
+    tokio::spawn(node_liveness::run(
+        store.clone(),
+        args.etcd.clone(),
+        node.clone(),
+        own_rx.clone(),
+        args.liveness_ttl,
+        lease_tx,
+        metrics.clone(),
+    ));
+
+    let settings = OverlaySettings {
+        iface: args.iface.clone(),
+        public_ip,
+        vtep_mac,
+        cfg: cfg.clone(),
+        ip_masq: args.ip_masq,
+        resync: Duration::from_secs(args.resync_secs),
+    };
+    let overlay = tokio::spawn(overlay_reconciler::run(
+        settings,
+        metrics.clone(),
+        own_rx.clone(),
+        subnets.clone(),
+    ));
+
+    let mut own_watch = own_rx.clone();
+    let keep = async {
+        manager
+            .keep(own, &own_tx, subnets.clone(), renew_interval(args.subnet_lease_ttl))
+            .await
+    };
+    tokio::pin!(keep);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => {
+                info!("shutting down; the dataplane stays in place");
+                return Ok(());
+            }
+            outcome = &mut keep => {
+                match outcome {
+                    KeepOutcome::LeaveRequested => {
+                        overlay.abort();
+                        let cur = own_rx.borrow().clone();
+                        teardown_local(&args, &cfg, &state_file).await;
+                        let _ = store.delete(&SubnetManager::leave_key(&args.etcd, &name)).await;
+                        let _ = store.delete(&node_liveness::node_key(&args.etcd, &name)).await;
+                        info!(subnet = ?cur.map(|c| c.subnet), "left the cluster");
+                        return Ok(());
+                    }
+                }
+            }
+            c = own_watch.changed() => {
+                if c.is_ok() && let Some(o) = own_watch.borrow_and_update().clone() {
+                    persist(&o);
+                }
+            }
+        }
+    }
+}
+
+/// How often to renew a subnet lease of `ttl` seconds: well before expiry, at most hourly.
+pub fn renew_interval(ttl: i64) -> Duration {
+    Duration::from_secs(((ttl / 4).clamp(2, 3600)) as u64)
+}
+
+async fn teardown_local(args: &DaemonArgs, cfg: &NetworkConfig, state_file: &std::path::Path) {
+    if let Err(e) = overlay_reconciler::teardown(&args.iface, cfg.backend.vni).await {
+        error!("{e:#}");
+    }
+    for p in [&args.subnet_file, &state_file.to_path_buf()] {
+        if let Err(e) = std::fs::remove_file(p)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!("removing {}: {e}", p.display());
+        }
+    }
+}
+
+/// `tartand --leave`: release the subnet in etcd (when reachable) and remove local state.
+async fn leave(
+    args: &DaemonArgs,
+    store: &Store,
+    node: &NodeIdentity,
+) -> Result<()> {
+    let cfg = match store.get(&args.etcd.config_key()).await {
+        Ok(Some(kv)) => NetworkConfig::parse(&kv.value).ok(),
+        _ => None,
+    };
+    let (_, items) = store
+        .list(&args.etcd.subnets_prefix())
+        .await
+        .context("listing subnets to release ours")?;
+    for it in items {
+        let Ok(v) = crate::subnet_lease::LeaseValue::parse(&it.value) else {
+            continue;
+        };
+        if !v.belongs_to(&node.name, node.public_ip) {
+            continue;
+        }
+        if it.lease == 0 {
+            info!(key = %it.key, "keeping the reservation");
+            continue;
+        }
+        store.delete(&it.key).await?;
+        let _ = store.revoke(it.lease).await;
+        info!(key = %it.key, "released subnet");
+    }
+    let _ = store
+        .delete(&node_liveness::node_key(&args.etcd, &node.name))
+        .await;
+    let vni = cfg.as_ref().map_or(crate::netconf::DEFAULT_VNI, |c| c.backend.vni);
+    if let Err(e) = overlay_reconciler::teardown(&args.iface, vni).await {
+        error!("{e:#}");
+    }
+    let state_file = state_path(&args.state_dir, &node.name);
+    for p in [&args.subnet_file, &state_file] {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(())
+}

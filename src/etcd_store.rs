@@ -1,0 +1,539 @@
+//! The etcd lease store: connection (several endpoints, TLS client certificates), key/value
+//! operations with timeouts, create-if-absent and compare-and-swap transactions, etcd leases,
+//! and a reflector that mirrors a key prefix (list, then watch from the next revision; resume
+//! after disconnects; relist when the revision was compacted).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    LeaseKeepAliveStream, LeaseKeeper, PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
+};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::backoff::Backoff;
+
+/// How long a single unary etcd request may take before it counts as failed.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Command-line flags shared by every binary that talks to etcd.
+#[derive(clap::Args, Debug, Clone)]
+pub struct EtcdArgs {
+    /// etcd endpoints, comma separated (https:// when TLS flags are given).
+    #[arg(
+        long,
+        env = "TARTAN_ETCD_ENDPOINTS",
+        default_value = "http://127.0.0.1:2379",
+        value_delimiter = ','
+    )]
+    pub etcd_endpoints: Vec<String>,
+    /// Prefix of the flannel-compatible network data (config, subnets).
+    #[arg(long, env = "TARTAN_ETCD_PREFIX", default_value = crate::netconf::DEFAULT_ETCD_PREFIX)]
+    pub etcd_prefix: String,
+    /// Prefix of tartan's own records (nodes, pods, services).
+    #[arg(long, env = "TARTAN_PREFIX", default_value = "/tartan")]
+    pub tartan_prefix: String,
+    /// CA certificate (PEM) to verify the etcd servers.
+    #[arg(long, env = "TARTAN_ETCD_CACERT")]
+    pub etcd_cacert: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd.
+    #[arg(long, env = "TARTAN_ETCD_CERT")]
+    pub etcd_cert: Option<PathBuf>,
+    /// Client private key (PEM) for etcd.
+    #[arg(long, env = "TARTAN_ETCD_KEY")]
+    pub etcd_key: Option<PathBuf>,
+}
+
+impl EtcdArgs {
+    /// The flannel config key.
+    pub fn config_key(&self) -> String {
+        format!("{}/config", self.etcd_prefix.trim_end_matches('/'))
+    }
+    /// The prefix under which subnet keys live, with a trailing slash.
+    pub fn subnets_prefix(&self) -> String {
+        format!("{}/subnets/", self.etcd_prefix.trim_end_matches('/'))
+    }
+    /// A key under tartan's own prefix.
+    pub fn tartan_key(&self, rest: &str) -> String {
+        format!("{}/{}", self.tartan_prefix.trim_end_matches('/'), rest)
+    }
+}
+
+/// One key and its value as read from etcd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvItem {
+    /// The full key.
+    pub key: String,
+    /// The raw value.
+    pub value: Vec<u8>,
+    /// Attached etcd lease, 0 for none.
+    pub lease: i64,
+    /// Revision of the last modification.
+    pub mod_revision: i64,
+}
+
+impl KvItem {
+    fn from_kv(kv: &etcd_client::KeyValue) -> Self {
+        KvItem {
+            key: String::from_utf8_lossy(kv.key()).into_owned(),
+            value: kv.value().to_vec(),
+            lease: kv.lease(),
+            mod_revision: kv.mod_revision(),
+        }
+    }
+}
+
+/// A handle on the etcd cluster; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    client: Client,
+}
+
+async fn timed<T, F>(what: &str, f: F) -> Result<T>
+where
+    F: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
+{
+    match tokio::time::timeout(REQUEST_TIMEOUT, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(anyhow!(e).context(format!("etcd {what}"))),
+        Err(_) => bail!("etcd {what}: no answer within {REQUEST_TIMEOUT:?}"),
+    }
+}
+
+impl Store {
+    /// Connects lazily: this fails only on bad arguments (unreadable certificates, bad URLs),
+    /// never because etcd is down; requests retry the endpoints as they come back.
+    pub async fn connect(args: &EtcdArgs) -> Result<Store> {
+        if args.etcd_endpoints.is_empty() {
+            bail!("--etcd-endpoints: at least one endpoint is needed");
+        }
+        let mut opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
+            .with_keep_alive_while_idle(true);
+        let tls_wanted =
+            args.etcd_cacert.is_some() || args.etcd_cert.is_some() || args.etcd_key.is_some();
+        if tls_wanted {
+            let mut tls = TlsOptions::new();
+            if let Some(ca) = &args.etcd_cacert {
+                let pem = std::fs::read(ca)
+                    .with_context(|| format!("--etcd-cacert: cannot read {}", ca.display()))?;
+                tls = tls.ca_certificate(Certificate::from_pem(pem));
+            }
+            match (&args.etcd_cert, &args.etcd_key) {
+                (Some(c), Some(k)) => {
+                    let cert = std::fs::read(c)
+                        .with_context(|| format!("--etcd-cert: cannot read {}", c.display()))?;
+                    let key = std::fs::read(k)
+                        .with_context(|| format!("--etcd-key: cannot read {}", k.display()))?;
+                    tls = tls.identity(Identity::from_pem(cert, key));
+                }
+                (None, None) => {}
+                _ => bail!("--etcd-cert and --etcd-key must be given together"),
+            }
+            opts = opts.with_tls(tls);
+        }
+        for e in &args.etcd_endpoints {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
+                bail!("--etcd-endpoints: {e:?} must start with http:// or https://");
+            }
+            if tls_wanted && e.starts_with("http://") {
+                bail!("--etcd-endpoints: {e:?} uses http:// but TLS flags were given");
+            }
+        }
+        let client = Client::connect(&args.etcd_endpoints, Some(opts))
+            .await
+            .context("etcd connect")?;
+        Ok(Store { client })
+    }
+
+    /// Reads one key.
+    pub async fn get(&self, key: &str) -> Result<Option<KvItem>> {
+        let mut c = self.client.clone();
+        let r = timed("get", c.get(key, None)).await?;
+        Ok(r.kvs().first().map(KvItem::from_kv))
+    }
+
+    /// Lists every key under `prefix`; returns the store revision of the read.
+    pub async fn list(&self, prefix: &str) -> Result<(i64, Vec<KvItem>)> {
+        let mut c = self.client.clone();
+        let r = timed(
+            "list",
+            c.get(prefix, Some(GetOptions::new().with_prefix())),
+        )
+        .await?;
+        let rev = r.header().map(|h| h.revision()).unwrap_or(0);
+        Ok((rev, r.kvs().iter().map(KvItem::from_kv).collect()))
+    }
+
+    /// Writes a key, attached to `lease` when non-zero.
+    pub async fn put(&self, key: &str, value: impl Into<Vec<u8>>, lease: i64) -> Result<()> {
+        let mut c = self.client.clone();
+        let opts = (lease != 0).then(|| PutOptions::new().with_lease(lease));
+        timed("put", c.put(key, value.into(), opts)).await?;
+        Ok(())
+    }
+
+    /// Creates the key only if it does not exist; returns whether it was created.
+    pub async fn create_if_absent(
+        &self,
+        key: &str,
+        value: impl Into<Vec<u8>>,
+        lease: i64,
+    ) -> Result<bool> {
+        let mut c = self.client.clone();
+        let opts = (lease != 0).then(|| PutOptions::new().with_lease(lease));
+        let txn = Txn::new()
+            .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key, value.into(), opts)]);
+        let r = timed("create", c.txn(txn)).await?;
+        Ok(r.succeeded())
+    }
+
+    /// Rewrites the key only if it was not modified since `mod_revision`; returns success.
+    pub async fn replace_if_unchanged(
+        &self,
+        key: &str,
+        value: impl Into<Vec<u8>>,
+        lease: i64,
+        mod_revision: i64,
+    ) -> Result<bool> {
+        let mut c = self.client.clone();
+        let opts = (lease != 0).then(|| PutOptions::new().with_lease(lease));
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key, CompareOp::Equal, mod_revision)])
+            .and_then([TxnOp::put(key, value.into(), opts)]);
+        let r = timed("compare-and-swap", c.txn(txn)).await?;
+        Ok(r.succeeded())
+    }
+
+    /// Runs a prepared transaction; returns whether its comparisons held.
+    pub async fn txn(&self, txn: Txn) -> Result<bool> {
+        let mut c = self.client.clone();
+        Ok(timed("txn", c.txn(txn)).await?.succeeded())
+    }
+
+    /// Deletes a key; returns whether it existed.
+    pub async fn delete(&self, key: &str) -> Result<bool> {
+        let mut c = self.client.clone();
+        let r = timed("delete", c.delete(key, None)).await?;
+        Ok(r.deleted() > 0)
+    }
+
+    /// Deletes a key only if its mod revision is still `mod_revision`.
+    pub async fn delete_if_unchanged(&self, key: &str, mod_revision: i64) -> Result<bool> {
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key, CompareOp::Equal, mod_revision)])
+            .and_then([TxnOp::delete(key, None)]);
+        self.txn(txn).await
+    }
+
+    /// Grants an etcd lease of `ttl` seconds.
+    pub async fn grant(&self, ttl: i64) -> Result<i64> {
+        let mut c = self.client.clone();
+        let r = timed("lease grant", c.lease_grant(ttl, None)).await?;
+        Ok(r.id())
+    }
+
+    /// Revokes an etcd lease (deleting every key attached to it).
+    pub async fn revoke(&self, lease: i64) -> Result<()> {
+        let mut c = self.client.clone();
+        timed("lease revoke", c.lease_revoke(lease)).await?;
+        Ok(())
+    }
+
+    /// Remaining TTL of a lease in seconds, or `None` when it no longer exists.
+    pub async fn lease_ttl(&self, lease: i64) -> Result<Option<i64>> {
+        let mut c = self.client.clone();
+        let r = timed("lease ttl", c.lease_time_to_live(lease, None)).await?;
+        Ok((r.ttl() > 0).then_some(r.ttl()))
+    }
+
+    /// A keeper that renews `lease` on demand over one long-lived stream.
+    pub fn keeper(&self, lease: i64) -> LeaseRenewer {
+        LeaseRenewer {
+            client: self.client.clone(),
+            lease,
+            stream: None,
+        }
+    }
+
+    /// The underlying client, for callers needing an operation not wrapped here.
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// Starts a reflector task mirroring `prefix`; see [`ReflectorEvent`].
+    pub fn reflect(&self, prefix: &str) -> mpsc::UnboundedReceiver<ReflectorEvent> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let store = self.clone();
+        let prefix = prefix.to_string();
+        tokio::spawn(async move { run_reflector(store, prefix, tx).await });
+        rx
+    }
+}
+
+/// Renews one etcd lease, reopening its keep-alive stream after errors.
+pub struct LeaseRenewer {
+    client: Client,
+    lease: i64,
+    stream: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+}
+
+impl LeaseRenewer {
+    /// The lease being renewed.
+    pub fn lease(&self) -> i64 {
+        self.lease
+    }
+
+    /// Renews once. `Ok(Some(ttl))` on success, `Ok(None)` when the lease no longer exists
+    /// (expired or revoked), `Err` when etcd could not be reached.
+    pub async fn renew(&mut self) -> Result<Option<i64>> {
+        let r = tokio::time::timeout(REQUEST_TIMEOUT, self.renew_inner()).await;
+        match r {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                self.stream = None;
+                Err(e)
+            }
+            Err(_) => {
+                self.stream = None;
+                bail!("etcd lease keep-alive: no answer within {REQUEST_TIMEOUT:?}")
+            }
+        }
+    }
+
+    async fn renew_inner(&mut self) -> Result<Option<i64>> {
+        if self.stream.is_none() {
+            let mut c = self.client.clone();
+            let s = c
+                .lease_keep_alive(self.lease)
+                .await
+                .context("etcd lease keep-alive")?;
+            self.stream = Some(s);
+        }
+        let (keeper, stream) = self
+            .stream
+            .as_mut()
+            .ok_or_else(|| anyhow!("keep-alive stream missing"))?;
+        keeper
+            .keep_alive()
+            .await
+            .context("etcd lease keep-alive send")?;
+        match stream.message().await.context("etcd lease keep-alive")? {
+            Some(r) if r.ttl() > 0 => Ok(Some(r.ttl())),
+            Some(_) => Ok(None),
+            None => {
+                self.stream = None;
+                bail!("etcd lease keep-alive stream closed")
+            }
+        }
+    }
+}
+
+/// One change seen by a reflector.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// The key was created or updated.
+    Put(KvItem),
+    /// The key was deleted (or its lease expired).
+    Delete(String),
+}
+
+/// What a reflector reports.
+#[derive(Debug, Clone)]
+pub enum ReflectorEvent {
+    /// A complete listing of the prefix (at start and after a compaction); replaces all state.
+    Reset {
+        /// Store revision of the listing.
+        revision: i64,
+        /// Every key under the prefix.
+        items: Vec<KvItem>,
+    },
+    /// Incremental changes, in order.
+    Changes {
+        /// Store revision after these changes.
+        revision: i64,
+        /// The changes.
+        changes: Vec<Change>,
+    },
+}
+
+async fn run_reflector(store: Store, prefix: String, tx: mpsc::UnboundedSender<ReflectorEvent>) {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let mut revision: Option<i64> = None;
+    loop {
+        if tx.is_closed() {
+            return;
+        }
+        let rev = match revision {
+            Some(r) => r,
+            None => match store.list(&prefix).await {
+                Ok((rev, items)) => {
+                    debug!(prefix, rev, n = items.len(), "listed");
+                    if tx.send(ReflectorEvent::Reset { revision: rev, items }).is_err() {
+                        return;
+                    }
+                    revision = Some(rev);
+                    rev
+                }
+                Err(e) => {
+                    warn!(prefix, "etcd list failed, retrying: {e:#}");
+                    backoff.wait().await;
+                    continue;
+                }
+            },
+        };
+        let mut client = store.client();
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(rev + 1)
+            .with_progress_notify();
+        let watch = tokio::time::timeout(REQUEST_TIMEOUT, client.watch(prefix.as_str(), Some(opts)))
+            .await;
+        let mut stream = match watch {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                warn!(prefix, "etcd watch failed, retrying: {e}");
+                backoff.wait().await;
+                continue;
+            }
+            Err(_) => {
+                warn!(prefix, "etcd watch: no answer, retrying");
+                backoff.wait().await;
+                continue;
+            }
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(resp)) => {
+                    backoff.reset();
+                    if resp.compact_revision() > 0 {
+                        info!(
+                            prefix,
+                            compacted = resp.compact_revision(),
+                            "watch revision compacted, relisting"
+                        );
+                        revision = None;
+                        break;
+                    }
+                    if resp.canceled() {
+                        warn!(prefix, reason = resp.cancel_reason(), "watch canceled, rewatching");
+                        break;
+                    }
+                    let mut changes = Vec::with_capacity(resp.events().len());
+                    let mut max_rev = revision.unwrap_or(0);
+                    for ev in resp.events() {
+                        let Some(kv) = ev.kv() else { continue };
+                        max_rev = max_rev.max(kv.mod_revision());
+                        match ev.event_type() {
+                            EventType::Put => changes.push(Change::Put(KvItem::from_kv(kv))),
+                            EventType::Delete => changes.push(Change::Delete(
+                                String::from_utf8_lossy(kv.key()).into_owned(),
+                            )),
+                        }
+                    }
+                    if changes.is_empty() {
+                        // Progress notification: everything up to the header revision is seen.
+                        if let Some(h) = resp.header() {
+                            max_rev = max_rev.max(h.revision());
+                        }
+                        revision = Some(max_rev);
+                        continue;
+                    }
+                    revision = Some(max_rev);
+                    if tx
+                        .send(ReflectorEvent::Changes {
+                            revision: max_rev,
+                            changes,
+                        })
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Ok(None) => {
+                    warn!(prefix, "etcd watch stream ended, resuming");
+                    backoff.wait().await;
+                    break;
+                }
+                Err(e) => {
+                    warn!(prefix, "etcd watch broken, resuming: {e}");
+                    backoff.wait().await;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// A complete, shareable view of a small prefix (e.g. subnet leases), kept by [`Store::mirror`].
+#[derive(Debug, Clone)]
+pub struct PrefixView {
+    /// False until the first successful listing; consumers must not act on an unlisted view.
+    pub listed: bool,
+    /// Every key under the prefix.
+    pub items: std::collections::BTreeMap<String, KvItem>,
+    /// Store revision the view reflects.
+    pub revision: i64,
+    /// When the view last changed (for programming-latency metrics).
+    pub changed_at: std::time::Instant,
+}
+
+impl Store {
+    /// Mirrors `prefix` into a watch channel holding the whole current view. Suited to prefixes
+    /// of up to a few thousand keys (the view is cloned on each change batch).
+    pub fn mirror(&self, prefix: &str) -> tokio::sync::watch::Receiver<std::sync::Arc<PrefixView>> {
+        let (tx, rx) = tokio::sync::watch::channel(std::sync::Arc::new(PrefixView {
+            listed: false,
+            items: Default::default(),
+            revision: 0,
+            changed_at: std::time::Instant::now(),
+        }));
+        let mut events = self.reflect(prefix);
+        tokio::spawn(async move {
+            let mut items = std::collections::BTreeMap::new();
+            while let Some(ev) = events.recv().await {
+                let mut batch = vec![ev];
+                while let Ok(more) = events.try_recv() {
+                    batch.push(more);
+                }
+                let mut revision = 0;
+                for ev in batch {
+                    match ev {
+                        ReflectorEvent::Reset { revision: r, items: all } => {
+                            items = all.into_iter().map(|i| (i.key.clone(), i)).collect();
+                            revision = r;
+                        }
+                        ReflectorEvent::Changes { revision: r, changes } => {
+                            for c in changes {
+                                match c {
+                                    Change::Put(i) => {
+                                        items.insert(i.key.clone(), i);
+                                    }
+                                    Change::Delete(k) => {
+                                        items.remove(&k);
+                                    }
+                                }
+                            }
+                            revision = r;
+                        }
+                    }
+                }
+                let view = PrefixView {
+                    listed: true,
+                    items: items.clone(),
+                    revision,
+                    changed_at: std::time::Instant::now(),
+                };
+                if tx.send(std::sync::Arc::new(view)).is_err() {
+                    return;
+                }
+            }
+        });
+        rx
+    }
+}

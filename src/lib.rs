@@ -1,0 +1,26 @@
+//! tartan: a VXLAN overlay network and service-proxy dataplane for container clusters.
+//!
+//! Data flows from etcd (flannel-compatible subnet leases, tartan's own records) through pure
+//! planning modules (`subnet_alloc`, `overlay_plan`) to thin kernel layers (`netlink_ops`,
+//! `nft_cmd`). See `docs/architecture.md`.
+
+pub mod backoff;
+pub mod commands;
+pub mod daemon;
+pub mod etcd_store;
+pub mod logging;
+pub mod masq_rules;
+pub mod metrics;
+pub mod netconf;
+pub mod netlink_ops;
+pub mod netns_lab;
+pub mod nft_cmd;
+pub mod node_liveness;
+pub mod node_state;
+pub mod overlay_plan;
+pub mod overlay_reconciler;
+pub mod shutdown;
+pub mod subnet_alloc;
+pub mod subnet_env;
+pub mod subnet_lease;
+pub mod subnet_manager;

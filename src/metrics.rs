@@ -1,0 +1,201 @@
+//! Prometheus metrics and the text endpoint on `--metrics-addr`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tracing::{debug, warn};
+
+/// Every metric the daemon exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Peers currently programmed into the overlay.
+    pub peers: Gauge,
+    /// Overlay reconcile passes.
+    pub reconcile_runs: Counter,
+    /// Overlay reconcile passes that failed.
+    pub reconcile_errors: Counter,
+    /// Kernel operations the reconciler issued (adds, replaces, deletes).
+    pub reconcile_operations: Counter,
+    /// Subnet and liveness lease renewals that succeeded.
+    pub lease_renewals: Counter,
+    /// Lease renewals that failed (etcd unreachable).
+    pub lease_renewal_failures: Counter,
+    /// Seconds from seeing a peer change in etcd to having it programmed.
+    pub peer_program_seconds: Histogram,
+    /// Subnet keys skipped because their value was malformed.
+    pub malformed_records: Counter,
+    /// Full service syncs.
+    pub service_sync_full: Histogram,
+    /// Incremental service syncs.
+    pub service_sync_partial: Histogram,
+    /// Service syncs that failed.
+    pub service_sync_failures: Counter,
+    /// Seconds from a service/endpoint change in etcd to its rules being in the kernel.
+    pub service_programming_seconds: Histogram,
+    /// Map/set elements in the service table.
+    pub service_elements: Gauge,
+    /// Chains in the service table.
+    pub service_chains: Gauge,
+    /// Services programmed.
+    pub services: Gauge,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Arc<Metrics> {
+        let mut registry = Registry::with_prefix("tartan");
+        let lat = || Histogram::new(exponential_buckets(0.0001, 2.0, 18));
+        let m = Metrics {
+            peers: Gauge::default(),
+            reconcile_runs: Counter::default(),
+            reconcile_errors: Counter::default(),
+            reconcile_operations: Counter::default(),
+            lease_renewals: Counter::default(),
+            lease_renewal_failures: Counter::default(),
+            peer_program_seconds: lat(),
+            malformed_records: Counter::default(),
+            service_sync_full: lat(),
+            service_sync_partial: lat(),
+            service_sync_failures: Counter::default(),
+            service_programming_seconds: lat(),
+            service_elements: Gauge::default(),
+            service_chains: Gauge::default(),
+            services: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("overlay_peers", "Peers programmed into the overlay", m.peers.clone());
+        registry.register(
+            "overlay_reconcile_runs",
+            "Overlay reconcile passes",
+            m.reconcile_runs.clone(),
+        );
+        registry.register(
+            "overlay_reconcile_errors",
+            "Overlay reconcile passes that failed",
+            m.reconcile_errors.clone(),
+        );
+        registry.register(
+            "overlay_reconcile_operations",
+            "Kernel operations issued by the overlay reconciler",
+            m.reconcile_operations.clone(),
+        );
+        registry.register(
+            "lease_renewals",
+            "etcd lease renewals that succeeded",
+            m.lease_renewals.clone(),
+        );
+        registry.register(
+            "lease_renewal_failures",
+            "etcd lease renewals that failed",
+            m.lease_renewal_failures.clone(),
+        );
+        registry.register(
+            "overlay_peer_program_seconds",
+            "Seconds from a peer change seen in etcd to the peer programmed in the kernel",
+            m.peer_program_seconds.clone(),
+        );
+        registry.register(
+            "malformed_records",
+            "etcd records skipped because they could not be decoded",
+            m.malformed_records.clone(),
+        );
+        registry.register(
+            "service_sync_full_seconds",
+            "Duration of full service syncs",
+            m.service_sync_full.clone(),
+        );
+        registry.register(
+            "service_sync_partial_seconds",
+            "Duration of incremental service syncs",
+            m.service_sync_partial.clone(),
+        );
+        registry.register(
+            "service_sync_failures",
+            "Service syncs that failed",
+            m.service_sync_failures.clone(),
+        );
+        registry.register(
+            "service_programming_seconds",
+            "Seconds from a service or endpoint change in etcd to its rules in the kernel",
+            m.service_programming_seconds.clone(),
+        );
+        registry.register(
+            "service_elements",
+            "Map and set elements in the service table",
+            m.service_elements.clone(),
+        );
+        registry.register(
+            "service_chains",
+            "Chains in the service table",
+            m.service_chains.clone(),
+        );
+        registry.register("services", "Service ports programmed", m.services.clone());
+        Arc::new(Metrics { registry, ..m })
+    }
+
+    /// The metrics in Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        if encode(&mut s, &self.registry).is_err() {
+            s.clear();
+        }
+        s
+    }
+}
+
+/// Serves `/metrics` on `addr` until the process exits.
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("--metrics-addr: cannot listen on {addr}"))?;
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!("metrics accept: {e}");
+                    continue;
+                }
+            };
+            let m = metrics.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let m = m.clone();
+                    async move {
+                        let resp = if req.uri().path() == "/metrics" {
+                            Response::builder()
+                                .header(
+                                    "content-type",
+                                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                                )
+                                .body(Full::new(Bytes::from(m.render())))
+                        } else {
+                            Response::builder()
+                                .status(StatusCode::NOT_FOUND)
+                                .body(Full::new(Bytes::from_static(b"see /metrics\n")))
+                        };
+                        resp
+                    }
+                });
+                if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await
+                {
+                    debug!("metrics connection: {e}");
+                }
+            });
+        }
+    });
+    Ok(())
+}

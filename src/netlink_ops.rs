@@ -1,0 +1,655 @@
+//! A small wrapper around rtnetlink: links, addresses, routes, neighbours and FDB entries in
+//! the current network namespace. Everything kernel-facing for the overlay goes through here.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use anyhow::{Context, Result, anyhow, bail};
+use futures::{StreamExt, TryStreamExt};
+use ipnetwork::Ipv4Network;
+use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::link::{
+    InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol,
+    RouteScope, RouteType,
+};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_sys::AsyncSocket;
+use rtnetlink::{Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder};
+
+use crate::overlay_plan::{OverlayDiff, OverlayState, RouteVia};
+use crate::subnet_lease::MacAddr;
+
+/// Routing protocol number tartan stamps on the routes it owns (`ip route ... proto 157`).
+pub const ROUTE_PROTO: u8 = 157;
+
+/// Multicast groups for link, neighbour, IPv4 address and IPv4 route notifications.
+pub const RTMGRP_OVERLAY: u32 = 1 | 4 | 0x10 | 0x40;
+
+/// A connection to the kernel's routing netlink in the current network namespace.
+#[derive(Clone)]
+pub struct Netlink {
+    handle: Handle,
+}
+
+/// Facts about a network interface.
+#[derive(Debug, Clone)]
+pub struct Iface {
+    /// Interface index.
+    pub index: u32,
+    /// MTU.
+    pub mtu: u32,
+    /// Hardware address, when the link has one.
+    pub mac: Option<MacAddr>,
+    /// IPv4 addresses with prefix length.
+    pub addrs: Vec<Ipv4Network>,
+}
+
+/// The VXLAN device as tartan wants it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VxlanSpec {
+    /// Device name, e.g. `tartan.1`.
+    pub name: String,
+    /// VXLAN network identifier.
+    pub vni: u32,
+    /// UDP destination port.
+    pub port: u16,
+    /// Local tunnel endpoint address.
+    pub local: Ipv4Addr,
+    /// Index of the underlay interface.
+    pub underlay_index: u32,
+    /// Device MTU.
+    pub mtu: u32,
+    /// Device MAC (the VTEP MAC).
+    pub mac: MacAddr,
+}
+
+/// What [`Netlink::ensure_vxlan`] had to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChange {
+    /// The device was already right.
+    Unchanged,
+    /// MTU, MAC or state were corrected in place.
+    Adjusted,
+    /// The device was (re)created.
+    Created,
+}
+
+fn is_not_found(e: &rtnetlink::Error) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -libc_enodev() || m.raw_code() == -2 || m.raw_code() == -3)
+}
+
+const fn libc_enodev() -> i32 {
+    19
+}
+
+fn mac_of(bytes: &[u8]) -> Option<MacAddr> {
+    <[u8; 6]>::try_from(bytes).ok().map(MacAddr)
+}
+
+fn link_mtu(msg: &LinkMessage) -> u32 {
+    msg.attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::Mtu(m) => Some(*m),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
+fn link_mac(msg: &LinkMessage) -> Option<MacAddr> {
+    msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Address(b) => mac_of(b),
+        _ => None,
+    })
+}
+
+fn vxlan_info(msg: &LinkMessage) -> Option<Vec<InfoVxlan>> {
+    msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+            LinkInfo::Data(InfoData::Vxlan(v)) => Some(v.clone()),
+            _ => None,
+        }),
+        _ => None,
+    })
+}
+
+fn link_kind(msg: &LinkMessage) -> Option<InfoKind> {
+    msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+            LinkInfo::Kind(k) => Some(k.clone()),
+            _ => None,
+        }),
+        _ => None,
+    })
+}
+
+impl Netlink {
+    /// Opens a netlink connection in the current network namespace (needs a tokio runtime).
+    pub fn connect() -> Result<Netlink> {
+        let (conn, handle, _) =
+            rtnetlink::new_connection().context("opening a routing netlink socket")?;
+        tokio::spawn(conn);
+        Ok(Netlink { handle })
+    }
+
+    /// The raw rtnetlink handle.
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
+    /// Looks up a link by name.
+    pub async fn link_by_name(&self, name: &str) -> Result<Option<LinkMessage>> {
+        let mut s = self.handle.link().get().match_name(name.to_string()).execute();
+        match s.try_next().await {
+            Ok(m) => Ok(m),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(anyhow!(e).context(format!("looking up link {name}"))),
+        }
+    }
+
+    /// Looks up a link by index.
+    pub async fn link_by_index(&self, index: u32) -> Result<Option<LinkMessage>> {
+        let mut s = self.handle.link().get().match_index(index).execute();
+        match s.try_next().await {
+            Ok(m) => Ok(m),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(anyhow!(e).context(format!("looking up link #{index}"))),
+        }
+    }
+
+    /// IPv4 addresses on interface `index`.
+    pub async fn ipv4_addrs(&self, index: u32) -> Result<Vec<Ipv4Network>> {
+        let msgs: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .context("listing addresses")?;
+        let mut out = Vec::new();
+        for m in msgs {
+            if m.header.index != index || m.header.family != AddressFamily::Inet {
+                continue;
+            }
+            let addr = m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(IpAddr::V4(v)) => Some(*v),
+                _ => None,
+            });
+            let addr = addr.or_else(|| {
+                m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Address(IpAddr::V4(v)) => Some(*v),
+                    _ => None,
+                })
+            });
+            if let Some(a) = addr
+                && let Ok(n) = Ipv4Network::new(a, m.header.prefix_len)
+            {
+                out.push(n);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Index, MTU, MAC and IPv4 addresses of the interface `name`.
+    pub async fn iface(&self, name: &str) -> Result<Iface> {
+        let link = self
+            .link_by_name(name)
+            .await?
+            .ok_or_else(|| anyhow!("interface {name} does not exist"))?;
+        let index = link.header.index;
+        Ok(Iface {
+            index,
+            mtu: link_mtu(&link),
+            mac: link_mac(&link),
+            addrs: self.ipv4_addrs(index).await?,
+        })
+    }
+
+    /// Deletes a link by name; succeeds when it is already gone.
+    pub async fn delete_link(&self, name: &str) -> Result<bool> {
+        match self.link_by_name(name).await? {
+            None => Ok(false),
+            Some(l) => match self.handle.link().del(l.header.index).execute().await {
+                Ok(()) => Ok(true),
+                Err(e) if is_not_found(&e) => Ok(false),
+                Err(e) => Err(anyhow!(e).context(format!("deleting link {name}"))),
+            },
+        }
+    }
+
+    /// Makes the VXLAN device match `spec`: recreated when VNI, port, local address or
+    /// underlay differ (or it is not a VXLAN device), adjusted in place for MTU/MAC/up.
+    /// Returns the device index and what changed.
+    pub async fn ensure_vxlan(&self, spec: &VxlanSpec) -> Result<(u32, DeviceChange)> {
+        if let Some(link) = self.link_by_name(&spec.name).await? {
+            let ok = link_kind(&link) == Some(InfoKind::Vxlan)
+                && vxlan_info(&link).is_some_and(|info| {
+                    let mut id = None;
+                    let mut port = None;
+                    let mut local = None;
+                    let mut dev = None;
+                    let mut learning = None;
+                    for i in info {
+                        match i {
+                            InfoVxlan::Id(v) => id = Some(v),
+                            InfoVxlan::Port(v) => port = Some(v),
+                            InfoVxlan::Local(v) => local = Some(v),
+                            InfoVxlan::Link(v) => dev = Some(v),
+                            InfoVxlan::Learning(v) => learning = Some(v),
+                            _ => {}
+                        }
+                    }
+                    id == Some(spec.vni)
+                        && port == Some(spec.port)
+                        && local == Some(spec.local)
+                        && dev == Some(spec.underlay_index)
+                        && learning == Some(false)
+                });
+            if ok {
+                let index = link.header.index;
+                let up = link.header.flags.contains(LinkFlags::Up);
+                let mac_ok = link_mac(&link) == Some(spec.mac);
+                let mtu_ok = link_mtu(&link) == spec.mtu;
+                if up && mac_ok && mtu_ok {
+                    return Ok((index, DeviceChange::Unchanged));
+                }
+                let mut b = LinkUnspec::new_with_index(index).up();
+                if !mtu_ok {
+                    b = b.mtu(spec.mtu);
+                }
+                if !mac_ok {
+                    b = b.address(spec.mac.0.to_vec());
+                }
+                self.handle
+                    .link()
+                    .set(b.build())
+                    .execute()
+                    .await
+                    .with_context(|| format!("adjusting {}", spec.name))?;
+                return Ok((index, DeviceChange::Adjusted));
+            }
+            tracing::warn!(device = %spec.name, "device differs from the config, recreating it");
+            self.handle
+                .link()
+                .del(link.header.index)
+                .execute()
+                .await
+                .with_context(|| format!("deleting stale {}", spec.name))?;
+        }
+        let msg = LinkVxlan::new(&spec.name, spec.vni)
+            .dev(spec.underlay_index)
+            .port(spec.port)
+            .local(spec.local)
+            .learning(false)
+            .mtu(spec.mtu)
+            .address(spec.mac.0.to_vec())
+            .up()
+            .build();
+        self.handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .with_context(|| format!("creating VXLAN device {}", spec.name))?;
+        let link = self
+            .link_by_name(&spec.name)
+            .await?
+            .ok_or_else(|| anyhow!("{} vanished right after creation", spec.name))?;
+        Ok((link.header.index, DeviceChange::Created))
+    }
+
+    /// Makes `addr` the only IPv4 address on interface `index`; returns whether it changed.
+    pub async fn ensure_only_addr(&self, index: u32, addr: Ipv4Network) -> Result<bool> {
+        let have = self.ipv4_addrs(index).await?;
+        let mut changed = false;
+        if !have.contains(&addr) {
+            self.handle
+                .address()
+                .add(index, IpAddr::V4(addr.ip()), addr.prefix())
+                .replace()
+                .execute()
+                .await
+                .with_context(|| format!("adding address {addr}"))?;
+            changed = true;
+        }
+        for other in have.into_iter().filter(|a| *a != addr) {
+            let msgs: Vec<AddressMessage> = self
+                .handle
+                .address()
+                .get()
+                .set_link_index_filter(index)
+                .set_address_filter(IpAddr::V4(other.ip()))
+                .execute()
+                .try_collect()
+                .await
+                .unwrap_or_default();
+            for m in msgs {
+                self.handle
+                    .address()
+                    .del(m)
+                    .execute()
+                    .await
+                    .with_context(|| format!("removing stray address {other}"))?;
+                changed = true;
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Adds an address (replacing an identical one).
+    pub async fn add_addr(&self, index: u32, addr: Ipv4Network) -> Result<()> {
+        self.handle
+            .address()
+            .add(index, IpAddr::V4(addr.ip()), addr.prefix())
+            .replace()
+            .execute()
+            .await
+            .with_context(|| format!("adding address {addr}"))
+    }
+
+    /// Reads the overlay state tartan owns: routes with [`ROUTE_PROTO`] in the main table
+    /// through `vx_index` or `underlay_index`, permanent neighbours and FDB entries on `vx_index`.
+    pub async fn read_overlay(&self, vx_index: u32, underlay_index: u32) -> Result<OverlayState> {
+        let mut st = OverlayState::default();
+        let routes: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .context("listing routes")?;
+        for r in routes {
+            if r.header.table != RouteHeader::RT_TABLE_MAIN
+                || r.header.protocol != RouteProtocol::Other(ROUTE_PROTO)
+            {
+                continue;
+            }
+            let mut dst = None;
+            let mut gw = None;
+            let mut oif = None;
+            for a in &r.attributes {
+                match a {
+                    RouteAttribute::Destination(RouteAddress::Inet(v)) => dst = Some(*v),
+                    RouteAttribute::Gateway(RouteAddress::Inet(v)) => gw = Some(*v),
+                    RouteAttribute::Oif(i) => oif = Some(*i),
+                    _ => {}
+                }
+            }
+            let (Some(dst), Some(gw), Some(oif)) = (dst, gw, oif) else {
+                continue;
+            };
+            let Ok(net) = Ipv4Network::new(dst, r.header.destination_prefix_length) else {
+                continue;
+            };
+            if oif == vx_index {
+                st.routes.insert(net, RouteVia::Vxlan(gw));
+            } else if oif == underlay_index {
+                st.routes.insert(net, RouteVia::Underlay(gw));
+            }
+        }
+        let neigh: Vec<NeighbourMessage> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Inet)
+            .execute()
+            .try_collect()
+            .await
+            .context("listing neighbours")?;
+        for n in neigh {
+            if n.header.ifindex != vx_index || n.header.state != NeighbourState::Permanent {
+                continue;
+            }
+            let mut ip = None;
+            let mut mac = None;
+            for a in &n.attributes {
+                match a {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => ip = Some(*v),
+                    NeighbourAttribute::LinkLayerAddress(b) => mac = mac_of(b),
+                    _ => {}
+                }
+            }
+            if let (Some(ip), Some(mac)) = (ip, mac) {
+                st.neighbours.insert(ip, mac);
+            }
+        }
+        let fdb: Vec<NeighbourMessage> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Bridge)
+            .execute()
+            .try_collect()
+            .await
+            .context("listing FDB")?;
+        for n in fdb {
+            if n.header.ifindex != vx_index {
+                continue;
+            }
+            let mut ip = None;
+            let mut mac = None;
+            for a in &n.attributes {
+                match a {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => ip = Some(*v),
+                    NeighbourAttribute::LinkLayerAddress(b) => mac = mac_of(b),
+                    _ => {}
+                }
+            }
+            if let (Some(ip), Some(mac)) = (ip, mac)
+                && mac.0 != [0; 6]
+            {
+                st.fdb.insert(mac, ip);
+            }
+        }
+        Ok(st)
+    }
+
+    fn route_msg(&self, net: Ipv4Network, via: RouteVia, vx: u32, underlay: u32) -> RouteMessage {
+        let b = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(net.network(), net.prefix())
+            .protocol(RouteProtocol::Other(ROUTE_PROTO))
+            .scope(RouteScope::Universe)
+            .kind(RouteType::Unicast)
+            .table_id(u32::from(RouteHeader::RT_TABLE_MAIN));
+        match via {
+            RouteVia::Vxlan(gw) => b.gateway(gw).output_interface(vx).onlink().build(),
+            RouteVia::Underlay(gw) => b.gateway(gw).output_interface(underlay).build(),
+        }
+    }
+
+    /// Applies an overlay diff. Adds go FDB → neighbour → route, deletes route → neighbour →
+    /// FDB; requests within a stage run concurrently. Every failure is collected; the call
+    /// fails only after trying everything.
+    pub async fn apply_overlay(&self, vx: u32, underlay: u32, d: &OverlayDiff) -> Result<()> {
+        let mut errors: Vec<String> = Vec::new();
+        const PAR: usize = 64;
+        // Deletes first, so a route moving between devices never has two entries.
+        let r: Vec<_> = futures::stream::iter(collect_futs(d.del_routes.iter().map(|(n, v)| {
+            let msg = self.route_msg(*n, *v, vx, underlay);
+            let h = self.handle.clone();
+            async move {
+                match h.route().del(msg).execute().await {
+                    Ok(()) => Ok(()),
+                    Err(e) if is_not_found(&e) => Ok(()),
+                    Err(e) => Err(format!("delete route {n}: {e}")),
+                }
+            }
+        })))
+        .buffer_unordered(PAR)
+        .collect()
+        .await;
+        errors.extend(r.into_iter().filter_map(Result::err));
+        let r: Vec<_> = futures::stream::iter(collect_futs(d.del_neighbours.iter().map(|(ip, _)| {
+            let mut msg = NeighbourMessage::default();
+            msg.header.family = AddressFamily::Inet;
+            msg.header.ifindex = vx;
+            msg.attributes
+                .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(*ip)));
+            let h = self.handle.clone();
+            async move {
+                match h.neighbours().del(msg).execute().await {
+                    Ok(()) => Ok(()),
+                    Err(e) if is_not_found(&e) => Ok(()),
+                    Err(e) => Err(format!("delete neighbour {ip}: {e}")),
+                }
+            }
+        })))
+        .buffer_unordered(PAR)
+        .collect()
+        .await;
+        errors.extend(r.into_iter().filter_map(Result::err));
+        let r: Vec<_> = futures::stream::iter(collect_futs(d.del_fdb.iter().map(|(mac, ip)| {
+            let mut msg = NeighbourMessage::default();
+            msg.header.family = AddressFamily::Bridge;
+            msg.header.ifindex = vx;
+            msg.header.flags = NeighbourFlags::Own;
+            msg.attributes
+                .push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
+            msg.attributes
+                .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(*ip)));
+            let h = self.handle.clone();
+            async move {
+                match h.neighbours().del(msg).execute().await {
+                    Ok(()) => Ok(()),
+                    Err(e) if is_not_found(&e) => Ok(()),
+                    Err(e) => Err(format!("delete fdb {mac}: {e}")),
+                }
+            }
+        })))
+        .buffer_unordered(PAR)
+        .collect()
+        .await;
+        errors.extend(r.into_iter().filter_map(Result::err));
+
+        let r: Vec<_> = futures::stream::iter(collect_futs(d.put_fdb.iter().map(|(mac, ip)| {
+            let req = self
+                .handle
+                .neighbours()
+                .add_bridge(vx, &mac.0)
+                .destination(IpAddr::V4(*ip))
+                .flags(NeighbourFlags::Own)
+                .state(NeighbourState::Permanent)
+                .replace();
+            async move {
+                req.execute()
+                    .await
+                    .map_err(|e| format!("add fdb {mac} -> {ip}: {e}"))
+            }
+        })))
+        .buffer_unordered(PAR)
+        .collect()
+        .await;
+        errors.extend(r.into_iter().filter_map(Result::err));
+        let r: Vec<_> = futures::stream::iter(collect_futs(d.put_neighbours.iter().map(|(ip, mac)| {
+            let req = self
+                .handle
+                .neighbours()
+                .add(vx, IpAddr::V4(*ip))
+                .link_layer_address(&mac.0)
+                .state(NeighbourState::Permanent)
+                .replace();
+            async move {
+                req.execute()
+                    .await
+                    .map_err(|e| format!("add neighbour {ip} -> {mac}: {e}"))
+            }
+        })))
+        .buffer_unordered(PAR)
+        .collect()
+        .await;
+        errors.extend(r.into_iter().filter_map(Result::err));
+        let r: Vec<_> = futures::stream::iter(collect_futs(d.put_routes.iter().map(|(n, v)| {
+            let msg = self.route_msg(*n, *v, vx, underlay);
+            let h = self.handle.clone();
+            async move {
+                h.route()
+                    .add(msg)
+                    .replace()
+                    .execute()
+                    .await
+                    .map_err(|e| format!("add route {n} {v:?}: {e}"))
+            }
+        })))
+        .buffer_unordered(PAR)
+        .collect()
+        .await;
+        errors.extend(r.into_iter().filter_map(Result::err));
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            let n = errors.len();
+            errors.truncate(5);
+            bail!("{n} overlay operations failed: {}", errors.join("; "))
+        }
+    }
+
+    /// Deletes every route tartan owns (protocol [`ROUTE_PROTO`]) through `underlay_index`.
+    pub async fn delete_owned_routes(&self, underlay_index: u32) -> Result<()> {
+        let st = self.read_overlay(u32::MAX, underlay_index).await?;
+        let d = OverlayDiff {
+            del_routes: st.routes.into_iter().collect(),
+            ..Default::default()
+        };
+        self.apply_overlay(u32::MAX, underlay_index, &d).await
+    }
+}
+
+fn collect_futs<F, I: Iterator<Item = F>>(it: I) -> Vec<F> {
+    it.collect()
+}
+
+/// A stream of multicast routing notifications (link, neighbour, address, route changes).
+pub struct NetlinkEvents {
+    rx: futures::channel::mpsc::UnboundedReceiver<(
+        NetlinkMessage<RouteNetlinkMessage>,
+        netlink_sys::SocketAddr,
+    )>,
+}
+
+/// What kind of change a notification reports, reduced to what the reconciler needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelChange {
+    /// Something was removed or a link changed: the overlay may need repair.
+    Removal,
+    /// Something was added: usually our own doing.
+    Addition,
+}
+
+impl NetlinkEvents {
+    /// Subscribes to `groups` (an RTMGRP_* mask) in the current network namespace.
+    pub fn subscribe(groups: u32) -> Result<NetlinkEvents> {
+        let (mut conn, _handle, rx) =
+            rtnetlink::new_connection().context("opening a netlink event socket")?;
+        let addr = netlink_sys::SocketAddr::new(0, groups);
+        conn.socket_mut()
+            .socket_mut()
+            .bind(&addr)
+            .context("binding the netlink event socket")?;
+        tokio::spawn(conn);
+        Ok(NetlinkEvents { rx })
+    }
+
+    /// Waits for the next notification.
+    pub async fn next(&mut self) -> Option<KernelChange> {
+        let (msg, _) = self.rx.next().await?;
+        Some(match msg.payload {
+            NetlinkPayload::InnerMessage(
+                RouteNetlinkMessage::DelRoute(_)
+                | RouteNetlinkMessage::DelNeighbour(_)
+                | RouteNetlinkMessage::DelLink(_)
+                | RouteNetlinkMessage::DelAddress(_)
+                | RouteNetlinkMessage::NewLink(_),
+            ) => KernelChange::Removal,
+            _ => KernelChange::Addition,
+        })
+    }
+}

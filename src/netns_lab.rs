@@ -1,0 +1,565 @@
+//! A throw-away cluster in network namespaces, shared by the netns tests, the benchmarks,
+//! `netbench` and `make demo`.
+//!
+//! Layout: an `infra` namespace holds the underlay bridge (`br0`, 192.168.77.1/24), the etcd
+//! server and the "outside" client; each node namespace has `eth0` on that bridge
+//! (192.168.77.(10+i)/24, default route via the infra address). Pod namespaces hang off a node.
+//! Everything is created under a unique name prefix and removed on drop, also when a test
+//! panics; labs left behind by killed processes are swept when the next lab starts.
+//! Nothing is ever added to the root namespace.
+
+use std::fs::File;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use nix::sched::{CloneFlags, setns};
+
+/// Directory where `ip netns` keeps namespace handles.
+pub const NETNS_DIR: &str = "/var/run/netns";
+/// Underlay prefix of every lab (private to the lab's namespaces).
+pub const UNDERLAY: [u8; 3] = [192, 168, 77];
+/// The infra namespace's underlay address (etcd listens here).
+pub const INFRA_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 1);
+/// The etcd client port.
+pub const ETCD_PORT: u16 = 2379;
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// Paths of the tartan binaries a lab runs.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    /// `tartand`.
+    pub tartand: PathBuf,
+    /// `tartanctl`.
+    pub tartanctl: PathBuf,
+    /// `tartan-cni` (may not exist for overlay-only labs).
+    pub tartan_cni: PathBuf,
+}
+
+impl Binaries {
+    /// Binaries next to the running executable (for `netbench`), or in `dir`.
+    pub fn in_dir(dir: &Path) -> Binaries {
+        Binaries {
+            tartand: dir.join("tartand"),
+            tartanctl: dir.join("tartanctl"),
+            tartan_cni: dir.join("tartan-cni"),
+        }
+    }
+}
+
+/// Fails unless running as root, or returns `Ok(false)` when `TARTAN_SKIP_NETNS=1` opts out.
+pub fn require_root() -> Result<bool> {
+    if nix::unistd::geteuid().is_root() {
+        return Ok(true);
+    }
+    if std::env::var("TARTAN_SKIP_NETNS").as_deref() == Ok("1") {
+        eprintln!("TARTAN_SKIP_NETNS=1: skipping a test that needs root and network namespaces");
+        return Ok(false);
+    }
+    bail!(
+        "this test needs root (network namespaces, nftables); run it as root or set TARTAN_SKIP_NETNS=1 to skip it explicitly"
+    )
+}
+
+/// Runs a command, failing with its stderr when it exits non-zero.
+pub fn run(cmd: &mut Command) -> Result<Output> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{:?} failed ({}): {}",
+            cmd,
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out)
+}
+
+/// `ip` with arguments, in the root namespace (use `-n NS` to target a lab namespace).
+pub fn ip(args: &[&str]) -> Result<String> {
+    let out = run(Command::new("ip").args(args))?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A command that runs inside namespace `ns` (via `nsenter --net`).
+pub fn ns_command(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net={NETNS_DIR}/{ns}")).arg("--").arg(program);
+    c
+}
+
+/// Runs `program args` inside `ns`; returns stdout, failing on a non-zero exit.
+pub fn ns_run(ns: &str, program: &str, args: &[&str]) -> Result<String> {
+    let out = run(ns_command(ns, program).args(args))?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `f` on a fresh thread whose network namespace is `ns`; sockets it opens live there.
+pub fn in_netns<T, F>(ns: &str, f: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    let path = format!("{NETNS_DIR}/{ns}");
+    std::thread::spawn(move || -> Result<T> {
+        let fd = File::open(&path).with_context(|| format!("opening {path}"))?;
+        setns(&fd, CloneFlags::CLONE_NEWNET).with_context(|| format!("entering {path}"))?;
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| anyhow!("thread in {ns} panicked"))?
+}
+
+/// Runs the future made by `f` on a current-thread runtime inside `ns`.
+pub fn block_on_in_netns<T, F, Fut>(ns: &str, f: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T>,
+{
+    in_netns(ns, move || -> Result<T> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("runtime")?;
+        Ok(rt.block_on(f()))
+    })?
+}
+
+/// Polls `cond` until it returns `Some`, or fails after `deadline` with `what` in the error.
+pub fn wait_for<T>(what: &str, deadline: Duration, mut cond: impl FnMut() -> Option<T>) -> Result<T> {
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(5);
+    loop {
+        if let Some(v) = cond() {
+            return Ok(v);
+        }
+        if start.elapsed() > deadline {
+            bail!("timed out after {deadline:?} waiting for {what}");
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+fn kill_ns_processes(ns: &str) {
+    if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            if let Ok(p) = pid.parse::<i32>() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(p),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+/// Deletes a namespace after killing whatever still runs in it; errors are ignored.
+pub fn delete_ns(ns: &str) {
+    kill_ns_processes(ns);
+    let _ = Command::new("ip")
+        .args(["netns", "del", ns])
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Removes namespaces of labs whose creating process is gone (`tt<pid>x<seq>-...`).
+pub fn sweep_stale() {
+    let Ok(rd) = std::fs::read_dir(NETNS_DIR) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("tt") else {
+            continue;
+        };
+        let Some((pid, _)) = rest.split_once('x') else {
+            continue;
+        };
+        if let Ok(pid) = pid.parse::<u32>()
+            && !pid_alive(pid)
+        {
+            delete_ns(&name);
+        }
+    }
+}
+
+/// A node of the lab.
+#[derive(Debug)]
+pub struct LabNode {
+    /// Node name (as given to tartand).
+    pub name: String,
+    /// Network namespace.
+    pub ns: String,
+    /// Underlay address on `eth0`.
+    pub ip: Ipv4Addr,
+    /// Working directory (subnet.env, state, logs).
+    pub dir: PathBuf,
+    /// The running tartand, if any.
+    pub daemon: Option<Child>,
+}
+
+impl LabNode {
+    /// Path of this node's subnet.env.
+    pub fn subnet_file(&self) -> PathBuf {
+        self.dir.join("subnet.env")
+    }
+    /// Path of this node's daemon log.
+    pub fn log_file(&self) -> PathBuf {
+        self.dir.join("tartand.log")
+    }
+}
+
+/// A pod namespace attached to a node by hand (a veth on the node's `tbr0` bridge).
+#[derive(Debug, Clone)]
+pub struct LabPod {
+    /// Network namespace.
+    pub ns: String,
+    /// Address.
+    pub ip: Ipv4Addr,
+}
+
+/// A cluster in network namespaces; everything is removed on drop.
+pub struct Lab {
+    /// Unique prefix of every namespace of this lab.
+    pub id: String,
+    /// Working directory.
+    pub dir: PathBuf,
+    /// The infra namespace (underlay bridge, etcd, outside client).
+    pub infra: String,
+    /// The nodes.
+    pub nodes: Vec<LabNode>,
+    /// The binaries.
+    pub bins: Binaries,
+    etcd: Option<Child>,
+    extra_ns: Vec<String>,
+    keep: bool,
+}
+
+impl Lab {
+    /// Creates the infra namespace with the underlay bridge and `nodes` node namespaces.
+    pub fn new(nodes: usize, bins: Binaries) -> Result<Lab> {
+        sweep_stale();
+        let id = format!(
+            "tt{}x{}{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed),
+            rand::random::<u16>() % 100
+        );
+        let dir = std::env::temp_dir().join(format!("tartan-lab-{id}"));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let infra = format!("{id}-infra");
+        let mut lab = Lab {
+            id,
+            dir,
+            infra: infra.clone(),
+            nodes: Vec::new(),
+            bins,
+            etcd: None,
+            extra_ns: Vec::new(),
+            keep: std::env::var("TARTAN_KEEP_LAB").as_deref() == Ok("1"),
+        };
+        ip(&["netns", "add", &infra])?;
+        ip(&["-n", &infra, "link", "set", "lo", "up"])?;
+        ip(&["-n", &infra, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &infra, "addr", "add", &format!("{INFRA_IP}/24"), "dev", "br0"])?;
+        ip(&["-n", &infra, "link", "set", "br0", "up"])?;
+        for i in 1..=nodes {
+            lab.add_node()
+                .with_context(|| format!("creating node {i}"))?;
+        }
+        Ok(lab)
+    }
+
+    /// Adds one more node namespace on the underlay; returns its index.
+    pub fn add_node(&mut self) -> Result<usize> {
+        let i = self.nodes.len() + 1;
+        if i > 200 {
+            bail!("a lab holds at most 200 nodes");
+        }
+        let ns = format!("{}-n{i}", self.id);
+        let node_ip = Ipv4Addr::new(UNDERLAY[0], UNDERLAY[1], UNDERLAY[2], 10 + i as u8);
+        ip(&["netns", "add", &ns])?;
+        self.extra_ns.push(ns.clone());
+        let port = format!("u{i}");
+        ip(&[
+            "-n", &self.infra, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
+            "netns", &ns,
+        ])?;
+        ip(&["-n", &self.infra, "link", "set", &port, "master", "br0", "up"])?;
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        ip(&["-n", &ns, "addr", "add", &format!("{node_ip}/24"), "dev", "eth0"])?;
+        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        ip(&["-n", &ns, "route", "add", "default", "via", &INFRA_IP.to_string()])?;
+        let dir = self.dir.join(format!("node{i}"));
+        std::fs::create_dir_all(&dir)?;
+        self.nodes.push(LabNode {
+            name: format!("node{i}"),
+            ns,
+            ip: node_ip,
+            dir,
+            daemon: None,
+        });
+        Ok(i - 1)
+    }
+
+    /// The etcd endpoint as seen from the nodes.
+    pub fn etcd_endpoint(&self) -> String {
+        format!("http://{INFRA_IP}:{ETCD_PORT}")
+    }
+
+    /// Starts etcd in the infra namespace (data on tmpfs when available) and waits until it
+    /// answers. Starting again after [`Lab::stop_etcd`] reuses the data.
+    pub fn start_etcd(&mut self) -> Result<()> {
+        let base = if Path::new("/dev/shm").is_dir() {
+            PathBuf::from("/dev/shm")
+        } else {
+            self.dir.clone()
+        };
+        let data = base.join(format!("tartan-etcd-{}", self.id));
+        let log = File::create(self.dir.join("etcd.log"))?;
+        let child = ns_command(&self.infra, "etcd")
+            .args([
+                "--name",
+                "lab",
+                "--data-dir",
+                &data.to_string_lossy(),
+                "--listen-client-urls",
+                &format!("http://{INFRA_IP}:{ETCD_PORT},http://127.0.0.1:{ETCD_PORT}"),
+                "--advertise-client-urls",
+                &self.etcd_endpoint(),
+                "--listen-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-advertise-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-cluster",
+                "lab=http://127.0.0.1:2380",
+                "--log-level",
+                "warn",
+                "--logger",
+                "zap",
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting etcd (is etcd-server installed?)")?;
+        self.etcd = Some(child);
+        let infra = self.infra.clone();
+        wait_for("etcd to answer", Duration::from_secs(30), || {
+            ns_command(&infra, "etcdctl")
+                .args(["--endpoints", &format!("http://127.0.0.1:{ETCD_PORT}"), "endpoint", "health"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .ok()
+                .filter(|s| s.success())
+        })?;
+        Ok(())
+    }
+
+    /// Stops etcd (SIGKILL, as a crash would), keeping its data.
+    pub fn stop_etcd(&mut self) {
+        if let Some(mut c) = self.etcd.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// `etcdctl ARGS` in the infra namespace; returns stdout.
+    pub fn etcdctl(&self, args: &[&str]) -> Result<String> {
+        let mut full = vec!["--endpoints", "http://127.0.0.1:2379"];
+        full.extend_from_slice(args);
+        ns_run(&self.infra, "etcdctl", &full)
+    }
+
+    /// `tartanctl ARGS` in the infra namespace; returns stdout.
+    pub fn tartanctl(&self, args: &[&str]) -> Result<String> {
+        let mut c = ns_command(&self.infra, &self.bins.tartanctl);
+        c.env("TARTAN_ETCD_ENDPOINTS", format!("http://127.0.0.1:{ETCD_PORT}"))
+            .args(args);
+        let out = run(&mut c)?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Writes the network config with `tartanctl network init`.
+    pub fn init_network(&self, args: &[&str]) -> Result<()> {
+        let mut full = vec!["network", "init"];
+        full.extend_from_slice(args);
+        self.tartanctl(&full).map(|_| ())
+    }
+
+    /// Starts tartand on node `i` with the lab defaults plus `extra` flags.
+    pub fn start_daemon(&mut self, i: usize, extra: &[&str]) -> Result<()> {
+        let endpoint = self.etcd_endpoint();
+        let tartand = self.bins.tartand.clone();
+        let n = &mut self.nodes[i];
+        if n.daemon.is_some() {
+            bail!("tartand already runs on {}", n.name);
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(n.log_file())?;
+        let child = ns_command(&n.ns, &tartand)
+            .env("RUST_LOG", std::env::var("TARTAN_LOG").unwrap_or_else(|_| "info".into()))
+            .args([
+                "--etcd-endpoints",
+                &endpoint,
+                "--node-name",
+                &n.name,
+                "--iface",
+                "eth0",
+                "--subnet-file",
+                &n.subnet_file().to_string_lossy(),
+                "--state-dir",
+                &n.dir.join("state").to_string_lossy(),
+                "--resync-secs",
+                "5",
+            ])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting tartand")?;
+        n.daemon = Some(child);
+        Ok(())
+    }
+
+    /// Stops tartand on node `i` with SIGTERM (dataplane stays) and waits for it to exit.
+    pub fn stop_daemon(&mut self, i: usize) -> Result<()> {
+        let n = &mut self.nodes[i];
+        let Some(mut c) = n.daemon.take() else {
+            return Ok(());
+        };
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let start = Instant::now();
+        loop {
+            if c.try_wait()?.is_some() {
+                return Ok(());
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                let _ = c.kill();
+                let _ = c.wait();
+                bail!("tartand on {} ignored SIGTERM for 10 s", n.name);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Whether tartand on node `i` is still running (false after it exited or crashed).
+    pub fn daemon_running(&mut self, i: usize) -> bool {
+        match self.nodes[i].daemon.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Waits for node `i`'s subnet.env and returns the node subnet from it.
+    pub fn wait_subnet(&self, i: usize) -> Result<ipnetwork::Ipv4Network> {
+        let path = self.nodes[i].subnet_file();
+        wait_for(
+            &format!("{} to write subnet.env", self.nodes[i].name),
+            Duration::from_secs(60),
+            || {
+                let t = std::fs::read_to_string(&path).ok()?;
+                crate::subnet_env::SubnetEnv::parse(&t).ok().map(|e| e.subnet)
+            },
+        )
+    }
+
+    /// The tail of node `i`'s daemon log (for failure messages).
+    pub fn log_tail(&self, i: usize, lines: usize) -> String {
+        let t = std::fs::read_to_string(self.nodes[i].log_file()).unwrap_or_default();
+        let v: Vec<&str> = t.lines().collect();
+        v[v.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Creates a pod namespace on node `i` by hand: bridge `tbr0` (first address of the node
+    /// subnet) in the node, a veth into the pod with the `k`-th free address.
+    pub fn add_manual_pod(&mut self, i: usize, k: u8) -> Result<LabPod> {
+        let subnet = self.wait_subnet(i)?;
+        let node_ns = self.nodes[i].ns.clone();
+        let pod_ns = format!("{}-n{}-p{k}", self.id, i + 1);
+        let gw = Ipv4Addr::from(u32::from(subnet.network()) + 1);
+        let pod_ip = Ipv4Addr::from(u32::from(subnet.network()) + 1 + u32::from(k));
+        if ip(&["-n", &node_ns, "link", "show", "tbr0"]).is_err() {
+            ip(&["-n", &node_ns, "link", "add", "tbr0", "type", "bridge"])?;
+            ip(&["-n", &node_ns, "addr", "add", &format!("{gw}/{}", subnet.prefix()), "dev", "tbr0"])?;
+            ip(&["-n", &node_ns, "link", "set", "tbr0", "up"])?;
+        }
+        ip(&["netns", "add", &pod_ns])?;
+        self.extra_ns.push(pod_ns.clone());
+        let mtu = std::fs::read_to_string(self.nodes[i].subnet_file())
+            .ok()
+            .and_then(|t| crate::subnet_env::SubnetEnv::parse(&t).ok())
+            .map_or(1450, |e| e.mtu)
+            .to_string();
+        let host_if = format!("vp{k}");
+        ip(&[
+            "-n", &node_ns, "link", "add", &host_if, "mtu", &mtu, "type", "veth", "peer", "name",
+            "eth0", "mtu", &mtu, "netns", &pod_ns,
+        ])?;
+        ip(&["-n", &node_ns, "link", "set", &host_if, "master", "tbr0", "up"])?;
+        ip(&["-n", &pod_ns, "link", "set", "lo", "up"])?;
+        ip(&["-n", &pod_ns, "addr", "add", &format!("{pod_ip}/{}", subnet.prefix()), "dev", "eth0"])?;
+        ip(&["-n", &pod_ns, "link", "set", "eth0", "up"])?;
+        ip(&["-n", &pod_ns, "route", "add", "default", "via", &gw.to_string()])?;
+        Ok(LabPod {
+            ns: pod_ns,
+            ip: pod_ip,
+        })
+    }
+
+    /// Creates an empty namespace owned by the lab (removed on drop).
+    pub fn add_namespace(&mut self, suffix: &str) -> Result<String> {
+        let ns = format!("{}-{suffix}", self.id);
+        ip(&["netns", "add", &ns])?;
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        self.extra_ns.push(ns.clone());
+        Ok(ns)
+    }
+
+    /// Keeps the namespaces after drop (for `--keep` and debugging).
+    pub fn keep(&mut self, keep: bool) {
+        self.keep = keep;
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if self.keep {
+            eprintln!("lab {} kept (namespaces {}-*, dir {})", self.id, self.id, self.dir.display());
+            return;
+        }
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.daemon.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        self.stop_etcd();
+        for ns in self.extra_ns.iter().rev() {
+            delete_ns(ns);
+        }
+        delete_ns(&self.infra);
+        let _ = std::fs::remove_dir_all(Path::new("/dev/shm").join(format!("tartan-etcd-{}", self.id)));
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,346 @@
+//! Pure overlay planning: which routes, neighbours and FDB entries a node needs for its peers
+//! (flannel's VXLAN semantics), and the difference between that and what the kernel holds.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use ipnetwork::Ipv4Network;
+
+use crate::etcd_store::KvItem;
+use crate::netconf::NetworkConfig;
+use crate::subnet_lease::{LeaseValue, MacAddr, subnet_from_key};
+
+/// A peer node as read from its subnet lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// The peer's pod subnet.
+    pub subnet: Ipv4Network,
+    /// The peer's underlay address.
+    pub public_ip: Ipv4Addr,
+    /// The peer's VTEP MAC.
+    pub vtep_mac: MacAddr,
+}
+
+/// The local node's side of the plan.
+#[derive(Debug, Clone)]
+pub struct LocalNode {
+    /// This node's pod subnet (excluded from the peers).
+    pub subnet: Ipv4Network,
+    /// Networks directly connected on the underlay interface (for DirectRouting).
+    pub underlay_networks: Vec<Ipv4Network>,
+    /// Route directly to peers on the same L2 segment.
+    pub direct_routing: bool,
+}
+
+/// Where a route to a peer subnet goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RouteVia {
+    /// Through the VXLAN device, via the peer's `<subnet>.0` gateway, onlink.
+    Vxlan(Ipv4Addr),
+    /// Directly through the underlay interface, via the peer's public IP.
+    Underlay(Ipv4Addr),
+}
+
+/// Overlay state on one node: what is desired, or what the kernel holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OverlayState {
+    /// Routes by destination subnet.
+    pub routes: BTreeMap<Ipv4Network, RouteVia>,
+    /// Permanent neighbours on the VXLAN device: peer gateway → VTEP MAC.
+    pub neighbours: BTreeMap<Ipv4Addr, MacAddr>,
+    /// FDB entries on the VXLAN device: VTEP MAC → peer public IP.
+    pub fdb: BTreeMap<MacAddr, Ipv4Addr>,
+}
+
+/// The changes that bring the kernel from `actual` to `desired`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OverlayDiff {
+    /// Routes to add or replace.
+    pub put_routes: Vec<(Ipv4Network, RouteVia)>,
+    /// Routes to delete (with what the kernel holds now).
+    pub del_routes: Vec<(Ipv4Network, RouteVia)>,
+    /// Neighbours to add or replace.
+    pub put_neighbours: Vec<(Ipv4Addr, MacAddr)>,
+    /// Neighbours to delete.
+    pub del_neighbours: Vec<(Ipv4Addr, MacAddr)>,
+    /// FDB entries to add or replace.
+    pub put_fdb: Vec<(MacAddr, Ipv4Addr)>,
+    /// FDB entries to delete.
+    pub del_fdb: Vec<(MacAddr, Ipv4Addr)>,
+}
+
+impl OverlayDiff {
+    /// True when nothing needs to change.
+    pub fn is_empty(&self) -> bool {
+        self.put_routes.is_empty()
+            && self.del_routes.is_empty()
+            && self.put_neighbours.is_empty()
+            && self.del_neighbours.is_empty()
+            && self.put_fdb.is_empty()
+            && self.del_fdb.is_empty()
+    }
+
+    /// Number of kernel operations the diff needs.
+    pub fn len(&self) -> usize {
+        self.put_routes.len()
+            + self.del_routes.len()
+            + self.put_neighbours.len()
+            + self.del_neighbours.len()
+            + self.put_fdb.len()
+            + self.del_fdb.len()
+    }
+}
+
+/// The gateway address of a subnet in flannel's scheme: the subnet's network address.
+pub fn gateway_of(subnet: Ipv4Network) -> Ipv4Addr {
+    subnet.network()
+}
+
+/// Decodes peer leases from subnet keys; garbage is skipped and reported, never fatal.
+/// Returns the peers (own subnet excluded) and one message per skipped key.
+pub fn peers_from_items<'a>(
+    items: impl IntoIterator<Item = &'a KvItem>,
+    cfg: &NetworkConfig,
+    own_subnet: Option<Ipv4Network>,
+) -> (Vec<Peer>, Vec<String>) {
+    let mut peers = Vec::new();
+    let mut skipped = Vec::new();
+    for it in items {
+        let suffix = it.key.rsplit('/').next().unwrap_or_default();
+        let subnet = match subnet_from_key(suffix) {
+            Ok(s) => s,
+            Err(e) => {
+                skipped.push(format!("{}: {e}", it.key));
+                continue;
+            }
+        };
+        if Some(subnet) == own_subnet {
+            continue;
+        }
+        if !cfg.network.contains(subnet.network()) || subnet.prefix() != cfg.subnet_len {
+            skipped.push(format!(
+                "{}: subnet {subnet} is not a /{} inside {}",
+                it.key, cfg.subnet_len, cfg.network
+            ));
+            continue;
+        }
+        let value = match LeaseValue::parse(&it.value) {
+            Ok(v) => v,
+            Err(e) => {
+                skipped.push(format!("{}: {e}", it.key));
+                continue;
+            }
+        };
+        let data = match value.vxlan_data() {
+            Ok(d) => d,
+            // A bare reservation (no backend data yet) is not a peer; say so only for others.
+            Err(_) if value.backend_data.is_none() && value.backend_type.is_empty() => continue,
+            Err(e) => {
+                skipped.push(format!("{}: {e}", it.key));
+                continue;
+            }
+        };
+        peers.push(Peer {
+            subnet,
+            public_ip: value.public_ip,
+            vtep_mac: data.vtep_mac,
+        });
+    }
+    (peers, skipped)
+}
+
+/// Computes the desired overlay state for `local` and its peers.
+///
+/// Conflicting peers (two leases claiming the same VTEP MAC) keep the first by subnet order;
+/// the others are reported in the second return value.
+pub fn desired_state(local: &LocalNode, peers: &[Peer]) -> (OverlayState, Vec<String>) {
+    let mut st = OverlayState::default();
+    let mut conflicts = Vec::new();
+    let mut sorted: Vec<&Peer> = peers.iter().filter(|p| p.subnet != local.subnet).collect();
+    sorted.sort_by_key(|p| (u32::from(p.subnet.network()), p.subnet.prefix()));
+    for p in sorted {
+        let direct = local.direct_routing
+            && local
+                .underlay_networks
+                .iter()
+                .any(|n| n.contains(p.public_ip));
+        if direct {
+            st.routes.insert(p.subnet, RouteVia::Underlay(p.public_ip));
+            continue;
+        }
+        if let Some(other) = st.fdb.get(&p.vtep_mac) {
+            conflicts.push(format!(
+                "peer {} reuses VTEP MAC {} already used by the peer at {other}; skipped",
+                p.subnet, p.vtep_mac
+            ));
+            continue;
+        }
+        let gw = gateway_of(p.subnet);
+        st.routes.insert(p.subnet, RouteVia::Vxlan(gw));
+        st.neighbours.insert(gw, p.vtep_mac);
+        st.fdb.insert(p.vtep_mac, p.public_ip);
+    }
+    (st, conflicts)
+}
+
+fn diff_maps<K: Ord + Copy, V: PartialEq + Copy>(
+    desired: &BTreeMap<K, V>,
+    actual: &BTreeMap<K, V>,
+) -> (Vec<(K, V)>, Vec<(K, V)>) {
+    let put = desired
+        .iter()
+        .filter(|(k, v)| actual.get(k) != Some(v))
+        .map(|(k, v)| (*k, *v))
+        .collect();
+    let del = actual
+        .iter()
+        .filter(|(k, _)| !desired.contains_key(k))
+        .map(|(k, v)| (*k, *v))
+        .collect();
+    (put, del)
+}
+
+/// The operations that turn `actual` into `desired`.
+pub fn diff(desired: &OverlayState, actual: &OverlayState) -> OverlayDiff {
+    let (put_routes, del_routes) = diff_maps(&desired.routes, &actual.routes);
+    let (put_neighbours, del_neighbours) = diff_maps(&desired.neighbours, &actual.neighbours);
+    let (put_fdb, del_fdb) = diff_maps(&desired.fdb, &actual.fdb);
+    OverlayDiff {
+        put_routes,
+        del_routes,
+        put_neighbours,
+        del_neighbours,
+        put_fdb,
+        del_fdb,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> NetworkConfig {
+        NetworkConfig::parse(br#"{"Network":"10.244.0.0/16"}"#).unwrap()
+    }
+
+    fn item(key: &str, value: &str) -> KvItem {
+        KvItem {
+            key: format!("/coreos.com/network/subnets/{key}"),
+            value: value.as_bytes().to_vec(),
+            lease: 1,
+            mod_revision: 1,
+        }
+    }
+
+    fn lease_json(ip: &str, mac: &str) -> String {
+        format!(
+            r#"{{"PublicIP":"{ip}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#
+        )
+    }
+
+    fn local(subnet: &str, direct: bool) -> LocalNode {
+        LocalNode {
+            subnet: subnet.parse().unwrap(),
+            underlay_networks: vec!["192.168.1.0/24".parse().unwrap()],
+            direct_routing: direct,
+        }
+    }
+
+    #[test]
+    fn decodes_peers_and_skips_garbage() {
+        let items = vec![
+            item("10.244.1.0-24", &lease_json("192.168.1.1", "02:00:00:00:00:01")),
+            item("10.244.2.0-24", &lease_json("192.168.1.2", "02:00:00:00:00:02")),
+            item("10.244.3.0-24", "garbage{"),
+            item("not-a-subnet", &lease_json("192.168.1.4", "02:00:00:00:00:04")),
+            item("10.99.0.0-24", &lease_json("192.168.1.5", "02:00:00:00:00:05")),
+            item("10.244.6.0-24", &lease_json("192.168.1.6", "zz")),
+            item("10.244.7.0-24", r#"{"PublicIP":"192.168.1.7"}"#),
+        ];
+        let (peers, skipped) =
+            peers_from_items(&items, &cfg(), Some("10.244.1.0/24".parse().unwrap()));
+        assert_eq!(peers.len(), 1);
+        assert_eq!(peers[0].subnet, "10.244.2.0/24".parse::<Ipv4Network>().unwrap());
+        assert_eq!(skipped.len(), 4, "{skipped:?}");
+    }
+
+    #[test]
+    fn vxlan_entries_per_peer() {
+        let peers = vec![Peer {
+            subnet: "10.244.2.0/24".parse().unwrap(),
+            public_ip: "192.168.1.2".parse().unwrap(),
+            vtep_mac: "02:00:00:00:00:02".parse().unwrap(),
+        }];
+        let (st, c) = desired_state(&local("10.244.1.0/24", false), &peers);
+        assert!(c.is_empty());
+        let gw: Ipv4Addr = "10.244.2.0".parse().unwrap();
+        assert_eq!(st.routes.values().next(), Some(&RouteVia::Vxlan(gw)));
+        assert_eq!(st.neighbours.get(&gw), Some(&peers[0].vtep_mac));
+        assert_eq!(st.fdb.get(&peers[0].vtep_mac), Some(&peers[0].public_ip));
+    }
+
+    #[test]
+    fn direct_routing_only_on_same_l2() {
+        let peers = vec![
+            Peer {
+                subnet: "10.244.2.0/24".parse().unwrap(),
+                public_ip: "192.168.1.2".parse().unwrap(),
+                vtep_mac: "02:00:00:00:00:02".parse().unwrap(),
+            },
+            Peer {
+                subnet: "10.244.3.0/24".parse().unwrap(),
+                public_ip: "172.16.0.3".parse().unwrap(),
+                vtep_mac: "02:00:00:00:00:03".parse().unwrap(),
+            },
+        ];
+        let (st, _) = desired_state(&local("10.244.1.0/24", true), &peers);
+        assert_eq!(
+            st.routes[&"10.244.2.0/24".parse().unwrap()],
+            RouteVia::Underlay("192.168.1.2".parse().unwrap())
+        );
+        assert!(matches!(
+            st.routes[&"10.244.3.0/24".parse().unwrap()],
+            RouteVia::Vxlan(_)
+        ));
+        assert_eq!(st.neighbours.len(), 1);
+        assert_eq!(st.fdb.len(), 1);
+    }
+
+    #[test]
+    fn duplicate_mac_reported() {
+        let mac: MacAddr = "02:00:00:00:00:02".parse().unwrap();
+        let peers = vec![
+            Peer {
+                subnet: "10.244.3.0/24".parse().unwrap(),
+                public_ip: "192.168.1.3".parse().unwrap(),
+                vtep_mac: mac,
+            },
+            Peer {
+                subnet: "10.244.2.0/24".parse().unwrap(),
+                public_ip: "192.168.1.2".parse().unwrap(),
+                vtep_mac: mac,
+            },
+        ];
+        let (st, c) = desired_state(&local("10.244.1.0/24", false), &peers);
+        assert_eq!(st.routes.len(), 1);
+        assert_eq!(st.fdb[&mac], "192.168.1.2".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(c.len(), 1);
+    }
+
+    #[test]
+    fn diff_adds_replaces_and_removes() {
+        let mut desired = OverlayState::default();
+        let mut actual = OverlayState::default();
+        let a: Ipv4Network = "10.244.2.0/24".parse().unwrap();
+        let b: Ipv4Network = "10.244.3.0/24".parse().unwrap();
+        let c: Ipv4Network = "10.244.4.0/24".parse().unwrap();
+        desired.routes.insert(a, RouteVia::Vxlan(a.network()));
+        desired.routes.insert(b, RouteVia::Vxlan(b.network()));
+        actual.routes.insert(b, RouteVia::Underlay("192.168.1.3".parse().unwrap()));
+        actual.routes.insert(c, RouteVia::Vxlan(c.network()));
+        let d = diff(&desired, &actual);
+        assert_eq!(d.put_routes.len(), 2);
+        assert_eq!(d.del_routes, vec![(c, RouteVia::Vxlan(c.network()))]);
+        assert!(diff(&desired, &desired).is_empty());
+    }
+}

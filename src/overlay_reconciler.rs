@@ -1,0 +1,258 @@
+//! The overlay reconcile loop: compares what etcd wants (peer leases) with what netlink shows
+//! and repairs the difference. Runs on every lease change, on kernel notifications that
+//! something was removed (debounced), and on a periodic tick. Never acts before the first
+//! complete listing of the leases, so an unreachable etcd never removes anything.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn};
+
+use crate::etcd_store::PrefixView;
+use crate::masq_rules;
+use crate::metrics::Metrics;
+use crate::netconf::NetworkConfig;
+use crate::netlink_ops::{DeviceChange, KernelChange, Netlink, NetlinkEvents, RTMGRP_OVERLAY, VxlanSpec};
+use crate::nft_cmd;
+use crate::overlay_plan::{LocalNode, desired_state, diff, peers_from_items};
+use crate::subnet_lease::MacAddr;
+use crate::subnet_manager::OwnLease;
+
+/// VXLAN header overhead on an IPv4 underlay.
+pub const VXLAN_OVERHEAD: u32 = 50;
+
+/// The VXLAN device name for a VNI.
+pub fn device_name(vni: u32) -> String {
+    format!("tartan.{vni}")
+}
+
+/// Fixed inputs of the reconciler.
+#[derive(Clone)]
+pub struct OverlaySettings {
+    /// Underlay interface name.
+    pub iface: String,
+    /// This node's underlay address (VXLAN local address).
+    pub public_ip: std::net::Ipv4Addr,
+    /// VTEP MAC.
+    pub vtep_mac: MacAddr,
+    /// Network config.
+    pub cfg: NetworkConfig,
+    /// Whether to install the masquerade table.
+    pub ip_masq: bool,
+    /// Full resync period.
+    pub resync: Duration,
+}
+
+/// The MTU for pods and the VXLAN device, from the underlay MTU (computed from the underlay
+/// every time, so re-creating the device never subtracts the overhead twice).
+pub fn overlay_mtu(underlay_mtu: u32) -> Result<u32> {
+    if underlay_mtu < 576 + VXLAN_OVERHEAD {
+        bail!("underlay MTU {underlay_mtu} is too small for VXLAN");
+    }
+    Ok(underlay_mtu - VXLAN_OVERHEAD)
+}
+
+struct Reconciler {
+    nl: Netlink,
+    s: OverlaySettings,
+    metrics: Arc<Metrics>,
+    masq_applied: Option<(String, String)>,
+}
+
+impl Reconciler {
+    /// One pass; returns the number of kernel operations it issued.
+    async fn reconcile(&mut self, own: &OwnLease, view: &PrefixView) -> Result<usize> {
+        let iface = self.nl.iface(&self.s.iface).await?;
+        let spec = VxlanSpec {
+            name: device_name(self.s.cfg.backend.vni),
+            vni: self.s.cfg.backend.vni,
+            port: self.s.cfg.backend.port,
+            local: self.s.public_ip,
+            underlay_index: iface.index,
+            mtu: overlay_mtu(iface.mtu)?,
+            mac: self.s.vtep_mac,
+        };
+        let (vx, change) = self.nl.ensure_vxlan(&spec).await?;
+        let mut ops = usize::from(change != DeviceChange::Unchanged);
+        if change == DeviceChange::Created {
+            info!(device = %spec.name, mtu = spec.mtu, "VXLAN device created");
+        }
+        let addr = ipnetwork::Ipv4Network::new(own.subnet.network(), 32)
+            .context("device address")?;
+        if self.nl.ensure_only_addr(vx, addr).await? {
+            ops += 1;
+        }
+        let (peers, skipped) = peers_from_items(view.items.values(), &self.s.cfg, Some(own.subnet));
+        for s in &skipped {
+            debug!("skipping subnet record: {s}");
+        }
+        let local = LocalNode {
+            subnet: own.subnet,
+            underlay_networks: iface.addrs.iter().map(|a| {
+                ipnetwork::Ipv4Network::new(a.network(), a.prefix()).unwrap_or(*a)
+            }).collect(),
+            direct_routing: self.s.cfg.backend.direct_routing,
+        };
+        let (desired, conflicts) = desired_state(&local, &peers);
+        for c in &conflicts {
+            warn!("{c}");
+        }
+        let actual = self.nl.read_overlay(vx, iface.index).await?;
+        let d = diff(&desired, &actual);
+        if !d.is_empty() {
+            debug!(
+                put_routes = d.put_routes.len(),
+                del_routes = d.del_routes.len(),
+                put_neigh = d.put_neighbours.len(),
+                del_neigh = d.del_neighbours.len(),
+                put_fdb = d.put_fdb.len(),
+                del_fdb = d.del_fdb.len(),
+                "applying overlay changes"
+            );
+            ops += d.len();
+            self.nl.apply_overlay(vx, iface.index, &d).await?;
+        }
+        self.metrics.peers.set(desired.routes.len() as i64);
+        if self.s.ip_masq {
+            ops += self.ensure_masq(own).await?;
+        }
+        ensure_ip_forward()?;
+        Ok(ops)
+    }
+
+    /// Applies the masquerade table when it is missing or differs from what was applied.
+    async fn ensure_masq(&mut self, own: &OwnLease) -> Result<usize> {
+        let body = masq_rules::table_body(self.s.cfg.network, own.subnet);
+        let current = nft_cmd::list_table(masq_rules::FAMILY, masq_rules::TABLE).await?;
+        if let (Some((b, listed)), Some(cur)) = (&self.masq_applied, &current)
+            && *b == body
+            && listed == cur
+        {
+            return Ok(0);
+        }
+        if current.is_some() && self.masq_applied.is_some() {
+            warn!("masquerade table changed behind our back; restoring it");
+        }
+        nft_cmd::apply(&masq_rules::script(self.s.cfg.network, own.subnet)).await?;
+        let listed = nft_cmd::list_table(masq_rules::FAMILY, masq_rules::TABLE)
+            .await?
+            .unwrap_or_default();
+        self.masq_applied = Some((body, listed));
+        Ok(1)
+    }
+}
+
+/// Enables IPv4 forwarding in this network namespace (pods are routed through the node).
+pub fn ensure_ip_forward() -> Result<()> {
+    let p = "/proc/sys/net/ipv4/ip_forward";
+    if std::fs::read_to_string(p).map(|s| s.trim() == "1").unwrap_or(false) {
+        return Ok(());
+    }
+    std::fs::write(p, b"1").with_context(|| format!("enabling {p}"))
+}
+
+/// Runs the reconcile loop forever.
+pub async fn run(
+    settings: OverlaySettings,
+    metrics: Arc<Metrics>,
+    mut own_rx: watch::Receiver<Option<OwnLease>>,
+    mut subnets_rx: watch::Receiver<Arc<PrefixView>>,
+) -> Result<()> {
+    let nl = Netlink::connect()?;
+    let mut events = NetlinkEvents::subscribe(RTMGRP_OVERLAY)?;
+    let resync = settings.resync;
+    let mut r = Reconciler {
+        nl,
+        s: settings,
+        metrics: metrics.clone(),
+        masq_applied: None,
+    };
+    let mut tick = tokio::time::interval(resync);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pending_since: Option<Instant> = None;
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            c = own_rx.changed() => { if c.is_err() { return Ok(()); } }
+            c = subnets_rx.changed() => {
+                if c.is_err() { return Ok(()); }
+                let at = subnets_rx.borrow().changed_at;
+                pending_since = Some(pending_since.map_or(at, |p| p.min(at)));
+            }
+            ev = events.next() => {
+                match ev {
+                    Some(KernelChange::Removal) => {
+                        // Debounce: let a burst of notifications settle, then repair once.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(1), events.next()).await {}
+                    }
+                    Some(KernelChange::Addition) => continue,
+                    None => {
+                        events = NetlinkEvents::subscribe(RTMGRP_OVERLAY)?;
+                        continue;
+                    }
+                }
+            }
+        }
+        let own = own_rx.borrow().clone();
+        let view = subnets_rx.borrow().clone();
+        let Some(own) = own else { continue };
+        if !view.listed {
+            continue;
+        }
+        metrics.reconcile_runs.inc();
+        match r.reconcile(&own, &view).await {
+            Ok(ops) => {
+                metrics.reconcile_operations.inc_by(ops as u64);
+                if failing {
+                    info!("overlay reconcile recovered");
+                    failing = false;
+                }
+                if let Some(since) = pending_since.take()
+                    && ops > 0
+                {
+                    metrics.peer_program_seconds.observe(since.elapsed().as_secs_f64());
+                }
+                if ops > 0 {
+                    debug!(ops, "overlay reconciled");
+                }
+            }
+            Err(e) => {
+                metrics.reconcile_errors.inc();
+                failing = true;
+                error!("overlay reconcile failed (will retry): {e:#}");
+                // Retry soon rather than waiting for the next tick.
+                tick.reset_after(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// Removes the overlay from this node: the VXLAN device (with its neighbours, FDB entries and
+/// routes), tartan's direct routes on the underlay, and the masquerade table.
+pub async fn teardown(iface: &str, vni: u32) -> Result<()> {
+    let nl = Netlink::connect()?;
+    let mut errors = Vec::new();
+    if let Err(e) = nl.delete_link(&device_name(vni)).await {
+        errors.push(format!("{e:#}"));
+    }
+    match nl.iface(iface).await {
+        Ok(i) => {
+            if let Err(e) = nl.delete_owned_routes(i.index).await {
+                errors.push(format!("{e:#}"));
+            }
+        }
+        Err(e) => errors.push(format!("{e:#}")),
+    }
+    if let Err(e) = nft_cmd::delete_table(masq_rules::FAMILY, masq_rules::TABLE).await {
+        errors.push(format!("{e:#}"));
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        bail!("teardown incomplete: {}", errors.join("; "))
+    }
+}

@@ -1,0 +1,156 @@
+//! `subnet.env` in flannel's format, written atomically (temp file, fsync, rename), and read
+//! back by the CNI plugin.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context, Result, anyhow};
+use ipnetwork::Ipv4Network;
+
+/// The facts `subnet.env` carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubnetEnv {
+    /// `FLANNEL_NETWORK`: the whole cluster network.
+    pub network: Ipv4Network,
+    /// `FLANNEL_SUBNET`: the node subnet, written as its first address with the prefix
+    /// (flannel's form, e.g. `10.244.3.1/24`).
+    pub subnet: Ipv4Network,
+    /// `FLANNEL_MTU`.
+    pub mtu: u32,
+    /// `FLANNEL_IPMASQ`.
+    pub ipmasq: bool,
+}
+
+impl SubnetEnv {
+    /// The file contents.
+    pub fn render(&self) -> String {
+        let first = u32::from(self.subnet.network()) + 1;
+        format!(
+            "FLANNEL_NETWORK={}/{}\nFLANNEL_SUBNET={}/{}\nFLANNEL_MTU={}\nFLANNEL_IPMASQ={}\n",
+            self.network.network(),
+            self.network.prefix(),
+            std::net::Ipv4Addr::from(first),
+            self.subnet.prefix(),
+            self.mtu,
+            self.ipmasq
+        )
+    }
+
+    /// Parses the file contents; unknown keys are ignored.
+    pub fn parse(text: &str) -> Result<SubnetEnv> {
+        let mut network = None;
+        let mut subnet = None;
+        let mut mtu = None;
+        let mut ipmasq = false;
+        for line in text.lines() {
+            let Some((k, v)) = line.trim().split_once('=') else {
+                continue;
+            };
+            match k.trim() {
+                "FLANNEL_NETWORK" => {
+                    network = Some(v.trim().parse::<Ipv4Network>().map_err(|_| {
+                        anyhow!("FLANNEL_NETWORK={v:?} is not an IPv4 CIDR")
+                    })?)
+                }
+                "FLANNEL_SUBNET" => {
+                    let n: Ipv4Network = v
+                        .trim()
+                        .parse()
+                        .map_err(|_| anyhow!("FLANNEL_SUBNET={v:?} is not an IPv4 CIDR"))?;
+                    subnet = Some(
+                        Ipv4Network::new(n.network(), n.prefix())
+                            .map_err(|_| anyhow!("FLANNEL_SUBNET={v:?} is invalid"))?,
+                    );
+                }
+                "FLANNEL_MTU" => {
+                    mtu = Some(
+                        v.trim()
+                            .parse::<u32>()
+                            .map_err(|_| anyhow!("FLANNEL_MTU={v:?} is not a number"))?,
+                    )
+                }
+                "FLANNEL_IPMASQ" => ipmasq = v.trim() == "true",
+                _ => {}
+            }
+        }
+        Ok(SubnetEnv {
+            network: network.ok_or_else(|| anyhow!("FLANNEL_NETWORK is missing"))?,
+            subnet: subnet.ok_or_else(|| anyhow!("FLANNEL_SUBNET is missing"))?,
+            mtu: mtu.ok_or_else(|| anyhow!("FLANNEL_MTU is missing"))?,
+            ipmasq,
+        })
+    }
+
+    /// Writes the file atomically at `path`; unchanged content is not rewritten.
+    pub fn write_atomic(&self, path: &Path) -> Result<()> {
+        let text = self.render();
+        if std::fs::read_to_string(path).ok().as_deref() == Some(text.as_str()) {
+            return Ok(());
+        }
+        write_file_atomic(path, text.as_bytes())
+    }
+}
+
+/// Writes `bytes` to `path` via a temporary file in the same directory, fsync and rename.
+pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| anyhow!("{} has no file name", path.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp.{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    drop(f);
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flannel_format_roundtrip() {
+        let e = SubnetEnv {
+            network: "10.244.0.0/16".parse().unwrap(),
+            subnet: "10.244.3.0/24".parse().unwrap(),
+            mtu: 1450,
+            ipmasq: true,
+        };
+        let t = e.render();
+        assert_eq!(
+            t,
+            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.3.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n"
+        );
+        assert_eq!(SubnetEnv::parse(&t).unwrap(), e);
+        assert!(SubnetEnv::parse("FLANNEL_NETWORK=x").is_err());
+        assert!(SubnetEnv::parse("").is_err());
+    }
+
+    #[test]
+    fn atomic_write() {
+        let dir = std::env::temp_dir().join(format!("tartan-env-{}", std::process::id()));
+        let p = dir.join("subnet.env");
+        let e = SubnetEnv {
+            network: "10.0.0.0/8".parse().unwrap(),
+            subnet: "10.1.0.0/24".parse().unwrap(),
+            mtu: 1400,
+            ipmasq: false,
+        };
+        e.write_atomic(&p).unwrap();
+        assert_eq!(SubnetEnv::parse(&std::fs::read_to_string(&p).unwrap()).unwrap(), e);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

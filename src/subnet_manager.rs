@@ -1,0 +1,314 @@
+//! Holds this node's subnet lease in etcd: acquires it (own key first, then the remembered
+//! subnet, then a random free one; lost races retried), renews the long-lived etcd lease,
+//! keeps reservations lease-less, re-creates the key if it vanishes, and notices a requested
+//! leave.
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use ipnetwork::Ipv4Network;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::backoff::Backoff;
+use crate::etcd_store::{EtcdArgs, PrefixView, Store};
+use crate::metrics::Metrics;
+use crate::netconf::NetworkConfig;
+use crate::subnet_alloc::{Decision, ExistingSubnet, decide};
+use crate::subnet_lease::{LeaseValue, MacAddr, subnet_from_key, subnet_to_key};
+
+/// The subnet this node holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnLease {
+    /// The pod subnet.
+    pub subnet: Ipv4Network,
+    /// The etcd lease the key is attached to; 0 for a reservation.
+    pub etcd_lease: i64,
+}
+
+/// Everything the manager needs to know about this node.
+#[derive(Debug, Clone)]
+pub struct NodeIdentity {
+    /// Node name.
+    pub name: String,
+    /// Underlay address.
+    pub public_ip: Ipv4Addr,
+    /// VTEP MAC.
+    pub vtep_mac: MacAddr,
+}
+
+/// Acquires and keeps a subnet lease.
+pub struct SubnetManager {
+    store: Store,
+    keys: EtcdArgs,
+    node: NodeIdentity,
+    cfg: NetworkConfig,
+    ttl: i64,
+    metrics: Arc<Metrics>,
+}
+
+/// Why [`SubnetManager::keep`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeepOutcome {
+    /// An operator asked this node to leave (`tartanctl node leave`).
+    LeaveRequested,
+}
+
+impl SubnetManager {
+    /// A manager for `node` with subnet leases of `ttl` seconds.
+    pub fn new(
+        store: Store,
+        keys: EtcdArgs,
+        node: NodeIdentity,
+        cfg: NetworkConfig,
+        ttl: i64,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        SubnetManager {
+            store,
+            keys,
+            node,
+            cfg,
+            ttl,
+            metrics,
+        }
+    }
+
+    fn key_for(&self, subnet: Ipv4Network) -> String {
+        format!("{}{}", self.keys.subnets_prefix(), subnet_to_key(subnet))
+    }
+
+    /// The key an operator writes to ask this node to leave.
+    pub fn leave_key(keys: &EtcdArgs, node: &str) -> String {
+        keys.tartan_key(&format!("leave/{node}"))
+    }
+
+    fn value(&self) -> Vec<u8> {
+        LeaseValue::vxlan(
+            self.node.public_ip,
+            self.cfg.backend.vni,
+            self.node.vtep_mac,
+            &self.node.name,
+        )
+        .to_bytes()
+    }
+
+    /// One allocation attempt. `Ok(None)` means "lost a race, try again now".
+    async fn try_acquire(&self, preferred: Option<Ipv4Network>) -> Result<Option<OwnLease>> {
+        let (_, items) = self.store.list(&self.keys.subnets_prefix()).await?;
+        let mut existing = Vec::with_capacity(items.len());
+        for it in &items {
+            let suffix = it.key.rsplit('/').next().unwrap_or_default();
+            let Ok(subnet) = subnet_from_key(suffix) else {
+                warn!(key = %it.key, "ignoring a subnet key that is not a.b.c.d-NN");
+                continue;
+            };
+            let value = LeaseValue::parse(&it.value).ok();
+            existing.push(ExistingSubnet {
+                subnet,
+                value,
+                etcd_lease: it.lease,
+                mod_revision: it.mod_revision,
+            });
+        }
+        let decision = {
+            let mut rng = rand::rng();
+            decide(
+                &self.cfg,
+                &existing,
+                &self.node.name,
+                self.node.public_ip,
+                preferred,
+                &mut rng,
+            )
+        };
+        match decision {
+            Decision::Exhausted => bail!(
+                "subnet space exhausted: all {} subnets /{} between {} and {} are taken",
+                self.cfg.subnet_count(),
+                self.cfg.subnet_len,
+                self.cfg.subnet_min,
+                self.cfg.subnet_max
+            ),
+            Decision::Reuse {
+                subnet,
+                etcd_lease,
+                mod_revision,
+            } => {
+                let key = self.key_for(subnet);
+                let value = self.value();
+                let current = items.iter().find(|i| i.key == key);
+                if etcd_lease == 0 {
+                    // A reservation: keep it lease-less, only bring the value up to date.
+                    if current.map(|c| c.value.as_slice()) != Some(value.as_slice())
+                        && !self
+                            .store
+                            .replace_if_unchanged(&key, value, 0, mod_revision)
+                            .await?
+                    {
+                        return Ok(None);
+                    }
+                    info!(%subnet, "using reserved subnet");
+                    return Ok(Some(OwnLease {
+                        subnet,
+                        etcd_lease: 0,
+                    }));
+                }
+                // Our earlier lease: keep it alive and rewrite the value if it changed.
+                let mut keeper = self.store.keeper(etcd_lease);
+                if keeper.renew().await?.is_none() {
+                    return Ok(None);
+                }
+                if current.map(|c| c.value.as_slice()) != Some(value.as_slice())
+                    && !self
+                        .store
+                        .replace_if_unchanged(&key, value, etcd_lease, mod_revision)
+                        .await?
+                {
+                    return Ok(None);
+                }
+                info!(%subnet, "kept the subnet this node held before");
+                Ok(Some(OwnLease { subnet, etcd_lease }))
+            }
+            Decision::Create { subnet } => {
+                let lease = self.store.grant(self.ttl).await?;
+                let key = self.key_for(subnet);
+                if self.store.create_if_absent(&key, self.value(), lease).await? {
+                    info!(%subnet, "leased subnet");
+                    Ok(Some(OwnLease {
+                        subnet,
+                        etcd_lease: lease,
+                    }))
+                } else {
+                    info!(%subnet, "lost the race for a subnet, retrying");
+                    let _ = self.store.revoke(lease).await;
+                    Ok(None)
+                }
+            }
+        }
+    }
+
+    /// Acquires a subnet, retrying forever: lost races at once, etcd errors and exhaustion
+    /// with jittered backoff (never spinning).
+    pub async fn acquire(&self, preferred: Option<Ipv4Network>) -> OwnLease {
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        let mut races = 0u32;
+        loop {
+            match self.try_acquire(preferred).await {
+                Ok(Some(l)) => return l,
+                Ok(None) => {
+                    races += 1;
+                    // Contention: a short random pause spreads the contenders.
+                    let ms = rand::random::<u64>() % (10 * u64::from(races.min(20)) + 1);
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+                Err(e) => {
+                    error!("cannot acquire a subnet, will retry: {e:#}");
+                    backoff.wait().await;
+                }
+            }
+        }
+    }
+
+    /// Keeps `own` alive: renews the etcd lease every `renew_every`, re-creates the key when
+    /// it disappears (unless a leave was requested), and publishes changes on `own_tx`.
+    pub async fn keep(
+        &self,
+        mut own: OwnLease,
+        own_tx: &watch::Sender<Option<OwnLease>>,
+        mut subnets: watch::Receiver<Arc<PrefixView>>,
+        renew_every: Duration,
+    ) -> KeepOutcome {
+        let mut keeper = (own.etcd_lease != 0).then(|| self.store.keeper(own.etcd_lease));
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+        let mut next_renew = tokio::time::Instant::now() + renew_every;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(next_renew) => {
+                    let Some(k) = keeper.as_mut() else {
+                        next_renew += renew_every;
+                        continue;
+                    };
+                    match k.renew().await {
+                        Ok(Some(_)) => {
+                            self.metrics.lease_renewals.inc();
+                            backoff.reset();
+                            next_renew = tokio::time::Instant::now() + renew_every;
+                        }
+                        Ok(None) => {
+                            warn!(subnet = %own.subnet, "subnet lease expired; re-acquiring the same subnet");
+                            self.metrics.lease_renewal_failures.inc();
+                            own = self.reacquire(&own).await;
+                            keeper = (own.etcd_lease != 0).then(|| self.store.keeper(own.etcd_lease));
+                            let _ = own_tx.send(Some(own.clone()));
+                            next_renew = tokio::time::Instant::now() + renew_every;
+                        }
+                        Err(e) => {
+                            self.metrics.lease_renewal_failures.inc();
+                            let d = backoff.next_delay();
+                            warn!("subnet lease renewal failed, retrying in {d:?}: {e:#}");
+                            next_renew = tokio::time::Instant::now() + d;
+                        }
+                    }
+                }
+                changed = subnets.changed() => {
+                    if changed.is_err() {
+                        // The mirror ended (shutdown); keep renewing regardless.
+                        subnets = watch::channel(Arc::new(PrefixView {
+                            listed: false,
+                            items: Default::default(),
+                            revision: 0,
+                            changed_at: std::time::Instant::now(),
+                        })).1;
+                        continue;
+                    }
+                    let view = subnets.borrow_and_update().clone();
+                    if !view.listed || view.items.contains_key(&self.key_for(own.subnet)) {
+                        continue;
+                    }
+                    match self.store.get(&Self::leave_key(&self.keys, &self.node.name)).await {
+                        Ok(Some(_)) => {
+                            info!(subnet = %own.subnet, "subnet released by `node leave`");
+                            return KeepOutcome::LeaveRequested;
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            warn!("cannot check for a leave request: {e:#}");
+                            continue;
+                        }
+                    }
+                    warn!(subnet = %own.subnet, "this node's subnet key was deleted; re-creating it");
+                    own = self.reacquire(&own).await;
+                    keeper = (own.etcd_lease != 0).then(|| self.store.keeper(own.etcd_lease));
+                    let _ = own_tx.send(Some(own.clone()));
+                }
+            }
+        }
+    }
+
+    async fn reacquire(&self, old: &OwnLease) -> OwnLease {
+        let new = self.acquire(Some(old.subnet)).await;
+        if new.subnet != old.subnet {
+            error!(
+                old = %old.subnet,
+                new = %new.subnet,
+                "this node's subnet was taken by another node; pods keep their old addresses until restarted"
+            );
+        }
+        new
+    }
+
+    /// Releases the subnet: deletes the key and revokes its lease (reservations are kept).
+    pub async fn release(store: &Store, keys: &EtcdArgs, own: &OwnLease) -> Result<()> {
+        if own.etcd_lease == 0 {
+            info!(subnet = %own.subnet, "keeping the reservation");
+            return Ok(());
+        }
+        let key = format!("{}{}", keys.subnets_prefix(), subnet_to_key(own.subnet));
+        store.delete(&key).await?;
+        let _ = store.revoke(own.etcd_lease).await;
+        Ok(())
+    }
+}
