@@ -2,15 +2,63 @@
 
 mod common;
 
-use std::time::Duration;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use common::*;
-use tartan::netns_lab::ip;
+use tartan::netns_lab::{Lab, in_netns, ip, ns_run, wait_for};
+
+const NET16: &[&str] = &["--network", "10.244.0.0/16"];
+
+fn subnet_key(s: ipnetwork::Ipv4Network) -> String {
+    format!("/coreos.com/network/subnets/{}-{}", s.network(), s.prefix())
+}
+
+/// The overlay entries a node holds, as `ip` prints them.
+fn overlay_text(lab: &Lab, i: usize) -> Result<(String, String, String)> {
+    let ns = &lab.nodes[i].ns;
+    let routes = ip(&["-n", ns, "route", "show", "proto", "157"])?;
+    let neigh = ip(&["-n", ns, "neigh", "show", "dev", "tartan.1"]).unwrap_or_default();
+    let fdb = ns_run(ns, "bridge", &["fdb", "show", "dev", "tartan.1"]).unwrap_or_default();
+    Ok((routes, neigh, fdb))
+}
+
+fn vtep_mac(lab: &Lab, i: usize) -> Result<String> {
+    let out = ip(&["-n", &lab.nodes[i].ns, "-o", "link", "show", "tartan.1"])?;
+    out.split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .map(str::to_string)
+        .context("no MAC on tartan.1")
+}
+
+fn ifindex(lab: &Lab, i: usize, dev: &str) -> Result<String> {
+    let out = ip(&["-n", &lab.nodes[i].ns, "-o", "link", "show", dev])?;
+    Ok(out.split(':').next().unwrap_or_default().to_string())
+}
+
+fn wait_route(lab: &Lab, i: usize, subnet: ipnetwork::Ipv4Network, present: bool) -> Result<()> {
+    let ns = lab.nodes[i].ns.clone();
+    let needle = format!("{} via", subnet);
+    wait_for(
+        &format!(
+            "route {subnet} {} on {}",
+            if present { "present" } else { "absent" },
+            lab.nodes[i].name
+        ),
+        Duration::from_secs(20),
+        || {
+            let r = ip(&["-n", &ns, "route", "show", "proto", "157"]).ok()?;
+            (r.contains(&needle) == present).then_some(())
+        },
+    )
+}
 
 #[test]
 fn three_nodes_distinct_subnets_and_cross_node_tcp() -> Result<()> {
-    let Some(mut lab) = lab(3, &["--network", "10.244.0.0/16"])? else {
+    let Some(mut lab) = lab(3, NET16)? else {
         return Ok(());
     };
     for i in 0..3 {
@@ -18,17 +66,699 @@ fn three_nodes_distinct_subnets_and_cross_node_tcp() -> Result<()> {
     }
     let subnets: Vec<_> = (0..3).map(|i| lab.wait_subnet(i)).collect::<Result<_>>()?;
     ensure!(subnets[0] != subnets[1] && subnets[1] != subnets[2] && subnets[0] != subnets[2]);
-    let listing = lab.etcdctl(&["get", "--prefix", "/coreos.com/network/subnets/"])?;
-    for s in &subnets {
-        let key = format!("/coreos.com/network/subnets/{}-{}", s.network(), s.prefix());
-        ensure!(listing.contains(&key), "{key} missing in etcd: {listing}");
+    // Stored in flannel's layout and format.
+    for (i, s) in subnets.iter().enumerate() {
+        let v = lab.etcdctl(&["get", "--print-value-only", &subnet_key(*s)])?;
+        let json: serde_json::Value =
+            serde_json::from_str(v.trim()).with_context(|| format!("lease value {v:?}"))?;
+        ensure!(json["PublicIP"] == lab.nodes[i].ip.to_string(), "{json}");
+        ensure!(json["BackendType"] == "vxlan", "{json}");
+        ensure!(json["BackendData"]["VNI"] == 1, "{json}");
+        ensure!(
+            json["BackendData"]["VtepMAC"] == vtep_mac(&lab, i)?,
+            "{json}"
+        );
     }
-    ensure!(listing.contains("\"BackendType\":\"vxlan\""), "{listing}");
+    // subnet.env in flannel's format.
+    let env = std::fs::read_to_string(lab.nodes[0].subnet_file())?;
+    ensure!(env.contains("FLANNEL_NETWORK=10.244.0.0/16\n"), "{env}");
+    ensure!(
+        env.contains(&format!(
+            "FLANNEL_SUBNET={}/24\n",
+            std::net::Ipv4Addr::from(u32::from(subnets[0].network()) + 1)
+        )),
+        "{env}"
+    );
+    ensure!(
+        env.contains("FLANNEL_MTU=1450\n") && env.contains("FLANNEL_IPMASQ=true\n"),
+        "{env}"
+    );
     let p1 = lab.add_manual_pod(0, 1)?;
     let p3 = lab.add_manual_pod(2, 1)?;
     echo_server(&p3.ns, 7000)?;
     wait_tcp_echo(&p1.ns, p3.ip, 7000, Duration::from_secs(20))?;
-    let routes = ip(&["-n", &lab.nodes[0].ns, "route", "show", "proto", "157"])?;
-    ensure!(routes.contains("onlink"), "{routes}");
+    // Exactly flannel's entries on node 1 towards node 3.
+    let (routes, neigh, fdb) = overlay_text(&lab, 0)?;
+    let gw3 = subnets[2].network();
+    ensure!(
+        routes.contains(&format!("{} via {gw3} dev tartan.1 onlink", subnets[2])),
+        "{routes}"
+    );
+    let mac3 = vtep_mac(&lab, 2)?;
+    ensure!(
+        neigh.contains(&format!("{gw3} lladdr {mac3} PERMANENT")),
+        "{neigh}"
+    );
+    ensure!(
+        fdb.contains(&format!("{mac3} dst {} self permanent", lab.nodes[2].ip)),
+        "{fdb}"
+    );
+    // The device: learning off, VNI/port from config, address <subnet>.0/32.
+    let dev = ip(&["-n", &lab.nodes[0].ns, "-d", "addr", "show", "tartan.1"])?;
+    ensure!(
+        dev.contains("vxlan id 1 ") && dev.contains("dstport 8472") && dev.contains("nolearning"),
+        "{dev}"
+    );
+    ensure!(
+        dev.contains(&format!("inet {}/32", subnets[0].network())),
+        "{dev}"
+    );
+    // tartanctl nodes lists the three leases.
+    let nodes = lab.tartanctl(&["nodes"])?;
+    for n in ["node1", "node2", "node3"] {
+        ensure!(nodes.contains(n), "{nodes}");
+    }
+    // Metrics are served on the node's loopback.
+    let metrics = in_netns(&lab.nodes[0].ns.clone(), || {
+        http_get("127.0.0.1:9402", "/metrics")
+    })??;
+    for m in [
+        "tartan_overlay_peers 2",
+        "tartan_overlay_reconcile_runs_total",
+        "tartan_overlay_reconcile_errors_total",
+        "tartan_lease_renewals_total",
+        "tartan_overlay_peer_program_seconds_bucket",
+    ] {
+        ensure!(metrics.contains(m), "metric {m} missing in:\n{metrics}");
+    }
+    Ok(())
+}
+
+fn http_get(addr: &str, path: &str) -> Result<String> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+#[test]
+fn restart_keeps_subnet_mac_device_and_open_connection() -> Result<()> {
+    let Some(mut lab) = lab(2, NET16)? else {
+        return Ok(());
+    };
+    lab.start_daemon(0, &[])?;
+    lab.start_daemon(1, &[])?;
+    let s0 = lab.wait_subnet(0)?;
+    let p1 = lab.add_manual_pod(0, 1)?;
+    let p2 = lab.add_manual_pod(1, 1)?;
+    echo_server(&p2.ns, 7001)?;
+    wait_tcp_echo(&p1.ns, p2.ip, 7001, Duration::from_secs(20))?;
+    let mac_before = vtep_mac(&lab, 0)?;
+    let idx_before = ifindex(&lab, 0, "tartan.1")?;
+    // A connection that stays open across both daemons' restarts.
+    let target = SocketAddr::from((p2.ip, 7001));
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+    let client = std::thread::spawn({
+        let ns = p1.ns.clone();
+        move || -> Result<()> {
+            in_netns(&ns, move || -> Result<()> {
+                let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(3))?;
+                s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                let mut buf = [0u8; 5];
+                s.write_all(b"first")?;
+                s.read_exact(&mut buf)?;
+                ready_tx.send(()).ok();
+                go_rx.recv().ok();
+                s.write_all(b"again")?;
+                s.read_exact(&mut buf)?;
+                ensure!(&buf == b"again");
+                Ok(())
+            })?
+        }
+    });
+    ready_rx.recv_timeout(Duration::from_secs(10))?;
+    lab.stop_daemon(0)?;
+    lab.stop_daemon(1)?;
+    // SIGTERM leaves the dataplane: traffic flows with no daemon at all.
+    tcp_echo(&p1.ns, p2.ip, 7001, b"no daemons")?;
+    lab.start_daemon(0, &[])?;
+    lab.start_daemon(1, &[])?;
+    // Wait until the restarted daemon has reconciled (its log says it holds the subnet).
+    wait_for(
+        "restarted daemon to hold its subnet",
+        Duration::from_secs(20),
+        || {
+            let log = std::fs::read_to_string(lab.nodes[0].log_file()).ok()?;
+            (log.matches("holding subnet").count() >= 2).then_some(())
+        },
+    )?;
+    std::thread::sleep(Duration::from_millis(300));
+    go_tx.send(())?;
+    client
+        .join()
+        .map_err(|_| anyhow::anyhow!("client panicked"))??;
+    ensure!(lab.wait_subnet(0)? == s0, "subnet changed across restart");
+    ensure!(
+        vtep_mac(&lab, 0)? == mac_before,
+        "VTEP MAC changed across restart"
+    );
+    ensure!(
+        ifindex(&lab, 0, "tartan.1")? == idx_before,
+        "device was re-created"
+    );
+    let log = std::fs::read_to_string(lab.nodes[0].log_file())?;
+    ensure!(
+        log.contains("kept the subnet this node held before"),
+        "{log}"
+    );
+    // Even with the state directory lost, the node name gives back the same MAC and subnet.
+    lab.stop_daemon(0)?;
+    std::fs::remove_dir_all(lab.nodes[0].dir.join("state"))?;
+    lab.start_daemon(0, &[])?;
+    wait_for("third start", Duration::from_secs(20), || {
+        let log = std::fs::read_to_string(lab.nodes[0].log_file()).ok()?;
+        (log.matches("holding subnet").count() >= 3).then_some(())
+    })?;
+    ensure!(lab.wait_subnet(0)? == s0);
+    ensure!(vtep_mac(&lab, 0)? == mac_before);
+    Ok(())
+}
+
+#[test]
+fn deleted_lease_removes_peer_entries_everywhere() -> Result<()> {
+    let Some(mut lab) = lab(3, NET16)? else {
+        return Ok(());
+    };
+    for i in 0..3 {
+        lab.start_daemon(i, &[])?;
+    }
+    let s3 = lab.wait_subnet(2)?;
+    let mac3 = vtep_mac(&lab, 2)?;
+    for i in 0..2 {
+        wait_route(&lab, i, s3, true)?;
+    }
+    // A dead node (daemon stopped) whose lease is deleted disappears from every peer.
+    lab.stop_daemon(2)?;
+    lab.etcdctl(&["del", &subnet_key(s3)])?;
+    for i in 0..2 {
+        wait_route(&lab, i, s3, false)?;
+        let (routes, neigh, fdb) = overlay_text(&lab, i)?;
+        ensure!(!routes.contains(&s3.to_string()), "{routes}");
+        ensure!(!neigh.contains(&s3.network().to_string()), "{neigh}");
+        ensure!(!fdb.contains(&mac3), "{fdb}");
+    }
+    // A live node whose key is deleted by accident takes its subnet back.
+    let s2 = lab.wait_subnet(1)?;
+    lab.etcdctl(&["del", &subnet_key(s2)])?;
+    wait_for(
+        "node2 to re-create its key",
+        Duration::from_secs(20),
+        || {
+            let v = lab
+                .etcdctl(&["get", "--print-value-only", &subnet_key(s2)])
+                .ok()?;
+            (!v.trim().is_empty()).then_some(())
+        },
+    )?;
+    wait_route(&lab, 0, s2, true)?;
+    Ok(())
+}
+
+#[test]
+fn twenty_daemons_at_once_on_a_slash19() -> Result<()> {
+    let Some(mut lab) = lab(20, &["--network", "10.50.0.0/19", "--subnet-len", "24"])? else {
+        return Ok(());
+    };
+    for i in 0..20 {
+        lab.start_daemon(i, &[])?;
+    }
+    let mut subnets = Vec::new();
+    for i in 0..20 {
+        subnets.push(lab.wait_subnet(i)?);
+    }
+    let distinct: std::collections::HashSet<_> = subnets.iter().collect();
+    ensure!(distinct.len() == 20, "duplicate subnets: {subnets:?}");
+    for i in 0..20 {
+        ensure!(
+            lab.daemon_running(i),
+            "daemon {i} died:\n{}",
+            lab.log_tail(i, 20)
+        );
+    }
+    let listing = lab.etcdctl(&[
+        "get",
+        "--prefix",
+        "--keys-only",
+        "/coreos.com/network/subnets/",
+    ])?;
+    ensure!(
+        listing.lines().filter(|l| !l.trim().is_empty()).count() == 20,
+        "{listing}"
+    );
+    // Every node sees the 19 others.
+    for i in [0, 19] {
+        let ns = lab.nodes[i].ns.clone();
+        wait_for("19 peer routes", Duration::from_secs(30), || {
+            let r = ip(&["-n", &ns, "route", "show", "proto", "157"]).ok()?;
+            (r.lines().count() == 19).then_some(())
+        })?;
+    }
+    Ok(())
+}
+
+#[test]
+fn hand_deleted_entries_and_device_are_repaired() -> Result<()> {
+    let Some(mut lab) = lab(2, NET16)? else {
+        return Ok(());
+    };
+    lab.start_daemon(0, &["--resync-secs", "3600"])?;
+    lab.start_daemon(1, &[])?;
+    let s2 = lab.wait_subnet(1)?;
+    wait_route(&lab, 0, s2, true)?;
+    let ns = lab.nodes[0].ns.clone();
+    let gw = s2.network().to_string();
+    let mac2 = vtep_mac(&lab, 1)?;
+    // The periodic resync is an hour away: repair must come from kernel notifications.
+    let t = Instant::now();
+    ip(&["-n", &ns, "route", "del", &s2.to_string()])?;
+    wait_route(&lab, 0, s2, true)?;
+    eprintln!("route repaired in {:?}", t.elapsed());
+    let t = Instant::now();
+    ip(&["-n", &ns, "neigh", "del", &gw, "dev", "tartan.1"])?;
+    wait_for("neighbour back", Duration::from_secs(10), || {
+        let n = ip(&["-n", &ns, "neigh", "show", "dev", "tartan.1"]).ok()?;
+        n.contains(&gw).then_some(())
+    })?;
+    eprintln!("neighbour repaired in {:?}", t.elapsed());
+    let t = Instant::now();
+    ns_run(
+        &ns,
+        "bridge",
+        &[
+            "fdb",
+            "del",
+            &mac2,
+            "dev",
+            "tartan.1",
+            "dst",
+            &lab.nodes[1].ip.to_string(),
+        ],
+    )?;
+    wait_for("fdb back", Duration::from_secs(10), || {
+        let f = ns_run(&ns, "bridge", &["fdb", "show", "dev", "tartan.1"]).ok()?;
+        f.contains(&mac2).then_some(())
+    })?;
+    eprintln!("fdb repaired in {:?}", t.elapsed());
+    let t = Instant::now();
+    ip(&["-n", &ns, "link", "del", "tartan.1"])?;
+    wait_route(&lab, 0, s2, true)?;
+    eprintln!("device and route repaired in {:?}", t.elapsed());
+    let p1 = lab.add_manual_pod(0, 1)?;
+    let p2 = lab.add_manual_pod(1, 1)?;
+    echo_server(&p2.ns, 7002)?;
+    wait_tcp_echo(&p1.ns, p2.ip, 7002, Duration::from_secs(20))?;
+    // The masquerade table is restored too (on the next resync of node 2).
+    let ns2 = lab.nodes[1].ns.clone();
+    ns_run(&ns2, "nft", &["delete", "table", "ip", "tartan_masq"])?;
+    wait_for("masquerade table restored", Duration::from_secs(20), || {
+        ns_run(&ns2, "nft", &["list", "table", "ip", "tartan_masq"]).ok()
+    })?;
+    Ok(())
+}
+
+#[test]
+fn garbage_in_etcd_is_skipped_without_crash_or_flush() -> Result<()> {
+    let Some(mut lab) = lab(2, NET16)? else {
+        return Ok(());
+    };
+    lab.start_daemon(0, &[])?;
+    lab.start_daemon(1, &[])?;
+    let s2 = lab.wait_subnet(1)?;
+    wait_route(&lab, 0, s2, true)?;
+    let before = overlay_text(&lab, 0)?;
+    lab.etcdctl(&[
+        "put",
+        "/coreos.com/network/subnets/10.244.200.0-24",
+        "{garbage",
+    ])?;
+    lab.etcdctl(&["put", "/coreos.com/network/subnets/not-a-key", "{}"])?;
+    lab.etcdctl(&[
+        "put",
+        "/coreos.com/network/subnets/10.244.201.0-24",
+        r#"{"PublicIP":"192.168.77.99","BackendType":"vxlan","BackendData":{"VtepMAC":"not-a-mac"}}"#,
+    ])?;
+    lab.etcdctl(&["put", "/coreos.com/network/config", "]]] not json"])?;
+    // Give the daemons a resync period to misbehave.
+    std::thread::sleep(Duration::from_secs(6));
+    for i in 0..2 {
+        ensure!(
+            lab.daemon_running(i),
+            "daemon {i} died:\n{}",
+            lab.log_tail(i, 30)
+        );
+    }
+    ensure!(
+        overlay_text(&lab, 0)? == before,
+        "overlay changed after garbage"
+    );
+    let p1 = lab.add_manual_pod(0, 1)?;
+    let p2 = lab.add_manual_pod(1, 1)?;
+    echo_server(&p2.ns, 7003)?;
+    wait_tcp_echo(&p1.ns, p2.ip, 7003, Duration::from_secs(20))?;
+    // A daemon started on the garbage config waits and says why, without exiting.
+    let idx = lab.add_node()?;
+    lab.start_daemon(idx, &[])?;
+    wait_for(
+        "complaint about the config",
+        Duration::from_secs(20),
+        || {
+            let log = std::fs::read_to_string(lab.nodes[idx].log_file()).ok()?;
+            log.contains("invalid network config").then_some(())
+        },
+    )?;
+    ensure!(lab.daemon_running(idx));
+    // Fixing the config lets it join.
+    lab.init_network(&["--network", "10.244.0.0/16", "--force"])?;
+    let s3 = lab.wait_subnet(idx)?;
+    wait_route(&lab, 0, s3, true)?;
+    // The garbage subnet keys were never used and never overwritten.
+    let g = lab.etcdctl(&[
+        "get",
+        "--print-value-only",
+        "/coreos.com/network/subnets/10.244.200.0-24",
+    ])?;
+    ensure!(g.trim() == "{garbage");
+    Ok(())
+}
+
+#[test]
+fn foreign_nftables_and_iptables_rules_are_untouched() -> Result<()> {
+    let Some(mut lab) = lab(2, NET16)? else {
+        return Ok(());
+    };
+    let ns = lab.nodes[0].ns.clone();
+    ns_run(
+        &ns,
+        "nft",
+        &[
+            "add table inet foreign; add chain inet foreign input { type filter hook input priority 0; policy accept; }; add rule inet foreign input tcp dport 9999 counter accept",
+        ],
+    )?;
+    ns_run(
+        &ns,
+        "iptables",
+        &["-A", "FORWARD", "-s", "203.0.113.7", "-j", "ACCEPT"],
+    )?;
+    ns_run(
+        &ns,
+        "iptables",
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-d",
+            "203.0.113.8",
+            "-j",
+            "RETURN",
+        ],
+    )?;
+    let snapshot = |ns: &str| -> Result<(String, String)> {
+        let nft = ns_run(ns, "nft", &["list", "table", "inet", "foreign"])?;
+        let ipt: String = ns_run(ns, "iptables-save", &[])?
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n");
+        Ok((nft, ipt))
+    };
+    let before = snapshot(&ns)?;
+    lab.start_daemon(0, &[])?;
+    lab.start_daemon(1, &[])?;
+    let s2 = lab.wait_subnet(1)?;
+    wait_route(&lab, 0, s2, true)?;
+    ensure!(
+        snapshot(&ns)? == before,
+        "foreign rules changed while running"
+    );
+    lab.stop_daemon(0)?;
+    ensure!(snapshot(&ns)? == before, "foreign rules changed after stop");
+    lab.start_daemon(0, &[])?;
+    wait_route(&lab, 0, s2, true)?;
+    lab.tartanctl(&["node", "leave", "node1"])?;
+    wait_for("node1 to leave", Duration::from_secs(20), || {
+        (!lab.daemon_running(0)).then_some(())
+    })?;
+    ensure!(
+        snapshot(&ns)? == before,
+        "foreign rules changed after leave"
+    );
+    Ok(())
+}
+
+#[test]
+fn node_leave_releases_subnet_and_removes_dataplane() -> Result<()> {
+    let Some(mut lab) = lab(2, NET16)? else {
+        return Ok(());
+    };
+    lab.start_daemon(0, &[])?;
+    lab.start_daemon(1, &[])?;
+    let s1 = lab.wait_subnet(0)?;
+    wait_route(&lab, 1, s1, true)?;
+    lab.tartanctl(&["node", "leave", "node1"])?;
+    wait_for("node1 daemon to exit", Duration::from_secs(20), || {
+        (!lab.daemon_running(0)).then_some(())
+    })?;
+    let ns = lab.nodes[0].ns.clone();
+    ensure!(
+        ip(&["-n", &ns, "link", "show", "tartan.1"]).is_err(),
+        "device still there"
+    );
+    ensure!(
+        ns_run(&ns, "nft", &["list", "table", "ip", "tartan_masq"]).is_err(),
+        "masquerade table still there"
+    );
+    ensure!(
+        !lab.nodes[0].subnet_file().exists(),
+        "subnet.env still there"
+    );
+    let v = lab.etcdctl(&["get", "--print-value-only", &subnet_key(s1)])?;
+    ensure!(v.trim().is_empty(), "subnet key still there: {v}");
+    wait_route(&lab, 1, s1, false)?;
+    // `tartand --leave` on a node whose daemon is stopped does the same locally.
+    lab.stop_daemon(1)?;
+    let s2 = lab.wait_subnet(1)?;
+    let node = &lab.nodes[1];
+    let out = tartan::netns_lab::ns_command(&node.ns, &lab.bins.tartand)
+        .args([
+            "--etcd-endpoints",
+            &lab.etcd_endpoint(),
+            "--node-name",
+            &node.name,
+            "--iface",
+            "eth0",
+            "--subnet-file",
+            &node.subnet_file().to_string_lossy(),
+            "--state-dir",
+            &node.dir.join("state").to_string_lossy(),
+            "--leave",
+        ])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(ip(&["-n", &node.ns, "link", "show", "tartan.1"]).is_err());
+    let v = lab.etcdctl(&["get", "--print-value-only", &subnet_key(s2)])?;
+    ensure!(v.trim().is_empty(), "subnet key still there: {v}");
+    Ok(())
+}
+
+#[test]
+fn reservation_is_honoured_and_never_becomes_a_lease() -> Result<()> {
+    let Some(mut lab) = lab(2, NET16)? else {
+        return Ok(());
+    };
+    // An operator reserves 10.244.77.0/24 for node1's address.
+    lab.etcdctl(&[
+        "put",
+        "/coreos.com/network/subnets/10.244.77.0-24",
+        &format!(r#"{{"PublicIP":"{}"}}"#, lab.nodes[0].ip),
+    ])?;
+    lab.start_daemon(0, &[])?;
+    lab.start_daemon(1, &[])?;
+    ensure!(lab.wait_subnet(0)? == "10.244.77.0/24".parse()?);
+    ensure!(lab.wait_subnet(1)? != "10.244.77.0/24".parse()?);
+    let lease_of = |lab: &Lab| -> Result<i64> {
+        let j = lab.etcdctl(&[
+            "get",
+            "-w",
+            "json",
+            "/coreos.com/network/subnets/10.244.77.0-24",
+        ])?;
+        let v: serde_json::Value = serde_json::from_str(&j)?;
+        Ok(v["kvs"][0]["lease"].as_i64().unwrap_or(0))
+    };
+    ensure!(lease_of(&lab)? == 0, "reservation got a lease");
+    lab.stop_daemon(0)?;
+    lab.start_daemon(0, &[])?;
+    wait_for("restart", Duration::from_secs(20), || {
+        let log = std::fs::read_to_string(lab.nodes[0].log_file()).ok()?;
+        (log.matches("using reserved subnet").count() >= 2).then_some(())
+    })?;
+    ensure!(
+        lease_of(&lab)? == 0,
+        "reservation became a lease after restart"
+    );
+    // Peers see the reserved node (the value now carries its VTEP MAC).
+    wait_route(&lab, 1, "10.244.77.0/24".parse()?, true)?;
+    // Leaving keeps the reservation.
+    lab.tartanctl(&["node", "leave", "node1"])?;
+    let v = lab.etcdctl(&[
+        "get",
+        "--print-value-only",
+        "/coreos.com/network/subnets/10.244.77.0-24",
+    ])?;
+    ensure!(!v.trim().is_empty(), "reservation deleted by leave");
+    Ok(())
+}
+
+#[test]
+fn exhausted_network_is_reported_and_retried() -> Result<()> {
+    // A /22 with /24 subnets has 3 leasable subnets.
+    let Some(mut lab) = lab(4, &["--network", "10.9.0.0/22", "--subnet-len", "24"])? else {
+        return Ok(());
+    };
+    for i in 0..3 {
+        lab.start_daemon(i, &[])?;
+        lab.wait_subnet(i)?;
+    }
+    lab.start_daemon(3, &[])?;
+    wait_for("exhaustion error", Duration::from_secs(20), || {
+        let log = std::fs::read_to_string(lab.nodes[3].log_file()).ok()?;
+        log.contains("subnet space exhausted").then_some(())
+    })?;
+    let complaints = |lab: &Lab| {
+        std::fs::read_to_string(lab.nodes[3].log_file())
+            .unwrap_or_default()
+            .matches("subnet space exhausted")
+            .count()
+    };
+    let c0 = complaints(&lab);
+    std::thread::sleep(Duration::from_secs(3));
+    let c1 = complaints(&lab);
+    ensure!(lab.daemon_running(3), "daemon exited on exhaustion");
+    ensure!(
+        c1 - c0 <= 4,
+        "retrying without backoff: {c0} -> {c1} in 3 s"
+    );
+    lab.tartanctl(&["node", "leave", "node2"])?;
+    let s = lab.wait_subnet(3)?;
+    ensure!(s.prefix() == 24);
+    Ok(())
+}
+
+#[test]
+fn direct_routing_uses_the_underlay_for_same_l2_peers() -> Result<()> {
+    let Some(mut lab) = lab(2, &["--network", "10.244.0.0/16", "--direct-routing"])? else {
+        return Ok(());
+    };
+    lab.start_daemon(0, &[])?;
+    lab.start_daemon(1, &[])?;
+    let s2 = lab.wait_subnet(1)?;
+    let ns = lab.nodes[0].ns.clone();
+    let want = format!("{s2} via {} dev eth0", lab.nodes[1].ip);
+    wait_for("direct route", Duration::from_secs(20), || {
+        let r = ip(&["-n", &ns, "route", "show", "proto", "157"]).ok()?;
+        r.contains(&want).then_some(())
+    })?;
+    let p1 = lab.add_manual_pod(0, 1)?;
+    let p2 = lab.add_manual_pod(1, 1)?;
+    echo_server(&p2.ns, 7004)?;
+    wait_tcp_echo(&p1.ns, p2.ip, 7004, Duration::from_secs(20))?;
+    Ok(())
+}
+
+#[test]
+fn compacted_watch_revision_triggers_a_relist() -> Result<()> {
+    let Some(mut lab) = lab(2, NET16)? else {
+        return Ok(());
+    };
+    lab.start_daemon(0, &[])?;
+    lab.wait_subnet(0)?;
+    wait_for("node1 to program", Duration::from_secs(20), || {
+        ip(&["-n", &lab.nodes[0].ns, "link", "show", "tartan.1"]).ok()
+    })?;
+    // Freeze the daemon and restart etcd under it, so its watch stream is broken; then change
+    // and compact history. On waking up it must resume from a compacted revision, and only a
+    // relist can show it the new peer.
+    let pid = lab.nodes[0]
+        .daemon
+        .as_ref()
+        .map(|c| c.id())
+        .context("no daemon")?;
+    let pid = nix::unistd::Pid::from_raw(pid as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP)?;
+    lab.stop_etcd();
+    lab.start_etcd()?;
+    let fake = r#"{"PublicIP":"192.168.77.250","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:aa:bb:cc:dd:ee"}}"#;
+    lab.etcdctl(&["put", "/coreos.com/network/subnets/10.244.250.0-24", fake])?;
+    for i in 0..5 {
+        lab.etcdctl(&["put", "/unrelated/key", &i.to_string()])?;
+    }
+    let status = lab.etcdctl(&["endpoint", "status", "-w", "json"])?;
+    let v: serde_json::Value = serde_json::from_str(&status)?;
+    let rev = v[0]["Status"]["header"]["revision"]
+        .as_i64()
+        .context("revision")?;
+    lab.etcdctl(&["compact", &rev.to_string()])?;
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT)?;
+    wait_route(&lab, 0, "10.244.250.0/24".parse()?, true)?;
+    let log = std::fs::read_to_string(lab.nodes[0].log_file())?;
+    ensure!(log.contains("relisting"), "no relist logged:\n{log}");
+    Ok(())
+}
+
+#[test]
+fn etcd_outage_keeps_traffic_flowing_and_daemons_resync() -> Result<()> {
+    let Some(mut lab) = lab(3, NET16)? else {
+        return Ok(());
+    };
+    lab.start_daemon(0, &[])?;
+    lab.start_daemon(1, &[])?;
+    let s2 = lab.wait_subnet(1)?;
+    wait_route(&lab, 0, s2, true)?;
+    let p1 = lab.add_manual_pod(0, 1)?;
+    let p2 = lab.add_manual_pod(1, 1)?;
+    echo_server(&p2.ns, 7005)?;
+    wait_tcp_echo(&p1.ns, p2.ip, 7005, Duration::from_secs(20))?;
+    let before = overlay_text(&lab, 0)?;
+    lab.stop_etcd();
+    let start = Instant::now();
+    let mut rounds = 0;
+    while start.elapsed() < Duration::from_secs(30) {
+        if let Err(e) = tcp_echo(&p1.ns, p2.ip, 7005, b"during the outage") {
+            bail!(
+                "traffic broke {:?} into the etcd outage: {e:#}",
+                start.elapsed()
+            );
+        }
+        rounds += 1;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    ensure!(rounds > 20);
+    for i in 0..2 {
+        ensure!(
+            lab.daemon_running(i),
+            "daemon {i} died during the outage:\n{}",
+            lab.log_tail(i, 30)
+        );
+    }
+    ensure!(
+        overlay_text(&lab, 0)? == before,
+        "overlay changed during the outage"
+    );
+    lab.start_etcd()?;
+    // After etcd returns, a new node appears on the old ones.
+    lab.start_daemon(2, &[])?;
+    let s3 = lab.wait_subnet(2)?;
+    wait_route(&lab, 0, s3, true)?;
+    let p3 = lab.add_manual_pod(2, 1)?;
+    echo_server(&p3.ns, 7006)?;
+    wait_tcp_echo(&p1.ns, p3.ip, 7006, Duration::from_secs(20))?;
     Ok(())
 }

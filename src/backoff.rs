@@ -53,7 +53,7 @@ mod tests {
         let mut last_cap = 0;
         for _ in 0..10 {
             let d = b.next_delay().as_millis() as u64;
-            assert!(d >= 50 && d <= 1000, "{d}");
+            assert!((50..=1000).contains(&d), "{d}");
             last_cap = b.current.as_millis() as u64;
         }
         assert_eq!(last_cap, 1000);

@@ -15,18 +15,19 @@ use crate::etcd_store::{EtcdArgs, Store};
 use crate::metrics::{self, Metrics};
 use crate::netconf::NetworkConfig;
 use crate::netlink_ops::Netlink;
+use crate::node_liveness;
 use crate::node_state::{NodeState, state_path, vtep_mac_for};
 use crate::overlay_reconciler::{self, OverlaySettings, overlay_mtu};
 use crate::shutdown::shutdown_signal;
 use crate::subnet_env::SubnetEnv;
 use crate::subnet_manager::{KeepOutcome, NodeIdentity, OwnLease, SubnetManager};
-use crate::node_liveness;
 
 /// Command-line flags of `tartand`.
 #[derive(clap::Parser, Debug, Clone)]
 #[command(
     name = "tartand",
     version,
+    args_override_self = true,
     about = "tartan node daemon: leases this node's pod subnet from etcd and programs the VXLAN overlay"
 )]
 pub struct DaemonArgs {
@@ -116,11 +117,12 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         .with_context(|| format!("--iface {}", args.iface))?;
     let public_ip = match args.public_ip {
         Some(ip) => ip,
-        None => iface
-            .addrs
-            .first()
-            .map(|a| a.ip())
-            .ok_or_else(|| anyhow!("--iface {} has no IPv4 address; give --public-ip", args.iface))?,
+        None => iface.addrs.first().map(|a| a.ip()).ok_or_else(|| {
+            anyhow!(
+                "--iface {} has no IPv4 address; give --public-ip",
+                args.iface
+            )
+        })?,
     };
     let mtu = overlay_mtu(iface.mtu)?;
     let state_file = state_path(&args.state_dir, &name);
@@ -173,6 +175,14 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     let own = tokio::select! {
         o = manager.acquire(preferred) => o,
         _ = &mut shutdown => return Ok(()),
+    };
+    let Some(own) = own else {
+        info!("a leave was requested before this node held a subnet; removing local state");
+        teardown_local(&args, &cfg, &state_file).await;
+        let _ = store
+            .delete(&SubnetManager::leave_key(&args.etcd, &name))
+            .await;
+        return Ok(());
     };
     info!(subnet = %own.subnet, reservation = own.etcd_lease == 0, "holding subnet");
     let (own_tx, own_rx) = watch::channel(Some(own.clone()));
@@ -227,7 +237,12 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     let mut own_watch = own_rx.clone();
     let keep = async {
         manager
-            .keep(own, &own_tx, subnets.clone(), renew_interval(args.subnet_lease_ttl))
+            .keep(
+                own,
+                &own_tx,
+                subnets.clone(),
+                renew_interval(args.subnet_lease_ttl),
+            )
             .await
     };
     tokio::pin!(keep);
@@ -278,11 +293,7 @@ async fn teardown_local(args: &DaemonArgs, cfg: &NetworkConfig, state_file: &std
 }
 
 /// `tartand --leave`: release the subnet in etcd (when reachable) and remove local state.
-async fn leave(
-    args: &DaemonArgs,
-    store: &Store,
-    node: &NodeIdentity,
-) -> Result<()> {
+async fn leave(args: &DaemonArgs, store: &Store, node: &NodeIdentity) -> Result<()> {
     let cfg = match store.get(&args.etcd.config_key()).await {
         Ok(Some(kv)) => NetworkConfig::parse(&kv.value).ok(),
         _ => None,
@@ -309,7 +320,12 @@ async fn leave(
     let _ = store
         .delete(&node_liveness::node_key(&args.etcd, &node.name))
         .await;
-    let vni = cfg.as_ref().map_or(crate::netconf::DEFAULT_VNI, |c| c.backend.vni);
+    let _ = store
+        .delete(&SubnetManager::leave_key(&args.etcd, &node.name))
+        .await;
+    let vni = cfg
+        .as_ref()
+        .map_or(crate::netconf::DEFAULT_VNI, |c| c.backend.vni);
     if let Err(e) = overlay_reconciler::teardown(&args.iface, vni).await {
         error!("{e:#}");
     }

@@ -160,11 +160,7 @@ impl Store {
     /// Lists every key under `prefix`; returns the store revision of the read.
     pub async fn list(&self, prefix: &str) -> Result<(i64, Vec<KvItem>)> {
         let mut c = self.client.clone();
-        let r = timed(
-            "list",
-            c.get(prefix, Some(GetOptions::new().with_prefix())),
-        )
-        .await?;
+        let r = timed("list", c.get(prefix, Some(GetOptions::new().with_prefix()))).await?;
         let rev = r.header().map(|h| h.revision()).unwrap_or(0);
         Ok((rev, r.kvs().iter().map(KvItem::from_kv).collect()))
     }
@@ -374,7 +370,13 @@ async fn run_reflector(store: Store, prefix: String, tx: mpsc::UnboundedSender<R
             None => match store.list(&prefix).await {
                 Ok((rev, items)) => {
                     debug!(prefix, rev, n = items.len(), "listed");
-                    if tx.send(ReflectorEvent::Reset { revision: rev, items }).is_err() {
+                    if tx
+                        .send(ReflectorEvent::Reset {
+                            revision: rev,
+                            items,
+                        })
+                        .is_err()
+                    {
                         return;
                     }
                     revision = Some(rev);
@@ -392,8 +394,8 @@ async fn run_reflector(store: Store, prefix: String, tx: mpsc::UnboundedSender<R
             .with_prefix()
             .with_start_revision(rev + 1)
             .with_progress_notify();
-        let watch = tokio::time::timeout(REQUEST_TIMEOUT, client.watch(prefix.as_str(), Some(opts)))
-            .await;
+        let watch =
+            tokio::time::timeout(REQUEST_TIMEOUT, client.watch(prefix.as_str(), Some(opts))).await;
         let mut stream = match watch {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
@@ -421,7 +423,11 @@ async fn run_reflector(store: Store, prefix: String, tx: mpsc::UnboundedSender<R
                         break;
                     }
                     if resp.canceled() {
-                        warn!(prefix, reason = resp.cancel_reason(), "watch canceled, rewatching");
+                        warn!(
+                            prefix,
+                            reason = resp.cancel_reason(),
+                            "watch canceled, rewatching"
+                        );
                         break;
                     }
                     let mut changes = Vec::with_capacity(resp.events().len());
@@ -504,11 +510,17 @@ impl Store {
                 let mut revision = 0;
                 for ev in batch {
                     match ev {
-                        ReflectorEvent::Reset { revision: r, items: all } => {
+                        ReflectorEvent::Reset {
+                            revision: r,
+                            items: all,
+                        } => {
                             items = all.into_iter().map(|i| (i.key.clone(), i)).collect();
                             revision = r;
                         }
-                        ReflectorEvent::Changes { revision: r, changes } => {
+                        ReflectorEvent::Changes {
+                            revision: r,
+                            changes,
+                        } => {
                             for c in changes {
                                 match c {
                                     Change::Put(i) => {

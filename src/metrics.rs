@@ -74,7 +74,11 @@ impl Metrics {
             services: Gauge::default(),
             registry: Registry::default(),
         };
-        registry.register("overlay_peers", "Peers programmed into the overlay", m.peers.clone());
+        registry.register(
+            "overlay_peers",
+            "Peers programmed into the overlay",
+            m.peers.clone(),
+        );
         registry.register(
             "overlay_reconcile_runs",
             "Overlay reconcile passes",
@@ -173,7 +177,7 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<()> {
                 let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                     let m = m.clone();
                     async move {
-                        let resp = if req.uri().path() == "/metrics" {
+                        if req.uri().path() == "/metrics" {
                             Response::builder()
                                 .header(
                                     "content-type",
@@ -184,8 +188,7 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<()> {
                             Response::builder()
                                 .status(StatusCode::NOT_FOUND)
                                 .body(Full::new(Bytes::from_static(b"see /metrics\n")))
-                        };
-                        resp
+                        }
                     }
                 });
                 if let Err(e) = hyper::server::conn::http1::Builder::new()

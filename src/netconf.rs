@@ -75,7 +75,11 @@ struct RawConfig {
     subnet_min: Option<String>,
     #[serde(rename = "SubnetMax", default, skip_serializing_if = "Option::is_none")]
     subnet_max: Option<String>,
-    #[serde(rename = "EnableIPv6", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "EnableIPv6",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     enable_ipv6: Option<bool>,
     #[serde(rename = "Backend", default, skip_serializing_if = "Option::is_none")]
     backend: Option<RawBackend>,
@@ -241,10 +245,7 @@ impl NetworkConfig {
             None | Some(0) => DEFAULT_VXLAN_PORT,
             Some(p) if p <= 65535 => p as u16,
             Some(p) => {
-                return Err(field_err(
-                    "Backend.Port",
-                    format!("{p} is not a UDP port"),
-                ));
+                return Err(field_err("Backend.Port", format!("{p} is not a UDP port")));
             }
         };
         Ok(NetworkConfig {
@@ -361,15 +362,11 @@ mod tests {
     #[test]
     fn min_max_checks() {
         assert_eq!(
-            field_of(parse(
-                r#"{"Network":"10.0.0.0/16","SubnetMin":"10.0.3.5"}"#
-            )),
+            field_of(parse(r#"{"Network":"10.0.0.0/16","SubnetMin":"10.0.3.5"}"#)),
             "SubnetMin"
         );
         assert_eq!(
-            field_of(parse(
-                r#"{"Network":"10.0.0.0/16","SubnetMax":"10.1.0.0"}"#
-            )),
+            field_of(parse(r#"{"Network":"10.0.0.0/16","SubnetMax":"10.1.0.0"}"#)),
             "SubnetMax"
         );
         assert_eq!(
@@ -395,15 +392,21 @@ mod tests {
         assert_eq!(field_of(parse(r#"{"Network":"bogus"}"#)), "Network");
         assert_eq!(field_of(parse(r#"{"Network":"10.0.0.1/16"}"#)), "Network");
         assert_eq!(
-            field_of(parse(r#"{"Network":"10.0.0.0/16","Backend":{"Type":"udp"}}"#)),
+            field_of(parse(
+                r#"{"Network":"10.0.0.0/16","Backend":{"Type":"udp"}}"#
+            )),
             "Backend.Type"
         );
         assert_eq!(
-            field_of(parse(r#"{"Network":"10.0.0.0/16","Backend":{"VNI":16777216}}"#)),
+            field_of(parse(
+                r#"{"Network":"10.0.0.0/16","Backend":{"VNI":16777216}}"#
+            )),
             "Backend.VNI"
         );
         assert_eq!(
-            field_of(parse(r#"{"Network":"10.0.0.0/16","Backend":{"Port":70000}}"#)),
+            field_of(parse(
+                r#"{"Network":"10.0.0.0/16","Backend":{"Port":70000}}"#
+            )),
             "Backend.Port"
         );
         assert!(matches!(

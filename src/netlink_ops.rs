@@ -15,8 +15,7 @@ use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol,
-    RouteScope, RouteType,
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::AsyncSocket;
@@ -145,7 +144,12 @@ impl Netlink {
 
     /// Looks up a link by name.
     pub async fn link_by_name(&self, name: &str) -> Result<Option<LinkMessage>> {
-        let mut s = self.handle.link().get().match_name(name.to_string()).execute();
+        let mut s = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
         match s.try_next().await {
             Ok(m) => Ok(m),
             Err(e) if is_not_found(&e) => Ok(None),
@@ -440,6 +444,10 @@ impl Netlink {
             for a in &n.attributes {
                 match a {
                     NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => ip = Some(*v),
+                    // AF_BRIDGE messages carry the VXLAN destination as raw bytes.
+                    NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
+                        ip = <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from)
+                    }
                     NeighbourAttribute::LinkLayerAddress(b) => mac = mac_of(b),
                     _ => {}
                 }
@@ -488,24 +496,25 @@ impl Netlink {
         .collect()
         .await;
         errors.extend(r.into_iter().filter_map(Result::err));
-        let r: Vec<_> = futures::stream::iter(collect_futs(d.del_neighbours.iter().map(|(ip, _)| {
-            let mut msg = NeighbourMessage::default();
-            msg.header.family = AddressFamily::Inet;
-            msg.header.ifindex = vx;
-            msg.attributes
-                .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(*ip)));
-            let h = self.handle.clone();
-            async move {
-                match h.neighbours().del(msg).execute().await {
-                    Ok(()) => Ok(()),
-                    Err(e) if is_not_found(&e) => Ok(()),
-                    Err(e) => Err(format!("delete neighbour {ip}: {e}")),
+        let r: Vec<_> =
+            futures::stream::iter(collect_futs(d.del_neighbours.iter().map(|(ip, _)| {
+                let mut msg = NeighbourMessage::default();
+                msg.header.family = AddressFamily::Inet;
+                msg.header.ifindex = vx;
+                msg.attributes
+                    .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(*ip)));
+                let h = self.handle.clone();
+                async move {
+                    match h.neighbours().del(msg).execute().await {
+                        Ok(()) => Ok(()),
+                        Err(e) if is_not_found(&e) => Ok(()),
+                        Err(e) => Err(format!("delete neighbour {ip}: {e}")),
+                    }
                 }
-            }
-        })))
-        .buffer_unordered(PAR)
-        .collect()
-        .await;
+            })))
+            .buffer_unordered(PAR)
+            .collect()
+            .await;
         errors.extend(r.into_iter().filter_map(Result::err));
         let r: Vec<_> = futures::stream::iter(collect_futs(d.del_fdb.iter().map(|(mac, ip)| {
             let mut msg = NeighbourMessage::default();
@@ -549,23 +558,24 @@ impl Netlink {
         .collect()
         .await;
         errors.extend(r.into_iter().filter_map(Result::err));
-        let r: Vec<_> = futures::stream::iter(collect_futs(d.put_neighbours.iter().map(|(ip, mac)| {
-            let req = self
-                .handle
-                .neighbours()
-                .add(vx, IpAddr::V4(*ip))
-                .link_layer_address(&mac.0)
-                .state(NeighbourState::Permanent)
-                .replace();
-            async move {
-                req.execute()
-                    .await
-                    .map_err(|e| format!("add neighbour {ip} -> {mac}: {e}"))
-            }
-        })))
-        .buffer_unordered(PAR)
-        .collect()
-        .await;
+        let r: Vec<_> =
+            futures::stream::iter(collect_futs(d.put_neighbours.iter().map(|(ip, mac)| {
+                let req = self
+                    .handle
+                    .neighbours()
+                    .add(vx, IpAddr::V4(*ip))
+                    .link_layer_address(&mac.0)
+                    .state(NeighbourState::Permanent)
+                    .replace();
+                async move {
+                    req.execute()
+                        .await
+                        .map_err(|e| format!("add neighbour {ip} -> {mac}: {e}"))
+                }
+            })))
+            .buffer_unordered(PAR)
+            .collect()
+            .await;
         errors.extend(r.into_iter().filter_map(Result::err));
         let r: Vec<_> = futures::stream::iter(collect_futs(d.put_routes.iter().map(|(n, v)| {
             let msg = self.route_msg(*n, *v, vx, underlay);

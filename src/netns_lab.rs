@@ -91,7 +91,9 @@ pub fn ip(args: &[&str]) -> Result<String> {
 /// A command that runs inside namespace `ns` (via `nsenter --net`).
 pub fn ns_command(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
     let mut c = Command::new("nsenter");
-    c.arg(format!("--net={NETNS_DIR}/{ns}")).arg("--").arg(program);
+    c.arg(format!("--net={NETNS_DIR}/{ns}"))
+        .arg("--")
+        .arg(program);
     c
 }
 
@@ -134,7 +136,11 @@ where
 }
 
 /// Polls `cond` until it returns `Some`, or fails after `deadline` with `what` in the error.
-pub fn wait_for<T>(what: &str, deadline: Duration, mut cond: impl FnMut() -> Option<T>) -> Result<T> {
+pub fn wait_for<T>(
+    what: &str,
+    deadline: Duration,
+    mut cond: impl FnMut() -> Option<T>,
+) -> Result<T> {
     let start = Instant::now();
     let mut pause = Duration::from_millis(5);
     loop {
@@ -274,7 +280,15 @@ impl Lab {
         ip(&["netns", "add", &infra])?;
         ip(&["-n", &infra, "link", "set", "lo", "up"])?;
         ip(&["-n", &infra, "link", "add", "br0", "type", "bridge"])?;
-        ip(&["-n", &infra, "addr", "add", &format!("{INFRA_IP}/24"), "dev", "br0"])?;
+        ip(&[
+            "-n",
+            &infra,
+            "addr",
+            "add",
+            &format!("{INFRA_IP}/24"),
+            "dev",
+            "br0",
+        ])?;
         ip(&["-n", &infra, "link", "set", "br0", "up"])?;
         for i in 1..=nodes {
             lab.add_node()
@@ -295,14 +309,49 @@ impl Lab {
         self.extra_ns.push(ns.clone());
         let port = format!("u{i}");
         ip(&[
-            "-n", &self.infra, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
-            "netns", &ns,
+            "-n",
+            &self.infra,
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &ns,
         ])?;
-        ip(&["-n", &self.infra, "link", "set", &port, "master", "br0", "up"])?;
+        ip(&[
+            "-n",
+            &self.infra,
+            "link",
+            "set",
+            &port,
+            "master",
+            "br0",
+            "up",
+        ])?;
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-        ip(&["-n", &ns, "addr", "add", &format!("{node_ip}/24"), "dev", "eth0"])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{node_ip}/24"),
+            "dev",
+            "eth0",
+        ])?;
         ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-        ip(&["-n", &ns, "route", "add", "default", "via", &INFRA_IP.to_string()])?;
+        ip(&[
+            "-n",
+            &ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &INFRA_IP.to_string(),
+        ])?;
         let dir = self.dir.join(format!("node{i}"));
         std::fs::create_dir_all(&dir)?;
         self.nodes.push(LabNode {
@@ -360,7 +409,12 @@ impl Lab {
         let infra = self.infra.clone();
         wait_for("etcd to answer", Duration::from_secs(30), || {
             ns_command(&infra, "etcdctl")
-                .args(["--endpoints", &format!("http://127.0.0.1:{ETCD_PORT}"), "endpoint", "health"])
+                .args([
+                    "--endpoints",
+                    &format!("http://127.0.0.1:{ETCD_PORT}"),
+                    "endpoint",
+                    "health",
+                ])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status()
@@ -388,8 +442,11 @@ impl Lab {
     /// `tartanctl ARGS` in the infra namespace; returns stdout.
     pub fn tartanctl(&self, args: &[&str]) -> Result<String> {
         let mut c = ns_command(&self.infra, &self.bins.tartanctl);
-        c.env("TARTAN_ETCD_ENDPOINTS", format!("http://127.0.0.1:{ETCD_PORT}"))
-            .args(args);
+        c.env(
+            "TARTAN_ETCD_ENDPOINTS",
+            format!("http://127.0.0.1:{ETCD_PORT}"),
+        )
+        .args(args);
         let out = run(&mut c)?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -414,7 +471,10 @@ impl Lab {
             .append(true)
             .open(n.log_file())?;
         let child = ns_command(&n.ns, &tartand)
-            .env("RUST_LOG", std::env::var("TARTAN_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("TARTAN_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .args([
                 "--etcd-endpoints",
                 &endpoint,
@@ -479,7 +539,9 @@ impl Lab {
             Duration::from_secs(60),
             || {
                 let t = std::fs::read_to_string(&path).ok()?;
-                crate::subnet_env::SubnetEnv::parse(&t).ok().map(|e| e.subnet)
+                crate::subnet_env::SubnetEnv::parse(&t)
+                    .ok()
+                    .map(|e| e.subnet)
             },
         )
     }
@@ -501,7 +563,15 @@ impl Lab {
         let pod_ip = Ipv4Addr::from(u32::from(subnet.network()) + 1 + u32::from(k));
         if ip(&["-n", &node_ns, "link", "show", "tbr0"]).is_err() {
             ip(&["-n", &node_ns, "link", "add", "tbr0", "type", "bridge"])?;
-            ip(&["-n", &node_ns, "addr", "add", &format!("{gw}/{}", subnet.prefix()), "dev", "tbr0"])?;
+            ip(&[
+                "-n",
+                &node_ns,
+                "addr",
+                "add",
+                &format!("{gw}/{}", subnet.prefix()),
+                "dev",
+                "tbr0",
+            ])?;
             ip(&["-n", &node_ns, "link", "set", "tbr0", "up"])?;
         }
         ip(&["netns", "add", &pod_ns])?;
@@ -516,11 +586,29 @@ impl Lab {
             "-n", &node_ns, "link", "add", &host_if, "mtu", &mtu, "type", "veth", "peer", "name",
             "eth0", "mtu", &mtu, "netns", &pod_ns,
         ])?;
-        ip(&["-n", &node_ns, "link", "set", &host_if, "master", "tbr0", "up"])?;
+        ip(&[
+            "-n", &node_ns, "link", "set", &host_if, "master", "tbr0", "up",
+        ])?;
         ip(&["-n", &pod_ns, "link", "set", "lo", "up"])?;
-        ip(&["-n", &pod_ns, "addr", "add", &format!("{pod_ip}/{}", subnet.prefix()), "dev", "eth0"])?;
+        ip(&[
+            "-n",
+            &pod_ns,
+            "addr",
+            "add",
+            &format!("{pod_ip}/{}", subnet.prefix()),
+            "dev",
+            "eth0",
+        ])?;
         ip(&["-n", &pod_ns, "link", "set", "eth0", "up"])?;
-        ip(&["-n", &pod_ns, "route", "add", "default", "via", &gw.to_string()])?;
+        ip(&[
+            "-n",
+            &pod_ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &gw.to_string(),
+        ])?;
         Ok(LabPod {
             ns: pod_ns,
             ip: pod_ip,
@@ -545,7 +633,12 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         if self.keep {
-            eprintln!("lab {} kept (namespaces {}-*, dir {})", self.id, self.id, self.dir.display());
+            eprintln!(
+                "lab {} kept (namespaces {}-*, dir {})",
+                self.id,
+                self.id,
+                self.dir.display()
+            );
             return;
         }
         for n in &mut self.nodes {
@@ -559,7 +652,8 @@ impl Drop for Lab {
             delete_ns(ns);
         }
         delete_ns(&self.infra);
-        let _ = std::fs::remove_dir_all(Path::new("/dev/shm").join(format!("tartan-etcd-{}", self.id)));
+        let _ =
+            std::fs::remove_dir_all(Path::new("/dev/shm").join(format!("tartan-etcd-{}", self.id)));
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -60,5 +60,8 @@ async fn run_list(args: &[&str]) -> Result<Option<String>> {
 
 /// Deletes a table if it exists.
 pub async fn delete_table(family: &str, name: &str) -> Result<()> {
-    apply(&format!("table {family} {name}\ndelete table {family} {name}\n")).await
+    apply(&format!(
+        "table {family} {name}\ndelete table {family} {name}\n"
+    ))
+    .await
 }

@@ -183,10 +183,13 @@ pub fn desired_state(local: &LocalNode, peers: &[Peer]) -> (OverlayState, Vec<St
     (st, conflicts)
 }
 
+/// Entries to put and entries to delete.
+type PutDel<K, V> = (Vec<(K, V)>, Vec<(K, V)>);
+
 fn diff_maps<K: Ord + Copy, V: PartialEq + Copy>(
     desired: &BTreeMap<K, V>,
     actual: &BTreeMap<K, V>,
-) -> (Vec<(K, V)>, Vec<(K, V)>) {
+) -> PutDel<K, V> {
     let put = desired
         .iter()
         .filter(|(k, v)| actual.get(k) != Some(v))
@@ -249,18 +252,33 @@ mod tests {
     #[test]
     fn decodes_peers_and_skips_garbage() {
         let items = vec![
-            item("10.244.1.0-24", &lease_json("192.168.1.1", "02:00:00:00:00:01")),
-            item("10.244.2.0-24", &lease_json("192.168.1.2", "02:00:00:00:00:02")),
+            item(
+                "10.244.1.0-24",
+                &lease_json("192.168.1.1", "02:00:00:00:00:01"),
+            ),
+            item(
+                "10.244.2.0-24",
+                &lease_json("192.168.1.2", "02:00:00:00:00:02"),
+            ),
             item("10.244.3.0-24", "garbage{"),
-            item("not-a-subnet", &lease_json("192.168.1.4", "02:00:00:00:00:04")),
-            item("10.99.0.0-24", &lease_json("192.168.1.5", "02:00:00:00:00:05")),
+            item(
+                "not-a-subnet",
+                &lease_json("192.168.1.4", "02:00:00:00:00:04"),
+            ),
+            item(
+                "10.99.0.0-24",
+                &lease_json("192.168.1.5", "02:00:00:00:00:05"),
+            ),
             item("10.244.6.0-24", &lease_json("192.168.1.6", "zz")),
             item("10.244.7.0-24", r#"{"PublicIP":"192.168.1.7"}"#),
         ];
         let (peers, skipped) =
             peers_from_items(&items, &cfg(), Some("10.244.1.0/24".parse().unwrap()));
         assert_eq!(peers.len(), 1);
-        assert_eq!(peers[0].subnet, "10.244.2.0/24".parse::<Ipv4Network>().unwrap());
+        assert_eq!(
+            peers[0].subnet,
+            "10.244.2.0/24".parse::<Ipv4Network>().unwrap()
+        );
         assert_eq!(skipped.len(), 4, "{skipped:?}");
     }
 
@@ -336,7 +354,9 @@ mod tests {
         let c: Ipv4Network = "10.244.4.0/24".parse().unwrap();
         desired.routes.insert(a, RouteVia::Vxlan(a.network()));
         desired.routes.insert(b, RouteVia::Vxlan(b.network()));
-        actual.routes.insert(b, RouteVia::Underlay("192.168.1.3".parse().unwrap()));
+        actual
+            .routes
+            .insert(b, RouteVia::Underlay("192.168.1.3".parse().unwrap()));
         actual.routes.insert(c, RouteVia::Vxlan(c.network()));
         let d = diff(&desired, &actual);
         assert_eq!(d.put_routes.len(), 2);

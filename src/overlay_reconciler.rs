@@ -14,7 +14,9 @@ use crate::etcd_store::PrefixView;
 use crate::masq_rules;
 use crate::metrics::Metrics;
 use crate::netconf::NetworkConfig;
-use crate::netlink_ops::{DeviceChange, KernelChange, Netlink, NetlinkEvents, RTMGRP_OVERLAY, VxlanSpec};
+use crate::netlink_ops::{
+    DeviceChange, KernelChange, Netlink, NetlinkEvents, RTMGRP_OVERLAY, VxlanSpec,
+};
 use crate::nft_cmd;
 use crate::overlay_plan::{LocalNode, desired_state, diff, peers_from_items};
 use crate::subnet_lease::MacAddr;
@@ -79,8 +81,8 @@ impl Reconciler {
         if change == DeviceChange::Created {
             info!(device = %spec.name, mtu = spec.mtu, "VXLAN device created");
         }
-        let addr = ipnetwork::Ipv4Network::new(own.subnet.network(), 32)
-            .context("device address")?;
+        let addr =
+            ipnetwork::Ipv4Network::new(own.subnet.network(), 32).context("device address")?;
         if self.nl.ensure_only_addr(vx, addr).await? {
             ops += 1;
         }
@@ -90,9 +92,11 @@ impl Reconciler {
         }
         let local = LocalNode {
             subnet: own.subnet,
-            underlay_networks: iface.addrs.iter().map(|a| {
-                ipnetwork::Ipv4Network::new(a.network(), a.prefix()).unwrap_or(*a)
-            }).collect(),
+            underlay_networks: iface
+                .addrs
+                .iter()
+                .map(|a| ipnetwork::Ipv4Network::new(a.network(), a.prefix()).unwrap_or(*a))
+                .collect(),
             direct_routing: self.s.cfg.backend.direct_routing,
         };
         let (desired, conflicts) = desired_state(&local, &peers);
@@ -147,7 +151,10 @@ impl Reconciler {
 /// Enables IPv4 forwarding in this network namespace (pods are routed through the node).
 pub fn ensure_ip_forward() -> Result<()> {
     let p = "/proc/sys/net/ipv4/ip_forward";
-    if std::fs::read_to_string(p).map(|s| s.trim() == "1").unwrap_or(false) {
+    if std::fs::read_to_string(p)
+        .map(|s| s.trim() == "1")
+        .unwrap_or(false)
+    {
         return Ok(());
     }
     std::fs::write(p, b"1").with_context(|| format!("enabling {p}"))
@@ -214,7 +221,9 @@ pub async fn run(
                 if let Some(since) = pending_since.take()
                     && ops > 0
                 {
-                    metrics.peer_program_seconds.observe(since.elapsed().as_secs_f64());
+                    metrics
+                        .peer_program_seconds
+                        .observe(since.elapsed().as_secs_f64());
                 }
                 if ops > 0 {
                     debug!(ops, "overlay reconciled");

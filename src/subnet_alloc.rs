@@ -182,10 +182,7 @@ mod tests {
         let c = cfg(r#"{"Network":"10.1.0.0/23","SubnetLen":25}"#);
         let mut g = lease("10.1.0.128/25", None, [0, 0, 0, 0], 9);
         g.value = None;
-        let ex = vec![
-            g,
-            lease("10.1.1.0/25", Some("b"), [1, 1, 1, 2], 9),
-        ];
+        let ex = vec![g, lease("10.1.1.0/25", Some("b"), [1, 1, 1, 2], 9)];
         assert_eq!(
             decide(&c, &ex, "d", Ipv4Addr::new(1, 1, 1, 4), None, &mut rng()),
             Decision::Create {
@@ -240,18 +237,39 @@ mod tests {
         let c = cfg(r#"{"Network":"10.1.0.0/16"}"#);
         let p: Ipv4Network = "10.1.42.0/24".parse().unwrap();
         assert_eq!(
-            decide(&c, &[], "me", Ipv4Addr::new(1, 1, 1, 1), Some(p), &mut rng()),
+            decide(
+                &c,
+                &[],
+                "me",
+                Ipv4Addr::new(1, 1, 1, 1),
+                Some(p),
+                &mut rng()
+            ),
             Decision::Create { subnet: p }
         );
         // Taken by someone else: pick another.
         let ex = vec![lease("10.1.42.0/24", Some("other"), [3, 3, 3, 3], 5)];
-        match decide(&c, &ex, "me", Ipv4Addr::new(1, 1, 1, 1), Some(p), &mut rng()) {
+        match decide(
+            &c,
+            &ex,
+            "me",
+            Ipv4Addr::new(1, 1, 1, 1),
+            Some(p),
+            &mut rng(),
+        ) {
             Decision::Create { subnet } => assert_ne!(subnet, p),
             d => panic!("{d:?}"),
         }
         // Not leasable any more (config changed): ignored.
         let bad: Ipv4Network = "10.2.0.0/24".parse().unwrap();
-        match decide(&c, &[], "me", Ipv4Addr::new(1, 1, 1, 1), Some(bad), &mut rng()) {
+        match decide(
+            &c,
+            &[],
+            "me",
+            Ipv4Addr::new(1, 1, 1, 1),
+            Some(bad),
+            &mut rng(),
+        ) {
             Decision::Create { subnet } => assert!(c.is_leasable(subnet)),
             d => panic!("{d:?}"),
         }
@@ -276,6 +294,10 @@ mod tests {
             .into_iter()
             .map(|d| format!("{d:?}"))
             .collect();
-        assert!(picks.len() > 30, "random choice should spread, got {}", picks.len());
+        assert!(
+            picks.len() > 30,
+            "random choice should spread, got {}",
+            picks.len()
+        );
     }
 }

@@ -48,9 +48,11 @@ impl SubnetEnv {
             };
             match k.trim() {
                 "FLANNEL_NETWORK" => {
-                    network = Some(v.trim().parse::<Ipv4Network>().map_err(|_| {
-                        anyhow!("FLANNEL_NETWORK={v:?} is not an IPv4 CIDR")
-                    })?)
+                    network = Some(
+                        v.trim()
+                            .parse::<Ipv4Network>()
+                            .map_err(|_| anyhow!("FLANNEL_NETWORK={v:?} is not an IPv4 CIDR"))?,
+                    )
                 }
                 "FLANNEL_SUBNET" => {
                     let n: Ipv4Network = v
@@ -150,7 +152,10 @@ mod tests {
             ipmasq: false,
         };
         e.write_atomic(&p).unwrap();
-        assert_eq!(SubnetEnv::parse(&std::fs::read_to_string(&p).unwrap()).unwrap(), e);
+        assert_eq!(
+            SubnetEnv::parse(&std::fs::read_to_string(&p).unwrap()).unwrap(),
+            e
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

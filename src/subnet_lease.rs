@@ -41,7 +41,8 @@ impl FromStr for MacAddr {
             if n == 6 || part.len() != 2 {
                 return Err(format!("{s:?} is not a MAC address"));
             }
-            out[n] = u8::from_str_radix(part, 16).map_err(|_| format!("{s:?} is not a MAC address"))?;
+            out[n] =
+                u8::from_str_radix(part, 16).map_err(|_| format!("{s:?} is not a MAC address"))?;
             n += 1;
         }
         if n != 6 {
@@ -116,7 +117,11 @@ pub struct LeaseValue {
     #[serde(rename = "BackendType", default)]
     pub backend_type: String,
     /// Backend-specific data; for vxlan, the VNI and VTEP MAC. Absent in reservations.
-    #[serde(rename = "BackendData", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "BackendData",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub backend_data: Option<serde_json::Value>,
     /// tartan's node identity; flannel ignores this field.
     #[serde(rename = "NodeName", default, skip_serializing_if = "Option::is_none")]
@@ -142,10 +147,7 @@ impl LeaseValue {
     /// The VXLAN backend data, if present and well-formed.
     pub fn vxlan_data(&self) -> Result<VxlanBackendData, String> {
         if self.backend_type != "vxlan" {
-            return Err(format!(
-                "BackendType {:?} is not vxlan",
-                self.backend_type
-            ));
+            return Err(format!("BackendType {:?} is not vxlan", self.backend_type));
         }
         let data = self
             .backend_data
@@ -196,7 +198,12 @@ mod tests {
         assert!("0a:1b:2c:3d:4e".parse::<MacAddr>().is_err());
         assert!("0a:1b:2c:3d:4e:5f:00".parse::<MacAddr>().is_err());
         assert!("zz:1b:2c:3d:4e:5f".parse::<MacAddr>().is_err());
-        assert!(!"01:00:00:00:00:00".parse::<MacAddr>().unwrap().is_valid_unicast());
+        assert!(
+            !"01:00:00:00:00:00"
+                .parse::<MacAddr>()
+                .unwrap()
+                .is_valid_unicast()
+        );
     }
 
     #[test]

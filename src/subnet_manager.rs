@@ -49,6 +49,14 @@ pub struct SubnetManager {
     metrics: Arc<Metrics>,
 }
 
+/// The result of one allocation attempt.
+enum Attempt {
+    Got(OwnLease),
+    /// Lost a race (or the state moved under us): try again at once.
+    Retry,
+    LeaveRequested,
+}
+
 /// Why [`SubnetManager::keep`] returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeepOutcome {
@@ -95,8 +103,16 @@ impl SubnetManager {
         .to_bytes()
     }
 
-    /// One allocation attempt. `Ok(None)` means "lost a race, try again now".
-    async fn try_acquire(&self, preferred: Option<Ipv4Network>) -> Result<Option<OwnLease>> {
+    /// One allocation attempt.
+    async fn try_acquire(&self, preferred: Option<Ipv4Network>) -> Result<Attempt> {
+        if self
+            .store
+            .get(&Self::leave_key(&self.keys, &self.node.name))
+            .await?
+            .is_some()
+        {
+            return Ok(Attempt::LeaveRequested);
+        }
         let (_, items) = self.store.list(&self.keys.subnets_prefix()).await?;
         let mut existing = Vec::with_capacity(items.len());
         for it in &items {
@@ -148,10 +164,10 @@ impl SubnetManager {
                             .replace_if_unchanged(&key, value, 0, mod_revision)
                             .await?
                     {
-                        return Ok(None);
+                        return Ok(Attempt::Retry);
                     }
                     info!(%subnet, "using reserved subnet");
-                    return Ok(Some(OwnLease {
+                    return Ok(Attempt::Got(OwnLease {
                         subnet,
                         etcd_lease: 0,
                     }));
@@ -159,7 +175,7 @@ impl SubnetManager {
                 // Our earlier lease: keep it alive and rewrite the value if it changed.
                 let mut keeper = self.store.keeper(etcd_lease);
                 if keeper.renew().await?.is_none() {
-                    return Ok(None);
+                    return Ok(Attempt::Retry);
                 }
                 if current.map(|c| c.value.as_slice()) != Some(value.as_slice())
                     && !self
@@ -167,38 +183,43 @@ impl SubnetManager {
                         .replace_if_unchanged(&key, value, etcd_lease, mod_revision)
                         .await?
                 {
-                    return Ok(None);
+                    return Ok(Attempt::Retry);
                 }
                 info!(%subnet, "kept the subnet this node held before");
-                Ok(Some(OwnLease { subnet, etcd_lease }))
+                Ok(Attempt::Got(OwnLease { subnet, etcd_lease }))
             }
             Decision::Create { subnet } => {
                 let lease = self.store.grant(self.ttl).await?;
                 let key = self.key_for(subnet);
-                if self.store.create_if_absent(&key, self.value(), lease).await? {
+                if self
+                    .store
+                    .create_if_absent(&key, self.value(), lease)
+                    .await?
+                {
                     info!(%subnet, "leased subnet");
-                    Ok(Some(OwnLease {
+                    Ok(Attempt::Got(OwnLease {
                         subnet,
                         etcd_lease: lease,
                     }))
                 } else {
                     info!(%subnet, "lost the race for a subnet, retrying");
                     let _ = self.store.revoke(lease).await;
-                    Ok(None)
+                    Ok(Attempt::Retry)
                 }
             }
         }
     }
 
     /// Acquires a subnet, retrying forever: lost races at once, etcd errors and exhaustion
-    /// with jittered backoff (never spinning).
-    pub async fn acquire(&self, preferred: Option<Ipv4Network>) -> OwnLease {
+    /// with jittered backoff (never spinning). `None` when an operator asked this node to leave.
+    pub async fn acquire(&self, preferred: Option<Ipv4Network>) -> Option<OwnLease> {
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
         let mut races = 0u32;
         loop {
             match self.try_acquire(preferred).await {
-                Ok(Some(l)) => return l,
-                Ok(None) => {
+                Ok(Attempt::Got(l)) => return Some(l),
+                Ok(Attempt::LeaveRequested) => return None,
+                Ok(Attempt::Retry) => {
                     races += 1;
                     // Contention: a short random pause spreads the contenders.
                     let ms = rand::random::<u64>() % (10 * u64::from(races.min(20)) + 1);
@@ -240,7 +261,10 @@ impl SubnetManager {
                         Ok(None) => {
                             warn!(subnet = %own.subnet, "subnet lease expired; re-acquiring the same subnet");
                             self.metrics.lease_renewal_failures.inc();
-                            own = self.reacquire(&own).await;
+                            own = match self.reacquire(&own).await {
+                                Some(o) => o,
+                                None => return KeepOutcome::LeaveRequested,
+                            };
                             keeper = (own.etcd_lease != 0).then(|| self.store.keeper(own.etcd_lease));
                             let _ = own_tx.send(Some(own.clone()));
                             next_renew = tokio::time::Instant::now() + renew_every;
@@ -265,8 +289,18 @@ impl SubnetManager {
                         continue;
                     }
                     let view = subnets.borrow_and_update().clone();
-                    if !view.listed || view.items.contains_key(&self.key_for(own.subnet)) {
+                    let key = self.key_for(own.subnet);
+                    if !view.listed || view.items.contains_key(&key) {
                         continue;
+                    }
+                    // The view may predate our own write; believe only etcd itself.
+                    match self.store.get(&key).await {
+                        Ok(Some(_)) => continue,
+                        Ok(None) => {}
+                        Err(e) => {
+                            warn!("cannot confirm that this node's subnet key is gone: {e:#}");
+                            continue;
+                        }
                     }
                     match self.store.get(&Self::leave_key(&self.keys, &self.node.name)).await {
                         Ok(Some(_)) => {
@@ -280,7 +314,10 @@ impl SubnetManager {
                         }
                     }
                     warn!(subnet = %own.subnet, "this node's subnet key was deleted; re-creating it");
-                    own = self.reacquire(&own).await;
+                    own = match self.reacquire(&own).await {
+                        Some(o) => o,
+                        None => return KeepOutcome::LeaveRequested,
+                    };
                     keeper = (own.etcd_lease != 0).then(|| self.store.keeper(own.etcd_lease));
                     let _ = own_tx.send(Some(own.clone()));
                 }
@@ -288,8 +325,8 @@ impl SubnetManager {
         }
     }
 
-    async fn reacquire(&self, old: &OwnLease) -> OwnLease {
-        let new = self.acquire(Some(old.subnet)).await;
+    async fn reacquire(&self, old: &OwnLease) -> Option<OwnLease> {
+        let new = self.acquire(Some(old.subnet)).await?;
         if new.subnet != old.subnet {
             error!(
                 old = %old.subnet,
@@ -297,7 +334,7 @@ impl SubnetManager {
                 "this node's subnet was taken by another node; pods keep their old addresses until restarted"
             );
         }
-        new
+        Some(new)
     }
 
     /// Releases the subnet: deletes the key and revokes its lease (reservations are kept).

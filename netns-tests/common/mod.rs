@@ -69,8 +69,9 @@ pub fn echo_server(ns: &str, port: u16) -> Result<()> {
 pub fn tcp_echo(ns: &str, ip: Ipv4Addr, port: u16, payload: &[u8]) -> Result<()> {
     let payload = payload.to_vec();
     in_netns(ns, move || -> Result<()> {
-        let mut s = TcpStream::connect_timeout(&SocketAddr::from((ip, port)), Duration::from_secs(3))
-            .with_context(|| format!("connecting to {ip}:{port}"))?;
+        let mut s =
+            TcpStream::connect_timeout(&SocketAddr::from((ip, port)), Duration::from_secs(3))
+                .with_context(|| format!("connecting to {ip}:{port}"))?;
         s.set_read_timeout(Some(Duration::from_secs(3)))?;
         s.write_all(&payload)?;
         let mut back = vec![0u8; payload.len()];

@@ -49,7 +49,10 @@ mod tests {
     fn table_aligns() {
         let t = super::render_table(
             &["A", "BB"],
-            &[vec!["xyz".into(), "1".into()], vec!["q".into(), "22".into()]],
+            &[
+                vec!["xyz".into(), "1".into()],
+                vec!["q".into(), "22".into()],
+            ],
         );
         assert_eq!(t, "A    BB\nxyz  1\nq    22\n");
     }

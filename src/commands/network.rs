@@ -93,7 +93,11 @@ pub async fn run(etcd: &EtcdArgs, cmd: NetworkCmd) -> Result<()> {
                 cfg.subnet_count(),
                 cfg.backend.vni,
                 cfg.backend.port,
-                if cfg.backend.direct_routing { ", direct routing" } else { "" }
+                if cfg.backend.direct_routing {
+                    ", direct routing"
+                } else {
+                    ""
+                }
             );
             Ok(())
         }

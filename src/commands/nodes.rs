@@ -44,7 +44,12 @@ pub async fn run(etcd: &EtcdArgs, output: OutputFormat) -> Result<()> {
         let (node, ip, mac, problem) = match LeaseValue::parse(&it.value) {
             Ok(v) => {
                 let mac = v.vxlan_data().ok().map(|d| d.vtep_mac.to_string());
-                (v.node_name.clone(), Some(v.public_ip.to_string()), mac, None)
+                (
+                    v.node_name.clone(),
+                    Some(v.public_ip.to_string()),
+                    mac,
+                    None,
+                )
             }
             Err(e) => (None, None, None, Some(e)),
         };
@@ -54,7 +59,11 @@ pub async fn run(etcd: &EtcdArgs, output: OutputFormat) -> Result<()> {
             subnet,
             public_ip: ip,
             vtep_mac: mac,
-            kind: if it.lease == 0 { "reservation" } else { "lease" },
+            kind: if it.lease == 0 {
+                "reservation"
+            } else {
+                "lease"
+            },
             expires_in_secs: expires,
             problem,
         });
@@ -84,7 +93,16 @@ pub async fn run(etcd: &EtcdArgs, output: OutputFormat) -> Result<()> {
             print!(
                 "{}",
                 render_table(
-                    &["NODE", "SUBNET", "PUBLIC-IP", "VTEP-MAC", "KIND", "EXPIRES", "ALIVE", "PROBLEM"],
+                    &[
+                        "NODE",
+                        "SUBNET",
+                        "PUBLIC-IP",
+                        "VTEP-MAC",
+                        "KIND",
+                        "EXPIRES",
+                        "ALIVE",
+                        "PROBLEM"
+                    ],
                     &table
                 )
             );

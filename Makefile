@@ -1,0 +1,61 @@
+# tartan — build, test and demo from a fresh Debian machine.
+#
+#   make demo   install what is missing, build, run a 3-node cluster in network namespaces
+#               and print the netbench report (everything is removed afterwards)
+#   make test   install what is missing, check formatting and lints, run every test
+#   make bench  run the benchmarks recorded in docs/benchmarks.md
+
+SHELL := /bin/bash
+CARGO ?= cargo
+# Debian packages the build, the tests and the demo need.
+DEB_PACKAGES := etcd-server etcd-client nftables iproute2 iptables protobuf-compiler \
+	conntrack containernetworking-plugins podman runc busybox-static sockperf iperf3 \
+	openssl util-linux procps ca-certificates
+# A command from each package, to tell whether it is installed.
+DEB_PROBES := etcd etcdctl nft ip iptables protoc conntrack /usr/lib/cni/bridge podman runc \
+	busybox sockperf iperf3 openssl nsenter ps
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: all deps build release test unit netns lint demo bench clean
+
+all: build
+
+deps:
+	@missing=0; for p in $(DEB_PROBES); do \
+	  if [ "$${p#/}" != "$$p" ]; then [ -e "$$p" ] || missing=1; \
+	  else command -v $$p >/dev/null 2>&1 || missing=1; fi; done; \
+	if [ $$missing = 1 ]; then \
+	  echo "installing Debian packages: $(DEB_PACKAGES)"; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEB_PACKAGES) >/dev/null; \
+	fi
+	@command -v $(CARGO) >/dev/null || { echo "cargo is missing: install Rust (https://rustup.rs)"; exit 1; }
+
+build: deps
+	$(CARGO) build --all-targets
+
+release: deps
+	$(CARGO) build --release --bins
+
+lint: deps
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+unit: deps
+	$(CARGO) test --lib --bins
+
+# The netns tests need root; they create and remove their own namespaces and etcd.
+netns: deps
+	$(CARGO) test --tests -- --test-threads=$${TEST_THREADS:-2}
+
+test: lint
+	$(CARGO) test --lib --bins --tests -- --test-threads=$${TEST_THREADS:-2}
+
+demo: release
+	./target/release/netbench demo
+
+bench: release
+	$(CARGO) bench
+
+clean:
+	$(CARGO) clean
