@@ -249,7 +249,9 @@ pub struct Lab {
     pub nodes: Vec<LabNode>,
     /// The binaries.
     pub bins: Binaries,
-    etcd: Option<Child>,
+    etcd: Vec<Option<Child>>,
+    etcd_members: usize,
+    tls: Option<PathBuf>,
     extra_ns: Vec<String>,
     keep: bool,
 }
@@ -273,7 +275,9 @@ impl Lab {
             infra: infra.clone(),
             nodes: Vec::new(),
             bins,
-            etcd: None,
+            etcd: Vec::new(),
+            etcd_members: 1,
+            tls: None,
             extra_ns: Vec::new(),
             keep: std::env::var("TARTAN_KEEP_LAB").as_deref() == Ok("1"),
         };
@@ -364,57 +368,141 @@ impl Lab {
         Ok(i - 1)
     }
 
-    /// The etcd endpoint as seen from the nodes.
+    /// The etcd endpoints (every member) as seen from the nodes, comma separated.
     pub fn etcd_endpoint(&self) -> String {
-        format!("http://{INFRA_IP}:{ETCD_PORT}")
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        (0..self.etcd_members.max(1))
+            .map(|m| format!("{scheme}://{INFRA_IP}:{}", ETCD_PORT + 10000 * m as u16))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
-    /// Starts etcd in the infra namespace (data on tmpfs when available) and waits until it
-    /// answers. Starting again after [`Lab::stop_etcd`] reuses the data.
+    fn local_endpoints(&self) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        (0..self.etcd_members.max(1))
+            .map(|m| format!("{scheme}://127.0.0.1:{}", ETCD_PORT + 10000 * m as u16))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Client TLS flags for etcdctl and tartan binaries, when TLS is on.
+    fn tls_client_args(&self, tartan: bool) -> Vec<String> {
+        let Some(t) = &self.tls else { return Vec::new() };
+        let (ca, cert, key) = if tartan {
+            ("--etcd-cacert", "--etcd-cert", "--etcd-key")
+        } else {
+            ("--cacert", "--cert", "--key")
+        };
+        vec![
+            ca.into(),
+            t.join("ca.pem").to_string_lossy().into_owned(),
+            cert.into(),
+            t.join("client.pem").to_string_lossy().into_owned(),
+            key.into(),
+            t.join("client-key.pem").to_string_lossy().into_owned(),
+        ]
+    }
+
+    /// Runs etcd as `members` members (default 1); call before [`Lab::start_etcd`].
+    pub fn set_etcd_members(&mut self, members: usize) {
+        self.etcd_members = members.clamp(1, 5);
+    }
+
+    /// Serves etcd over TLS with client certificates (a throw-away CA made with openssl);
+    /// call before [`Lab::start_etcd`]. Every lab helper then uses the certificates.
+    pub fn enable_tls(&mut self) -> Result<()> {
+        let d = self.dir.join("tls");
+        std::fs::create_dir_all(&d)?;
+        let p = |f: &str| d.join(f).to_string_lossy().into_owned();
+        let ossl = |args: &[&str]| run(Command::new("openssl").args(args)).map(|_| ());
+        ossl(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=tartan-lab-ca",
+            "-keyout", &p("ca-key.pem"), "-out", &p("ca.pem")])?;
+        std::fs::write(d.join("server.ext"), format!("subjectAltName=IP:{INFRA_IP},IP:127.0.0.1\n"))?;
+        std::fs::write(d.join("client.ext"), "extendedKeyUsage=clientAuth\n")?;
+        for (name, ext) in [("server", "server.ext"), ("client", "client.ext")] {
+            ossl(&["req", "-newkey", "rsa:2048", "-nodes", "-subj", &format!("/CN=tartan-{name}"),
+                "-keyout", &p(&format!("{name}-key.pem")), "-out", &p(&format!("{name}.csr"))])?;
+            ossl(&["x509", "-req", "-in", &p(&format!("{name}.csr")), "-CA", &p("ca.pem"), "-CAkey", &p("ca-key.pem"),
+                "-CAcreateserial", "-days", "2", "-extfile", &p(ext), "-out", &p(&format!("{name}.pem"))])?;
+        }
+        self.tls = Some(d);
+        Ok(())
+    }
+
+    /// Starts etcd (every member) in the infra namespace, data on tmpfs when available, and
+    /// waits until it answers. Starting again after [`Lab::stop_etcd`] reuses the data.
     pub fn start_etcd(&mut self) -> Result<()> {
         let base = if Path::new("/dev/shm").is_dir() {
             PathBuf::from("/dev/shm")
         } else {
             self.dir.clone()
         };
-        let data = base.join(format!("tartan-etcd-{}", self.id));
-        let log = File::create(self.dir.join("etcd.log"))?;
-        let child = ns_command(&self.infra, "etcd")
-            .args([
-                "--name",
-                "lab",
-                "--data-dir",
-                &data.to_string_lossy(),
-                "--listen-client-urls",
-                &format!("http://{INFRA_IP}:{ETCD_PORT},http://127.0.0.1:{ETCD_PORT}"),
-                "--advertise-client-urls",
-                &self.etcd_endpoint(),
-                "--listen-peer-urls",
-                "http://127.0.0.1:2380",
-                "--initial-advertise-peer-urls",
-                "http://127.0.0.1:2380",
-                "--initial-cluster",
-                "lab=http://127.0.0.1:2380",
-                "--log-level",
-                "warn",
-                "--logger",
-                "zap",
-            ])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting etcd (is etcd-server installed?)")?;
-        self.etcd = Some(child);
+        let members = self.etcd_members.max(1);
+        let cluster: Vec<String> = (0..members)
+            .map(|m| format!("m{m}=http://127.0.0.1:{}", ETCD_PORT + 1 + 10000 * m as u16))
+            .collect();
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        for m in 0..members {
+            if self.etcd.get(m).is_some_and(Option::is_some) {
+                continue;
+            }
+            let port = ETCD_PORT + 10000 * m as u16;
+            let data = base.join(format!("tartan-etcd-{}-m{m}", self.id));
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.dir.join(format!("etcd-m{m}.log")))?;
+            let mut cmd = ns_command(&self.infra, "etcd");
+            cmd.args([
+                "--name".to_string(),
+                format!("m{m}"),
+                "--data-dir".into(),
+                data.to_string_lossy().into_owned(),
+                "--listen-client-urls".into(),
+                format!("{scheme}://{INFRA_IP}:{port},{scheme}://127.0.0.1:{port}"),
+                "--advertise-client-urls".into(),
+                format!("{scheme}://{INFRA_IP}:{port}"),
+                "--listen-peer-urls".into(),
+                format!("http://127.0.0.1:{}", port + 1),
+                "--initial-advertise-peer-urls".into(),
+                format!("http://127.0.0.1:{}", port + 1),
+                "--initial-cluster".into(),
+                cluster.join(","),
+                "--log-level".into(),
+                "warn".into(),
+                "--logger".into(),
+                "zap".into(),
+            ]);
+            if let Some(t) = &self.tls {
+                let f = |n: &str| t.join(n).to_string_lossy().into_owned();
+                cmd.args([
+                    "--cert-file".to_string(),
+                    f("server.pem"),
+                    "--key-file".into(),
+                    f("server-key.pem"),
+                    "--trusted-ca-file".into(),
+                    f("ca.pem"),
+                    "--client-cert-auth".into(),
+                ]);
+            }
+            let child = cmd
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .context("starting etcd (is etcd-server installed?)")?;
+            while self.etcd.len() <= m {
+                self.etcd.push(None);
+            }
+            self.etcd[m] = Some(child);
+        }
         let infra = self.infra.clone();
+        let mut args = vec!["--endpoints".to_string(), self.local_endpoints()];
+        args.extend(self.tls_client_args(false));
+        args.extend(["endpoint".into(), "health".into()]);
         wait_for("etcd to answer", Duration::from_secs(30), || {
             ns_command(&infra, "etcdctl")
-                .args([
-                    "--endpoints",
-                    &format!("http://127.0.0.1:{ETCD_PORT}"),
-                    "endpoint",
-                    "health",
-                ])
+                .args(&args)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status()
@@ -424,9 +512,16 @@ impl Lab {
         Ok(())
     }
 
-    /// Stops etcd (SIGKILL, as a crash would), keeping its data.
+    /// Stops every etcd member (SIGKILL, as a crash would), keeping the data.
     pub fn stop_etcd(&mut self) {
-        if let Some(mut c) = self.etcd.take() {
+        for m in 0..self.etcd.len() {
+            self.stop_etcd_member(m);
+        }
+    }
+
+    /// Stops one etcd member (SIGKILL).
+    pub fn stop_etcd_member(&mut self, m: usize) {
+        if let Some(mut c) = self.etcd.get_mut(m).and_then(Option::take) {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -434,19 +529,20 @@ impl Lab {
 
     /// `etcdctl ARGS` in the infra namespace; returns stdout.
     pub fn etcdctl(&self, args: &[&str]) -> Result<String> {
-        let mut full = vec!["--endpoints", "http://127.0.0.1:2379"];
-        full.extend_from_slice(args);
-        ns_run(&self.infra, "etcdctl", &full)
+        let mut c = ns_command(&self.infra, "etcdctl");
+        c.args(["--endpoints", &self.local_endpoints()])
+            .args(self.tls_client_args(false))
+            .args(args);
+        let out = run(&mut c)?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// `tartanctl ARGS` in the infra namespace; returns stdout.
     pub fn tartanctl(&self, args: &[&str]) -> Result<String> {
         let mut c = ns_command(&self.infra, &self.bins.tartanctl);
-        c.env(
-            "TARTAN_ETCD_ENDPOINTS",
-            format!("http://127.0.0.1:{ETCD_PORT}"),
-        )
-        .args(args);
+        c.env("TARTAN_ETCD_ENDPOINTS", self.local_endpoints())
+            .args(self.tls_client_args(true))
+            .args(args);
         let out = run(&mut c)?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -461,6 +557,7 @@ impl Lab {
     /// Starts tartand on node `i` with the lab defaults plus `extra` flags.
     pub fn start_daemon(&mut self, i: usize, extra: &[&str]) -> Result<()> {
         let endpoint = self.etcd_endpoint();
+        let tls = self.tls_client_args(true);
         let tartand = self.bins.tartand.clone();
         let n = &mut self.nodes[i];
         if n.daemon.is_some() {
@@ -489,6 +586,7 @@ impl Lab {
                 "--resync-secs",
                 "5",
             ])
+            .args(&tls)
             .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -652,8 +750,11 @@ impl Drop for Lab {
             delete_ns(ns);
         }
         delete_ns(&self.infra);
-        let _ =
-            std::fs::remove_dir_all(Path::new("/dev/shm").join(format!("tartan-etcd-{}", self.id)));
+        for m in 0..self.etcd_members.max(1) {
+            let _ = std::fs::remove_dir_all(
+                Path::new("/dev/shm").join(format!("tartan-etcd-{}-m{m}", self.id)),
+            );
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
