@@ -63,8 +63,9 @@ pub struct DaemonArgs {
     /// Masquerade pod traffic leaving the cluster network.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub ip_masq: bool,
-    /// Full overlay resync period in seconds.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    /// Full overlay resync period in seconds (drift is repaired at once from kernel
+    /// notifications; the resync is the safety net).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub resync_secs: u64,
     /// Release this node's subnet, remove its device and rules, and exit.
     #[arg(long)]

@@ -112,7 +112,7 @@ impl Store {
         }
         let mut opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
-            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
             .with_keep_alive_while_idle(true);
         let tls_wanted =
             args.etcd_cacert.is_some() || args.etcd_cert.is_some() || args.etcd_key.is_some();

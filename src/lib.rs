@@ -11,6 +11,7 @@ pub mod etcd_store;
 pub mod logging;
 pub mod masq_rules;
 pub mod metrics;
+pub mod netbench;
 pub mod netconf;
 pub mod netlink_ops;
 pub mod netns_lab;

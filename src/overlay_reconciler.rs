@@ -18,7 +18,7 @@ use crate::netlink_ops::{
     DeviceChange, KernelChange, Netlink, NetlinkEvents, RTMGRP_OVERLAY, VxlanSpec,
 };
 use crate::nft_cmd;
-use crate::overlay_plan::{LocalNode, desired_state, diff, peers_from_items};
+use crate::overlay_plan::{LocalNode, OverlayState, desired_state, diff, peers_from_items};
 use crate::subnet_lease::MacAddr;
 use crate::subnet_manager::OwnLease;
 
@@ -61,11 +61,16 @@ struct Reconciler {
     s: OverlaySettings,
     metrics: Arc<Metrics>,
     masq_applied: Option<(String, String)>,
+    desired_cache: Option<(DesiredKey, Arc<OverlayState>)>,
 }
+
+/// What the desired overlay state was computed from.
+type DesiredKey = (i64, ipnetwork::Ipv4Network, Vec<ipnetwork::Ipv4Network>);
 
 impl Reconciler {
     /// One pass; returns the number of kernel operations it issued.
     async fn reconcile(&mut self, own: &OwnLease, view: &PrefixView) -> Result<usize> {
+        let t0 = Instant::now();
         let iface = self.nl.iface(&self.s.iface).await?;
         let spec = VxlanSpec {
             name: device_name(self.s.cfg.backend.vni),
@@ -86,10 +91,6 @@ impl Reconciler {
         if self.nl.ensure_only_addr(vx, addr).await? {
             ops += 1;
         }
-        let (peers, skipped) = peers_from_items(view.items.values(), &self.s.cfg, Some(own.subnet));
-        for s in &skipped {
-            debug!("skipping subnet record: {s}");
-        }
         let local = LocalNode {
             subnet: own.subnet,
             underlay_networks: iface
@@ -99,11 +100,31 @@ impl Reconciler {
                 .collect(),
             direct_routing: self.s.cfg.backend.direct_routing,
         };
-        let (desired, conflicts) = desired_state(&local, &peers);
-        for c in &conflicts {
-            warn!("{c}");
-        }
+        // Decoding every lease is the costly part of a pass; redo it only when etcd changed.
+        let cache_key = (view.revision, own.subnet, local.underlay_networks.clone());
+        let desired = match &self.desired_cache {
+            Some((k, d)) if *k == cache_key => d.clone(),
+            _ => {
+                let (peers, skipped) =
+                    peers_from_items(view.items.values(), &self.s.cfg, Some(own.subnet));
+                if !skipped.is_empty() {
+                    self.metrics.malformed_records.inc_by(skipped.len() as u64);
+                    for s in &skipped {
+                        warn!("skipping subnet record: {s}");
+                    }
+                }
+                let (desired, conflicts) = desired_state(&local, &peers);
+                for c in &conflicts {
+                    warn!("{c}");
+                }
+                let d = Arc::new(desired);
+                self.desired_cache = Some((cache_key, d.clone()));
+                d
+            }
+        };
+        let t1 = Instant::now();
         let actual = self.nl.read_overlay(vx, iface.index).await?;
+        let t2 = Instant::now();
         let d = diff(&desired, &actual);
         if !d.is_empty() {
             debug!(
@@ -123,6 +144,12 @@ impl Reconciler {
             ops += self.ensure_masq(own).await?;
         }
         ensure_ip_forward()?;
+        debug!(
+            prepare = ?(t1 - t0),
+            read = ?(t2 - t1),
+            rest = ?t2.elapsed(),
+            "reconcile timing"
+        );
         Ok(ops)
     }
 
@@ -175,6 +202,7 @@ pub async fn run(
         s: settings,
         metrics: metrics.clone(),
         masq_applied: None,
+        desired_cache: None,
     };
     let mut tick = tokio::time::interval(resync);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

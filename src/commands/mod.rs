@@ -34,6 +34,9 @@ pub fn render_table(header: &[&str], rows: &[Vec<String>]) -> String {
                 out.push_str(&format!("{c:<w$}  ", w = widths[i]));
             }
         }
+        while out.ends_with(' ') {
+            out.pop();
+        }
         out.push('\n');
     };
     line(header.to_vec(), &mut out);

@@ -68,6 +68,7 @@ pub async fn run(etcd: &EtcdArgs, output: OutputFormat) -> Result<()> {
             problem,
         });
     }
+    rows.sort_by(|a, b| (&a.node, &a.subnet).cmp(&(&b.node, &b.subnet)));
     match output {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
         OutputFormat::Table => {
