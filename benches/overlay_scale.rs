@@ -58,7 +58,10 @@ fn put_fake_leases(lab: &Lab, range: std::ops::Range<u32>) -> Result<()> {
                 s.put(&k, v, lease).await
             }
         });
-        let results: Vec<Result<()>> = futures::stream::iter(futs).buffer_unordered(32).collect().await;
+        let results: Vec<Result<()>> = futures::stream::iter(futs)
+            .buffer_unordered(32)
+            .collect()
+            .await;
         results.into_iter().collect::<Result<Vec<()>>>()?;
         anyhow::Ok(())
     })?
@@ -108,11 +111,19 @@ fn bench_1000_peers() -> Result<()> {
         let start = Instant::now();
         lab.start_daemon(0, &["--resync-secs", "30"])?; // the daemon default
         let ns = lab.nodes[0].ns.clone();
-        wait_for("1000 routes", Duration::from_secs(60), || (route_count(&ns) >= 1000).then_some(()))?;
+        wait_for("1000 routes", Duration::from_secs(60), || {
+            (route_count(&ns) >= 1000).then_some(())
+        })?;
         let wall = start.elapsed();
-        let pid = lab.nodes[0].daemon.as_ref().map(|c| c.id()).context("daemon")?;
+        let pid = lab.nodes[0]
+            .daemon
+            .as_ref()
+            .map(|c| c.id())
+            .context("daemon")?;
         let hwm = proc_status(pid, "VmHWM:").unwrap_or(0);
-        println!("round {round}: 1000 peers programmed in {wall:?} (daemon start to last route), VmHWM {hwm} kB");
+        println!(
+            "round {round}: 1000 peers programmed in {wall:?} (daemon start to last route), VmHWM {hwm} kB"
+        );
         walls.push(wall.as_secs_f64());
         rss.push(hwm);
         if round == 2 {
@@ -124,7 +135,9 @@ fn bench_1000_peers() -> Result<()> {
             let t1 = cpu_ns(pid).context("schedstat")?;
             let cpu = (t1 - t0) as f64 / 1e9 / w0.elapsed().as_secs_f64() * 100.0;
             let hwm = proc_status(pid, "VmHWM:").unwrap_or(0);
-            println!("steady state, 1000 peers, 60 s (two resyncs): CPU {cpu:.2}% of one core, VmHWM {hwm} kB");
+            println!(
+                "steady state, 1000 peers, 60 s (two resyncs): CPU {cpu:.2}% of one core, VmHWM {hwm} kB"
+            );
         }
         lab.stop_daemon(0)?;
     }
@@ -148,19 +161,29 @@ fn route_monitor(ns: &str, seen: Arc<Mutex<HashMap<String, Instant>>>) {
             use netlink_packet_route::RouteNetlinkMessage;
             use netlink_packet_route::route::{RouteAddress, RouteAttribute};
             use netlink_sys::AsyncSocket;
-            let Ok((mut conn, _h, mut rx)) = rtnetlink::new_connection() else { return };
-            if conn.socket_mut().socket_mut().bind(&netlink_sys::SocketAddr::new(0, 0x40)).is_err() {
+            let Ok((mut conn, _h, mut rx)) = rtnetlink::new_connection() else {
+                return;
+            };
+            if conn
+                .socket_mut()
+                .socket_mut()
+                .bind(&netlink_sys::SocketAddr::new(0, 0x40))
+                .is_err()
+            {
                 return;
             }
             tokio::spawn(conn);
             while let Some((msg, _)) = rx.next().await {
-                if let NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(r)) = msg.payload {
+                if let NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(r)) = msg.payload
+                {
                     for a in &r.attributes {
                         if let RouteAttribute::Destination(RouteAddress::Inet(d)) = a {
                             let key = format!("{d}/{}", r.header.destination_prefix_length);
-                            seen.lock().map(|mut m| {
-                                m.entry(key).or_insert_with(Instant::now);
-                            }).ok();
+                            seen.lock()
+                                .map(|mut m| {
+                                    m.entry(key).or_insert_with(Instant::now);
+                                })
+                                .ok();
                         }
                     }
                 }
@@ -179,8 +202,9 @@ fn bench_lease_to_route_latency() -> Result<()> {
     for i in 0..10 {
         lab.wait_subnet(i)?;
     }
-    let monitors: Vec<Arc<Mutex<HashMap<String, Instant>>>> =
-        (0..10).map(|_| Arc::new(Mutex::new(HashMap::new()))).collect();
+    let monitors: Vec<Arc<Mutex<HashMap<String, Instant>>>> = (0..10)
+        .map(|_| Arc::new(Mutex::new(HashMap::new())))
+        .collect();
     for (i, m) in monitors.iter().enumerate() {
         route_monitor(&lab.nodes[i].ns, m.clone());
     }
@@ -202,7 +226,10 @@ fn bench_lease_to_route_latency() -> Result<()> {
     })??;
     let ns0 = lab.nodes[0].ns.clone();
     wait_for("all routes", Duration::from_secs(30), || {
-        (monitors.iter().all(|m| m.lock().map(|m| m.len() >= n as usize).unwrap_or(false))).then_some(())
+        (monitors
+            .iter()
+            .all(|m| m.lock().map(|m| m.len() >= n as usize).unwrap_or(false)))
+        .then_some(())
     })
     .with_context(|| format!("routes on node1: {}", route_count(&ns0)))?;
     let mut lat = Vec::new();
@@ -231,7 +258,10 @@ fn main() -> Result<()> {
     if !require_root()? {
         return Ok(());
     }
-    let which: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let which: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
     let want = |name: &str| which.is_empty() || which.iter().any(|w| name.contains(w.as_str()));
     if want("peers_1000") {
         bench_1000_peers()?;

@@ -787,7 +787,10 @@ fn etcd_over_tls_with_client_certificates() -> Result<()> {
             "nodes",
         ])
         .output()?;
-    ensure!(!out.status.success(), "tartanctl without a client certificate succeeded");
+    ensure!(
+        !out.status.success(),
+        "tartanctl without a client certificate succeeded"
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     ensure!(err.starts_with("tartanctl: "), "{err}");
     Ok(())

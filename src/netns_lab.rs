@@ -387,7 +387,9 @@ impl Lab {
 
     /// Client TLS flags for etcdctl and tartan binaries, when TLS is on.
     fn tls_client_args(&self, tartan: bool) -> Vec<String> {
-        let Some(t) = &self.tls else { return Vec::new() };
+        let Some(t) = &self.tls else {
+            return Vec::new();
+        };
         let (ca, cert, key) = if tartan {
             ("--etcd-cacert", "--etcd-cert", "--etcd-key")
         } else {
@@ -415,15 +417,56 @@ impl Lab {
         std::fs::create_dir_all(&d)?;
         let p = |f: &str| d.join(f).to_string_lossy().into_owned();
         let ossl = |args: &[&str]| run(Command::new("openssl").args(args)).map(|_| ());
-        ossl(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=tartan-lab-ca",
-            "-keyout", &p("ca-key.pem"), "-out", &p("ca.pem")])?;
-        std::fs::write(d.join("server.ext"), format!("subjectAltName=IP:{INFRA_IP},IP:127.0.0.1\n"))?;
+        ossl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=tartan-lab-ca",
+            "-keyout",
+            &p("ca-key.pem"),
+            "-out",
+            &p("ca.pem"),
+        ])?;
+        std::fs::write(
+            d.join("server.ext"),
+            format!("subjectAltName=IP:{INFRA_IP},IP:127.0.0.1\n"),
+        )?;
         std::fs::write(d.join("client.ext"), "extendedKeyUsage=clientAuth\n")?;
         for (name, ext) in [("server", "server.ext"), ("client", "client.ext")] {
-            ossl(&["req", "-newkey", "rsa:2048", "-nodes", "-subj", &format!("/CN=tartan-{name}"),
-                "-keyout", &p(&format!("{name}-key.pem")), "-out", &p(&format!("{name}.csr"))])?;
-            ossl(&["x509", "-req", "-in", &p(&format!("{name}.csr")), "-CA", &p("ca.pem"), "-CAkey", &p("ca-key.pem"),
-                "-CAcreateserial", "-days", "2", "-extfile", &p(ext), "-out", &p(&format!("{name}.pem"))])?;
+            ossl(&[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                &format!("/CN=tartan-{name}"),
+                "-keyout",
+                &p(&format!("{name}-key.pem")),
+                "-out",
+                &p(&format!("{name}.csr")),
+            ])?;
+            ossl(&[
+                "x509",
+                "-req",
+                "-in",
+                &p(&format!("{name}.csr")),
+                "-CA",
+                &p("ca.pem"),
+                "-CAkey",
+                &p("ca-key.pem"),
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &p(ext),
+                "-out",
+                &p(&format!("{name}.pem")),
+            ])?;
         }
         self.tls = Some(d);
         Ok(())
@@ -786,7 +829,10 @@ pub fn cleanup_on_signal(id: &str, dir: &Path) -> Result<()> {
             }
             if let Ok(rd) = std::fs::read_dir("/dev/shm") {
                 for e in rd.flatten() {
-                    if e.file_name().to_string_lossy().starts_with(&format!("tartan-etcd-{id}")) {
+                    if e.file_name()
+                        .to_string_lossy()
+                        .starts_with(&format!("tartan-etcd-{id}"))
+                    {
                         let _ = std::fs::remove_dir_all(e.path());
                     }
                 }

@@ -3,7 +3,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "netbench", version, about = "Measure what each hop of the overlay costs")]
+#[command(
+    name = "netbench",
+    version,
+    about = "Measure what each hop of the overlay costs"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

@@ -10,7 +10,8 @@ use crate::netns_lab::{Binaries, Lab, cleanup_on_signal, require_root};
 
 fn median_us(mut v: Vec<Duration>) -> f64 {
     v.sort();
-    v.get(v.len() / 2).map_or(f64::NAN, |d| d.as_secs_f64() * 1e6)
+    v.get(v.len() / 2)
+        .map_or(f64::NAN, |d| d.as_secs_f64() * 1e6)
 }
 
 /// Runs the demo with the tartan binaries found in `bin_dir`.
@@ -33,7 +34,10 @@ pub fn run(bin_dir: &std::path::Path) -> Result<()> {
     print!("{}", lab.tartanctl(&["nodes"])?);
     let p1 = lab.add_manual_pod(0, 1)?;
     let p3 = lab.add_manual_pod(2, 1)?;
-    println!("== pod {} on node1 -> pod {} on node3 over VXLAN", p1.ip, p3.ip);
+    println!(
+        "== pod {} on node1 -> pod {} on node3 over VXLAN",
+        p1.ip, p3.ip
+    );
     tcp_echo_server(&p3.ns, 7000)?;
     tcp_echo_server(&lab.nodes[2].ns, 7001)?;
     crate::netns_lab::wait_for("cross-node pod traffic", Duration::from_secs(20), || {
@@ -49,7 +53,10 @@ pub fn run(bin_dir: &std::path::Path) -> Result<()> {
     let (p, h) = (median_us(pod), median_us(host));
     println!("   TCP request/response, 2000 round trips each, interleaved:");
     println!("   host -> host (underlay)      p50 {h:7.1} us");
-    println!("   pod  -> pod  (VXLAN overlay) p50 {p:7.1} us   ({:.2}x the underlay)", p / h);
+    println!(
+        "   pod  -> pod  (VXLAN overlay) p50 {p:7.1} us   ({:.2}x the underlay)",
+        p / h
+    );
     println!("== removing the cluster");
     drop(lab);
     println!("done: every namespace, process and file of the demo is gone");

@@ -50,8 +50,9 @@ pub fn tcp_echo_server(ns: &str, port: u16) -> Result<()> {
 /// Round trips of a 1-byte request/response over one kept TCP connection from `ns`.
 pub fn tcp_rr(ns: &str, dst: Ipv4Addr, port: u16, count: usize) -> Result<Vec<Duration>> {
     in_netns(ns, move || -> Result<Vec<Duration>> {
-        let mut s = TcpStream::connect_timeout(&SocketAddr::from((dst, port)), Duration::from_secs(3))
-            .with_context(|| format!("connecting to {dst}:{port}"))?;
+        let mut s =
+            TcpStream::connect_timeout(&SocketAddr::from((dst, port)), Duration::from_secs(3))
+                .with_context(|| format!("connecting to {dst}:{port}"))?;
         s.set_nodelay(true)?;
         s.set_read_timeout(Some(Duration::from_secs(3)))?;
         let mut out = Vec::with_capacity(count);
