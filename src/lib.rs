@@ -20,6 +20,7 @@ pub mod node_liveness;
 pub mod node_state;
 pub mod overlay_plan;
 pub mod overlay_reconciler;
+pub mod pod_record;
 pub mod shutdown;
 pub mod subnet_alloc;
 pub mod subnet_env;
