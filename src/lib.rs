@@ -16,6 +16,7 @@ pub mod netconf;
 pub mod netlink_ops;
 pub mod netns_lab;
 pub mod nft_cmd;
+pub mod nft_netlink;
 pub mod node_liveness;
 pub mod node_state;
 pub mod overlay_plan;

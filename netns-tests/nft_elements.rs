@@ -1,0 +1,189 @@
+//! The raw netlink element writer against the real kernel: what it writes must read back
+//! through `nft` exactly as if `nft` had written it.
+
+use anyhow::{Result, ensure};
+use tartan::netns_lab::{block_on_in_netns, delete_ns, ip, ns_run, require_root};
+use tartan::nft_netlink::{ElemData, KeyBuilder, NFPROTO_IPV4, NftSocket, SetOp};
+
+struct Ns(String);
+impl Drop for Ns {
+    fn drop(&mut self) {
+        delete_ns(&self.0);
+    }
+}
+
+fn netns(tag: &str) -> Result<Ns> {
+    let name = format!("tt{}x{}-{tag}", std::process::id(), rand::random::<u16>());
+    ip(&["netns", "add", &name])?;
+    Ok(Ns(name))
+}
+
+const TABLE: &str = r#"table ip t {
+  map vm { typeof ip daddr . meta l4proto . th dport : verdict; }
+  map be { typeof ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport; }
+  set pairs { typeof ip saddr . ip daddr; }
+  set np { typeof meta l4proto . th dport; }
+  chain c1 {
+    accept
+  }
+}
+"#;
+
+#[test]
+fn elements_written_over_netlink_read_back_through_nft() -> Result<()> {
+    if !require_root()? {
+        return Ok(());
+    }
+    let ns = netns("nftel")?;
+    let tf = std::env::temp_dir().join(format!("{}.nft", ns.0));
+    std::fs::write(&tf, TABLE)?;
+    ns_run(&ns.0, "nft", &["-f", &tf.to_string_lossy()])?;
+    let _ = std::fs::remove_file(&tf);
+    let vip: std::net::Ipv4Addr = "10.96.0.10".parse()?;
+    let ops = vec![
+        (
+            "vm".to_string(),
+            SetOp::Add(vec![(
+                KeyBuilder::new().ipv4(vip).proto(6).port(80).build(),
+                ElemData::Goto("c1".into()),
+            )]),
+        ),
+        (
+            "be".to_string(),
+            SetOp::Add(
+                (0..3u32)
+                    .map(|s| {
+                        (
+                            KeyBuilder::new()
+                                .ipv4(vip)
+                                .proto(6)
+                                .port(80)
+                                .u32_host(s)
+                                .build(),
+                            ElemData::Value(
+                                KeyBuilder::new()
+                                    .ipv4(std::net::Ipv4Addr::new(10, 244, 1, 10 + s as u8))
+                                    .port(8080)
+                                    .build(),
+                            ),
+                        )
+                    })
+                    .collect(),
+            ),
+        ),
+        (
+            "pairs".to_string(),
+            SetOp::Add(vec![(
+                KeyBuilder::new()
+                    .ipv4("10.244.1.10".parse()?)
+                    .ipv4("10.244.1.10".parse()?)
+                    .build(),
+                ElemData::None,
+            )]),
+        ),
+        (
+            "np".to_string(),
+            SetOp::Add(vec![(
+                KeyBuilder::new().proto(17).port(30053).build(),
+                ElemData::None,
+            )]),
+        ),
+    ];
+    let n = block_on_in_netns(&ns.0, move || async move {
+        let mut s = NftSocket::open()?;
+        s.apply(NFPROTO_IPV4, "t", &ops)
+    })??;
+    ensure!(n == 6);
+    let listing = ns_run(&ns.0, "nft", &["list", "table", "ip", "t"])?;
+    for want in [
+        "10.96.0.10 . tcp . 80 : goto c1",
+        "10.96.0.10 . tcp . 80 . 0 : 10.244.1.10 . 8080",
+        "10.96.0.10 . tcp . 80 . 2 : 10.244.1.12 . 8080",
+        "10.244.1.10 . 10.244.1.10",
+        "udp . 30053",
+    ] {
+        ensure!(listing.contains(want), "{want:?} missing from:\n{listing}");
+    }
+    // A batch with one bad operation changes nothing.
+    let bad = vec![
+        (
+            "np".to_string(),
+            SetOp::Add(vec![(
+                KeyBuilder::new().proto(6).port(1).build(),
+                ElemData::None,
+            )]),
+        ),
+        (
+            "np".to_string(),
+            SetOp::Delete(vec![KeyBuilder::new().proto(6).port(2).build()]),
+        ),
+    ];
+    let r = block_on_in_netns(&ns.0, move || async move {
+        let mut s = NftSocket::open()?;
+        s.apply(NFPROTO_IPV4, "t", &bad)
+    })?;
+    ensure!(r.is_err(), "deleting a missing element must fail the batch");
+    let listing = ns_run(&ns.0, "nft", &["list", "set", "ip", "t", "np"])?;
+    ensure!(
+        !listing.contains("tcp . 1"),
+        "half-applied batch:\n{listing}"
+    );
+    // Flush and delete.
+    let ops = vec![
+        ("be".to_string(), SetOp::Flush),
+        (
+            "vm".to_string(),
+            SetOp::Delete(vec![KeyBuilder::new().ipv4(vip).proto(6).port(80).build()]),
+        ),
+    ];
+    block_on_in_netns(&ns.0, move || async move {
+        let mut s = NftSocket::open()?;
+        s.apply(NFPROTO_IPV4, "t", &ops)
+    })??;
+    let listing = ns_run(&ns.0, "nft", &["list", "table", "ip", "t"])?;
+    ensure!(!listing.contains("10.96.0.10"), "{listing}");
+    Ok(())
+}
+
+#[test]
+fn large_batches_apply_atomically() -> Result<()> {
+    if !require_root()? {
+        return Ok(());
+    }
+    let ns = netns("nftbig")?;
+    let tf = std::env::temp_dir().join(format!("{}.nft", ns.0));
+    std::fs::write(&tf, TABLE)?;
+    ns_run(&ns.0, "nft", &["-f", &tf.to_string_lossy()])?;
+    let _ = std::fs::remove_file(&tf);
+    let elems: Vec<_> = (0..100_000u32)
+        .map(|i| {
+            (
+                KeyBuilder::new()
+                    .ipv4(std::net::Ipv4Addr::from(0x0a60_0000 + i))
+                    .proto(6)
+                    .port(80)
+                    .u32_host(0)
+                    .build(),
+                ElemData::Value(
+                    KeyBuilder::new()
+                        .ipv4(std::net::Ipv4Addr::from(0x0af4_0000 + i))
+                        .port(8080)
+                        .build(),
+                ),
+            )
+        })
+        .collect();
+    let ops = vec![
+        ("be".to_string(), SetOp::Flush),
+        ("be".to_string(), SetOp::Add(elems)),
+    ];
+    let n = block_on_in_netns(&ns.0, move || async move {
+        let mut s = NftSocket::open()?;
+        s.apply(NFPROTO_IPV4, "t", &ops)
+    })??;
+    ensure!(n == 100_000);
+    let listing = ns_run(&ns.0, "nft", &["list", "map", "ip", "t", "be"])?;
+    let got = listing.matches(" . 8080").count();
+    ensure!(got == 100_000, "element count mismatch: {got}");
+    Ok(())
+}
