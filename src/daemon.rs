@@ -3,6 +3,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -18,7 +19,10 @@ use crate::netlink_ops::Netlink;
 use crate::node_liveness;
 use crate::node_state::{NodeState, state_path, vtep_mac_for};
 use crate::overlay_reconciler::{self, OverlaySettings, overlay_mtu};
+use crate::service_proxy::{self, ProxyStatus};
+use crate::service_rules::NodeContext;
 use crate::shutdown::shutdown_signal;
+use crate::status::DaemonStatus;
 use crate::subnet_env::SubnetEnv;
 use crate::subnet_manager::{KeepOutcome, NodeIdentity, OwnLease, SubnetManager};
 
@@ -149,7 +153,8 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
 
     let store = Store::connect(&args.etcd).await?;
     let metrics = Metrics::new();
-    metrics::serve(args.metrics_addr, metrics.clone()).await?;
+    let status = Arc::new(DaemonStatus::new(&name));
+    metrics::serve(args.metrics_addr, metrics.clone(), status.clone()).await?;
 
     if args.leave {
         return leave(&args, &store, &node).await;
@@ -187,6 +192,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     };
     info!(subnet = %own.subnet, reservation = own.etcd_lease == 0, "holding subnet");
     let (own_tx, own_rx) = watch::channel(Some(own.clone()));
+    status.set_own(own_rx.clone(), subnets.clone(), cfg.clone());
 
     let persist = |o: &OwnLease| {
         let st = NodeState {
@@ -219,6 +225,21 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         lease_tx,
         metrics.clone(),
     ));
+
+    let proxy_status = Arc::new(std::sync::Mutex::new(ProxyStatus::default()));
+    let ctx = NodeContext {
+        node: name.clone(),
+        cluster_network: cfg.network,
+        service_cidr: args.service_cidr,
+    };
+    let proxy = tokio::spawn(service_proxy::run(
+        store.clone(),
+        args.etcd.clone(),
+        ctx,
+        metrics.clone(),
+        proxy_status.clone(),
+    ));
+    status.set_proxy(proxy_status);
 
     let settings = OverlaySettings {
         iface: args.iface.clone(),
@@ -257,6 +278,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
                 match outcome {
                     KeepOutcome::LeaveRequested => {
                         overlay.abort();
+                        proxy.abort();
                         let cur = own_rx.borrow().clone();
                         teardown_local(&args, &cfg, &state_file).await;
                         let _ = store.delete(&SubnetManager::leave_key(&args.etcd, &name)).await;
@@ -283,6 +305,9 @@ pub fn renew_interval(ttl: i64) -> Duration {
 async fn teardown_local(args: &DaemonArgs, cfg: &NetworkConfig, state_file: &std::path::Path) {
     if let Err(e) = overlay_reconciler::teardown(&args.iface, cfg.backend.vni).await {
         error!("{e:#}");
+    }
+    if let Err(e) = service_proxy::teardown().await {
+        error!("removing the service table: {e:#}");
     }
     for p in [&args.subnet_file, &state_file.to_path_buf()] {
         if let Err(e) = std::fs::remove_file(p)
@@ -329,6 +354,9 @@ async fn leave(args: &DaemonArgs, store: &Store, node: &NodeIdentity) -> Result<
         .map_or(crate::netconf::DEFAULT_VNI, |c| c.backend.vni);
     if let Err(e) = overlay_reconciler::teardown(&args.iface, vni).await {
         error!("{e:#}");
+    }
+    if let Err(e) = service_proxy::teardown().await {
+        error!("removing the service table: {e:#}");
     }
     let state_file = state_path(&args.state_dir, &node.name);
     for p in [&args.subnet_file, &state_file] {

@@ -16,6 +16,8 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tracing::{debug, warn};
 
+use crate::status::DaemonStatus;
+
 /// Every metric the daemon exports.
 pub struct Metrics {
     registry: Registry,
@@ -158,8 +160,13 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` on `addr` until the process exits.
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<()> {
+/// Serves `/metrics` (Prometheus text) and `/status` (JSON for `tartanctl explain`) on `addr`
+/// until the process exits.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    status: Arc<DaemonStatus>,
+) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("--metrics-addr: cannot listen on {addr}"))?;
@@ -173,11 +180,19 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<()> {
                 }
             };
             let m = metrics.clone();
+            let st = status.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                     let m = m.clone();
+                    let st = st.clone();
                     async move {
-                        if req.uri().path() == "/metrics" {
+                        if req.uri().path() == "/status" {
+                            let body = serde_json::to_string_pretty(&st.report().await)
+                                .unwrap_or_default();
+                            Response::builder()
+                                .header("content-type", "application/json")
+                                .body(Full::new(Bytes::from(body)))
+                        } else if req.uri().path() == "/metrics" {
                             Response::builder()
                                 .header(
                                     "content-type",

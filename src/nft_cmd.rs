@@ -65,3 +65,24 @@ pub async fn delete_table(family: &str, name: &str) -> Result<()> {
     ))
     .await
 }
+
+/// Names of the chains of `family`/`table` (fast: no set elements are read).
+pub async fn list_chains(family: &str, table: &str) -> Result<Vec<String>> {
+    let Some(json) = run_list(&["-j", "list", "chains", family]).await? else {
+        return Ok(Vec::new());
+    };
+    let doc: nftables::schema::Nftables =
+        serde_json::from_str(&json).context("decoding `nft -j list chains`")?;
+    Ok(doc
+        .objects
+        .iter()
+        .filter_map(|o| match o {
+            nftables::schema::NfObject::ListObject(nftables::schema::NfListObject::Chain(c))
+                if c.table == table =>
+            {
+                Some(c.name.to_string())
+            }
+            _ => None,
+        })
+        .collect())
+}

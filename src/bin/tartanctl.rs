@@ -27,6 +27,28 @@ enum Cmd {
     /// Act on one node.
     #[command(subcommand)]
     Node(commands::node::NodeCmd),
+    /// Services: a stable virtual IP (and node ports) in front of pods.
+    Service {
+        #[command(flatten)]
+        range: commands::service::ServiceRange,
+        #[command(subcommand)]
+        cmd: commands::service::ServiceCmd,
+    },
+    /// Explicit endpoints of selector-less services.
+    #[command(subcommand)]
+    Endpoints(commands::service::EndpointsCmd),
+    /// What a node programmed, in words: peers, routes, services, backends, counters.
+    Explain {
+        /// Check that the daemon answering is this node.
+        #[arg(long)]
+        node: Option<String>,
+        /// tartand's metrics/status address on that node.
+        #[arg(long, default_value = "127.0.0.1:9402")]
+        status_addr: std::net::SocketAddr,
+        /// Print the raw status document.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -47,6 +69,13 @@ fn main() -> std::process::ExitCode {
             Cmd::Network(c) => commands::network::run(&cli.etcd, c).await,
             Cmd::Nodes { output } => commands::nodes::run(&cli.etcd, output).await,
             Cmd::Node(c) => commands::node::run(&cli.etcd, c).await,
+            Cmd::Service { range, cmd } => commands::service::run(&cli.etcd, &range, cmd).await,
+            Cmd::Endpoints(c) => commands::service::run_endpoints(&cli.etcd, c).await,
+            Cmd::Explain {
+                node,
+                status_addr,
+                json,
+            } => commands::explain::run(node.as_deref(), status_addr, json),
         }
     });
     match r {

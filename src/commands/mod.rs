@@ -1,8 +1,10 @@
 //! `tartanctl` subcommands, one file each.
 
+pub mod explain;
 pub mod network;
 pub mod node;
 pub mod nodes;
+pub mod service;
 
 /// Output format for listing commands.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]

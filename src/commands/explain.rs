@@ -1,0 +1,121 @@
+//! `tartanctl explain`: what a node programmed, in words, from its daemon's `/status`.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use crate::status::StatusReport;
+
+/// Fetches `/status` from a tartand (usually on this node's loopback).
+pub fn fetch(addr: SocketAddr) -> Result<StatusReport> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        .with_context(|| format!("connecting to tartand's status endpoint {addr} (run explain on the node, or give --status-addr)"))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(s, "GET /status HTTP/1.0\r\nHost: tartand\r\n\r\n")?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).context("reading /status")?;
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .context("malformed HTTP answer from tartand")?;
+    serde_json::from_str(body).context("decoding /status")
+}
+
+/// Renders a report as sentences.
+pub fn render(r: &StatusReport) -> String {
+    let mut o = String::new();
+    let subnet = r.subnet.as_deref().unwrap_or("no subnet yet");
+    o.push_str(&format!(
+        "Node {} holds {subnet}{} in network {}.\n",
+        r.node,
+        if r.reservation {
+            " (a reservation)"
+        } else {
+            ""
+        },
+        r.network.as_deref().unwrap_or("?")
+    ));
+    if r.peers.is_empty() {
+        o.push_str("It has no peers.\n");
+    } else {
+        o.push_str(&format!(
+            "It routes to {} peers over VXLAN:\n",
+            r.peers.len()
+        ));
+        for p in &r.peers {
+            o.push_str(&format!(
+                "  {} via {} (VTEP {})\n",
+                p.subnet, p.public_ip, p.vtep_mac
+            ));
+        }
+    }
+    if let Some(e) = &r.service_error {
+        o.push_str(&format!("The last service sync failed: {e}\n"));
+    }
+    o.push_str(&format!(
+        "The service table holds {} services in {} elements and {} load-balancing chains{}.\n",
+        r.services.len(),
+        r.service_elements,
+        r.service_chains,
+        if r.services_synced {
+            ""
+        } else {
+            " (not synced yet)"
+        }
+    ));
+    for s in &r.services {
+        o.push_str(&format!(
+            "Service {} at {} ({}){}:\n",
+            s.id,
+            s.cluster_ip,
+            s.ports.join("; "),
+            if s.options.is_empty() {
+                String::new()
+            } else {
+                format!(", {}", s.options.join(", "))
+            }
+        ));
+        if s.backends.is_empty() {
+            o.push_str(&format!(
+                "  no endpoints: new connections are refused ({} refused so far)\n",
+                s.refused
+            ));
+            continue;
+        }
+        o.push_str(&format!(
+            "  {} new connections so far, spread over {} endpoints:\n",
+            s.connections,
+            s.backends.len()
+        ));
+        for b in &s.backends {
+            o.push_str(&format!(
+                "    {} on {}: {} connections\n",
+                b.ip,
+                b.node.as_deref().unwrap_or("an unknown node"),
+                b.connections
+            ));
+        }
+    }
+    o
+}
+
+/// Runs `explain`.
+pub fn run(node: Option<&str>, addr: SocketAddr, json: bool) -> Result<()> {
+    let r = fetch(addr)?;
+    if let Some(n) = node
+        && n != r.node
+    {
+        bail!(
+            "the daemon at {addr} is node {:?}, not {n:?}; run explain on {n} or point --status-addr at it",
+            r.node
+        );
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        print!("{}", render(&r));
+    }
+    Ok(())
+}

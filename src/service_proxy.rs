@@ -1,0 +1,621 @@
+//! The service proxy task of `tartand`: mirrors services, pods and explicit endpoints from
+//! etcd, keeps [`ServiceState`] up to date, and applies its plans to the kernel: structure with
+//! `nft -f`, elements in one netlink transaction per sync. Never acts before every prefix was
+//! listed, so an unreachable etcd leaves every rule in place.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tracing::{debug, error, info, warn};
+
+use crate::backoff::Backoff;
+use crate::etcd_store::{Change, EtcdArgs, KvItem, ReflectorEvent, Store};
+use crate::metrics::Metrics;
+use crate::nft_cmd;
+use crate::nft_netlink::{KeyBuilder, NFPROTO_IPV4, NftSocket, SetOp};
+use crate::pod_record::{PodRecord, pods_prefix};
+use crate::service_model::{ExplicitEndpoints, Protocol, Service};
+use crate::service_rules::{
+    ACTIVE_MARKER_CHAIN, FAMILY, NodeContext, Structure, TABLES, activate_script, build_script,
+    marker_chain, other_table,
+};
+use crate::service_state::{ModelChange, RemovedBackend, ServiceState, SyncPlan};
+
+/// The etcd prefix of service objects.
+pub fn services_prefix(keys: &EtcdArgs) -> String {
+    keys.tartan_key("services/")
+}
+
+/// The etcd prefix of explicit endpoints.
+pub fn endpoints_prefix(keys: &EtcdArgs) -> String {
+    keys.tartan_key("endpoints/")
+}
+
+/// What `tartanctl explain` can ask the daemon about services.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ProxyStatus {
+    /// Whether the table was synced since start.
+    pub synced: bool,
+    /// Services and their backends as programmed.
+    pub services: Vec<ServiceStatus>,
+    /// Elements in the service table.
+    pub elements: usize,
+    /// Load-balancing chains in the service table.
+    pub chains: usize,
+    /// Last sync error, if the last sync failed.
+    pub last_error: Option<String>,
+    /// The service table in force.
+    pub table: Option<String>,
+}
+
+/// One service as programmed.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ServiceStatus {
+    /// `namespace/name`.
+    pub id: String,
+    /// The service record.
+    pub service: Service,
+    /// Backend addresses with their node.
+    pub backends: Vec<(std::net::Ipv4Addr, Option<String>)>,
+}
+
+fn decode(prefix_kind: Kind, item: &KvItem, keys: &EtcdArgs) -> Result<ModelChange, String> {
+    match prefix_kind {
+        Kind::Services => {
+            let s = Service::parse(&item.value)?;
+            let want = keys.tartan_key(&format!("services/{}/{}", s.namespace, s.name));
+            if want != item.key {
+                return Err(format!("service {} is stored under the wrong key", s.id()));
+            }
+            Ok(ModelChange::PutService(item.key.clone(), s))
+        }
+        Kind::Pods => Ok(ModelChange::PutPod(
+            item.key.clone(),
+            PodRecord::parse(&item.value)?,
+        )),
+        Kind::Endpoints => {
+            let id = item
+                .key
+                .strip_prefix(&endpoints_prefix(keys))
+                .filter(|r| r.split('/').count() == 2)
+                .ok_or_else(|| "endpoints key is not <namespace>/<name>".to_string())?
+                .to_string();
+            Ok(ModelChange::PutEndpoints(
+                id,
+                ExplicitEndpoints::parse(&item.value)?,
+            ))
+        }
+    }
+}
+
+fn deletion(kind: Kind, key: &str, keys: &EtcdArgs) -> Option<ModelChange> {
+    match kind {
+        Kind::Services => Some(ModelChange::DeleteService(key.to_string())),
+        Kind::Pods => Some(ModelChange::DeletePod(key.to_string())),
+        Kind::Endpoints => key
+            .strip_prefix(&endpoints_prefix(keys))
+            .map(|id| ModelChange::DeleteEndpoints(id.to_string())),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Services,
+    Pods,
+    Endpoints,
+}
+
+struct Source {
+    kind: Kind,
+    rx: UnboundedReceiver<ReflectorEvent>,
+    listed: bool,
+    /// Keys present, so a relist can tell what disappeared.
+    keys: std::collections::HashSet<String>,
+}
+
+/// Applies plans to the kernel.
+struct Applier {
+    nft: NftSocket,
+    ctx: NodeContext,
+    /// The table in force and its structure.
+    active: Option<(&'static str, Structure)>,
+}
+
+/// Why an incremental sync could not be applied as such.
+#[derive(Debug)]
+struct NeedsRebuild;
+
+impl std::fmt::Display for NeedsRebuild {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the table lacks chains for a new endpoint count or affinity timeout")
+    }
+}
+
+impl std::error::Error for NeedsRebuild {}
+
+impl Applier {
+    /// Finds the table in force (ours, current structure, hooked) and removes any other
+    /// table of ours (left by an interrupted rebuild or an older structure).
+    async fn discover(&mut self) -> Result<()> {
+        self.active = None;
+        let marker = marker_chain(&self.ctx);
+        let mut stale = Vec::new();
+        for t in TABLES {
+            let chains = nft_cmd::list_chains(FAMILY, t).await?;
+            if chains.is_empty() {
+                continue;
+            }
+            let ours = chains.iter().any(|c| *c == marker)
+                && chains.iter().any(|c| c == ACTIVE_MARKER_CHAIN);
+            if ours && self.active.is_none() {
+                let st = Structure::from_chain_names(chains.iter().map(String::as_str));
+                self.active = Some((t, st));
+            } else {
+                stale.push(t);
+            }
+        }
+        for t in stale {
+            warn!(table = t, "removing a service table that is not in force");
+            nft_cmd::delete_table(FAMILY, t).await?;
+        }
+        Ok(())
+    }
+
+    /// The table in force.
+    fn table(&self) -> Option<&'static str> {
+        self.active.as_ref().map(|(t, _)| *t)
+    }
+
+    /// Builds a new table holding `plan` (a full plan) beside the one in force and switches
+    /// over in one transaction.
+    async fn rebuild(&mut self, plan: &SyncPlan) -> Result<()> {
+        let st = Structure::for_chains(&plan.add_chains, self.active.as_ref().map(|a| &a.1));
+        let old = self.table();
+        let new = old.map_or(TABLES[0], other_table);
+        nft_cmd::apply(&build_script(new, &self.ctx, &st)).await?;
+        let adds: Vec<(String, SetOp)> = plan
+            .ops
+            .iter()
+            .filter(|(_, op)| !matches!(op, SetOp::Flush))
+            .cloned()
+            .collect();
+        if let Err(e) = self.nft.apply(NFPROTO_IPV4, new, &adds) {
+            let _ = nft_cmd::delete_table(FAMILY, new).await;
+            return Err(e.context("loading the new service table"));
+        }
+        if let Err(e) = nft_cmd::apply(&activate_script(new, old)).await {
+            let _ = nft_cmd::delete_table(FAMILY, new).await;
+            return Err(e.context("switching to the new service table"));
+        }
+        info!(
+            table = new,
+            capacity = st.capacity,
+            "service table built and switched in"
+        );
+        self.active = Some((new, st));
+        Ok(())
+    }
+
+    /// Applies a full plan: in place (flush + add, one transaction) when the table in force can
+    /// serve it, else by a rebuild.
+    async fn apply_full(&mut self, plan: &SyncPlan) -> Result<()> {
+        match &self.active {
+            Some((t, st)) if st.serves(&plan.add_chains) => {
+                self.nft
+                    .apply(NFPROTO_IPV4, t, &plan.ops)
+                    .context("applying service elements")?;
+                Ok(())
+            }
+            _ => self.rebuild(plan).await,
+        }
+    }
+
+    /// Applies an incremental plan; fails with [`NeedsRebuild`] when chains are missing.
+    fn apply_incremental(&mut self, plan: &SyncPlan) -> Result<()> {
+        let Some((t, st)) = &self.active else {
+            return Err(NeedsRebuild.into());
+        };
+        if !st.serves(&plan.add_chains) {
+            return Err(NeedsRebuild.into());
+        }
+        if !plan.ops.is_empty() {
+            self.nft
+                .apply(NFPROTO_IPV4, t, &plan.ops)
+                .context("applying service elements")?;
+        }
+        Ok(())
+    }
+
+    fn chain_count(&self) -> usize {
+        self.active.as_ref().map_or(0, |(_, st)| st.chains().len())
+    }
+}
+
+/// Clears state that would keep sending clients to backends that left: UDP conntrack entries
+/// (so UDP clients move to live endpoints) and client-IP affinity entries.
+async fn cleanup_removed(removed: Vec<RemovedBackend>, table: &'static str) {
+    let mut affinity_ips = BTreeSet::new();
+    for r in &removed {
+        if r.affinity {
+            affinity_ips.insert((r.ip, r.target_port));
+        }
+        if r.protocol != Protocol::Udp {
+            continue;
+        }
+        let mut cmds = vec![vec![
+            "-D".to_string(),
+            "-p".into(),
+            "udp".into(),
+            "--orig-dst".into(),
+            r.cluster_ip.to_string(),
+            "--orig-port-dst".into(),
+            r.port.to_string(),
+            "--reply-src".into(),
+            r.ip.to_string(),
+        ]];
+        if let Some(np) = r.node_port {
+            cmds.push(vec![
+                "-D".into(),
+                "-p".into(),
+                "udp".into(),
+                "--orig-port-dst".into(),
+                np.to_string(),
+                "--reply-src".into(),
+                r.ip.to_string(),
+            ]);
+        }
+        for args in cmds {
+            match tokio::process::Command::new("conntrack")
+                .args(&args)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .await
+            {
+                Ok(_) => {}
+                Err(e) => warn!("running conntrack to clear UDP flows: {e}"),
+            }
+        }
+    }
+    if !affinity_ips.is_empty()
+        && let Err(e) = drop_affinity_entries(&affinity_ips, table).await
+    {
+        warn!("clearing affinity entries: {e:#}");
+    }
+}
+
+/// Deletes client-IP affinity entries pointing at any of `targets`.
+async fn drop_affinity_entries(
+    targets: &BTreeSet<(std::net::Ipv4Addr, u16)>,
+    table: &str,
+) -> Result<()> {
+    let out = tokio::process::Command::new("nft")
+        .args(["-j", "list", "map", FAMILY, table, "affinity"])
+        .output()
+        .await
+        .context("listing the affinity map")?;
+    if !out.status.success() {
+        bail!(
+            "nft list map affinity: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let mut keys = Vec::new();
+    for obj in v["nftables"].as_array().into_iter().flatten() {
+        for e in obj["map"]["elem"].as_array().into_iter().flatten() {
+            // Each element: [ {"elem": {"val": {"concat": [...]}, ...}} | {"concat": [...]}, {"concat": [ip, port]} ]
+            let Some(pair) = e.as_array() else { continue };
+            let (Some(k), Some(d)) = (pair.first(), pair.get(1)) else {
+                continue;
+            };
+            let dconcat = d["concat"].as_array();
+            let Some(dc) = dconcat else { continue };
+            let ip = dc
+                .first()
+                .and_then(|x| x.as_str())
+                .and_then(|s| s.parse().ok());
+            let port = dc.get(1).and_then(|x| x.as_u64()).map(|p| p as u16);
+            let (Some(ip), Some(port)) = (ip, port) else {
+                continue;
+            };
+            if !targets.contains(&(ip, port)) {
+                continue;
+            }
+            let kc = k["elem"]["val"]["concat"]
+                .as_array()
+                .or_else(|| k["concat"].as_array());
+            let Some(kc) = kc else { continue };
+            let parts: Vec<&serde_json::Value> = kc.iter().collect();
+            if parts.len() != 4 {
+                continue;
+            }
+            let saddr = parts[0].as_str().and_then(|s| s.parse().ok());
+            let daddr = parts[1].as_str().and_then(|s| s.parse().ok());
+            let proto = match parts[2].as_str() {
+                Some("tcp") => Some(6),
+                Some("udp") => Some(17),
+                _ => None,
+            };
+            let dport = parts[3].as_u64().map(|p| p as u16);
+            if let (Some(s), Some(d), Some(pr), Some(dp)) = (saddr, daddr, proto, dport) {
+                keys.push(KeyBuilder::new().ipv4(s).ipv4(d).proto(pr).port(dp).build());
+            }
+        }
+    }
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let n = keys.len();
+    let mut s = NftSocket::open()?;
+    // Entries may expire meanwhile; delete one by one so a vanished entry fails alone.
+    let mut failed = 0;
+    for k in keys {
+        if s.apply(
+            NFPROTO_IPV4,
+            table,
+            &[("affinity".to_string(), SetOp::Delete(vec![k]))],
+        )
+        .is_err()
+        {
+            failed += 1;
+        }
+    }
+    debug!(n, failed, "affinity entries cleared");
+    Ok(())
+}
+
+/// Runs the service proxy forever.
+pub async fn run(
+    store: Store,
+    keys: EtcdArgs,
+    ctx: NodeContext,
+    metrics: Arc<Metrics>,
+    status: Arc<Mutex<ProxyStatus>>,
+) -> Result<()> {
+    let mut sources = vec![
+        Source {
+            kind: Kind::Services,
+            rx: store.reflect(&services_prefix(&keys)),
+            listed: false,
+            keys: Default::default(),
+        },
+        Source {
+            kind: Kind::Pods,
+            rx: store.reflect(&pods_prefix(&keys)),
+            listed: false,
+            keys: Default::default(),
+        },
+        Source {
+            kind: Kind::Endpoints,
+            rx: store.reflect(&endpoints_prefix(&keys)),
+            listed: false,
+            keys: Default::default(),
+        },
+    ];
+    let mut state = ServiceState::new(ctx.clone());
+    let mut applier = Applier {
+        nft: NftSocket::open()?,
+        ctx: ctx.clone(),
+        active: None,
+    };
+    let mut need_full = true;
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let mut verify = tokio::time::interval(Duration::from_secs(30));
+    verify.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        // Wait for something to do.
+        let first_event_at;
+        tokio::select! {
+            got = next_event(&mut sources) => {
+                let Some((i, ev)) = got else { return Ok(()) };
+                first_event_at = Instant::now();
+                absorb(&mut sources[i], ev, &mut state, &keys, &metrics);
+            }
+            _ = verify.tick() => {
+                first_event_at = Instant::now();
+                if sources.iter().all(|s| s.listed) && !need_full {
+                    let ok = match applier.table() {
+                        None => false,
+                        Some(t) => match nft_cmd::list_chains(FAMILY, t).await {
+                            Ok(c) => c.iter().any(|n| *n == marker_chain(&ctx))
+                                && c.iter().any(|n| n == ACTIVE_MARKER_CHAIN),
+                            Err(e) => {
+                                warn!("checking the service table: {e:#}");
+                                true
+                            }
+                        },
+                    };
+                    if !ok {
+                        warn!("service table missing or changed; rebuilding it");
+                        need_full = true;
+                    }
+                }
+            }
+        }
+        // Coalesce whatever else is already queued.
+        for i in 0..sources.len() {
+            while let Ok(ev) = sources[i].rx.try_recv() {
+                absorb(&mut sources[i], ev, &mut state, &keys, &metrics);
+            }
+        }
+        if !sources.iter().all(|s| s.listed) {
+            continue;
+        }
+        let t0 = Instant::now();
+        let result = if need_full {
+            let plan = state.plan_full();
+            for w in &plan.warnings {
+                warn!("{w}");
+            }
+            let r = async {
+                applier.discover().await?;
+                applier.apply_full(&plan).await
+            }
+            .await;
+            if r.is_ok() {
+                metrics
+                    .service_sync_full
+                    .observe(t0.elapsed().as_secs_f64());
+                info!(
+                    services = state.service_count(),
+                    elements = state.element_count(),
+                    elapsed_ms = t0.elapsed().as_millis() as u64,
+                    "service table fully synced"
+                );
+            }
+            r.map(|_| plan)
+        } else {
+            let plan = state.plan();
+            for w in &plan.warnings {
+                warn!("{w}");
+            }
+            if plan.is_empty() {
+                Ok(plan)
+            } else {
+                let r = applier.apply_incremental(&plan);
+                if r.is_ok() {
+                    metrics
+                        .service_sync_partial
+                        .observe(t0.elapsed().as_secs_f64());
+                    debug!(
+                        recomputed = plan.recomputed,
+                        changes = plan.element_changes,
+                        elapsed_us = t0.elapsed().as_micros() as u64,
+                        "service table updated"
+                    );
+                }
+                r.map(|_| plan)
+            }
+        };
+        match result {
+            Ok(plan) => {
+                if !plan.is_empty() {
+                    metrics
+                        .service_programming_seconds
+                        .observe(first_event_at.elapsed().as_secs_f64());
+                }
+                need_full = false;
+                backoff.reset();
+                metrics.services.set(state.service_count() as i64);
+                metrics.service_elements.set(state.element_count() as i64);
+                metrics.service_chains.set(applier.chain_count() as i64);
+                if !plan.removed.is_empty()
+                    && let Some(t) = applier.table()
+                {
+                    tokio::spawn(cleanup_removed(plan.removed, t));
+                }
+                publish_status(&status, &state, &applier, None);
+            }
+            Err(e) if e.is::<NeedsRebuild>() => {
+                info!("{e}; rebuilding the service table");
+                need_full = true;
+                verify.reset_immediately();
+            }
+            Err(e) => {
+                metrics.service_sync_failures.inc();
+                error!("service sync failed, retrying with a full sync: {e:#}");
+                publish_status(&status, &state, &applier, Some(format!("{e:#}")));
+                need_full = true;
+                backoff.wait().await;
+                // Make sure the loop comes back even when no event arrives.
+                verify.reset_immediately();
+            }
+        }
+    }
+}
+
+fn publish_status(
+    status: &Arc<Mutex<ProxyStatus>>,
+    state: &ServiceState,
+    applier: &Applier,
+    err: Option<String>,
+) {
+    if let Ok(mut s) = status.lock() {
+        s.synced = err.is_none() || s.synced;
+        s.last_error = err;
+        s.elements = state.element_count();
+        s.chains = applier.chain_count();
+        s.table = applier.table().map(str::to_string);
+        s.services = state
+            .services_with_backends()
+            .into_iter()
+            .map(|(svc, b)| ServiceStatus {
+                id: svc.id(),
+                service: svc.clone(),
+                backends: b.iter().map(|b| (b.ip, b.node.clone())).collect(),
+            })
+            .collect();
+    }
+}
+
+async fn next_event(sources: &mut [Source]) -> Option<(usize, ReflectorEvent)> {
+    let futs = sources
+        .iter_mut()
+        .enumerate()
+        .map(|(i, s)| Box::pin(async move { s.rx.recv().await.map(|e| (i, e)) }));
+    let (r, _, _) = futures::future::select_all(futs).await;
+    r
+}
+
+fn absorb(
+    src: &mut Source,
+    ev: ReflectorEvent,
+    state: &mut ServiceState,
+    keys: &EtcdArgs,
+    metrics: &Metrics,
+) {
+    match ev {
+        ReflectorEvent::Reset { items, .. } => {
+            let fresh: std::collections::HashSet<String> =
+                items.iter().map(|i| i.key.clone()).collect();
+            for gone in src.keys.difference(&fresh) {
+                if let Some(c) = deletion(src.kind, gone, keys) {
+                    state.change(c);
+                }
+            }
+            src.keys = fresh;
+            for it in &items {
+                put(src, it, state, keys, metrics);
+            }
+            src.listed = true;
+        }
+        ReflectorEvent::Changes { changes, .. } => {
+            for c in changes {
+                match c {
+                    Change::Put(it) => {
+                        src.keys.insert(it.key.clone());
+                        put(src, &it, state, keys, metrics);
+                    }
+                    Change::Delete(k) => {
+                        src.keys.remove(&k);
+                        if let Some(c) = deletion(src.kind, &k, keys) {
+                            state.change(c);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn put(src: &Source, it: &KvItem, state: &mut ServiceState, keys: &EtcdArgs, metrics: &Metrics) {
+    match decode(src.kind, it, keys) {
+        Ok(c) => state.change(c),
+        Err(e) => {
+            metrics.malformed_records.inc();
+            warn!(key = %it.key, "skipping record: {e}");
+        }
+    }
+}
+
+/// Removes the service tables (node leave).
+pub async fn teardown() -> Result<()> {
+    for t in TABLES {
+        nft_cmd::delete_table(FAMILY, t).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,756 @@
+//! The service proxy's in-memory model and its incremental planner: services, pods and
+//! explicit endpoints as seen in etcd, the backends selected for each service, and what was
+//! last written to the kernel. A change to one pod or service recomputes only the services it
+//! touches and yields only the element changes they need. Pure: no I/O.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::Ipv4Addr;
+
+use crate::nft_netlink::{ElemData, SetOp};
+use crate::pod_record::PodRecord;
+use crate::service_model::{Backend, ExplicitEndpoints, Protocol, Service, SessionAffinity};
+use crate::service_rules::{
+    DynChain, Element, NodeContext, PortRules, SetName, hairpin_element, port_rules,
+};
+
+/// A change seen in etcd, already decoded.
+#[derive(Debug, Clone)]
+pub enum ModelChange {
+    /// A service was created or updated (`key` is its etcd key).
+    PutService(String, Service),
+    /// A service was deleted.
+    DeleteService(String),
+    /// A pod record was created or updated.
+    PutPod(String, PodRecord),
+    /// A pod record was deleted.
+    DeletePod(String),
+    /// Explicit endpoints of `namespace/name` were set.
+    PutEndpoints(String, ExplicitEndpoints),
+    /// Explicit endpoints of `namespace/name` were removed.
+    DeleteEndpoints(String),
+}
+
+/// A backend that left a service, for connection-tracking and affinity cleanup.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RemovedBackend {
+    /// The service's cluster IP.
+    pub cluster_ip: Ipv4Addr,
+    /// Service port.
+    pub port: u16,
+    /// Node port, if any.
+    pub node_port: Option<u16>,
+    /// Protocol.
+    pub protocol: Protocol,
+    /// The backend address.
+    pub ip: Ipv4Addr,
+    /// The backend port.
+    pub target_port: u16,
+    /// Whether the service uses client-IP affinity.
+    pub affinity: bool,
+}
+
+/// Everything one sync must do, in order.
+#[derive(Debug, Clone, Default)]
+pub struct SyncPlan {
+    /// Chains the new elements reference that no element referenced before.
+    pub add_chains: BTreeSet<DynChain>,
+    /// The element batch (one kernel transaction).
+    pub ops: Vec<(String, SetOp)>,
+    /// Backends that left services (UDP flows to clear, affinity entries to drop).
+    pub removed: Vec<RemovedBackend>,
+    /// Number of services whose rules were recomputed.
+    pub recomputed: usize,
+    /// Elements added plus deleted.
+    pub element_changes: usize,
+    /// Problems found (conflicting services, ...), to be logged.
+    pub warnings: Vec<String>,
+}
+
+impl SyncPlan {
+    /// True when the kernel needs nothing.
+    pub fn is_empty(&self) -> bool {
+        self.add_chains.is_empty() && self.ops.is_empty()
+    }
+}
+
+type ElemKey = (SetName, Vec<u8>);
+
+/// The model and what was applied.
+#[derive(Debug)]
+pub struct ServiceState {
+    ctx: NodeContext,
+    services: HashMap<String, Service>,
+    service_key_by_id: HashMap<String, String>,
+    pods: HashMap<String, PodRecord>,
+    explicit: HashMap<String, ExplicitEndpoints>,
+    /// (namespace, label, value) → pod keys.
+    pod_index: HashMap<(String, String, String), HashSet<String>>,
+    /// (namespace, label, value) → service ids whose selector has that pair.
+    selector_index: HashMap<(String, String, String), HashSet<String>>,
+    /// Service id → backends (sorted).
+    backends: HashMap<String, Vec<Backend>>,
+    /// Service id → rules per port, as applied.
+    applied_rules: HashMap<String, Vec<PortRules>>,
+    /// Every applied element and the service owning it.
+    applied: HashMap<ElemKey, (ElemData, String)>,
+    chain_refs: HashMap<DynChain, usize>,
+    hairpin: HashSet<Ipv4Addr>,
+    dirty: HashSet<String>,
+    hairpin_dirty: bool,
+    /// Elements another service holds, with the services that also want them.
+    waiting: HashMap<ElemKey, HashSet<String>>,
+}
+
+fn label_pairs(
+    ns: &str,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> Vec<(String, String, String)> {
+    labels
+        .iter()
+        .map(|(k, v)| (ns.to_string(), k.clone(), v.clone()))
+        .collect()
+}
+
+impl ServiceState {
+    /// An empty model for this node.
+    pub fn new(ctx: NodeContext) -> Self {
+        ServiceState {
+            ctx,
+            services: HashMap::new(),
+            service_key_by_id: HashMap::new(),
+            pods: HashMap::new(),
+            explicit: HashMap::new(),
+            pod_index: HashMap::new(),
+            selector_index: HashMap::new(),
+            backends: HashMap::new(),
+            applied_rules: HashMap::new(),
+            applied: HashMap::new(),
+            chain_refs: HashMap::new(),
+            hairpin: HashSet::new(),
+            dirty: HashSet::new(),
+            hairpin_dirty: false,
+            waiting: HashMap::new(),
+        }
+    }
+
+    /// The node context.
+    pub fn context(&self) -> &NodeContext {
+        &self.ctx
+    }
+
+    /// Number of services known.
+    pub fn service_count(&self) -> usize {
+        self.services.len()
+    }
+
+    /// Number of elements applied.
+    pub fn element_count(&self) -> usize {
+        self.applied.len() + self.hairpin.len()
+    }
+
+    /// Chains currently referenced.
+    pub fn chains(&self) -> BTreeSet<DynChain> {
+        self.chain_refs.keys().copied().collect()
+    }
+
+    /// Services with their current backends (for status output).
+    pub fn services_with_backends(&self) -> Vec<(&Service, &[Backend])> {
+        let mut v: Vec<_> = self
+            .services
+            .values()
+            .map(|s| {
+                let b = self.backends.get(&s.id()).map_or(&[][..], |b| b.as_slice());
+                (s, b)
+            })
+            .collect();
+        v.sort_by_key(|(s, _)| s.id());
+        v
+    }
+
+    /// Forgets everything (before a relist).
+    pub fn clear_model(&mut self) {
+        self.services.clear();
+        self.service_key_by_id.clear();
+        self.pods.clear();
+        self.explicit.clear();
+        self.pod_index.clear();
+        self.selector_index.clear();
+    }
+
+    fn mark_pod_services(&mut self, pod: &PodRecord) {
+        for pair in label_pairs(&pod.namespace, &pod.labels) {
+            if let Some(ids) = self.selector_index.get(&pair) {
+                for id in ids {
+                    if let Some(key) = self.service_key_by_id.get(id)
+                        && let Some(s) = self.services.get(key)
+                        && s.selects(pod)
+                    {
+                        self.dirty.insert(id.clone());
+                    }
+                }
+            }
+        }
+        if pod.node == self.ctx.node {
+            self.hairpin_dirty = true;
+        }
+    }
+
+    fn index_service(&mut self, s: &Service, add: bool) {
+        if let Some(sel) = &s.selector {
+            for (k, v) in sel {
+                let e = self
+                    .selector_index
+                    .entry((s.namespace.clone(), k.clone(), v.clone()))
+                    .or_default();
+                if add {
+                    e.insert(s.id());
+                } else {
+                    e.remove(&s.id());
+                }
+            }
+        }
+    }
+
+    /// Applies one change to the model and marks what it affects.
+    pub fn change(&mut self, c: ModelChange) {
+        match c {
+            ModelChange::PutService(key, s) => {
+                if let Some(old) = self.services.remove(&key) {
+                    self.index_service(&old, false);
+                    self.service_key_by_id.remove(&old.id());
+                    self.dirty.insert(old.id());
+                }
+                self.index_service(&s, true);
+                self.service_key_by_id.insert(s.id(), key.clone());
+                self.dirty.insert(s.id());
+                self.services.insert(key, s);
+            }
+            ModelChange::DeleteService(key) => {
+                if let Some(old) = self.services.remove(&key) {
+                    self.index_service(&old, false);
+                    self.service_key_by_id.remove(&old.id());
+                    self.dirty.insert(old.id());
+                }
+            }
+            ModelChange::PutPod(key, p) => {
+                if let Some(old) = self.pods.remove(&key) {
+                    for pair in label_pairs(&old.namespace, &old.labels) {
+                        if let Some(set) = self.pod_index.get_mut(&pair) {
+                            set.remove(&key);
+                        }
+                    }
+                    self.mark_pod_services(&old);
+                }
+                for pair in label_pairs(&p.namespace, &p.labels) {
+                    self.pod_index.entry(pair).or_default().insert(key.clone());
+                }
+                self.mark_pod_services(&p);
+                self.pods.insert(key, p);
+            }
+            ModelChange::DeletePod(key) => {
+                if let Some(old) = self.pods.remove(&key) {
+                    for pair in label_pairs(&old.namespace, &old.labels) {
+                        if let Some(set) = self.pod_index.get_mut(&pair) {
+                            set.remove(&key);
+                        }
+                    }
+                    self.mark_pod_services(&old);
+                }
+            }
+            ModelChange::PutEndpoints(id, e) => {
+                self.explicit.insert(id.clone(), e);
+                self.dirty.insert(id);
+            }
+            ModelChange::DeleteEndpoints(id) => {
+                self.explicit.remove(&id);
+                self.dirty.insert(id);
+            }
+        }
+    }
+
+    fn compute_backends(&self, s: &Service) -> Vec<Backend> {
+        let mut out: Vec<Backend> = match &s.selector {
+            Some(sel) => {
+                // Walk the smallest posting list among the selector's pairs.
+                let lists: Vec<Option<&HashSet<String>>> = sel
+                    .iter()
+                    .map(|(k, v)| {
+                        self.pod_index
+                            .get(&(s.namespace.clone(), k.clone(), v.clone()))
+                    })
+                    .collect();
+                if lists.iter().any(Option::is_none) {
+                    return Vec::new();
+                }
+                let smallest = lists.into_iter().flatten().min_by_key(|l| l.len());
+                smallest
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|k| self.pods.get(k))
+                    .filter(|p| s.selects(p))
+                    .map(|p| Backend {
+                        ip: p.ip,
+                        node: Some(p.node.clone()),
+                    })
+                    .collect()
+            }
+            None => self
+                .explicit
+                .get(&s.id())
+                .map(|e| {
+                    e.addresses
+                        .iter()
+                        .map(|a| Backend {
+                            ip: a.ip,
+                            node: a.node.clone(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        };
+        out.sort();
+        out.dedup_by(|a, b| a.ip == b.ip);
+        out
+    }
+
+    /// Recomputes every dirty service and returns the plan that brings the kernel there.
+    /// The plan is considered applied once returned; on failure call [`ServiceState::reset_applied`]
+    /// and plan a full sync.
+    pub fn plan(&mut self) -> SyncPlan {
+        let mut plan = SyncPlan::default();
+        let mut dels: HashMap<SetName, Vec<Vec<u8>>> = HashMap::new();
+        let mut adds: HashMap<SetName, Vec<(Vec<u8>, ElemData)>> = HashMap::new();
+        let mut chain_delta: HashMap<DynChain, i64> = HashMap::new();
+        // Releasing a contested element makes the services waiting for it dirty again; a
+        // second round picks them up.
+        for _round in 0..3 {
+            let dirty: Vec<String> = self.dirty.drain().collect();
+            if dirty.is_empty() {
+                break;
+            }
+            for id in dirty {
+                plan.recomputed += 1;
+                let svc = self
+                    .service_key_by_id
+                    .get(&id)
+                    .and_then(|k| self.services.get(k))
+                    .cloned();
+                let old_rules = self.applied_rules.remove(&id).unwrap_or_default();
+                let old_backends = self.backends.remove(&id).unwrap_or_default();
+                let (new_rules, new_backends) = match &svc {
+                    Some(s) => {
+                        let b = self.compute_backends(s);
+                        let r: Vec<PortRules> = s
+                            .ports
+                            .iter()
+                            .map(|p| port_rules(s, p, &b, &self.ctx))
+                            .collect();
+                        (r, b)
+                    }
+                    None => (Vec::new(), Vec::new()),
+                };
+                // Removed backends (for conntrack/affinity cleanup), per port of the new or old service.
+                if let Some(s) = svc.as_ref() {
+                    let new_ips: HashSet<Ipv4Addr> = new_backends.iter().map(|b| b.ip).collect();
+                    for b in old_backends.iter().filter(|b| !new_ips.contains(&b.ip)) {
+                        for p in &s.ports {
+                            plan.removed.push(RemovedBackend {
+                                cluster_ip: s.cluster_ip,
+                                port: p.port,
+                                node_port: p.node_port,
+                                protocol: p.protocol,
+                                ip: b.ip,
+                                target_port: p.target_port,
+                                affinity: s.session_affinity == SessionAffinity::ClientIp,
+                            });
+                        }
+                    }
+                }
+                let old_elems: HashMap<ElemKey, &ElemData> = old_rules
+                    .iter()
+                    .flat_map(|r| r.elements.iter())
+                    .map(|e| ((e.set, e.key.clone()), &e.data))
+                    .collect();
+                let mut kept_rules = Vec::with_capacity(new_rules.len());
+                let mut new_keys: HashSet<ElemKey> = HashSet::new();
+                for r in new_rules {
+                    let mut kept = PortRules::default();
+                    for e in r.elements {
+                        let k = (e.set, e.key.clone());
+                        if let Some((_, owner)) = self.applied.get(&k)
+                            && *owner != id
+                        {
+                            self.waiting
+                                .entry(k.clone())
+                                .or_default()
+                                .insert(id.clone());
+                            plan.warnings.push(format!(
+                                "service {id} wants {} already used by service {owner}; skipped",
+                                describe(&e)
+                            ));
+                            continue;
+                        }
+                        if !new_keys.insert(k.clone()) {
+                            continue;
+                        }
+                        match old_elems.get(&k) {
+                            Some(d) if **d == e.data => {}
+                            Some(_) => {
+                                dels.entry(e.set).or_default().push(e.key.clone());
+                                adds.entry(e.set)
+                                    .or_default()
+                                    .push((e.key.clone(), e.data.clone()));
+                                self.applied.insert(k, (e.data.clone(), id.clone()));
+                            }
+                            None => {
+                                adds.entry(e.set)
+                                    .or_default()
+                                    .push((e.key.clone(), e.data.clone()));
+                                self.applied.insert(k, (e.data.clone(), id.clone()));
+                            }
+                        }
+                        kept.elements.push(e);
+                    }
+                    kept.chains = r.chains;
+                    for c in &kept.chains {
+                        *chain_delta.entry(*c).or_default() += 1;
+                    }
+                    kept_rules.push(kept);
+                }
+                for (k, _) in old_elems {
+                    if !new_keys.contains(&k) {
+                        if self.applied.get(&k).is_some_and(|(_, o)| *o == id) {
+                            self.applied.remove(&k);
+                        }
+                        if let Some(w) = self.waiting.remove(&k) {
+                            self.dirty.extend(w.into_iter().filter(|w| *w != id));
+                        }
+                        dels.entry(k.0).or_default().push(k.1);
+                    }
+                }
+                for r in &old_rules {
+                    for c in &r.chains {
+                        *chain_delta.entry(*c).or_default() -= 1;
+                    }
+                }
+                if svc.is_some() {
+                    self.applied_rules.insert(id.clone(), kept_rules);
+                    self.backends.insert(id, new_backends);
+                }
+            }
+        }
+        if std::mem::take(&mut self.hairpin_dirty) {
+            let want: HashSet<Ipv4Addr> = self
+                .pods
+                .values()
+                .filter(|p| p.node == self.ctx.node)
+                .map(|p| p.ip)
+                .collect();
+            for ip in self.hairpin.difference(&want) {
+                dels.entry(SetName::Hairpin)
+                    .or_default()
+                    .push(hairpin_element(*ip).key);
+            }
+            for ip in want.difference(&self.hairpin) {
+                adds.entry(SetName::Hairpin)
+                    .or_default()
+                    .push((hairpin_element(*ip).key, ElemData::None));
+            }
+            self.hairpin = want;
+        }
+        for (c, d) in chain_delta {
+            if d == 0 {
+                continue;
+            }
+            let before = self.chain_refs.get(&c).copied().unwrap_or(0) as i64;
+            let after = (before + d).max(0);
+            if before == 0 && after > 0 {
+                plan.add_chains.insert(c);
+            }
+            if after == 0 {
+                self.chain_refs.remove(&c);
+            } else {
+                self.chain_refs.insert(c, after as usize);
+            }
+        }
+        for set in SetName::ALL {
+            if let Some(d) = dels.remove(&set) {
+                plan.element_changes += d.len();
+                plan.ops.push((set.as_str().to_string(), SetOp::Delete(d)));
+            }
+            if let Some(a) = adds.remove(&set) {
+                plan.element_changes += a.len();
+                plan.ops.push((set.as_str().to_string(), SetOp::Add(a)));
+            }
+        }
+        plan
+    }
+
+    /// Forgets what was applied and marks everything dirty: the next [`ServiceState::plan`]
+    /// describes the whole table (callers flush every set first).
+    pub fn reset_applied(&mut self) {
+        self.applied_rules.clear();
+        self.applied.clear();
+        self.chain_refs.clear();
+        self.hairpin.clear();
+        self.backends.clear();
+        self.waiting.clear();
+        self.dirty = self.services.values().map(Service::id).collect();
+        self.hairpin_dirty = true;
+    }
+
+    /// A full plan: flush every set, then add everything (one transaction).
+    pub fn plan_full(&mut self) -> SyncPlan {
+        self.reset_applied();
+        let mut plan = self.plan();
+        let mut ops: Vec<(String, SetOp)> = SetName::ALL
+            .iter()
+            .map(|s| (s.as_str().to_string(), SetOp::Flush))
+            .collect();
+        // A full plan never deletes single elements (the sets were flushed).
+        ops.extend(
+            plan.ops
+                .drain(..)
+                .filter(|(_, op)| matches!(op, SetOp::Add(_))),
+        );
+        plan.ops = ops;
+        plan.removed.clear();
+        plan
+    }
+}
+
+fn describe(e: &Element) -> String {
+    format!("{} element {:02x?}", e.set.as_str(), e.key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service_model::{DEFAULT_AFFINITY_TIMEOUT, EndpointAddress, TrafficPolicy};
+
+    fn ctx() -> NodeContext {
+        NodeContext {
+            node: "n1".into(),
+            cluster_network: "10.244.0.0/16".parse().unwrap(),
+            service_cidr: "10.96.0.0/12".parse().unwrap(),
+        }
+    }
+
+    fn svc(name: &str, ip: [u8; 4], app: &str) -> Service {
+        Service {
+            namespace: "default".into(),
+            name: name.into(),
+            cluster_ip: Ipv4Addr::from(ip),
+            ports: vec!["80:8080/tcp".parse().unwrap()],
+            selector: Some([("app".to_string(), app.to_string())].into()),
+            session_affinity: SessionAffinity::None,
+            session_affinity_timeout: DEFAULT_AFFINITY_TIMEOUT,
+            external_traffic_policy: TrafficPolicy::Cluster,
+        }
+    }
+
+    fn pod(id: &str, ip: [u8; 4], node: &str, app: &str) -> (String, PodRecord) {
+        (
+            format!("/tartan/pods/{node}/{id}/eth0"),
+            PodRecord {
+                container_id: id.into(),
+                ifname: "eth0".into(),
+                node: node.into(),
+                ip: Ipv4Addr::from(ip),
+                namespace: "default".into(),
+                name: id.into(),
+                labels: [("app".to_string(), app.to_string())].into(),
+            },
+        )
+    }
+
+    fn adds(p: &SyncPlan, set: SetName) -> usize {
+        p.ops
+            .iter()
+            .filter(|(s, _)| s == set.as_str())
+            .map(|(_, op)| match op {
+                SetOp::Add(v) => v.len(),
+                _ => 0,
+            })
+            .sum()
+    }
+
+    fn dels(p: &SyncPlan, set: SetName) -> usize {
+        p.ops
+            .iter()
+            .filter(|(s, _)| s == set.as_str())
+            .map(|(_, op)| match op {
+                SetOp::Delete(v) => v.len(),
+                _ => 0,
+            })
+            .sum()
+    }
+
+    #[test]
+    fn service_then_pods_then_removal() {
+        let mut st = ServiceState::new(ctx());
+        st.change(ModelChange::PutService(
+            "/s/web".into(),
+            svc("web", [10, 96, 0, 10], "web"),
+        ));
+        let p = st.plan();
+        assert_eq!(adds(&p, SetName::NoEndpoints), 1);
+        assert!(p.add_chains.is_empty());
+        let (k1, p1) = pod("a", [10, 244, 1, 2], "n1", "web");
+        st.change(ModelChange::PutPod(k1.clone(), p1));
+        let p = st.plan();
+        assert_eq!(dels(&p, SetName::NoEndpoints), 1);
+        assert_eq!(adds(&p, SetName::ServiceIps), 1);
+        assert_eq!(adds(&p, SetName::Backends), 1);
+        assert_eq!(adds(&p, SetName::Hairpin), 1);
+        assert_eq!(p.add_chains.len(), 1);
+        let (k2, p2) = pod("b", [10, 244, 2, 2], "n2", "web");
+        st.change(ModelChange::PutPod(k2, p2));
+        let p = st.plan();
+        // The verdict moves from svc_1 to svc_2: one delete + one add; one new backend slot.
+        assert_eq!(dels(&p, SetName::ServiceIps), 1);
+        assert_eq!(adds(&p, SetName::ServiceIps), 1);
+        assert_eq!(adds(&p, SetName::Backends), 1);
+        assert_eq!(
+            p.add_chains.iter().next(),
+            Some(&DynChain::Cluster {
+                n: 2,
+                affinity: false
+            })
+        );
+        assert_eq!(
+            p.delete_chains.iter().next(),
+            Some(&DynChain::Cluster {
+                n: 1,
+                affinity: false
+            })
+        );
+        st.change(ModelChange::DeletePod(k1));
+        let p = st.plan();
+        assert_eq!(p.removed.len(), 1);
+        assert_eq!(p.removed[0].ip, Ipv4Addr::new(10, 244, 1, 2));
+        assert_eq!(dels(&p, SetName::Hairpin), 1);
+        st.change(ModelChange::DeleteService("/s/web".into()));
+        let p = st.plan();
+        assert_eq!(dels(&p, SetName::ServiceIps), 1);
+        assert_eq!(dels(&p, SetName::Backends), 1);
+        assert_eq!(st.element_count(), 0);
+        assert!(st.chains().is_empty());
+    }
+
+    #[test]
+    fn unrelated_pod_touches_nothing() {
+        let mut st = ServiceState::new(ctx());
+        for i in 0..100u8 {
+            st.change(ModelChange::PutService(
+                format!("/s/s{i}"),
+                svc(&format!("s{i}"), [10, 96, 1, i], &format!("app{i}")),
+            ));
+        }
+        st.plan();
+        let (k, p) = pod("x", [10, 244, 2, 9], "n2", "app7");
+        st.change(ModelChange::PutPod(k, p));
+        let p = st.plan();
+        assert_eq!(p.recomputed, 1, "only the selecting service is recomputed");
+    }
+
+    #[test]
+    fn explicit_endpoints() {
+        let mut st = ServiceState::new(ctx());
+        let mut s = svc("ext", [10, 96, 0, 20], "none");
+        s.selector = None;
+        st.change(ModelChange::PutService("/s/ext".into(), s));
+        st.change(ModelChange::PutEndpoints(
+            "default/ext".into(),
+            ExplicitEndpoints {
+                addresses: vec![
+                    EndpointAddress {
+                        ip: Ipv4Addr::new(192, 168, 1, 5),
+                        node: None,
+                    },
+                    EndpointAddress {
+                        ip: Ipv4Addr::new(192, 168, 1, 6),
+                        node: None,
+                    },
+                ],
+            },
+        ));
+        let p = st.plan();
+        assert_eq!(adds(&p, SetName::Backends), 2);
+    }
+
+    #[test]
+    fn conflicting_cluster_ip_is_skipped_with_a_warning() {
+        let mut st = ServiceState::new(ctx());
+        st.change(ModelChange::PutService(
+            "/s/a".into(),
+            svc("a", [10, 96, 0, 10], "a"),
+        ));
+        st.plan();
+        st.change(ModelChange::PutService(
+            "/s/b".into(),
+            svc("b", [10, 96, 0, 10], "b"),
+        ));
+        let p = st.plan();
+        assert_eq!(p.warnings.len(), 1);
+        assert_eq!(adds(&p, SetName::NoEndpoints), 0);
+        // When a goes away, b gets the address.
+        st.change(ModelChange::DeleteService("/s/a".into()));
+        let p = st.plan();
+        assert_eq!(dels(&p, SetName::NoEndpoints), 1);
+        assert_eq!(adds(&p, SetName::NoEndpoints), 1);
+        assert_eq!(st.element_count(), 1);
+    }
+
+    #[test]
+    fn full_plan_flushes_then_adds() {
+        let mut st = ServiceState::new(ctx());
+        st.change(ModelChange::PutService(
+            "/s/web".into(),
+            svc("web", [10, 96, 0, 10], "web"),
+        ));
+        let (k, p) = pod("a", [10, 244, 1, 2], "n1", "web");
+        st.change(ModelChange::PutPod(k, p));
+        st.plan();
+        let full = st.plan_full();
+        assert_eq!(
+            full.ops
+                .iter()
+                .filter(|(_, o)| matches!(o, SetOp::Flush))
+                .count(),
+            9
+        );
+        assert!(full.ops.iter().all(|(_, o)| !matches!(o, SetOp::Delete(_))));
+        assert_eq!(adds(&full, SetName::ServiceIps), 1);
+        assert_eq!(full.add_chains.len(), 1);
+        // Nothing left to do afterwards.
+        assert!(st.plan().is_empty());
+    }
+
+    #[test]
+    fn label_change_moves_pod_between_services() {
+        let mut st = ServiceState::new(ctx());
+        st.change(ModelChange::PutService(
+            "/s/a".into(),
+            svc("a", [10, 96, 0, 1], "a"),
+        ));
+        st.change(ModelChange::PutService(
+            "/s/b".into(),
+            svc("b", [10, 96, 0, 2], "b"),
+        ));
+        let (k, p) = pod("x", [10, 244, 1, 5], "n1", "a");
+        st.change(ModelChange::PutPod(k.clone(), p));
+        st.plan();
+        let (_, mut p) = pod("x", [10, 244, 1, 5], "n1", "b");
+        p.labels.insert("app".into(), "b".into());
+        st.change(ModelChange::PutPod(k, p));
+        let plan = st.plan();
+        assert_eq!(plan.recomputed, 2);
+        assert_eq!(
+            adds(&plan, SetName::NoEndpoints),
+            1,
+            "a lost its only backend"
+        );
+        assert_eq!(dels(&plan, SetName::NoEndpoints), 1, "b gained one");
+    }
+}
