@@ -730,6 +730,18 @@ impl Lab {
         ip(&[
             "-n", &node_ns, "link", "set", &host_if, "master", "tbr0", "up",
         ])?;
+        // Hairpin, as the CNI plugin sets it, so a pod can reach itself through a service.
+        ip(&[
+            "-n",
+            &node_ns,
+            "link",
+            "set",
+            &host_if,
+            "type",
+            "bridge_slave",
+            "hairpin",
+            "on",
+        ])?;
         ip(&["-n", &pod_ns, "link", "set", "lo", "up"])?;
         ip(&[
             "-n",

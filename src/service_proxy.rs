@@ -148,8 +148,7 @@ impl Applier {
             if chains.is_empty() {
                 continue;
             }
-            let ours = chains.iter().any(|c| *c == marker)
-                && chains.iter().any(|c| c == ACTIVE_MARKER_CHAIN);
+            let ours = chains.contains(&marker) && chains.iter().any(|c| c == ACTIVE_MARKER_CHAIN);
             if ours && self.active.is_none() {
                 let st = Structure::from_chain_names(chains.iter().map(String::as_str));
                 self.active = Some((t, st));
@@ -437,9 +436,9 @@ pub async fn run(
             }
         }
         // Coalesce whatever else is already queued.
-        for i in 0..sources.len() {
-            while let Ok(ev) = sources[i].rx.try_recv() {
-                absorb(&mut sources[i], ev, &mut state, &keys, &metrics);
+        for src in sources.iter_mut() {
+            while let Ok(ev) = src.rx.try_recv() {
+                absorb(src, ev, &mut state, &keys, &metrics);
             }
         }
         if !sources.iter().all(|s| s.listed) {

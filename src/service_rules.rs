@@ -34,6 +34,10 @@ pub enum SetName {
     NodePortBackends,
     /// Cluster IP ports without endpoints (rejected).
     NoEndpoints,
+    /// Every cluster IP port (traffic to other ports of the service range is refused). A plain
+    /// set: a verdict map cannot be looked up from a filter chain, because the kernel then
+    /// validates its `dnat` chains against the filter hook.
+    ServicePorts,
     /// Node ports without endpoints (rejected).
     NoEndpointNodePorts,
     /// `cluster IP . proto . port` → jump to the affinity recorder for its timeout.
@@ -46,12 +50,13 @@ pub enum SetName {
 
 impl SetName {
     /// Every set, in a fixed order.
-    pub const ALL: [SetName; 9] = [
+    pub const ALL: [SetName; 10] = [
         SetName::ServiceIps,
         SetName::ServiceNodePorts,
         SetName::Backends,
         SetName::NodePortBackends,
         SetName::NoEndpoints,
+        SetName::ServicePorts,
         SetName::NoEndpointNodePorts,
         SetName::AffinityServices,
         SetName::AffinityNodePorts,
@@ -66,6 +71,7 @@ impl SetName {
             SetName::Backends => "backends",
             SetName::NodePortBackends => "nodeport_backends",
             SetName::NoEndpoints => "no_endpoints",
+            SetName::ServicePorts => "service_ports",
             SetName::NoEndpointNodePorts => "no_endpoint_nodeports",
             SetName::AffinityServices => "affinity_services",
             SetName::AffinityNodePorts => "affinity_nodeports",
@@ -193,6 +199,11 @@ pub fn port_rules(
     let record = DynChain::AffinityRecord {
         timeout: svc.session_affinity_timeout,
     };
+    out.elements.push(Element {
+        set: SetName::ServicePorts,
+        key: key.clone().build(),
+        data: ElemData::None,
+    });
     if backends.is_empty() {
         out.elements.push(Element {
             set: SetName::NoEndpoints,
@@ -459,12 +470,13 @@ pub fn build_script(table: &str, ctx: &NodeContext, st: &Structure) -> String {
 delete table {FAMILY} {table}
 table {FAMILY} {table} {{
 	comment "{tag}"
-	map service_ips {{ typeof ip daddr . meta l4proto . th dport : verdict; counter; }}
-	map service_nodeports {{ typeof meta l4proto . th dport : verdict; counter; }}
+	map service_ips {{ typeof ip daddr . meta l4proto . th dport : verdict; }}
+	map service_nodeports {{ typeof meta l4proto . th dport : verdict; }}
 	map backends {{ typeof ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport; counter; }}
 	map nodeport_backends {{ typeof meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport; counter; }}
 	set no_endpoints {{ typeof ip daddr . meta l4proto . th dport; counter; }}
 	set no_endpoint_nodeports {{ typeof meta l4proto . th dport; counter; }}
+	set service_ports {{ typeof ip daddr . meta l4proto . th dport; }}
 	map affinity_services {{ typeof ip daddr . meta l4proto . th dport : verdict; }}
 	map affinity_nodeports {{ typeof meta l4proto . th dport : verdict; }}
 	map affinity {{ typeof ip saddr . ip daddr . meta l4proto . th dport : ip daddr . th dport; size 1048576; flags dynamic,timeout; timeout 3h; }}
@@ -482,7 +494,7 @@ table {FAMILY} {table} {{
 	chain endpoint_check {{
 		ip daddr . meta l4proto . th dport @no_endpoints goto reject_service
 		ip daddr != 127.0.0.0/8 fib daddr type local meta l4proto . th dport @no_endpoint_nodeports goto reject_service
-		ip daddr {svc_cidr} meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport != @service_ips goto reject_service
+		ip daddr {svc_cidr} meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport != @service_ports goto reject_service
 	}}
 	chain affinity_record {{
 		meta l4proto {{ tcp, udp }} ct original ip daddr . meta l4proto . ct original proto-dst vmap @affinity_services
@@ -636,7 +648,8 @@ mod tests {
         let r = port_rules(&s, &s.ports[0], &[], &ctx());
         assert_eq!(count(&r, SetName::NoEndpoints), 1);
         assert_eq!(count(&r, SetName::NoEndpointNodePorts), 1);
-        assert_eq!(r.elements.len(), 2);
+        assert_eq!(count(&r, SetName::ServicePorts), 1);
+        assert_eq!(r.elements.len(), 3);
         assert!(r.chains.is_empty());
     }
 
@@ -732,16 +745,57 @@ mod tests {
     }
 
     #[test]
-    fn scripts_name_table_and_chains() {
-        let chains: BTreeSet<DynChain> = [DynChain::Cluster {
+    fn build_and_activate_scripts() {
+        let needed = [DynChain::Cluster {
             n: 2,
             affinity: false,
         }]
         .into();
-        let s = rebuild_script(&ctx(), &chains);
-        assert!(s.starts_with("table ip tartan_svc\ndelete table ip tartan_svc\n"));
-        assert!(s.contains("add chain ip tartan_svc svc_2"));
+        let st = Structure::for_chains(&needed, None);
+        assert_eq!(st.capacity, MIN_CAPACITY);
+        let s = build_script("tartan_svc2", &ctx(), &st);
+        assert!(s.starts_with("table ip tartan_svc2\ndelete table ip tartan_svc2\n"));
+        assert!(s.contains("\tchain svc_2 {"));
+        assert!(s.contains("\tchain np_local_aff_16 {"));
+        assert!(!s.contains("hook"), "the build step must not hook anything");
         assert!(s.contains(&structure_tag(&ctx())));
-        assert!(delete_chains_script(&chains).contains("delete chain ip tartan_svc svc_2"));
+        let a = activate_script("tartan_svc2", Some("tartan_svc"));
+        assert!(a.contains("add chain ip tartan_svc2 nat_prerouting { type nat hook prerouting"));
+        assert!(a.trim_end().ends_with("delete table ip tartan_svc"));
+    }
+
+    #[test]
+    fn structure_capacity_and_names() {
+        let needed: BTreeSet<DynChain> = [
+            DynChain::Cluster {
+                n: 40,
+                affinity: false,
+            },
+            DynChain::AffinityRecord { timeout: 60 },
+        ]
+        .into();
+        let st = Structure::for_chains(&needed, None);
+        assert_eq!(st.capacity, 64);
+        assert!(st.serves(&needed));
+        assert!(!st.serves(&[DynChain::AffinityRecord { timeout: 61 }].into()));
+        assert!(
+            !st.serves(
+                &[DynChain::NodePort {
+                    n: 65,
+                    affinity: false,
+                    local: true
+                }]
+                .into()
+            )
+        );
+        let names: Vec<String> = st.chains().iter().map(DynChain::name).collect();
+        let back = Structure::from_chain_names(names.iter().map(String::as_str));
+        assert_eq!(back, st);
+        for c in st.chains() {
+            assert_eq!(parse_dyn_chain(&c.name()), Some(c));
+        }
+        assert_eq!(parse_dyn_chain("services"), None);
+        assert_eq!(parse_dyn_chain("svc_x"), None);
+        assert_eq!(other_table(TABLES[0]), TABLES[1]);
     }
 }

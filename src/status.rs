@@ -66,7 +66,7 @@ pub struct ServiceReport {
     pub options: Vec<String>,
     /// Backends: address, node, connections sent there (per port, summed).
     pub backends: Vec<BackendReport>,
-    /// New connections accepted through the cluster IP (all ports).
+    /// New connections balanced through the cluster IP (all ports).
     pub connections: u64,
     /// New connections refused because there was no endpoint.
     pub refused: u64,
@@ -194,6 +194,7 @@ impl DaemonStatus {
                     {
                         let ip = ep.split(" . ").next().unwrap_or_default().to_string();
                         *per_backend.entry(ip).or_default() += v;
+                        connections += v;
                     }
                 }
             }
@@ -250,7 +251,9 @@ impl DaemonStatus {
 /// the element text is `key -> value`.
 async fn read_counters(table: &str) -> HashMap<(&'static str, String), u64> {
     let mut out = HashMap::new();
-    for set in ["service_ips", "no_endpoints", "backends"] {
+    // Verdict maps cannot carry counters (the kernel refuses element expressions there), so
+    // connections are counted where they are balanced: in `backends`.
+    for set in ["no_endpoints", "backends"] {
         let kind = if set == "no_endpoints" { "set" } else { "map" };
         let Ok(o) = tokio::process::Command::new("nft")
             .args(["list", kind, FAMILY, table, set])
