@@ -101,14 +101,13 @@ fn create(lab: &Lab, args: &[&str]) -> Result<(Ipv4Addr, Vec<u16>)> {
 /// Waits until `ns` reaches `ip:port` and gets an answer.
 fn reach(ns: &str, ip: Ipv4Addr, port: u16) -> Result<Whoami> {
     let ns = ns.to_string();
-    let mut last = String::new();
     let start = Instant::now();
     loop {
-        match tcp_whoami(&ns, ip, port, Duration::from_secs(2)) {
+        let last = match tcp_whoami(&ns, ip, port, Duration::from_secs(2)) {
             Ok(w) if !w.name.is_empty() => return Ok(w),
-            Ok(_) => last = "empty answer".into(),
-            Err(e) => last = format!("{e:#}"),
-        }
+            Ok(_) => "empty answer".to_string(),
+            Err(e) => format!("{e:#}"),
+        };
         if start.elapsed() > Duration::from_secs(20) {
             bail!("{ip}:{port} not reachable from {ns}: {last}");
         }
@@ -592,7 +591,7 @@ fn explain_describes_services_backends_and_counters() -> Result<()> {
         "Node node1 holds",
         "It routes to 1 peers over VXLAN",
         &format!("Service default/web at {vip} (http: 80/tcp -> 8080)"),
-        &format!("on node2"),
+        "on node2",
         "connections",
     ] {
         ensure!(out.contains(want), "{want:?} missing from explain:\n{out}");
