@@ -607,3 +607,419 @@ fn explain_describes_services_backends_and_counters() -> Result<()> {
     ensure!(format!("{err:#}").contains("not \"node2\""), "{err:#}");
     Ok(())
 }
+
+#[test]
+fn restart_keeps_connections_and_leaves_no_duplicate_or_stale_rules() -> Result<()> {
+    let Some(mut lab) = cluster(2)? else {
+        return Ok(());
+    };
+    let (p, _) = pod(&mut lab, 1, 1, &[("app", "echo")])?;
+    tartan::netbench::probe::tcp_echo_server(&p.ns, 9000)?;
+    let (c, _) = pod(&mut lab, 0, 2, &[("app", "client")])?;
+    create(
+        &lab,
+        &["web", "--port", "80:8080/tcp", "--selector", "app=echo"],
+    )?;
+    let (evip, _) = create(
+        &lab,
+        &["echo", "--port", "90:9000/tcp", "--selector", "app=echo"],
+    )?;
+    reach(&c.ns, evip, 90).ok();
+    wait_for("echo through the service", Duration::from_secs(20), || {
+        tartan::netbench::probe::tcp_rr(&c.ns, evip, 90, 1).ok()
+    })?;
+    let node = lab.nodes[0].ns.clone();
+    let table = active_service_table(&node).context("no service table")?;
+    let before = kernel_elements(&node, &table)?;
+    // An open connection through the cluster IP, used before and after a restart.
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+    let cns = c.ns.clone();
+    let client = std::thread::spawn(move || -> Result<()> {
+        in_netns(&cns, move || -> Result<()> {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect((evip, 90))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let mut b = [0u8; 4];
+            s.write_all(b"ping")?;
+            s.read_exact(&mut b)?;
+            ready_tx.send(()).ok();
+            go_rx.recv().ok();
+            s.write_all(b"pong")?;
+            s.read_exact(&mut b)?;
+            ensure!(&b == b"pong");
+            Ok(())
+        })?
+    });
+    ready_rx.recv_timeout(Duration::from_secs(10))?;
+    lab.stop_daemon(0)?;
+    lab.start_daemon(0, &[])?;
+    wait_for("restarted proxy to sync", Duration::from_secs(20), || {
+        let log = std::fs::read_to_string(lab.nodes[0].log_file()).ok()?;
+        (log.matches("service table fully synced").count() >= 2).then_some(())
+    })?;
+    go_tx.send(())?;
+    client
+        .join()
+        .map_err(|_| anyhow::anyhow!("client panicked"))??;
+    let after_table = active_service_table(&node).context("no service table after restart")?;
+    ensure!(after_table == table, "a restart must not rebuild the table");
+    ensure!(
+        kernel_elements(&node, &after_table)? == before,
+        "elements changed across the restart"
+    );
+    // Exactly one service table (no stale copy) and its rules exist once.
+    let tables = ns_run(&node, "nft", &["list", "tables"])?;
+    ensure!(tables.matches("tartan_svc").count() == 1, "{tables}");
+    Ok(())
+}
+
+#[test]
+fn etcd_outage_keeps_service_traffic_flowing() -> Result<()> {
+    let Some(mut lab) = cluster(2)? else {
+        return Ok(());
+    };
+    pod(&mut lab, 1, 1, &[("app", "web")])?;
+    let (c, _) = pod(&mut lab, 0, 2, &[("app", "client")])?;
+    let (vip, _) = create(
+        &lab,
+        &["web", "--port", "80:8080/tcp", "--selector", "app=web"],
+    )?;
+    reach(&c.ns, vip, 80)?;
+    lab.stop_etcd();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        tcp_whoami(&c.ns, vip, 80, Duration::from_secs(3))
+            .with_context(|| format!("service broke {:?} into the etcd outage", start.elapsed()))?;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    lab.start_etcd()?;
+    // After etcd returns, changes flow again.
+    let (vip2, _) = create(
+        &lab,
+        &["web2", "--port", "80:8080/tcp", "--selector", "app=web"],
+    )?;
+    reach(&c.ns, vip2, 80)?;
+    Ok(())
+}
+
+#[test]
+fn endpoint_counts_beyond_the_table_capacity_rebuild_cleanly() -> Result<()> {
+    let Some(mut lab) = cluster(1)? else {
+        return Ok(());
+    };
+    let (c, _) = pod(&mut lab, 0, 1, &[("app", "client")])?;
+    let (vip, _) = create(
+        &lab,
+        &["big", "--port", "80:8080/tcp", "--selector", "app=big"],
+    )?;
+    // 20 endpoints: more than the initial 16-endpoint capacity. Only the first is a real pod;
+    // the rest are records pointing at it too (distinct addresses are not needed to count).
+    let (_, real) = pod(&mut lab, 0, 2, &[("app", "big")])?;
+    let node = lab.nodes[0].ns.clone();
+    let t0 = active_service_table(&node).context("no table")?;
+    reach(&c.ns, vip, 80)?;
+    for k in 0..19u8 {
+        register(
+            &lab,
+            0,
+            &format!("ghost{k}"),
+            Ipv4Addr::new(10, 244, 254, k + 1),
+            &[("app", "big")],
+            None,
+        )?;
+    }
+    wait_for("rebuilt table in force", Duration::from_secs(20), || {
+        let t = active_service_table(&node)?;
+        (t != t0).then_some(())
+    })?;
+    let elems = kernel_elements(&node, &active_service_table(&node).context("table")?)?;
+    ensure!(
+        elems
+            .iter()
+            .any(|(s, _, d)| s == "service_ips" && d == "goto svc_20"),
+        "service not on the 20-endpoint chain"
+    );
+    let tables = ns_run(&node, "nft", &["list", "tables"])?;
+    ensure!(
+        tables.matches("tartan_svc").count() == 1,
+        "old table left behind: {tables}"
+    );
+    let _ = real;
+    Ok(())
+}
+
+#[test]
+fn foreign_tables_are_untouched_by_the_proxy() -> Result<()> {
+    let Some(mut lab) = lab(1, &["--network", "10.244.0.0/16"])? else {
+        return Ok(());
+    };
+    let ns = lab.nodes[0].ns.clone();
+    ns_run(
+        &ns,
+        "nft",
+        &[
+            "add table ip nat; add chain ip nat PREROUTING { type nat hook prerouting priority -100; }; add rule ip nat PREROUTING tcp dport 7777 dnat to 1.2.3.4",
+        ],
+    )?;
+    ns_run(
+        &ns,
+        "nft",
+        &["add table inet other; add set inet other s { type ipv4_addr; elements = { 1.1.1.1 } }"],
+    )?;
+    let snap = |ns: &str| -> Result<String> {
+        Ok(ns_run(ns, "nft", &["list", "table", "ip", "nat"])?
+            + &ns_run(ns, "nft", &["list", "table", "inet", "other"])?)
+    };
+    let before = snap(&ns)?;
+    lab.start_daemon(0, &[])?;
+    lab.wait_subnet(0)?;
+    let (_, _) = pod(&mut lab, 0, 1, &[("app", "web")])?;
+    let (vip, _) = create(
+        &lab,
+        &["web", "--port", "80:8080/tcp", "--selector", "app=web"],
+    )?;
+    reach(&lab.nodes[0].ns, vip, 80)?;
+    ensure!(snap(&ns)? == before, "foreign tables changed");
+    lab.tartanctl(&["node", "leave", "node1"])?;
+    wait_for("leave", Duration::from_secs(20), || {
+        (!lab.daemon_running(0)).then_some(())
+    })?;
+    ensure!(snap(&ns)? == before, "foreign tables changed by leave");
+    let tables = ns_run(&ns, "nft", &["list", "tables"])?;
+    ensure!(
+        !tables.contains("tartan"),
+        "tartan tables left after leave: {tables}"
+    );
+    Ok(())
+}
+
+/// Random services, pods and endpoints; afterwards every node's kernel table must equal what
+/// the model computes from etcd.
+#[test]
+fn randomized_churn_converges_to_the_model() -> Result<()> {
+    use rand::{RngExt, SeedableRng};
+    use tartan::service_model::{
+        EndpointAddress, ExplicitEndpoints, Service, SessionAffinity, TrafficPolicy,
+    };
+    use tartan::service_store::{NodePortRequest, ServiceStore};
+    let Some(lab) = cluster(3)? else {
+        return Ok(());
+    };
+    let seed: u64 = std::env::var("CHURN_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("churn seed {seed} (set CHURN_SEED to replay)");
+    let node_names: Vec<String> = lab.nodes.iter().map(|n| n.name.clone()).collect();
+    let endpoint = "http://127.0.0.1:2379".to_string();
+    let names = node_names.clone();
+    tartan::netns_lab::block_on_in_netns(&lab.infra, move || async move {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct A {
+            #[command(flatten)]
+            e: tartan::etcd_store::EtcdArgs,
+        }
+        let args = A::parse_from(["x", "--etcd-endpoints", &endpoint]).e;
+        let store = tartan::etcd_store::Store::connect(&args).await?;
+        let st = ServiceStore::new(&store, &args, "10.96.0.0/16".parse()?);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut live: HashMap<usize, Service> = HashMap::new();
+        for _ in 0..1000 {
+            match rng.random_range(0..10) {
+                0..=2 => {
+                    let slot = rng.random_range(0..30usize);
+                    if let Some(s) = live.get(&slot).cloned() {
+                        let mut s = s;
+                        s.selector = Some(
+                            [("app".to_string(), format!("a{}", rng.random_range(0..8)))].into(),
+                        );
+                        s.ports[0].target_port = rng.random_range(8000..8010);
+                        s.session_affinity = if rng.random_bool(0.3) {
+                            SessionAffinity::ClientIp
+                        } else {
+                            SessionAffinity::None
+                        };
+                        s.external_traffic_policy = if rng.random_bool(0.3) {
+                            TrafficPolicy::Local
+                        } else {
+                            TrafficPolicy::Cluster
+                        };
+                        if st.update(&s).await.is_ok() {
+                            live.insert(slot, s);
+                        }
+                    } else {
+                        let selector = (!rng.random_bool(0.2)).then(|| {
+                            [("app".to_string(), format!("a{}", rng.random_range(0..8)))].into()
+                        });
+                        let proto = if rng.random_bool(0.3) { "udp" } else { "tcp" };
+                        let svc = Service {
+                            namespace: "default".into(),
+                            name: format!("svc{slot}"),
+                            cluster_ip: Ipv4Addr::UNSPECIFIED,
+                            ports: vec![
+                                format!("{}:8080/{proto}", rng.random_range(1..100))
+                                    .parse()
+                                    .map_err(anyhow::Error::msg)?,
+                            ],
+                            selector,
+                            session_affinity: SessionAffinity::None,
+                            session_affinity_timeout: 10800,
+                            external_traffic_policy: TrafficPolicy::Cluster,
+                        };
+                        let np = if rng.random_bool(0.4) {
+                            NodePortRequest::Auto
+                        } else {
+                            NodePortRequest::None
+                        };
+                        let s = st.create(svc, None, &[np]).await?;
+                        live.insert(slot, s);
+                    }
+                }
+                3 => {
+                    let slot = rng.random_range(0..30usize);
+                    if let Some(s) = live.remove(&slot) {
+                        st.delete(&s.namespace, &s.name).await?;
+                    }
+                }
+                4 => {
+                    let slot = rng.random_range(0..30usize);
+                    if let Some(s) = live.get(&slot)
+                        && s.selector.is_none()
+                    {
+                        let n = rng.random_range(0..4u8);
+                        let e = ExplicitEndpoints {
+                            addresses: (0..n)
+                                .map(|i| EndpointAddress {
+                                    ip: Ipv4Addr::new(172, 16, slot as u8, i + 1),
+                                    node: Some(names[rng.random_range(0..names.len())].clone()),
+                                })
+                                .collect(),
+                        };
+                        st.set_endpoints(&s.namespace, &s.name, &e).await?;
+                    }
+                }
+                5..=8 => {
+                    let p = rng.random_range(0..60u8);
+                    let node = &names[(p % 3) as usize];
+                    let rec = PodRecord {
+                        container_id: format!("churn{p}"),
+                        ifname: "eth0".into(),
+                        node: node.clone(),
+                        ip: Ipv4Addr::new(10, 244, 200 + p % 3, p + 2),
+                        namespace: "default".into(),
+                        name: format!("churn{p}"),
+                        labels: [("app".to_string(), format!("a{}", rng.random_range(0..8)))]
+                            .into(),
+                    };
+                    store
+                        .put(&tartan::pod_record::pod_key(&args, &rec), rec.to_bytes(), 0)
+                        .await?;
+                }
+                _ => {
+                    let p = rng.random_range(0..60u8);
+                    let node = &names[(p % 3) as usize];
+                    store
+                        .delete(&args.tartan_key(&format!("pods/{node}/churn{p}/eth0")))
+                        .await?;
+                }
+            }
+        }
+        anyhow::Ok(())
+    })??;
+    // Expected: the model fed with what etcd holds now, per node.
+    let endpoint = "http://127.0.0.1:2379".to_string();
+    let expected: Vec<std::collections::BTreeSet<(String, String, String)>> =
+        tartan::netns_lab::block_on_in_netns(&lab.infra, move || async move {
+            use clap::Parser;
+            #[derive(clap::Parser)]
+            struct A {
+                #[command(flatten)]
+                e: tartan::etcd_store::EtcdArgs,
+            }
+            let args = A::parse_from(["x", "--etcd-endpoints", &endpoint]).e;
+            let store = tartan::etcd_store::Store::connect(&args).await?;
+            let (_, svcs) = store.list(&args.tartan_key("services/")).await?;
+            let (_, pods) = store.list(&args.tartan_key("pods/")).await?;
+            let (_, eps) = store.list(&args.tartan_key("endpoints/")).await?;
+            let mut out = Vec::new();
+            for n in &node_names {
+                let mut state =
+                    tartan::service_state::ServiceState::new(tartan::service_rules::NodeContext {
+                        node: n.clone(),
+                        cluster_network: "10.244.0.0/16".parse()?,
+                        service_cidr: "10.96.0.0/12".parse()?,
+                    });
+                use tartan::service_state::ModelChange;
+                for s in &svcs {
+                    state.change(ModelChange::PutService(
+                        s.key.clone(),
+                        Service::parse(&s.value).map_err(anyhow::Error::msg)?,
+                    ));
+                }
+                for p in &pods {
+                    state.change(ModelChange::PutPod(
+                        p.key.clone(),
+                        PodRecord::parse(&p.value).map_err(anyhow::Error::msg)?,
+                    ));
+                }
+                for e in &eps {
+                    let id = e.key.trim_start_matches("/tartan/endpoints/").to_string();
+                    state.change(ModelChange::PutEndpoints(
+                        id,
+                        ExplicitEndpoints::parse(&e.value).map_err(anyhow::Error::msg)?,
+                    ));
+                }
+                let plan = state.plan_full();
+                let mut set = std::collections::BTreeSet::new();
+                for (name, op) in &plan.ops {
+                    if let tartan::nft_netlink::SetOp::Add(elems) = op {
+                        let sn = tartan::service_rules::SetName::from_name(name).context("set")?;
+                        for (k, d) in elems {
+                            let (kt, dt) = tartan::service_rules::describe(sn, k, d);
+                            set.insert((name.clone(), kt, dt));
+                        }
+                    }
+                }
+                out.push(set);
+            }
+            anyhow::Ok(out)
+        })??;
+    for (i, want) in expected.iter().enumerate() {
+        let ns = lab.nodes[i].ns.clone();
+        let mut last = None;
+        let converged = wait_for(
+            "kernel table to match the model",
+            Duration::from_secs(30),
+            || {
+                let t = active_service_table(&ns)?;
+                let got = kernel_elements(&ns, &t).ok()?;
+                if got == *want {
+                    Some(())
+                } else {
+                    last = Some(got);
+                    None
+                }
+            },
+        );
+        if let Err(e) = converged {
+            let got = last.unwrap_or_default();
+            let missing: Vec<_> = want.difference(&got).take(10).collect();
+            let extra: Vec<_> = got.difference(want).take(10).collect();
+            bail!(
+                "{} differs from the model ({e}): {} elements expected, {} in the kernel\nmissing: {missing:#?}\nextra: {extra:#?}\n{}",
+                lab.nodes[i].name,
+                want.len(),
+                got.len(),
+                lab.log_tail(i, 20)
+            );
+        }
+        ensure!(
+            want.len() > 20,
+            "the churn left too little to compare ({} elements)",
+            want.len()
+        );
+    }
+    Ok(())
+}

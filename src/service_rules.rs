@@ -549,6 +549,72 @@ add rule {FAMILY} {table} filter_output_dnat ct state new ct status dnat jump af
     s
 }
 
+/// The fields a set's keys are made of, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Field {
+    Ip,
+    Proto,
+    Port,
+    Slot,
+}
+
+impl SetName {
+    fn key_fields(self) -> &'static [Field] {
+        use Field::*;
+        match self {
+            SetName::ServiceIps
+            | SetName::NoEndpoints
+            | SetName::ServicePorts
+            | SetName::AffinityServices => &[Ip, Proto, Port],
+            SetName::ServiceNodePorts
+            | SetName::NoEndpointNodePorts
+            | SetName::AffinityNodePorts => &[Proto, Port],
+            SetName::Backends => &[Ip, Proto, Port, Slot],
+            SetName::NodePortBackends => &[Proto, Port, Slot],
+            SetName::Hairpin => &[Ip, Ip],
+        }
+    }
+
+    /// The set with this nft name.
+    pub fn from_name(name: &str) -> Option<SetName> {
+        SetName::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+}
+
+fn render_fields(bytes: &[u8], fields: &[Field]) -> String {
+    let mut parts = Vec::new();
+    let mut rest = bytes;
+    for f in fields {
+        let (chunk, tail) = rest.split_at(4.min(rest.len()));
+        rest = tail;
+        let b = |i: usize| chunk.get(i).copied().unwrap_or(0);
+        parts.push(match f {
+            Field::Ip => Ipv4Addr::new(b(0), b(1), b(2), b(3)).to_string(),
+            Field::Proto => match b(0) {
+                6 => "tcp".to_string(),
+                17 => "udp".to_string(),
+                p => p.to_string(),
+            },
+            Field::Port => u16::from_be_bytes([b(0), b(1)]).to_string(),
+            Field::Slot => u32::from_ne_bytes([b(0), b(1), b(2), b(3)]).to_string(),
+        });
+    }
+    parts.join(" . ")
+}
+
+/// An element as text, the way `nft` prints it: (`key`, `data`), e.g.
+/// (`10.96.0.10 . tcp . 80 . 0`, `10.244.1.2 . 8080`) or (`10.96.0.10 . tcp . 80`, `goto svc_2`).
+pub fn describe(set: SetName, key: &[u8], data: &ElemData) -> (String, String) {
+    let k = render_fields(key, set.key_fields());
+    let d = match data {
+        ElemData::None => String::new(),
+        ElemData::Goto(c) => format!("goto {c}"),
+        ElemData::Jump(c) => format!("jump {c}"),
+        ElemData::Value(v) => render_fields(v, &[Field::Ip, Field::Port]),
+    };
+    (k, d)
+}
+
 /// Every element for a whole service model: `(service id, port index)` → rules.
 pub fn all_rules<'a>(
     services: impl IntoIterator<Item = (&'a Service, &'a [Backend])>,
@@ -733,6 +799,28 @@ mod tests {
             !npl.iter().any(|l| l.contains("mark")),
             "local policy keeps the client address"
         );
+    }
+
+    #[test]
+    fn elements_render_like_nft() {
+        let s = svc(None, false, false);
+        let r = port_rules(&s, &s.ports[0], &backends(1), &ctx());
+        let texts: Vec<(String, String)> = r
+            .elements
+            .iter()
+            .map(|e| describe(e.set, &e.key, &e.data))
+            .collect();
+        assert!(texts.contains(&("10.96.0.10 . tcp . 80".into(), "goto svc_1".into())));
+        assert!(texts.contains(&(
+            "10.96.0.10 . tcp . 80 . 0".into(),
+            "10.244.1.10 . 8080".into()
+        )));
+        let h = hairpin_element(Ipv4Addr::new(10, 244, 1, 2));
+        assert_eq!(
+            describe(h.set, &h.key, &h.data).0,
+            "10.244.1.2 . 10.244.1.2"
+        );
+        assert_eq!(SetName::from_name("backends"), Some(SetName::Backends));
     }
 
     #[test]
