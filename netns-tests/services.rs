@@ -950,6 +950,7 @@ fn randomized_churn_converges_to_the_model() -> Result<()> {
                         node: n.clone(),
                         cluster_network: "10.244.0.0/16".parse()?,
                         service_cidr: "10.96.0.0/12".parse()?,
+                        balancing: Default::default(),
                     });
                 use tartan::service_state::ModelChange;
                 for s in &svcs {

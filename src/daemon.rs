@@ -46,9 +46,12 @@ pub struct DaemonArgs {
     /// Underlay address to advertise (default: the first IPv4 address of --iface).
     #[arg(long)]
     pub public_ip: Option<Ipv4Addr>,
-    /// Virtual IP range for services.
+    /// Virtual IP range for services (new connections to unknown ports in it are refused).
     #[arg(long, default_value = "10.96.0.0/12")]
     pub service_cidr: Ipv4Network,
+    /// How services pick an endpoint for a new connection.
+    #[arg(long, value_enum, default_value_t)]
+    pub load_balancing: crate::service_rules::Balancing,
     /// Where to write subnet.env.
     #[arg(long, default_value = "/run/tartan/subnet.env")]
     pub subnet_file: PathBuf,
@@ -231,6 +234,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         node: name.clone(),
         cluster_network: cfg.network,
         service_cidr: args.service_cidr,
+        balancing: args.load_balancing,
     };
     let proxy = tokio::spawn(service_proxy::run(
         store.clone(),

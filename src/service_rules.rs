@@ -2,7 +2,7 @@
 //! chains; loaded with `nft -f`) plus elements per service port (written over netlink).
 //!
 //! One map lookup finds a service, whatever the number of services: first-packet cost does not
-//! grow with the table. Load balancing uses one chain per *endpoint count* (`numgen random mod
+//! grow with the table. Load balancing uses one chain per *endpoint count* (`numgen inc|random mod
 //! N` needs a constant N), never one per service or per endpoint, so the number of chains stays
 //! small while the element count grows with services × endpoints. See `docs/ruleset.md`.
 
@@ -123,7 +123,8 @@ impl DynChain {
                     r.push(sticky.to_string());
                 }
                 r.push(format!(
-                    "dnat ip to ip daddr . meta l4proto . th dport . numgen random mod {n} map @backends"
+                    "dnat ip to ip daddr . meta l4proto . th dport . numgen {} mod {n} map @backends",
+                    ctx.balancing.numgen()
                 ));
                 r
             }
@@ -136,7 +137,8 @@ impl DynChain {
                     r.push(sticky.to_string());
                 }
                 r.push(format!(
-                    "dnat ip to meta l4proto . th dport . numgen random mod {n} map @nodeport_backends"
+                    "dnat ip to meta l4proto . th dport . numgen {} mod {n} map @nodeport_backends",
+                    ctx.balancing.numgen()
                 ));
                 r
             }
@@ -156,6 +158,32 @@ pub struct NodeContext {
     pub cluster_network: Ipv4Network,
     /// The service IP range (new connections to an unknown service IP:port are refused).
     pub service_cidr: Ipv4Network,
+    /// How a new connection picks its endpoint.
+    pub balancing: Balancing,
+}
+
+/// How a new connection picks its endpoint among a service's N endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Balancing {
+    /// `numgen inc mod N`: a counter per endpoint count, shared by the services with that many
+    /// endpoints. Spreads evenly (every endpoint within a few connections of 1/N); a workload
+    /// that strictly alternates between services with the same endpoint count can make them
+    /// follow each other's rhythm.
+    #[default]
+    RoundRobin,
+    /// `numgen random mod N`, as kube-proxy does: independent per connection, with the
+    /// statistical spread of random choice (about ±1/sqrt(connections × N) relative).
+    Random,
+}
+
+impl Balancing {
+    /// The `numgen` mode.
+    pub fn numgen(self) -> &'static str {
+        match self {
+            Balancing::RoundRobin => "inc",
+            Balancing::Random => "random",
+        }
+    }
 }
 
 /// One element of one set.
@@ -308,11 +336,12 @@ pub const NODEPORT_DROP: &str = "nodeport_drop";
 /// A fingerprint of the base structure for `ctx`, stored in the table comment.
 pub fn structure_tag(ctx: &NodeContext) -> String {
     format!(
-        "tartan services v{STRUCTURE_VERSION} net {}/{} services {}/{}",
+        "tartan services v{STRUCTURE_VERSION} net {}/{} services {}/{} balancing {}",
         ctx.cluster_network.network(),
         ctx.cluster_network.prefix(),
         ctx.service_cidr.network(),
-        ctx.service_cidr.prefix()
+        ctx.service_cidr.prefix(),
+        ctx.balancing.numgen()
     )
 }
 
@@ -321,11 +350,12 @@ pub fn structure_tag(ctx: &NodeContext) -> String {
 pub fn marker_chain(ctx: &NodeContext) -> String {
     let (net, svc) = (ctx.cluster_network, ctx.service_cidr);
     format!(
-        "tag_v{STRUCTURE_VERSION}_{}_{}_{}_{}",
+        "tag_v{STRUCTURE_VERSION}_{}_{}_{}_{}_{}",
         net.network().to_string().replace('.', "_"),
         net.prefix(),
         svc.network().to_string().replace('.', "_"),
-        svc.prefix()
+        svc.prefix(),
+        ctx.balancing.numgen()
     )
 }
 
@@ -639,6 +669,7 @@ mod tests {
             node: "n1".into(),
             cluster_network: "10.244.0.0/16".parse().unwrap(),
             service_cidr: "10.96.0.0/12".parse().unwrap(),
+            balancing: Balancing::RoundRobin,
         }
     }
 

@@ -533,6 +533,7 @@ mod tests {
             node: "n1".into(),
             cluster_network: "10.244.0.0/16".parse().unwrap(),
             service_cidr: "10.96.0.0/12".parse().unwrap(),
+            balancing: Default::default(),
         }
     }
 
