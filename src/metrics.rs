@@ -51,6 +51,21 @@ pub struct Metrics {
     pub service_chains: Gauge,
     /// Services programmed.
     pub services: Gauge,
+    /// Peak resident memory of the daemon (bytes).
+    pub peak_rss: Gauge,
+    /// Peak resident memory of the largest process the daemon started and waited for (bytes).
+    pub children_peak_rss: Gauge,
+}
+
+/// VmHWM of this process in kB.
+fn peak_rss_kb() -> Option<i64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 impl Metrics {
@@ -74,6 +89,8 @@ impl Metrics {
             service_elements: Gauge::default(),
             service_chains: Gauge::default(),
             services: Gauge::default(),
+            peak_rss: Gauge::default(),
+            children_peak_rss: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -147,11 +164,27 @@ impl Metrics {
             m.service_chains.clone(),
         );
         registry.register("services", "Service ports programmed", m.services.clone());
+        registry.register(
+            "peak_rss_bytes",
+            "Peak resident memory of the daemon",
+            m.peak_rss.clone(),
+        );
+        registry.register(
+            "children_peak_rss_bytes",
+            "Peak resident memory of the largest process the daemon started (nft, conntrack)",
+            m.children_peak_rss.clone(),
+        );
         Arc::new(Metrics { registry, ..m })
     }
 
     /// The metrics in Prometheus text format.
     pub fn render(&self) -> String {
+        if let Some(kb) = peak_rss_kb() {
+            self.peak_rss.set(kb * 1024);
+        }
+        if let Ok(u) = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN) {
+            self.children_peak_rss.set(u.max_rss() * 1024);
+        }
         let mut s = String::new();
         if encode(&mut s, &self.registry).is_err() {
             s.clear();

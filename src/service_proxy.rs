@@ -171,24 +171,8 @@ impl Applier {
     /// Builds a new table holding `plan` (a full plan) beside the one in force and switches
     /// over in one transaction.
     async fn rebuild(&mut self, plan: &SyncPlan) -> Result<()> {
-        let st = Structure::for_chains(&plan.add_chains, self.active.as_ref().map(|a| &a.1));
-        let old = self.table();
-        let new = old.map_or(TABLES[0], other_table);
-        nft_cmd::apply(&build_script(new, &self.ctx, &st)).await?;
-        let adds: Vec<(String, SetOp)> = plan
-            .ops
-            .iter()
-            .filter(|(_, op)| !matches!(op, SetOp::Flush))
-            .cloned()
-            .collect();
-        if let Err(e) = self.nft.apply(NFPROTO_IPV4, new, &adds) {
-            let _ = nft_cmd::delete_table(FAMILY, new).await;
-            return Err(e.context("loading the new service table"));
-        }
-        if let Err(e) = nft_cmd::apply(&activate_script(new, old)).await {
-            let _ = nft_cmd::delete_table(FAMILY, new).await;
-            return Err(e.context("switching to the new service table"));
-        }
+        let current = self.active.as_ref().map(|(t, st)| (*t, st));
+        let (new, st) = build_and_switch(&mut self.nft, &self.ctx, plan, current).await?;
         info!(
             table = new,
             capacity = st.capacity,
@@ -231,6 +215,36 @@ impl Applier {
     fn chain_count(&self) -> usize {
         self.active.as_ref().map_or(0, |(_, st)| st.chains().len())
     }
+}
+
+/// Builds a service table holding the full plan `plan` beside the one in force (`current`),
+/// loads its elements, then hooks it in and drops the old one in a single transaction. Returns
+/// the new table and its structure.
+pub async fn build_and_switch(
+    nft: &mut NftSocket,
+    ctx: &NodeContext,
+    plan: &SyncPlan,
+    current: Option<(&'static str, &Structure)>,
+) -> Result<(&'static str, Structure)> {
+    let st = Structure::for_chains(&plan.add_chains, current.map(|c| c.1));
+    let old = current.map(|c| c.0);
+    let new = old.map_or(TABLES[0], other_table);
+    nft_cmd::apply(&build_script(new, ctx, &st)).await?;
+    let adds: Vec<(String, SetOp)> = plan
+        .ops
+        .iter()
+        .filter(|(_, op)| !matches!(op, SetOp::Flush))
+        .cloned()
+        .collect();
+    if let Err(e) = nft.apply(NFPROTO_IPV4, new, &adds) {
+        let _ = nft_cmd::delete_table(FAMILY, new).await;
+        return Err(e.context("loading the new service table"));
+    }
+    if let Err(e) = nft_cmd::apply(&activate_script(new, old)).await {
+        let _ = nft_cmd::delete_table(FAMILY, new).await;
+        return Err(e.context("switching to the new service table"));
+    }
+    Ok((new, st))
 }
 
 /// Clears state that would keep sending clients to backends that left: UDP conntrack entries

@@ -1,0 +1,446 @@
+//! Service proxy benchmarks (need root; everything in namespaces):
+//!
+//! - `full_sync`: 10,000 (and 30,000) services × 5 endpoints in etcd → kernel: wall time and
+//!   peak memory of the daemon and the processes it starts;
+//! - `endpoint_change`: one endpoint added or removed with 10,000 services present: etcd put →
+//!   kernel element change (observed through nftables netlink notifications);
+//! - `create_to_reachable`: `service create` → a pod on every node of a 5-node cluster connects;
+//! - `first_packet`: new-connection latency through a cluster IP with 1, 10,000 and 30,000
+//!   services, beside an iptables-style linear chain of the same size, interleaved;
+//! - `spread`: 10,000 new connections over 2, 3, 10 and 100 endpoints.
+//!
+//! Run: `cargo bench --bench service_scale [-- NAME...]`. Results: docs/benchmarks.md.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use futures::StreamExt;
+use tartan::etcd_store::{EtcdArgs, Store};
+use tartan::netbench::service_bed::{NatKind, ServiceBed, first_connections, vip};
+use tartan::netns_lab::{Binaries, Lab, block_on_in_netns, in_netns, require_root, wait_for};
+use tartan::pod_record::{PodRecord, pod_key};
+use tartan::service_model::{DEFAULT_AFFINITY_TIMEOUT, Service, SessionAffinity, TrafficPolicy};
+use tartan::service_rules::Balancing;
+
+fn bins() -> Binaries {
+    Binaries {
+        tartand: env!("CARGO_BIN_EXE_tartand").into(),
+        tartanctl: env!("CARGO_BIN_EXE_tartanctl").into(),
+        tartan_cni: env!("CARGO_BIN_EXE_tartan-cni").into(),
+    }
+}
+
+fn etcd_args() -> EtcdArgs {
+    use clap::Parser;
+    #[derive(clap::Parser)]
+    struct A {
+        #[command(flatten)]
+        e: EtcdArgs,
+    }
+    A::parse_from(["x", "--etcd-endpoints", "http://127.0.0.1:2379"]).e
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[(((p / 100.0) * (sorted.len() - 1) as f64).round() as usize).min(sorted.len() - 1)]
+}
+
+fn sorted_us(v: &[Duration]) -> Vec<f64> {
+    let mut v: Vec<f64> = v.iter().map(|d| d.as_secs_f64() * 1e6).collect();
+    v.sort_by(f64::total_cmp);
+    v
+}
+
+fn bench_service(i: u32) -> Service {
+    Service {
+        namespace: "bench".into(),
+        name: format!("s{i}"),
+        cluster_ip: vip(i),
+        ports: vec!["80:8080/tcp".parse().expect("static port")],
+        selector: Some([("app".to_string(), format!("a{i}"))].into()),
+        session_affinity: SessionAffinity::None,
+        session_affinity_timeout: DEFAULT_AFFINITY_TIMEOUT,
+        external_traffic_policy: TrafficPolicy::Cluster,
+    }
+}
+
+fn bench_pod(i: u32, k: u32, node: &str) -> PodRecord {
+    PodRecord {
+        container_id: format!("c{i}x{k}"),
+        ifname: "eth0".into(),
+        node: node.into(),
+        ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 0)) + i * 8 + k),
+        namespace: "bench".into(),
+        name: format!("p{i}x{k}"),
+        labels: [("app".to_string(), format!("a{i}"))].into(),
+    }
+}
+
+/// Writes `services` services with 5 pods each straight into etcd (as `tartanctl` would, minus
+/// the per-service allocation transactions).
+fn load_etcd(lab: &Lab, services: u32) -> Result<()> {
+    let t = Instant::now();
+    block_on_in_netns(&lab.infra, move || async move {
+        let args = etcd_args();
+        let store = Store::connect(&args).await?;
+        let mut kvs: Vec<(String, Vec<u8>)> = Vec::new();
+        for i in 0..services {
+            let s = bench_service(i);
+            kvs.push((tartan::service_store::service_key(&args, &s.namespace, &s.name), s.to_bytes()));
+            for k in 0..5 {
+                let p = bench_pod(i, k, "elsewhere");
+                kvs.push((pod_key(&args, &p), p.to_bytes()));
+            }
+        }
+        let chunks: Vec<Vec<(String, Vec<u8>)>> = kvs.chunks(100).map(|c| c.to_vec()).collect();
+        let results: Vec<Result<bool>> = futures::stream::iter(chunks.into_iter().map(|c| {
+            let store = store.clone();
+            async move {
+                let ops: Vec<etcd_client::TxnOp> =
+                    c.into_iter().map(|(k, v)| etcd_client::TxnOp::put(k, v, None)).collect();
+                store.txn(etcd_client::Txn::new().and_then(ops)).await
+            }
+        }))
+        .buffer_unordered(8)
+        .collect()
+        .await;
+        for r in results {
+            r?;
+        }
+        anyhow::Ok(())
+    })??;
+    println!("  loaded {services} services and {} pods into etcd in {:.1} s", services * 5, t.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn metric(ns: &str, name: &str) -> Option<f64> {
+    let name = name.to_string();
+    in_netns(ns, move || -> Option<f64> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9402").ok()?;
+        write!(s, "GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        out.lines()
+            .find(|l| l.starts_with(&format!("{name} ")))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    })
+    .ok()
+    .flatten()
+}
+
+/// Starts a daemon on a lab whose etcd already holds the services; returns the lab for more.
+fn full_sync(services: u32) -> Result<Lab> {
+    println!("full_sync: {services} services x 5 endpoints");
+    let mut lab = Lab::new(1, bins())?;
+    lab.start_etcd()?;
+    lab.init_network(&["--network", "10.244.0.0/16"])?;
+    load_etcd(&lab, services)?;
+    let t = Instant::now();
+    lab.start_daemon(0, &[])?;
+    let log = lab.nodes[0].log_file();
+    let line = wait_for("full sync", Duration::from_secs(120), || {
+        let l = std::fs::read_to_string(&log).ok()?;
+        l.lines().find(|x| x.contains("service table fully synced")).map(str::to_string)
+    })?;
+    let wall = t.elapsed();
+    let sync_ms: f64 = line
+        .split("elapsed_ms=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN);
+    let ns = lab.nodes[0].ns.clone();
+    let own = metric(&ns, "tartan_peak_rss_bytes").unwrap_or(f64::NAN) / 1e6;
+    let kids = metric(&ns, "tartan_children_peak_rss_bytes").unwrap_or(f64::NAN) / 1e6;
+    println!(
+        "  daemon start -> table in force: {:.3} s wall (sync itself {:.0} ms after the etcd listing)",
+        wall.as_secs_f64(),
+        sync_ms
+    );
+    println!("  peak memory: daemon {own:.1} MB + largest child process {kids:.1} MB = {:.1} MB", own + kids);
+    Ok(lab)
+}
+
+/// Subscribes to nftables change notifications in `ns`; records the arrival time of each.
+fn nft_monitor(ns: &str, seen: Arc<Mutex<Vec<Instant>>>) -> Result<()> {
+    let ns = ns.to_string();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = in_netns(&ns, move || {
+            let mut s = match netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_NETFILTER) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            // NFNLGRP_NFTABLES = 7.
+            if let Err(e) = s.bind(&netlink_sys::SocketAddr::new(0, 1 << 6)) {
+                let _ = tx.send(Err(e.to_string()));
+                return;
+            }
+            let _ = s.set_rx_buf_sz(8 * 1024 * 1024);
+            let _ = tx.send(Ok(()));
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                let mut b = &mut buf[..];
+                if s.recv(&mut b, 0).is_err() {
+                    continue;
+                }
+                if let Ok(mut v) = seen.lock() {
+                    v.push(Instant::now());
+                }
+            }
+        });
+    });
+    rx.recv_timeout(Duration::from_secs(5))?.map_err(anyhow::Error::msg)
+}
+
+fn endpoint_change(lab: &Lab) -> Result<()> {
+    println!("endpoint_change: one endpoint added or removed, 10,000 services present");
+    let ns = lab.nodes[0].ns.clone();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    nft_monitor(&ns, seen.clone())?;
+    let seen2 = seen.clone();
+    let lat: Vec<(f64, f64)> = block_on_in_netns(&lab.infra, move || async move {
+        let args = etcd_args();
+        let store = Store::connect(&args).await?;
+        let mut out = Vec::new();
+        for round in 0..200u32 {
+            let i = (round * 37) % 10000;
+            let p = bench_pod(i, 7, "elsewhere");
+            if let Ok(mut v) = seen2.lock() {
+                v.clear();
+            }
+            let t0 = Instant::now();
+            if round % 2 == 0 {
+                store.put(&pod_key(&args, &p), p.to_bytes(), 0).await?;
+            } else {
+                let p = bench_pod((round - 1) * 37 % 10000, 7, "elsewhere");
+                store.delete(&pod_key(&args, &p)).await?;
+            }
+            let acked = t0.elapsed();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let t1 = loop {
+                if let Some(t) = seen2.lock().ok().and_then(|v| v.first().copied()) {
+                    break t;
+                }
+                if Instant::now() > deadline {
+                    bail!("no kernel change seen for round {round}");
+                }
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            };
+            out.push((
+                t1.duration_since(t0).as_secs_f64() * 1000.0,
+                t1.saturating_duration_since(t0 + acked).as_secs_f64() * 1000.0,
+            ));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        anyhow::Ok(out)
+    })??;
+    let mut from_put: Vec<f64> = lat.iter().map(|l| l.0).collect();
+    let mut from_ack: Vec<f64> = lat.iter().map(|l| l.1).collect();
+    from_put.sort_by(f64::total_cmp);
+    from_ack.sort_by(f64::total_cmp);
+    println!(
+        "  etcd put sent -> kernel: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} changes)",
+        pct(&from_put, 50.0),
+        pct(&from_put, 99.0),
+        from_put.last().copied().unwrap_or(f64::NAN),
+        from_put.len()
+    );
+    println!(
+        "  etcd put acknowledged -> kernel: p50 {:.2} ms, p99 {:.2} ms",
+        pct(&from_ack, 50.0),
+        pct(&from_ack, 99.0)
+    );
+    Ok(())
+}
+
+fn create_to_reachable() -> Result<()> {
+    println!("create_to_reachable: service create -> a pod on each of 5 nodes connects");
+    let mut lab = Lab::new(5, bins())?;
+    lab.start_etcd()?;
+    lab.init_network(&["--network", "10.244.0.0/16"])?;
+    for i in 0..5 {
+        lab.start_daemon(i, &[])?;
+    }
+    let mut clients = Vec::new();
+    for i in 0..5 {
+        lab.wait_subnet(i)?;
+        clients.push(lab.add_manual_pod(i, 1)?);
+    }
+    let backend = lab.add_manual_pod(2, 2)?;
+    tartan::netbench::probe::tcp_whoami_server(&backend.ns, 8080, "b")?;
+    let rec = PodRecord {
+        container_id: "backend".into(),
+        ifname: "eth0".into(),
+        node: lab.nodes[2].name.clone(),
+        ip: backend.ip,
+        namespace: "default".into(),
+        name: "backend".into(),
+        labels: [("app".to_string(), "b".to_string())].into(),
+    };
+    lab.etcdctl(&["put", "/tartan/pods/node3/backend/eth0", &String::from_utf8(rec.to_bytes())?])?;
+    let mut worst = Vec::new();
+    for round in 0..60 {
+        let name = format!("r{round}");
+        let t0 = Instant::now();
+        let created = block_on_in_netns(&lab.infra, move || async move {
+            let args = etcd_args();
+            let store = Store::connect(&args).await?;
+            let st = tartan::service_store::ServiceStore::new(&store, &args, "10.96.0.0/12".parse()?);
+            let mut s = bench_service(0);
+            s.namespace = "default".into();
+            s.name = name;
+            s.selector = Some([("app".to_string(), "b".to_string())].into());
+            st.create(s, None, &[]).await
+        })??;
+        let vip = created.cluster_ip;
+        let handles: Vec<_> = clients
+            .iter()
+            .map(|c| {
+                let ns = c.ns.clone();
+                std::thread::spawn(move || -> Result<Duration> {
+                    in_netns(&ns, move || -> Result<Duration> {
+                        loop {
+                            if let Ok(w) = tartan::netbench::probe::whoami_here(vip, 80, Duration::from_millis(500))
+                                && w.name == "b"
+                            {
+                                return Ok(t0.elapsed());
+                            }
+                            if t0.elapsed() > Duration::from_secs(10) {
+                                bail!("{vip} not reachable after 10 s");
+                            }
+                            std::thread::sleep(Duration::from_micros(500));
+                        }
+                    })?
+                })
+            })
+            .collect();
+        let mut w = Duration::ZERO;
+        for h in handles {
+            w = w.max(h.join().map_err(|_| anyhow::anyhow!("client panicked"))??);
+        }
+        worst.push(w.as_secs_f64() * 1000.0);
+    }
+    worst.sort_by(f64::total_cmp);
+    println!(
+        "  create -> reachable from all 5 nodes ({} services): p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        worst.len(),
+        pct(&worst, 50.0),
+        pct(&worst, 90.0),
+        pct(&worst, 99.0),
+        worst.last().copied().unwrap_or(f64::NAN)
+    );
+    Ok(())
+}
+
+fn first_packet() -> Result<()> {
+    println!("first_packet: new-connection latency through a cluster IP (connect -> first byte)");
+    let sizes = [1u32, 10_000, 30_000];
+    let mut kinds = Vec::new();
+    for s in sizes {
+        kinds.push(NatKind::Tartan { services: s, endpoints: 1, balancing: Balancing::RoundRobin });
+    }
+    for s in sizes {
+        kinds.push(NatKind::Linear { services: s });
+    }
+    let bed = ServiceBed::new(&kinds)?;
+    for v in &bed.variants {
+        println!("  {:<28} programmed in {:.2} s", v.kind.label(), v.load_seconds);
+    }
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); bed.variants.len()];
+    let rounds = 30;
+    for _ in 0..rounds {
+        for (i, v) in bed.variants.iter().enumerate() {
+            let r = first_connections(&v.client, v.target, 50)?;
+            samples[i].extend(r.into_iter().map(|x| x.0));
+        }
+    }
+    let base_t = pct(&sorted_us(&samples[0]), 50.0);
+    let base_l = pct(&sorted_us(&samples[sizes.len()]), 50.0);
+    println!("  {rounds} interleaved rounds x 50 connections per variant:");
+    for (i, v) in bed.variants.iter().enumerate() {
+        let s = sorted_us(&samples[i]);
+        let base = if i < sizes.len() { base_t } else { base_l };
+        println!(
+            "  {:<28} p50 {:7.1} us  p90 {:7.1} us  p99 {:7.1} us   p50 ratio to 1 service {:.3}",
+            v.kind.label(),
+            pct(&s, 50.0),
+            pct(&s, 90.0),
+            pct(&s, 99.0),
+            pct(&s, 50.0) / base
+        );
+    }
+    // Per-round medians, to state the noise.
+    Ok(())
+}
+
+fn spread() -> Result<()> {
+    println!("spread: 10,000 new connections over N endpoints");
+    for balancing in [Balancing::RoundRobin, Balancing::Random] {
+        for n in [2u32, 3, 10, 100] {
+            let bed = ServiceBed::new(&[NatKind::Tartan { services: 1, endpoints: n, balancing }])?;
+            let v = &bed.variants[0];
+            let r = first_connections(&v.client, v.target, 10_000)?;
+            let mut counts: HashMap<String, usize> = HashMap::new();
+            for (_, who) in r {
+                *counts.entry(who).or_default() += 1;
+            }
+            let expect = 10_000.0 / f64::from(n);
+            let worst = counts
+                .values()
+                .map(|c| (*c as f64 - expect).abs() / expect * 100.0)
+                .fold(0.0, f64::max);
+            let (lo, hi) = (
+                counts.values().min().copied().unwrap_or(0),
+                counts.values().max().copied().unwrap_or(0),
+            );
+            println!(
+                "  {:<11} N={n:<3}: {} endpoints used, counts {lo}..{hi} (ideal {expect:.0}), worst deviation {worst:.1} % {}",
+                format!("{balancing:?}"),
+                counts.len(),
+                if worst <= 10.0 && counts.len() == n as usize { "(within ±10 %)" } else { "(OUTSIDE ±10 %)" }
+            );
+        }
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    if !require_root()? {
+        return Ok(());
+    }
+    let which: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let want = |name: &str| which.is_empty() || which.iter().any(|w| name.contains(w.as_str()));
+    if want("full_sync") || want("endpoint_change") {
+        let lab = full_sync(10_000).context("10,000 services")?;
+        if want("endpoint_change") {
+            endpoint_change(&lab)?;
+        }
+        drop(lab);
+        if want("full_sync") {
+            drop(full_sync(30_000).context("30,000 services")?);
+        }
+    }
+    if want("create_to_reachable") {
+        create_to_reachable()?;
+    }
+    if want("first_packet") {
+        first_packet()?;
+    }
+    if want("spread") {
+        spread()?;
+    }
+    Ok(())
+}

@@ -1,0 +1,332 @@
+//! A bench for the service NAT alone: one "node" namespace per variant, each with a client pod
+//! and a server pod, and either tartan's service table (programmed with the daemon's own code,
+//! for N services) or an iptables-style linear NAT chain of N rules as the reference. New
+//! connections from the client to the last service measure the first-packet cost.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+use crate::netns_lab::{delete_ns, in_netns, ip, ns_command, ns_run, sweep_stale};
+use crate::nft_netlink::NftSocket;
+use crate::pod_record::PodRecord;
+use crate::service_model::{
+    DEFAULT_AFFINITY_TIMEOUT, Service, ServicePort, SessionAffinity, TrafficPolicy,
+};
+use crate::service_proxy::build_and_switch;
+use crate::service_rules::{Balancing, NodeContext};
+use crate::service_state::{ModelChange, ServiceState};
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// The client pod's address.
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+/// The server pod's first address (more follow when a service needs several endpoints).
+pub const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 2);
+/// The port the server listens on.
+pub const SERVER_PORT: u16 = 8080;
+/// The service port.
+pub const SERVICE_PORT: u16 = 80;
+
+/// What a variant's node namespace holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NatKind {
+    /// tartan's service table with this many services (5 endpoints each; the measured one last).
+    Tartan {
+        /// Services in the table.
+        services: u32,
+        /// Endpoints of the measured service (addresses of the server pod).
+        endpoints: u32,
+        /// Balancing mode.
+        balancing: Balancing,
+    },
+    /// An iptables-style chain: one `-d VIP -p tcp --dport 80 -j DNAT` rule per service, the
+    /// measured service last.
+    Linear {
+        /// Rules in the chain.
+        services: u32,
+    },
+}
+
+impl NatKind {
+    /// A short label for reports.
+    pub fn label(&self) -> String {
+        match self {
+            NatKind::Tartan { services, .. } => format!("tartan, {services} services"),
+            NatKind::Linear { services } => format!("linear chain, {services} rules"),
+        }
+    }
+}
+
+/// The cluster IP of service number `i` (0-based) in a bench table.
+pub fn vip(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + 10 + i)
+}
+
+/// One variant: namespaces and the measured service's address.
+pub struct Variant {
+    /// The NAT in its node.
+    pub kind: NatKind,
+    /// Node namespace.
+    pub node: String,
+    /// Client pod namespace.
+    pub client: String,
+    /// Server pod namespace.
+    pub server: String,
+    /// The measured service's cluster IP.
+    pub target: Ipv4Addr,
+    /// Seconds it took to program the NAT.
+    pub load_seconds: f64,
+}
+
+/// Every variant's namespaces; removed on drop.
+pub struct ServiceBed {
+    /// The variants.
+    pub variants: Vec<Variant>,
+    namespaces: Vec<String>,
+}
+
+impl Drop for ServiceBed {
+    fn drop(&mut self) {
+        for ns in self.namespaces.iter().rev() {
+            delete_ns(ns);
+        }
+    }
+}
+
+fn service(i: u32) -> Service {
+    Service {
+        namespace: "bench".into(),
+        name: format!("s{i}"),
+        cluster_ip: vip(i),
+        ports: vec![ServicePort {
+            name: None,
+            port: SERVICE_PORT,
+            target_port: SERVER_PORT,
+            protocol: crate::service_model::Protocol::Tcp,
+            node_port: None,
+        }],
+        selector: Some([("app".to_string(), format!("a{i}"))].into()),
+        session_affinity: SessionAffinity::None,
+        session_affinity_timeout: DEFAULT_AFFINITY_TIMEOUT,
+        external_traffic_policy: TrafficPolicy::Cluster,
+    }
+}
+
+fn pod(i: u32, k: u32, ip: Ipv4Addr) -> (String, PodRecord) {
+    (
+        format!("/bench/{i}/{k}"),
+        PodRecord {
+            container_id: format!("c{i}-{k}"),
+            ifname: "eth0".into(),
+            node: "bench".into(),
+            ip,
+            namespace: "bench".into(),
+            name: format!("p{i}-{k}"),
+            labels: [("app".to_string(), format!("a{i}"))].into(),
+        },
+    )
+}
+
+/// Programs tartan's table for `kind` in the current namespace (call inside the node namespace).
+async fn program_tartan(services: u32, endpoints: u32, balancing: Balancing) -> Result<()> {
+    let ctx = NodeContext {
+        node: "bench".into(),
+        cluster_network: "10.244.0.0/16".parse()?,
+        service_cidr: "10.96.0.0/12".parse()?,
+        balancing,
+    };
+    let mut st = ServiceState::new(ctx.clone());
+    for i in 0..services {
+        st.change(ModelChange::PutService(format!("/svc/{i}"), service(i)));
+        let last = i + 1 == services;
+        let n = if last { endpoints } else { 5 };
+        for k in 0..n {
+            let ip = if last {
+                Ipv4Addr::from(u32::from(SERVER_IP) + k)
+            } else {
+                // Addresses that exist nowhere: only the table size matters for them.
+                Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 0)) + i * 8 + k)
+            };
+            let (key, rec) = pod(i, k, ip);
+            st.change(ModelChange::PutPod(key, rec));
+        }
+    }
+    let plan = st.plan_full();
+    let mut nft = NftSocket::open()?;
+    build_and_switch(&mut nft, &ctx, &plan, None).await?;
+    Ok(())
+}
+
+/// Loads an iptables-style NAT chain with `services` rules into `ns`, the target last.
+fn program_linear(ns: &str, services: u32) -> Result<()> {
+    let mut s = String::with_capacity(services as usize * 96);
+    s.push_str("*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n:BENCH-SERVICES - [0:0]\n");
+    s.push_str("-A PREROUTING -j BENCH-SERVICES\n");
+    for i in 0..services {
+        let to = if i + 1 == services {
+            SERVER_IP
+        } else {
+            Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 0)) + i * 8)
+        };
+        s.push_str(&format!(
+            "-A BENCH-SERVICES -d {}/32 -p tcp -m tcp --dport {SERVICE_PORT} -j DNAT --to-destination {to}:{SERVER_PORT}\n",
+            vip(i)
+        ));
+    }
+    s.push_str("COMMIT\n");
+    let mut child = ns_command(ns, "iptables-restore")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running iptables-restore")?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(s.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("iptables-restore: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// Starts a server in `ns` that answers every connection with one byte and the local address
+/// it was reached at (so the endpoint is known), then closes.
+fn server(ns: &str) -> Result<()> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let ns = ns.to_string();
+    std::thread::spawn(move || {
+        let _ = in_netns(&ns, move || {
+            let l = match TcpListener::bind(("0.0.0.0", SERVER_PORT)) {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            let _ = tx.send(Ok(()));
+            for s in l.incoming() {
+                let Ok(mut s) = s else { continue };
+                let local = s.local_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+                let _ = s.write_all(format!("{local}\n").as_bytes());
+            }
+        });
+    });
+    rx.recv_timeout(Duration::from_secs(10))
+        .context("bench server did not start")?
+        .map_err(|e| anyhow!("bench server: {e}"))
+}
+
+impl ServiceBed {
+    /// Builds one variant per entry of `kinds`, programmed and checked to answer.
+    pub fn new(kinds: &[NatKind]) -> Result<ServiceBed> {
+        sweep_stale();
+        let id = format!(
+            "tt{}x{}s{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed),
+            rand::random::<u16>() % 1000
+        );
+        let mut bed = ServiceBed {
+            variants: Vec::new(),
+            namespaces: Vec::new(),
+        };
+        for (i, kind) in kinds.iter().enumerate() {
+            let node = format!("{id}-v{i}");
+            let client = format!("{node}c");
+            let server_ns = format!("{node}s");
+            for ns in [&node, &client, &server_ns] {
+                ip(&["netns", "add", ns])?;
+                bed.namespaces.push(ns.clone());
+                ip(&["-n", ns, "link", "set", "lo", "up"])?;
+            }
+            ip(&["-n", &node, "link", "add", "toc", "type", "veth", "peer", "name", "eth0", "netns", &client])?;
+            ip(&["-n", &node, "link", "add", "tos", "type", "veth", "peer", "name", "eth0", "netns", &server_ns])?;
+            ip(&["-n", &node, "addr", "add", "10.244.1.1/24", "dev", "toc"])?;
+            ip(&["-n", &node, "addr", "add", "10.244.2.1/24", "dev", "tos"])?;
+            ip(&["-n", &node, "link", "set", "toc", "up"])?;
+            ip(&["-n", &node, "link", "set", "tos", "up"])?;
+            ns_run(&node, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+            ip(&["-n", &client, "addr", "add", &format!("{CLIENT_IP}/24"), "dev", "eth0"])?;
+            ip(&["-n", &client, "link", "set", "eth0", "up"])?;
+            ip(&["-n", &client, "route", "add", "default", "via", "10.244.1.1"])?;
+            let endpoints = match kind {
+                NatKind::Tartan { endpoints, .. } => (*endpoints).max(1),
+                NatKind::Linear { .. } => 1,
+            };
+            for k in 0..endpoints {
+                let a = Ipv4Addr::from(u32::from(SERVER_IP) + k);
+                ip(&["-n", &server_ns, "addr", "add", &format!("{a}/24"), "dev", "eth0"])?;
+            }
+            ip(&["-n", &server_ns, "link", "set", "eth0", "up"])?;
+            ip(&["-n", &server_ns, "route", "add", "default", "via", "10.244.2.1"])?;
+            server(&server_ns)?;
+            let t = Instant::now();
+            let target = match *kind {
+                NatKind::Tartan {
+                    services,
+                    endpoints,
+                    balancing,
+                } => {
+                    if services == 0 {
+                        bail!("a variant needs at least one service");
+                    }
+                    crate::netns_lab::block_on_in_netns(&node, move || {
+                        program_tartan(services, endpoints, balancing)
+                    })??;
+                    vip(services - 1)
+                }
+                NatKind::Linear { services } => {
+                    if services == 0 {
+                        bail!("a variant needs at least one service");
+                    }
+                    program_linear(&node, services)?;
+                    vip(services - 1)
+                }
+            };
+            let load_seconds = t.elapsed().as_secs_f64();
+            let v = Variant {
+                kind: *kind,
+                node,
+                client,
+                server: server_ns,
+                target,
+                load_seconds,
+            };
+            // Make sure the path works before anyone measures it.
+            let c = v.client.clone();
+            crate::netns_lab::wait_for("the bench service to answer", Duration::from_secs(20), || {
+                first_connections(&c, target, 1).ok()
+            })?;
+            bed.variants.push(v);
+        }
+        Ok(bed)
+    }
+}
+
+/// One new TCP connection to `dst:80` and its first byte, from the calling thread's namespace:
+/// the time from `connect` to the first byte, and the endpoint address the server reported.
+pub fn first_connection(dst: Ipv4Addr) -> Result<(Duration, String)> {
+    let t = Instant::now();
+    let mut s = TcpStream::connect_timeout(&SocketAddr::from((dst, SERVICE_PORT)), Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf)?;
+    let d = t.elapsed();
+    // Reset instead of TIME_WAIT, so thousands of connections do not exhaust ports.
+    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+    let who = String::from_utf8_lossy(&buf[..n]).trim().to_string();
+    Ok((d, who))
+}
+
+/// `count` new connections from namespace `ns` to `dst`.
+pub fn first_connections(ns: &str, dst: Ipv4Addr, count: usize) -> Result<Vec<(Duration, String)>> {
+    in_netns(ns, move || (0..count).map(|_| first_connection(dst)).collect())?
+}
