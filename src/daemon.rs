@@ -19,7 +19,7 @@ use crate::netlink_ops::Netlink;
 use crate::node_liveness;
 use crate::node_state::{NodeState, state_path, vtep_mac_for};
 use crate::overlay_reconciler::{self, OverlaySettings, overlay_mtu};
-use crate::service_proxy::{self, ProxyStatus};
+use crate::service_proxy;
 use crate::service_rules::NodeContext;
 use crate::shutdown::shutdown_signal;
 use crate::status::DaemonStatus;
@@ -229,7 +229,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         metrics.clone(),
     ));
 
-    let proxy_status = Arc::new(std::sync::Mutex::new(ProxyStatus::default()));
+    let (status_tx, status_rx) = tokio::sync::mpsc::channel(4);
     let ctx = NodeContext {
         node: name.clone(),
         cluster_network: cfg.network,
@@ -241,9 +241,9 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         args.etcd.clone(),
         ctx,
         metrics.clone(),
-        proxy_status.clone(),
+        status_rx,
     ));
-    status.set_proxy(proxy_status);
+    status.set_proxy(status_tx);
 
     let settings = OverlaySettings {
         iface: args.iface.clone(),

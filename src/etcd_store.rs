@@ -16,6 +16,22 @@ use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
 
+/// Keys per page when listing a prefix.
+pub const LIST_PAGE: i64 = 5000;
+
+/// The end of the key range holding every key that starts with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Every byte was 0xff (or the prefix is empty): the range extends to the end of keyspace.
+    vec![0]
+}
+
 /// How long a single unary etcd request may take before it counts as failed.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -157,12 +173,36 @@ impl Store {
         Ok(r.kvs().first().map(KvItem::from_kv))
     }
 
-    /// Lists every key under `prefix`; returns the store revision of the read.
+    /// Lists every key under `prefix`; returns the store revision of the read. Large prefixes
+    /// are read in pages of [`LIST_PAGE`] keys, all at the revision of the first page, so the
+    /// result is one consistent snapshot and no response exceeds the gRPC message limit.
     pub async fn list(&self, prefix: &str) -> Result<(i64, Vec<KvItem>)> {
         let mut c = self.client.clone();
-        let r = timed("list", c.get(prefix, Some(GetOptions::new().with_prefix()))).await?;
-        let rev = r.header().map(|h| h.revision()).unwrap_or(0);
-        Ok((rev, r.kvs().iter().map(KvItem::from_kv).collect()))
+        let end = prefix_end(prefix.as_bytes());
+        let mut out = Vec::new();
+        let mut start = prefix.as_bytes().to_vec();
+        let mut rev = 0;
+        loop {
+            let mut opts = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(LIST_PAGE);
+            if rev != 0 {
+                opts = opts.with_revision(rev);
+            }
+            let r = timed("list", c.get(start.clone(), Some(opts))).await?;
+            if rev == 0 {
+                rev = r.header().map(|h| h.revision()).unwrap_or(0);
+            }
+            out.extend(r.kvs().iter().map(KvItem::from_kv));
+            match (r.more(), r.kvs().last()) {
+                (true, Some(last)) => {
+                    start = last.key().to_vec();
+                    start.push(0);
+                }
+                _ => break,
+            }
+        }
+        Ok((rev, out))
     }
 
     /// Writes a key, attached to `lease` when non-zero.

@@ -53,8 +53,6 @@ pub struct Metrics {
     pub services: Gauge,
     /// Peak resident memory of the daemon (bytes).
     pub peak_rss: Gauge,
-    /// Peak resident memory of the largest process the daemon started and waited for (bytes).
-    pub children_peak_rss: Gauge,
 }
 
 /// VmHWM of this process in kB.
@@ -90,7 +88,6 @@ impl Metrics {
             service_chains: Gauge::default(),
             services: Gauge::default(),
             peak_rss: Gauge::default(),
-            children_peak_rss: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -169,11 +166,7 @@ impl Metrics {
             "Peak resident memory of the daemon",
             m.peak_rss.clone(),
         );
-        registry.register(
-            "children_peak_rss_bytes",
-            "Peak resident memory of the largest process the daemon started (nft, conntrack)",
-            m.children_peak_rss.clone(),
-        );
+
         Arc::new(Metrics { registry, ..m })
     }
 
@@ -181,9 +174,6 @@ impl Metrics {
     pub fn render(&self) -> String {
         if let Some(kb) = peak_rss_kb() {
             self.peak_rss.set(kb * 1024);
-        }
-        if let Ok(u) = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN) {
-            self.children_peak_rss.set(u.max_rss() * 1024);
         }
         let mut s = String::new();
         if encode(&mut s, &self.registry).is_err() {

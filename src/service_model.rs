@@ -287,8 +287,8 @@ impl ExplicitEndpoints {
 pub struct Backend {
     /// Address.
     pub ip: Ipv4Addr,
-    /// Node, if known.
-    pub node: Option<String>,
+    /// Node, if known (shared: node names repeat across thousands of backends).
+    pub node: Option<std::sync::Arc<str>>,
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! listed, so an unreachable etcd leaves every rule in place.
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -112,8 +112,6 @@ struct Source {
     kind: Kind,
     rx: UnboundedReceiver<ReflectorEvent>,
     listed: bool,
-    /// Keys present, so a relist can tell what disappeared.
-    keys: std::collections::HashSet<String>,
 }
 
 /// Applies plans to the kernel.
@@ -229,7 +227,9 @@ pub async fn build_and_switch(
     let st = Structure::for_chains(&plan.add_chains, current.map(|c| c.1));
     let old = current.map(|c| c.0);
     let new = old.map_or(TABLES[0], other_table);
+    let t0 = Instant::now();
     nft_cmd::apply(&build_script(new, ctx, &st)).await?;
+    let t1 = Instant::now();
     let adds: Vec<(String, SetOp)> = plan
         .ops
         .iter()
@@ -240,10 +240,17 @@ pub async fn build_and_switch(
         let _ = nft_cmd::delete_table(FAMILY, new).await;
         return Err(e.context("loading the new service table"));
     }
+    let t2 = Instant::now();
     if let Err(e) = nft_cmd::apply(&activate_script(new, old)).await {
         let _ = nft_cmd::delete_table(FAMILY, new).await;
         return Err(e.context("switching to the new service table"));
     }
+    debug!(
+        structure_ms = (t1 - t0).as_millis() as u64,
+        elements_ms = (t2 - t1).as_millis() as u64,
+        switch_ms = t2.elapsed().as_millis() as u64,
+        "service table built"
+    );
     Ok((new, st))
 }
 
@@ -387,26 +394,23 @@ pub async fn run(
     keys: EtcdArgs,
     ctx: NodeContext,
     metrics: Arc<Metrics>,
-    status: Arc<Mutex<ProxyStatus>>,
+    mut status_requests: tokio::sync::mpsc::Receiver<tokio::sync::oneshot::Sender<ProxyStatus>>,
 ) -> Result<()> {
     let mut sources = vec![
         Source {
             kind: Kind::Services,
             rx: store.reflect(&services_prefix(&keys)),
             listed: false,
-            keys: Default::default(),
         },
         Source {
             kind: Kind::Pods,
             rx: store.reflect(&pods_prefix(&keys)),
             listed: false,
-            keys: Default::default(),
         },
         Source {
             kind: Kind::Endpoints,
             rx: store.reflect(&endpoints_prefix(&keys)),
             listed: false,
-            keys: Default::default(),
         },
     ];
     let mut state = ServiceState::new(ctx.clone());
@@ -416,6 +420,8 @@ pub async fn run(
         active: None,
     };
     let mut need_full = true;
+    let mut synced = false;
+    let mut last_error: Option<String> = None;
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     let mut verify = tokio::time::interval(Duration::from_secs(30));
     verify.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -423,6 +429,10 @@ pub async fn run(
         // Wait for something to do.
         let first_event_at;
         tokio::select! {
+            Some(reply) = status_requests.recv() => {
+                let _ = reply.send(build_status(&state, &applier, synced, last_error.clone()));
+                continue;
+            }
             got = next_event(&mut sources) => {
                 let Some((i, ev)) = got else { return Ok(()) };
                 first_event_at = Instant::now();
@@ -461,6 +471,10 @@ pub async fn run(
         let t0 = Instant::now();
         let result = if need_full {
             let plan = state.plan_full();
+            debug!(
+                plan_ms = t0.elapsed().as_millis() as u64,
+                "full plan computed"
+            );
             for w in &plan.warnings {
                 warn!("{w}");
             }
@@ -521,7 +535,8 @@ pub async fn run(
                 {
                     tokio::spawn(cleanup_removed(plan.removed, t));
                 }
-                publish_status(&status, &state, &applier, None);
+                synced = true;
+                last_error = None;
             }
             Err(e) if e.is::<NeedsRebuild>() => {
                 info!("{e}; rebuilding the service table");
@@ -531,7 +546,7 @@ pub async fn run(
             Err(e) => {
                 metrics.service_sync_failures.inc();
                 error!("service sync failed, retrying with a full sync: {e:#}");
-                publish_status(&status, &state, &applier, Some(format!("{e:#}")));
+                last_error = Some(format!("{e:#}"));
                 need_full = true;
                 backoff.wait().await;
                 // Make sure the loop comes back even when no event arrives.
@@ -541,27 +556,30 @@ pub async fn run(
     }
 }
 
-fn publish_status(
-    status: &Arc<Mutex<ProxyStatus>>,
+fn build_status(
     state: &ServiceState,
     applier: &Applier,
-    err: Option<String>,
-) {
-    if let Ok(mut s) = status.lock() {
-        s.synced = err.is_none() || s.synced;
-        s.last_error = err;
-        s.elements = state.element_count();
-        s.chains = applier.chain_count();
-        s.table = applier.table().map(str::to_string);
-        s.services = state
+    synced: bool,
+    last_error: Option<String>,
+) -> ProxyStatus {
+    ProxyStatus {
+        synced,
+        last_error,
+        elements: state.element_count(),
+        chains: applier.chain_count(),
+        table: applier.table().map(str::to_string),
+        services: state
             .services_with_backends()
             .into_iter()
             .map(|(svc, b)| ServiceStatus {
                 id: svc.id(),
                 service: svc.clone(),
-                backends: b.iter().map(|b| (b.ip, b.node.clone())).collect(),
+                backends: b
+                    .iter()
+                    .map(|b| (b.ip, b.node.as_deref().map(str::to_string)))
+                    .collect(),
             })
-            .collect();
+            .collect(),
     }
 }
 
@@ -583,14 +601,34 @@ fn absorb(
 ) {
     match ev {
         ReflectorEvent::Reset { items, .. } => {
-            let fresh: std::collections::HashSet<String> =
-                items.iter().map(|i| i.key.clone()).collect();
-            for gone in src.keys.difference(&fresh) {
-                if let Some(c) = deletion(src.kind, gone, keys) {
-                    state.change(c);
+            // A (re)listing replaces this kind of record: whatever the model holds that the
+            // listing lacks was deleted meanwhile.
+            let (services, pods, endpoints) = state.keys();
+            let fresh: std::collections::HashSet<&str> =
+                items.iter().map(|i| i.key.as_str()).collect();
+            let gone: Vec<ModelChange> = match src.kind {
+                Kind::Services => services
+                    .into_iter()
+                    .filter(|k| !fresh.contains(k.as_str()))
+                    .map(ModelChange::DeleteService)
+                    .collect(),
+                Kind::Pods => pods
+                    .into_iter()
+                    .filter(|k| !fresh.contains(k.as_str()))
+                    .map(ModelChange::DeletePod)
+                    .collect(),
+                Kind::Endpoints => {
+                    let prefix = endpoints_prefix(keys);
+                    endpoints
+                        .into_iter()
+                        .filter(|id| !fresh.contains(format!("{prefix}{id}").as_str()))
+                        .map(ModelChange::DeleteEndpoints)
+                        .collect()
                 }
+            };
+            for c in gone {
+                state.change(c);
             }
-            src.keys = fresh;
             for it in &items {
                 put(src, it, state, keys, metrics);
             }
@@ -599,12 +637,8 @@ fn absorb(
         ReflectorEvent::Changes { changes, .. } => {
             for c in changes {
                 match c {
-                    Change::Put(it) => {
-                        src.keys.insert(it.key.clone());
-                        put(src, &it, state, keys, metrics);
-                    }
+                    Change::Put(it) => put(src, &it, state, keys, metrics),
                     Change::Delete(k) => {
-                        src.keys.remove(&k);
                         if let Some(c) = deletion(src.kind, &k, keys) {
                             state.change(c);
                         }

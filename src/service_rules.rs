@@ -186,15 +186,96 @@ impl Balancing {
     }
 }
 
+/// A set key: at most 16 bytes (`ip . proto . port . slot`), stored inline.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key {
+    len: u8,
+    bytes: [u8; 16],
+}
+
+impl Key {
+    /// From key bytes (truncated to 16 bytes, the longest key any set has).
+    pub fn from_slice(b: &[u8]) -> Key {
+        let mut bytes = [0u8; 16];
+        let len = b.len().min(16);
+        bytes[..len].copy_from_slice(&b[..len]);
+        Key {
+            len: len as u8,
+            bytes,
+        }
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:02x?}", self.as_slice())
+    }
+}
+
+impl From<KeyBuilder> for Key {
+    fn from(k: KeyBuilder) -> Key {
+        Key::from_slice(&k.build())
+    }
+}
+
+/// Where a verdict element sends packets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Target {
+    /// A load-balancing or affinity chain.
+    Dyn(DynChain),
+    /// The chain that drops node-port traffic without a local endpoint.
+    NodePortDrop,
+}
+
+impl Target {
+    /// The chain name.
+    pub fn name(&self) -> String {
+        match self {
+            Target::Dyn(c) => c.name(),
+            Target::NodePortDrop => NODEPORT_DROP.to_string(),
+        }
+    }
+}
+
+/// An element's data, stored inline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Data {
+    /// A plain set element.
+    None,
+    /// An endpoint `ip . port` (8 register bytes).
+    Endpoint([u8; 8]),
+    /// `goto` a chain.
+    Goto(Target),
+    /// `jump` to a chain.
+    Jump(Target),
+}
+
+impl Data {
+    /// The data as the netlink writer takes it.
+    pub fn to_elem_data(&self) -> ElemData {
+        match self {
+            Data::None => ElemData::None,
+            Data::Endpoint(b) => ElemData::Value(b.to_vec()),
+            Data::Goto(t) => ElemData::Goto(t.name()),
+            Data::Jump(t) => ElemData::Jump(t.name()),
+        }
+    }
+}
+
 /// One element of one set.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Element {
     /// The set.
     pub set: SetName,
-    /// Key bytes.
-    pub key: Vec<u8>,
+    /// Key.
+    pub key: Key,
     /// Data.
-    pub data: ElemData,
+    pub data: Data,
 }
 
 /// What one service port contributes to the table.
@@ -206,8 +287,11 @@ pub struct PortRules {
     pub chains: BTreeSet<DynChain>,
 }
 
-fn endpoint_value(ip: Ipv4Addr, port: u16) -> ElemData {
-    ElemData::Value(KeyBuilder::new().ipv4(ip).port(port).build())
+fn endpoint_value(ip: Ipv4Addr, port: u16) -> Data {
+    let mut b = [0u8; 8];
+    b[..4].copy_from_slice(&ip.octets());
+    b[4..6].copy_from_slice(&port.to_be_bytes());
+    Data::Endpoint(b)
 }
 
 /// The elements and chains for port `p` of `svc` with `backends` (all nodes, sorted).
@@ -229,14 +313,14 @@ pub fn port_rules(
     };
     out.elements.push(Element {
         set: SetName::ServicePorts,
-        key: key.clone().build(),
-        data: ElemData::None,
+        key: key.clone().into(),
+        data: Data::None,
     });
     if backends.is_empty() {
         out.elements.push(Element {
             set: SetName::NoEndpoints,
-            key: key.clone().build(),
-            data: ElemData::None,
+            key: key.clone().into(),
+            data: Data::None,
         });
     } else {
         let chain = DynChain::Cluster {
@@ -245,22 +329,22 @@ pub fn port_rules(
         };
         out.elements.push(Element {
             set: SetName::ServiceIps,
-            key: key.clone().build(),
-            data: ElemData::Goto(chain.name()),
+            key: key.clone().into(),
+            data: Data::Goto(Target::Dyn(chain)),
         });
         out.chains.insert(chain);
         for (slot, b) in backends.iter().enumerate() {
             out.elements.push(Element {
                 set: SetName::Backends,
-                key: key.clone().u32_host(slot as u32).build(),
+                key: key.clone().u32_host(slot as u32).into(),
                 data: endpoint_value(b.ip, p.target_port),
             });
         }
         if affinity {
             out.elements.push(Element {
                 set: SetName::AffinityServices,
-                key: key.clone().build(),
-                data: ElemData::Jump(record.name()),
+                key: key.clone().into(),
+                data: Data::Jump(Target::Dyn(record)),
             });
             out.chains.insert(record);
         }
@@ -279,15 +363,15 @@ pub fn port_rules(
         if backends.is_empty() {
             out.elements.push(Element {
                 set: SetName::NoEndpointNodePorts,
-                key: nkey.build(),
-                data: ElemData::None,
+                key: nkey.clone().into(),
+                data: Data::None,
             });
         } else if usable.is_empty() {
             // `local` policy and no endpoint here: drop, as kube-proxy does.
             out.elements.push(Element {
                 set: SetName::ServiceNodePorts,
-                key: nkey.build(),
-                data: ElemData::Goto(NODEPORT_DROP.to_string()),
+                key: nkey.clone().into(),
+                data: Data::Goto(Target::NodePortDrop),
             });
         } else {
             let chain = DynChain::NodePort {
@@ -297,22 +381,22 @@ pub fn port_rules(
             };
             out.elements.push(Element {
                 set: SetName::ServiceNodePorts,
-                key: nkey.clone().build(),
-                data: ElemData::Goto(chain.name()),
+                key: nkey.clone().into(),
+                data: Data::Goto(Target::Dyn(chain)),
             });
             out.chains.insert(chain);
             for (slot, b) in usable.iter().enumerate() {
                 out.elements.push(Element {
                     set: SetName::NodePortBackends,
-                    key: nkey.clone().u32_host(slot as u32).build(),
+                    key: nkey.clone().u32_host(slot as u32).into(),
                     data: endpoint_value(b.ip, p.target_port),
                 });
             }
             if affinity {
                 out.elements.push(Element {
                     set: SetName::AffinityNodePorts,
-                    key: nkey.build(),
-                    data: ElemData::Jump(record.name()),
+                    key: nkey.clone().into(),
+                    data: Data::Jump(Target::Dyn(record)),
                 });
                 out.chains.insert(record);
             }
@@ -325,8 +409,8 @@ pub fn port_rules(
 pub fn hairpin_element(ip: Ipv4Addr) -> Element {
     Element {
         set: SetName::Hairpin,
-        key: KeyBuilder::new().ipv4(ip).ipv4(ip).build(),
-        data: ElemData::None,
+        key: KeyBuilder::new().ipv4(ip).ipv4(ip).into(),
+        data: Data::None,
     }
 }
 
@@ -700,7 +784,7 @@ mod tests {
         (0..n)
             .map(|i| Backend {
                 ip: Ipv4Addr::new(10, 244, i % 2 + 1, 10 + i),
-                node: Some(format!("n{}", i % 2 + 1)),
+                node: Some(format!("n{}", i % 2 + 1).into()),
             })
             .collect()
     }
@@ -729,7 +813,7 @@ mod tests {
             .find(|e| e.set == SetName::ServiceIps)
             .unwrap()
             .data;
-        assert_eq!(verdict, &ElemData::Goto("svc_3".into()));
+        assert_eq!(verdict.to_elem_data(), ElemData::Goto("svc_3".into()));
         // Backend slots carry the target port.
         let b = r
             .elements
@@ -785,7 +869,7 @@ mod tests {
             .iter()
             .find(|e| e.set == SetName::ServiceNodePorts)
             .unwrap();
-        assert_eq!(np.data, ElemData::Goto(NODEPORT_DROP.into()));
+        assert_eq!(np.data, Data::Goto(Target::NodePortDrop));
     }
 
     #[test]
@@ -839,7 +923,7 @@ mod tests {
         let texts: Vec<(String, String)> = r
             .elements
             .iter()
-            .map(|e| describe(e.set, &e.key, &e.data))
+            .map(|e| describe(e.set, e.key.as_slice(), &e.data.to_elem_data()))
             .collect();
         assert!(texts.contains(&("10.96.0.10 . tcp . 80".into(), "goto svc_1".into())));
         assert!(texts.contains(&(
@@ -848,7 +932,7 @@ mod tests {
         )));
         let h = hairpin_element(Ipv4Addr::new(10, 244, 1, 2));
         assert_eq!(
-            describe(h.set, &h.key, &h.data).0,
+            describe(h.set, h.key.as_slice(), &h.data.to_elem_data()).0,
             "10.244.1.2 . 10.244.1.2"
         );
         assert_eq!(SetName::from_name("backends"), Some(SetName::Backends));
@@ -859,8 +943,8 @@ mod tests {
         let mut s = svc(None, false, false);
         s.ports[0].protocol = Protocol::Udp;
         let r = port_rules(&s, &s.ports[0], &backends(1), &ctx());
-        let k = &r.elements[0].key;
-        assert_eq!(k[4], 17);
+        let k = r.elements[0].key;
+        assert_eq!(k.as_slice()[4], 17);
     }
 
     #[test]

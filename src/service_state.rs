@@ -3,14 +3,19 @@
 //! last written to the kernel. A change to one pod or service recomputes only the services it
 //! touches and yields only the element changes they need. Pure: no I/O.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::BTreeSet;
+
+// A fast seeded hasher: the model hashes a few hundred thousand keys per full sync.
+type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
+type HashSet<K> = std::collections::HashSet<K, ahash::RandomState>;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use crate::nft_netlink::{ElemData, SetOp};
 use crate::pod_record::PodRecord;
 use crate::service_model::{Backend, ExplicitEndpoints, Protocol, Service, SessionAffinity};
 use crate::service_rules::{
-    DynChain, Element, NodeContext, PortRules, SetName, hairpin_element, port_rules,
+    Data, DynChain, Element, Key, NodeContext, PortRules, SetName, hairpin_element, port_rules,
 };
 
 /// A change seen in etcd, already decoded.
@@ -73,42 +78,57 @@ impl SyncPlan {
     }
 }
 
-type ElemKey = (SetName, Vec<u8>);
+type ElemKey = (SetName, Key);
+
+/// Shared, interned text (node names, namespaces, labels, service ids repeat a lot).
+type Sym = Arc<str>;
+
+/// What the model keeps of a pod: only what selection and rules need, with interned text.
+#[derive(Debug, Clone)]
+struct PodEntry {
+    ip: Ipv4Addr,
+    node: Sym,
+    namespace: Sym,
+    labels: Box<[(Sym, Sym)]>,
+}
 
 /// The model and what was applied.
 #[derive(Debug)]
 pub struct ServiceState {
     ctx: NodeContext,
+    interned: HashSet<Sym>,
     services: HashMap<String, Service>,
-    service_key_by_id: HashMap<String, String>,
-    pods: HashMap<String, PodRecord>,
+    service_key_by_id: HashMap<Sym, String>,
+    pods: HashMap<Sym, PodEntry>,
     explicit: HashMap<String, ExplicitEndpoints>,
     /// (namespace, label, value) → pod keys.
-    pod_index: HashMap<(String, String, String), HashSet<String>>,
+    pod_index: HashMap<(Sym, Sym, Sym), HashSet<Sym>>,
     /// (namespace, label, value) → service ids whose selector has that pair.
-    selector_index: HashMap<(String, String, String), HashSet<String>>,
+    selector_index: HashMap<(Sym, Sym, Sym), HashSet<Sym>>,
     /// Service id → backends (sorted).
-    backends: HashMap<String, Vec<Backend>>,
+    backends: HashMap<Sym, Vec<Backend>>,
     /// Service id → rules per port, as applied.
-    applied_rules: HashMap<String, Vec<PortRules>>,
+    applied_rules: HashMap<Sym, Vec<PortRules>>,
     /// Every applied element and the service owning it.
-    applied: HashMap<ElemKey, (ElemData, String)>,
+    applied: HashMap<ElemKey, (Data, Sym)>,
     chain_refs: HashMap<DynChain, usize>,
     hairpin: HashSet<Ipv4Addr>,
-    dirty: HashSet<String>,
+    dirty: HashSet<Sym>,
     hairpin_dirty: bool,
     /// Elements another service holds, with the services that also want them.
-    waiting: HashMap<ElemKey, HashSet<String>>,
+    waiting: HashMap<ElemKey, HashSet<Sym>>,
 }
 
-fn label_pairs(
-    ns: &str,
-    labels: &std::collections::BTreeMap<String, String>,
-) -> Vec<(String, String, String)> {
-    labels
-        .iter()
-        .map(|(k, v)| (ns.to_string(), k.clone(), v.clone()))
-        .collect()
+fn selects(s: &Service, pod: &PodEntry) -> bool {
+    match &s.selector {
+        None => false,
+        Some(sel) => {
+            *pod.namespace == *s.namespace
+                && sel
+                    .iter()
+                    .all(|(k, v)| pod.labels.iter().any(|(pk, pv)| **pk == **k && **pv == **v))
+        }
+    }
 }
 
 impl ServiceState {
@@ -116,21 +136,31 @@ impl ServiceState {
     pub fn new(ctx: NodeContext) -> Self {
         ServiceState {
             ctx,
-            services: HashMap::new(),
-            service_key_by_id: HashMap::new(),
-            pods: HashMap::new(),
-            explicit: HashMap::new(),
-            pod_index: HashMap::new(),
-            selector_index: HashMap::new(),
-            backends: HashMap::new(),
-            applied_rules: HashMap::new(),
-            applied: HashMap::new(),
-            chain_refs: HashMap::new(),
-            hairpin: HashSet::new(),
-            dirty: HashSet::new(),
+            interned: HashSet::default(),
+            services: HashMap::default(),
+            service_key_by_id: HashMap::default(),
+            pods: HashMap::default(),
+            explicit: HashMap::default(),
+            pod_index: HashMap::default(),
+            selector_index: HashMap::default(),
+            backends: HashMap::default(),
+            applied_rules: HashMap::default(),
+            applied: HashMap::default(),
+            chain_refs: HashMap::default(),
+            hairpin: HashSet::default(),
+            dirty: HashSet::default(),
             hairpin_dirty: false,
-            waiting: HashMap::new(),
+            waiting: HashMap::default(),
         }
+    }
+
+    fn intern(&mut self, s: &str) -> Sym {
+        if let Some(x) = self.interned.get(s) {
+            return x.clone();
+        }
+        let x: Sym = Arc::from(s);
+        self.interned.insert(x.clone());
+        x
     }
 
     /// The node context.
@@ -153,13 +183,25 @@ impl ServiceState {
         self.chain_refs.keys().copied().collect()
     }
 
+    /// Etcd keys of the services, pod records and explicit endpoints (`namespace/name`) held.
+    pub fn keys(&self) -> (Vec<String>, Vec<String>, Vec<String>) {
+        (
+            self.services.keys().cloned().collect(),
+            self.pods.keys().map(|k| k.to_string()).collect(),
+            self.explicit.keys().cloned().collect(),
+        )
+    }
+
     /// Services with their current backends (for status output).
     pub fn services_with_backends(&self) -> Vec<(&Service, &[Backend])> {
         let mut v: Vec<_> = self
             .services
             .values()
             .map(|s| {
-                let b = self.backends.get(&s.id()).map_or(&[][..], |b| b.as_slice());
+                let b = self
+                    .backends
+                    .get(s.id().as_str())
+                    .map_or(&[][..], |b| b.as_slice());
                 (s, b)
             })
             .collect();
@@ -167,47 +209,60 @@ impl ServiceState {
         v
     }
 
-    /// Forgets everything (before a relist).
-    pub fn clear_model(&mut self) {
-        self.services.clear();
-        self.service_key_by_id.clear();
-        self.pods.clear();
-        self.explicit.clear();
-        self.pod_index.clear();
-        self.selector_index.clear();
-    }
-
-    fn mark_pod_services(&mut self, pod: &PodRecord) {
-        for pair in label_pairs(&pod.namespace, &pod.labels) {
+    fn mark_pod_services(&mut self, pod: &PodEntry) {
+        for (k, v) in pod.labels.iter() {
+            let pair = (pod.namespace.clone(), k.clone(), v.clone());
             if let Some(ids) = self.selector_index.get(&pair) {
                 for id in ids {
                     if let Some(key) = self.service_key_by_id.get(id)
                         && let Some(s) = self.services.get(key)
-                        && s.selects(pod)
+                        && selects(s, pod)
                     {
                         self.dirty.insert(id.clone());
                     }
                 }
             }
         }
-        if pod.node == self.ctx.node {
+        if *pod.node == *self.ctx.node {
             self.hairpin_dirty = true;
         }
     }
 
-    fn index_service(&mut self, s: &Service, add: bool) {
+    fn index_service(&mut self, s: &Service, id: &Sym, add: bool) {
         if let Some(sel) = &s.selector {
             for (k, v) in sel {
-                let e = self
-                    .selector_index
-                    .entry((s.namespace.clone(), k.clone(), v.clone()))
-                    .or_default();
+                let pair = (self.intern(&s.namespace), self.intern(k), self.intern(v));
+                let e = self.selector_index.entry(pair).or_default();
                 if add {
-                    e.insert(s.id());
+                    e.insert(id.clone());
                 } else {
-                    e.remove(&s.id());
+                    e.remove(id);
                 }
             }
+        }
+    }
+
+    fn remove_pod(&mut self, key: &str) {
+        if let Some((k, old)) = self.pods.remove_entry(key) {
+            for (lk, lv) in old.labels.iter() {
+                let pair = (old.namespace.clone(), lk.clone(), lv.clone());
+                if let Some(set) = self.pod_index.get_mut(&pair) {
+                    set.remove(&k);
+                    if set.is_empty() {
+                        self.pod_index.remove(&pair);
+                    }
+                }
+            }
+            self.mark_pod_services(&old);
+        }
+    }
+
+    fn remove_service(&mut self, key: &str) {
+        if let Some(old) = self.services.remove(key) {
+            let id = self.intern(&old.id());
+            self.index_service(&old, &id, false);
+            self.service_key_by_id.remove(&id);
+            self.dirty.insert(id);
         }
     }
 
@@ -215,54 +270,45 @@ impl ServiceState {
     pub fn change(&mut self, c: ModelChange) {
         match c {
             ModelChange::PutService(key, s) => {
-                if let Some(old) = self.services.remove(&key) {
-                    self.index_service(&old, false);
-                    self.service_key_by_id.remove(&old.id());
-                    self.dirty.insert(old.id());
-                }
-                self.index_service(&s, true);
-                self.service_key_by_id.insert(s.id(), key.clone());
-                self.dirty.insert(s.id());
+                self.remove_service(&key);
+                let id = self.intern(&s.id());
+                self.index_service(&s, &id, true);
+                self.service_key_by_id.insert(id.clone(), key.clone());
+                self.dirty.insert(id);
                 self.services.insert(key, s);
             }
-            ModelChange::DeleteService(key) => {
-                if let Some(old) = self.services.remove(&key) {
-                    self.index_service(&old, false);
-                    self.service_key_by_id.remove(&old.id());
-                    self.dirty.insert(old.id());
-                }
-            }
+            ModelChange::DeleteService(key) => self.remove_service(&key),
             ModelChange::PutPod(key, p) => {
-                if let Some(old) = self.pods.remove(&key) {
-                    for pair in label_pairs(&old.namespace, &old.labels) {
-                        if let Some(set) = self.pod_index.get_mut(&pair) {
-                            set.remove(&key);
-                        }
-                    }
-                    self.mark_pod_services(&old);
+                self.remove_pod(&key);
+                let key: Sym = Arc::from(key.as_str());
+                let entry = PodEntry {
+                    ip: p.ip,
+                    node: self.intern(&p.node),
+                    namespace: self.intern(&p.namespace),
+                    labels: p
+                        .labels
+                        .iter()
+                        .map(|(k, v)| (self.intern(k), self.intern(v)))
+                        .collect(),
+                };
+                for (lk, lv) in entry.labels.iter() {
+                    self.pod_index
+                        .entry((entry.namespace.clone(), lk.clone(), lv.clone()))
+                        .or_default()
+                        .insert(key.clone());
                 }
-                for pair in label_pairs(&p.namespace, &p.labels) {
-                    self.pod_index.entry(pair).or_default().insert(key.clone());
-                }
-                self.mark_pod_services(&p);
-                self.pods.insert(key, p);
+                self.mark_pod_services(&entry);
+                self.pods.insert(key, entry);
             }
-            ModelChange::DeletePod(key) => {
-                if let Some(old) = self.pods.remove(&key) {
-                    for pair in label_pairs(&old.namespace, &old.labels) {
-                        if let Some(set) = self.pod_index.get_mut(&pair) {
-                            set.remove(&key);
-                        }
-                    }
-                    self.mark_pod_services(&old);
-                }
-            }
+            ModelChange::DeletePod(key) => self.remove_pod(&key),
             ModelChange::PutEndpoints(id, e) => {
                 self.explicit.insert(id.clone(), e);
+                let id = self.intern(&id);
                 self.dirty.insert(id);
             }
             ModelChange::DeleteEndpoints(id) => {
                 self.explicit.remove(&id);
+                let id = self.intern(&id);
                 self.dirty.insert(id);
             }
         }
@@ -272,22 +318,31 @@ impl ServiceState {
         let mut out: Vec<Backend> = match &s.selector {
             Some(sel) => {
                 // Walk the smallest posting list among the selector's pairs.
-                let lists: Vec<Option<&HashSet<String>>> = sel
-                    .iter()
-                    .map(|(k, v)| {
-                        self.pod_index
-                            .get(&(s.namespace.clone(), k.clone(), v.clone()))
-                    })
-                    .collect();
-                if lists.iter().any(Option::is_none) {
-                    return Vec::new();
+                let mut smallest: Option<&HashSet<Sym>> = None;
+                for (k, v) in sel {
+                    // Every label text a pod uses is interned; a text that is not cannot match.
+                    let (Some(ns), Some(k), Some(v)) = (
+                        self.interned.get(s.namespace.as_str()),
+                        self.interned.get(k.as_str()),
+                        self.interned.get(v.as_str()),
+                    ) else {
+                        return Vec::new();
+                    };
+                    let pair = (ns.clone(), k.clone(), v.clone());
+                    match self.pod_index.get(&pair) {
+                        None => return Vec::new(),
+                        Some(l) => {
+                            if smallest.is_none_or(|m| l.len() < m.len()) {
+                                smallest = Some(l);
+                            }
+                        }
+                    }
                 }
-                let smallest = lists.into_iter().flatten().min_by_key(|l| l.len());
                 smallest
                     .into_iter()
                     .flatten()
                     .filter_map(|k| self.pods.get(k))
-                    .filter(|p| s.selects(p))
+                    .filter(|p| selects(s, p))
                     .map(|p| Backend {
                         ip: p.ip,
                         node: Some(p.node.clone()),
@@ -302,7 +357,12 @@ impl ServiceState {
                         .iter()
                         .map(|a| Backend {
                             ip: a.ip,
-                            node: a.node.clone(),
+                            node: a.node.as_deref().map(|n| {
+                                self.interned
+                                    .get(n)
+                                    .cloned()
+                                    .unwrap_or_else(|| Arc::from(n))
+                            }),
                         })
                         .collect()
                 })
@@ -318,13 +378,13 @@ impl ServiceState {
     /// and plan a full sync.
     pub fn plan(&mut self) -> SyncPlan {
         let mut plan = SyncPlan::default();
-        let mut dels: HashMap<SetName, Vec<Vec<u8>>> = HashMap::new();
-        let mut adds: HashMap<SetName, Vec<(Vec<u8>, ElemData)>> = HashMap::new();
-        let mut chain_delta: HashMap<DynChain, i64> = HashMap::new();
+        let mut dels: HashMap<SetName, Vec<Vec<u8>>> = HashMap::default();
+        let mut adds: HashMap<SetName, Vec<(Vec<u8>, ElemData)>> = HashMap::default();
+        let mut chain_delta: HashMap<DynChain, i64> = HashMap::default();
         // Releasing a contested element makes the services waiting for it dirty again; a
         // second round picks them up.
         for _round in 0..3 {
-            let dirty: Vec<String> = self.dirty.drain().collect();
+            let dirty: Vec<Sym> = self.dirty.drain().collect();
             if dirty.is_empty() {
                 break;
             }
@@ -349,7 +409,6 @@ impl ServiceState {
                     }
                     None => (Vec::new(), Vec::new()),
                 };
-                // Removed backends (for conntrack/affinity cleanup), per port of the new or old service.
                 if let Some(s) = svc.as_ref() {
                     let new_ips: HashSet<Ipv4Addr> = new_backends.iter().map(|b| b.ip).collect();
                     for b in old_backends.iter().filter(|b| !new_ips.contains(&b.ip)) {
@@ -366,47 +425,50 @@ impl ServiceState {
                         }
                     }
                 }
-                let old_elems: HashMap<ElemKey, &ElemData> = old_rules
-                    .iter()
-                    .flat_map(|r| r.elements.iter())
-                    .map(|e| ((e.set, e.key.clone()), &e.data))
-                    .collect();
+                let old_elems: HashMap<ElemKey, Data> = if old_rules.is_empty() {
+                    HashMap::default()
+                } else {
+                    old_rules
+                        .iter()
+                        .flat_map(|r| r.elements.iter())
+                        .map(|e| ((e.set, e.key), e.data))
+                        .collect()
+                };
                 let mut kept_rules = Vec::with_capacity(new_rules.len());
-                let mut new_keys: HashSet<ElemKey> = HashSet::new();
+                let mut new_keys: HashSet<ElemKey> = HashSet::default();
                 for r in new_rules {
                     let mut kept = PortRules::default();
                     for e in r.elements {
-                        let k = (e.set, e.key.clone());
+                        let k = (e.set, e.key);
                         if let Some((_, owner)) = self.applied.get(&k)
                             && *owner != id
                         {
-                            self.waiting
-                                .entry(k.clone())
-                                .or_default()
-                                .insert(id.clone());
+                            self.waiting.entry(k).or_default().insert(id.clone());
                             plan.warnings.push(format!(
                                 "service {id} wants {} already used by service {owner}; skipped",
                                 describe(&e)
                             ));
                             continue;
                         }
-                        if !new_keys.insert(k.clone()) {
+                        if !new_keys.insert(k) {
                             continue;
                         }
                         match old_elems.get(&k) {
-                            Some(d) if **d == e.data => {}
+                            Some(d) if *d == e.data => {}
                             Some(_) => {
-                                dels.entry(e.set).or_default().push(e.key.clone());
+                                dels.entry(e.set)
+                                    .or_default()
+                                    .push(e.key.as_slice().to_vec());
                                 adds.entry(e.set)
                                     .or_default()
-                                    .push((e.key.clone(), e.data.clone()));
-                                self.applied.insert(k, (e.data.clone(), id.clone()));
+                                    .push((e.key.as_slice().to_vec(), e.data.to_elem_data()));
+                                self.applied.insert(k, (e.data, id.clone()));
                             }
                             None => {
                                 adds.entry(e.set)
                                     .or_default()
-                                    .push((e.key.clone(), e.data.clone()));
-                                self.applied.insert(k, (e.data.clone(), id.clone()));
+                                    .push((e.key.as_slice().to_vec(), e.data.to_elem_data()));
+                                self.applied.insert(k, (e.data, id.clone()));
                             }
                         }
                         kept.elements.push(e);
@@ -425,7 +487,7 @@ impl ServiceState {
                         if let Some(w) = self.waiting.remove(&k) {
                             self.dirty.extend(w.into_iter().filter(|w| *w != id));
                         }
-                        dels.entry(k.0).or_default().push(k.1);
+                        dels.entry(k.0).or_default().push(k.1.as_slice().to_vec());
                     }
                 }
                 for r in &old_rules {
@@ -443,18 +505,18 @@ impl ServiceState {
             let want: HashSet<Ipv4Addr> = self
                 .pods
                 .values()
-                .filter(|p| p.node == self.ctx.node)
+                .filter(|p| *p.node == *self.ctx.node)
                 .map(|p| p.ip)
                 .collect();
             for ip in self.hairpin.difference(&want) {
                 dels.entry(SetName::Hairpin)
                     .or_default()
-                    .push(hairpin_element(*ip).key);
+                    .push(hairpin_element(*ip).key.as_slice().to_vec());
             }
             for ip in want.difference(&self.hairpin) {
                 adds.entry(SetName::Hairpin)
                     .or_default()
-                    .push((hairpin_element(*ip).key, ElemData::None));
+                    .push((hairpin_element(*ip).key.as_slice().to_vec(), ElemData::None));
             }
             self.hairpin = want;
         }
@@ -495,7 +557,8 @@ impl ServiceState {
         self.hairpin.clear();
         self.backends.clear();
         self.waiting.clear();
-        self.dirty = self.services.values().map(Service::id).collect();
+        let ids: Vec<String> = self.services.values().map(Service::id).collect();
+        self.dirty = ids.iter().map(|i| self.intern(i)).collect();
         self.hairpin_dirty = true;
     }
 
@@ -520,7 +583,7 @@ impl ServiceState {
 }
 
 fn describe(e: &Element) -> String {
-    format!("{} element {:02x?}", e.set.as_str(), e.key)
+    format!("{} element {:?}", e.set.as_str(), e.key)
 }
 
 #[cfg(test)]
@@ -747,5 +810,93 @@ mod tests {
             "a lost its only backend"
         );
         assert_eq!(dels(&plan, SetName::NoEndpoints), 1, "b gained one");
+    }
+}
+
+#[cfg(test)]
+mod memory_probe {
+    use super::*;
+    use crate::service_model::{DEFAULT_AFFINITY_TIMEOUT, TrafficPolicy};
+
+    fn rss() -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .unwrap()
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    #[ignore]
+    fn memory_10k() {
+        let n: u32 = std::env::var("PROBE_SERVICES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(10_000);
+        let ctx = NodeContext {
+            node: "n1".into(),
+            cluster_network: "10.244.0.0/16".parse().unwrap(),
+            service_cidr: "10.96.0.0/12".parse().unwrap(),
+            balancing: Default::default(),
+        };
+        let r0 = rss();
+        let mut st = ServiceState::new(ctx);
+        let t0 = std::time::Instant::now();
+        for i in 0..n {
+            st.change(ModelChange::PutService(
+                format!("/tartan/services/bench/s{i}"),
+                Service {
+                    namespace: "bench".into(),
+                    name: format!("s{i}"),
+                    cluster_ip: Ipv4Addr::from(0x0a60_0000 + i),
+                    ports: vec!["80:8080/tcp".parse().unwrap()],
+                    selector: Some([("app".to_string(), format!("a{i}"))].into()),
+                    session_affinity: SessionAffinity::None,
+                    session_affinity_timeout: DEFAULT_AFFINITY_TIMEOUT,
+                    external_traffic_policy: TrafficPolicy::Cluster,
+                },
+            ));
+            for k in 0..5 {
+                st.change(ModelChange::PutPod(
+                    format!("/tartan/pods/elsewhere/c{i}x{k}/eth0"),
+                    PodRecord {
+                        container_id: format!("c{i}x{k}"),
+                        ifname: "eth0".into(),
+                        node: "elsewhere".into(),
+                        ip: Ipv4Addr::from(0x0ac8_0000 + i * 8 + k),
+                        namespace: "bench".into(),
+                        name: format!("p{i}x{k}"),
+                        labels: [("app".to_string(), format!("a{i}"))].into(),
+                    },
+                ));
+            }
+        }
+        let r1 = rss();
+        let t1 = std::time::Instant::now();
+        let plan = st.plan_full();
+        let t2 = std::time::Instant::now();
+        eprintln!("model built in {:?}, full plan in {:?}", t1 - t0, t2 - t1);
+        let r2 = rss();
+        let n: usize = plan
+            .ops
+            .iter()
+            .map(|(_, o)| match o {
+                SetOp::Add(v) => v.len(),
+                _ => 0,
+            })
+            .sum();
+        drop(plan);
+        let r3 = rss();
+        eprintln!(
+            "model {} MB, +plan {} MB ({n} elements), after dropping plan {} MB",
+            (r1 - r0) / 1024,
+            (r2 - r1) / 1024,
+            (r3 - r0) / 1024
+        );
     }
 }

@@ -11,6 +11,9 @@ use crate::etcd_store::PrefixView;
 use crate::netconf::NetworkConfig;
 use crate::overlay_plan::peers_from_items;
 use crate::service_proxy::ProxyStatus;
+
+/// Where status requests for the service proxy go.
+pub type ProxyRequests = tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<ProxyStatus>>;
 use crate::service_rules::FAMILY;
 use crate::subnet_manager::OwnLease;
 
@@ -88,7 +91,7 @@ struct Inner {
     own: Option<watch::Receiver<Option<OwnLease>>>,
     subnets: Option<watch::Receiver<Arc<PrefixView>>>,
     cfg: Option<NetworkConfig>,
-    proxy: Option<Arc<Mutex<ProxyStatus>>>,
+    proxy: Option<ProxyRequests>,
 }
 
 /// Live sources of the status report.
@@ -125,8 +128,8 @@ impl DaemonStatus {
         }
     }
 
-    /// Attaches the service proxy's status.
-    pub fn set_proxy(&self, p: Arc<Mutex<ProxyStatus>>) {
+    /// Attaches the service proxy (it answers status requests on this channel).
+    pub fn set_proxy(&self, p: ProxyRequests) {
         if let Ok(mut i) = self.inner.lock() {
             i.proxy = Some(p);
         }
@@ -160,10 +163,11 @@ impl DaemonStatus {
             i.proxy.clone()
         };
         let Some(proxy) = proxy else { return r };
-        let ps = match proxy.lock() {
-            Ok(p) => p.clone(),
-            Err(_) => return r,
-        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if proxy.send(tx).await.is_err() {
+            return r;
+        }
+        let Ok(ps) = rx.await else { return r };
         r.services_synced = ps.synced;
         r.service_error = ps.last_error.clone();
         r.service_elements = ps.elements;

@@ -192,7 +192,10 @@ fn program_linear(ns: &str, services: u32) -> Result<()> {
         .write_all(s.as_bytes())?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
-        bail!("iptables-restore: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "iptables-restore: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -214,7 +217,10 @@ fn server(ns: &str) -> Result<()> {
             let _ = tx.send(Ok(()));
             for s in l.incoming() {
                 let Ok(mut s) = s else { continue };
-                let local = s.local_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+                let local = s
+                    .local_addr()
+                    .map(|a| a.ip().to_string())
+                    .unwrap_or_default();
                 let _ = s.write_all(format!("{local}\n").as_bytes());
             }
         });
@@ -247,26 +253,64 @@ impl ServiceBed {
                 bed.namespaces.push(ns.clone());
                 ip(&["-n", ns, "link", "set", "lo", "up"])?;
             }
-            ip(&["-n", &node, "link", "add", "toc", "type", "veth", "peer", "name", "eth0", "netns", &client])?;
-            ip(&["-n", &node, "link", "add", "tos", "type", "veth", "peer", "name", "eth0", "netns", &server_ns])?;
+            ip(&[
+                "-n", &node, "link", "add", "toc", "type", "veth", "peer", "name", "eth0", "netns",
+                &client,
+            ])?;
+            ip(&[
+                "-n", &node, "link", "add", "tos", "type", "veth", "peer", "name", "eth0", "netns",
+                &server_ns,
+            ])?;
             ip(&["-n", &node, "addr", "add", "10.244.1.1/24", "dev", "toc"])?;
             ip(&["-n", &node, "addr", "add", "10.244.2.1/24", "dev", "tos"])?;
             ip(&["-n", &node, "link", "set", "toc", "up"])?;
             ip(&["-n", &node, "link", "set", "tos", "up"])?;
             ns_run(&node, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
-            ip(&["-n", &client, "addr", "add", &format!("{CLIENT_IP}/24"), "dev", "eth0"])?;
+            ip(&[
+                "-n",
+                &client,
+                "addr",
+                "add",
+                &format!("{CLIENT_IP}/24"),
+                "dev",
+                "eth0",
+            ])?;
             ip(&["-n", &client, "link", "set", "eth0", "up"])?;
-            ip(&["-n", &client, "route", "add", "default", "via", "10.244.1.1"])?;
+            ip(&[
+                "-n",
+                &client,
+                "route",
+                "add",
+                "default",
+                "via",
+                "10.244.1.1",
+            ])?;
             let endpoints = match kind {
                 NatKind::Tartan { endpoints, .. } => (*endpoints).max(1),
                 NatKind::Linear { .. } => 1,
             };
             for k in 0..endpoints {
                 let a = Ipv4Addr::from(u32::from(SERVER_IP) + k);
-                ip(&["-n", &server_ns, "addr", "add", &format!("{a}/24"), "dev", "eth0"])?;
+                ip(&[
+                    "-n",
+                    &server_ns,
+                    "addr",
+                    "add",
+                    &format!("{a}/24"),
+                    "dev",
+                    "eth0",
+                ])?;
             }
             ip(&["-n", &server_ns, "link", "set", "eth0", "up"])?;
-            ip(&["-n", &server_ns, "route", "add", "default", "via", "10.244.2.1"])?;
+            ip(&[
+                "-n",
+                &server_ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                "10.244.2.1",
+            ])?;
             server(&server_ns)?;
             let t = Instant::now();
             let target = match *kind {
@@ -302,9 +346,11 @@ impl ServiceBed {
             };
             // Make sure the path works before anyone measures it.
             let c = v.client.clone();
-            crate::netns_lab::wait_for("the bench service to answer", Duration::from_secs(20), || {
-                first_connections(&c, target, 1).ok()
-            })?;
+            crate::netns_lab::wait_for(
+                "the bench service to answer",
+                Duration::from_secs(20),
+                || first_connections(&c, target, 1).ok(),
+            )?;
             bed.variants.push(v);
         }
         Ok(bed)
@@ -315,7 +361,10 @@ impl ServiceBed {
 /// the time from `connect` to the first byte, and the endpoint address the server reported.
 pub fn first_connection(dst: Ipv4Addr) -> Result<(Duration, String)> {
     let t = Instant::now();
-    let mut s = TcpStream::connect_timeout(&SocketAddr::from((dst, SERVICE_PORT)), Duration::from_secs(3))?;
+    let mut s = TcpStream::connect_timeout(
+        &SocketAddr::from((dst, SERVICE_PORT)),
+        Duration::from_secs(3),
+    )?;
     s.set_read_timeout(Some(Duration::from_secs(3)))?;
     let mut buf = [0u8; 64];
     let n = s.read(&mut buf)?;
@@ -328,5 +377,7 @@ pub fn first_connection(dst: Ipv4Addr) -> Result<(Duration, String)> {
 
 /// `count` new connections from namespace `ns` to `dst`.
 pub fn first_connections(ns: &str, dst: Ipv4Addr, count: usize) -> Result<Vec<(Duration, String)>> {
-    in_netns(ns, move || (0..count).map(|_| first_connection(dst)).collect())?
+    in_netns(ns, move || {
+        (0..count).map(|_| first_connection(dst)).collect()
+    })?
 }
