@@ -5,6 +5,7 @@
 //! `nft_cmd`). See `docs/architecture.md`.
 
 pub mod backoff;
+pub mod cni;
 pub mod commands;
 pub mod daemon;
 pub mod etcd_store;
