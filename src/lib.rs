@@ -22,6 +22,7 @@ pub mod node_state;
 pub mod overlay_plan;
 pub mod overlay_reconciler;
 pub mod pod_record;
+pub mod pod_registrar;
 pub mod shutdown;
 pub mod subnet_alloc;
 pub mod subnet_env;
