@@ -283,6 +283,26 @@ fn link_exists(ns: &str, dev: &str) -> bool {
     ip(&["-n", ns, "link", "show", dev]).is_ok()
 }
 
+/// After DEL: the host end is cut off at once (down, off the bridge) or already gone, and
+/// tartand's reaper deletes the pair shortly after.
+fn assert_detached_then_reaped(node: &str, host: &str, pod: Option<&str>) -> Result<()> {
+    if let Ok(l) = ip(&["-n", node, "-d", "link", "show", host]) {
+        ensure!(
+            !l.contains("master") && !l.contains(",UP"),
+            "DEL left {host} attached or up: {l}"
+        );
+    }
+    wait_for(
+        &format!("{host} to be reaped"),
+        Duration::from_secs(10),
+        || (!link_exists(node, host)).then_some(()),
+    )?;
+    if let Some(p) = pod {
+        ensure!(!link_exists(p, "eth0"), "pod eth0 left in {p}");
+    }
+    Ok(())
+}
+
 /// Addresses allocated in network `tartan` (the installed conflist's) on node `i`.
 fn ipam_ips(lab: &Lab, i: usize) -> Result<BTreeSet<Ipv4Addr>> {
     Ok(scan_all(&lab.nodes[i].cni_data_dir())?
@@ -395,9 +415,8 @@ fn add_check_del_round_trip_registers_the_pod() -> Result<()> {
             .ok()
             .with_context(|| format!("DEL #{}", round + 1))?;
     }
-    ensure!(!link_exists(&node, &host), "host veth left");
-    ensure!(!link_exists(&pod, "eth0"), "pod eth0 left");
     ensure!(ipam_ips(&lab, 0)?.is_empty(), "allocation left");
+    assert_detached_then_reaped(&node, &host, Some(&pod))?;
     // The nudge removes the record at once (the periodic rescan is 10 s away).
     wait_pod_record_gone(&lab, &key, Duration::from_secs(3))?;
 
@@ -438,6 +457,24 @@ fn add_check_del_round_trip_registers_the_pod() -> Result<()> {
             .ok()?;
     }
     ensure!(ipam_ips(&lab, 0)?.is_empty(), "allocation left");
+
+    // Another container into the same namespace right after a DEL, before tartand reaped
+    // the detached pair (its eth0 still sits in the namespace): ADD frees the name itself.
+    Call::new(&plugin, "ADD", "first")
+        .netns(&pod)
+        .run(&node, &conf)?
+        .ok()?;
+    Call::new(&plugin, "DEL", "first")
+        .netns(&pod)
+        .run(&node, &conf)?
+        .ok()?;
+    let r = Call::new(&plugin, "ADD", "second")
+        .netns(&pod)
+        .run(&node, &conf)?
+        .ok()
+        .context("ADD into a namespace with a detached pair")?;
+    let eth0 = ip(&["-n", &pod, "addr", "show", "eth0"])?;
+    ensure!(eth0.contains(&result_ip(&r)?.to_string()), "{eth0}");
     Ok(())
 }
 
@@ -790,7 +827,7 @@ fn chained_portmap_and_bandwidth_see_our_prev_result() -> Result<()> {
     chain.del(&node, cid, &pod, &result)?;
     let nat = ns_run(&node, "iptables-save", &["-t", "nat"])?;
     ensure!(!nat.contains(&pod_ip.to_string()), "DNAT left: {nat}");
-    ensure!(!link_exists(&node, &host), "host veth left");
+    assert_detached_then_reaped(&node, &host, Some(&pod))?;
     ensure!(ipam_ips(&lab, 0)?.is_empty(), "allocation left");
     // A second DEL of the whole chain is fine too.
     chain.del(&node, cid, &pod, &result)?;
@@ -1049,8 +1086,24 @@ fn try_again_later_until_the_node_is_ready_and_records_survive_restarts() -> Res
     let key = pod_key("node1", "early1", "eth0");
     let (_, lease1) = wait_pod_record(&lab, &key)?;
 
+    let pod3 = lab.add_namespace("early3")?;
+    let r3 = Call::new(&plugin, "ADD", "early3")
+        .netns(&pod3)
+        .run(&node, &conf)?
+        .ok()?;
+
     // Daemon down: ADD says try again later; the pod keeps working.
     lab.stop_daemon(0)?;
+    // DEL still works, and with no tartand to reap it deletes the pair itself.
+    Call::new(&plugin, "DEL", "early3")
+        .netns(&pod3)
+        .run(&node, &conf)?
+        .ok()?;
+    ensure!(
+        !link_exists(&node, &host_veth(&r3)?),
+        "DEL without tartand left the veth"
+    );
+    ensure!(!link_exists(&pod3, "eth0"), "DEL without tartand left eth0");
     let pod2 = lab.add_namespace("early2")?;
     let code = Call::new(&plugin, "ADD", "early2")
         .netns(&pod2)

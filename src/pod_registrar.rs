@@ -3,6 +3,8 @@
 //! - installs the CNI network config (`10-tartan.conflist`) once the node's subnet is leased,
 //!   and the `tartan-cni` binary when asked;
 //! - listens on a unix socket for the plugin's nudges (`sync\n` → `ok\n`);
+//! - reaps the veth pairs tartan-cni's DEL detached (one batched kernel request on a thread
+//!   of its own: deleting veths costs the kernel ~15-20 ms per batch);
 //! - registers the pods it finds in the IPAM directory as [`PodRecord`]s in etcd, attached to
 //!   the node's liveness lease: at start, on every nudge, every [`RESCAN`] and whenever the
 //!   lease changes (then everything is written again). It diffs against what it registered,
@@ -37,6 +39,8 @@ use crate::subnet_manager::OwnLease;
 
 /// Periodic rescan of the IPAM directory (the safety net for missed nudges).
 pub const RESCAN: Duration = Duration::from_secs(10);
+/// How long the reaper lets detached veths accumulate before deleting them in one batch.
+pub const REAP_BATCH_DELAY: Duration = Duration::from_millis(300);
 /// File name of the installed network config.
 pub const CONFLIST_NAME: &str = "10-tartan.conflist";
 /// Network name in the installed config (also the IPAM subdirectory).
@@ -217,6 +221,49 @@ fn bind_socket(path: &Path) -> Result<UnixListener> {
     Ok(l)
 }
 
+/// Starts the reaper thread; a message on the returned channel asks for a reap (requests
+/// arriving while one is pending or running are merged).
+fn spawn_reaper() -> std::sync::mpsc::SyncSender<()> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+    let spawned = std::thread::Builder::new()
+        .name("cni-reaper".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    error!("CNI reaper: runtime: {e}");
+                    return;
+                }
+            };
+            let nl = {
+                let _g = rt.enter();
+                match crate::netlink_ops::Netlink::connect() {
+                    Ok(nl) => nl,
+                    Err(e) => {
+                        error!("CNI reaper: {e:#}");
+                        return;
+                    }
+                }
+            };
+            while rx.recv().is_ok() {
+                std::thread::sleep(REAP_BATCH_DELAY);
+                while rx.try_recv().is_ok() {}
+                match rt.block_on(crate::cni::links::reap_detached(&nl)) {
+                    Ok(0) => {}
+                    Ok(_) => debug!("reaped detached pod interfaces"),
+                    Err(e) => warn!("reaping detached pod interfaces: {e}"),
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        error!("CNI reaper thread: {e}");
+    }
+    tx
+}
+
 async fn serve_conn(stream: UnixStream, notify: Arc<Notify>) {
     let (r, mut w) = stream.into_split();
     let mut lines = BufReader::new(r).lines();
@@ -342,6 +389,7 @@ pub async fn run(
         }
     }
 
+    let reaper = spawn_reaper();
     let mut registered: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     let mut current: Option<i64> = None;
     let mut sweep = true;
@@ -366,6 +414,7 @@ pub async fn run(
             }
             _ = tokio::time::sleep(retry_in) => {}
         }
+        let _ = reaper.try_send(());
         let Some(lease) = *lease_rx.borrow() else {
             continue;
         };

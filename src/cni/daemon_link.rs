@@ -1,8 +1,10 @@
 //! The plugin's side of tartand's unix socket. The protocol is a nudge: the plugin writes
-//! `sync\n`, tartand queues a rescan of the IPAM directory and answers `ok\n`; registering the
-//! pods in etcd happens in tartand, so the plugin never talks to etcd.
+//! `sync\n` and tartand queues a rescan of the IPAM directory (answering `ok\n`, which the
+//! plugin does not wait for: the line is delivered even after the plugin exits, and a lost
+//! nudge is covered by tartand's periodic rescan). Registering the pods in etcd happens in
+//! tartand, so the plugin never talks to etcd.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
@@ -35,36 +37,17 @@ impl DaemonLink {
             })
     }
 
-    /// Asks tartand to rescan the IPAM directory and waits (at most `timeout`) for its answer.
-    pub fn sync(mut self, timeout: Duration) -> std::io::Result<()> {
-        self.stream.set_write_timeout(Some(timeout))?;
-        self.stream.set_read_timeout(Some(timeout))?;
+    /// Asks tartand to rescan the IPAM directory (writes the request and closes).
+    pub fn sync(mut self) -> std::io::Result<()> {
         self.stream
-            .write_all(format!("{SYNC_REQUEST}\n").as_bytes())?;
-        let mut buf = [0u8; 64];
-        let mut got = Vec::new();
-        while !got.contains(&b'\n') {
-            let n = self.stream.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            got.extend_from_slice(&buf[..n]);
-            if got.len() > 1024 {
-                break;
-            }
-        }
-        if String::from_utf8_lossy(&got).trim() == SYNC_REPLY {
-            Ok(())
-        } else {
-            Err(std::io::Error::other(format!(
-                "unexpected answer {:?}",
-                String::from_utf8_lossy(&got)
-            )))
-        }
+            .set_write_timeout(Some(Duration::from_millis(500)))?;
+        self.stream
+            .write_all(format!("{SYNC_REQUEST}\n").as_bytes())
     }
 }
 
-/// Best-effort nudge (DEL, GC): connect and sync, reporting failures to the caller only.
-pub fn nudge(path: &Path, timeout: Duration) -> std::io::Result<()> {
-    UnixStream::connect(path).and_then(|stream| DaemonLink { stream }.sync(timeout))
+/// Connects and asks for a rescan (DEL, GC); failures go to the caller, which only logs
+/// them or falls back to doing the work itself.
+pub fn nudge(path: &Path) -> std::io::Result<()> {
+    UnixStream::connect(path).and_then(|stream| DaemonLink { stream }.sync())
 }

@@ -5,10 +5,9 @@
 //!
 //! | path | content |
 //! |---|---|
-//! | `lock` | `flock`ed exclusively by every change |
+//! | `lock` | `flock`ed exclusively by every change; holds the last address handed out (the round-robin start, like host-local's `last_reserved`) |
 //! | `ip/<address>` | the [`AllocationRecord`] (JSON) of an allocated address |
 //! | `by-id/<container-id>:<ifname>` | symlink whose target is the address (the fast lookup) |
-//! | `last_reserved` | the last address handed out (round-robin start, like host-local) |
 //!
 //! Crash safety: records are written to a temporary file and renamed; the index entry is
 //! written before the record and removed after it, so every record has an index entry and a
@@ -20,7 +19,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::io::ErrorKind;
 use std::net::Ipv4Addr;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt};
 use std::path::{Path, PathBuf};
 
 use ipnetwork::Ipv4Network;
@@ -32,7 +31,8 @@ use super::spec::validate_network_name;
 use crate::pod_record::PodRecord;
 
 const LOCK_FILE: &str = "lock";
-const LAST_RESERVED: &str = "last_reserved";
+/// Width of the last-reserved address in the lock file (rewritten in place, never truncated).
+const LAST_WIDTH: usize = 16;
 const IP_DIR: &str = "ip";
 const INDEX_DIR: &str = "by-id";
 const TMP_PREFIX: &str = ".tmp-";
@@ -173,17 +173,22 @@ pub struct IpamStore {
 }
 
 impl IpamStore {
-    /// Opens (creating when needed) the directory of `network` under `data_dir`.
+    /// The store of `network` under `data_dir` (directories are created by the first change).
     pub fn open(data_dir: &Path, network: &str) -> Result<IpamStore, CniError> {
         validate_network_name(network)?;
-        let dir = child(data_dir, network)?;
+        Ok(IpamStore {
+            dir: child(data_dir, network)?,
+        })
+    }
+
+    fn create_dirs(&self) -> Result<(), CniError> {
         let mut b = std::fs::DirBuilder::new();
         b.recursive(true).mode(0o755);
         for sub in [IP_DIR, INDEX_DIR] {
-            let p = dir.join(sub);
+            let p = self.dir.join(sub);
             b.create(&p).map_err(|e| io_err("creating", &p, e))?;
         }
-        Ok(IpamStore { dir })
+        Ok(())
     }
 
     /// The network's directory.
@@ -193,15 +198,41 @@ impl IpamStore {
 
     fn lock(&self) -> Result<Flock<File>, CniError> {
         let p = self.dir.join(LOCK_FILE);
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&p)
-            .map_err(|e| io_err("opening", &p, e))?;
+        let open = || {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .open(&p)
+        };
+        let f = match open() {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                self.create_dirs()?;
+                open().map_err(|e| io_err("opening", &p, e))?
+            }
+            Err(e) => return Err(io_err("opening", &p, e)),
+        };
         Flock::lock(f, FlockArg::LockExclusive)
             .map_err(|(_, e)| CniError::store(format!("locking {}: {e}", p.display())))
+    }
+
+    fn last_reserved(lock: &File) -> Option<u32> {
+        let mut buf = [0u8; LAST_WIDTH];
+        let n = lock.read_at(&mut buf, 0).ok()?;
+        std::str::from_utf8(&buf[..n])
+            .ok()?
+            .trim()
+            .parse::<Ipv4Addr>()
+            .ok()
+            .map(u32::from)
+    }
+
+    fn set_last_reserved(&self, lock: &File, ip: Ipv4Addr) -> Result<(), CniError> {
+        let text = format!("{:<width$}\n", ip.to_string(), width = LAST_WIDTH - 1);
+        lock.write_all_at(text.as_bytes(), 0)
+            .map_err(|e| io_err("writing", &self.dir.join(LOCK_FILE), e))
     }
 
     fn record_path(&self, ip: Ipv4Addr) -> Result<PathBuf, CniError> {
@@ -302,7 +333,7 @@ impl IpamStore {
                 format!("the node subnet {subnet} is too small for containers"),
             ));
         };
-        let _lock = self.lock()?;
+        let lock = self.lock()?;
         let idx = self.index_path(&req.container_id, &req.ifname)?;
         let make = |ip: Ipv4Addr| AllocationRecord {
             container_id: req.container_id.clone(),
@@ -331,10 +362,7 @@ impl IpamStore {
             Self::remove(&self.record_path(ip)?)?;
         }
         let ip_dir = self.dir.join(IP_DIR);
-        let last = std::fs::read_to_string(self.dir.join(LAST_RESERVED))
-            .ok()
-            .and_then(|s| s.trim().parse::<Ipv4Addr>().ok())
-            .map(u32::from);
+        let last = Self::last_reserved(&lock);
         let taken =
             |c: u32| std::fs::symlink_metadata(ip_dir.join(Ipv4Addr::from(c).to_string())).is_ok();
         let Some(n) = next_free(lo, hi, last, taken) else {
@@ -351,9 +379,7 @@ impl IpamStore {
         // Index first, record second: every record always has its index entry.
         self.write_index(&idx, rec.ip)?;
         self.write_record(&rec)?;
-        let last_path = self.dir.join(LAST_RESERVED);
-        std::fs::write(&last_path, rec.ip.to_string())
-            .map_err(|e| io_err("writing", &last_path, e))?;
+        self.set_last_reserved(&lock, rec.ip)?;
         Ok(rec)
     }
 

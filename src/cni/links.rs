@@ -1,7 +1,15 @@
 //! The kernel side of the plugin: the node bridge, the veth pair (host end on the bridge,
 //! container end created directly in the pod namespace), the container's address and default
-//! route, and the read-backs CHECK and GC need. Host-side work uses the caller's netlink
-//! connection; pod-side work runs on a thread that entered the pod namespace.
+//! route, and the read-backs CHECK and GC need. Host-side work uses a netlink socket of the
+//! node namespace, pod-side work one opened inside the pod namespace (see [`netlink_in`]);
+//! both are driven by the caller's single-threaded runtime, no thread changes namespace
+//! for longer than opening a socket.
+//!
+//! Deleting a veth costs the kernel ~15-20 ms (RCU barriers while unregistering), so DEL only
+//! *detaches* the host end (down, off the bridge, into [`DETACHED_GROUP`]): the pod is cut off
+//! at once, and the kernel objects are reaped in one batched request later, by tartand, GC
+//! or the next ADD that needs the name (see [`reap_detached`]). When the runtime deletes the
+//! pod namespace, the pair goes with it anyway.
 
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr};
@@ -20,6 +28,11 @@ use super::error::{CniError, code};
 use crate::netlink_ops::Netlink;
 
 const EEXIST: i32 = 17;
+const ENODEV: i32 = 19;
+const ENOENT: i32 = 2;
+
+/// Link group of detached host veth ends waiting to be reaped ("ttdd").
+pub const DETACHED_GROUP: u32 = 0x7474_6464;
 
 fn raw_code(e: &rtnetlink::Error) -> Option<i32> {
     match e {
@@ -126,9 +139,9 @@ pub struct Bridge {
     pub mac: String,
 }
 
-/// Finds the bridge `name` or creates it (up, `mtu`, MAC derived from the gateway), and makes
-/// sure it holds `gateway` (the subnet's first address with the subnet prefix). Races with
-/// concurrent ADDs creating the same bridge are harmless.
+/// Finds the bridge `name` or creates it (up, `mtu`, MAC derived from the gateway). Races
+/// with concurrent ADDs creating the same bridge are harmless. See [`ensure_gateway`] for its
+/// address.
 pub async fn ensure_bridge(
     nl: &Netlink,
     name: &str,
@@ -171,27 +184,30 @@ pub async fn ensure_bridge(
             .await
             .map_err(|e| kernel(format!("setting {name} up"), e))?;
     }
-    let addrs = nl
-        .ipv4_addrs(index)
-        .await
-        .map_err(|e| kernel(format!("reading addresses of {name}"), e))?;
-    if !addrs.contains(&gateway) {
-        match nl
-            .handle()
-            .address()
-            .add(index, IpAddr::V4(gateway.ip()), gateway.prefix())
-            .execute()
-            .await
-        {
-            Ok(()) => {}
-            Err(e) if is_exists(&e) => {}
-            Err(e) => return Err(kernel(format!("adding {gateway} to {name}"), e)),
-        }
-    }
     Ok(Bridge {
         index,
         mac: link_mac(&link).map(|m| format_mac(&m)).unwrap_or_default(),
     })
+}
+
+/// Makes sure the bridge holds `gateway` (the subnet's first address with the subnet prefix):
+/// one exclusive add instead of a dump, EEXIST meaning it is there already.
+pub async fn ensure_gateway(
+    nl: &Netlink,
+    bridge: &Bridge,
+    gateway: Ipv4Network,
+) -> Result<(), CniError> {
+    match nl
+        .handle()
+        .address()
+        .add(bridge.index, IpAddr::V4(gateway.ip()), gateway.prefix())
+        .execute()
+        .await
+    {
+        Ok(()) => Ok(()),
+        Err(e) if is_exists(&e) => Ok(()),
+        Err(e) => Err(kernel(format!("adding gateway {gateway}"), e)),
+    }
 }
 
 /// What the veth pair of one attachment looks like.
@@ -238,34 +254,33 @@ async fn try_add_veth(nl: &Netlink, spec: &VethSpec, netns: &File) -> Result<(),
 
 /// Creates the veth pair in one request: the host end up on the bridge, the container end
 /// named `spec.pod` directly inside `netns` (down: this kernel refuses to bring a peer up in
-/// another namespace at creation, ENOTCONN), both with their MTU and MAC. A stale host end of
-/// the same attachment (an earlier ADD) is replaced.
+/// another namespace at creation, ENOTCONN), both with their MTU and MAC. A name already
+/// taken by a detached pair waiting to be reaped, or by a stale host end of the same
+/// attachment, is freed and the creation retried once.
 pub async fn add_veth(nl: &Netlink, spec: &VethSpec, netns: &File) -> Result<(), CniError> {
+    let taken = || {
+        CniError::new(
+            code::INTERFACE_EXISTS,
+            format!(
+                "an interface named {} already exists in the container",
+                spec.pod
+            ),
+        )
+    };
     match try_add_veth(nl, spec, netns).await {
         Ok(()) => Ok(()),
         Err(e) if is_exists(&e) => {
+            let reaped = reap_detached(nl).await?;
             let stale = nl
                 .delete_link(&spec.host)
                 .await
                 .map_err(|e| kernel(format!("removing stale {}", spec.host), e))?;
-            if !stale {
-                return Err(CniError::new(
-                    code::INTERFACE_EXISTS,
-                    format!(
-                        "an interface named {} already exists in the container",
-                        spec.pod
-                    ),
-                ));
+            if !stale && reaped == 0 {
+                return Err(taken());
             }
             try_add_veth(nl, spec, netns).await.map_err(|e| {
                 if is_exists(&e) {
-                    CniError::new(
-                        code::INTERFACE_EXISTS,
-                        format!(
-                            "an interface named {} already exists in the container",
-                            spec.pod
-                        ),
-                    )
+                    taken()
                 } else {
                     kernel(format!("creating veth {}", spec.host), e)
                 }
@@ -287,11 +302,40 @@ pub async fn set_hairpin(nl: &Netlink, port: &str) -> Result<(), CniError> {
         .map_err(|e| kernel(format!("hairpin on {port}"), e))
 }
 
-/// Deletes a host veth end (and with it the container end); `false` when already gone.
+/// Deletes a host veth end (and with it the container end) now; `false` when already gone.
+/// Costs the kernel ~15-20 ms: prefer [`detach_host_veth`] on latency-sensitive paths.
 pub async fn delete_host_veth(nl: &Netlink, name: &str) -> Result<bool, CniError> {
     nl.delete_link(name)
         .await
         .map_err(|e| kernel(format!("deleting {name}"), e))
+}
+
+/// Cuts a host veth end off (down, off its bridge) and marks it for reaping
+/// ([`DETACHED_GROUP`]) in one cheap request; `false` when it does not exist.
+pub async fn detach_host_veth(nl: &Netlink, name: &str) -> Result<bool, CniError> {
+    let msg = LinkUnspec::new_with_name(name)
+        .down()
+        .nocontroller()
+        .link_group(DETACHED_GROUP)
+        .build();
+    match nl.handle().link().change(msg).execute().await {
+        Ok(()) => Ok(true),
+        Err(e) if matches!(raw_code(&e), Some(ENODEV) | Some(ENOENT)) => Ok(false),
+        Err(e) => Err(kernel(format!("detaching {name}"), e)),
+    }
+}
+
+/// Deletes every detached host veth end (with its container end) in one request, so the
+/// kernel's RCU waits are paid once per batch; returns 1 when something was deleted, 0 when
+/// there was nothing to reap.
+pub async fn reap_detached(nl: &Netlink) -> Result<usize, CniError> {
+    let mut msg = LinkMessage::default();
+    msg.attributes.push(LinkAttribute::Group(DETACHED_GROUP));
+    match nl.handle().link().del_with_message(msg).execute().await {
+        Ok(()) => Ok(1),
+        Err(e) if matches!(raw_code(&e), Some(ENODEV) | Some(ENOENT)) => Ok(0),
+        Err(e) => Err(kernel("reaping detached veths", e)),
+    }
 }
 
 /// Names of the host veth ends attached to bridge `bridge`.
@@ -342,40 +386,51 @@ pub async fn configure_pod_iface(
         .map_err(|e| kernel(format!("looking up {ifname} in the container"), e))?
         .ok_or_else(|| CniError::kernel(format!("{ifname} is missing in the container")))?;
     let index = link.header.index;
-    if !link.header.flags.contains(LinkFlags::Up) {
+    // Up, address, route: queued back to back (the kernel handles each request completely,
+    // in order, before the next), acknowledged together.
+    let up = async {
+        if link.header.flags.contains(LinkFlags::Up) {
+            return Ok(());
+        }
         nl.handle()
             .link()
             .change(LinkUnspec::new_with_index(index).up().build())
             .execute()
             .await
-            .map_err(|e| kernel(format!("setting {ifname} up"), e))?;
-    }
-    match nl
-        .handle()
-        .address()
-        .add(index, IpAddr::V4(addr.ip()), addr.prefix())
-        .execute()
-        .await
-    {
-        Ok(()) => {}
-        Err(e) if is_exists(&e) => {}
-        Err(e) => return Err(kernel(format!("adding {addr} to {ifname}"), e)),
-    }
-    let route = RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
-        .gateway(gateway)
-        .output_interface(index)
-        .protocol(RouteProtocol::Boot)
-        .scope(RouteScope::Universe)
-        .table_id(u32::from(RouteHeader::RT_TABLE_MAIN))
-        .build();
-    nl.handle()
-        .route()
-        .add(route)
-        .replace()
-        .execute()
-        .await
-        .map_err(|e| kernel(format!("default route via {gateway}"), e))
+            .map_err(|e| kernel(format!("setting {ifname} up"), e))
+    };
+    let address = async {
+        match nl
+            .handle()
+            .address()
+            .add(index, IpAddr::V4(addr.ip()), addr.prefix())
+            .execute()
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if is_exists(&e) => Ok(()),
+            Err(e) => Err(kernel(format!("adding {addr} to {ifname}"), e)),
+        }
+    };
+    let route = async {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+            .gateway(gateway)
+            .output_interface(index)
+            .protocol(RouteProtocol::Boot)
+            .scope(RouteScope::Universe)
+            .table_id(u32::from(RouteHeader::RT_TABLE_MAIN))
+            .build();
+        nl.handle()
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| kernel(format!("default route via {gateway}"), e))
+    };
+    let (u, a, r) = futures::join!(up, address, route);
+    u.and(a).and(r)
 }
 
 /// What CHECK reads back about the container interface.
@@ -444,7 +499,7 @@ pub async fn read_pod_iface(nl: &Netlink, ifname: &str) -> Result<Option<PodIfac
 }
 
 /// Opens a network namespace handle, refusing anything that is not on nsfs (error code 4;
-/// [`spawn_in_netns`] refuses namespaces of another type).
+/// [`netlink_in`] refuses namespaces of another type).
 pub fn open_netns(path: &std::path::Path) -> Result<File, CniError> {
     let f = File::open(path)
         .map_err(|e| CniError::env(format!("CNI_NETNS={}: {e}", path.display())))?;
@@ -459,64 +514,19 @@ pub fn open_netns(path: &std::path::Path) -> Result<File, CniError> {
     Ok(f)
 }
 
-/// A thread inside a pod namespace, waiting for work (see [`spawn_in_netns`]).
-pub type NetnsThread<T> = std::thread::JoinHandle<Result<Option<T>, CniError>>;
-
-/// Starts a thread that enters the namespace `netns` (failing with code 4 when it is not a
-/// network namespace), opens a netlink connection there on its own single-threaded runtime,
-/// then waits for `go` and runs `f` with it. Returns once the thread is inside the namespace,
-/// so the caller can overlap its own work with the thread's start. A dropped sender ends the
-/// thread without running `f`. The caller's thread never changes namespace.
-pub fn spawn_in_netns<T, G, F, Fut>(
-    netns: File,
-    go: std::sync::mpsc::Receiver<G>,
-    f: F,
-) -> Result<NetnsThread<T>, CniError>
-where
-    T: Send + 'static,
-    G: Send + 'static,
-    F: FnOnce(Netlink, G) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = Result<T, CniError>>,
-{
-    let (entered_tx, entered_rx) = std::sync::mpsc::channel::<Result<(), CniError>>();
-    let h = std::thread::spawn(move || {
-        let entered = setns(&netns, CloneFlags::CLONE_NEWNET)
-            .map_err(|e| CniError::env(format!("CNI_NETNS is not a network namespace: {e}")));
-        let failed = entered.is_err();
-        let _ = entered_tx.send(entered);
-        if failed {
-            return Ok(None);
-        }
-        drop(netns);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .build()
-            .map_err(|e| CniError::kernel(format!("runtime: {e}")))?;
-        let nl = {
-            let _g = rt.enter();
-            Netlink::connect().map_err(|e| kernel("netlink in the container", e))?
-        };
-        let Ok(g) = go.recv() else {
-            return Ok(None);
-        };
-        rt.block_on(f(nl, g)).map(Some)
-    });
-    match entered_rx.recv() {
-        Ok(Ok(())) => Ok(h),
-        Ok(Err(e)) => {
-            let _ = h.join();
-            Err(e)
-        }
-        Err(_) => Err(join_netns(h)
-            .err()
-            .unwrap_or_else(|| CniError::kernel("the container-side thread ended early"))),
-    }
-}
-
-/// Joins a thread made by [`spawn_in_netns`]: `Ok(None)` when it never got its `go`.
-pub fn join_netns<T>(h: NetnsThread<T>) -> Result<Option<T>, CniError> {
-    h.join()
-        .map_err(|_| CniError::kernel("the container-side thread panicked"))?
+/// Opens a netlink connection inside the namespace `netns` (needs a runtime context): the
+/// calling thread enters the namespace, opens the socket (a socket stays in the namespace it
+/// was created in) and returns to its own namespace at once. A handle that is not a network
+/// namespace is error code 4.
+pub fn netlink_in(netns: &File) -> Result<Netlink, CniError> {
+    let own = File::open("/proc/thread-self/ns/net")
+        .map_err(|e| CniError::kernel(format!("opening this thread's namespace: {e}")))?;
+    setns(netns, CloneFlags::CLONE_NEWNET)
+        .map_err(|e| CniError::env(format!("CNI_NETNS is not a network namespace: {e}")))?;
+    let nl = Netlink::connect();
+    setns(&own, CloneFlags::CLONE_NEWNET)
+        .map_err(|e| CniError::kernel(format!("returning to the node's network namespace: {e}")))?;
+    nl.map_err(|e| kernel("netlink in the container", e))
 }
 
 #[cfg(test)]

@@ -22,9 +22,6 @@ use super::spec::{
 use crate::netlink_ops::Netlink;
 use crate::subnet_env::SubnetEnv;
 
-/// How long the plugin waits for tartand's answer to a nudge.
-const NUDGE_TIMEOUT: Duration = Duration::from_secs(2);
-
 /// Runs one CNI call; returns what to print on stdout (nothing for DEL, STATUS, GC).
 pub fn run(env: &CniEnv, stdin: &[u8]) -> Result<Option<String>, CniError> {
     if env.command == Command::Version {
@@ -87,6 +84,7 @@ fn attachment(env: &CniEnv) -> Result<(&str, &str), CniError> {
 }
 
 fn add(env: &CniEnv, conf: &NetConf) -> Result<String, CniError> {
+    let mut tl = Timeline::new();
     let (cid, ifname) = attachment(env)?;
     let netns_path = env
         .netns
@@ -101,17 +99,17 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<String, CniError> {
         .map_err(|e| CniError::kernel(format!("gateway of {subnet}: {e}")))?;
     let mtu = conf.mtu.unwrap_or(senv.mtu);
     let host = links::host_veth_name(cid, ifname);
+    tl.mark("checks");
 
-    // The container side starts now (thread, namespace, netlink) and waits for the veth.
-    let (go_tx, go_rx) = std::sync::mpsc::channel::<(String, Ipv4Network, Ipv4Addr)>();
-    let netns_for_thread = netns
-        .try_clone()
-        .map_err(|e| CniError::env(format!("CNI_NETNS: {e}")))?;
-    let pod_side = links::spawn_in_netns(
-        netns_for_thread,
-        go_rx,
-        |nl, (ifname, addr, gw)| async move { links::configure_pod_iface(&nl, &ifname, addr, gw).await },
-    )?;
+    // Netlink in the node and in the pod (this also proves CNI_NETNS is a network namespace,
+    // before anything is allocated).
+    let rt = runtime()?;
+    let (nl, pod_nl) = {
+        let _g = rt.enter();
+        let nl = Netlink::connect().map_err(|e| CniError::kernel(format!("netlink: {e:#}")))?;
+        (nl, links::netlink_in(&netns)?)
+    };
+    tl.mark("netlink");
 
     let store = IpamStore::open(&conf.data_dir, &conf.name)?;
     let rec = store.allocate(
@@ -125,9 +123,10 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<String, CniError> {
         },
         subnet,
     )?;
+    tl.mark("ipam");
     let addr = Ipv4Network::new(rec.ip, subnet.prefix())
         .map_err(|e| CniError::kernel(format!("address {}: {e}", rec.ip)))?;
-    let spec = VethSpec {
+    let mut spec = VethSpec {
         host: host.clone(),
         host_mac: links::mac_for(MAC_KIND_HOST, rec.ip),
         pod: ifname.to_string(),
@@ -135,33 +134,31 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<String, CniError> {
         mtu,
         bridge: 0,
     };
-
-    let rt = runtime()?;
-    let nl = host_netlink(&rt)?;
-    let host_side = rt.block_on(async {
+    let outcome = rt.block_on(async {
         let br = links::ensure_bridge(&nl, &conf.bridge, gw_net, mtu).await?;
-        let spec = VethSpec {
-            bridge: br.index,
-            ..spec.clone()
+        spec.bridge = br.index;
+        let (g, v) = futures::join!(
+            links::ensure_gateway(&nl, &br, gw_net),
+            links::add_veth(&nl, &spec, &netns)
+        );
+        g.and(v)?;
+        let hairpin = async {
+            if conf.hairpin_mode {
+                links::set_hairpin(&nl, &host).await
+            } else {
+                Ok(())
+            }
         };
-        links::add_veth(&nl, &spec, &netns).await?;
-        let _ = go_tx.send((ifname.to_string(), addr, gw));
-        drop(go_tx);
-        if conf.hairpin_mode {
-            links::set_hairpin(&nl, &host).await?;
-        }
-        Ok::<_, CniError>(br)
+        let pod = links::configure_pod_iface(&pod_nl, ifname, addr, gw);
+        let (h, p) = futures::join!(hairpin, pod);
+        h.and(p).map(|()| br)
     });
-    let pod_result = links::join_netns(pod_side);
-    let bridge = match (host_side, pod_result) {
-        (Ok(br), Ok(Some(()))) => br,
-        (Err(e), _) | (Ok(_), Err(e)) => {
+    tl.mark("kernel");
+    let bridge = match outcome {
+        Ok(br) => br,
+        Err(e) => {
             rollback(&rt, &nl, &store, cid, ifname, &host);
             return Err(e);
-        }
-        (Ok(_), Ok(None)) => {
-            rollback(&rt, &nl, &store, cid, ifname, &host);
-            return Err(CniError::kernel("the container side did not run"));
         }
     };
 
@@ -209,10 +206,12 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<String, CniError> {
         }
         None => ours,
     };
-    if let Err(e) = daemon.sync(NUDGE_TIMEOUT) {
+    if let Err(e) = daemon.sync() {
         // The pod is set up; tartand's periodic rescan registers it.
         log(&format!("ADD {cid}: nudging tartand failed: {e}"));
     }
+    tl.mark("nudge");
+    tl.log("ADD", cid);
     Ok(result.render(conf.cni_version).to_string())
 }
 
@@ -231,20 +230,31 @@ fn rollback(
 }
 
 fn del(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
+    let mut tl = Timeline::new();
     let (cid, ifname) = attachment(env)?;
     let host = links::host_veth_name(cid, ifname);
     let rt = runtime()?;
     let nl = host_netlink(&rt)?;
-    // The host end goes with its container end, wherever that is (or whether the pod
-    // namespace still exists at all).
-    rt.block_on(links::delete_host_veth(&nl, &host))?;
+    tl.mark("runtime");
+    // Cut the pod off now (the host end goes down and off the bridge, wherever the container
+    // end is, whether the pod namespace still exists or not); the kernel objects are reaped
+    // in batches by tartand (see links::detach_host_veth).
+    let detached = rt.block_on(links::detach_host_veth(&nl, &host))?;
+    tl.mark("detach");
     let store = IpamStore::open(&conf.data_dir, &conf.name)?;
     let freed = store.release(cid, ifname)?;
-    if freed.is_some()
-        && let Err(e) = daemon_link::nudge(&conf.daemon_socket, NUDGE_TIMEOUT)
+    tl.mark("ipam");
+    if (detached || freed.is_some())
+        && let Err(e) = daemon_link::nudge(&conf.daemon_socket)
     {
-        log(&format!("DEL {cid}: nudging tartand failed: {e}"));
+        // No tartand to reap and deregister: reap here (slow, but rare).
+        log(&format!(
+            "DEL {cid}: nudging tartand failed ({e}); reaping here"
+        ));
+        rt.block_on(links::reap_detached(&nl))?;
     }
+    tl.mark("nudge");
+    tl.log("DEL", cid);
     Ok(())
 }
 
@@ -330,12 +340,14 @@ fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
         }
     })?;
     let netns = links::open_netns(netns_path)?;
-    let (go_tx, go_rx) = std::sync::mpsc::channel::<String>();
-    let t = links::spawn_in_netns(netns, go_rx, |nl, ifname: String| async move {
-        links::read_pod_iface(&nl, &ifname).await
-    })?;
-    let _ = go_tx.send(ifname.to_string());
-    let Some(iface) = links::join_netns(t)?.flatten() else {
+    let iface = {
+        let pod_nl = {
+            let _g = rt.enter();
+            links::netlink_in(&netns)?
+        };
+        rt.block_on(links::read_pod_iface(&pod_nl, ifname))?
+    };
+    let Some(iface) = iface else {
         return Err(check_failed(format!(
             "{ifname} is missing in {}",
             netns_path.display()
@@ -440,9 +452,13 @@ fn gc(conf: &NetConf) -> Result<(), CniError> {
         doomed.sort();
         doomed.dedup();
         for name in doomed {
-            if let Err(e) = links::delete_host_veth(&nl, &name).await {
+            if let Err(e) = links::detach_host_veth(&nl, &name).await {
                 errors.push(e.msg);
             }
+        }
+        // One batch for everything detached (also by earlier DELs).
+        if let Err(e) = links::reap_detached(&nl).await {
+            errors.push(e.msg);
         }
         if errors.is_empty() {
             Ok(())
@@ -454,11 +470,41 @@ fn gc(conf: &NetConf) -> Result<(), CniError> {
         }
     })?;
     if !freed.is_empty()
-        && let Err(e) = daemon_link::nudge(&conf.daemon_socket, NUDGE_TIMEOUT)
+        && let Err(e) = daemon_link::nudge(&conf.daemon_socket)
     {
         log(&format!("GC: nudging tartand failed: {e}"));
     }
     Ok(())
+}
+
+/// Phase timings of one call, logged when `TARTAN_CNI_LOG` is set (free otherwise).
+struct Timeline {
+    start: Option<std::time::Instant>,
+    marks: Vec<(&'static str, Duration)>,
+}
+
+impl Timeline {
+    fn new() -> Timeline {
+        Timeline {
+            start: std::env::var_os("TARTAN_CNI_LOG").map(|_| std::time::Instant::now()),
+            marks: Vec::new(),
+        }
+    }
+    fn mark(&mut self, what: &'static str) {
+        if let Some(s) = self.start {
+            self.marks.push((what, s.elapsed()));
+        }
+    }
+    fn log(&self, verb: &str, cid: &str) {
+        if self.start.is_some() {
+            let phases: Vec<String> = self
+                .marks
+                .iter()
+                .map(|(w, d)| format!("{w}@{}us", d.as_micros()))
+                .collect();
+            log(&format!("{verb} {cid} phases: {}", phases.join(" ")));
+        }
+    }
 }
 
 /// Appends a line to the file named by `TARTAN_CNI_LOG` (`stderr` for standard error);
