@@ -1,7 +1,7 @@
 //! `tartan-cni`: the CNI plugin. Container runtimes run it once per call with the CNI
 //! environment and the network config on stdin; see `tartan::cni`.
 
-use std::io::{IsTerminal, Read};
+use std::io::{IsTerminal, Read, Write};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -19,9 +19,9 @@ fn main() -> ExitCode {
         .skip(1)
         .any(|a| matches!(a.as_str(), "-h" | "--help" | "--version" | "-V"))
     {
-        eprintln!("{ABOUT}");
-        eprintln!(
-            "version {}; CNI protocol versions supported: {}",
+        let _ = writeln!(
+            std::io::stderr(),
+            "{ABOUT}\nversion {}; CNI protocol versions supported: {}",
             env!("CARGO_PKG_VERSION"),
             CniVersion::ALL.map(CniVersion::as_str).join(", ")
         );
@@ -50,14 +50,15 @@ fn main() -> ExitCode {
     match outcome {
         Ok(out) => {
             if let Some(out) = out {
-                println!("{out}");
+                // A runtime that closed the pipe gets nothing; never a panic on EPIPE.
+                let _ = writeln!(std::io::stdout(), "{out}");
             }
             plugin::log(&format!("{cmd} {cid} ok in {:?}", start.elapsed()));
             ExitCode::SUCCESS
         }
         Err(e) => {
-            println!("{}", e.to_json(&version));
-            eprintln!("tartan-cni: {e}");
+            let _ = writeln!(std::io::stdout(), "{}", e.to_json(&version));
+            let _ = writeln!(std::io::stderr(), "tartan-cni: {e}");
             plugin::log(&format!("{cmd} {cid} failed in {:?}: {e}", start.elapsed()));
             ExitCode::FAILURE
         }

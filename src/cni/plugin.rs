@@ -291,7 +291,7 @@ fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
             netns_path.display()
         ))
     })?;
-    let want_mac = prev.interfaces[idx].mac.clone();
+    let want_mac = prev.interfaces.get(idx).and_then(|i| i.mac.clone());
     let ipc = prev
         .ips
         .iter()
@@ -514,11 +514,11 @@ pub fn log(line: &str) {
         return;
     };
     let line = format!("tartan-cni[{}]: {line}\n", std::process::id());
+    use std::io::Write;
     if target == "stderr" || target.is_empty() {
-        eprint!("{line}");
+        let _ = std::io::stderr().write_all(line.as_bytes());
         return;
     }
-    use std::io::Write;
     if let Ok(mut f) = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
