@@ -193,6 +193,12 @@ fn wait_empty(pods: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// CPU time of a process in nanoseconds (scheduler accounting).
+fn cpu_ns(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).ok()?;
+    s.split_whitespace().next()?.parse().ok()
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -345,6 +351,9 @@ fn main() -> Result<()> {
         Series::default(),
         Series::default(),
     );
+    let daemon_pid = lab.nodes[0].daemon.as_ref().map(|c| c.id());
+    let daemon_cpu0 = daemon_pid.and_then(cpu_ns);
+    let seq_start = Instant::now();
     for round in 0..rounds {
         let cid = format!("seq{round:04}");
         let seq_pod_t = &seq_pods_t[round % POOL];
@@ -363,6 +372,12 @@ fn main() -> Result<()> {
             t_del.push(call(&run_t, &tartan, "DEL", &cid, seq_pod_t)?);
         }
     }
+
+    let seq_wall = seq_start.elapsed();
+    let daemon_cpu = match (daemon_pid.and_then(cpu_ns), daemon_cpu0) {
+        (Some(b), Some(a)) => Some(Duration::from_nanos(b.saturating_sub(a))),
+        _ => None,
+    };
 
     // Concurrent: 50 pods per plugin.
     let mut pods_t = Vec::new();
@@ -448,6 +463,14 @@ fn main() -> Result<()> {
         t_del.p(50.0),
         r_del.p(50.0)
     );
+    if let Some(c) = daemon_cpu {
+        println!(
+            "\ntartand CPU during the sequential rounds: {:.0} ms in {:.1} s ({:.2} ms per tartan-cni ADD+DEL: registration, reaping, and overlay reconciles triggered by the pods' link events)",
+            c.as_secs_f64() * 1000.0,
+            seq_wall.as_secs_f64(),
+            c.as_secs_f64() * 1000.0 / rounds.max(1) as f64
+        );
+    }
     println!("\n{conc} concurrent calls, {conc_rounds} rounds, each call's own latency (ms):\n");
     println!("| call | n | p50 | p90 | p99 |");
     println!("|---|---|---|---|---|");

@@ -6,7 +6,7 @@
 //! for longer than opening a socket.
 //!
 //! Deleting a veth costs the kernel ~15-20 ms (RCU barriers while unregistering), so DEL only
-//! *detaches* the host end (down, off the bridge, into [`DETACHED_GROUP`]): the pod is cut off
+//! *detaches* the host end (down, into [`DETACHED_GROUP`]): the pod is cut off
 //! at once, and the kernel objects are reaped in one batched request later, by tartand, GC
 //! or the next ADD that needs the name (see [`reap_detached`]). When the runtime deletes the
 //! pod namespace, the pair goes with it anyway.
@@ -233,11 +233,17 @@ async fn try_add_veth(nl: &Netlink, spec: &VethSpec, netns: &File) -> Result<(),
         .mtu(spec.mtu)
         .address(spec.pod_mac.to_vec())
         .setns_by_fd(netns.as_raw_fd())
+        .append_extra_attribute(LinkAttribute::NumTxQueues(1))
+        .append_extra_attribute(LinkAttribute::NumRxQueues(1))
         .build();
+    // One queue per end from the start: veth otherwise allocates one per CPU and trims them
+    // after registration, which waits for an RCU grace period per end (IPIs; slow in VMs).
     let mut msg = LinkVeth::new(&spec.host, &spec.pod)
         .mtu(spec.mtu)
         .address(spec.host_mac.to_vec())
         .controller(spec.bridge)
+        .append_extra_attribute(LinkAttribute::NumTxQueues(1))
+        .append_extra_attribute(LinkAttribute::NumRxQueues(1))
         .up()
         .build();
     for a in &mut msg.attributes {
@@ -310,12 +316,13 @@ pub async fn delete_host_veth(nl: &Netlink, name: &str) -> Result<bool, CniError
         .map_err(|e| kernel(format!("deleting {name}"), e))
 }
 
-/// Cuts a host veth end off (down, off its bridge) and marks it for reaping
-/// ([`DETACHED_GROUP`]) in one cheap request; `false` when it does not exist.
+/// Cuts a host veth end off (down: its bridge port stops forwarding, the container end loses
+/// its carrier, and nothing in the pod can bring it back up) and marks it for reaping
+/// ([`DETACHED_GROUP`]) in one cheap request; `false` when it does not exist. It stays
+/// enslaved until reaped: leaving the bridge would cost another RCU grace period.
 pub async fn detach_host_veth(nl: &Netlink, name: &str) -> Result<bool, CniError> {
     let msg = LinkUnspec::new_with_name(name)
         .down()
-        .nocontroller()
         .link_group(DETACHED_GROUP)
         .build();
     match nl.handle().link().change(msg).execute().await {

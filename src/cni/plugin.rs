@@ -136,12 +136,14 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<String, CniError> {
     };
     let outcome = rt.block_on(async {
         let br = links::ensure_bridge(&nl, &conf.bridge, gw_net, mtu).await?;
+        tl.mark("bridge");
         spec.bridge = br.index;
         let (g, v) = futures::join!(
             links::ensure_gateway(&nl, &br, gw_net),
             links::add_veth(&nl, &spec, &netns)
         );
         g.and(v)?;
+        tl.mark("veth");
         let hairpin = async {
             if conf.hairpin_mode {
                 links::set_hairpin(&nl, &host).await
@@ -236,9 +238,9 @@ fn del(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
     let rt = runtime()?;
     let nl = host_netlink(&rt)?;
     tl.mark("runtime");
-    // Cut the pod off now (the host end goes down and off the bridge, wherever the container
-    // end is, whether the pod namespace still exists or not); the kernel objects are reaped
-    // in batches by tartand (see links::detach_host_veth).
+    // Cut the pod off now (the host end goes down, so its port forwards nothing, wherever the
+    // container end is, whether the pod namespace still exists or not); the kernel objects
+    // are reaped in batches by tartand (see links::detach_host_veth).
     let detached = rt.block_on(links::detach_host_veth(&nl, &host))?;
     tl.mark("detach");
     let store = IpamStore::open(&conf.data_dir, &conf.name)?;
