@@ -15,7 +15,7 @@ DEB_PACKAGES := etcd-server etcd-client nftables iproute2 iptables protobuf-comp
 DEB_PROBES := etcd etcdctl nft ip iptables protoc conntrack /usr/lib/cni/bridge podman runc \
 	busybox sockperf iperf3 openssl nsenter ps
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
+TARGET_DIR := $(abspath $(or $(CARGO_TARGET_DIR),target))
 
 .PHONY: all deps build release test unit netns lint demo bench clean
 
