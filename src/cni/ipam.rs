@@ -196,26 +196,41 @@ impl IpamStore {
         &self.dir
     }
 
+    /// Takes the store's lock. The lock file is created only after both subdirectories
+    /// exist, so whoever opens an existing lock file can rely on them (concurrent first ADDs
+    /// on a fresh node would otherwise race the directory creation).
     fn lock(&self) -> Result<Flock<File>, CniError> {
         let p = self.dir.join(LOCK_FILE);
-        let open = || {
+        let open = |create: bool| {
             std::fs::OpenOptions::new()
-                .create(true)
+                .create(create)
                 .truncate(false)
                 .read(true)
                 .write(true)
                 .open(&p)
         };
-        let f = match open() {
+        let f = match open(false) {
             Ok(f) => f,
             Err(e) if e.kind() == ErrorKind::NotFound => {
                 self.create_dirs()?;
-                open().map_err(|e| io_err("opening", &p, e))?
+                open(true).map_err(|e| io_err("opening", &p, e))?
             }
             Err(e) => return Err(io_err("opening", &p, e)),
         };
         Flock::lock(f, FlockArg::LockExclusive)
             .map_err(|(_, e)| CniError::store(format!("locking {}: {e}", p.display())))
+    }
+
+    /// Runs a write, recreating the subdirectories once if one vanished (removed by hand).
+    fn with_dirs<T>(&self, f: impl Fn() -> std::io::Result<T>) -> std::io::Result<T> {
+        match f() {
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                self.create_dirs()
+                    .map_err(|e| std::io::Error::other(e.msg))?;
+                f()
+            }
+            r => r,
+        }
     }
 
     fn last_reserved(lock: &File) -> Option<u32> {
@@ -270,13 +285,14 @@ impl IpamStore {
             .join(format!("{TMP_PREFIX}{}", std::process::id()));
         let bytes = serde_json::to_vec(rec)
             .map_err(|e| CniError::store(format!("encoding the record: {e}")))?;
-        std::fs::write(&tmp, bytes).map_err(|e| io_err("writing", &tmp, e))?;
+        self.with_dirs(|| std::fs::write(&tmp, &bytes))
+            .map_err(|e| io_err("writing", &tmp, e))?;
         std::fs::rename(&tmp, &p).map_err(|e| io_err("renaming to", &p, e))
     }
 
     fn write_index(&self, path: &Path, ip: Ipv4Addr) -> Result<(), CniError> {
         let target = ip.to_string();
-        match std::os::unix::fs::symlink(&target, path) {
+        match self.with_dirs(|| std::os::unix::fs::symlink(&target, path)) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == ErrorKind::AlreadyExists => {
                 let tmp = self
@@ -657,6 +673,45 @@ mod tests {
             }
         }
         assert_eq!(all.len(), 160);
+    }
+
+    #[test]
+    fn first_allocations_on_a_fresh_node_race_safely() {
+        // Many processes hitting an empty data directory at once must all find the
+        // subdirectories in place once they hold the lock.
+        for round in 0..60 {
+            let t = TmpDir::new(&format!("fresh{round}"));
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(16));
+            let handles: Vec<_> = (0..16)
+                .map(|k| {
+                    let dir = t.0.clone();
+                    let b = barrier.clone();
+                    std::thread::spawn(move || {
+                        let s = IpamStore::open(&dir, "n").unwrap();
+                        b.wait();
+                        s.allocate(&req(&format!("c{k}")), net("10.7.0.0/24"))
+                    })
+                })
+                .collect();
+            for h in handles {
+                h.join().unwrap().unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn a_subdirectory_removed_by_hand_is_recreated() {
+        let t = TmpDir::new("rmdir");
+        let s = IpamStore::open(&t.0, "n").unwrap();
+        s.allocate(&req("a"), net("10.0.0.0/24")).unwrap();
+        std::fs::remove_dir_all(s.dir().join("by-id")).unwrap();
+        s.allocate(&req("b"), net("10.0.0.0/24")).unwrap();
+        std::fs::remove_dir_all(s.dir().join("ip")).unwrap();
+        s.allocate(&req("c"), net("10.0.0.0/24")).unwrap();
+        assert_eq!(
+            s.get("c", "eth0").unwrap().map(|r| r.container_id),
+            Some("c".into())
+        );
     }
 
     #[test]
