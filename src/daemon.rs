@@ -77,6 +77,8 @@ pub struct DaemonArgs {
     /// Release this node's subnet, remove its device and rules, and exit.
     #[arg(long)]
     pub leave: bool,
+    #[command(flatten)]
+    pub cni: crate::pod_registrar::CniArgs,
 }
 
 fn node_name(args: &DaemonArgs) -> Result<String> {
@@ -218,7 +220,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     };
     persist(&own);
 
-    let (lease_tx, _lease_rx) = watch::channel(None);
+    let (lease_tx, lease_rx) = watch::channel(None);
     tokio::spawn(node_liveness::run(
         store.clone(),
         args.etcd.clone(),
@@ -227,6 +229,15 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         args.liveness_ttl,
         lease_tx,
         metrics.clone(),
+    ));
+
+    tokio::spawn(crate::pod_registrar::run(
+        store.clone(),
+        args.etcd.clone(),
+        name.clone(),
+        args.cni.settings(&args.subnet_file),
+        own_rx.clone(),
+        lease_rx,
     ));
 
     let (status_tx, status_rx) = tokio::sync::mpsc::channel(4);

@@ -5,6 +5,7 @@
 //! `nft_cmd`). See `docs/architecture.md`.
 
 pub mod backoff;
+pub mod cni;
 pub mod commands;
 pub mod daemon;
 pub mod etcd_store;
@@ -22,6 +23,7 @@ pub mod node_state;
 pub mod overlay_plan;
 pub mod overlay_reconciler;
 pub mod pod_record;
+pub mod pod_registrar;
 pub mod service_model;
 pub mod service_proxy;
 pub mod service_rules;

@@ -628,8 +628,9 @@ pub struct NetlinkEvents {
 /// What kind of change a notification reports, reduced to what the reconciler needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KernelChange {
-    /// Something was removed or a link changed: the overlay may need repair.
-    Removal,
+    /// Something was removed or a link changed: the overlay may need repair. Carries the
+    /// interface it happened on, when the message names one.
+    Removal(Option<u32>),
     /// Something was added: usually our own doing.
     Addition,
 }
@@ -652,13 +653,21 @@ impl NetlinkEvents {
     pub async fn next(&mut self) -> Option<KernelChange> {
         let (msg, _) = self.rx.next().await?;
         Some(match msg.payload {
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelRoute(r)) => {
+                KernelChange::Removal(r.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Oif(i) => Some(*i),
+                    _ => None,
+                }))
+            }
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelNeighbour(n)) => {
+                KernelChange::Removal(Some(n.header.ifindex))
+            }
             NetlinkPayload::InnerMessage(
-                RouteNetlinkMessage::DelRoute(_)
-                | RouteNetlinkMessage::DelNeighbour(_)
-                | RouteNetlinkMessage::DelLink(_)
-                | RouteNetlinkMessage::DelAddress(_)
-                | RouteNetlinkMessage::NewLink(_),
-            ) => KernelChange::Removal,
+                RouteNetlinkMessage::DelLink(l) | RouteNetlinkMessage::NewLink(l),
+            ) => KernelChange::Removal(Some(l.header.index)),
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelAddress(a)) => {
+                KernelChange::Removal(Some(a.header.index))
+            }
             _ => KernelChange::Addition,
         })
     }

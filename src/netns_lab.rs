@@ -135,6 +135,12 @@ where
     })?
 }
 
+/// Starts `cmd` inside `ns`, forked from a thread that entered the namespace (no `nsenter`
+/// process in between, so timings are the command's own).
+pub fn spawn_in_netns(ns: &str, mut cmd: Command) -> Result<Child> {
+    in_netns(ns, move || cmd.spawn())?.context("spawning a command in a namespace")
+}
+
 /// Polls `cond` until it returns `Some`, or fails after `deadline` with `what` in the error.
 pub fn wait_for<T>(
     what: &str,
@@ -225,6 +231,23 @@ impl LabNode {
     /// Path of this node's daemon log.
     pub fn log_file(&self) -> PathBuf {
         self.dir.join("tartand.log")
+    }
+    /// This node's CNI directory (tartand's `--cni-conf-dir` is `net.d` under it,
+    /// `--cni-data-dir` is `data`, `--cni-socket` is `tartand.sock`).
+    pub fn cni_dir(&self) -> PathBuf {
+        self.dir.join("cni")
+    }
+    /// Where tartand installs the CNI conflist.
+    pub fn cni_conf_dir(&self) -> PathBuf {
+        self.cni_dir().join("net.d")
+    }
+    /// tartan-cni's IPAM directory.
+    pub fn cni_data_dir(&self) -> PathBuf {
+        self.cni_dir().join("data")
+    }
+    /// tartand's CNI socket.
+    pub fn cni_socket(&self) -> PathBuf {
+        self.cni_dir().join("tartand.sock")
     }
 }
 
@@ -628,6 +651,12 @@ impl Lab {
                 &n.dir.join("state").to_string_lossy(),
                 "--resync-secs",
                 "5",
+                "--cni-conf-dir",
+                &n.cni_conf_dir().to_string_lossy(),
+                "--cni-data-dir",
+                &n.cni_data_dir().to_string_lossy(),
+                "--cni-socket",
+                &n.cni_socket().to_string_lossy(),
             ])
             .args(&tls)
             .args(extra)

@@ -62,6 +62,9 @@ struct Reconciler {
     metrics: Arc<Metrics>,
     masq_applied: Option<(String, String)>,
     desired_cache: Option<(DesiredKey, Arc<OverlayState>)>,
+    /// Interfaces the overlay lives on (VXLAN device, underlay) as of the last pass; kernel
+    /// notifications about other interfaces (pod veths, bridges) cannot need a repair.
+    owned: Option<(u32, u32)>,
 }
 
 /// What the desired overlay state was computed from.
@@ -82,6 +85,7 @@ impl Reconciler {
             mac: self.s.vtep_mac,
         };
         let (vx, change) = self.nl.ensure_vxlan(&spec).await?;
+        self.owned = Some((vx, iface.index));
         let mut ops = usize::from(change != DeviceChange::Unchanged);
         if change == DeviceChange::Created {
             info!(device = %spec.name, mtu = spec.mtu, "VXLAN device created");
@@ -203,6 +207,7 @@ pub async fn run(
         metrics: metrics.clone(),
         masq_applied: None,
         desired_cache: None,
+        owned: None,
     };
     let mut tick = tokio::time::interval(resync);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -219,7 +224,13 @@ pub async fn run(
             }
             ev = events.next() => {
                 match ev {
-                    Some(KernelChange::Removal) => {
+                    Some(KernelChange::Removal(Some(i)))
+                        if r.owned.is_some_and(|(vx, ul)| i != vx && i != ul) =>
+                    {
+                        // A pod's veth, a bridge...: not the overlay's.
+                        continue;
+                    }
+                    Some(KernelChange::Removal(_)) => {
                         // Debounce: let a burst of notifications settle, then repair once.
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(1), events.next()).await {}

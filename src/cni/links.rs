@@ -1,0 +1,566 @@
+//! The kernel side of the plugin: the node bridge, the veth pair (host end on the bridge,
+//! container end created directly in the pod namespace), the container's address and default
+//! route, and the read-backs CHECK and GC need. Host-side work uses a netlink socket of the
+//! node namespace, pod-side work one opened inside the pod namespace (see [`netlink_in`]);
+//! both are driven by the caller's single-threaded runtime, no thread changes namespace
+//! for longer than opening a socket.
+//!
+//! Deleting a veth costs the kernel ~15-20 ms (RCU barriers while unregistering), so DEL only
+//! *detaches* the host end (down, into [`DETACHED_GROUP`]): the pod is cut off
+//! at once, and the kernel objects are reaped in one batched request later, by tartand, GC
+//! or the next ADD that needs the name (see [`reap_detached`]). When the runtime deletes the
+//! pod namespace, the pair goes with it anyway.
+
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd;
+
+use futures::TryStreamExt;
+use ipnetwork::Ipv4Network;
+use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+};
+use nix::sched::{CloneFlags, setns};
+use rtnetlink::{LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth, RouteMessageBuilder};
+
+use super::error::{CniError, code};
+use crate::netlink_ops::Netlink;
+
+const EEXIST: i32 = 17;
+const ENODEV: i32 = 19;
+const ENOENT: i32 = 2;
+
+/// Link group of detached host veth ends waiting to be reaped ("ttdd").
+pub const DETACHED_GROUP: u32 = 0x7474_6464;
+
+fn raw_code(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => Some(-m.raw_code()),
+        _ => None,
+    }
+}
+
+fn is_exists(e: &rtnetlink::Error) -> bool {
+    raw_code(e) == Some(EEXIST)
+}
+
+fn kernel(what: impl std::fmt::Display, e: impl std::fmt::Display) -> CniError {
+    CniError::kernel(format!("{what}: {e}"))
+}
+
+/// FNV-1a, 64 bits: a stable hash for names derived from IDs.
+fn fnv1a64(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for b in *p {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// Host end of an attachment's veth pair: `tt` and 11 hex digits of a hash of the container
+/// ID and interface name, so DEL and GC find it without the pod namespace.
+pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
+    let h = fnv1a64(&[container_id.as_bytes(), ifname.as_bytes()]);
+    format!("tt{:011x}", h >> 20)
+}
+
+/// Whether `name` has the shape of a host veth name made by [`host_veth_name`].
+pub fn is_host_veth_name(name: &str) -> bool {
+    name.len() == 13
+        && name.starts_with("tt")
+        && name[2..]
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+/// A locally administered unicast MAC `0a:<kind>:<ip>`: stable per address, so a reused
+/// address keeps its MAC and neighbours' ARP entries stay right.
+pub fn mac_for(kind: u8, ip: Ipv4Addr) -> [u8; 6] {
+    let o = ip.octets();
+    [0x0a, kind, o[0], o[1], o[2], o[3]]
+}
+
+/// MAC kind byte of container interfaces and of the bridge (the gateway's "container" MAC).
+pub const MAC_KIND_POD: u8 = 0x58;
+/// MAC kind byte of host veth ends.
+pub const MAC_KIND_HOST: u8 = 0x59;
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &[u8]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn link_mac(msg: &LinkMessage) -> Option<Vec<u8>> {
+    msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Address(b) => Some(b.clone()),
+        _ => None,
+    })
+}
+
+fn link_kind(msg: &LinkMessage) -> Option<InfoKind> {
+    msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+            LinkInfo::Kind(k) => Some(k.clone()),
+            _ => None,
+        }),
+        _ => None,
+    })
+}
+
+fn link_master(msg: &LinkMessage) -> Option<u32> {
+    msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Controller(i) => Some(*i),
+        _ => None,
+    })
+}
+
+fn link_name(msg: &LinkMessage) -> Option<&str> {
+    msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.as_str()),
+        _ => None,
+    })
+}
+
+/// The node bridge as found or created.
+#[derive(Debug, Clone)]
+pub struct Bridge {
+    /// Interface index.
+    pub index: u32,
+    /// MAC address.
+    pub mac: String,
+}
+
+/// Finds the bridge `name` or creates it (up, `mtu`, MAC derived from the gateway). Races
+/// with concurrent ADDs creating the same bridge are harmless. See [`ensure_gateway`] for its
+/// address.
+pub async fn ensure_bridge(
+    nl: &Netlink,
+    name: &str,
+    gateway: Ipv4Network,
+    mtu: u32,
+) -> Result<Bridge, CniError> {
+    let link = match nl
+        .link_by_name(name)
+        .await
+        .map_err(|e| kernel("bridge", e))?
+    {
+        Some(l) => l,
+        None => {
+            let msg = LinkBridge::new(name)
+                .mtu(mtu)
+                .address(mac_for(MAC_KIND_POD, gateway.ip()).to_vec())
+                .build();
+            match nl.handle().link().add(msg).execute().await {
+                Ok(()) => {}
+                Err(e) if is_exists(&e) => {}
+                Err(e) => return Err(kernel(format!("creating bridge {name}"), e)),
+            }
+            nl.link_by_name(name)
+                .await
+                .map_err(|e| kernel("bridge", e))?
+                .ok_or_else(|| CniError::kernel(format!("bridge {name} vanished after creation")))?
+        }
+    };
+    if link_kind(&link) != Some(InfoKind::Bridge) {
+        return Err(CniError::config(format!(
+            "{name} exists and is not a bridge; set \"bridge\" in the config to another name"
+        )));
+    }
+    let index = link.header.index;
+    if !link.header.flags.contains(LinkFlags::Up) {
+        nl.handle()
+            .link()
+            .change(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(|e| kernel(format!("setting {name} up"), e))?;
+    }
+    Ok(Bridge {
+        index,
+        mac: link_mac(&link).map(|m| format_mac(&m)).unwrap_or_default(),
+    })
+}
+
+/// Makes sure the bridge holds `gateway` (the subnet's first address with the subnet prefix):
+/// one exclusive add instead of a dump, EEXIST meaning it is there already.
+pub async fn ensure_gateway(
+    nl: &Netlink,
+    bridge: &Bridge,
+    gateway: Ipv4Network,
+) -> Result<(), CniError> {
+    match nl
+        .handle()
+        .address()
+        .add(bridge.index, IpAddr::V4(gateway.ip()), gateway.prefix())
+        .execute()
+        .await
+    {
+        Ok(()) => Ok(()),
+        Err(e) if is_exists(&e) => Ok(()),
+        Err(e) => Err(kernel(format!("adding gateway {gateway}"), e)),
+    }
+}
+
+/// What the veth pair of one attachment looks like.
+#[derive(Debug, Clone)]
+pub struct VethSpec {
+    /// Host end name.
+    pub host: String,
+    /// Host end MAC.
+    pub host_mac: [u8; 6],
+    /// Container end name (`CNI_IFNAME`).
+    pub pod: String,
+    /// Container end MAC.
+    pub pod_mac: [u8; 6],
+    /// MTU of both ends.
+    pub mtu: u32,
+    /// Bridge index (the host end's master).
+    pub bridge: u32,
+}
+
+async fn try_add_veth(nl: &Netlink, spec: &VethSpec, netns: &File) -> Result<(), rtnetlink::Error> {
+    let peer = rtnetlink::LinkMessageBuilder::<LinkUnspec>::new()
+        .name(spec.pod.clone())
+        .mtu(spec.mtu)
+        .address(spec.pod_mac.to_vec())
+        .setns_by_fd(netns.as_raw_fd())
+        .append_extra_attribute(LinkAttribute::NumTxQueues(1))
+        .append_extra_attribute(LinkAttribute::NumRxQueues(1))
+        .build();
+    // One queue per end from the start: veth otherwise allocates one per CPU and trims them
+    // after registration, which waits for an RCU grace period per end (IPIs; slow in VMs).
+    let mut msg = LinkVeth::new(&spec.host, &spec.pod)
+        .mtu(spec.mtu)
+        .address(spec.host_mac.to_vec())
+        .controller(spec.bridge)
+        .append_extra_attribute(LinkAttribute::NumTxQueues(1))
+        .append_extra_attribute(LinkAttribute::NumRxQueues(1))
+        .up()
+        .build();
+    for a in &mut msg.attributes {
+        if let LinkAttribute::LinkInfo(infos) = a {
+            for i in infos.iter_mut() {
+                if let LinkInfo::Data(netlink_packet_route::link::InfoData::Veth(v)) = i {
+                    *v = netlink_packet_route::link::InfoVeth::Peer(peer.clone());
+                }
+            }
+        }
+    }
+    nl.handle().link().add(msg).execute().await
+}
+
+/// Creates the veth pair in one request: the host end up on the bridge, the container end
+/// named `spec.pod` directly inside `netns` (down: this kernel refuses to bring a peer up in
+/// another namespace at creation, ENOTCONN), both with their MTU and MAC. A name already
+/// taken by a detached pair waiting to be reaped, or by a stale host end of the same
+/// attachment, is freed and the creation retried once.
+pub async fn add_veth(nl: &Netlink, spec: &VethSpec, netns: &File) -> Result<(), CniError> {
+    let taken = || {
+        CniError::new(
+            code::INTERFACE_EXISTS,
+            format!(
+                "an interface named {} already exists in the container",
+                spec.pod
+            ),
+        )
+    };
+    match try_add_veth(nl, spec, netns).await {
+        Ok(()) => Ok(()),
+        Err(e) if is_exists(&e) => {
+            let reaped = reap_detached(nl).await?;
+            let stale = nl
+                .delete_link(&spec.host)
+                .await
+                .map_err(|e| kernel(format!("removing stale {}", spec.host), e))?;
+            if !stale && reaped == 0 {
+                return Err(taken());
+            }
+            try_add_veth(nl, spec, netns).await.map_err(|e| {
+                if is_exists(&e) {
+                    taken()
+                } else {
+                    kernel(format!("creating veth {}", spec.host), e)
+                }
+            })
+        }
+        Err(e) => Err(kernel(format!("creating veth {}", spec.host), e)),
+    }
+}
+
+/// Turns hairpin mode on for a bridge port (a pod reaching itself through a service).
+pub async fn set_hairpin(nl: &Netlink, port: &str) -> Result<(), CniError> {
+    let mut msg = LinkBridgePort::new(0).hairpin(true).build();
+    msg.attributes.push(LinkAttribute::IfName(port.to_string()));
+    nl.handle()
+        .link()
+        .set_port(msg)
+        .execute()
+        .await
+        .map_err(|e| kernel(format!("hairpin on {port}"), e))
+}
+
+/// Deletes a host veth end (and with it the container end) now; `false` when already gone.
+/// Costs the kernel ~15-20 ms: prefer [`detach_host_veth`] on latency-sensitive paths.
+pub async fn delete_host_veth(nl: &Netlink, name: &str) -> Result<bool, CniError> {
+    nl.delete_link(name)
+        .await
+        .map_err(|e| kernel(format!("deleting {name}"), e))
+}
+
+/// Cuts a host veth end off (down: its bridge port stops forwarding, the container end loses
+/// its carrier, and nothing in the pod can bring it back up) and marks it for reaping
+/// ([`DETACHED_GROUP`]) in one cheap request; `false` when it does not exist. It stays
+/// enslaved until reaped: leaving the bridge would cost another RCU grace period.
+pub async fn detach_host_veth(nl: &Netlink, name: &str) -> Result<bool, CniError> {
+    let msg = LinkUnspec::new_with_name(name)
+        .down()
+        .link_group(DETACHED_GROUP)
+        .build();
+    match nl.handle().link().change(msg).execute().await {
+        Ok(()) => Ok(true),
+        Err(e) if matches!(raw_code(&e), Some(ENODEV) | Some(ENOENT)) => Ok(false),
+        Err(e) => Err(kernel(format!("detaching {name}"), e)),
+    }
+}
+
+/// Deletes every detached host veth end (with its container end) in one request, so the
+/// kernel's RCU waits are paid once per batch; returns 1 when something was deleted, 0 when
+/// there was nothing to reap.
+pub async fn reap_detached(nl: &Netlink) -> Result<usize, CniError> {
+    let mut msg = LinkMessage::default();
+    msg.attributes.push(LinkAttribute::Group(DETACHED_GROUP));
+    match nl.handle().link().del_with_message(msg).execute().await {
+        Ok(()) => Ok(1),
+        Err(e) if matches!(raw_code(&e), Some(ENODEV) | Some(ENOENT)) => Ok(0),
+        Err(e) => Err(kernel("reaping detached veths", e)),
+    }
+}
+
+/// Names of the host veth ends attached to bridge `bridge`.
+pub async fn bridge_ports(nl: &Netlink, bridge: &str) -> Result<Vec<String>, CniError> {
+    let Some(br) = nl
+        .link_by_name(bridge)
+        .await
+        .map_err(|e| kernel("bridge", e))?
+    else {
+        return Ok(Vec::new());
+    };
+    let links: Vec<LinkMessage> = nl
+        .handle()
+        .link()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|e| kernel("listing links", e))?;
+    Ok(links
+        .iter()
+        .filter(|l| link_master(l) == Some(br.header.index))
+        .filter_map(|l| link_name(l).map(str::to_string))
+        .filter(|n| is_host_veth_name(n))
+        .collect())
+}
+
+/// The bridge a host port is attached to: `None` when the port does not exist.
+pub async fn port_master(nl: &Netlink, port: &str) -> Result<Option<Option<u32>>, CniError> {
+    Ok(nl
+        .link_by_name(port)
+        .await
+        .map_err(|e| kernel(format!("looking up {port}"), e))?
+        .map(|l| link_master(&l)))
+}
+
+/// Gives the container interface its address and default route via the gateway
+/// (in the pod namespace).
+pub async fn configure_pod_iface(
+    nl: &Netlink,
+    ifname: &str,
+    addr: Ipv4Network,
+    gateway: Ipv4Addr,
+) -> Result<(), CniError> {
+    let link = nl
+        .link_by_name(ifname)
+        .await
+        .map_err(|e| kernel(format!("looking up {ifname} in the container"), e))?
+        .ok_or_else(|| CniError::kernel(format!("{ifname} is missing in the container")))?;
+    let index = link.header.index;
+    // Up, address, route: queued back to back (the kernel handles each request completely,
+    // in order, before the next), acknowledged together.
+    let up = async {
+        if link.header.flags.contains(LinkFlags::Up) {
+            return Ok(());
+        }
+        nl.handle()
+            .link()
+            .change(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(|e| kernel(format!("setting {ifname} up"), e))
+    };
+    let address = async {
+        match nl
+            .handle()
+            .address()
+            .add(index, IpAddr::V4(addr.ip()), addr.prefix())
+            .execute()
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if is_exists(&e) => Ok(()),
+            Err(e) => Err(kernel(format!("adding {addr} to {ifname}"), e)),
+        }
+    };
+    let route = async {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+            .gateway(gateway)
+            .output_interface(index)
+            .protocol(RouteProtocol::Boot)
+            .scope(RouteScope::Universe)
+            .table_id(u32::from(RouteHeader::RT_TABLE_MAIN))
+            .build();
+        nl.handle()
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| kernel(format!("default route via {gateway}"), e))
+    };
+    let (u, a, r) = futures::join!(up, address, route);
+    u.and(a).and(r)
+}
+
+/// What CHECK reads back about the container interface.
+#[derive(Debug, Clone, Default)]
+pub struct PodIface {
+    /// MAC address.
+    pub mac: String,
+    /// Whether it is up.
+    pub up: bool,
+    /// IPv4 addresses.
+    pub addrs: Vec<Ipv4Network>,
+    /// IPv4 routes of the main table through it: destination and gateway.
+    pub routes: Vec<(Ipv4Network, Option<Ipv4Addr>)>,
+}
+
+/// Reads the container interface `ifname` (in the pod namespace); `None` when missing.
+pub async fn read_pod_iface(nl: &Netlink, ifname: &str) -> Result<Option<PodIface>, CniError> {
+    let Some(link) = nl
+        .link_by_name(ifname)
+        .await
+        .map_err(|e| kernel(format!("looking up {ifname}"), e))?
+    else {
+        return Ok(None);
+    };
+    let index = link.header.index;
+    let addrs = nl
+        .ipv4_addrs(index)
+        .await
+        .map_err(|e| kernel("reading addresses", e))?;
+    let msgs: Vec<RouteMessage> = nl
+        .handle()
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|e| kernel("reading routes", e))?;
+    let mut routes = Vec::new();
+    for r in msgs {
+        if r.header.table != RouteHeader::RT_TABLE_MAIN {
+            continue;
+        }
+        let mut dst = Ipv4Addr::UNSPECIFIED;
+        let mut gw = None;
+        let mut oif = None;
+        for a in &r.attributes {
+            match a {
+                RouteAttribute::Destination(RouteAddress::Inet(v)) => dst = *v,
+                RouteAttribute::Gateway(RouteAddress::Inet(v)) => gw = Some(*v),
+                RouteAttribute::Oif(i) => oif = Some(*i),
+                _ => {}
+            }
+        }
+        if oif == Some(index)
+            && let Ok(n) = Ipv4Network::new(dst, r.header.destination_prefix_length)
+        {
+            routes.push((n, gw));
+        }
+    }
+    Ok(Some(PodIface {
+        mac: link_mac(&link).map(|m| format_mac(&m)).unwrap_or_default(),
+        up: link.header.flags.contains(LinkFlags::Up),
+        addrs,
+        routes,
+    }))
+}
+
+/// Opens a network namespace handle, refusing anything that is not on nsfs (error code 4;
+/// [`netlink_in`] refuses namespaces of another type).
+pub fn open_netns(path: &std::path::Path) -> Result<File, CniError> {
+    let f = File::open(path)
+        .map_err(|e| CniError::env(format!("CNI_NETNS={}: {e}", path.display())))?;
+    let fs = nix::sys::statfs::fstatfs(&f)
+        .map_err(|e| CniError::env(format!("CNI_NETNS={}: {e}", path.display())))?;
+    if fs.filesystem_type() != nix::sys::statfs::NSFS_MAGIC {
+        return Err(CniError::env(format!(
+            "CNI_NETNS={} is not a network namespace",
+            path.display()
+        )));
+    }
+    Ok(f)
+}
+
+/// Opens a netlink connection inside the namespace `netns` (needs a runtime context): the
+/// calling thread enters the namespace, opens the socket (a socket stays in the namespace it
+/// was created in) and returns to its own namespace at once. A handle that is not a network
+/// namespace is error code 4.
+pub fn netlink_in(netns: &File) -> Result<Netlink, CniError> {
+    let own = File::open("/proc/thread-self/ns/net")
+        .map_err(|e| CniError::kernel(format!("opening this thread's namespace: {e}")))?;
+    setns(netns, CloneFlags::CLONE_NEWNET)
+        .map_err(|e| CniError::env(format!("CNI_NETNS is not a network namespace: {e}")))?;
+    let nl = Netlink::connect();
+    setns(&own, CloneFlags::CLONE_NEWNET)
+        .map_err(|e| CniError::kernel(format!("returning to the node's network namespace: {e}")))?;
+    nl.map_err(|e| kernel("netlink in the container", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_veth_names_are_stable_short_and_distinct() {
+        let a = host_veth_name("abc", "eth0");
+        assert_eq!(a, host_veth_name("abc", "eth0"));
+        assert_eq!(a.len(), 13);
+        assert!(is_host_veth_name(&a), "{a}");
+        assert_ne!(a, host_veth_name("abc", "eth1"));
+        assert_ne!(a, host_veth_name("abce", "th0"));
+        assert!(!is_host_veth_name("tt123"));
+        assert!(!is_host_veth_name("eth0"));
+        let many: std::collections::HashSet<String> = (0..10_000)
+            .map(|i| host_veth_name(&format!("c{i}"), "eth0"))
+            .collect();
+        assert_eq!(many.len(), 10_000);
+    }
+
+    #[test]
+    fn macs() {
+        let m = mac_for(MAC_KIND_POD, Ipv4Addr::new(10, 244, 3, 5));
+        assert_eq!(format_mac(&m), "0a:58:0a:f4:03:05");
+        // Locally administered, unicast.
+        assert_eq!(m[0] & 0b11, 0b10);
+    }
+}

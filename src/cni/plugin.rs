@@ -1,0 +1,531 @@
+//! The verbs of `tartan-cni`. One process per call, as runtimes run plugins: each verb opens
+//! only what it needs (a single-threaded runtime and a netlink socket for ADD, DEL, CHECK and
+//! GC; nothing for VERSION and STATUS).
+
+use std::collections::HashSet;
+use std::io::ErrorKind;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+use std::time::Duration;
+
+use ipnetwork::{IpNetwork, Ipv4Network};
+use serde_json::{Map, Value};
+
+use super::daemon_link::{self, DaemonLink};
+use super::error::{CniError, code};
+use super::ipam::{self, AllocationRecord, AllocationRequest, IpamStore};
+use super::links::{self, MAC_KIND_HOST, MAC_KIND_POD, VethSpec};
+use super::spec::{
+    CniEnv, CniResult, CniVersion, Command, Interface, IpConfig, NetConf, Route,
+    find_container_interface, peek_version, version_info,
+};
+use crate::netlink_ops::Netlink;
+use crate::subnet_env::SubnetEnv;
+
+/// Runs one CNI call; returns what to print on stdout (nothing for DEL, STATUS, GC).
+pub fn run(env: &CniEnv, stdin: &[u8]) -> Result<Option<String>, CniError> {
+    if env.command == Command::Version {
+        let requested = peek_version(stdin).and_then(|v| CniVersion::parse(&v).ok());
+        return Ok(Some(version_info(requested).to_string()));
+    }
+    let conf = NetConf::parse(stdin)?;
+    match env.command {
+        Command::Add => add(env, &conf).map(Some),
+        Command::Del => del(env, &conf).map(|()| None),
+        Command::Check => check(env, &conf).map(|()| None),
+        Command::Status => status(&conf).map(|()| None),
+        Command::Gc => gc(&conf).map(|()| None),
+        Command::Version => Ok(None),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, CniError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(|e| CniError::kernel(format!("runtime: {e}")))
+}
+
+fn host_netlink(rt: &tokio::runtime::Runtime) -> Result<Netlink, CniError> {
+    let _g = rt.enter();
+    Netlink::connect().map_err(|e| CniError::kernel(format!("netlink: {e:#}")))
+}
+
+/// Reads subnet.env: missing or unreadable means the node has no lease yet (code 11).
+fn read_subnet_env(path: &Path) -> Result<SubnetEnv, CniError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        let why = if e.kind() == ErrorKind::NotFound {
+            "the node has no subnet yet".to_string()
+        } else {
+            format!("cannot read it: {e}")
+        };
+        CniError::new(
+            code::TRY_AGAIN_LATER,
+            format!("{} is not there yet", path.display()),
+        )
+        .details(format!(
+            "{why}; tartand writes it once the node's subnet is leased"
+        ))
+    })?;
+    SubnetEnv::parse(&text).map_err(|e| {
+        CniError::new(
+            code::TRY_AGAIN_LATER,
+            format!("{} is not usable yet", path.display()),
+        )
+        .details(format!("{e:#}"))
+    })
+}
+
+fn attachment(env: &CniEnv) -> Result<(&str, &str), CniError> {
+    match (env.container_id.as_deref(), env.ifname.as_deref()) {
+        (Some(c), Some(i)) => Ok((c, i)),
+        _ => Err(CniError::env("CNI_CONTAINERID and CNI_IFNAME are required")),
+    }
+}
+
+fn add(env: &CniEnv, conf: &NetConf) -> Result<String, CniError> {
+    let mut tl = Timeline::new();
+    let (cid, ifname) = attachment(env)?;
+    let netns_path = env
+        .netns
+        .as_deref()
+        .ok_or_else(|| CniError::env("CNI_NETNS is not set"))?;
+    let senv = read_subnet_env(&conf.subnet_file)?;
+    let daemon = DaemonLink::connect(&conf.daemon_socket)?;
+    let netns = links::open_netns(netns_path)?;
+    let subnet = senv.subnet;
+    let gw = ipam::gateway(subnet);
+    let gw_net = Ipv4Network::new(gw, subnet.prefix())
+        .map_err(|e| CniError::kernel(format!("gateway of {subnet}: {e}")))?;
+    let mtu = conf.mtu.unwrap_or(senv.mtu);
+    let host = links::host_veth_name(cid, ifname);
+    tl.mark("checks");
+
+    // Netlink in the node and in the pod (this also proves CNI_NETNS is a network namespace,
+    // before anything is allocated).
+    let rt = runtime()?;
+    let (nl, pod_nl) = {
+        let _g = rt.enter();
+        let nl = Netlink::connect().map_err(|e| CniError::kernel(format!("netlink: {e:#}")))?;
+        (nl, links::netlink_in(&netns)?)
+    };
+    tl.mark("netlink");
+
+    let store = IpamStore::open(&conf.data_dir, &conf.name)?;
+    let rec = store.allocate(
+        &AllocationRequest {
+            container_id: cid.to_string(),
+            ifname: ifname.to_string(),
+            namespace: env.pod_namespace(),
+            name: env.pod_name(),
+            labels: conf.labels.clone(),
+            netns: netns_path.to_string_lossy().into_owned(),
+        },
+        subnet,
+    )?;
+    tl.mark("ipam");
+    let addr = Ipv4Network::new(rec.ip, subnet.prefix())
+        .map_err(|e| CniError::kernel(format!("address {}: {e}", rec.ip)))?;
+    let mut spec = VethSpec {
+        host: host.clone(),
+        host_mac: links::mac_for(MAC_KIND_HOST, rec.ip),
+        pod: ifname.to_string(),
+        pod_mac: links::mac_for(MAC_KIND_POD, rec.ip),
+        mtu,
+        bridge: 0,
+    };
+    let outcome = rt.block_on(async {
+        let br = links::ensure_bridge(&nl, &conf.bridge, gw_net, mtu).await?;
+        tl.mark("bridge");
+        spec.bridge = br.index;
+        let (g, v) = futures::join!(
+            links::ensure_gateway(&nl, &br, gw_net),
+            links::add_veth(&nl, &spec, &netns)
+        );
+        g.and(v)?;
+        tl.mark("veth");
+        let hairpin = async {
+            if conf.hairpin_mode {
+                links::set_hairpin(&nl, &host).await
+            } else {
+                Ok(())
+            }
+        };
+        let pod = links::configure_pod_iface(&pod_nl, ifname, addr, gw);
+        let (h, p) = futures::join!(hairpin, pod);
+        h.and(p).map(|()| br)
+    });
+    tl.mark("kernel");
+    let bridge = match outcome {
+        Ok(br) => br,
+        Err(e) => {
+            rollback(&rt, &nl, &store, cid, ifname, &host);
+            return Err(e);
+        }
+    };
+
+    let ours = CniResult {
+        interfaces: vec![
+            Interface {
+                name: conf.bridge.clone(),
+                mac: Some(bridge.mac),
+                mtu: None,
+                sandbox: None,
+                extra: Map::new(),
+            },
+            Interface {
+                name: host.clone(),
+                mac: Some(links::format_mac(&spec.host_mac)),
+                mtu: Some(mtu),
+                sandbox: None,
+                extra: Map::new(),
+            },
+            Interface {
+                name: ifname.to_string(),
+                mac: Some(links::format_mac(&spec.pod_mac)),
+                mtu: Some(mtu),
+                sandbox: Some(netns_path.to_string_lossy().into_owned()),
+                extra: Map::new(),
+            },
+        ],
+        ips: vec![IpConfig {
+            address: IpNetwork::V4(addr),
+            gateway: Some(IpAddr::V4(gw)),
+            interface: Some(2),
+            extra: Map::new(),
+        }],
+        routes: vec![Route {
+            dst: IpNetwork::V4(Ipv4Network::new(Ipv4Addr::UNSPECIFIED, 0).unwrap_or(addr)),
+            gw: Some(IpAddr::V4(gw)),
+            extra: Map::new(),
+        }],
+        dns: Value::Object(Map::new()),
+    };
+    let result = match conf.prev_result.clone() {
+        Some(mut prev) => {
+            prev.append(ours);
+            prev
+        }
+        None => ours,
+    };
+    if let Err(e) = daemon.sync() {
+        // The pod is set up; tartand's periodic rescan registers it.
+        log(&format!("ADD {cid}: nudging tartand failed: {e}"));
+    }
+    tl.mark("nudge");
+    tl.log("ADD", cid);
+    Ok(result.render(conf.cni_version).to_string())
+}
+
+/// Undoes a failed ADD: the veth pair and the allocation (errors are secondary to the
+/// failure being reported, and DEL or GC reclaim anything left).
+fn rollback(
+    rt: &tokio::runtime::Runtime,
+    nl: &Netlink,
+    store: &IpamStore,
+    cid: &str,
+    ifname: &str,
+    host: &str,
+) {
+    let _ = rt.block_on(links::delete_host_veth(nl, host));
+    let _ = store.release(cid, ifname);
+}
+
+fn del(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
+    let mut tl = Timeline::new();
+    let (cid, ifname) = attachment(env)?;
+    let host = links::host_veth_name(cid, ifname);
+    let rt = runtime()?;
+    let nl = host_netlink(&rt)?;
+    tl.mark("runtime");
+    // Cut the pod off now (the host end goes down, so its port forwards nothing, wherever the
+    // container end is, whether the pod namespace still exists or not); the kernel objects
+    // are reaped in batches by tartand (see links::detach_host_veth).
+    let detached = rt.block_on(links::detach_host_veth(&nl, &host))?;
+    tl.mark("detach");
+    let store = IpamStore::open(&conf.data_dir, &conf.name)?;
+    let freed = store.release(cid, ifname)?;
+    tl.mark("ipam");
+    if (detached || freed.is_some())
+        && let Err(e) = daemon_link::nudge(&conf.daemon_socket)
+    {
+        // No tartand to reap and deregister: reap here (slow, but rare).
+        log(&format!(
+            "DEL {cid}: nudging tartand failed ({e}); reaping here"
+        ));
+        rt.block_on(links::reap_detached(&nl))?;
+    }
+    tl.mark("nudge");
+    tl.log("DEL", cid);
+    Ok(())
+}
+
+fn check_failed(msg: impl Into<String>) -> CniError {
+    CniError::new(code::CHECK_FAILED, msg)
+}
+
+fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
+    if conf.cni_version < CniVersion::V0_4_0 {
+        return Err(CniError::new(
+            code::INCOMPATIBLE_VERSION,
+            format!(
+                "CHECK needs cniVersion 0.4.0 or later, the config has {}",
+                conf.cni_version.as_str()
+            ),
+        ));
+    }
+    let (cid, ifname) = attachment(env)?;
+    let netns_path = env
+        .netns
+        .as_deref()
+        .ok_or_else(|| CniError::env("CNI_NETNS is not set"))?;
+    let prev = conf
+        .prev_result
+        .as_ref()
+        .ok_or_else(|| CniError::config("CHECK needs prevResult"))?;
+    let store = IpamStore::open(&conf.data_dir, &conf.name)?;
+    let rec = store
+        .get(cid, ifname)?
+        .ok_or_else(|| check_failed(format!("no address is allocated to {cid}/{ifname}")))?;
+    let idx = find_container_interface(prev, ifname, netns_path).ok_or_else(|| {
+        check_failed(format!(
+            "prevResult has no interface {ifname} in {}",
+            netns_path.display()
+        ))
+    })?;
+    let want_mac = prev.interfaces.get(idx).and_then(|i| i.mac.clone());
+    let ipc = prev
+        .ips
+        .iter()
+        .find(|ip| ip.interface == Some(idx) && ip.address.ip() == IpAddr::V4(rec.ip))
+        .ok_or_else(|| check_failed(format!("prevResult does not give {} to {ifname}", rec.ip)))?;
+    let IpNetwork::V4(addr) = ipc.address else {
+        return Err(check_failed("prevResult address is not IPv4"));
+    };
+    // Routes of prevResult that go through our interface: via our gateway or our subnet.
+    let our_net = Ipv4Network::new(addr.network(), addr.prefix()).unwrap_or(addr);
+    let want_routes: Vec<(Ipv4Network, Option<Ipv4Addr>)> = prev
+        .routes
+        .iter()
+        .filter_map(|r| {
+            let IpNetwork::V4(dst) = r.dst else {
+                return None;
+            };
+            let gw = match r.gw {
+                Some(IpAddr::V4(g)) => Some(g),
+                Some(IpAddr::V6(_)) => return None,
+                None => match ipc.gateway {
+                    Some(IpAddr::V4(g)) => Some(g),
+                    _ => None,
+                },
+            };
+            gw.is_none_or(|g| our_net.contains(g)).then_some((dst, gw))
+        })
+        .collect();
+
+    let host = links::host_veth_name(cid, ifname);
+    let rt = runtime()?;
+    let nl = host_netlink(&rt)?;
+    rt.block_on(async {
+        let br = nl
+            .link_by_name(&conf.bridge)
+            .await
+            .map_err(|e| CniError::kernel(format!("{e:#}")))?
+            .ok_or_else(|| check_failed(format!("bridge {} is missing", conf.bridge)))?;
+        match links::port_master(&nl, &host).await? {
+            None => Err(check_failed(format!("host interface {host} is missing"))),
+            Some(m) if m != Some(br.header.index) => Err(check_failed(format!(
+                "host interface {host} is not on bridge {}",
+                conf.bridge
+            ))),
+            Some(_) => Ok(()),
+        }
+    })?;
+    let netns = links::open_netns(netns_path)?;
+    let iface = {
+        let pod_nl = {
+            let _g = rt.enter();
+            links::netlink_in(&netns)?
+        };
+        rt.block_on(links::read_pod_iface(&pod_nl, ifname))?
+    };
+    let Some(iface) = iface else {
+        return Err(check_failed(format!(
+            "{ifname} is missing in {}",
+            netns_path.display()
+        )));
+    };
+    if !iface.up {
+        return Err(check_failed(format!("{ifname} is down")));
+    }
+    if let Some(m) = want_mac
+        && !m.eq_ignore_ascii_case(&iface.mac)
+    {
+        return Err(check_failed(format!(
+            "{ifname} has MAC {}, prevResult says {m}",
+            iface.mac
+        )));
+    }
+    let want_addr = Ipv4Network::new(rec.ip, rec.prefix).unwrap_or(addr);
+    if !iface.addrs.contains(&want_addr) {
+        return Err(check_failed(format!(
+            "{ifname} does not hold {want_addr} (has {:?})",
+            iface.addrs
+        )));
+    }
+    for (dst, gw) in want_routes {
+        let found = iface
+            .routes
+            .iter()
+            .any(|(d, g)| *d == dst && (gw.is_none() || *g == gw));
+        if !found {
+            return Err(check_failed(format!(
+                "route to {dst}{} is missing in the container",
+                gw.map(|g| format!(" via {g}")).unwrap_or_default()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn need_1_1(conf: &NetConf, verb: &str) -> Result<(), CniError> {
+    if conf.cni_version < CniVersion::V1_1_0 {
+        return Err(CniError::new(
+            code::INCOMPATIBLE_VERSION,
+            format!(
+                "{verb} needs cniVersion 1.1.0, the config has {}",
+                conf.cni_version.as_str()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn status(conf: &NetConf) -> Result<(), CniError> {
+    need_1_1(conf, "STATUS")?;
+    read_subnet_env(&conf.subnet_file).map_err(|e| {
+        CniError::new(
+            code::NOT_AVAILABLE,
+            "the node has no subnet lease yet".to_string(),
+        )
+        .details(e.msg)
+    })?;
+    DaemonLink::connect(&conf.daemon_socket)
+        .map_err(|e| CniError::new(code::NOT_AVAILABLE, e.msg).details(e.details))?;
+    Ok(())
+}
+
+fn gc(conf: &NetConf) -> Result<(), CniError> {
+    need_1_1(conf, "GC")?;
+    let valid: HashSet<(String, String)> = conf
+        .valid_attachments
+        .as_ref()
+        .ok_or_else(|| CniError::config("GC needs cni.dev/valid-attachments"))?
+        .iter()
+        .map(|a| (a.container_id.clone(), a.ifname.clone()))
+        .collect();
+    let store = IpamStore::open(&conf.data_dir, &conf.name)?;
+    let freed: Vec<AllocationRecord> = store.gc(&valid)?;
+    // Host ends to keep: valid attachments and every allocation of any network.
+    let mut keep: HashSet<String> = valid
+        .iter()
+        .map(|(c, i)| links::host_veth_name(c, i))
+        .collect();
+    for r in ipam::scan_all(&conf.data_dir)
+        .map_err(|e| CniError::store(format!("{}: {e}", conf.data_dir.display())))?
+    {
+        keep.insert(links::host_veth_name(&r.container_id, &r.ifname));
+    }
+    let rt = runtime()?;
+    let nl = host_netlink(&rt)?;
+    rt.block_on(async {
+        let mut errors = Vec::new();
+        let mut doomed: Vec<String> = freed
+            .iter()
+            .map(|r| links::host_veth_name(&r.container_id, &r.ifname))
+            .collect();
+        // Host ends on the bridge with no allocation behind them (leaks of killed ADDs).
+        doomed.extend(
+            links::bridge_ports(&nl, &conf.bridge)
+                .await?
+                .into_iter()
+                .filter(|p| !keep.contains(p)),
+        );
+        doomed.sort();
+        doomed.dedup();
+        for name in doomed {
+            if let Err(e) = links::detach_host_veth(&nl, &name).await {
+                errors.push(e.msg);
+            }
+        }
+        // One batch for everything detached (also by earlier DELs).
+        if let Err(e) = links::reap_detached(&nl).await {
+            errors.push(e.msg);
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(
+                CniError::kernel(format!("GC could not remove {} interfaces", errors.len()))
+                    .details(errors.join("; ")),
+            )
+        }
+    })?;
+    if !freed.is_empty()
+        && let Err(e) = daemon_link::nudge(&conf.daemon_socket)
+    {
+        log(&format!("GC: nudging tartand failed: {e}"));
+    }
+    Ok(())
+}
+
+/// Phase timings of one call, logged when `TARTAN_CNI_LOG` is set (free otherwise).
+struct Timeline {
+    start: Option<std::time::Instant>,
+    marks: Vec<(&'static str, Duration)>,
+}
+
+impl Timeline {
+    fn new() -> Timeline {
+        Timeline {
+            start: std::env::var_os("TARTAN_CNI_LOG").map(|_| std::time::Instant::now()),
+            marks: Vec::new(),
+        }
+    }
+    fn mark(&mut self, what: &'static str) {
+        if let Some(s) = self.start {
+            self.marks.push((what, s.elapsed()));
+        }
+    }
+    fn log(&self, verb: &str, cid: &str) {
+        if self.start.is_some() {
+            let phases: Vec<String> = self
+                .marks
+                .iter()
+                .map(|(w, d)| format!("{w}@{}us", d.as_micros()))
+                .collect();
+            log(&format!("{verb} {cid} phases: {}", phases.join(" ")));
+        }
+    }
+}
+
+/// Appends a line to the file named by `TARTAN_CNI_LOG` (`stderr` for standard error);
+/// nothing when the variable is unset (the default: runtimes rarely keep plugin output).
+pub fn log(line: &str) {
+    let Ok(target) = std::env::var("TARTAN_CNI_LOG") else {
+        return;
+    };
+    let line = format!("tartan-cni[{}]: {line}\n", std::process::id());
+    use std::io::Write;
+    if target == "stderr" || target.is_empty() {
+        let _ = std::io::stderr().write_all(line.as_bytes());
+        return;
+    }
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&target)
+    {
+        let _ = f.write_all(line.as_bytes());
+    }
+}
