@@ -31,28 +31,29 @@ fn cluster(n: usize) -> Result<Option<Lab>> {
     Ok(Some(lab))
 }
 
-/// A pod on node `i` with TCP and UDP who-am-I servers, registered in etcd with `labels`.
+/// A pod on node `i` started through tartan-cni (so tartand registers it in etcd with
+/// `labels`), running TCP and UDP who-am-I servers.
 fn pod(lab: &mut Lab, i: usize, k: u8, labels: &[(&str, &str)]) -> Result<(LabPod, String)> {
-    let p = lab.add_manual_pod(i, k)?;
     let name = format!("n{}p{k}", i + 1);
+    let p = lab.add_cni_pod(i, &name, labels)?;
     tcp_whoami_server(&p.ns, WEB, &name)?;
     udp_whoami_server(&p.ns, DNS, &name)?;
-    register(lab, i, &name, p.ip, labels, None)?;
     Ok((p, name))
 }
 
-fn register(
+/// Writes a pod record for a node no daemon runs on (tartand owns its own node's records and
+/// would delete hand-written ones there).
+fn register_elsewhere(
     lab: &Lab,
-    i: usize,
+    node: &str,
     name: &str,
     ip: Ipv4Addr,
     labels: &[(&str, &str)],
-    lease: Option<&str>,
 ) -> Result<()> {
     let rec = PodRecord {
         container_id: format!("c-{name}"),
         ifname: "eth0".into(),
-        node: lab.nodes[i].name.clone(),
+        node: node.into(),
         ip,
         namespace: "default".into(),
         name: name.into(),
@@ -61,20 +62,8 @@ fn register(
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
     };
-    let key = format!("/tartan/pods/{}/c-{name}/eth0", lab.nodes[i].name);
-    let value = String::from_utf8(rec.to_bytes())?;
-    match lease {
-        Some(l) => lab.etcdctl(&["put", "--lease", l, &key, &value])?,
-        None => lab.etcdctl(&["put", &key, &value])?,
-    };
-    Ok(())
-}
-
-fn unregister(lab: &Lab, i: usize, name: &str) -> Result<()> {
-    lab.etcdctl(&[
-        "del",
-        &format!("/tartan/pods/{}/c-{name}/eth0", lab.nodes[i].name),
-    ])?;
+    let key = format!("/tartan/pods/{node}/c-{name}/eth0");
+    lab.etcdctl(&["put", &key, &String::from_utf8(rec.to_bytes())?])?;
     Ok(())
 }
 
@@ -373,7 +362,7 @@ fn removed_udp_endpoint_moves_clients_to_live_ones() -> Result<()> {
     let Some(mut lab) = cluster(1)? else {
         return Ok(());
     };
-    let (_, a) = pod(&mut lab, 0, 1, &[("app", "dns")])?;
+    let (pod_a, a) = pod(&mut lab, 0, 1, &[("app", "dns")])?;
     let (client, _) = pod(&mut lab, 0, 3, &[("app", "client")])?;
     let (vip, _) = create(
         &lab,
@@ -413,7 +402,7 @@ fn removed_udp_endpoint_moves_clients_to_live_ones() -> Result<()> {
     let (_, b) = pod(&mut lab, 0, 2, &[("app", "dns")])?;
     // Same 5-tuple: still the first endpoint (conntrack).
     ensure!(ask(3)?.iter().all(|n| *n == a));
-    unregister(&lab, 0, &a)?;
+    lab.del_cni_pod(0, &a, &pod_a)?;
     wait_for(
         "UDP flow to move to the live endpoint",
         Duration::from_secs(20),
@@ -428,15 +417,7 @@ fn dead_nodes_pods_leave_services_when_its_lease_expires() -> Result<()> {
         return Ok(());
     };
     let (_, live) = pod(&mut lab, 0, 1, &[("app", "web")])?;
-    let p = lab.add_manual_pod(1, 1)?;
-    tcp_whoami_server(&p.ns, WEB, "doomed")?;
-    let lease_out = lab.etcdctl(&["lease", "grant", "3"])?;
-    let lease = lease_out
-        .split_whitespace()
-        .nth(1)
-        .context("lease id")?
-        .to_string();
-    register(&lab, 1, "doomed", p.ip, &[("app", "web")], Some(&lease))?;
+    let (_, doomed) = pod(&mut lab, 1, 1, &[("app", "web")])?;
     let (c, _) = pod(&mut lab, 0, 3, &[("app", "client")])?;
     let (vip, _) = create(
         &lab,
@@ -445,12 +426,21 @@ fn dead_nodes_pods_leave_services_when_its_lease_expires() -> Result<()> {
     reach(&c.ns, vip, 80)?;
     wait_for("both endpoints in use", Duration::from_secs(20), || {
         let t = tally(&tcp_whoami_many(&c.ns, vip, 80, 20).ok()?);
-        (t.contains_key("doomed") && t.contains_key(&live)).then_some(())
+        (t.contains_key(&doomed) && t.contains_key(&live)).then_some(())
     })?;
-    // The lease is not renewed: after it expires only the live endpoint remains.
+    // Node 2 dies (no more lease renewals; its pod still answers, so only the lease can tell).
+    let pid = lab.nodes[1]
+        .daemon
+        .as_ref()
+        .map(|c| c.id())
+        .context("daemon")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
     wait_for(
-        "expired pod to leave the service",
-        Duration::from_secs(30),
+        "the dead node's pod to leave the service",
+        Duration::from_secs(40),
         || {
             let t = tally(&tcp_whoami_many(&c.ns, vip, 80, 20).ok()?);
             (t.len() == 1 && t.contains_key(&live)).then_some(())
@@ -720,13 +710,12 @@ fn endpoint_counts_beyond_the_table_capacity_rebuild_cleanly() -> Result<()> {
     let t0 = active_service_table(&node).context("no table")?;
     reach(&c.ns, vip, 80)?;
     for k in 0..19u8 {
-        register(
+        register_elsewhere(
             &lab,
-            0,
+            "ghost-node",
             &format!("ghost{k}"),
             Ipv4Addr::new(10, 244, 254, k + 1),
             &[("app", "big")],
-            None,
         )?;
     }
     wait_for("rebuilt table in force", Duration::from_secs(20), || {
@@ -902,7 +891,9 @@ fn randomized_churn_converges_to_the_model() -> Result<()> {
                 }
                 5..=8 => {
                     let p = rng.random_range(0..60u8);
-                    let node = &names[(p % 3) as usize];
+                    // Pods on nodes no daemon owns: tartand keeps its own node's records in line with
+                    // its IPAM directory and would remove hand-written ones.
+                    let node = &format!("churn-node{}", p % 3);
                     let rec = PodRecord {
                         container_id: format!("churn{p}"),
                         ifname: "eth0".into(),
@@ -919,7 +910,9 @@ fn randomized_churn_converges_to_the_model() -> Result<()> {
                 }
                 _ => {
                     let p = rng.random_range(0..60u8);
-                    let node = &names[(p % 3) as usize];
+                    // Pods on nodes no daemon owns: tartand keeps its own node's records in line with
+                    // its IPAM directory and would remove hand-written ones.
+                    let node = &format!("churn-node{}", p % 3);
                     store
                         .delete(&args.tartan_key(&format!("pods/{node}/churn{p}/eth0")))
                         .await?;

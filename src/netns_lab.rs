@@ -797,6 +797,98 @@ impl Lab {
         })
     }
 
+    /// Runs tartan-cni (`CNI_COMMAND=command`) on node `i` for the pod namespace `pod_ns`, with
+    /// the conflist tartand installed there, as a runtime would; returns stdout.
+    pub fn cni_call(
+        &self,
+        i: usize,
+        command: &str,
+        pod_ns: &str,
+        container_id: &str,
+        k8s: (&str, &str),
+        labels: &[(&str, &str)],
+    ) -> Result<String> {
+        let node = &self.nodes[i];
+        let path = node.cni_conf_dir().join("10-tartan.conflist");
+        let text = wait_for("tartand's CNI config", Duration::from_secs(30), || {
+            std::fs::read_to_string(&path).ok()
+        })?;
+        let conflist: serde_json::Value =
+            serde_json::from_str(&text).context("installed conflist")?;
+        let mut conf = conflist["plugins"][0].clone();
+        conf["cniVersion"] = conflist["cniVersion"].clone();
+        conf["name"] = conflist["name"].clone();
+        let labels: Vec<serde_json::Value> = labels
+            .iter()
+            .map(|(k, v)| serde_json::json!({"key": k, "value": v}))
+            .collect();
+        conf["args"] = serde_json::json!({"cni": {"labels": labels}});
+        let plugin_dir = self
+            .bins
+            .tartan_cni
+            .parent()
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut cmd = Command::new(&self.bins.tartan_cni);
+        cmd.env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("CNI_PATH", plugin_dir)
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", container_id)
+            .env("CNI_NETNS", format!("{NETNS_DIR}/{pod_ns}"))
+            .env("CNI_IFNAME", "eth0")
+            .env(
+                "CNI_ARGS",
+                format!("K8S_POD_NAMESPACE={};K8S_POD_NAME={}", k8s.0, k8s.1),
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let stdin = conf.to_string();
+        let out = in_netns(&node.ns, move || -> Result<Output> {
+            use std::io::Write;
+            let mut child = cmd.spawn().context("starting tartan-cni")?;
+            if let Some(mut w) = child.stdin.take() {
+                let _ = w.write_all(stdin.as_bytes());
+            }
+            child.wait_with_output().context("waiting for tartan-cni")
+        })??;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            bail!("tartan-cni {command} failed: {stdout}");
+        }
+        Ok(stdout)
+    }
+
+    /// Starts a pod on node `i` the way a runtime does: a fresh namespace, then tartan-cni ADD
+    /// with Kubernetes-style arguments (namespace `default`, name `name`) and `labels`, which
+    /// registers the pod in etcd through tartand.
+    pub fn add_cni_pod(&mut self, i: usize, name: &str, labels: &[(&str, &str)]) -> Result<LabPod> {
+        let ns = format!("{}-n{}-{name}", self.id, i + 1);
+        ip(&["netns", "add", &ns])?;
+        self.extra_ns.push(ns.clone());
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        let out = self.cni_call(i, "ADD", &ns, name, ("default", name), labels)?;
+        let v: serde_json::Value = serde_json::from_str(&out).context("ADD result")?;
+        let ip_text = v["ips"][0]["address"]
+            .as_str()
+            .context("no address in the ADD result")?;
+        let addr: Ipv4Addr = ip_text
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .parse()
+            .with_context(|| format!("ADD result address {ip_text:?}"))?;
+        Ok(LabPod { ns, ip: addr })
+    }
+
+    /// Removes a pod started with [`Lab::add_cni_pod`] (tartan-cni DEL, then its namespace).
+    pub fn del_cni_pod(&mut self, i: usize, name: &str, pod: &LabPod) -> Result<()> {
+        self.cni_call(i, "DEL", &pod.ns, name, ("default", name), &[])?;
+        delete_ns(&pod.ns);
+        Ok(())
+    }
+
     /// Creates an empty namespace owned by the lab (removed on drop).
     pub fn add_namespace(&mut self, suffix: &str) -> Result<String> {
         let ns = format!("{}-{suffix}", self.id);
