@@ -19,7 +19,7 @@ use crate::service_model::{Backend, Service, ServicePort, SessionAffinity, Traff
 /// nftables family of the service table.
 pub const FAMILY: &str = "ip";
 /// Version of the structure; bumped when the base ruleset changes shape.
-pub const STRUCTURE_VERSION: u32 = 1;
+pub const STRUCTURE_VERSION: u32 = 2;
 
 /// The sets and maps of the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -606,9 +606,12 @@ table {FAMILY} {table} {{
 		reject
 	}}
 	chain endpoint_check {{
-		ip daddr . meta l4proto . th dport @no_endpoints goto reject_service
+		ip daddr {svc_cidr} goto cluster_ip_check
 		ip daddr != 127.0.0.0/8 fib daddr type local meta l4proto . th dport @no_endpoint_nodeports goto reject_service
-		ip daddr {svc_cidr} meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport != @service_ports goto reject_service
+	}}
+	chain cluster_ip_check {{
+		ip daddr . meta l4proto . th dport @no_endpoints goto reject_service
+		meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport != @service_ports goto reject_service
 	}}
 	chain affinity_record {{
 		meta l4proto {{ tcp, udp }} ct original ip daddr . meta l4proto . ct original proto-dst vmap @affinity_services
