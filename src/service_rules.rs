@@ -579,6 +579,7 @@ pub fn build_script(table: &str, ctx: &NodeContext, st: &Structure) -> String {
         ctx.service_cidr.network(),
         ctx.service_cidr.prefix()
     );
+    let numgen = ctx.balancing.numgen();
     let mut s = format!(
         r#"table {FAMILY} {table}
 delete table {FAMILY} {table}
@@ -586,8 +587,8 @@ table {FAMILY} {table} {{
 	comment "{tag}"
 	map service_ips {{ typeof ip daddr . meta l4proto . th dport : verdict; }}
 	map service_nodeports {{ typeof meta l4proto . th dport : verdict; }}
-	map backends {{ typeof ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport; counter; }}
-	map nodeport_backends {{ typeof meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport; counter; }}
+	map backends {{ typeof ip daddr . meta l4proto . th dport . numgen {numgen} mod 1 : ip daddr . th dport; counter; }}
+	map nodeport_backends {{ typeof meta l4proto . th dport . numgen {numgen} mod 1 : ip daddr . th dport; counter; }}
 	set no_endpoints {{ typeof ip daddr . meta l4proto . th dport; counter; }}
 	set no_endpoint_nodeports {{ typeof meta l4proto . th dport; counter; }}
 	set service_ports {{ typeof ip daddr . meta l4proto . th dport; }}
