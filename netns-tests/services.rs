@@ -214,6 +214,69 @@ fn no_endpoints_is_refused_at_once_and_unknown_ports_too() -> Result<()> {
     // Adding an endpoint makes it work.
     let (_, name) = pod(&mut lab, 0, 2, &[("app", "nothing")])?;
     ensure!(reach(&client.ns, vip, 80)?.name == name);
+    // A node port without endpoints is refused from outside the cluster too.
+    let (_, nps) = create(
+        &lab,
+        &[
+            "nope",
+            "--port",
+            "80:8080/tcp",
+            "--selector",
+            "app=none",
+            "--node-port",
+            "auto",
+        ],
+    )?;
+    let node_ip = lab.nodes[0].ip;
+    let infra = lab.infra.clone();
+    let np = nps[0];
+    wait_for("node port refusal", Duration::from_secs(20), || {
+        let e = tcp_whoami(&infra, node_ip, np, Duration::from_secs(2)).err()?;
+        format!("{e:#}").contains("refused").then_some(())
+    })?;
+    // UDP: refused while there is no endpoint; the same flow (same 5-tuple, still in conntrack)
+    // reaches the first endpoint once there is one.
+    let (uvip, _) = create(
+        &lab,
+        &[
+            "udpless",
+            "--port",
+            "53:5353/udp",
+            "--selector",
+            "app=udpless",
+        ],
+    )?;
+    let cns = client.ns.clone();
+    let ask = move || -> Result<std::result::Result<String, String>> {
+        let cns = cns.clone();
+        in_netns(
+            &cns,
+            move || -> Result<std::result::Result<String, String>> {
+                let s = std::net::UdpSocket::bind(("0.0.0.0", 40500))?;
+                s.connect((uvip, 53))?;
+                s.set_read_timeout(Some(Duration::from_millis(500)))?;
+                s.send(b"q")?;
+                let mut buf = [0u8; 128];
+                Ok(match s.recv(&mut buf) {
+                    Ok(n) => Ok(String::from_utf8_lossy(&buf[..n]).to_string()),
+                    Err(e) => Err(e.to_string()),
+                })
+            },
+        )?
+    };
+    wait_for("UDP refusal", Duration::from_secs(20), || {
+        ask()
+            .ok()?
+            .err()
+            .filter(|e| e.contains("refused"))
+            .map(|_| ())
+    })?;
+    pod(&mut lab, 0, 3, &[("app", "udpless")])?;
+    wait_for(
+        "the refused UDP flow to reach the new endpoint",
+        Duration::from_secs(20),
+        || ask().ok()?.ok().map(|_| ()),
+    )?;
     Ok(())
 }
 

@@ -935,42 +935,44 @@ impl Drop for Lab {
     }
 }
 
-/// Removes every namespace and file of the lab `id` when SIGINT or SIGTERM arrives, then exits
-/// with status 130. Call from the main thread before starting other threads: it blocks those
-/// signals in the caller (and so in threads spawned later) and waits for them on its own thread.
-pub fn cleanup_on_signal(id: &str, dir: &Path) -> Result<()> {
+/// Removes every namespace, etcd data directory and lab directory whose name starts with
+/// `prefix` (e.g. `tt<pid>x`, everything this process created) when SIGINT or SIGTERM arrives,
+/// then exits with status 130. Call from the main thread before starting any other thread: it
+/// blocks those signals in the caller (and so in threads spawned later) and waits for them on
+/// a thread of its own.
+pub fn cleanup_on_signal(prefix: &str) -> Result<()> {
     use nix::sys::signal::{SigSet, Signal};
     let mut set = SigSet::empty();
     set.add(Signal::SIGINT);
     set.add(Signal::SIGTERM);
     set.thread_block().context("blocking SIGINT/SIGTERM")?;
-    let id = id.to_string();
-    let dir = dir.to_path_buf();
+    let prefix = prefix.to_string();
     std::thread::spawn(move || {
         if set.wait().is_ok() {
-            eprintln!("\ninterrupted: removing lab {id}");
+            eprintln!("\ninterrupted: removing everything this run created");
             if let Ok(rd) = std::fs::read_dir(NETNS_DIR) {
                 let mut names: Vec<String> = rd
                     .flatten()
                     .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| n.starts_with(&format!("{id}-")))
+                    .filter(|n| n.starts_with(&prefix))
                     .collect();
                 names.sort_by_key(|n| std::cmp::Reverse(n.len()));
                 for n in names {
                     delete_ns(&n);
                 }
             }
-            if let Ok(rd) = std::fs::read_dir("/dev/shm") {
-                for e in rd.flatten() {
-                    if e.file_name()
-                        .to_string_lossy()
-                        .starts_with(&format!("tartan-etcd-{id}"))
-                    {
-                        let _ = std::fs::remove_dir_all(e.path());
+            for (dir, p) in [
+                (PathBuf::from("/dev/shm"), format!("tartan-etcd-{prefix}")),
+                (std::env::temp_dir(), format!("tartan-lab-{prefix}")),
+            ] {
+                if let Ok(rd) = std::fs::read_dir(&dir) {
+                    for e in rd.flatten() {
+                        if e.file_name().to_string_lossy().starts_with(&p) {
+                            let _ = std::fs::remove_dir_all(e.path());
+                        }
                     }
                 }
             }
-            let _ = std::fs::remove_dir_all(&dir);
             std::process::exit(130);
         }
     });

@@ -22,7 +22,7 @@ use crate::service_rules::{
     ACTIVE_MARKER_CHAIN, FAMILY, NodeContext, Structure, TABLES, activate_script, build_script,
     marker_chain, other_table,
 };
-use crate::service_state::{ModelChange, RemovedBackend, ServiceState, SyncPlan};
+use crate::service_state::{ModelChange, RemovedBackend, RevivedPort, ServiceState, SyncPlan};
 
 /// The etcd prefix of service objects.
 pub fn services_prefix(keys: &EtcdArgs) -> String {
@@ -256,7 +256,25 @@ pub async fn build_and_switch(
 
 /// Clears state that would keep sending clients to backends that left: UDP conntrack entries
 /// (so UDP clients move to live endpoints) and client-IP affinity entries.
-async fn cleanup_removed(removed: Vec<RemovedBackend>, table: &'static str) {
+async fn cleanup_removed(
+    removed: Vec<RemovedBackend>,
+    revived: Vec<RevivedPort>,
+    table: &'static str,
+) {
+    for r in &revived {
+        let mut ports = vec![(Some(r.cluster_ip), r.port)];
+        if let Some(np) = r.node_port {
+            ports.push((None, np));
+        }
+        for (ip, port) in ports {
+            let mut args = vec!["-D".to_string(), "-p".into(), "udp".into()];
+            if let Some(ip) = ip {
+                args.extend(["--orig-dst".into(), ip.to_string()]);
+            }
+            args.extend(["--orig-port-dst".into(), port.to_string()]);
+            run_conntrack(&args).await;
+        }
+    }
     let mut affinity_ips = BTreeSet::new();
     for r in &removed {
         if r.affinity {
@@ -288,22 +306,26 @@ async fn cleanup_removed(removed: Vec<RemovedBackend>, table: &'static str) {
             ]);
         }
         for args in cmds {
-            match tokio::process::Command::new("conntrack")
-                .args(&args)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .status()
-                .await
-            {
-                Ok(_) => {}
-                Err(e) => warn!("running conntrack to clear UDP flows: {e}"),
-            }
+            run_conntrack(&args).await;
         }
     }
     if !affinity_ips.is_empty()
         && let Err(e) = drop_affinity_entries(&affinity_ips, table).await
     {
         warn!("clearing affinity entries: {e:#}");
+    }
+}
+
+/// Runs `conntrack ARGS` (a delete finding nothing exits non-zero, which is fine).
+async fn run_conntrack(args: &[String]) {
+    if let Err(e) = tokio::process::Command::new("conntrack")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .await
+    {
+        warn!("running conntrack to clear UDP flows: {e}");
     }
 }
 
@@ -413,6 +435,9 @@ pub async fn run(
             listed: false,
         },
     ];
+    // Hold the refusal port (bound, never listening) so no other process can take it: new
+    // connections no service takes are redirected there and must find nothing.
+    let _refuse_port = reserve_refuse_port();
     let mut state = ServiceState::new(ctx.clone());
     let mut applier = Applier {
         nft: NftSocket::open()?,
@@ -530,10 +555,10 @@ pub async fn run(
                 metrics.services.set(state.service_count() as i64);
                 metrics.service_elements.set(state.element_count() as i64);
                 metrics.service_chains.set(applier.chain_count() as i64);
-                if !plan.removed.is_empty()
+                if (!plan.removed.is_empty() || !plan.revived.is_empty())
                     && let Some(t) = applier.table()
                 {
-                    tokio::spawn(cleanup_removed(plan.removed, t));
+                    tokio::spawn(cleanup_removed(plan.removed, plan.revived, t));
                 }
                 synced = true;
                 last_error = None;
@@ -655,6 +680,22 @@ fn put(src: &Source, it: &KvItem, state: &mut ServiceState, keys: &EtcdArgs, met
         Err(e) => {
             metrics.malformed_records.inc();
             warn!(key = %it.key, "skipping record: {e}");
+        }
+    }
+}
+
+fn reserve_refuse_port() -> Option<socket2::Socket> {
+    use socket2::{Domain, Socket, Type};
+    let addr: std::net::SocketAddr = ([0, 0, 0, 0], crate::service_rules::REFUSE_PORT).into();
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).ok()?;
+    match s.bind(&addr.into()) {
+        Ok(()) => Some(s),
+        Err(e) => {
+            warn!(
+                port = crate::service_rules::REFUSE_PORT,
+                "cannot reserve the refusal port ({e}); if something listens on it, it receives connections to services without endpoints"
+            );
+            None
         }
     }
 }

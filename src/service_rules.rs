@@ -19,7 +19,7 @@ use crate::service_model::{Backend, Service, ServicePort, SessionAffinity, Traff
 /// nftables family of the service table.
 pub const FAMILY: &str = "ip";
 /// Version of the structure; bumped when the base ruleset changes shape.
-pub const STRUCTURE_VERSION: u32 = 2;
+pub const STRUCTURE_VERSION: u32 = 4;
 
 /// The sets and maps of the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -34,10 +34,6 @@ pub enum SetName {
     NodePortBackends,
     /// Cluster IP ports without endpoints (rejected).
     NoEndpoints,
-    /// Every cluster IP port (traffic to other ports of the service range is refused). A plain
-    /// set: a verdict map cannot be looked up from a filter chain, because the kernel then
-    /// validates its `dnat` chains against the filter hook.
-    ServicePorts,
     /// Node ports without endpoints (rejected).
     NoEndpointNodePorts,
     /// `cluster IP . proto . port` → jump to the affinity recorder for its timeout.
@@ -50,13 +46,12 @@ pub enum SetName {
 
 impl SetName {
     /// Every set, in a fixed order.
-    pub const ALL: [SetName; 10] = [
+    pub const ALL: [SetName; 9] = [
         SetName::ServiceIps,
         SetName::ServiceNodePorts,
         SetName::Backends,
         SetName::NodePortBackends,
         SetName::NoEndpoints,
-        SetName::ServicePorts,
         SetName::NoEndpointNodePorts,
         SetName::AffinityServices,
         SetName::AffinityNodePorts,
@@ -71,7 +66,6 @@ impl SetName {
             SetName::Backends => "backends",
             SetName::NodePortBackends => "nodeport_backends",
             SetName::NoEndpoints => "no_endpoints",
-            SetName::ServicePorts => "service_ports",
             SetName::NoEndpointNodePorts => "no_endpoint_nodeports",
             SetName::AffinityServices => "affinity_services",
             SetName::AffinityNodePorts => "affinity_nodeports",
@@ -311,11 +305,6 @@ pub fn port_rules(
     let record = DynChain::AffinityRecord {
         timeout: svc.session_affinity_timeout,
     };
-    out.elements.push(Element {
-        set: SetName::ServicePorts,
-        key: key.clone().into(),
-        data: Data::None,
-    });
     if backends.is_empty() {
         out.elements.push(Element {
             set: SetName::NoEndpoints,
@@ -413,6 +402,14 @@ pub fn hairpin_element(ip: Ipv4Addr) -> Element {
         data: Data::None,
     }
 }
+
+/// New connections that no service takes (a service port without endpoints, another port of the
+/// service range, a node port without endpoints) are redirected to this local port, where
+/// nothing listens (tartand holds it bound): the kernel answers with a TCP reset or an ICMP
+/// port unreachable, so clients are refused at once. Doing this in the NAT chains, which only
+/// see a connection's first packet, keeps the service table off the path of every other packet
+/// (a filter-hook `reject` would cost every packet on the node a hook traversal).
+pub const REFUSE_PORT: u16 = 1;
 
 /// Chain that drops node-port traffic with no local endpoint (`local` policy).
 pub const NODEPORT_DROP: &str = "nodeport_drop";
@@ -591,7 +588,6 @@ table {FAMILY} {table} {{
 	map nodeport_backends {{ typeof meta l4proto . th dport . numgen {numgen} mod 1 : ip daddr . th dport; counter; }}
 	set no_endpoints {{ typeof ip daddr . meta l4proto . th dport; counter; }}
 	set no_endpoint_nodeports {{ typeof meta l4proto . th dport; counter; }}
-	set service_ports {{ typeof ip daddr . meta l4proto . th dport; }}
 	map affinity_services {{ typeof ip daddr . meta l4proto . th dport : verdict; }}
 	map affinity_nodeports {{ typeof meta l4proto . th dport : verdict; }}
 	map affinity {{ typeof ip saddr . ip daddr . meta l4proto . th dport : ip daddr . th dport; size 1048576; flags dynamic,timeout; timeout 3h; }}
@@ -600,19 +596,16 @@ table {FAMILY} {table} {{
 	}}
 	chain services {{
 		ip daddr . meta l4proto . th dport vmap @service_ips
+		ip daddr {svc_cidr} goto cluster_ip_refused
 		ip daddr != 127.0.0.0/8 fib daddr type local meta l4proto . th dport vmap @service_nodeports
+		ip daddr != 127.0.0.0/8 fib daddr type local meta l4proto . th dport @no_endpoint_nodeports goto refuse
 	}}
-	chain reject_service {{
-		meta l4proto tcp reject with tcp reset
-		reject
+	chain cluster_ip_refused {{
+		ip daddr . meta l4proto . th dport @no_endpoints goto refuse
+		goto refuse
 	}}
-	chain endpoint_check {{
-		ip daddr {svc_cidr} goto cluster_ip_check
-		ip daddr != 127.0.0.0/8 fib daddr type local meta l4proto . th dport @no_endpoint_nodeports goto reject_service
-	}}
-	chain cluster_ip_check {{
-		ip daddr . meta l4proto . th dport @no_endpoints goto reject_service
-		meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport != @service_ports goto reject_service
+	chain refuse {{
+		meta l4proto {{ tcp, udp }} redirect to :{REFUSE_PORT}
 	}}
 	chain affinity_record {{
 		meta l4proto {{ tcp, udp }} ct original ip daddr . meta l4proto . ct original proto-dst vmap @affinity_services
@@ -649,16 +642,9 @@ add rule {FAMILY} {table} nat_prerouting jump services
 add chain {FAMILY} {table} nat_output {{ type nat hook output priority -100; policy accept; }}
 add rule {FAMILY} {table} nat_output jump services
 add chain {FAMILY} {table} nat_postrouting {{ type nat hook postrouting priority 100; policy accept; }}
+add rule {FAMILY} {table} nat_postrouting ct status dnat jump affinity_record
 add rule {FAMILY} {table} nat_postrouting meta mark & {MASQ_MARK:#x} == {MASQ_MARK:#x} masquerade fully-random
 add rule {FAMILY} {table} nat_postrouting ct status dnat ip saddr . ip daddr @hairpin masquerade fully-random
-add chain {FAMILY} {table} filter_prerouting {{ type filter hook prerouting priority -110; policy accept; }}
-add rule {FAMILY} {table} filter_prerouting ct state new jump endpoint_check
-add chain {FAMILY} {table} filter_output {{ type filter hook output priority -110; policy accept; }}
-add rule {FAMILY} {table} filter_output ct state new jump endpoint_check
-add chain {FAMILY} {table} filter_prerouting_dnat {{ type filter hook prerouting priority -90; policy accept; }}
-add rule {FAMILY} {table} filter_prerouting_dnat ct state new ct status dnat jump affinity_record
-add chain {FAMILY} {table} filter_output_dnat {{ type filter hook output priority -90; policy accept; }}
-add rule {FAMILY} {table} filter_output_dnat ct state new ct status dnat jump affinity_record
 "#
     );
     if let Some(o) = old {
@@ -680,10 +666,9 @@ impl SetName {
     fn key_fields(self) -> &'static [Field] {
         use Field::*;
         match self {
-            SetName::ServiceIps
-            | SetName::NoEndpoints
-            | SetName::ServicePorts
-            | SetName::AffinityServices => &[Ip, Proto, Port],
+            SetName::ServiceIps | SetName::NoEndpoints | SetName::AffinityServices => {
+                &[Ip, Proto, Port]
+            }
             SetName::ServiceNodePorts
             | SetName::NoEndpointNodePorts
             | SetName::AffinityNodePorts => &[Proto, Port],
@@ -833,8 +818,7 @@ mod tests {
         let r = port_rules(&s, &s.ports[0], &[], &ctx());
         assert_eq!(count(&r, SetName::NoEndpoints), 1);
         assert_eq!(count(&r, SetName::NoEndpointNodePorts), 1);
-        assert_eq!(count(&r, SetName::ServicePorts), 1);
-        assert_eq!(r.elements.len(), 3);
+        assert_eq!(r.elements.len(), 2);
         assert!(r.chains.is_empty());
     }
 

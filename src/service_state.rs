@@ -54,6 +54,17 @@ pub struct RemovedBackend {
     pub affinity: bool,
 }
 
+/// A UDP service port that went from no endpoints to some.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RevivedPort {
+    /// The cluster IP.
+    pub cluster_ip: Ipv4Addr,
+    /// The service port.
+    pub port: u16,
+    /// The node port, if any.
+    pub node_port: Option<u16>,
+}
+
 /// Everything one sync must do, in order.
 #[derive(Debug, Clone, Default)]
 pub struct SyncPlan {
@@ -63,6 +74,9 @@ pub struct SyncPlan {
     pub ops: Vec<(String, SetOp)>,
     /// Backends that left services (UDP flows to clear, affinity entries to drop).
     pub removed: Vec<RemovedBackend>,
+    /// UDP service ports that just got their first endpoint: flows conntrack still sends to
+    /// the refusal must be cleared so clients reach the new endpoints.
+    pub revived: Vec<RevivedPort>,
     /// Number of services whose rules were recomputed.
     pub recomputed: usize,
     /// Elements added plus deleted.
@@ -409,6 +423,18 @@ impl ServiceState {
                     }
                     None => (Vec::new(), Vec::new()),
                 };
+                if let Some(s) = svc.as_ref()
+                    && old_backends.is_empty()
+                    && !new_backends.is_empty()
+                {
+                    for p in s.ports.iter().filter(|p| p.protocol == Protocol::Udp) {
+                        plan.revived.push(RevivedPort {
+                            cluster_ip: s.cluster_ip,
+                            port: p.port,
+                            node_port: p.node_port,
+                        });
+                    }
+                }
                 if let Some(s) = svc.as_ref() {
                     let new_ips: HashSet<Ipv4Addr> = new_backends.iter().map(|b| b.ip).collect();
                     for b in old_backends.iter().filter(|b| !new_ips.contains(&b.ip)) {
@@ -577,7 +603,9 @@ impl ServiceState {
                 .filter(|(_, op)| matches!(op, SetOp::Add(_))),
         );
         plan.ops = ops;
+        // A full sync knows nothing of what was there before: no cleanup to do.
         plan.removed.clear();
+        plan.revived.clear();
         plan
     }
 }
@@ -749,15 +777,14 @@ mod tests {
             svc("b", [10, 96, 0, 10], "b"),
         ));
         let p = st.plan();
-        // Both the no-endpoints and the service-ports element are contested.
-        assert_eq!(p.warnings.len(), 2);
+        assert_eq!(p.warnings.len(), 1);
         assert_eq!(adds(&p, SetName::NoEndpoints), 0);
         // When a goes away, b gets the address.
         st.change(ModelChange::DeleteService("/s/a".into()));
         let p = st.plan();
         assert_eq!(dels(&p, SetName::NoEndpoints), 1);
         assert_eq!(adds(&p, SetName::NoEndpoints), 1);
-        assert_eq!(st.element_count(), 2);
+        assert_eq!(st.element_count(), 1);
     }
 
     #[test]
@@ -776,7 +803,7 @@ mod tests {
                 .iter()
                 .filter(|(_, o)| matches!(o, SetOp::Flush))
                 .count(),
-            10
+            9
         );
         assert!(full.ops.iter().all(|(_, o)| !matches!(o, SetOp::Delete(_))));
         assert_eq!(adds(&full, SetName::ServiceIps), 1);

@@ -1,64 +1,75 @@
-//! `netbench demo` (what `make demo` runs): a 3-node tartan cluster in network namespaces,
-//! pods on two nodes talking across the overlay, a short latency comparison, then cleanup.
+//! `netbench demo` (what `make demo` runs): a 3-node tartan cluster in network namespaces, pods
+//! started through `tartan-cni`, a service with node ports, a short netbench over every path,
+//! the report with its JSON and SVG, and a full cleanup.
 
-use std::time::Duration;
+use std::path::Path;
+use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
-use super::probe::{tcp_echo_server, tcp_rr};
-use crate::netns_lab::{Binaries, Lab, cleanup_on_signal, require_root};
+use super::run::{Settings, build_cluster, measure};
+use crate::netns_lab::{cleanup_on_signal, require_root};
 
-fn median_us(mut v: Vec<Duration>) -> f64 {
-    v.sort();
-    v.get(v.len() / 2)
-        .map_or(f64::NAN, |d| d.as_secs_f64() * 1e6)
-}
-
-/// Runs the demo with the tartan binaries found in `bin_dir`.
-pub fn run(bin_dir: &std::path::Path) -> Result<()> {
+/// Runs the demo with the binaries in `bin_dir`, writing `netbench-demo.{json,svg}` to `out`.
+pub fn run(bin_dir: &Path, out: &Path) -> Result<()> {
     if !require_root()? {
         return Ok(());
     }
-    println!("== building a 3-node cluster in network namespaces");
-    let mut lab = Lab::new(3, Binaries::in_dir(bin_dir))?;
-    cleanup_on_signal(&lab.id, &lab.dir)?;
-    lab.start_etcd()?;
-    lab.init_network(&["--network", "10.244.0.0/16"])?;
-    for i in 0..3 {
-        lab.start_daemon(i, &[])?;
-    }
-    for i in 0..3 {
-        let s = lab.wait_subnet(i)?;
-        println!("   {} ({}) leased {s}", lab.nodes[i].name, lab.nodes[i].ip);
-    }
+    cleanup_on_signal(&format!("tt{}x", std::process::id()))?;
+    let started = Instant::now();
+    let mut s = Settings::quick(bin_dir.to_path_buf());
+    s.nodes = 3;
+    println!("== tartan demo: a 3-node cluster in network namespaces (removed at the end)");
+    let pb = indicatif::ProgressBar::new_spinner();
+    pb.enable_steady_tick(std::time::Duration::from_millis(150));
+    let topo = build_cluster(&s, &pb)?;
+    pb.finish_and_clear();
+    let lab = &topo.lab;
+    println!("\n$ tartanctl nodes");
     print!("{}", lab.tartanctl(&["nodes"])?);
-    let p1 = lab.add_manual_pod(0, 1)?;
-    let p3 = lab.add_manual_pod(2, 1)?;
-    println!(
-        "== pod {} on node1 -> pod {} on node3 over VXLAN",
-        p1.ip, p3.ip
-    );
-    tcp_echo_server(&p3.ns, 7000)?;
-    tcp_echo_server(&lab.nodes[2].ns, 7001)?;
-    crate::netns_lab::wait_for("cross-node pod traffic", Duration::from_secs(20), || {
-        tcp_rr(&p1.ns, p3.ip, 7000, 1).ok()
-    })?;
-    // Interleave the two paths in rounds so machine drift cancels.
-    let mut pod = Vec::new();
-    let mut host = Vec::new();
-    for _ in 0..10 {
-        pod.extend(tcp_rr(&p1.ns, p3.ip, 7000, 200).context("pod to pod")?);
-        host.extend(tcp_rr(&lab.nodes[0].ns, lab.nodes[2].ip, 7001, 200).context("host to host")?);
+    println!("\n$ tartanctl service list");
+    print!("{}", lab.tartanctl(&["service", "list"])?);
+    println!("\n$ tartanctl explain   (on node1)");
+    let explain = crate::netns_lab::ns_run(
+        &lab.nodes[0].ns,
+        &lab.bins.tartanctl.to_string_lossy(),
+        &["explain"],
+    )?;
+    // The service table part is what matters here; peers are listed above.
+    for l in explain.lines().filter(|l| !l.starts_with("  10.24")) {
+        println!("{l}");
     }
-    let (p, h) = (median_us(pod), median_us(host));
-    println!("   TCP request/response, 2000 round trips each, interleaved:");
-    println!("   host -> host (underlay)      p50 {h:7.1} us");
-    println!(
-        "   pod  -> pod  (VXLAN overlay) p50 {p:7.1} us   ({:.2}x the underlay)",
-        p / h
+    println!("\n== netbench (short run; `netbench` alone runs the full one)");
+    let pb = indicatif::ProgressBar::new(0);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("[{elapsed_precise}] {wide_bar} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    println!("== removing the cluster");
-    drop(lab);
-    println!("done: every namespace, process and file of the demo is gone");
+    let report = measure(&s, &topo, &pb, started);
+    pb.finish_and_clear();
+    drop(topo);
+    let report = report?;
+    print!("\n{}", super::report::render_text(&report));
+    std::fs::create_dir_all(out)?;
+    let json = out.join("netbench-demo.json");
+    let svg = out.join("netbench-demo.svg");
+    std::fs::write(&json, serde_json::to_vec_pretty(&report)?)?;
+    super::charts::write_svg(&report, &svg)?;
+    println!("\nJSON: {}\nSVG:  {}", json.display(), svg.display());
+    let left = std::fs::read_dir(crate::netns_lab::NETNS_DIR)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with(&format!("tt{}x", std::process::id()))
+                })
+                .count()
+        })
+        .unwrap_or(0);
+    println!(
+        "cluster removed: {left} namespaces left behind, demo took {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }

@@ -9,6 +9,55 @@ use anyhow::{Context, Result, anyhow};
 
 use crate::netns_lab::in_netns;
 
+/// How long a reader busy-waits for data before it blocks. Busy-waiting keeps thread wake-up
+/// latency (tens of µs on a VM, and bimodal) out of the per-hop figures.
+const SPIN: Duration = Duration::from_millis(5);
+
+/// Reads from a non-blocking stream, busy-waiting up to [`SPIN`], then blocking (with the
+/// stream's read timeout).
+fn tcp_read_spin(s: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
+    let start = Instant::now();
+    let mut i = 0u32;
+    loop {
+        match s.read(buf) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                i = i.wrapping_add(1);
+                if i % 256 == 0 && start.elapsed() > SPIN {
+                    s.set_nonblocking(false)?;
+                    let r = s.read(buf);
+                    s.set_nonblocking(true)?;
+                    return r;
+                }
+                std::hint::spin_loop();
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Receives from a non-blocking UDP socket the same way.
+fn udp_recv_spin(s: &std::net::UdpSocket, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+    let start = Instant::now();
+    let mut i = 0u32;
+    loop {
+        match s.recv_from(buf) {
+            Ok(r) => return Ok(r),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                i = i.wrapping_add(1);
+                if i % 256 == 0 && start.elapsed() > SPIN {
+                    s.set_nonblocking(false)?;
+                    let r = s.recv_from(buf);
+                    s.set_nonblocking(true)?;
+                    return r;
+                }
+                std::hint::spin_loop();
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Starts a TCP echo server in `ns` on `port`, serving until the namespace goes away.
 pub fn tcp_echo_server(ns: &str, port: u16) -> Result<()> {
     let (tx, rx) = std::sync::mpsc::channel();
@@ -26,13 +75,16 @@ pub fn tcp_echo_server(ns: &str, port: u16) -> Result<()> {
             for s in l.incoming() {
                 let Ok(mut s) = s else { continue };
                 let _ = s.set_nodelay(true);
+                if s.set_nonblocking(true).is_err() {
+                    continue;
+                }
                 std::thread::spawn(move || {
                     let mut buf = [0u8; 65536];
                     loop {
-                        match s.read(&mut buf) {
+                        match tcp_read_spin(&mut s, &mut buf) {
                             Ok(0) | Err(_) => return,
                             Ok(n) => {
-                                if s.write_all(&buf[..n]).is_err() {
+                                if write_all_nb(&mut s, &buf[..n]).is_err() {
                                     return;
                                 }
                             }
@@ -47,7 +99,21 @@ pub fn tcp_echo_server(ns: &str, port: u16) -> Result<()> {
         .map_err(|e| anyhow!("echo server on port {port}: {e}"))
 }
 
-/// Round trips of a 1-byte request/response over one kept TCP connection from `ns`.
+/// `write_all` on a non-blocking stream (spins while the send buffer is full).
+fn write_all_nb(s: &mut TcpStream, mut b: &[u8]) -> std::io::Result<()> {
+    while !b.is_empty() {
+        match s.write(b) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => b = &b[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::hint::spin_loop(),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Round trips of a 1-byte request/response over one kept TCP connection from `ns`
+/// (both ends busy-wait for data, so the figure is the path, not thread wake-ups).
 pub fn tcp_rr(ns: &str, dst: Ipv4Addr, port: u16, count: usize) -> Result<Vec<Duration>> {
     in_netns(ns, move || -> Result<Vec<Duration>> {
         let mut s =
@@ -55,12 +121,15 @@ pub fn tcp_rr(ns: &str, dst: Ipv4Addr, port: u16, count: usize) -> Result<Vec<Du
                 .with_context(|| format!("connecting to {dst}:{port}"))?;
         s.set_nodelay(true)?;
         s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        s.set_nonblocking(true)?;
         let mut out = Vec::with_capacity(count);
         let mut b = [0u8; 1];
         for i in 0..count {
             let t = Instant::now();
-            s.write_all(&[i as u8])?;
-            s.read_exact(&mut b)?;
+            write_all_nb(&mut s, &[i as u8])?;
+            if tcp_read_spin(&mut s, &mut b)? == 0 {
+                return Err(anyhow!("{dst}:{port} closed the connection"));
+            }
             out.push(t.elapsed());
         }
         Ok(out)
@@ -169,4 +238,211 @@ pub fn tcp_whoami_many(
             .map(|_| whoami_here(dst, port, Duration::from_secs(3)).map_err(|e| e.to_string()))
             .collect()
     })
+}
+
+/// Ports the bench servers listen on in every destination namespace.
+pub mod ports {
+    /// TCP echo (request/response on a kept connection).
+    pub const TCP_RR: u16 = 7001;
+    /// UDP echo.
+    pub const UDP_RR: u16 = 7002;
+    /// Writes one byte on accept (new-connection latency).
+    pub const FIRST_BYTE: u16 = 7003;
+    /// Reads and discards (throughput).
+    pub const SINK: u16 = 7004;
+}
+
+fn spawn_listener<F>(ns: &str, what: &'static str, f: F) -> Result<()>
+where
+    F: FnOnce(std::sync::mpsc::Sender<Result<(), String>>) + Send + 'static,
+{
+    let (tx, rx) = std::sync::mpsc::channel();
+    let ns = ns.to_string();
+    std::thread::spawn(move || {
+        let _ = in_netns(&ns, move || f(tx));
+    });
+    rx.recv_timeout(Duration::from_secs(10))
+        .with_context(|| format!("{what} server did not start"))?
+        .map_err(|e| anyhow!("{what} server: {e}"))
+}
+
+/// Starts the four bench servers (TCP echo, UDP echo, first byte, sink) in `ns`.
+pub fn bench_servers(ns: &str) -> Result<()> {
+    tcp_echo_server(ns, ports::TCP_RR)?;
+    spawn_listener(ns, "UDP echo", |tx| {
+        let s = match std::net::UdpSocket::bind(("0.0.0.0", ports::UDP_RR)) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = tx.send(Err(e.to_string()));
+                return;
+            }
+        };
+        if s.set_nonblocking(true).is_err() {
+            let _ = tx.send(Err("cannot make the UDP socket non-blocking".into()));
+            return;
+        }
+        let _ = tx.send(Ok(()));
+        let mut buf = [0u8; 2048];
+        loop {
+            let Ok((n, from)) = udp_recv_spin(&s, &mut buf) else {
+                return;
+            };
+            let _ = s.send_to(&buf[..n], from);
+        }
+    })?;
+    spawn_listener(ns, "first-byte", |tx| {
+        let l = match TcpListener::bind(("0.0.0.0", ports::FIRST_BYTE)) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = tx.send(Err(e.to_string()));
+                return;
+            }
+        };
+        if l.set_nonblocking(true).is_err() {
+            let _ = tx.send(Err("cannot make the listener non-blocking".into()));
+            return;
+        }
+        let _ = tx.send(Ok(()));
+        let mut idle = Instant::now();
+        loop {
+            match l.accept() {
+                Ok((mut s, _)) => {
+                    let _ = s.set_nonblocking(false);
+                    let _ = s.write_all(b"x");
+                    idle = Instant::now();
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if idle.elapsed() > SPIN {
+                        // Nothing for a while: block until the next connection.
+                        let _ = l.set_nonblocking(false);
+                        if let Ok((mut s, _)) = l.accept() {
+                            let _ = s.write_all(b"x");
+                        }
+                        let _ = l.set_nonblocking(true);
+                        idle = Instant::now();
+                    }
+                    std::hint::spin_loop();
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+    })?;
+    spawn_listener(ns, "sink", |tx| {
+        let l = match TcpListener::bind(("0.0.0.0", ports::SINK)) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = tx.send(Err(e.to_string()));
+                return;
+            }
+        };
+        let _ = tx.send(Ok(()));
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 1 << 16];
+                while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+            });
+        }
+    })
+}
+
+/// One UDP round trip's timing: the whole round trip as the application sees it, and the
+/// part between the reply reaching the kernel (SO_TIMESTAMPNS) and the application reading it.
+#[derive(Debug, Clone, Copy)]
+pub struct UdpSample {
+    /// send() to recv() returning.
+    pub total: Duration,
+    /// Kernel receive timestamp to recv() returning (socket delivery and wake-up).
+    pub delivery: Option<Duration>,
+}
+
+/// `count` UDP round trips of 1 byte from `ns` to `dst`, with kernel receive timestamps.
+pub fn udp_rr(ns: &str, dst: Ipv4Addr, port: u16, count: usize) -> Result<Vec<UdpSample>> {
+    in_netns(ns, move || -> Result<Vec<UdpSample>> {
+        use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg, setsockopt, sockopt};
+        use std::io::IoSliceMut;
+        use std::os::fd::AsRawFd;
+        let s = std::net::UdpSocket::bind(("0.0.0.0", 0))?;
+        s.connect((dst, port))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        setsockopt(&s, sockopt::ReceiveTimestampns, &true).context("SO_TIMESTAMPNS")?;
+        let mut out = Vec::with_capacity(count);
+        let mut buf = [0u8; 64];
+        let mut cmsg = nix::cmsg_space!(nix::sys::time::TimeSpec);
+        for i in 0..count {
+            let t0 = Instant::now();
+            s.send(&[i as u8])?;
+            let mut iov = [IoSliceMut::new(&mut buf)];
+            // Busy-wait (MSG_DONTWAIT) up to SPIN, then block with the socket's timeout.
+            let msg = loop {
+                let flags = if t0.elapsed() < SPIN {
+                    MsgFlags::MSG_DONTWAIT
+                } else {
+                    MsgFlags::empty()
+                };
+                match recvmsg::<()>(s.as_raw_fd(), &mut iov, Some(&mut cmsg), flags) {
+                    Ok(m) => break m,
+                    Err(nix::errno::Errno::EAGAIN) if flags == MsgFlags::MSG_DONTWAIT => {
+                        std::hint::spin_loop();
+                    }
+                    Err(e) => {
+                        return Err(anyhow!(e).context(format!("UDP reply from {dst}:{port}")));
+                    }
+                }
+            };
+            let total = t0.elapsed();
+            let now_real = std::time::SystemTime::now();
+            let mut delivery = None;
+            for c in msg.cmsgs().into_iter().flatten() {
+                if let ControlMessageOwned::ScmTimestampns(ts) = c {
+                    let k = std::time::UNIX_EPOCH
+                        + Duration::new(ts.tv_sec() as u64, ts.tv_nsec() as u32);
+                    delivery = now_real.duration_since(k).ok();
+                }
+            }
+            out.push(UdpSample { total, delivery });
+        }
+        Ok(out)
+    })?
+}
+
+/// `count` new TCP connections from `ns`: connect until the server's first byte arrives.
+pub fn new_conns(ns: &str, dst: Ipv4Addr, port: u16, count: usize) -> Result<Vec<Duration>> {
+    in_netns(ns, move || -> Result<Vec<Duration>> {
+        let mut out = Vec::with_capacity(count);
+        let mut b = [0u8; 1];
+        for _ in 0..count {
+            let t0 = Instant::now();
+            let mut s =
+                TcpStream::connect_timeout(&SocketAddr::from((dst, port)), Duration::from_secs(3))
+                    .with_context(|| format!("connecting to {dst}:{port}"))?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            s.set_nonblocking(true)?;
+            if tcp_read_spin(&mut s, &mut b)? == 0 {
+                return Err(anyhow!("{dst}:{port} closed before the first byte"));
+            }
+            out.push(t0.elapsed());
+            // Reset rather than TIME_WAIT: thousands of connections must not exhaust ports.
+            let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+        }
+        Ok(out)
+    })?
+}
+
+/// One TCP flow from `ns` to a sink at `dst:port` for `secs` seconds; returns Gbit/s.
+pub fn throughput(ns: &str, dst: Ipv4Addr, port: u16, secs: f64) -> Result<f64> {
+    in_netns(ns, move || -> Result<f64> {
+        let mut s =
+            TcpStream::connect_timeout(&SocketAddr::from((dst, port)), Duration::from_secs(3))
+                .with_context(|| format!("connecting to {dst}:{port}"))?;
+        let buf = vec![0x5au8; 1 << 16];
+        let t0 = Instant::now();
+        let mut bytes = 0u64;
+        while t0.elapsed().as_secs_f64() < secs {
+            s.write_all(&buf)?;
+            bytes += buf.len() as u64;
+        }
+        let el = t0.elapsed().as_secs_f64();
+        Ok(bytes as f64 * 8.0 / el / 1e9)
+    })?
 }
