@@ -23,7 +23,7 @@ fn tcp_read_spin(s: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
             Ok(n) => return Ok(n),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 i = i.wrapping_add(1);
-                if i % 256 == 0 && start.elapsed() > SPIN {
+                if i.is_multiple_of(256) && start.elapsed() > SPIN {
                     s.set_nonblocking(false)?;
                     let r = s.read(buf);
                     s.set_nonblocking(true)?;
@@ -45,7 +45,7 @@ fn udp_recv_spin(s: &std::net::UdpSocket, buf: &mut [u8]) -> std::io::Result<(us
             Ok(r) => return Ok(r),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 i = i.wrapping_add(1);
-                if i % 256 == 0 && start.elapsed() > SPIN {
+                if i.is_multiple_of(256) && start.elapsed() > SPIN {
                     s.set_nonblocking(false)?;
                     let r = s.recv_from(buf);
                     s.set_nonblocking(true)?;
