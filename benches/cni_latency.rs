@@ -256,7 +256,7 @@ fn main() -> Result<()> {
     let conc = 50;
 
     let mut lab = Lab::new(2, bins())?;
-    tartan::netns_lab::cleanup_on_signal(&lab.id, &lab.dir)?;
+    tartan::netns_lab::cleanup_on_signal(&lab.id)?;
     lab.start_etcd()?;
     lab.init_network(&["--network", "10.244.0.0/16"])?;
     lab.start_daemon(0, &[])?;
