@@ -56,7 +56,7 @@ test: lint
 	$(CARGO) test --lib --bins --tests -- --test-threads=$${TEST_THREADS:-2}
 
 demo: release
-	./target/release/netbench demo
+	./target/release/netbench demo --out-dir target/demo
 
 # cargo bench relinks tartan-cni dynamically for its own use; the CNI benchmark measures the
 # static build that `make release` produces (and tartand installs).

@@ -27,6 +27,14 @@ enum Cmd {
         #[arg(long, default_value = ".")]
         out_dir: PathBuf,
     },
+    /// Print the report of a saved `--json` file again (and redraw its charts).
+    Report {
+        /// A JSON file written by `netbench --json`.
+        json: PathBuf,
+        /// Draw the charts into this SVG file.
+        #[arg(long)]
+        svg: Option<PathBuf>,
+    },
     /// One TCP request/response measurement from a namespace (for poking at a --keep cluster).
     Rr {
         /// Client network namespace.
@@ -96,6 +104,18 @@ fn main() -> std::process::ExitCode {
         .unwrap_or_default();
     let r = match cli.cmd {
         Some(Cmd::Demo { out_dir }) => tartan::netbench::demo::run(&bin_dir, &out_dir),
+        Some(Cmd::Report { json, svg }) => (|| {
+            let text = std::fs::read_to_string(&json)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", json.display()))?;
+            let r: tartan::netbench::report::Report = serde_json::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("{} is not a netbench report: {e}", json.display()))?;
+            print!("{}", tartan::netbench::report::render_text(&r));
+            if let Some(v) = svg {
+                tartan::netbench::charts::write_svg(&r, &v)?;
+                println!("SVG: {}", v.display());
+            }
+            Ok(())
+        })(),
         Some(Cmd::Rr {
             ns,
             dst,

@@ -11,7 +11,7 @@ use crate::netns_lab::in_netns;
 
 /// How long a reader busy-waits for data before it blocks. Busy-waiting keeps thread wake-up
 /// latency (tens of µs on a VM, and bimodal) out of the per-hop figures.
-const SPIN: Duration = Duration::from_millis(5);
+const SPIN: Duration = Duration::from_millis(1);
 
 /// Reads from a non-blocking stream, busy-waiting up to [`SPIN`], then blocking (with the
 /// stream's read timeout).

@@ -49,17 +49,17 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// The default run (about a minute on 2 cores).
+    /// The default run (well under 90 s on 2 cores).
     pub fn standard(bin_dir: PathBuf) -> Settings {
         Settings {
             nodes: 2,
-            rounds: 12,
-            rr_per_round: 200,
+            rounds: 25,
+            rr_per_round: 300,
             conns_per_round: 40,
-            throughput_rounds: 2,
+            throughput_rounds: 3,
             throughput_secs: 0.5,
-            services: vec![1, 1000, 10_000],
-            scale_rounds: 12,
+            services: vec![1, 1000, 10_000, 30_000],
+            scale_rounds: 20,
             scale_conns: 40,
             keep: false,
             bin_dir,
