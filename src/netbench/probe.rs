@@ -10,8 +10,17 @@ use anyhow::{Context, Result, anyhow};
 use crate::netns_lab::in_netns;
 
 /// How long a reader busy-waits for data before it blocks. Busy-waiting keeps thread wake-up
-/// latency (tens of µs on a VM, and bimodal) out of the per-hop figures.
-const SPIN: Duration = Duration::from_millis(1);
+/// latency out of the per-hop figures: on this kind of VM a blocked thread takes from tens to
+/// ~450 µs to wake, which would swamp hops of 1-5 µs. Tried and rejected: 200 µs (servers then
+/// often sleep between a path's exchanges and pay the wake-up), yielding instead of spinning (a
+/// steady ~100 µs per round trip). The price is a few multi-millisecond tails when spinners
+/// outnumber the 2 cores; p99.9 shows them, medians do not move.
+const SPIN: Duration = Duration::from_millis(5);
+
+/// One turn of a busy wait.
+fn wait_turn(_start: Instant) {
+    std::hint::spin_loop();
+}
 
 /// Reads from a non-blocking stream, busy-waiting up to [`SPIN`], then blocking (with the
 /// stream's read timeout).
@@ -29,7 +38,7 @@ fn tcp_read_spin(s: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
                     s.set_nonblocking(true)?;
                     return r;
                 }
-                std::hint::spin_loop();
+                wait_turn(start);
             }
             Err(e) => return Err(e),
         }
@@ -51,7 +60,7 @@ fn udp_recv_spin(s: &std::net::UdpSocket, buf: &mut [u8]) -> std::io::Result<(us
                     s.set_nonblocking(true)?;
                     return r;
                 }
-                std::hint::spin_loop();
+                wait_turn(start);
             }
             Err(e) => return Err(e),
         }
@@ -383,7 +392,7 @@ pub fn udp_rr(ns: &str, dst: Ipv4Addr, port: u16, count: usize) -> Result<Vec<Ud
                 match recvmsg::<()>(s.as_raw_fd(), &mut iov, Some(&mut cmsg), flags) {
                     Ok(m) => break m,
                     Err(nix::errno::Errno::EAGAIN) if flags == MsgFlags::MSG_DONTWAIT => {
-                        std::hint::spin_loop();
+                        wait_turn(t0);
                     }
                     Err(e) => {
                         return Err(anyhow!(e).context(format!("UDP reply from {dst}:{port}")));
