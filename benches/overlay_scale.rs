@@ -26,13 +26,7 @@ fn bins() -> Binaries {
 }
 
 fn etcd_args(endpoint: &str) -> EtcdArgs {
-    use clap::Parser;
-    #[derive(clap::Parser)]
-    struct A {
-        #[command(flatten)]
-        e: EtcdArgs,
-    }
-    A::parse_from(["x", "--etcd-endpoints", endpoint]).e
+    EtcdArgs::for_endpoints(&[endpoint])
 }
 
 fn fake_lease(i: u32) -> (String, Vec<u8>) {

@@ -34,13 +34,7 @@ fn bins() -> Binaries {
 }
 
 fn etcd_args() -> EtcdArgs {
-    use clap::Parser;
-    #[derive(clap::Parser)]
-    struct A {
-        #[command(flatten)]
-        e: EtcdArgs,
-    }
-    A::parse_from(["x", "--etcd-endpoints", "http://127.0.0.1:2379"]).e
+    EtcdArgs::for_endpoints(&["http://127.0.0.1:2379"])
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {

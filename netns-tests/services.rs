@@ -538,13 +538,7 @@ fn allocation_is_unique_under_concurrency_and_taken_values_are_errors() -> Resul
     };
     let endpoint = "http://127.0.0.1:2379".to_string();
     let created = tartan::netns_lab::block_on_in_netns(&lab.infra, move || async move {
-        use clap::Parser;
-        #[derive(clap::Parser)]
-        struct A {
-            #[command(flatten)]
-            e: tartan::etcd_store::EtcdArgs,
-        }
-        let args = A::parse_from(["x", "--etcd-endpoints", &endpoint]).e;
+        let args = tartan::etcd_store::EtcdArgs::for_endpoints(&[&endpoint]);
         let store = tartan::etcd_store::Store::connect(&args).await?;
         let mut tasks = Vec::new();
         for i in 0..100 {
@@ -867,13 +861,7 @@ fn randomized_churn_converges_to_the_model() -> Result<()> {
     let endpoint = "http://127.0.0.1:2379".to_string();
     let names = node_names.clone();
     tartan::netns_lab::block_on_in_netns(&lab.infra, move || async move {
-        use clap::Parser;
-        #[derive(clap::Parser)]
-        struct A {
-            #[command(flatten)]
-            e: tartan::etcd_store::EtcdArgs,
-        }
-        let args = A::parse_from(["x", "--etcd-endpoints", &endpoint]).e;
+        let args = tartan::etcd_store::EtcdArgs::for_endpoints(&[&endpoint]);
         let store = tartan::etcd_store::Store::connect(&args).await?;
         let st = ServiceStore::new(&store, &args, "10.96.0.0/16".parse()?);
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -988,13 +976,7 @@ fn randomized_churn_converges_to_the_model() -> Result<()> {
     let endpoint = "http://127.0.0.1:2379".to_string();
     let expected: Vec<std::collections::BTreeSet<(String, String, String)>> =
         tartan::netns_lab::block_on_in_netns(&lab.infra, move || async move {
-            use clap::Parser;
-            #[derive(clap::Parser)]
-            struct A {
-                #[command(flatten)]
-                e: tartan::etcd_store::EtcdArgs,
-            }
-            let args = A::parse_from(["x", "--etcd-endpoints", &endpoint]).e;
+            let args = tartan::etcd_store::EtcdArgs::for_endpoints(&[&endpoint]);
             let store = tartan::etcd_store::Store::connect(&args).await?;
             let (_, svcs) = store.list(&args.tartan_key("services/")).await?;
             let (_, pods) = store.list(&args.tartan_key("pods/")).await?;

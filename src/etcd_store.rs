@@ -64,6 +64,18 @@ pub struct EtcdArgs {
 }
 
 impl EtcdArgs {
+    /// Arguments for `endpoints` with every other flag at its default (no TLS).
+    pub fn for_endpoints(endpoints: &[&str]) -> EtcdArgs {
+        EtcdArgs {
+            etcd_endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
+            etcd_prefix: crate::netconf::DEFAULT_ETCD_PREFIX.to_string(),
+            tartan_prefix: "/tartan".to_string(),
+            etcd_cacert: None,
+            etcd_cert: None,
+            etcd_key: None,
+        }
+    }
+
     /// The flannel config key.
     pub fn config_key(&self) -> String {
         format!("{}/config", self.etcd_prefix.trim_end_matches('/'))
