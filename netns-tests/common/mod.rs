@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -29,41 +29,8 @@ pub fn lab(nodes: usize, network_args: &[&str]) -> Result<Option<Lab>> {
 }
 
 /// Starts a TCP echo server in `ns` on `port` that serves forever (until the namespace goes).
-pub fn echo_server(ns: &str, port: u16) -> Result<()> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let ns = ns.to_string();
-    std::thread::spawn(move || {
-        let _ = in_netns(&ns, move || {
-            let l = match TcpListener::bind(("0.0.0.0", port)) {
-                Ok(l) => l,
-                Err(e) => {
-                    let _ = tx.send(Err(e.to_string()));
-                    return;
-                }
-            };
-            let _ = tx.send(Ok(()));
-            for s in l.incoming() {
-                let Ok(mut s) = s else { continue };
-                std::thread::spawn(move || {
-                    let mut buf = [0u8; 4096];
-                    loop {
-                        match s.read(&mut buf) {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => {
-                                if s.write_all(&buf[..n]).is_err() {
-                                    return;
-                                }
-                            }
-                        }
-                    }
-                });
-            }
-        });
-    });
-    rx.recv_timeout(Duration::from_secs(10))
-        .context("echo server did not start")?
-        .map_err(|e| anyhow::anyhow!("echo server: {e}"))
-}
+#[allow(unused_imports)]
+pub use tartan::netbench::probe::tcp_echo_server as echo_server;
 
 /// Connects from `ns` to `ip:port`, sends `payload` and checks it comes back unchanged.
 pub fn tcp_echo(ns: &str, ip: Ipv4Addr, port: u16, payload: &[u8]) -> Result<()> {

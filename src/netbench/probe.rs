@@ -22,90 +22,96 @@ fn wait_turn(_start: Instant) {
     std::hint::spin_loop();
 }
 
-/// Reads from a non-blocking stream, busy-waiting up to [`SPIN`], then blocking (with the
-/// stream's read timeout).
-fn tcp_read_spin(s: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
+/// Runs a non-blocking `op` until it stops saying `WouldBlock`, busy-waiting up to [`SPIN`];
+/// after that calls `op(true)`, which must do one blocking attempt.
+fn spin_then_block<T>(mut op: impl FnMut(bool) -> std::io::Result<T>) -> std::io::Result<T> {
     let start = Instant::now();
     let mut i = 0u32;
     loop {
-        match s.read(buf) {
-            Ok(n) => return Ok(n),
+        match op(false) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 i = i.wrapping_add(1);
                 if i.is_multiple_of(256) && start.elapsed() > SPIN {
-                    s.set_nonblocking(false)?;
-                    let r = s.read(buf);
-                    s.set_nonblocking(true)?;
-                    return r;
+                    return op(true);
                 }
                 wait_turn(start);
             }
-            Err(e) => return Err(e),
+            r => return r,
         }
     }
+}
+
+/// Reads from a non-blocking stream, busy-waiting up to [`SPIN`], then blocking (with the
+/// stream's read timeout).
+fn tcp_read_spin(s: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
+    spin_then_block(|block| {
+        if !block {
+            return s.read(buf);
+        }
+        s.set_nonblocking(false)?;
+        let r = s.read(buf);
+        s.set_nonblocking(true)?;
+        r
+    })
 }
 
 /// Receives from a non-blocking UDP socket the same way.
 fn udp_recv_spin(s: &std::net::UdpSocket, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
-    let start = Instant::now();
-    let mut i = 0u32;
-    loop {
-        match s.recv_from(buf) {
-            Ok(r) => return Ok(r),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                i = i.wrapping_add(1);
-                if i.is_multiple_of(256) && start.elapsed() > SPIN {
-                    s.set_nonblocking(false)?;
-                    let r = s.recv_from(buf);
-                    s.set_nonblocking(true)?;
-                    return r;
-                }
-                wait_turn(start);
-            }
-            Err(e) => return Err(e),
+    spin_then_block(|block| {
+        if !block {
+            return s.recv_from(buf);
         }
-    }
+        s.set_nonblocking(false)?;
+        let r = s.recv_from(buf);
+        s.set_nonblocking(true)?;
+        r
+    })
+}
+
+/// Starts a TCP server in `ns` listening on `port` and returns once it listens. Each accepted
+/// connection is passed to `handle` on the accept thread (spawn there for long conversations).
+/// The server lives until the namespace goes away.
+pub fn tcp_server<F>(ns: &str, port: u16, what: &'static str, mut handle: F) -> Result<()>
+where
+    F: FnMut(TcpStream) + Send + 'static,
+{
+    spawn_listener(ns, what, move |tx| {
+        let l = match TcpListener::bind(("0.0.0.0", port)) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = tx.send(Err(format!("port {port}: {e}")));
+                return;
+            }
+        };
+        let _ = tx.send(Ok(()));
+        for s in l.incoming() {
+            let Ok(s) = s else { continue };
+            handle(s);
+        }
+    })
 }
 
 /// Starts a TCP echo server in `ns` on `port`, serving until the namespace goes away.
 pub fn tcp_echo_server(ns: &str, port: u16) -> Result<()> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let ns = ns.to_string();
-    std::thread::spawn(move || {
-        let _ = in_netns(&ns, move || {
-            let l = match TcpListener::bind(("0.0.0.0", port)) {
-                Ok(l) => l,
-                Err(e) => {
-                    let _ = tx.send(Err(e.to_string()));
-                    return;
-                }
-            };
-            let _ = tx.send(Ok(()));
-            for s in l.incoming() {
-                let Ok(mut s) = s else { continue };
-                let _ = s.set_nodelay(true);
-                if s.set_nonblocking(true).is_err() {
-                    continue;
-                }
-                std::thread::spawn(move || {
-                    let mut buf = [0u8; 65536];
-                    loop {
-                        match tcp_read_spin(&mut s, &mut buf) {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => {
-                                if write_all_nb(&mut s, &buf[..n]).is_err() {
-                                    return;
-                                }
-                            }
+    tcp_server(ns, port, "echo", |mut s| {
+        let _ = s.set_nodelay(true);
+        if s.set_nonblocking(true).is_err() {
+            return;
+        }
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            loop {
+                match tcp_read_spin(&mut s, &mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if write_all_nb(&mut s, &buf[..n]).is_err() {
+                            return;
                         }
                     }
-                });
+                }
             }
         });
-    });
-    rx.recv_timeout(Duration::from_secs(10))
-        .context("echo server did not start")?
-        .map_err(|e| anyhow!("echo server on port {port}: {e}"))
+    })
 }
 
 /// `write_all` on a non-blocking stream (spins while the send buffer is full).
@@ -148,32 +154,14 @@ pub fn tcp_rr(ns: &str, dst: Ipv4Addr, port: u16, count: usize) -> Result<Vec<Du
 /// Starts a TCP "who am I" server in `ns`: every connection gets one line
 /// `<name> <client address as seen>` and is closed.
 pub fn tcp_whoami_server(ns: &str, port: u16, name: &str) -> Result<()> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let ns = ns.to_string();
     let name = name.to_string();
-    std::thread::spawn(move || {
-        let _ = in_netns(&ns, move || {
-            let l = match TcpListener::bind(("0.0.0.0", port)) {
-                Ok(l) => l,
-                Err(e) => {
-                    let _ = tx.send(Err(e.to_string()));
-                    return;
-                }
-            };
-            let _ = tx.send(Ok(()));
-            for s in l.incoming() {
-                let Ok(mut s) = s else { continue };
-                let peer = s
-                    .peer_addr()
-                    .map(|a| a.ip().to_string())
-                    .unwrap_or_default();
-                let _ = s.write_all(format!("{name} {peer}\n").as_bytes());
-            }
-        });
-    });
-    rx.recv_timeout(Duration::from_secs(10))
-        .context("whoami server did not start")?
-        .map_err(|e| anyhow!("whoami server on port {port}: {e}"))
+    tcp_server(ns, port, "whoami", move |mut s| {
+        let peer = s
+            .peer_addr()
+            .map(|a| a.ip().to_string())
+            .unwrap_or_default();
+        let _ = s.write_all(format!("{name} {peer}\n").as_bytes());
+    })
 }
 
 /// Starts a UDP "who am I" server in `ns`: every datagram is answered with
@@ -336,22 +324,11 @@ pub fn bench_servers(ns: &str) -> Result<()> {
             }
         }
     })?;
-    spawn_listener(ns, "sink", |tx| {
-        let l = match TcpListener::bind(("0.0.0.0", ports::SINK)) {
-            Ok(l) => l,
-            Err(e) => {
-                let _ = tx.send(Err(e.to_string()));
-                return;
-            }
-        };
-        let _ = tx.send(Ok(()));
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 1 << 16];
-                while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
-            });
-        }
+    tcp_server(ns, ports::SINK, "sink", |mut s| {
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 16];
+            while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+        });
     })
 }
 

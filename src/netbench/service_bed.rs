@@ -4,13 +4,14 @@
 //! connections from the client to the last service measure the first-packet cost.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 
+use crate::netbench::probe::tcp_server;
 use crate::netns_lab::{delete_ns, in_netns, ip, ns_command, ns_run, sweep_stale};
 use crate::nft_netlink::NftSocket;
 use crate::pod_record::PodRecord;
@@ -203,31 +204,13 @@ fn program_linear(ns: &str, services: u32) -> Result<()> {
 /// Starts a server in `ns` that answers every connection with one byte and the local address
 /// it was reached at (so the endpoint is known), then closes.
 fn server(ns: &str) -> Result<()> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let ns = ns.to_string();
-    std::thread::spawn(move || {
-        let _ = in_netns(&ns, move || {
-            let l = match TcpListener::bind(("0.0.0.0", SERVER_PORT)) {
-                Ok(l) => l,
-                Err(e) => {
-                    let _ = tx.send(Err(e.to_string()));
-                    return;
-                }
-            };
-            let _ = tx.send(Ok(()));
-            for s in l.incoming() {
-                let Ok(mut s) = s else { continue };
-                let local = s
-                    .local_addr()
-                    .map(|a| a.ip().to_string())
-                    .unwrap_or_default();
-                let _ = s.write_all(format!("{local}\n").as_bytes());
-            }
-        });
-    });
-    rx.recv_timeout(Duration::from_secs(10))
-        .context("bench server did not start")?
-        .map_err(|e| anyhow!("bench server: {e}"))
+    tcp_server(ns, SERVER_PORT, "bench", |mut s| {
+        let local = s
+            .local_addr()
+            .map(|a| a.ip().to_string())
+            .unwrap_or_default();
+        let _ = s.write_all(format!("{local}\n").as_bytes());
+    })
 }
 
 impl ServiceBed {
