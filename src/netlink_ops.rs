@@ -479,87 +479,70 @@ impl Netlink {
     /// fails only after trying everything.
     pub async fn apply_overlay(&self, vx: u32, underlay: u32, d: &OverlayDiff) -> Result<()> {
         let mut errors: Vec<String> = Vec::new();
-        const PAR: usize = 64;
         // Deletes first, so a route moving between devices never has two entries.
-        let r: Vec<_> = futures::stream::iter(collect_futs(d.del_routes.iter().map(|(n, v)| {
-            let msg = self.route_msg(*n, *v, vx, underlay);
-            let h = self.handle.clone();
-            async move {
-                match h.route().del(msg).execute().await {
-                    Ok(()) => Ok(()),
-                    Err(e) if is_not_found(&e) => Ok(()),
-                    Err(e) => Err(format!("delete route {n}: {e}")),
-                }
-            }
-        })))
-        .buffer_unordered(PAR)
-        .collect()
+        run_stage(
+            &mut errors,
+            d.del_routes.iter().map(|(n, v)| {
+                let req = self
+                    .handle
+                    .route()
+                    .del(self.route_msg(*n, *v, vx, underlay));
+                async move { gone_is_fine(req.execute().await, || format!("delete route {n}")) }
+            }),
+        )
         .await;
-        errors.extend(r.into_iter().filter_map(Result::err));
-        let r: Vec<_> =
-            futures::stream::iter(collect_futs(d.del_neighbours.iter().map(|(ip, _)| {
+        run_stage(
+            &mut errors,
+            d.del_neighbours.iter().map(|(ip, _)| {
                 let mut msg = NeighbourMessage::default();
                 msg.header.family = AddressFamily::Inet;
                 msg.header.ifindex = vx;
                 msg.attributes
                     .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(*ip)));
-                let h = self.handle.clone();
-                async move {
-                    match h.neighbours().del(msg).execute().await {
-                        Ok(()) => Ok(()),
-                        Err(e) if is_not_found(&e) => Ok(()),
-                        Err(e) => Err(format!("delete neighbour {ip}: {e}")),
-                    }
-                }
-            })))
-            .buffer_unordered(PAR)
-            .collect()
-            .await;
-        errors.extend(r.into_iter().filter_map(Result::err));
-        let r: Vec<_> = futures::stream::iter(collect_futs(d.del_fdb.iter().map(|(mac, ip)| {
-            let mut msg = NeighbourMessage::default();
-            msg.header.family = AddressFamily::Bridge;
-            msg.header.ifindex = vx;
-            msg.header.flags = NeighbourFlags::Own;
-            msg.attributes
-                .push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
-            msg.attributes
-                .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(*ip)));
-            let h = self.handle.clone();
-            async move {
-                match h.neighbours().del(msg).execute().await {
-                    Ok(()) => Ok(()),
-                    Err(e) if is_not_found(&e) => Ok(()),
-                    Err(e) => Err(format!("delete fdb {mac}: {e}")),
-                }
-            }
-        })))
-        .buffer_unordered(PAR)
-        .collect()
+                let req = self.handle.neighbours().del(msg);
+                async move { gone_is_fine(req.execute().await, || format!("delete neighbour {ip}")) }
+            }),
+        )
         .await;
-        errors.extend(r.into_iter().filter_map(Result::err));
+        run_stage(
+            &mut errors,
+            d.del_fdb.iter().map(|(mac, ip)| {
+                let mut msg = NeighbourMessage::default();
+                msg.header.family = AddressFamily::Bridge;
+                msg.header.ifindex = vx;
+                msg.header.flags = NeighbourFlags::Own;
+                msg.attributes
+                    .push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
+                msg.attributes
+                    .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(*ip)));
+                let req = self.handle.neighbours().del(msg);
+                async move { gone_is_fine(req.execute().await, || format!("delete fdb {mac}")) }
+            }),
+        )
+        .await;
 
-        let r: Vec<_> = futures::stream::iter(collect_futs(d.put_fdb.iter().map(|(mac, ip)| {
-            let req = self
-                .handle
-                .neighbours()
-                .add_bridge(vx, &mac.0)
-                .destination(IpAddr::V4(*ip))
-                .flags(NeighbourFlags::Own)
-                .state(NeighbourState::Permanent)
-                .replace();
-            async move {
-                req.execute()
-                    .await
-                    .map_err(|e| format!("add fdb {mac} -> {ip}: {e}"))
-            }
-        })))
-        .buffer_unordered(PAR)
-        .collect()
+        run_stage(
+            &mut errors,
+            d.put_fdb.iter().map(|(mac, ip)| {
+                let req = self
+                    .handle
+                    .neighbours()
+                    .add_bridge(vx, &mac.0)
+                    .destination(IpAddr::V4(*ip))
+                    .flags(NeighbourFlags::Own)
+                    .state(NeighbourState::Permanent)
+                    .replace();
+                async move {
+                    req.execute()
+                        .await
+                        .map_err(|e| format!("add fdb {mac} -> {ip}: {e}"))
+                }
+            }),
+        )
         .await;
-        errors.extend(r.into_iter().filter_map(Result::err));
-        let r: Vec<_> =
-            futures::stream::iter(collect_futs(d.put_neighbours.iter().map(|(ip, mac)| {
+        run_stage(
+            &mut errors,
+            d.put_neighbours.iter().map(|(ip, mac)| {
                 let req = self
                     .handle
                     .neighbours()
@@ -572,27 +555,25 @@ impl Netlink {
                         .await
                         .map_err(|e| format!("add neighbour {ip} -> {mac}: {e}"))
                 }
-            })))
-            .buffer_unordered(PAR)
-            .collect()
-            .await;
-        errors.extend(r.into_iter().filter_map(Result::err));
-        let r: Vec<_> = futures::stream::iter(collect_futs(d.put_routes.iter().map(|(n, v)| {
-            let msg = self.route_msg(*n, *v, vx, underlay);
-            let h = self.handle.clone();
-            async move {
-                h.route()
-                    .add(msg)
-                    .replace()
-                    .execute()
-                    .await
-                    .map_err(|e| format!("add route {n} {v:?}: {e}"))
-            }
-        })))
-        .buffer_unordered(PAR)
-        .collect()
+            }),
+        )
         .await;
-        errors.extend(r.into_iter().filter_map(Result::err));
+        run_stage(
+            &mut errors,
+            d.put_routes.iter().map(|(n, v)| {
+                let req = self
+                    .handle
+                    .route()
+                    .add(self.route_msg(*n, *v, vx, underlay))
+                    .replace();
+                async move {
+                    req.execute()
+                        .await
+                        .map_err(|e| format!("add route {n} {v:?}: {e}"))
+                }
+            }),
+        )
+        .await;
         if errors.is_empty() {
             Ok(())
         } else {
@@ -613,8 +594,29 @@ impl Netlink {
     }
 }
 
-fn collect_futs<F, I: Iterator<Item = F>>(it: I) -> Vec<F> {
-    it.collect()
+/// Runs one stage of netlink requests, at most 64 in flight, adding each failure to `errors`.
+async fn run_stage<F>(errors: &mut Vec<String>, requests: impl Iterator<Item = F>)
+where
+    F: std::future::Future<Output = std::result::Result<(), String>>,
+{
+    const IN_FLIGHT: usize = 64;
+    let results: Vec<_> = futures::stream::iter(requests.collect::<Vec<_>>())
+        .buffer_unordered(IN_FLIGHT)
+        .collect()
+        .await;
+    errors.extend(results.into_iter().filter_map(|r| r.err()));
+}
+
+/// A delete's result where "already gone" counts as done.
+fn gone_is_fine(
+    r: std::result::Result<(), rtnetlink::Error>,
+    what: impl FnOnce() -> String,
+) -> std::result::Result<(), String> {
+    match r {
+        Ok(()) => Ok(()),
+        Err(e) if is_not_found(&e) => Ok(()),
+        Err(e) => Err(format!("{}: {e}", what())),
+    }
 }
 
 /// A stream of multicast routing notifications (link, neighbour, address, route changes).
