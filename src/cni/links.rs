@@ -190,6 +190,42 @@ pub async fn ensure_bridge(
     })
 }
 
+/// Whether interface `index` is (still) the bridge `name`: `Some(up)` when it is, `None`
+/// when it is gone or something else (the bridge was deleted, renamed or re-created).
+/// Cheap (one request): callers that cache a bridge's index pipeline it behind the request
+/// that used the index, so a stale index is noticed before anything relies on it.
+pub async fn bridge_state(nl: &Netlink, index: u32, name: &str) -> Result<Option<bool>, CniError> {
+    let Some(link) = nl
+        .link_by_index(index)
+        .await
+        .map_err(|e| kernel(format!("looking up bridge {name}"), e))?
+    else {
+        return Ok(None);
+    };
+    let ours = link_name(&link) == Some(name) && link_kind(&link) == Some(InfoKind::Bridge);
+    Ok(ours.then(|| link.header.flags.contains(LinkFlags::Up)))
+}
+
+/// Sets interface `index` up.
+pub async fn set_up(nl: &Netlink, index: u32, what: &str) -> Result<(), CniError> {
+    nl.handle()
+        .link()
+        .change(LinkUnspec::new_with_index(index).up().build())
+        .execute()
+        .await
+        .map_err(|e| kernel(format!("setting {what} up"), e))
+}
+
+/// Sets the interface `name` up (one request, no lookup), e.g. a pod's `lo`.
+pub async fn set_up_by_name(nl: &Netlink, name: &str) -> Result<(), CniError> {
+    nl.handle()
+        .link()
+        .change(LinkUnspec::new_with_name(name).up().build())
+        .execute()
+        .await
+        .map_err(|e| kernel(format!("setting {name} up"), e))
+}
+
 /// Makes sure the bridge holds `gateway` (the subnet's first address with the subnet prefix):
 /// one exclusive add instead of a dump, EEXIST meaning it is there already.
 pub async fn ensure_gateway(
