@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use ipnetwork::Ipv4Network;
 use nix::sched::{CloneFlags, setns};
-use nix::sys::socket::{ControlMessageOwned, MsgFlags, recv, recvmsg};
+use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::UnixStream;
 use tokio::sync::{Notify, Semaphore, mpsc};
@@ -145,7 +145,9 @@ struct Job {
     req: AddRequest,
     netns: File,
     stream: StdUnixStream,
-    queued: Instant,
+    /// When the connection was accepted, and how long reading the request took.
+    accepted: Instant,
+    read: Duration,
 }
 
 /// Starts the `cni-server` thread on `listener` (bound by the caller); `notify` is the
@@ -268,6 +270,7 @@ fn bad_request(msg: impl Into<String>) -> CniError {
 }
 
 async fn serve_conn(mut stream: UnixStream, tx: mpsc::Sender<Job>, shared: Arc<Shared>) {
+    let accepted = Instant::now();
     match stream.peer_cred() {
         Ok(c) if c.uid() == 0 || c.uid() == shared.euid => {}
         Ok(c) => {
@@ -339,7 +342,8 @@ async fn serve_conn(mut stream: UnixStream, tx: mpsc::Sender<Job>, shared: Arc<S
             req,
             netns,
             stream: std,
-            queued: Instant::now(),
+            accepted,
+            read: accepted.elapsed(),
         });
         return;
     }
@@ -487,16 +491,18 @@ fn adopt_namespace_fd(fd: RawFd) -> Option<File> {
 }
 
 /// Whether the client hung up (it was killed or gave up waiting): nothing to answer then.
+/// A client that only shut its sending side down still gets its answer (POLLHUP means both
+/// directions are closed, i.e. the peer's socket is gone).
 fn peer_gone(s: &StdUnixStream) -> bool {
-    let mut b = [0u8; 1];
-    matches!(
-        recv(
-            s.as_raw_fd(),
-            &mut b,
-            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT
-        ),
-        Ok(0) | Err(nix::errno::Errno::ECONNRESET)
-    )
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    let mut fds = [PollFd::new(s.as_fd(), PollFlags::POLLIN)];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(_) => fds[0]
+            .revents()
+            .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR)),
+        Err(_) => false,
+    }
 }
 
 /// A worker: its runtime, its node-namespace netlink socket, its namespace handle.
@@ -563,6 +569,8 @@ struct Undo {
     host: Option<String>,
     /// The store to release the attachment from, when the allocation is new.
     release: Option<IpamStore>,
+    /// The pod-side netlink socket, closed after the reply.
+    pod_socket: Option<(Netlink, tokio::task::JoinHandle<()>)>,
 }
 
 impl Worker {
@@ -608,15 +616,16 @@ impl Worker {
             req,
             netns,
             mut stream,
-            queued,
+            accepted,
+            read,
         } = job;
         let mut ph = Phases {
-            start: queued,
-            marks: Vec::new(),
+            start: accepted,
+            marks: vec![("read", read)],
         };
-        ph.mark("queued");
+        ph.mark("picked");
         if peer_gone(&stream) {
-            debug!(cid = %req.container_id, "ADD dropped: the plugin hung up while it was queued");
+            info!(cid = %req.container_id, "ADD dropped: the plugin hung up while it was queued");
             return;
         }
         let key = format!(
@@ -640,28 +649,39 @@ impl Worker {
         };
         let mut undo = Undo::default();
         let outcome = self.add(&req, &netns, &mut undo, &mut ph);
-        drop(netns);
+        if let Err(e) = &outcome {
+            // Undone before the answer: a runtime retrying at once finds a clean slate (and
+            // the attachment no longer marked busy).
+            debug!(cid = %req.container_id, "ADD failed: {e}");
+            self.undo(&req, undo);
+            let _ = write_reply(&mut stream, &outcome);
+            return;
+        }
         let delivered = write_reply(&mut stream, &outcome);
         ph.mark("reply");
+        if let Some((nl, task)) = undo.pod_socket.take() {
+            self.close(nl, task);
+        }
+        drop(netns);
         match (&outcome, delivered) {
             (Ok(p), Ok(())) => {
                 self.shared.notify.notify_one();
                 debug!(cid = %req.container_id, ip = %p.ip, phases = %ph.render(), "ADD done");
             }
-            (Ok(_), Err(e)) => {
+            (_, Err(e)) => {
                 info!(cid = %req.container_id, "ADD undone: its result could not be delivered ({e}): the plugin was killed or gave up");
                 self.undo(&req, undo);
             }
-            (Err(e), _) => {
-                debug!(cid = %req.container_id, "ADD failed: {e}");
-                self.undo(&req, undo);
-            }
+            (Err(_), Ok(())) => {}
         }
     }
 
     /// Takes back what a failed or undeliverable ADD made (errors are logged: DEL and GC
     /// reclaim anything left).
-    fn undo(&self, req: &AddRequest, undo: Undo) {
+    fn undo(&self, req: &AddRequest, mut undo: Undo) {
+        if let Some((nl, task)) = undo.pod_socket.take() {
+            self.close(nl, task);
+        }
         if let Some(host) = undo.host
             && let Err(e) = self.rt.block_on(links::delete_host_veth(&self.nl, &host))
         {
@@ -719,7 +739,8 @@ impl Worker {
         let (pod_nl, task) = self.pod_netlink(netns)?;
         ph.mark("netns");
         let r = self.add_with(req, netns, &pod_nl, undo, ph);
-        self.close(pod_nl, task);
+        // Closed once the reply is out (closing costs the critical path otherwise).
+        undo.pod_socket = Some((pod_nl, task));
         r
     }
 
