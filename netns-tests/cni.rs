@@ -326,6 +326,8 @@ fn add_check_del_round_trip_registers_the_pod() -> Result<()> {
     let mut conf = plugin_conf(&list, "1.0.0");
     conf["args"] = json!({"cni": {"labels": [{"key": "app", "value": "web"}]}});
     let pod = lab.add_namespace("p1")?;
+    // A fresh namespace's lo is down; ADD brings it up.
+    ip(&["-n", &pod, "link", "set", "lo", "down"])?;
     let plugin = lab.bins.tartan_cni.clone();
     let cid = "c0ffee01";
     let add = Call::new(&plugin, "ADD", cid)
@@ -367,6 +369,8 @@ fn add_check_del_round_trip_registers_the_pod() -> Result<()> {
         routes.contains(&format!("default via {gw} dev eth0")),
         "{routes}"
     );
+    let lo = ip(&["-n", &pod, "link", "show", "lo"])?;
+    ensure!(lo.contains(",UP"), "{lo}");
     echo_server(&pod, 7100)?;
     wait_tcp_echo(&node, pod_ip, 7100, Duration::from_secs(10))?;
 

@@ -37,6 +37,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ipnetwork::Ipv4Network;
+use netlink_packet_route::RouteNetlinkMessage;
 use nix::sched::{CloneFlags, setns};
 use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
 use tokio::io::{AsyncWriteExt, Interest};
@@ -50,6 +51,7 @@ use super::daemon_link::{
 use super::error::{CniError, code};
 use super::ipam::{self, AllocationRequest, IpamStore};
 use super::links::{self, Bridge, MAC_KIND_HOST, MAC_KIND_POD, VethSpec};
+use super::nl_batch::{Answer, Request, SyncNetlink};
 use super::spec::{validate_container_id, validate_ifname, validate_network_name};
 use crate::netlink_ops::Netlink;
 
@@ -67,6 +69,7 @@ pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
 /// File descriptors one `recvmsg` can bring (the kernel's SCM_MAX_FD): room for all of them,
 /// so the control data is never truncated and every received descriptor gets closed.
 const MAX_FDS: usize = 253;
+const EEXIST: i32 = 17;
 /// Statfs magic of nsfs (namespace files).
 const NSFS: nix::sys::statfs::FsType = nix::sys::statfs::NSFS_MAGIC;
 
@@ -505,10 +508,13 @@ fn peer_gone(s: &StdUnixStream) -> bool {
     }
 }
 
-/// A worker: its runtime, its node-namespace netlink socket, its namespace handle.
+/// A worker: its runtime and netlink sockets of the node namespace, its namespace handle.
 struct Worker {
     rt: tokio::runtime::Runtime,
+    /// Async netlink (the slow paths: bridge creation, freeing taken names, undoing).
     nl: Netlink,
+    /// Batched synchronous netlink (the fast path).
+    hs: SyncNetlink,
     own_ns: File,
     shared: Arc<Shared>,
     /// Set when the thread could not return to the node namespace: it must stop.
@@ -569,8 +575,17 @@ struct Undo {
     host: Option<String>,
     /// The store to release the attachment from, when the allocation is new.
     release: Option<IpamStore>,
-    /// The pod-side netlink socket, closed after the reply.
-    pod_socket: Option<(Netlink, tokio::task::JoinHandle<()>)>,
+}
+
+fn nl_err(what: impl std::fmt::Display, errno: i32) -> CniError {
+    CniError::kernel(format!(
+        "{what}: {}",
+        std::io::Error::from_raw_os_error(errno)
+    ))
+}
+
+fn io_kernel(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> CniError {
+    move |e| CniError::kernel(format!("{what}: {e}"))
 }
 
 impl Worker {
@@ -595,6 +610,13 @@ impl Worker {
                 }
             }
         };
+        let hs = match SyncNetlink::open() {
+            Ok(s) => s,
+            Err(e) => {
+                error!("CNI worker: netlink: {e}");
+                return None;
+            }
+        };
         let own_ns = match File::open("/proc/thread-self/ns/net") {
             Ok(f) => f,
             Err(e) => {
@@ -605,6 +627,7 @@ impl Worker {
         Some(Worker {
             rt,
             nl,
+            hs,
             own_ns,
             shared,
             poisoned: false,
@@ -649,6 +672,7 @@ impl Worker {
         };
         let mut undo = Undo::default();
         let outcome = self.add(&req, &netns, &mut undo, &mut ph);
+        drop(netns);
         if let Err(e) = &outcome {
             // Undone before the answer: a runtime retrying at once finds a clean slate (and
             // the attachment no longer marked busy).
@@ -659,10 +683,6 @@ impl Worker {
         }
         let delivered = write_reply(&mut stream, &outcome);
         ph.mark("reply");
-        if let Some((nl, task)) = undo.pod_socket.take() {
-            self.close(nl, task);
-        }
-        drop(netns);
         match (&outcome, delivered) {
             (Ok(p), Ok(())) => {
                 self.shared.notify.notify_one();
@@ -678,10 +698,7 @@ impl Worker {
 
     /// Takes back what a failed or undeliverable ADD made (errors are logged: DEL and GC
     /// reclaim anything left).
-    fn undo(&self, req: &AddRequest, mut undo: Undo) {
-        if let Some((nl, task)) = undo.pod_socket.take() {
-            self.close(nl, task);
-        }
+    fn undo(&self, req: &AddRequest, undo: Undo) {
         if let Some(host) = undo.host
             && let Err(e) = self.rt.block_on(links::delete_host_veth(&self.nl, &host))
         {
@@ -694,38 +711,24 @@ impl Worker {
         }
     }
 
-    /// A netlink socket inside `netns`: the thread enters it for the `socket()` call only.
-    /// A descriptor of another namespace type is code 4. The socket keeps the namespace
-    /// alive: the caller ends the returned task (see [`Worker::close`]) when done.
-    fn pod_netlink(
-        &mut self,
-        netns: &File,
-    ) -> Result<(Netlink, tokio::task::JoinHandle<()>), CniError> {
-        let _g = self.rt.enter();
+    /// A netlink socket inside `netns`: the thread enters it for the `socket()` call only
+    /// (the socket stays bound to that namespace; closing it when the ADD ends lets the
+    /// namespace go when the runtime deletes it). A descriptor of another namespace type
+    /// is code 4.
+    fn pod_socket(&mut self, netns: &File) -> Result<SyncNetlink, CniError> {
         setns(netns, CloneFlags::CLONE_NEWNET).map_err(|e| {
             CniError::env(format!(
                 "CNI_NETNS is not a network namespace (entering it: {e})"
             ))
         })?;
-        let nl = Netlink::connect_with_task();
+        let sock = SyncNetlink::open();
         if let Err(e) = setns(&self.own_ns, CloneFlags::CLONE_NEWNET) {
-            if let Ok((_, task)) = nl {
-                task.abort();
-            }
             self.poisoned = true;
             return Err(CniError::kernel(format!(
                 "returning to the node's network namespace: {e}"
             )));
         }
-        nl.map_err(|e| CniError::kernel(format!("netlink in the container: {e:#}")))
-    }
-
-    /// Closes a pod-side netlink socket now (its task holds it; a socket left open would
-    /// keep the pod's namespace, and so its veth, alive after the runtime deleted it).
-    fn close(&self, nl: Netlink, task: tokio::task::JoinHandle<()>) {
-        drop(nl);
-        task.abort();
-        let _ = self.rt.block_on(task);
+        sock.map_err(io_kernel("netlink in the container"))
     }
 
     fn add(
@@ -736,22 +739,8 @@ impl Worker {
         ph: &mut Phases,
     ) -> Result<AddedPod, CniError> {
         validate(req)?;
-        let (pod_nl, task) = self.pod_netlink(netns)?;
+        let mut ps = self.pod_socket(netns)?;
         ph.mark("netns");
-        let r = self.add_with(req, netns, &pod_nl, undo, ph);
-        // Closed once the reply is out (closing costs the critical path otherwise).
-        undo.pod_socket = Some((pod_nl, task));
-        r
-    }
-
-    fn add_with(
-        &mut self,
-        req: &AddRequest,
-        netns: &File,
-        pod_nl: &Netlink,
-        undo: &mut Undo,
-        ph: &mut Phases,
-    ) -> Result<AddedPod, CniError> {
         let store = IpamStore::open(&req.data_dir, &req.network)?;
         let (rec, fresh) = store.allocate_tracked(
             &AllocationRequest {
@@ -783,19 +772,20 @@ impl Worker {
             bridge: 0,
         };
         undo.host = Some(spec.host.clone());
-        let shared = self.shared.clone();
-        let nl = self.nl.clone();
-        let bridge = self.rt.block_on(kernel_work(
-            &nl,
-            pod_nl,
-            &shared.bridges,
-            req,
-            &spec,
-            netns,
-            gw_net,
-            addr,
-            ph,
-        ))?;
+        let (bridge, pod_index) = match self.fast_host(req, &spec, netns, gw_net)? {
+            Some(done) => done,
+            None => {
+                let nl = self.nl.clone();
+                let shared = self.shared.clone();
+                let br =
+                    self.rt
+                        .block_on(slow_host(&nl, &shared.bridges, req, &spec, netns, gw_net))?;
+                (br, self.finish_host(req, &spec)?)
+            }
+        };
+        ph.mark("veth");
+        pod_side(&mut ps, pod_index, addr, gw)?;
+        ph.mark("pod");
         Ok(AddedPod {
             ip: rec.ip,
             prefix: subnet.prefix(),
@@ -808,6 +798,153 @@ impl Worker {
             mtu: req.mtu,
         })
     }
+
+    /// The host side in one batch on the cached bridge: the veth pair (host end on the
+    /// bridge, up), the gateway address (EEXIST: there already), a look-up of the bridge's
+    /// index (is it still the bridge?), hairpin, and a look-up of the host end (its peer's
+    /// index in the pod). Returns the bridge and that index, or `None` when the slow path
+    /// must do the host side: nothing cached, the name taken, or the index no longer the
+    /// bridge (a veth attached to it is deleted at once).
+    fn fast_host(
+        &mut self,
+        req: &AddRequest,
+        spec: &VethSpec,
+        netns: &File,
+        gw_net: Ipv4Network,
+    ) -> Result<Option<(Bridge, u32)>, CniError> {
+        let Some(br) = self.shared.bridges.get(&req.bridge) else {
+            return Ok(None);
+        };
+        let mut spec = spec.clone();
+        spec.bridge = br.index;
+        let mut reqs = vec![
+            Request::create(RouteNetlinkMessage::NewLink(links::veth_message(
+                &spec, netns,
+            ))),
+            Request::create(RouteNetlinkMessage::NewAddress(links::address_message(
+                br.index, gw_net,
+            ))),
+            Request::get_link_by_index(br.index),
+        ];
+        if req.hairpin {
+            reqs.push(Request::change(RouteNetlinkMessage::NewLink(
+                links::hairpin_message(&spec.host),
+            )));
+        }
+        reqs.push(Request::get_link_by_name(&spec.host));
+        let a = self
+            .hs
+            .batch(&reqs)
+            .map_err(io_kernel(format!("creating veth {}", spec.host)))?;
+        match a[0].errno() {
+            None => {}
+            // A name held by a detached pair or a stale end: the slow path frees it.
+            Some(EEXIST) => return Ok(None),
+            // Most likely the cached index is gone: the slow path looks the bridge up.
+            Some(_) => {
+                self.shared.bridges.forget(&req.bridge);
+                return Ok(None);
+            }
+        }
+        let Some(up) = a[2]
+            .link()
+            .and_then(|l| links::bridge_named(l, &req.bridge))
+        else {
+            // Attached to whatever holds the index now: take it back at once.
+            info!(bridge = %req.bridge, "the bridge changed behind tartand's back; looking it up again");
+            self.rt
+                .block_on(links::delete_host_veth(&self.nl, &spec.host))?;
+            self.shared.bridges.forget(&req.bridge);
+            return Ok(None);
+        };
+        if !up {
+            self.rt
+                .block_on(links::set_up(&self.nl, br.index, &req.bridge))?;
+        }
+        if !a[1].ok_or(EEXIST) {
+            return Err(nl_err(
+                format!("adding gateway {gw_net}"),
+                a[1].errno().unwrap_or(0),
+            ));
+        }
+        if req.hairpin
+            && let Some(e) = a[3].errno()
+        {
+            return Err(nl_err(format!("hairpin on {}", spec.host), e));
+        }
+        let host = a.last().and_then(Answer::link).ok_or_else(|| {
+            CniError::kernel(format!("{} vanished after its creation", spec.host))
+        })?;
+        let idx = links::peer_index(host).ok_or_else(|| {
+            CniError::kernel(format!("{} does not say where its peer is", spec.host))
+        })?;
+        Ok(Some((br, idx)))
+    }
+
+    /// After the slow path created the pair: hairpin and the peer's index, in one batch.
+    fn finish_host(&mut self, req: &AddRequest, spec: &VethSpec) -> Result<u32, CniError> {
+        let mut reqs = Vec::new();
+        if req.hairpin {
+            reqs.push(Request::change(RouteNetlinkMessage::NewLink(
+                links::hairpin_message(&spec.host),
+            )));
+        }
+        reqs.push(Request::get_link_by_name(&spec.host));
+        let a = self
+            .hs
+            .batch(&reqs)
+            .map_err(io_kernel(format!("configuring {}", spec.host)))?;
+        if req.hairpin
+            && let Some(e) = a[0].errno()
+        {
+            return Err(nl_err(format!("hairpin on {}", spec.host), e));
+        }
+        a.last()
+            .and_then(Answer::link)
+            .and_then(links::peer_index)
+            .ok_or_else(|| CniError::kernel(format!("{} has no peer", spec.host)))
+    }
+}
+
+/// The pod side in one batch: the container end up, its address, the default route via
+/// the gateway, `lo` up.
+fn pod_side(
+    ps: &mut SyncNetlink,
+    index: u32,
+    addr: Ipv4Network,
+    gateway: Ipv4Addr,
+) -> Result<(), CniError> {
+    let reqs = [
+        Request::change(RouteNetlinkMessage::NewLink(links::up_message(index))),
+        Request::create(RouteNetlinkMessage::NewAddress(links::address_message(
+            index, addr,
+        ))),
+        Request::replace(RouteNetlinkMessage::NewRoute(links::default_route_message(
+            index, gateway,
+        ))),
+        Request::change(RouteNetlinkMessage::NewLink(links::up_by_name_message(
+            "lo",
+        ))),
+    ];
+    let a = ps
+        .batch(&reqs)
+        .map_err(io_kernel("configuring the container interface"))?;
+    if let Some(e) = a[0].errno() {
+        return Err(nl_err("setting the container interface up", e));
+    }
+    if !a[1].ok_or(EEXIST) {
+        return Err(nl_err(
+            format!("adding {addr} in the container"),
+            a[1].errno().unwrap_or(0),
+        ));
+    }
+    if let Some(e) = a[2].errno() {
+        return Err(nl_err(format!("default route via {gateway}"), e));
+    }
+    if let Some(e) = a[3].errno() {
+        return Err(nl_err("setting lo up in the container", e));
+    }
+    Ok(())
 }
 
 /// Checks a request as the plugin did (a request is never trusted): the same codes.
@@ -834,21 +971,18 @@ fn validate(req: &AddRequest) -> Result<(), CniError> {
     Ok(())
 }
 
-/// Host side then pod side. The veth is created with the host end on the cached bridge
-/// index, pipelined with the gateway check and a look-up of that index; if the index is no
-/// longer the bridge (or the creation failed on a cached index), the bridge is looked up
-/// (or created) again and the veth re-made, once.
-#[allow(clippy::too_many_arguments)]
-async fn kernel_work(
+/// The host side when the fast path cannot do it: the bridge looked up (or created) and
+/// cached, the veth created with rtnetlink's full handling (a name held by a detached pair
+/// or a stale end is freed, a name taken in the pod is code 104), pipelined with the
+/// gateway check and a look-up of the bridge's index; if the index is not the bridge any
+/// more (or the creation failed on a cached index), looked up and made again, once.
+async fn slow_host(
     nl: &Netlink,
-    pod_nl: &Netlink,
     cache: &BridgeCache,
     req: &AddRequest,
     spec: &VethSpec,
     netns: &File,
     gw_net: Ipv4Network,
-    addr: Ipv4Network,
-    ph: &mut Phases,
 ) -> Result<Bridge, CniError> {
     let mut spec = spec.clone();
     let mut cached = cache.get(&req.bridge);
@@ -870,7 +1004,7 @@ async fn kernel_work(
                 if !up {
                     links::set_up(nl, br.index, &req.bridge).await?;
                 }
-                break;
+                return Ok(br);
             }
             (Ok(()), None) => {
                 // Attached to whatever holds the index now: take it back at once.
@@ -891,22 +1025,6 @@ async fn kernel_work(
         cache.forget(&req.bridge);
         br = resolve_bridge(nl, cache, req, gw_net).await?;
     }
-    ph.mark("veth");
-    let hairpin = async {
-        if req.hairpin {
-            links::set_hairpin(nl, &spec.host).await
-        } else {
-            Ok(())
-        }
-    };
-    let (h, p, l) = futures::join!(
-        hairpin,
-        links::configure_pod_iface(pod_nl, &spec.pod, addr, gw_net.ip()),
-        links::set_up_by_name(pod_nl, "lo")
-    );
-    h.and(p).and(l)?;
-    ph.mark("pod");
-    Ok(br)
 }
 
 async fn resolve_bridge(
