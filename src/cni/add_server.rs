@@ -49,8 +49,8 @@ use super::daemon_link::{
     AddRequest, AddedPod, MAX_REQUEST, OP_ADD, PROTOCOL_VERSION, Reply, SYNC_REPLY, SYNC_REQUEST,
 };
 use super::error::{CniError, code};
-use super::ipam::{self, AllocationRecord, AllocationRequest, IpamStore};
-use super::links::{self, Bridge, MAC_KIND_POD, VethSpec};
+use super::ipam::{self, AllocationRequest, IpamStore};
+use super::links::{self, Bridge, MAC_KIND_HOST, MAC_KIND_POD, VethSpec};
 use super::nl_batch::{Answer, Request, SyncNetlink};
 use super::spec::{validate_container_id, validate_ifname, validate_network_name};
 use crate::netlink_ops::Netlink;
@@ -515,8 +515,6 @@ struct Worker {
     nl: Netlink,
     /// Batched synchronous netlink (the fast path).
     hs: SyncNetlink,
-    /// The thread that allocates the address while this one creates the veth pair.
-    ipam: Option<IpamHelper>,
     own_ns: File,
     shared: Arc<Shared>,
     /// Set when the thread could not return to the node namespace: it must stop.
@@ -626,12 +624,10 @@ impl Worker {
                 return None;
             }
         };
-        let ipam = IpamHelper::spawn();
         Some(Worker {
             rt,
             nl,
             hs,
-            ipam,
             own_ns,
             shared,
             poisoned: false,
@@ -735,11 +731,6 @@ impl Worker {
         sock.map_err(io_kernel("netlink in the container"))
     }
 
-    /// The ADD: the pod socket (which proves the descriptor is a network namespace) first,
-    /// then the address (IPAM, on the helper thread) and the veth pair (here) at the same
-    /// time (the pair does not need the address: the host end's MAC derives from the
-    /// attachment, the container end gets its address-derived MAC with its address), then
-    /// the pod side.
     fn add(
         &mut self,
         req: &AddRequest,
@@ -751,9 +742,8 @@ impl Worker {
         let mut ps = self.pod_socket(netns)?;
         ph.mark("netns");
         let store = IpamStore::open(&req.data_dir, &req.network)?;
-        let task = IpamTask {
-            store: store.clone(),
-            req: AllocationRequest {
+        let (rec, fresh) = store.allocate_tracked(
+            &AllocationRequest {
                 container_id: req.container_id.clone(),
                 ifname: req.ifname.clone(),
                 namespace: req.pod_namespace.clone(),
@@ -761,41 +751,40 @@ impl Worker {
                 labels: req.labels.clone(),
                 netns: req.netns_path.clone(),
             },
-            subnet: req.subnet,
-        };
-        let pending = match &self.ipam {
-            Some(h) if h.tx.send(task.clone()).is_ok() => None,
-            _ => Some(task.run()),
-        };
+            req.subnet,
+        )?;
+        if fresh {
+            undo.release = Some(store);
+        }
+        ph.mark("ipam");
         let subnet = req.subnet;
         let gw = ipam::gateway(subnet);
         let gw_net = Ipv4Network::new(gw, subnet.prefix())
             .map_err(|e| CniError::kernel(format!("gateway of {subnet}: {e}")))?;
+        let addr = Ipv4Network::new(rec.ip, subnet.prefix())
+            .map_err(|e| CniError::kernel(format!("address {}: {e}", rec.ip)))?;
         let spec = VethSpec {
             host: links::host_veth_name(&req.container_id, &req.ifname),
-            host_mac: links::host_mac_for(&req.container_id, &req.ifname),
+            host_mac: links::mac_for(MAC_KIND_HOST, rec.ip),
             pod: req.ifname.clone(),
-            pod_mac: None,
+            pod_mac: links::mac_for(MAC_KIND_POD, rec.ip),
             mtu: req.mtu,
             bridge: 0,
         };
         undo.host = Some(spec.host.clone());
-        let host = self.host_side(req, &spec, netns, gw_net);
-        ph.mark("veth");
-        let allocated = match pending {
-            Some(r) => r,
-            None => self.ipam_result(),
+        let (bridge, pod_index) = match self.fast_host(req, &spec, netns, gw_net)? {
+            Some(done) => done,
+            None => {
+                let nl = self.nl.clone();
+                let shared = self.shared.clone();
+                let br =
+                    self.rt
+                        .block_on(slow_host(&nl, &shared.bridges, req, &spec, netns, gw_net))?;
+                (br, self.finish_host(req, &spec)?)
+            }
         };
-        ph.mark("ipam");
-        if let Ok((_, true)) = &allocated {
-            undo.release = Some(store);
-        }
-        let (rec, _) = allocated?;
-        let (bridge, pod_index) = host?;
-        let addr = Ipv4Network::new(rec.ip, subnet.prefix())
-            .map_err(|e| CniError::kernel(format!("address {}: {e}", rec.ip)))?;
-        let pod_mac = links::mac_for(MAC_KIND_POD, rec.ip);
-        pod_side(&mut ps, pod_index, pod_mac, addr, gw)?;
+        ph.mark("veth");
+        pod_side(&mut ps, pod_index, addr, gw)?;
         ph.mark("pod");
         Ok(AddedPod {
             ip: rec.ip,
@@ -805,42 +794,9 @@ impl Worker {
             bridge_mac: bridge.mac,
             host_ifname: spec.host.clone(),
             host_mac: links::format_mac(&spec.host_mac),
-            pod_mac: links::format_mac(&pod_mac),
+            pod_mac: links::format_mac(&spec.pod_mac),
             mtu: req.mtu,
         })
-    }
-
-    /// The helper's answer to the task just sent (a helper that died is replaced at the
-    /// next ADD; its answer is an IPAM error, and GC reclaims what it may have written).
-    fn ipam_result(&mut self) -> IpamResult {
-        let got = self.ipam.as_ref().map(|h| h.rx.recv());
-        match got {
-            Some(Ok(r)) => r,
-            _ => {
-                self.ipam = IpamHelper::spawn();
-                Err(CniError::store("the IPAM helper thread died"))
-            }
-        }
-    }
-
-    /// The veth pair with the host end on the bridge, hairpin, and the container end's
-    /// index: the fast path, else the slow one.
-    fn host_side(
-        &mut self,
-        req: &AddRequest,
-        spec: &VethSpec,
-        netns: &File,
-        gw_net: Ipv4Network,
-    ) -> Result<(Bridge, u32), CniError> {
-        if let Some(done) = self.fast_host(req, spec, netns, gw_net)? {
-            return Ok(done);
-        }
-        let nl = self.nl.clone();
-        let shared = self.shared.clone();
-        let br = self
-            .rt
-            .block_on(slow_host(&nl, &shared.bridges, req, spec, netns, gw_net))?;
-        Ok((br, self.finish_host(req, spec)?))
     }
 
     /// The host side in one batch on the cached bridge: the veth pair (host end on the
@@ -950,19 +906,16 @@ impl Worker {
     }
 }
 
-/// The pod side in one batch: the container end gets its MAC and goes up, its address,
-/// the default route via the gateway, `lo` up.
+/// The pod side in one batch: the container end up, its address, the default route via
+/// the gateway, `lo` up.
 fn pod_side(
     ps: &mut SyncNetlink,
     index: u32,
-    mac: [u8; 6],
     addr: Ipv4Network,
     gateway: Ipv4Addr,
 ) -> Result<(), CniError> {
     let reqs = [
-        Request::change(RouteNetlinkMessage::NewLink(links::up_with_mac_message(
-            index, mac,
-        ))),
+        Request::change(RouteNetlinkMessage::NewLink(links::up_message(index))),
         Request::create(RouteNetlinkMessage::NewAddress(links::address_message(
             index, addr,
         ))),
@@ -992,56 +945,6 @@ fn pod_side(
         return Err(nl_err("setting lo up in the container", e));
     }
     Ok(())
-}
-
-/// What the IPAM helper answers: the record and whether it is new to the attachment.
-type IpamResult = Result<(AllocationRecord, bool), CniError>;
-
-/// One allocation for the IPAM helper.
-#[derive(Clone)]
-struct IpamTask {
-    store: IpamStore,
-    req: AllocationRequest,
-    subnet: Ipv4Network,
-}
-
-impl IpamTask {
-    fn run(&self) -> IpamResult {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.store.allocate_tracked(&self.req, self.subnet)
-        }))
-        .unwrap_or_else(|_| Err(CniError::store("IPAM panicked")))
-    }
-}
-
-/// A worker's second thread: file-based IPAM (flock, a few small files) while the worker
-/// waits in the kernel for the veth pair. One task at a time, answered in order.
-struct IpamHelper {
-    tx: std::sync::mpsc::Sender<IpamTask>,
-    rx: std::sync::mpsc::Receiver<IpamResult>,
-}
-
-impl IpamHelper {
-    fn spawn() -> Option<IpamHelper> {
-        let (tx, tasks) = std::sync::mpsc::channel::<IpamTask>();
-        let (results, rx) = std::sync::mpsc::channel::<IpamResult>();
-        let spawned = std::thread::Builder::new()
-            .name("cni-ipam".into())
-            .spawn(move || {
-                for t in tasks {
-                    if results.send(t.run()).is_err() {
-                        return;
-                    }
-                }
-            });
-        match spawned {
-            Ok(_) => Some(IpamHelper { tx, rx }),
-            Err(e) => {
-                warn!("CNI worker: no IPAM helper thread ({e}); allocating in line");
-                None
-            }
-        }
-    }
 }
 
 /// Checks a request as the plugin did (a request is never trusted): the same codes.

@@ -87,13 +87,6 @@ pub fn mac_for(kind: u8, ip: Ipv4Addr) -> [u8; 6] {
     [0x0a, kind, o[0], o[1], o[2], o[3]]
 }
 
-/// The MAC of an attachment's host veth end: `0a:59` and 4 bytes of a hash of the container
-/// ID and interface name (stable per attachment, known before the address is).
-pub fn host_mac_for(container_id: &str, ifname: &str) -> [u8; 6] {
-    let h = fnv1a64(&[container_id.as_bytes(), ifname.as_bytes(), b"mac"]).to_be_bytes();
-    [0x0a, MAC_KIND_HOST, h[0], h[1], h[2], h[3]]
-}
-
 /// MAC kind byte of container interfaces and of the bridge (the gateway's "container" MAC).
 pub const MAC_KIND_POD: u8 = 0x58;
 /// MAC kind byte of host veth ends.
@@ -262,9 +255,8 @@ pub struct VethSpec {
     pub host_mac: [u8; 6],
     /// Container end name (`CNI_IFNAME`).
     pub pod: String,
-    /// Container end MAC at creation (`None`: the kernel picks one, and the caller sets
-    /// the final one with [`up_with_mac_message`] once it knows the address).
-    pub pod_mac: Option<[u8; 6]>,
+    /// Container end MAC.
+    pub pod_mac: [u8; 6],
     /// MTU of both ends.
     pub mtu: u32,
     /// Bridge index (the host end's master).
@@ -274,13 +266,10 @@ pub struct VethSpec {
 /// The `RTM_NEWLINK` message creating the veth pair of `spec` (see [`add_veth`]); the
 /// message names `netns` by its descriptor, which must stay open until it is sent.
 pub fn veth_message(spec: &VethSpec, netns: &File) -> LinkMessage {
-    let mut peer = rtnetlink::LinkMessageBuilder::<LinkUnspec>::new()
+    let peer = rtnetlink::LinkMessageBuilder::<LinkUnspec>::new()
         .name(spec.pod.clone())
-        .mtu(spec.mtu);
-    if let Some(mac) = spec.pod_mac {
-        peer = peer.address(mac.to_vec());
-    }
-    let peer = peer
+        .mtu(spec.mtu)
+        .address(spec.pod_mac.to_vec())
         .setns_by_fd(netns.as_raw_fd())
         .append_extra_attribute(LinkAttribute::NumTxQueues(1))
         .append_extra_attribute(LinkAttribute::NumRxQueues(1))
@@ -331,12 +320,9 @@ pub fn address_message(index: u32, addr: Ipv4Network) -> AddressMessage {
         .build()
 }
 
-/// The message giving interface `index` its MAC and setting it up (one change).
-pub fn up_with_mac_message(index: u32, mac: [u8; 6]) -> LinkMessage {
-    LinkUnspec::new_with_index(index)
-        .address(mac.to_vec())
-        .up()
-        .build()
+/// The message setting interface `index` up.
+pub fn up_message(index: u32) -> LinkMessage {
+    LinkUnspec::new_with_index(index).up().build()
 }
 
 /// The message setting interface `name` up.
@@ -665,9 +651,5 @@ mod tests {
         assert_eq!(format_mac(&m), "0a:58:0a:f4:03:05");
         // Locally administered, unicast.
         assert_eq!(m[0] & 0b11, 0b10);
-        let h = host_mac_for("abc", "eth0");
-        assert_eq!(h, host_mac_for("abc", "eth0"));
-        assert_ne!(h, host_mac_for("abc", "eth1"));
-        assert_eq!(&h[..2], &[0x0a, MAC_KIND_HOST]);
     }
 }
