@@ -15,7 +15,7 @@ use netlink_packet_core::{
     NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_route::RouteNetlinkMessage;
-use netlink_packet_route::link::{LinkAttribute, LinkMessage};
+use netlink_packet_route::link::{LinkAttribute, LinkExtentMask, LinkMessage};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
 /// What a request expects back.
@@ -75,17 +75,21 @@ impl Request {
         }
     }
 
-    /// `GETLINK` of the interface `index`.
+    /// `GETLINK` of the interface `index` (without statistics: cheaper to fill).
     pub fn get_link_by_index(index: u32) -> Request {
         let mut m = LinkMessage::default();
         m.header.index = index;
+        m.attributes
+            .push(LinkAttribute::ExtMask(vec![LinkExtentMask::SkipStats]));
         Request::get(RouteNetlinkMessage::GetLink(m))
     }
 
-    /// `GETLINK` of the interface `name`.
+    /// `GETLINK` of the interface `name` (without statistics).
     pub fn get_link_by_name(name: &str) -> Request {
         let mut m = LinkMessage::default();
         m.attributes.push(LinkAttribute::IfName(name.to_string()));
+        m.attributes
+            .push(LinkAttribute::ExtMask(vec![LinkExtentMask::SkipStats]));
         Request::get(RouteNetlinkMessage::GetLink(m))
     }
 }
