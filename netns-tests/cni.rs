@@ -326,6 +326,8 @@ fn add_check_del_round_trip_registers_the_pod() -> Result<()> {
     let mut conf = plugin_conf(&list, "1.0.0");
     conf["args"] = json!({"cni": {"labels": [{"key": "app", "value": "web"}]}});
     let pod = lab.add_namespace("p1")?;
+    // A fresh namespace's lo is down; ADD brings it up.
+    ip(&["-n", &pod, "link", "set", "lo", "down"])?;
     let plugin = lab.bins.tartan_cni.clone();
     let cid = "c0ffee01";
     let add = Call::new(&plugin, "ADD", cid)
@@ -367,6 +369,8 @@ fn add_check_del_round_trip_registers_the_pod() -> Result<()> {
         routes.contains(&format!("default via {gw} dev eth0")),
         "{routes}"
     );
+    let lo = ip(&["-n", &pod, "link", "show", "lo"])?;
+    ensure!(lo.contains(",UP"), "{lo}");
     echo_server(&pod, 7100)?;
     wait_tcp_echo(&node, pod_ip, 7100, Duration::from_secs(10))?;
 
@@ -668,6 +672,14 @@ fn killed_adds_leak_nothing_gc_cannot_reclaim() -> Result<()> {
         completed < 30,
         "no ADD was interrupted; the test proves nothing"
     );
+    // A plugin killed while tartand was doing its ADD: tartand finishes, cannot deliver the
+    // result and undoes it. Once tartand is idle, nothing is half done: every allocation has
+    // its veth on the bridge and every port its allocation.
+    let (allocs, ports) = quiescent_node(&lab, 0)?;
+    ensure!(
+        allocs == ports,
+        "half-done ADDs: allocations {allocs:?}, bridge ports {ports:?}"
+    );
     // Nothing is valid: GC must take the node back to empty.
     let mut gc_conf = conf.clone();
     gc_conf["cni.dev/valid-attachments"] = json!([]);
@@ -695,6 +707,514 @@ fn killed_adds_leak_nothing_gc_cannot_reclaim() -> Result<()> {
         .netns(&pods[0])
         .run(&node, &conf)?
         .ok()?;
+    Ok(())
+}
+
+/// Host veth names of node `i`'s allocations and of the ports on its bridge, once both have
+/// stayed the same for half a second (tartand finished what it was doing).
+fn quiescent_node(lab: &Lab, i: usize) -> Result<(BTreeSet<String>, BTreeSet<String>)> {
+    let node = lab.nodes[i].ns.clone();
+    let read = || -> Option<(BTreeSet<String>, BTreeSet<String>)> {
+        let allocs = scan_all(&lab.nodes[i].cni_data_dir())
+            .ok()?
+            .into_iter()
+            .map(|r| tartan::cni::links::host_veth_name(&r.container_id, &r.ifname))
+            .collect();
+        let listing = if link_exists(&node, "tartan0") {
+            ip(&["-n", &node, "-o", "link", "show", "master", "tartan0"]).ok()?
+        } else {
+            String::new()
+        };
+        let ports = listing
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            .collect();
+        Some((allocs, ports))
+    };
+    let mut last = None;
+    let mut since = Instant::now();
+    wait_for("the node to be quiet", Duration::from_secs(20), || {
+        let now = read()?;
+        if last.as_ref() != Some(&now) {
+            last = Some(now);
+            since = Instant::now();
+            return None;
+        }
+        (since.elapsed() > Duration::from_millis(500)).then_some(now)
+    })
+}
+
+fn daemon_log_has(lab: &Lab, i: usize, needles: &[&str]) -> bool {
+    let log = std::fs::read_to_string(lab.nodes[i].log_file()).unwrap_or_default();
+    log.lines().any(|l| needles.iter().all(|n| l.contains(n)))
+}
+
+/// Starts the plugin in `ns` without waiting for it.
+fn spawn_call(call: &Call, ns: &str, stdin: &Value) -> Result<Child> {
+    let mut cmd = call.command();
+    let stdin = stdin.to_string().into_bytes();
+    in_netns(ns, move || -> Result<Child> {
+        let mut child = cmd.spawn().context("starting the plugin")?;
+        if let Some(mut i) = child.stdin.take() {
+            let _ = i.write_all(&stdin);
+        }
+        Ok(child)
+    })?
+}
+
+#[test]
+fn tartand_frozen_or_killed_during_an_add_is_code_11_and_leaves_nothing() -> Result<()> {
+    use nix::sys::signal::Signal;
+    let Some(mut lab) = cluster(1)? else {
+        return Ok(());
+    };
+    let node = lab.nodes[0].ns.clone();
+    let conf = plugin_conf(&installed_conflist(&lab, 0)?, "1.0.0");
+    let plugin = lab.bins.tartan_cni.clone();
+    let mut quick = conf.clone();
+    quick["daemonTimeoutMs"] = json!(500);
+    let pods: Vec<String> = (1..=3)
+        .map(|k| lab.add_namespace(&format!("fz{k}")))
+        .collect::<Result<_>>()?;
+
+    // tartand frozen: the plugin gives up after its timeout with 11.
+    lab.signal_daemon(0, Signal::SIGSTOP)?;
+    let t = Instant::now();
+    let out = Call::new(&plugin, "ADD", "frozen1")
+        .netns(&pods[0])
+        .run(&node, &quick);
+    let waited = t.elapsed();
+    // A plugin killed while tartand holds its request.
+    let killed = spawn_call(
+        &Call::new(&plugin, "ADD", "frozen2").netns(&pods[1]),
+        &node,
+        &conf,
+    )
+    .and_then(|mut c| {
+        std::thread::sleep(Duration::from_millis(300));
+        c.kill()?;
+        c.wait()?;
+        Ok(())
+    });
+    lab.signal_daemon(0, Signal::SIGCONT)?;
+    let code = out?.error_code()?;
+    ensure!(code == 11, "ADD to a frozen tartand: code {code}");
+    ensure!(
+        waited < Duration::from_secs(3),
+        "the plugin waited {waited:?} with a 500 ms timeout"
+    );
+    killed?;
+    // Thawed, tartand finds nobody waiting for either request and leaves nothing behind.
+    for cid in ["frozen1", "frozen2"] {
+        wait_for(
+            &format!("tartand to drop or undo the ADD of {cid}"),
+            Duration::from_secs(10),
+            || {
+                (daemon_log_has(&lab, 0, &["ADD dropped", cid])
+                    || daemon_log_has(&lab, 0, &["ADD undone", cid]))
+                .then_some(())
+            },
+        )
+        .with_context(|| lab.log_tail(0, 20))?;
+    }
+    let (allocs, ports) = quiescent_node(&lab, 0)?;
+    ensure!(
+        allocs.is_empty() && ports.is_empty(),
+        "left: {allocs:?} {ports:?}"
+    );
+    for p in &pods[..2] {
+        ensure!(!link_exists(p, "eth0"), "eth0 left in {p}");
+    }
+
+    // tartand killed while the plugin waits for it: 11 at once, not after the timeout.
+    lab.signal_daemon(0, Signal::SIGSTOP)?;
+    let child = spawn_call(
+        &Call::new(&plugin, "ADD", "frozen3").netns(&pods[2]),
+        &node,
+        &conf,
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    lab.kill_daemon(0)?;
+    let out = CniOut::from_output(finish(child?, b"")?);
+    let waited = t.elapsed();
+    let code = out.error_code()?;
+    ensure!(
+        code == 11,
+        "ADD when tartand died: code {code}: {}",
+        out.stdout
+    );
+    ensure!(
+        waited < Duration::from_secs(3),
+        "the plugin noticed tartand's death after {waited:?}"
+    );
+    ensure!(ipam_ips(&lab, 0)?.is_empty(), "allocation left");
+    // Restarted, tartand serves ADDs again (and the pod gets its network).
+    lab.start_daemon(0, &[])?;
+    lab.wait_cni_socket(0)?;
+    let r = Call::new(&plugin, "ADD", "frozen3")
+        .netns(&pods[2])
+        .run(&node, &conf)?
+        .ok()?;
+    let eth0 = ip(&["-n", &pods[2], "addr", "show", "eth0"])?;
+    ensure!(eth0.contains(&result_ip(&r)?.to_string()), "{eth0}");
+    Ok(())
+}
+
+#[test]
+fn tartand_killed_mid_add_leaves_nothing_gc_cannot_reclaim() -> Result<()> {
+    let Some(mut lab) = cluster(1)? else {
+        return Ok(());
+    };
+    let node = lab.nodes[0].ns.clone();
+    let list = installed_conflist(&lab, 0)?;
+    let conf = plugin_conf(&list, "1.1.0");
+    let plugin = lab.bins.tartan_cni.clone();
+    // How long an ADD takes here: the kills are spread from before it starts to after it ends.
+    let probe = lab.add_namespace("probe")?;
+    let t = Instant::now();
+    Call::new(&plugin, "ADD", "probe")
+        .netns(&probe)
+        .run(&node, &conf)?
+        .ok()?;
+    let full = t.elapsed();
+    let mut completed = vec!["probe".to_string()];
+    let mut interrupted = 0;
+    let mut pods = Vec::new();
+    for k in 0..12u32 {
+        let pod = lab.add_namespace(&format!("mid{k}"))?;
+        let cid = format!("mid{k}");
+        let child = spawn_call(&Call::new(&plugin, "ADD", &cid).netns(&pod), &node, &conf)?;
+        std::thread::sleep(full * k / 8);
+        lab.kill_daemon(0)?;
+        let out = CniOut::from_output(finish(child, b"")?);
+        if out.status == Some(0) {
+            completed.push(cid);
+        } else {
+            let code = out.error_code()?;
+            ensure!(
+                code == 11,
+                "ADD when tartand was killed: code {code}: {}",
+                out.stdout
+            );
+            interrupted += 1;
+        }
+        pods.push(pod);
+        lab.start_daemon(0, &[])?;
+        lab.wait_cni_socket(0)?;
+    }
+    eprintln!(
+        "{} of 12 ADDs completed before tartand was killed (an ADD takes {full:?})",
+        completed.len() - 1
+    );
+    ensure!(
+        interrupted > 0,
+        "no ADD was interrupted; the test proves nothing"
+    );
+    // The runtime collects what it does not know (what it got 11 for): exactly that goes.
+    let mut gc_conf = conf.clone();
+    gc_conf["cni.dev/valid-attachments"] = Value::Array(
+        completed
+            .iter()
+            .map(|c| json!({"containerID": c, "ifname": "eth0"}))
+            .collect(),
+    );
+    Call::new(&plugin, "GC", "")
+        .run(&node, &gc_conf)?
+        .ok()
+        .context("GC")?;
+    let (allocs, ports) = quiescent_node(&lab, 0)?;
+    let want: BTreeSet<String> = completed
+        .iter()
+        .map(|c| tartan::cni::links::host_veth_name(c, "eth0"))
+        .collect();
+    ensure!(
+        allocs == want,
+        "allocations after GC: {allocs:?}, want {want:?}"
+    );
+    ensure!(
+        ports == want,
+        "bridge ports after GC: {ports:?}, want {want:?}"
+    );
+    ensure!(link_exists(&probe, "eth0"), "eth0 gone from the probe pod");
+    for (k, p) in pods.iter().enumerate() {
+        let valid = completed.contains(&format!("mid{k}"));
+        ensure!(
+            link_exists(p, "eth0") == valid,
+            "pod {k}: eth0 present = {}",
+            link_exists(p, "eth0")
+        );
+    }
+    Ok(())
+}
+
+/// Sends `bytes` with `fds` attached on a fresh connection to a CNI socket; returns the
+/// reply line ("" when tartand closed the connection without one).
+fn raw_request(socket: &Path, bytes: &[u8], fds: &[std::os::fd::RawFd]) -> Result<String> {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+    let mut s = UnixStream::connect(socket).context("connecting")?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let cmsg = [nix::sys::socket::ControlMessage::ScmRights(fds)];
+    let cmsgs: &[nix::sys::socket::ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
+    let mut sent = 0;
+    while sent < bytes.len() {
+        let n = nix::sys::socket::sendmsg::<()>(
+            s.as_raw_fd(),
+            &[std::io::IoSlice::new(&bytes[sent..])],
+            if sent == 0 { cmsgs } else { &[] },
+            nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+            None,
+        );
+        match n {
+            Ok(n) => sent += n,
+            // tartand may refuse an over-long request before reading all of it.
+            Err(_) => break,
+        }
+    }
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => return Err(e).context("reading the reply"),
+        }
+    }
+    Ok(String::from_utf8_lossy(&out).trim().to_string())
+}
+
+fn reply_code(reply: &str) -> Result<u64> {
+    let v: Value = serde_json::from_str(reply).with_context(|| format!("reply {reply:?}"))?;
+    ensure!(v["version"] == 1, "{v}");
+    v["error"]["code"]
+        .as_u64()
+        .with_context(|| format!("no error code in {v}"))
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+#[test]
+fn garbage_on_the_socket_gets_an_error_and_the_daemon_carries_on() -> Result<()> {
+    use std::os::fd::AsRawFd;
+    use tartan::cni::daemon_link::{AddRequest, OP_ADD, PROTOCOL_VERSION};
+    let Some(mut lab) = cluster(1)? else {
+        return Ok(());
+    };
+    let node = lab.nodes[0].ns.clone();
+    let conf = plugin_conf(&installed_conflist(&lab, 0)?, "1.0.0");
+    let plugin = lab.bins.tartan_cni.clone();
+    let sock = lab.nodes[0].cni_socket();
+    let subnet = lab.wait_subnet(0)?;
+    let pod = lab.add_namespace("raw")?;
+    // One ADD first, so tartand's threads and sockets all exist before counting its fds.
+    let warm = lab.add_namespace("warm")?;
+    Call::new(&plugin, "ADD", "warm")
+        .netns(&warm)
+        .run(&node, &conf)?
+        .ok()?;
+    let pid = lab.daemon_pid(0).context("tartand")?;
+    let fds_before = open_fds(pid);
+    // A client that connects and says nothing does not hold anything up.
+    let idle = std::os::unix::net::UnixStream::connect(&sock)?;
+
+    let mk = |cid: &str| -> Result<Vec<u8>> {
+        let r = AddRequest {
+            version: PROTOCOL_VERSION,
+            op: OP_ADD.into(),
+            container_id: cid.into(),
+            ifname: "eth0".into(),
+            network: "tartan".into(),
+            data_dir: lab.nodes[0].cni_data_dir(),
+            bridge: "tartan0".into(),
+            subnet,
+            mtu: 1450,
+            hairpin: true,
+            pod_namespace: "default".into(),
+            pod_name: cid.into(),
+            labels: Default::default(),
+            netns_path: String::new(),
+        };
+        let mut line = serde_json::to_vec(&r)?;
+        line.push(b'\n');
+        Ok(line)
+    };
+    let netns = std::fs::File::open(netns_path(&pod))?;
+    let uts = std::fs::File::open("/proc/self/ns/uts")?;
+    let regular = std::fs::File::open("/etc/hostname")?;
+    let (pipe_r, _pipe_w) = nix::unistd::pipe()?;
+    let many: Vec<std::os::fd::RawFd> = (0..100).map(|_| netns.as_raw_fd()).collect();
+    let long = vec![b'x'; 70 * 1024];
+    let good = mk("raw1")?;
+    let cases: Vec<(&str, Vec<u8>, Vec<std::os::fd::RawFd>, u64)> = vec![
+        ("plain text", b"hello there\n".to_vec(), vec![], 6),
+        ("binary", vec![0xff, 0xfe, 0, 1, b'\n'], vec![], 6),
+        (
+            "a foreign protocol version",
+            br#"{"version":99,"op":"add"}"#.iter().copied().chain([b'\n']).collect(),
+            vec![],
+            11,
+        ),
+        (
+            "an unknown operation",
+            br#"{"version":1,"op":"rm"}"#.iter().copied().chain([b'\n']).collect(),
+            vec![],
+            6,
+        ),
+        (
+            "a malformed ADD",
+            br#"{"version":1,"op":"add","containerId":5}"#.iter().copied().chain([b'\n']).collect(),
+            vec![netns.as_raw_fd()],
+            7,
+        ),
+        ("an ADD without a namespace", good.clone(), vec![], 4),
+        (
+            "an ADD with a pipe",
+            good.clone(),
+            vec![pipe_r.as_raw_fd()],
+            4,
+        ),
+        (
+            "an ADD with a regular file",
+            good.clone(),
+            vec![regular.as_raw_fd()],
+            4,
+        ),
+        (
+            "an ADD with a UTS namespace",
+            good.clone(),
+            vec![uts.as_raw_fd()],
+            4,
+        ),
+        ("an ADD with 100 descriptors", good.clone(), many, 4),
+        ("an over-long line", long, vec![], 6),
+    ];
+    for (what, bytes, fds, want) in cases {
+        let reply = raw_request(&sock, &bytes, &fds).with_context(|| what.to_string())?;
+        let code = reply_code(&reply).with_context(|| what.to_string())?;
+        ensure!(code == want, "{what}: code {code} ({reply})");
+    }
+    // An incomplete line, then the client hangs up: no reply, no harm.
+    let reply = raw_request(&sock, br#"{"version":1,"op":"add""#, &[netns.as_raw_fd()])?;
+    ensure!(reply.is_empty(), "reply to an incomplete request: {reply}");
+    let bad_id = String::from_utf8(mk("raw1")?)?.replace("\"raw1\"", "\"../etc\"");
+    let reply = raw_request(&sock, bad_id.as_bytes(), &[netns.as_raw_fd()])?;
+    ensure!(
+        reply_code(&reply)? == 4,
+        "a container ID with a path: {reply}"
+    );
+    ensure!(
+        !link_exists(&pod, "eth0"),
+        "a refused request touched the pod"
+    );
+    ensure!(ipam_ips(&lab, 0)?.len() == 1, "a refused request allocated");
+
+    // The daemon is unharmed: alive, no descriptor kept, and a well-formed ADD works, both
+    // raw and through the plugin; the nudge still answers.
+    ensure!(
+        lab.daemon_running(0),
+        "tartand died: {}",
+        lab.log_tail(0, 20)
+    );
+    let fds_after = wait_for(
+        "tartand's descriptors to settle",
+        Duration::from_secs(5),
+        || {
+            let n = open_fds(pid);
+            (n <= fds_before + 2).then_some(n)
+        },
+    )
+    .with_context(|| {
+        format!(
+            "tartand had {fds_before} descriptors, now {}",
+            open_fds(pid)
+        )
+    })?;
+    eprintln!("tartand descriptors: {fds_before} before, {fds_after} after");
+    let reply = raw_request(&sock, &good, &[netns.as_raw_fd()])?;
+    let v: Value = serde_json::from_str(&reply).with_context(|| reply.clone())?;
+    let ip_raw = v["ok"]["ip"].as_str().with_context(|| format!("{v}"))?;
+    let eth0 = ip(&["-n", &pod, "addr", "show", "eth0"])?;
+    ensure!(eth0.contains(ip_raw), "{eth0}");
+    let other = lab.add_namespace("raw2")?;
+    Call::new(&plugin, "ADD", "after-garbage")
+        .netns(&other)
+        .run(&node, &conf)?
+        .ok()?;
+    ensure!(raw_request(&sock, b"sync\n", &[])? == "ok", "sync");
+    drop(idle);
+    Ok(())
+}
+
+#[test]
+fn a_bridge_deleted_renamed_or_impersonated_is_never_attached_to() -> Result<()> {
+    let Some(mut lab) = cluster(1)? else {
+        return Ok(());
+    };
+    let node = lab.nodes[0].ns.clone();
+    let conf = plugin_conf(&installed_conflist(&lab, 0)?, "1.0.0");
+    let plugin = lab.bins.tartan_cni.clone();
+    let gw = Ipv4Addr::from(u32::from(lab.wait_subnet(0)?.network()) + 1);
+    let mut add = |cid: &str| -> Result<String> {
+        let pod = lab.add_namespace(cid)?;
+        let r = Call::new(&plugin, "ADD", cid)
+            .netns(&pod)
+            .run(&node, &conf)?
+            .ok()?;
+        host_veth(&r)
+    };
+    let master_of = |host: &str| -> Result<String> {
+        let l = ip(&["-n", &node, "-o", "link", "show", host])?;
+        Ok(l.split(" master ")
+            .nth(1)
+            .and_then(|m| m.split_whitespace().next())
+            .unwrap_or("")
+            .to_string())
+    };
+    let index_of = |dev: &str| -> Result<String> {
+        let l = ip(&["-n", &node, "-o", "link", "show", dev])?;
+        Ok(l.split(':').next().unwrap_or("").trim().to_string())
+    };
+    let bridge_ok = || -> Result<()> {
+        let a = ip(&["-n", &node, "addr", "show", "tartan0"])?;
+        ensure!(
+            a.contains(&format!("inet {gw}/")) && a.contains(",UP"),
+            "{a}"
+        );
+        Ok(())
+    };
+    // tartand now knows tartan0's index.
+    let h1 = add("br1")?;
+    ensure!(master_of(&h1)? == "tartan0");
+    // Deleted (and so re-created by the next ADD, with another index).
+    ip(&["-n", &node, "link", "del", "tartan0"])?;
+    let h2 = add("br2")?;
+    ensure!(master_of(&h2)? == "tartan0", "{}", master_of(&h2)?);
+    bridge_ok()?;
+    // Renamed: the cached index now names another device.
+    ip(&["-n", &node, "link", "set", "tartan0", "name", "old0"])?;
+    let h3 = add("br3")?;
+    ensure!(master_of(&h3)? == "tartan0", "{}", master_of(&h3)?);
+    ensure!(master_of(&h2)? == "old0");
+    bridge_ok()?;
+    // Impersonated: another bridge created with tartan0's index.
+    let idx = index_of("tartan0")?;
+    ip(&["-n", &node, "link", "del", "tartan0"])?;
+    ip(&[
+        "-n", &node, "link", "add", "impostor", "index", &idx, "type", "bridge",
+    ])?;
+    ensure!(index_of("impostor")? == idx);
+    let h4 = add("br4")?;
+    ensure!(master_of(&h4)? == "tartan0", "{}", master_of(&h4)?);
+    let ports = ip(&["-n", &node, "-o", "link", "show", "master", "impostor"])?;
+    ensure!(ports.trim().is_empty(), "ports on the impostor: {ports}");
+    bridge_ok()?;
     Ok(())
 }
 
