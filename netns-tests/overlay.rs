@@ -817,3 +817,29 @@ fn several_etcd_endpoints_survive_a_member_loss() -> Result<()> {
     wait_route(&lab, 1, s3, true)?;
     Ok(())
 }
+
+#[test]
+fn sigterm_reaches_a_daemon_whose_parent_blocked_it() -> Result<()> {
+    // Job control, harnesses and some container entrypoints hand SIGTERM down blocked; a
+    // daemon that kept that mask would ignore its stop signal.
+    std::thread::spawn(|| -> Result<()> {
+        let mut set = nix::sys::signal::SigSet::empty();
+        set.add(nix::sys::signal::Signal::SIGTERM);
+        set.add(nix::sys::signal::Signal::SIGINT);
+        set.thread_block()?;
+        let Some(mut lab) = lab(1, NET16)? else {
+            return Ok(());
+        };
+        lab.start_daemon(0, &[])?;
+        lab.wait_subnet(0)?;
+        // Fails when tartand ignores SIGTERM for 10 s.
+        lab.stop_daemon(0)?;
+        ensure!(
+            ip(&["-n", &lab.nodes[0].ns, "link", "show", "tartan.1"]).is_ok(),
+            "SIGTERM must leave the dataplane in place"
+        );
+        Ok(())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("test thread panicked"))?
+}

@@ -977,18 +977,33 @@ impl Drop for Lab {
 
 /// Removes every namespace, etcd data directory and lab directory whose name starts with
 /// `prefix` (e.g. `tt<pid>x`, everything this process created) when SIGINT or SIGTERM arrives,
-/// then exits with status 130. Call from the main thread before starting any other thread: it
-/// blocks those signals in the caller (and so in threads spawned later) and waits for them on
-/// a thread of its own.
+/// then exits with status 130. The handlers are installed before this returns and run on a
+/// thread of their own. No signal is blocked: processes the lab starts later (tartand, etcd,
+/// probes) inherit the signal mask, and a blocked SIGTERM would make them deaf to it.
 pub fn cleanup_on_signal(prefix: &str) -> Result<()> {
-    use nix::sys::signal::{SigSet, Signal};
-    let mut set = SigSet::empty();
-    set.add(Signal::SIGINT);
-    set.add(Signal::SIGTERM);
-    set.thread_block().context("blocking SIGINT/SIGTERM")?;
+    use tokio::signal::unix::{SignalKind, signal};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .context("starting the signal watcher's runtime")?;
+    let (mut int, mut term) = rt
+        .block_on(async {
+            Ok::<_, std::io::Error>((
+                signal(SignalKind::interrupt())?,
+                signal(SignalKind::terminate())?,
+            ))
+        })
+        .context("installing SIGINT/SIGTERM handlers")?;
     let prefix = prefix.to_string();
-    std::thread::spawn(move || {
-        if set.wait().is_ok() {
+    std::thread::Builder::new()
+        .name("lab-cleanup".into())
+        .spawn(move || {
+            rt.block_on(async {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+            });
             eprintln!("\ninterrupted: removing everything this run created");
             if let Ok(rd) = std::fs::read_dir(NETNS_DIR) {
                 let mut names: Vec<String> = rd
@@ -1014,7 +1029,7 @@ pub fn cleanup_on_signal(prefix: &str) -> Result<()> {
                 }
             }
             std::process::exit(130);
-        }
-    });
+        })
+        .context("starting the signal watcher")?;
     Ok(())
 }

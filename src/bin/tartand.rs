@@ -6,6 +6,14 @@ use tartan::daemon::{DaemonArgs, run};
 fn main() -> std::process::ExitCode {
     let args = DaemonArgs::parse();
     tartan::logging::init("info");
+    // A parent (a shell's job control, a test harness, some container entrypoints) may hand
+    // SIGINT/SIGTERM down blocked; tartand's clean shutdown depends on receiving them.
+    let mut handled = nix::sys::signal::SigSet::empty();
+    handled.add(nix::sys::signal::Signal::SIGINT);
+    handled.add(nix::sys::signal::Signal::SIGTERM);
+    if let Err(e) = handled.thread_unblock() {
+        eprintln!("tartand: cannot unblock SIGINT/SIGTERM: {e}");
+    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
