@@ -137,15 +137,6 @@ impl Netlink {
         Ok(Netlink { handle })
     }
 
-    /// Like [`Netlink::connect`], also returning the connection's task: aborting and awaiting
-    /// it closes the socket at a known point (a long-lived process opening short-lived
-    /// sockets, e.g. one inside a pod's namespace that must not keep the namespace alive).
-    pub fn connect_with_task() -> Result<(Netlink, tokio::task::JoinHandle<()>)> {
-        let (conn, handle, _) =
-            rtnetlink::new_connection().context("opening a routing netlink socket")?;
-        Ok((Netlink { handle }, tokio::spawn(conn)))
-    }
-
     /// The raw rtnetlink handle.
     pub fn handle(&self) -> &Handle {
         &self.handle

@@ -693,46 +693,6 @@ impl Lab {
         }
     }
 
-    /// The pid of tartand on node `i`, when it runs.
-    pub fn daemon_pid(&self, i: usize) -> Option<u32> {
-        self.nodes[i].daemon.as_ref().map(Child::id)
-    }
-
-    /// Sends `sig` to tartand on node `i` (e.g. SIGSTOP and SIGCONT to freeze and thaw it).
-    pub fn signal_daemon(&self, i: usize, sig: nix::sys::signal::Signal) -> Result<()> {
-        let pid = self
-            .daemon_pid(i)
-            .with_context(|| format!("tartand does not run on {}", self.nodes[i].name))?;
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig)
-            .with_context(|| format!("signalling tartand on {}", self.nodes[i].name))
-    }
-
-    /// Kills tartand on node `i` with SIGKILL (a crash: nothing is cleaned up) and waits for
-    /// it; [`Lab::start_daemon`] can start it again.
-    pub fn kill_daemon(&mut self, i: usize) -> Result<()> {
-        let Some(mut c) = self.nodes[i].daemon.take() else {
-            return Ok(());
-        };
-        let _ = c.kill();
-        c.wait().context("waiting for the killed tartand")?;
-        Ok(())
-    }
-
-    /// Waits until tartand on node `i` accepts connections on its CNI socket (after a start
-    /// or restart: a socket file left by a killed daemon refuses them).
-    pub fn wait_cni_socket(&self, i: usize) -> Result<()> {
-        let path = self.nodes[i].cni_socket();
-        wait_for(
-            &format!("tartand's CNI socket on {}", self.nodes[i].name),
-            Duration::from_secs(60),
-            || {
-                std::os::unix::net::UnixStream::connect(&path)
-                    .ok()
-                    .map(|_| ())
-            },
-        )
-    }
-
     /// Whether tartand on node `i` is still running (false after it exited or crashed).
     pub fn daemon_running(&mut self, i: usize) -> bool {
         match self.nodes[i].daemon.as_mut() {

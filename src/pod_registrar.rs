@@ -2,9 +2,7 @@
 //!
 //! - installs the CNI network config (`10-tartan.conflist`) once the node's subnet is leased,
 //!   and the `tartan-cni` binary when asked;
-//! - listens on a unix socket for the plugin's nudges (`sync\n` → `ok\n`) and ADD requests,
-//!   which it serves itself (see [`crate::cni::add_server`]: its own threads, never this
-//!   runtime), nudging the registration directly after each ADD;
+//! - listens on a unix socket for the plugin's nudges (`sync\n` → `ok\n`);
 //! - reaps the veth pairs tartan-cni's DEL detached (one batched kernel request on a thread
 //!   of its own: deleting veths costs the kernel ~15-20 ms per batch);
 //! - registers the pods it finds in the IPAM directory as [`PodRecord`]s in etcd, attached to
@@ -25,11 +23,13 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use futures::StreamExt;
 use ipnetwork::Ipv4Network;
-use std::os::unix::net::UnixListener;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Notify, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
+use crate::cni::daemon_link::{SYNC_REPLY, SYNC_REQUEST};
 use crate::cni::ipam::{AllocationRecord, scan_all};
 use crate::cni::spec::CniVersion;
 use crate::etcd_store::{EtcdArgs, Store};
@@ -60,7 +60,7 @@ pub struct CniArgs {
     /// IPAM directory of tartan-cni; tartand registers the pods it finds there.
     #[arg(long, default_value = crate::cni::spec::DEFAULT_DATA_DIR)]
     pub cni_data_dir: PathBuf,
-    /// Unix socket tartan-cni sends its ADDs and DEL/GC nudges to.
+    /// Unix socket tartan-cni nudges after ADD/DEL.
     #[arg(long, default_value = crate::cni::spec::DEFAULT_DAEMON_SOCKET)]
     pub cni_socket: PathBuf,
     /// cniVersion of the installed conflist. 1.0.0 by default: Debian 12's podman and
@@ -96,7 +96,7 @@ pub struct CniSettings {
     pub bin_dir: Option<PathBuf>,
     /// The IPAM directory root.
     pub data_dir: PathBuf,
-    /// The socket the plugin talks to.
+    /// The socket the plugin nudges.
     pub socket: PathBuf,
     /// cniVersion of the installed conflist.
     pub conf_version: CniVersion,
@@ -264,6 +264,39 @@ fn spawn_reaper() -> std::sync::mpsc::SyncSender<()> {
     tx
 }
 
+async fn serve_conn(stream: UnixStream, notify: Arc<Notify>) {
+    let (r, mut w) = stream.into_split();
+    let mut lines = BufReader::new(r).lines();
+    // A plugin connects at the start of ADD and writes once its work is done (milliseconds).
+    while let Ok(Ok(Some(line))) =
+        tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await
+    {
+        let reply = if line.trim() == SYNC_REQUEST {
+            notify.notify_one();
+            format!("{SYNC_REPLY}\n")
+        } else {
+            "error unknown request\n".to_string()
+        };
+        if w.write_all(reply.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn serve(listener: UnixListener, notify: Arc<Notify>) {
+    loop {
+        match listener.accept().await {
+            Ok((s, _)) => {
+                tokio::spawn(serve_conn(s, notify.clone()));
+            }
+            Err(e) => {
+                warn!("CNI socket accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
 /// Applies a plan; returns the keys that succeeded (puts, deletes) and the first error.
 async fn apply(
     store: &Store,
@@ -326,11 +359,10 @@ pub async fn run(
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
     // The socket first: once the conflist is installed, runtimes call the plugin at once.
     loop {
-        match bind_socket(&settings.socket).and_then(|l| {
-            crate::cni::add_server::spawn(l, notify.clone()).context("starting the CNI server")
-        }) {
-            Ok(()) => {
+        match bind_socket(&settings.socket) {
+            Ok(l) => {
                 info!(socket = %settings.socket.display(), "CNI socket listening");
+                tokio::spawn(serve(l, notify.clone()));
                 break;
             }
             Err(e) => {

@@ -338,16 +338,6 @@ impl IpamStore {
         req: &AllocationRequest,
         subnet: Ipv4Network,
     ) -> Result<AllocationRecord, CniError> {
-        self.allocate_tracked(req, subnet).map(|(rec, _)| rec)
-    }
-
-    /// [`IpamStore::allocate`], also telling whether the address is new to the attachment
-    /// (`true`) or one it already held (`false`): a failed ADD gives back only what it took.
-    pub fn allocate_tracked(
-        &self,
-        req: &AllocationRequest,
-        subnet: Ipv4Network,
-    ) -> Result<(AllocationRecord, bool), CniError> {
         let network = self
             .dir
             .file_name()
@@ -382,7 +372,7 @@ impl IpamStore {
                 if rec != old {
                     self.write_record(&rec)?;
                 }
-                return Ok((rec, false));
+                return Ok(rec);
             }
             // From an older subnet of this node: give it up.
             Self::remove(&self.record_path(ip)?)?;
@@ -406,7 +396,7 @@ impl IpamStore {
         self.write_index(&idx, rec.ip)?;
         self.write_record(&rec)?;
         self.set_last_reserved(&lock, rec.ip)?;
-        Ok((rec, true))
+        Ok(rec)
     }
 
     /// Frees the attachment's address; `Ok(None)` when it held none (DEL is idempotent).
@@ -605,12 +595,11 @@ mod tests {
         assert_eq!(a.ip, Ipv4Addr::new(10, 244, 3, 2));
         assert_eq!(b.ip, Ipv4Addr::new(10, 244, 3, 3));
         assert_eq!(a.network, "tartan");
-        // Same attachment again: same address, metadata refreshed, not new.
+        // Same attachment again: same address, metadata refreshed.
         let mut r = req("a");
         r.labels.insert("app".into(), "web".into());
-        let (a2, fresh) = s.allocate_tracked(&r, subnet).unwrap();
+        let a2 = s.allocate(&r, subnet).unwrap();
         assert_eq!(a2.ip, a.ip);
-        assert!(!fresh);
         assert_eq!(s.get("a", "eth0").unwrap().unwrap().labels["app"], "web");
         // Another interface of the same container is another attachment.
         let mut r2 = req("a");
@@ -623,9 +612,10 @@ mod tests {
         assert_eq!(s.release("a", "eth0").unwrap().map(|r| r.ip), Some(a.ip));
         assert_eq!(s.release("a", "eth0").unwrap(), None);
         assert_eq!(s.release("never", "eth0").unwrap(), None);
-        let (c, fresh) = s.allocate_tracked(&req("c"), subnet).unwrap();
-        assert_eq!(c.ip, Ipv4Addr::new(10, 244, 3, 5));
-        assert!(fresh);
+        assert_eq!(
+            s.allocate(&req("c"), subnet).unwrap().ip,
+            Ipv4Addr::new(10, 244, 3, 5)
+        );
         assert_eq!(s.records().unwrap().len(), 3);
         let all = scan_all(&t.0).unwrap();
         assert_eq!(all.len(), 3);

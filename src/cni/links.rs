@@ -17,7 +17,6 @@ use std::os::fd::AsRawFd;
 
 use futures::TryStreamExt;
 use ipnetwork::Ipv4Network;
-use netlink_packet_route::address::AddressMessage;
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
@@ -191,41 +190,6 @@ pub async fn ensure_bridge(
     })
 }
 
-/// Whether interface `index` is (still) the bridge `name`: `Some(up)` when it is, `None`
-/// when it is gone or something else (the bridge was deleted, renamed or re-created).
-/// Cheap (one request): callers that cache a bridge's index pipeline it behind the request
-/// that used the index, so a stale index is noticed before anything relies on it.
-pub async fn bridge_state(nl: &Netlink, index: u32, name: &str) -> Result<Option<bool>, CniError> {
-    let Some(link) = nl
-        .link_by_index(index)
-        .await
-        .map_err(|e| kernel(format!("looking up bridge {name}"), e))?
-    else {
-        return Ok(None);
-    };
-    Ok(bridge_named(&link, name))
-}
-
-/// Sets interface `index` up.
-pub async fn set_up(nl: &Netlink, index: u32, what: &str) -> Result<(), CniError> {
-    nl.handle()
-        .link()
-        .change(LinkUnspec::new_with_index(index).up().build())
-        .execute()
-        .await
-        .map_err(|e| kernel(format!("setting {what} up"), e))
-}
-
-/// Sets the interface `name` up (one request, no lookup), e.g. a pod's `lo`.
-pub async fn set_up_by_name(nl: &Netlink, name: &str) -> Result<(), CniError> {
-    nl.handle()
-        .link()
-        .change(LinkUnspec::new_with_name(name).up().build())
-        .execute()
-        .await
-        .map_err(|e| kernel(format!("setting {name} up"), e))
-}
-
 /// Makes sure the bridge holds `gateway` (the subnet's first address with the subnet prefix):
 /// one exclusive add instead of a dump, EEXIST meaning it is there already.
 pub async fn ensure_gateway(
@@ -263,9 +227,7 @@ pub struct VethSpec {
     pub bridge: u32,
 }
 
-/// The `RTM_NEWLINK` message creating the veth pair of `spec` (see [`add_veth`]); the
-/// message names `netns` by its descriptor, which must stay open until it is sent.
-pub fn veth_message(spec: &VethSpec, netns: &File) -> LinkMessage {
+async fn try_add_veth(nl: &Netlink, spec: &VethSpec, netns: &File) -> Result<(), rtnetlink::Error> {
     let peer = rtnetlink::LinkMessageBuilder::<LinkUnspec>::new()
         .name(spec.pod.clone())
         .mtu(spec.mtu)
@@ -293,67 +255,7 @@ pub fn veth_message(spec: &VethSpec, netns: &File) -> LinkMessage {
             }
         }
     }
-    msg
-}
-
-async fn try_add_veth(nl: &Netlink, spec: &VethSpec, netns: &File) -> Result<(), rtnetlink::Error> {
-    nl.handle()
-        .link()
-        .add(veth_message(spec, netns))
-        .execute()
-        .await
-}
-
-/// The message turning hairpin mode on for the bridge port `port` (sent as a change,
-/// `RTM_NEWLINK` without `NLM_F_CREATE`).
-pub fn hairpin_message(port: &str) -> LinkMessage {
-    let mut msg = LinkBridgePort::new(0).hairpin(true).build();
-    msg.attributes.push(LinkAttribute::IfName(port.to_string()));
-    msg
-}
-
-/// The message adding `addr` (with its prefix) to interface `index`.
-pub fn address_message(index: u32, addr: Ipv4Network) -> AddressMessage {
-    rtnetlink::AddressMessageBuilder::<Ipv4Addr>::new()
-        .index(index)
-        .address(addr.ip(), addr.prefix())
-        .build()
-}
-
-/// The message setting interface `index` up.
-pub fn up_message(index: u32) -> LinkMessage {
-    LinkUnspec::new_with_index(index).up().build()
-}
-
-/// The message setting interface `name` up.
-pub fn up_by_name_message(name: &str) -> LinkMessage {
-    LinkUnspec::new_with_name(name).up().build()
-}
-
-/// The container's default route via `gateway` out of interface `index`.
-pub fn default_route_message(index: u32, gateway: Ipv4Addr) -> RouteMessage {
-    RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
-        .gateway(gateway)
-        .output_interface(index)
-        .protocol(RouteProtocol::Boot)
-        .scope(RouteScope::Universe)
-        .table_id(u32::from(RouteHeader::RT_TABLE_MAIN))
-        .build()
-}
-
-/// Whether `link` is the bridge `name`: `Some(up)` when it is.
-pub fn bridge_named(link: &LinkMessage, name: &str) -> Option<bool> {
-    (link_name(link) == Some(name) && link_kind(link) == Some(InfoKind::Bridge))
-        .then(|| link.header.flags.contains(LinkFlags::Up))
-}
-
-/// The index of a veth end's peer, in the peer's namespace (`IFLA_LINK`).
-pub fn peer_index(link: &LinkMessage) -> Option<u32> {
-    link.attributes.iter().find_map(|a| match a {
-        LinkAttribute::Link(i) => Some(*i),
-        _ => None,
-    })
+    nl.handle().link().add(msg).execute().await
 }
 
 /// Creates the veth pair in one request: the host end up on the bridge, the container end
@@ -396,9 +298,11 @@ pub async fn add_veth(nl: &Netlink, spec: &VethSpec, netns: &File) -> Result<(),
 
 /// Turns hairpin mode on for a bridge port (a pod reaching itself through a service).
 pub async fn set_hairpin(nl: &Netlink, port: &str) -> Result<(), CniError> {
+    let mut msg = LinkBridgePort::new(0).hairpin(true).build();
+    msg.attributes.push(LinkAttribute::IfName(port.to_string()));
     nl.handle()
         .link()
-        .set_port(hairpin_message(port))
+        .set_port(msg)
         .execute()
         .await
         .map_err(|e| kernel(format!("hairpin on {port}"), e))
@@ -516,7 +420,14 @@ pub async fn configure_pod_iface(
         }
     };
     let route = async {
-        let msg = default_route_message(index, gateway);
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+            .gateway(gateway)
+            .output_interface(index)
+            .protocol(RouteProtocol::Boot)
+            .scope(RouteScope::Universe)
+            .table_id(u32::from(RouteHeader::RT_TABLE_MAIN))
+            .build();
         nl.handle()
             .route()
             .add(msg)

@@ -1,7 +1,6 @@
 //! The verbs of `tartan-cni`. One process per call, as runtimes run plugins: each verb opens
-//! only what it needs (ADD: the pod namespace and tartand's socket, tartand does the work;
-//! a single-threaded runtime and a netlink socket for DEL, CHECK and GC; nothing for VERSION
-//! and STATUS).
+//! only what it needs (a single-threaded runtime and a netlink socket for ADD, DEL, CHECK and
+//! GC; nothing for VERSION and STATUS).
 
 use std::collections::HashSet;
 use std::io::ErrorKind;
@@ -12,10 +11,10 @@ use std::time::Duration;
 use ipnetwork::{IpNetwork, Ipv4Network};
 use serde_json::{Map, Value};
 
-use super::daemon_link::{self, AddRequest, AddedPod, DaemonLink, OP_ADD, PROTOCOL_VERSION};
+use super::daemon_link::{self, DaemonLink};
 use super::error::{CniError, code};
-use super::ipam::{self, AllocationRecord, IpamStore};
-use super::links;
+use super::ipam::{self, AllocationRecord, AllocationRequest, IpamStore};
+use super::links::{self, MAC_KIND_HOST, MAC_KIND_POD, VethSpec};
 use super::spec::{
     CniEnv, CniResult, CniVersion, Command, Interface, IpConfig, NetConf, Route,
     find_container_interface, peek_version, version_info,
@@ -84,8 +83,6 @@ fn attachment(env: &CniEnv) -> Result<(&str, &str), CniError> {
     }
 }
 
-/// ADD: the checks here (environment, config, subnet.env, the namespace), the work in
-/// tartand (see `cni::add_server`), which gets the namespace as a descriptor over its socket.
 fn add(env: &CniEnv, conf: &NetConf) -> Result<String, CniError> {
     let mut tl = Timeline::new();
     let (cid, ifname) = attachment(env)?;
@@ -94,27 +91,116 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<String, CniError> {
         .as_deref()
         .ok_or_else(|| CniError::env("CNI_NETNS is not set"))?;
     let senv = read_subnet_env(&conf.subnet_file)?;
+    let daemon = DaemonLink::connect(&conf.daemon_socket)?;
     let netns = links::open_netns(netns_path)?;
-    let req = AddRequest {
-        version: PROTOCOL_VERSION,
-        op: OP_ADD.to_string(),
-        container_id: cid.to_string(),
-        ifname: ifname.to_string(),
-        network: conf.name.clone(),
-        data_dir: conf.data_dir.clone(),
-        bridge: conf.bridge.clone(),
-        subnet: senv.subnet,
-        mtu: conf.mtu.unwrap_or(senv.mtu),
-        hairpin: conf.hairpin_mode,
-        pod_namespace: env.pod_namespace(),
-        pod_name: env.pod_name(),
-        labels: conf.labels.clone(),
-        netns_path: netns_path.to_string_lossy().into_owned(),
-    };
+    let subnet = senv.subnet;
+    let gw = ipam::gateway(subnet);
+    let gw_net = Ipv4Network::new(gw, subnet.prefix())
+        .map_err(|e| CniError::kernel(format!("gateway of {subnet}: {e}")))?;
+    let mtu = conf.mtu.unwrap_or(senv.mtu);
+    let host = links::host_veth_name(cid, ifname);
     tl.mark("checks");
-    let pod = daemon_link::add(&conf.daemon_socket, &req, &netns, conf.daemon_timeout)?;
-    tl.mark("tartand");
-    let ours = add_result(&pod, ifname, netns_path)?;
+
+    // Netlink in the node and in the pod (this also proves CNI_NETNS is a network namespace,
+    // before anything is allocated).
+    let rt = runtime()?;
+    let (nl, pod_nl) = {
+        let _g = rt.enter();
+        let nl = Netlink::connect().map_err(|e| CniError::kernel(format!("netlink: {e:#}")))?;
+        (nl, links::netlink_in(&netns)?)
+    };
+    tl.mark("netlink");
+
+    let store = IpamStore::open(&conf.data_dir, &conf.name)?;
+    let rec = store.allocate(
+        &AllocationRequest {
+            container_id: cid.to_string(),
+            ifname: ifname.to_string(),
+            namespace: env.pod_namespace(),
+            name: env.pod_name(),
+            labels: conf.labels.clone(),
+            netns: netns_path.to_string_lossy().into_owned(),
+        },
+        subnet,
+    )?;
+    tl.mark("ipam");
+    let addr = Ipv4Network::new(rec.ip, subnet.prefix())
+        .map_err(|e| CniError::kernel(format!("address {}: {e}", rec.ip)))?;
+    let mut spec = VethSpec {
+        host: host.clone(),
+        host_mac: links::mac_for(MAC_KIND_HOST, rec.ip),
+        pod: ifname.to_string(),
+        pod_mac: links::mac_for(MAC_KIND_POD, rec.ip),
+        mtu,
+        bridge: 0,
+    };
+    let outcome = rt.block_on(async {
+        let br = links::ensure_bridge(&nl, &conf.bridge, gw_net, mtu).await?;
+        tl.mark("bridge");
+        spec.bridge = br.index;
+        let (g, v) = futures::join!(
+            links::ensure_gateway(&nl, &br, gw_net),
+            links::add_veth(&nl, &spec, &netns)
+        );
+        g.and(v)?;
+        tl.mark("veth");
+        let hairpin = async {
+            if conf.hairpin_mode {
+                links::set_hairpin(&nl, &host).await
+            } else {
+                Ok(())
+            }
+        };
+        let pod = links::configure_pod_iface(&pod_nl, ifname, addr, gw);
+        let (h, p) = futures::join!(hairpin, pod);
+        h.and(p).map(|()| br)
+    });
+    tl.mark("kernel");
+    let bridge = match outcome {
+        Ok(br) => br,
+        Err(e) => {
+            rollback(&rt, &nl, &store, cid, ifname, &host);
+            return Err(e);
+        }
+    };
+
+    let ours = CniResult {
+        interfaces: vec![
+            Interface {
+                name: conf.bridge.clone(),
+                mac: Some(bridge.mac),
+                mtu: None,
+                sandbox: None,
+                extra: Map::new(),
+            },
+            Interface {
+                name: host.clone(),
+                mac: Some(links::format_mac(&spec.host_mac)),
+                mtu: Some(mtu),
+                sandbox: None,
+                extra: Map::new(),
+            },
+            Interface {
+                name: ifname.to_string(),
+                mac: Some(links::format_mac(&spec.pod_mac)),
+                mtu: Some(mtu),
+                sandbox: Some(netns_path.to_string_lossy().into_owned()),
+                extra: Map::new(),
+            },
+        ],
+        ips: vec![IpConfig {
+            address: IpNetwork::V4(addr),
+            gateway: Some(IpAddr::V4(gw)),
+            interface: Some(2),
+            extra: Map::new(),
+        }],
+        routes: vec![Route {
+            dst: IpNetwork::V4(Ipv4Network::new(Ipv4Addr::UNSPECIFIED, 0).unwrap_or(addr)),
+            gw: Some(IpAddr::V4(gw)),
+            extra: Map::new(),
+        }],
+        dns: Value::Object(Map::new()),
+    };
     let result = match conf.prev_result.clone() {
         Some(mut prev) => {
             prev.append(ours);
@@ -122,54 +208,27 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<String, CniError> {
         }
         None => ours,
     };
-    let out = result.render(conf.cni_version).to_string();
-    tl.mark("result");
+    if let Err(e) = daemon.sync() {
+        // The pod is set up; tartand's periodic rescan registers it.
+        log(&format!("ADD {cid}: nudging tartand failed: {e}"));
+    }
+    tl.mark("nudge");
     tl.log("ADD", cid);
-    Ok(out)
+    Ok(result.render(conf.cni_version).to_string())
 }
 
-/// The result of an ADD tartand did: bridge, host end, container end (in `netns`), the
-/// address on the container end and the default route via the gateway.
-pub fn add_result(pod: &AddedPod, ifname: &str, netns: &Path) -> Result<CniResult, CniError> {
-    let addr = Ipv4Network::new(pod.ip, pod.prefix)
-        .map_err(|e| CniError::kernel(format!("address {}/{}: {e}", pod.ip, pod.prefix)))?;
-    Ok(CniResult {
-        interfaces: vec![
-            Interface {
-                name: pod.bridge.clone(),
-                mac: Some(pod.bridge_mac.clone()),
-                mtu: None,
-                sandbox: None,
-                extra: Map::new(),
-            },
-            Interface {
-                name: pod.host_ifname.clone(),
-                mac: Some(pod.host_mac.clone()),
-                mtu: Some(pod.mtu),
-                sandbox: None,
-                extra: Map::new(),
-            },
-            Interface {
-                name: ifname.to_string(),
-                mac: Some(pod.pod_mac.clone()),
-                mtu: Some(pod.mtu),
-                sandbox: Some(netns.to_string_lossy().into_owned()),
-                extra: Map::new(),
-            },
-        ],
-        ips: vec![IpConfig {
-            address: IpNetwork::V4(addr),
-            gateway: Some(IpAddr::V4(pod.gateway)),
-            interface: Some(2),
-            extra: Map::new(),
-        }],
-        routes: vec![Route {
-            dst: IpNetwork::V4(Ipv4Network::new(Ipv4Addr::UNSPECIFIED, 0).unwrap_or(addr)),
-            gw: Some(IpAddr::V4(pod.gateway)),
-            extra: Map::new(),
-        }],
-        dns: Value::Object(Map::new()),
-    })
+/// Undoes a failed ADD: the veth pair and the allocation (errors are secondary to the
+/// failure being reported, and DEL or GC reclaim anything left).
+fn rollback(
+    rt: &tokio::runtime::Runtime,
+    nl: &Netlink,
+    store: &IpamStore,
+    cid: &str,
+    ifname: &str,
+    host: &str,
+) {
+    let _ = rt.block_on(links::delete_host_veth(nl, host));
+    let _ = store.release(cid, ifname);
 }
 
 fn del(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {

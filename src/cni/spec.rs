@@ -20,8 +20,6 @@ pub const DEFAULT_SUBNET_FILE: &str = "/run/tartan/subnet.env";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/tartan/cni";
 /// Default tartand socket.
 pub const DEFAULT_DAEMON_SOCKET: &str = "/run/tartan/tartand.sock";
-/// How long ADD waits for tartand by default.
-pub const DEFAULT_DAEMON_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A CNI spec version this plugin speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -317,9 +315,6 @@ pub struct NetConf {
     pub data_dir: PathBuf,
     /// `daemonSocket`: tartand's unix socket.
     pub daemon_socket: PathBuf,
-    /// `daemonTimeoutMs`: how long ADD waits for tartand's answer before giving up with code
-    /// 11 (default 10 s; 100 ms to 10 min).
-    pub daemon_timeout: std::time::Duration,
     /// `mtu`: overrides subnet.env's MTU.
     pub mtu: Option<u32>,
     /// `hairpinMode`: hairpin on the bridge port (default true).
@@ -341,7 +336,6 @@ struct RawConf {
     subnet_file: Option<PathBuf>,
     data_dir: Option<PathBuf>,
     daemon_socket: Option<PathBuf>,
-    daemon_timeout_ms: Option<u64>,
     mtu: Option<u32>,
     hairpin_mode: Option<bool>,
     args: Option<Value>,
@@ -402,15 +396,6 @@ impl NetConf {
         {
             return Err(CniError::config(format!("mtu {m} is outside 68..65535")));
         }
-        let daemon_timeout = match raw.daemon_timeout_ms {
-            None => DEFAULT_DAEMON_TIMEOUT,
-            Some(ms) if (100..=600_000).contains(&ms) => std::time::Duration::from_millis(ms),
-            Some(ms) => {
-                return Err(CniError::config(format!(
-                    "daemonTimeoutMs {ms} is outside 100..600000"
-                )));
-            }
-        };
         let mut labels = BTreeMap::new();
         if let Some(args) = &raw.args
             && let Some(l) = args.get("cni").and_then(|c| c.get("labels"))
@@ -438,7 +423,6 @@ impl NetConf {
             subnet_file,
             data_dir,
             daemon_socket,
-            daemon_timeout,
             mtu: raw.mtu,
             hairpin_mode: raw.hairpin_mode.unwrap_or(true),
             labels,
@@ -772,7 +756,6 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
         assert_eq!(c.subnet_file, PathBuf::from(DEFAULT_SUBNET_FILE));
         assert_eq!(c.daemon_socket, PathBuf::from(DEFAULT_DAEMON_SOCKET));
-        assert_eq!(c.daemon_timeout, DEFAULT_DAEMON_TIMEOUT);
         assert!(c.hairpin_mode);
         assert_eq!(c.labels["app"], "web");
         assert_eq!(c.labels["tier"], "b");
@@ -796,8 +779,6 @@ mod tests {
             (br#"{"cniVersion":"1.0.0","name":"n","bridge":"way-too-long-bridge"}"#, code::INVALID_CONFIG),
             (br#"{"cniVersion":"1.0.0","name":"n","mtu":20}"#, code::INVALID_CONFIG),
             (br#"{"cniVersion":"1.0.0","name":"n","mtu":"1500"}"#, code::INVALID_CONFIG),
-            (br#"{"cniVersion":"1.0.0","name":"n","daemonTimeoutMs":5}"#, code::INVALID_CONFIG),
-            (br#"{"cniVersion":"1.0.0","name":"n","daemonTimeoutMs":-1}"#, code::INVALID_CONFIG),
             (br#"{"cniVersion":"1.0.0","name":"n","dataDir":"relative"}"#, code::INVALID_CONFIG),
             (br#"{"cniVersion":"1.0.0","name":"n","args":{"cni":{"labels":[{"key":1}]}}}"#, code::INVALID_CONFIG),
             (br#"{"cniVersion":"1.0.0","name":"n","prevResult":{"ips":[{"address":"nope"}]}}"#, code::INVALID_CONFIG),
