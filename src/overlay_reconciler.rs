@@ -213,7 +213,19 @@ pub async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut pending_since: Option<Instant> = None;
     let mut failing = false;
+    // The interfaces the kernel-side event filter currently lets through.
+    let mut focused: Option<(u32, u32)> = None;
     loop {
+        if r.owned != focused
+            && let Some((vx, ul)) = r.owned
+        {
+            // Unfiltered events only cost wake-ups (the pod-veth check below still holds):
+            // said once per change of interfaces, not retried.
+            if let Err(e) = events.focus(&[vx, ul]) {
+                warn!("netlink notifications stay unfiltered: {e:#}");
+            }
+            focused = r.owned;
+        }
         tokio::select! {
             _ = tick.tick() => {}
             c = own_rx.changed() => { if c.is_err() { return Ok(()); } }
@@ -238,6 +250,7 @@ pub async fn run(
                     Some(KernelChange::Addition) => continue,
                     None => {
                         events = NetlinkEvents::subscribe(RTMGRP_OVERLAY)?;
+                        focused = None;
                         continue;
                     }
                 }
