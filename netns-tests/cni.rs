@@ -550,6 +550,69 @@ fn run_parallel(ns: &str, calls: Vec<(Command, Vec<u8>)>) -> Result<Vec<CniOut>>
     Ok(outs.into_iter().map(CniOut::from_output).collect())
 }
 
+fn ifindex_of(ns: &str, dev: &str) -> Result<u32> {
+    let out = ip(&["-n", ns, "-o", "link", "show", dev])?;
+    out.split(':')
+        .next()
+        .and_then(|i| i.trim().parse().ok())
+        .with_context(|| format!("no index for {dev}: {out}"))
+}
+
+#[test]
+fn a_stale_bridge_hint_never_leaves_a_pod_on_the_wrong_bridge() -> Result<()> {
+    let Some(mut lab) = cluster(1)? else {
+        return Ok(());
+    };
+    let node = lab.nodes[0].ns.clone();
+    let conf = plugin_conf(&installed_conflist(&lab, 0)?, "1.0.0");
+    let plugin = lab.bins.tartan_cni.clone();
+    let hint = lab.nodes[0].cni_data_dir().join("tartan").join("bridge");
+    let mut n = 0;
+    let mut add_and_check = |lab: &mut Lab, what: &str| -> Result<()> {
+        n += 1;
+        let pod = lab.add_namespace(&format!("h{n}"))?;
+        let result = Call::new(&plugin, "ADD", &format!("hint{n}"))
+            .netns(&pod)
+            .run(&node, &conf)?
+            .ok()
+            .with_context(|| format!("ADD {what}"))?;
+        let host = host_veth(&result)?;
+        let port = ip(&["-n", &node, "-d", "link", "show", &host])?;
+        ensure!(port.contains("master tartan0"), "{what}: {port}");
+        let br = ifindex_of(&node, "tartan0")?;
+        let text = std::fs::read_to_string(&hint)?;
+        ensure!(
+            text.starts_with(&format!("tartan0 {br} ")),
+            "{what}: hint {text:?}, bridge index {br}"
+        );
+        let gw = ip(&["-n", &node, "addr", "show", "tartan0"])?;
+        ensure!(
+            gw.contains("inet "),
+            "{what}: no gateway on the bridge: {gw}"
+        );
+        Ok(())
+    };
+    add_and_check(&mut lab, "first ADD")?;
+    // The hint names another bridge's index: the pod's veth must not stay there.
+    ip(&["-n", &node, "link", "add", "decoy0", "type", "bridge"])?;
+    let decoy = ifindex_of(&node, "decoy0")?;
+    std::fs::write(&hint, format!("tartan0 {decoy} 02:00:00:00:00:01\n"))?;
+    add_and_check(&mut lab, "hint on another bridge")?;
+    let ports = ip(&["-n", &node, "-o", "link", "show", "master", "decoy0"])?;
+    ensure!(ports.trim().is_empty(), "left on the decoy: {ports}");
+    // The hint names an interface that is no bridge.
+    let eth0 = ifindex_of(&node, "eth0")?;
+    std::fs::write(&hint, format!("tartan0 {eth0} 02:00:00:00:00:01\n"))?;
+    add_and_check(&mut lab, "hint on the underlay")?;
+    // The bridge deleted by hand: re-created, with its gateway.
+    ip(&["-n", &node, "link", "del", "tartan0"])?;
+    add_and_check(&mut lab, "bridge deleted")?;
+    // Garbage in the hint file.
+    std::fs::write(&hint, "\u{0}not a hint")?;
+    add_and_check(&mut lab, "garbage hint")?;
+    Ok(())
+}
+
 #[test]
 fn fifty_parallel_adds_then_gc_frees_exactly_the_invalid_half() -> Result<()> {
     let Some(mut lab) = cluster(1)? else {

@@ -14,6 +14,7 @@
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
+use std::path::Path;
 
 use futures::TryStreamExt;
 use ipnetwork::Ipv4Network;
@@ -177,17 +178,78 @@ pub async fn ensure_bridge(
     }
     let index = link.header.index;
     if !link.header.flags.contains(LinkFlags::Up) {
-        nl.handle()
-            .link()
-            .change(LinkUnspec::new_with_index(index).up().build())
-            .execute()
-            .await
-            .map_err(|e| kernel(format!("setting {name} up"), e))?;
+        set_up(nl, index, name).await?;
     }
     Ok(Bridge {
         index,
         mac: link_mac(&link).map(|m| format_mac(&m)).unwrap_or_default(),
     })
+}
+
+/// File in the IPAM directory remembering the bridge between plugin processes.
+pub const BRIDGE_HINT_FILE: &str = "bridge";
+
+/// The bridge `name` as the last plugin process found it (`<ipam dir>/bridge`: name, index,
+/// MAC). Only a hint: an ADD using it checks the index in the same pipeline as the veth
+/// creation (see [`bridge_at`]) and falls back to [`ensure_bridge`] when it is stale.
+pub fn read_bridge_hint(ipam_dir: &Path, name: &str) -> Option<Bridge> {
+    let text = std::fs::read_to_string(ipam_dir.join(BRIDGE_HINT_FILE)).ok()?;
+    let mut w = text.split_whitespace();
+    (w.next()? == name).then_some(())?;
+    let index = w.next()?.parse().ok()?;
+    let mac = w.next()?.to_string();
+    Some(Bridge { index, mac })
+}
+
+/// Records the bridge for the next processes (temporary file and rename; failures only cost
+/// the next ADD a look-up).
+pub fn write_bridge_hint(ipam_dir: &Path, name: &str, b: &Bridge) {
+    let tmp = ipam_dir.join(format!(".{BRIDGE_HINT_FILE}.{}", std::process::id()));
+    if std::fs::write(&tmp, format!("{name} {} {}\n", b.index, b.mac)).is_ok()
+        && std::fs::rename(&tmp, ipam_dir.join(BRIDGE_HINT_FILE)).is_err()
+    {
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
+/// Whether interface `index` is (still) the bridge `name`: the bridge and whether it is up.
+pub async fn bridge_at(
+    nl: &Netlink,
+    index: u32,
+    name: &str,
+) -> Result<Option<(Bridge, bool)>, CniError> {
+    let Some(link) = nl
+        .link_by_index(index)
+        .await
+        .map_err(|e| kernel("bridge", e))?
+    else {
+        return Ok(None);
+    };
+    let named = link
+        .attributes
+        .iter()
+        .any(|a| matches!(a, LinkAttribute::IfName(n) if n == name));
+    if !named || link_kind(&link) != Some(InfoKind::Bridge) {
+        return Ok(None);
+    }
+    let up = link.header.flags.contains(LinkFlags::Up);
+    Ok(Some((
+        Bridge {
+            index,
+            mac: link_mac(&link).map(|m| format_mac(&m)).unwrap_or_default(),
+        },
+        up,
+    )))
+}
+
+/// Sets interface `index` (`name` in errors) up.
+pub async fn set_up(nl: &Netlink, index: u32, name: &str) -> Result<(), CniError> {
+    nl.handle()
+        .link()
+        .change(LinkUnspec::new_with_index(index).up().build())
+        .execute()
+        .await
+        .map_err(|e| kernel(format!("setting {name} up"), e))
 }
 
 /// Makes sure the bridge holds `gateway` (the subnet's first address with the subnet prefix):

@@ -134,15 +134,51 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<String, CniError> {
         mtu,
         bridge: 0,
     };
+    let hint = links::read_bridge_hint(store.dir(), &conf.bridge);
     let outcome = rt.block_on(async {
-        let br = links::ensure_bridge(&nl, &conf.bridge, gw_net, mtu).await?;
+        // With a remembered bridge, the veth is created on it while the same pipeline checks
+        // that the index is still that bridge; a stale hint costs the veth (deleted at once)
+        // and the look-up the hint saves.
+        let mut found = None;
+        if let Some(h) = &hint {
+            spec.bridge = h.index;
+            let (v, at) = futures::join!(
+                links::add_veth(&nl, &spec, &netns),
+                links::bridge_at(&nl, h.index, &conf.bridge)
+            );
+            match at? {
+                Some((br, up)) => {
+                    v?;
+                    if !up {
+                        links::set_up(&nl, br.index, &conf.bridge).await?;
+                    }
+                    found = Some(br);
+                }
+                None => {
+                    if v.is_ok() {
+                        links::delete_host_veth(&nl, &host).await?;
+                    }
+                }
+            }
+        }
         tl.mark("bridge");
-        spec.bridge = br.index;
-        let (g, v) = futures::join!(
-            links::ensure_gateway(&nl, &br, gw_net),
-            links::add_veth(&nl, &spec, &netns)
-        );
-        g.and(v)?;
+        let br = match found {
+            Some(br) => {
+                links::ensure_gateway(&nl, &br, gw_net).await?;
+                br
+            }
+            None => {
+                let br = links::ensure_bridge(&nl, &conf.bridge, gw_net, mtu).await?;
+                links::write_bridge_hint(store.dir(), &conf.bridge, &br);
+                spec.bridge = br.index;
+                let (g, v) = futures::join!(
+                    links::ensure_gateway(&nl, &br, gw_net),
+                    links::add_veth(&nl, &spec, &netns)
+                );
+                g.and(v)?;
+                br
+            }
+        };
         tl.mark("veth");
         let hairpin = async {
             if conf.hairpin_mode {
