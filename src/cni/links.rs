@@ -320,12 +320,36 @@ async fn try_add_veth(nl: &Netlink, spec: &VethSpec, netns: &File) -> Result<(),
     nl.handle().link().add(msg).execute().await
 }
 
+/// How [`add_veth`] made the pair: at once, or after freeing its host end's name (then
+/// anything looked up in the same pipeline before it saw the old pair).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Creation {
+    /// The first request made it.
+    First,
+    /// A detached or stale pair held the name; it was removed and the pair made again.
+    AfterFreeingTheName,
+}
+
+/// The index of `host`'s peer in the peer's namespace (`IFLA_LINK`), if `host` exists.
+pub async fn peer_index(nl: &Netlink, host: &str) -> Result<Option<u32>, CniError> {
+    let link = nl
+        .link_by_name(host)
+        .await
+        .map_err(|e| kernel(format!("looking up {host}"), e))?;
+    Ok(link.and_then(|l| {
+        l.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Link(i) => Some(*i),
+            _ => None,
+        })
+    }))
+}
+
 /// Creates the veth pair in one request: the host end up on the bridge, the container end
 /// named `spec.pod` directly inside `netns` (down: this kernel refuses to bring a peer up in
 /// another namespace at creation, ENOTCONN), both with their MTU and MAC. A name already
 /// taken by a detached pair waiting to be reaped, or by a stale host end of the same
 /// attachment, is freed and the creation retried once.
-pub async fn add_veth(nl: &Netlink, spec: &VethSpec, netns: &File) -> Result<(), CniError> {
+pub async fn add_veth(nl: &Netlink, spec: &VethSpec, netns: &File) -> Result<Creation, CniError> {
     let taken = || {
         CniError::new(
             code::INTERFACE_EXISTS,
@@ -336,7 +360,7 @@ pub async fn add_veth(nl: &Netlink, spec: &VethSpec, netns: &File) -> Result<(),
         )
     };
     match try_add_veth(nl, spec, netns).await {
-        Ok(()) => Ok(()),
+        Ok(()) => Ok(Creation::First),
         Err(e) if is_exists(&e) => {
             let reaped = reap_detached(nl).await?;
             let stale = nl
@@ -346,13 +370,16 @@ pub async fn add_veth(nl: &Netlink, spec: &VethSpec, netns: &File) -> Result<(),
             if !stale && reaped == 0 {
                 return Err(taken());
             }
-            try_add_veth(nl, spec, netns).await.map_err(|e| {
-                if is_exists(&e) {
-                    taken()
-                } else {
-                    kernel(format!("creating veth {}", spec.host), e)
-                }
-            })
+            try_add_veth(nl, spec, netns)
+                .await
+                .map(|()| Creation::AfterFreeingTheName)
+                .map_err(|e| {
+                    if is_exists(&e) {
+                        taken()
+                    } else {
+                        kernel(format!("creating veth {}", spec.host), e)
+                    }
+                })
         }
         Err(e) => Err(kernel(format!("creating veth {}", spec.host), e)),
     }
@@ -446,19 +473,26 @@ pub async fn port_master(nl: &Netlink, port: &str) -> Result<Option<Option<u32>>
 pub async fn configure_pod_iface(
     nl: &Netlink,
     ifname: &str,
+    known_index: Option<u32>,
     addr: Ipv4Network,
     gateway: Ipv4Addr,
 ) -> Result<(), CniError> {
-    let link = nl
-        .link_by_name(ifname)
-        .await
-        .map_err(|e| kernel(format!("looking up {ifname} in the container"), e))?
-        .ok_or_else(|| CniError::kernel(format!("{ifname} is missing in the container")))?;
-    let index = link.header.index;
+    // The index the host end reported for its peer saves a look-up; a new interface is down.
+    let (index, is_up) = match known_index {
+        Some(i) => (i, false),
+        None => {
+            let link = nl
+                .link_by_name(ifname)
+                .await
+                .map_err(|e| kernel(format!("looking up {ifname} in the container"), e))?
+                .ok_or_else(|| CniError::kernel(format!("{ifname} is missing in the container")))?;
+            (link.header.index, link.header.flags.contains(LinkFlags::Up))
+        }
+    };
     // Up, address, route: queued back to back (the kernel handles each request completely,
     // in order, before the next), acknowledged together.
     let up = async {
-        if link.header.flags.contains(LinkFlags::Up) {
+        if is_up {
             return Ok(());
         }
         nl.handle()

@@ -139,16 +139,22 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<String, CniError> {
         // With a remembered bridge, the veth is created on it while the same pipeline checks
         // that the index is still that bridge; a stale hint costs the veth (deleted at once)
         // and the look-up the hint saves.
+        // The host end's look-up, queued after the creation on the same socket, gives the
+        // pod end's index (no look-up inside the pod).
         let mut found = None;
+        let mut pod_index = None;
         if let Some(h) = &hint {
             spec.bridge = h.index;
-            let (v, at) = futures::join!(
+            let (v, at, peer) = futures::join!(
                 links::add_veth(&nl, &spec, &netns),
-                links::bridge_at(&nl, h.index, &conf.bridge)
+                links::bridge_at(&nl, h.index, &conf.bridge),
+                links::peer_index(&nl, &host)
             );
             match at? {
                 Some((br, up)) => {
-                    v?;
+                    if v? == links::Creation::First {
+                        pod_index = peer.ok().flatten();
+                    }
                     if !up {
                         links::set_up(&nl, br.index, &conf.bridge).await?;
                     }
@@ -187,7 +193,7 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<String, CniError> {
                 Ok(())
             }
         };
-        let pod = links::configure_pod_iface(&pod_nl, ifname, addr, gw);
+        let pod = links::configure_pod_iface(&pod_nl, ifname, pod_index, addr, gw);
         let (h, p) = futures::join!(hairpin, pod);
         h.and(p).map(|()| br)
     });
