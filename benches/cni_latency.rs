@@ -18,6 +18,10 @@
 //! linked build `make release` makes, which is what tartand installs).
 //! Results: docs/benchmarks.md.
 
+mod common;
+
+use common::*;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -26,15 +30,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
-use tartan::netns_lab::{Binaries, Lab, NETNS_DIR, require_root, wait_for};
-
-fn bins() -> Binaries {
-    Binaries {
-        tartand: env!("CARGO_BIN_EXE_tartand").into(),
-        tartanctl: env!("CARGO_BIN_EXE_tartanctl").into(),
-        tartan_cni: env!("CARGO_BIN_EXE_tartan-cni").into(),
-    }
-}
+use tartan::netns_lab::{Lab, NETNS_DIR, require_root, wait_for};
 
 /// A plugin under test: binary and config.
 #[derive(Clone)]
@@ -191,20 +187,6 @@ fn wait_empty(pods: &[String]) -> Result<()> {
         )?;
     }
     Ok(())
-}
-
-/// CPU time of a process in nanoseconds (scheduler accounting).
-fn cpu_ns(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).ok()?;
-    s.split_whitespace().next()?.parse().ok()
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let idx = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
 }
 
 #[derive(Default)]

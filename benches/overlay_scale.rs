@@ -6,6 +6,10 @@
 //!
 //! Run: `cargo bench --bench overlay_scale` (or `make bench`). Results: docs/benchmarks.md.
 
+mod common;
+
+use common::*;
+
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
@@ -14,16 +18,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use futures::StreamExt;
 use tartan::etcd_store::{EtcdArgs, Store};
-use tartan::netns_lab::{Binaries, Lab, block_on_in_netns, require_root, wait_for};
+use tartan::netns_lab::{Lab, block_on_in_netns, require_root, wait_for};
 use tartan::subnet_lease::{LeaseValue, MacAddr};
-
-fn bins() -> Binaries {
-    Binaries {
-        tartand: env!("CARGO_BIN_EXE_tartand").into(),
-        tartanctl: env!("CARGO_BIN_EXE_tartanctl").into(),
-        tartan_cni: env!("CARGO_BIN_EXE_tartan-cni").into(),
-    }
-}
 
 fn etcd_args(endpoint: &str) -> EtcdArgs {
     EtcdArgs::for_endpoints(&[endpoint])
@@ -75,21 +71,6 @@ fn proc_status(pid: u32, field: &str) -> Option<u64> {
         .nth(1)?
         .parse()
         .ok()
-}
-
-/// CPU time of a process in nanoseconds, from the scheduler's precise accounting
-/// (`/proc/PID/schedstat`; tick-sampled utime over-counts processes that wake on timers).
-fn cpu_ns(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).ok()?;
-    s.split_whitespace().next()?.parse().ok()
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let idx = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
 }
 
 fn bench_1000_peers() -> Result<()> {
@@ -252,11 +233,8 @@ fn main() -> Result<()> {
     if !require_root()? {
         return Ok(());
     }
-    let which: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    let want = |name: &str| which.is_empty() || which.iter().any(|w| name.contains(w.as_str()));
+    let sections = Sections::from_args();
+    let want = |name: &str| sections.want(name);
     if want("peers_1000") {
         bench_1000_peers()?;
     }

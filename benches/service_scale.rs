@@ -11,6 +11,10 @@
 //!
 //! Run: `cargo bench --bench service_scale [-- NAME...]`. Results: docs/benchmarks.md.
 
+mod common;
+
+use common::*;
+
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
@@ -20,18 +24,10 @@ use anyhow::{Context, Result, bail};
 use futures::StreamExt;
 use tartan::etcd_store::{EtcdArgs, Store};
 use tartan::netbench::service_bed::{NatKind, ServiceBed, first_connections, vip};
-use tartan::netns_lab::{Binaries, Lab, block_on_in_netns, in_netns, require_root, wait_for};
+use tartan::netns_lab::{Lab, block_on_in_netns, in_netns, require_root, wait_for};
 use tartan::pod_record::{PodRecord, pod_key};
 use tartan::service_model::{DEFAULT_AFFINITY_TIMEOUT, Service, SessionAffinity, TrafficPolicy};
 use tartan::service_rules::Balancing;
-
-fn bins() -> Binaries {
-    Binaries {
-        tartand: env!("CARGO_BIN_EXE_tartand").into(),
-        tartanctl: env!("CARGO_BIN_EXE_tartanctl").into(),
-        tartan_cni: env!("CARGO_BIN_EXE_tartan-cni").into(),
-    }
-}
 
 fn etcd_args() -> EtcdArgs {
     EtcdArgs::for_endpoints(&["http://127.0.0.1:2379"])
@@ -531,11 +527,8 @@ fn main() -> Result<()> {
     if !require_root()? {
         return Ok(());
     }
-    let which: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    let want = |name: &str| which.is_empty() || which.iter().any(|w| name.contains(w.as_str()));
+    let sections = Sections::from_args();
+    let want = |name: &str| sections.want(name);
     if want("full_sync") || want("endpoint_change") {
         let lab = full_sync(10_000).context("10,000 services")?;
         if want("endpoint_change") {

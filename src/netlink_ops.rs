@@ -118,7 +118,8 @@ fn vxlan_info(msg: &LinkMessage) -> Option<Vec<InfoVxlan>> {
     })
 }
 
-fn link_kind(msg: &LinkMessage) -> Option<InfoKind> {
+/// The kind of a link (`bridge`, `veth`, `vxlan`, ...) from its `IFLA_LINKINFO`.
+pub fn link_kind(msg: &LinkMessage) -> Option<InfoKind> {
     msg.attributes.iter().find_map(|a| match a {
         LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
             LinkInfo::Kind(k) => Some(k.clone()),

@@ -29,6 +29,19 @@ pub const ETCD_PORT: u16 = 2379;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
+/// The [`Binaries`] cargo built, for tests and benchmarks: cargo sets `CARGO_BIN_EXE_<name>`
+/// only when it compiles those, and `env!` reads it where the macro is used.
+#[macro_export]
+macro_rules! built_binaries {
+    () => {
+        $crate::netns_lab::Binaries {
+            tartand: env!("CARGO_BIN_EXE_tartand").into(),
+            tartanctl: env!("CARGO_BIN_EXE_tartanctl").into(),
+            tartan_cni: env!("CARGO_BIN_EXE_tartan-cni").into(),
+        }
+    };
+}
+
 /// Paths of the tartan binaries a lab runs.
 #[derive(Debug, Clone)]
 pub struct Binaries {

@@ -10,11 +10,7 @@ use tartan::netns_lab::{Binaries, Lab, in_netns};
 
 /// The binaries cargo built for this test run.
 pub fn bins() -> Binaries {
-    Binaries {
-        tartand: env!("CARGO_BIN_EXE_tartand").into(),
-        tartanctl: env!("CARGO_BIN_EXE_tartanctl").into(),
-        tartan_cni: env!("CARGO_BIN_EXE_tartan-cni").into(),
-    }
+    tartan::built_binaries!()
 }
 
 /// A lab with etcd running and the network config written; `None` when opted out of root tests.

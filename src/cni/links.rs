@@ -26,7 +26,7 @@ use nix::sched::{CloneFlags, setns};
 use rtnetlink::{LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 use super::error::{CniError, code};
-use crate::netlink_ops::Netlink;
+use crate::netlink_ops::{Netlink, link_kind};
 
 const EEXIST: i32 = 17;
 const ENODEV: i32 = 19;
@@ -103,16 +103,6 @@ pub fn format_mac(mac: &[u8]) -> String {
 fn link_mac(msg: &LinkMessage) -> Option<Vec<u8>> {
     msg.attributes.iter().find_map(|a| match a {
         LinkAttribute::Address(b) => Some(b.clone()),
-        _ => None,
-    })
-}
-
-fn link_kind(msg: &LinkMessage) -> Option<InfoKind> {
-    msg.attributes.iter().find_map(|a| match a {
-        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
-            LinkInfo::Kind(k) => Some(k.clone()),
-            _ => None,
-        }),
         _ => None,
     })
 }
