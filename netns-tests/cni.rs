@@ -208,6 +208,19 @@ fn cluster(nodes: usize) -> Result<Option<Lab>> {
     Ok(Some(lab))
 }
 
+/// One node with tartand running: the lab, the node's namespace, the installed config as a
+/// runtime hands it to the first plugin (at `version`) and the plugin binary; `None` when
+/// opted out of root tests.
+fn one_node(version: &str) -> Result<Option<(Lab, String, Value, PathBuf)>> {
+    let Some(lab) = cluster(1)? else {
+        return Ok(None);
+    };
+    let node = lab.nodes[0].ns.clone();
+    let conf = plugin_conf(&installed_conflist(&lab, 0)?, version);
+    let plugin = lab.bins.tartan_cni.clone();
+    Ok(Some((lab, node, conf, plugin)))
+}
+
 fn pod_key(node: &str, cid: &str, ifname: &str) -> String {
     format!("/tartan/pods/{node}/{cid}/{ifname}")
 }
@@ -480,12 +493,9 @@ fn add_check_del_round_trip_registers_the_pod() -> Result<()> {
 
 #[test]
 fn del_succeeds_when_the_netns_is_already_gone() -> Result<()> {
-    let Some(mut lab) = cluster(1)? else {
+    let Some((mut lab, node, conf, plugin)) = one_node("1.0.0")? else {
         return Ok(());
     };
-    let node = lab.nodes[0].ns.clone();
-    let conf = plugin_conf(&installed_conflist(&lab, 0)?, "1.0.0");
-    let plugin = lab.bins.tartan_cni.clone();
     let pod = lab.add_namespace("gone")?;
     let r = Call::new(&plugin, "ADD", "gone1")
         .netns(&pod)
@@ -560,12 +570,9 @@ fn ifindex_of(ns: &str, dev: &str) -> Result<u32> {
 
 #[test]
 fn a_stale_bridge_hint_never_leaves_a_pod_on_the_wrong_bridge() -> Result<()> {
-    let Some(mut lab) = cluster(1)? else {
+    let Some((mut lab, node, conf, plugin)) = one_node("1.0.0")? else {
         return Ok(());
     };
-    let node = lab.nodes[0].ns.clone();
-    let conf = plugin_conf(&installed_conflist(&lab, 0)?, "1.0.0");
-    let plugin = lab.bins.tartan_cni.clone();
     let hint = lab.nodes[0].cni_data_dir().join("tartan").join("bridge");
     let mut n = 0;
     let mut add_and_check = |lab: &mut Lab, what: &str| -> Result<()> {
@@ -615,13 +622,9 @@ fn a_stale_bridge_hint_never_leaves_a_pod_on_the_wrong_bridge() -> Result<()> {
 
 #[test]
 fn fifty_parallel_adds_then_gc_frees_exactly_the_invalid_half() -> Result<()> {
-    let Some(mut lab) = cluster(1)? else {
+    let Some((mut lab, node, conf, plugin)) = one_node("1.0.0")? else {
         return Ok(());
     };
-    let node = lab.nodes[0].ns.clone();
-    let list = installed_conflist(&lab, 0)?;
-    let conf = plugin_conf(&list, "1.0.0");
-    let plugin = lab.bins.tartan_cni.clone();
     let mut pods = Vec::new();
     for k in 0..50 {
         pods.push(lab.add_namespace(&format!("q{k}"))?);
@@ -655,7 +658,8 @@ fn fifty_parallel_adds_then_gc_frees_exactly_the_invalid_half() -> Result<()> {
     })?;
 
     // GC with the even half valid: exactly the odd half goes.
-    let mut gc_conf = plugin_conf(&list, "1.1.0");
+    let mut gc_conf = conf.clone();
+    gc_conf["cniVersion"] = json!("1.1.0");
     let valid: Vec<Value> = cids
         .iter()
         .step_by(2)
@@ -694,13 +698,9 @@ fn fifty_parallel_adds_then_gc_frees_exactly_the_invalid_half() -> Result<()> {
 
 #[test]
 fn killed_adds_leak_nothing_gc_cannot_reclaim() -> Result<()> {
-    let Some(mut lab) = cluster(1)? else {
+    let Some((mut lab, node, conf, plugin)) = one_node("1.1.0")? else {
         return Ok(());
     };
-    let node = lab.nodes[0].ns.clone();
-    let list = installed_conflist(&lab, 0)?;
-    let conf = plugin_conf(&list, "1.1.0");
-    let plugin = lab.bins.tartan_cni.clone();
     let mut pods = Vec::new();
     for k in 0..30 {
         pods.push(lab.add_namespace(&format!("k{k}"))?);
@@ -899,13 +899,9 @@ fn chained_portmap_and_bandwidth_see_our_prev_result() -> Result<()> {
 
 #[test]
 fn bad_configs_and_environments_get_the_right_codes() -> Result<()> {
-    let Some(mut lab) = cluster(1)? else {
+    let Some((mut lab, node, conf, plugin)) = one_node("1.0.0")? else {
         return Ok(());
     };
-    let node = lab.nodes[0].ns.clone();
-    let list = installed_conflist(&lab, 0)?;
-    let conf = plugin_conf(&list, "1.0.0");
-    let plugin = lab.bins.tartan_cni.clone();
     let pod = lab.add_namespace("bad")?;
     let add = || Call::new(&plugin, "ADD", "bad01").netns(&pod);
 
@@ -1052,7 +1048,11 @@ fn bad_configs_and_environments_get_the_right_codes() -> Result<()> {
         .error_code()?;
     ensure!(code == 1, "STATUS at 1.0.0: code {code}");
     Call::new(&plugin, "STATUS", "")
-        .run(&node, &plugin_conf(&list, "1.1.0"))?
+        .run(&node, &{
+            let mut c = conf.clone();
+            c["cniVersion"] = json!("1.1.0");
+            c
+        })?
         .ok()
         .context("STATUS of a ready node")?;
 
