@@ -110,6 +110,15 @@ pub fn ns_command(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
     c
 }
 
+/// Gives `dev` in namespace `ns` the address `cidr`, sets it up and sends everything else via
+/// `gateway`: the last step of wiring a node, pod or client namespace.
+pub fn address_up_default_route(ns: &str, dev: &str, cidr: &str, gateway: &str) -> Result<()> {
+    ip(&["-n", ns, "addr", "add", cidr, "dev", dev])?;
+    ip(&["-n", ns, "link", "set", dev, "up"])?;
+    ip(&["-n", ns, "route", "add", "default", "via", gateway])?;
+    Ok(())
+}
+
 /// Runs `program args` inside `ns`; returns stdout, failing on a non-zero exit.
 pub fn ns_run(ns: &str, program: &str, args: &[&str]) -> Result<String> {
     let out = run(ns_command(ns, program).args(args))?;
@@ -373,25 +382,7 @@ impl Lab {
             "up",
         ])?;
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-        ip(&[
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{node_ip}/24"),
-            "dev",
-            "eth0",
-        ])?;
-        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-        ip(&[
-            "-n",
-            &ns,
-            "route",
-            "add",
-            "default",
-            "via",
-            &INFRA_IP.to_string(),
-        ])?;
+        address_up_default_route(&ns, "eth0", &format!("{node_ip}/24"), &INFRA_IP.to_string())?;
         let dir = self.dir.join(format!("node{i}"));
         std::fs::create_dir_all(&dir)?;
         self.nodes.push(LabNode {
@@ -785,25 +776,12 @@ impl Lab {
             "on",
         ])?;
         ip(&["-n", &pod_ns, "link", "set", "lo", "up"])?;
-        ip(&[
-            "-n",
+        address_up_default_route(
             &pod_ns,
-            "addr",
-            "add",
-            &format!("{pod_ip}/{}", subnet.prefix()),
-            "dev",
             "eth0",
-        ])?;
-        ip(&["-n", &pod_ns, "link", "set", "eth0", "up"])?;
-        ip(&[
-            "-n",
-            &pod_ns,
-            "route",
-            "add",
-            "default",
-            "via",
+            &format!("{pod_ip}/{}", subnet.prefix()),
             &gw.to_string(),
-        ])?;
+        )?;
         Ok(LabPod {
             ns: pod_ns,
             ip: pod_ip,

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::netbench::probe::tcp_server;
-use crate::netns_lab::{delete_ns, in_netns, ip, ns_command, ns_run, sweep_stale};
+use crate::netns_lab::{
+    address_up_default_route, delete_ns, in_netns, ip, ns_command, ns_run, sweep_stale,
+};
 use crate::nft_netlink::NftSocket;
 use crate::pod_record::PodRecord;
 use crate::service_model::{
@@ -249,25 +251,7 @@ impl ServiceBed {
             ip(&["-n", &node, "link", "set", "toc", "up"])?;
             ip(&["-n", &node, "link", "set", "tos", "up"])?;
             ns_run(&node, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
-            ip(&[
-                "-n",
-                &client,
-                "addr",
-                "add",
-                &format!("{CLIENT_IP}/24"),
-                "dev",
-                "eth0",
-            ])?;
-            ip(&["-n", &client, "link", "set", "eth0", "up"])?;
-            ip(&[
-                "-n",
-                &client,
-                "route",
-                "add",
-                "default",
-                "via",
-                "10.244.1.1",
-            ])?;
+            address_up_default_route(&client, "eth0", &format!("{CLIENT_IP}/24"), "10.244.1.1")?;
             let endpoints = match kind {
                 NatKind::Tartan { endpoints, .. } => (*endpoints).max(1),
                 NatKind::Linear { .. } => 1,

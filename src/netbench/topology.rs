@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 use super::probe::{bench_servers, ports};
-use crate::netns_lab::{Lab, LabPod, ip, ns_run, wait_for};
+use crate::netns_lab::{Lab, LabPod, address_up_default_route, ip, ns_run, wait_for};
 
 /// Which dataplane a path crosses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -204,25 +204,12 @@ fn flannel_pod(lab: &mut Lab, node_ns: &str, k: u8, n: u8) -> Result<LabPod> {
         "hairpin",
         "on",
     ])?;
-    ip(&[
-        "-n",
+    address_up_default_route(
         &ns,
-        "addr",
-        "add",
-        &format!("{pod_ip}/24"),
-        "dev",
         "eth0",
-    ])?;
-    ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-    ip(&[
-        "-n",
-        &ns,
-        "route",
-        "add",
-        "default",
-        "via",
+        &format!("{pod_ip}/24"),
         &format!("10.246.{k}.1"),
-    ])?;
+    )?;
     Ok(LabPod { ns, ip: pod_ip })
 }
 
