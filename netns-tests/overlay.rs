@@ -832,6 +832,10 @@ fn sigterm_reaches_a_daemon_whose_parent_blocked_it() -> Result<()> {
         };
         lab.start_daemon(0, &[])?;
         lab.wait_subnet(0)?;
+        let ns = lab.nodes[0].ns.clone();
+        wait_for("the VXLAN device", Duration::from_secs(20), || {
+            ip(&["-n", &ns, "link", "show", "tartan.1"]).ok()
+        })?;
         // Fails when tartand ignores SIGTERM for 10 s.
         lab.stop_daemon(0)?;
         ensure!(
