@@ -217,7 +217,23 @@ impl SubnetManager {
         let mut races = 0u32;
         loop {
             match self.try_acquire(preferred).await {
-                Ok(Attempt::Got(l)) => return Some(l),
+                Ok(Attempt::Got(l)) => {
+                    // `node leave` writes its marker, then lists the subnets to release: if
+                    // that listing ran before this key existed, only a second look at the
+                    // marker tells (a lookup error leaves it to the keep loop).
+                    if let Ok(Some(_)) = self
+                        .store
+                        .get(&Self::leave_key(&self.keys, &self.node.name))
+                        .await
+                    {
+                        if l.etcd_lease != 0 {
+                            let _ = self.store.delete(&self.key_for(l.subnet)).await;
+                            let _ = self.store.revoke(l.etcd_lease).await;
+                        }
+                        return None;
+                    }
+                    return Some(l);
+                }
                 Ok(Attempt::LeaveRequested) => return None,
                 Ok(Attempt::Retry) => {
                     races += 1;
