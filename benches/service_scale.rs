@@ -446,13 +446,7 @@ fn first_packet() -> Result<()> {
     let mut round_p50: Vec<Vec<f64>> = vec![Vec::new(); bed.variants.len()];
     let rounds = 60;
     for r in 0..rounds {
-        // Alternate the order so no variant always runs first.
-        let order: Vec<usize> = if r % 2 == 0 {
-            (0..bed.variants.len()).collect()
-        } else {
-            (0..bed.variants.len()).rev().collect()
-        };
-        for i in order {
+        for i in bed.round_order(r) {
             let v = &bed.variants[i];
             let res = first_connections(&v.client, v.target, 50)?;
             let d: Vec<Duration> = res.into_iter().map(|x| x.0).collect();

@@ -485,12 +485,7 @@ pub async fn configure_pod_iface(
         if is_up {
             return Ok(());
         }
-        nl.handle()
-            .link()
-            .change(LinkUnspec::new_with_index(index).up().build())
-            .execute()
-            .await
-            .map_err(|e| kernel(format!("setting {ifname} up"), e))
+        set_up(nl, index, ifname).await
     };
     let address = async {
         match nl

@@ -272,12 +272,7 @@ fn scale(s: &Settings, pb: &ProgressBar) -> Result<Vec<ScaleResult>> {
             r + 1,
             s.scale_rounds
         ));
-        let order: Vec<usize> = if r % 2 == 0 {
-            (0..bed.variants.len()).collect()
-        } else {
-            (0..bed.variants.len()).rev().collect()
-        };
-        for i in order {
+        for i in bed.round_order(r) {
             let v = &bed.variants[i];
             samples[i].next_round();
             for (d, _) in first_connections(&v.client, v.target, s.scale_conns)? {

@@ -93,6 +93,19 @@ pub struct ServiceBed {
     namespaces: Vec<String>,
 }
 
+impl ServiceBed {
+    /// The order to measure the variants in during round `round`: alternating, so that no
+    /// variant always runs first.
+    pub fn round_order(&self, round: usize) -> Vec<usize> {
+        let n = self.variants.len();
+        if round.is_multiple_of(2) {
+            (0..n).collect()
+        } else {
+            (0..n).rev().collect()
+        }
+    }
+}
+
 impl Drop for ServiceBed {
     fn drop(&mut self) {
         for ns in self.namespaces.iter().rev() {
