@@ -16,8 +16,12 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use ipnetwork::Ipv4Network;
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_ECHO, NLM_F_EXCL, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
@@ -279,7 +283,16 @@ pub struct VethSpec {
     pub bridge: u32,
 }
 
-async fn try_add_veth(nl: &Netlink, spec: &VethSpec, netns: &File) -> Result<(), rtnetlink::Error> {
+/// Sends the creation with `NLM_F_ECHO`: the kernel (6.3 and later) answers with the host
+/// end as created, whose `IFLA_LINK` is the container end's index; returned when present.
+/// (Looking the new link up instead would make the kernel process its pending carrier event
+/// inside the request: `rtnl_getlink` syncs link-watch state, an IPv6 FIB walk and an RCU
+/// grace period on the runtime's clock. Left alone, the kernel does that in the background.)
+async fn try_add_veth(
+    nl: &Netlink,
+    spec: &VethSpec,
+    netns: &File,
+) -> Result<Option<u32>, rtnetlink::Error> {
     let peer = rtnetlink::LinkMessageBuilder::<LinkUnspec>::new()
         .name(spec.pod.clone())
         .mtu(spec.mtu)
@@ -307,39 +320,40 @@ async fn try_add_veth(nl: &Netlink, spec: &VethSpec, netns: &File) -> Result<(),
             }
         }
     }
-    nl.handle().link().add(msg).execute().await
-}
-
-/// How [`add_veth`] made the pair: at once, or after freeing its host end's name (then
-/// anything looked up in the same pipeline before it saw the old pair).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Creation {
-    /// The first request made it.
-    First,
-    /// A detached or stale pair held the name; it was removed and the pair made again.
-    AfterFreeingTheName,
-}
-
-/// The index of `host`'s peer in the peer's namespace (`IFLA_LINK`), if `host` exists.
-pub async fn peer_index(nl: &Netlink, host: &str) -> Result<Option<u32>, CniError> {
-    let link = nl
-        .link_by_name(host)
-        .await
-        .map_err(|e| kernel(format!("looking up {host}"), e))?;
-    Ok(link.and_then(|l| {
-        l.attributes.iter().find_map(|a| match a {
-            LinkAttribute::Link(i) => Some(*i),
-            _ => None,
-        })
-    }))
+    let mut req = NetlinkMessage::from(RouteNetlinkMessage::NewLink(msg));
+    req.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL | NLM_F_ECHO;
+    let mut responses = nl.handle().clone().request(req)?;
+    let mut peer_index = None;
+    while let Some(m) = responses.next().await {
+        match m.payload {
+            NetlinkPayload::Error(e) if e.code.is_some() => {
+                return Err(rtnetlink::Error::NetlinkError(e));
+            }
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l))
+                if link_name(&l) == Some(spec.host.as_str()) =>
+            {
+                peer_index = l.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::Link(i) => Some(*i),
+                    _ => None,
+                });
+            }
+            _ => {}
+        }
+    }
+    Ok(peer_index)
 }
 
 /// Creates the veth pair in one request: the host end up on the bridge, the container end
 /// named `spec.pod` directly inside `netns` (down: this kernel refuses to bring a peer up in
 /// another namespace at creation, ENOTCONN), both with their MTU and MAC. A name already
 /// taken by a detached pair waiting to be reaped, or by a stale host end of the same
-/// attachment, is freed and the creation retried once.
-pub async fn add_veth(nl: &Netlink, spec: &VethSpec, netns: &File) -> Result<Creation, CniError> {
+/// attachment, is freed and the creation retried once. Returns the container end's index
+/// when the kernel reported it (see [`try_add_veth`]).
+pub async fn add_veth(
+    nl: &Netlink,
+    spec: &VethSpec,
+    netns: &File,
+) -> Result<Option<u32>, CniError> {
     let taken = || {
         CniError::new(
             code::INTERFACE_EXISTS,
@@ -350,7 +364,7 @@ pub async fn add_veth(nl: &Netlink, spec: &VethSpec, netns: &File) -> Result<Cre
         )
     };
     match try_add_veth(nl, spec, netns).await {
-        Ok(()) => Ok(Creation::First),
+        Ok(index) => Ok(index),
         Err(e) if is_exists(&e) => {
             let reaped = reap_detached(nl).await?;
             let stale = nl
@@ -360,16 +374,13 @@ pub async fn add_veth(nl: &Netlink, spec: &VethSpec, netns: &File) -> Result<Cre
             if !stale && reaped == 0 {
                 return Err(taken());
             }
-            try_add_veth(nl, spec, netns)
-                .await
-                .map(|()| Creation::AfterFreeingTheName)
-                .map_err(|e| {
-                    if is_exists(&e) {
-                        taken()
-                    } else {
-                        kernel(format!("creating veth {}", spec.host), e)
-                    }
-                })
+            try_add_veth(nl, spec, netns).await.map_err(|e| {
+                if is_exists(&e) {
+                    taken()
+                } else {
+                    kernel(format!("creating veth {}", spec.host), e)
+                }
+            })
         }
         Err(e) => Err(kernel(format!("creating veth {}", spec.host), e)),
     }

@@ -136,25 +136,21 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<String, CniError> {
     };
     let hint = links::read_bridge_hint(store.dir(), &conf.bridge);
     let outcome = rt.block_on(async {
-        // With a remembered bridge, the veth is created on it while the same pipeline checks
-        // that the index is still that bridge; a stale hint costs the veth (deleted at once)
-        // and the look-up the hint saves.
-        // The host end's look-up, queued after the creation on the same socket, gives the
-        // pod end's index (no look-up inside the pod).
+        // With a remembered bridge, the veth is created on it in the same pipeline as the
+        // check that the index is still that bridge (queued first, so the new port cannot
+        // disturb it); a stale hint costs the veth (deleted at once) and the look-up the
+        // hint saves. The creation's echo gives the pod end's index (no look-up in the pod).
         let mut found = None;
         let mut pod_index = None;
         if let Some(h) = &hint {
             spec.bridge = h.index;
-            let (v, at, peer) = futures::join!(
-                links::add_veth(&nl, &spec, &netns),
+            let (at, v) = futures::join!(
                 links::bridge_at(&nl, h.index, &conf.bridge),
-                links::peer_index(&nl, &host)
+                links::add_veth(&nl, &spec, &netns)
             );
             match at? {
                 Some((br, up)) => {
-                    if v? == links::Creation::First {
-                        pod_index = peer.ok().flatten();
-                    }
+                    pod_index = v?;
                     if !up {
                         links::set_up(&nl, br.index, &conf.bridge).await?;
                     }
@@ -181,7 +177,8 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<String, CniError> {
                     links::ensure_gateway(&nl, &br, gw_net),
                     links::add_veth(&nl, &spec, &netns)
                 );
-                g.and(v)?;
+                g?;
+                pod_index = v?;
                 br
             }
         };
