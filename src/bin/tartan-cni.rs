@@ -64,3 +64,7 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOC: dlmalloc::GlobalDlmalloc = dlmalloc::GlobalDlmalloc;
