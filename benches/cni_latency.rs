@@ -62,6 +62,11 @@ impl Plugin {
     }
 }
 
+/// Between sequential calls: idle this long counts as settled ...
+const SETTLE_QUIET: Duration = Duration::from_millis(3);
+/// ... waiting at most this long (a periodic rescan may keep tartand busy).
+const SETTLE_LIMIT: Duration = Duration::from_millis(100);
+
 type Job = Box<dyn FnOnce() + Send>;
 
 /// A thread living inside a namespace, running jobs (so spawned plugins start there with no
@@ -297,6 +302,10 @@ fn main() -> Result<()> {
         tartan.path.display()
     );
 
+    // After each timed call (either plugin's), untimed: wait until tartand and etcd are idle,
+    // so the registration a call triggered is not charged to whichever call runs next.
+    let mut daemons: Vec<u32> = lab.etcd_pids();
+    daemons.extend(lab.nodes[0].daemon.as_ref().map(|c| c.id()));
     let call =
         |runner: &NsRunner, p: &Plugin, verb: &str, cid: &str, pod: &str| -> Result<Duration> {
             let mut cmd = p.command(verb, cid, pod);
@@ -305,6 +314,7 @@ fn main() -> Result<()> {
             if let Some(e) = err {
                 bail!("{} {verb} {cid}: {e}", p.name);
             }
+            settle(&daemons, SETTLE_QUIET, SETTLE_LIMIT);
             Ok(d)
         };
 

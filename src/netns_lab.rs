@@ -582,6 +582,11 @@ impl Lab {
         Ok(())
     }
 
+    /// Process IDs of the running etcd members.
+    pub fn etcd_pids(&self) -> Vec<u32> {
+        self.etcd.iter().flatten().map(Child::id).collect()
+    }
+
     /// Stops every etcd member (SIGKILL, as a crash would), keeping the data.
     pub fn stop_etcd(&mut self) {
         for m in 0..self.etcd.len() {

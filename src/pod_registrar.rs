@@ -39,6 +39,8 @@ use crate::subnet_manager::OwnLease;
 
 /// Periodic rescan of the IPAM directory (the safety net for missed nudges).
 pub const RESCAN: Duration = Duration::from_secs(10);
+/// How long a rescan waits after a plugin's nudge (the registration lags ADD by this much).
+pub const NUDGE_SETTLE: Duration = Duration::from_millis(10);
 /// How long the reaper lets detached veths accumulate before deleting them in one batch.
 pub const REAP_BATCH_DELAY: Duration = Duration::from_millis(300);
 /// File name of the installed network config.
@@ -405,7 +407,12 @@ pub async fn run(
             Duration::from_secs(3600)
         };
         tokio::select! {
-            _ = notify.notified() => {}
+            _ = notify.notified() => {
+                // Let the plugin that nudged finish first (and merge the nudges of pods
+                // started together): on a small node the rescan would otherwise compete with
+                // the runtime's call for a CPU.
+                tokio::time::sleep(NUDGE_SETTLE).await;
+            }
             _ = tick.tick() => {}
             r = lease_rx.changed() => {
                 if r.is_err() {

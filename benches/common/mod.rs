@@ -8,11 +8,39 @@ pub fn bins() -> Binaries {
     tartan::built_binaries!()
 }
 
-/// CPU time of a process in nanoseconds, from the scheduler's precise accounting
-/// (`/proc/PID/schedstat`; tick-sampled utime over-counts processes that wake on timers).
+/// CPU time of a process in nanoseconds: the sum over its live threads of the scheduler's
+/// precise accounting (`/proc/PID/task/*/schedstat`; tick-sampled utime over-counts processes
+/// that wake on timers). Threads that exited in between are not counted.
 pub fn cpu_ns(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).ok()?;
-    s.split_whitespace().next()?.parse().ok()
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut sum = 0;
+    for t in tasks.flatten() {
+        let Ok(s) = std::fs::read_to_string(t.path().join("schedstat")) else {
+            continue;
+        };
+        sum += s
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Some(sum)
+}
+
+/// Waits (at most `limit`) until the processes `pids` have used no CPU for `quiet`: work a
+/// timed call triggered in daemons is then done and not charged to the next call.
+pub fn settle(pids: &[u32], quiet: std::time::Duration, limit: std::time::Duration) {
+    let total = || pids.iter().filter_map(|p| cpu_ns(*p)).sum::<u64>();
+    let deadline = std::time::Instant::now() + limit;
+    let mut last = total();
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(quiet);
+        let now = total();
+        if now == last {
+            return;
+        }
+        last = now;
+    }
 }
 
 /// The `p`-th percentile (nearest rank) of `sorted`; NaN when there is no sample.
