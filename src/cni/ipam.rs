@@ -7,19 +7,22 @@
 //! |---|---|
 //! | `lock` | `flock`ed exclusively by every change; holds the last address handed out (the round-robin start, like host-local's `last_reserved`) |
 //! | `ip/<address>` | the [`AllocationRecord`] (JSON) of an allocated address |
-//! | `by-id/<container-id>:<ifname>` | symlink whose target is the address (the fast lookup) |
+//! | `by-id/<container-id>:<ifname>` | a hard link to the record (the fast lookup: its address); a symlink to the address in directories written before |
 //!
-//! Crash safety: records are written to a temporary file and renamed; the index entry is
-//! written before the record and removed after it, so every record has an index entry and a
-//! process killed at any point leaves at worst a dangling index entry or a temporary file,
-//! both harmless (an index entry is trusted only when the record it names agrees) and removed
-//! by GC. Allocation takes the lock, so concurrent ADDs never share an address.
+//! Crash safety: a record is written to a temporary file, linked into the index, then renamed
+//! into place (one inode per allocation: creating inodes is the dearest part of IPAM on a
+//! busy ext4); the index entry exists before the record and is removed after it, so every
+//! record has an index entry and a process killed at any point leaves at worst a dangling
+//! index entry or a temporary file, both harmless (an index entry is trusted only when the
+//! record it names agrees) and removed by GC. Allocation takes the lock, so concurrent ADDs
+//! never share an address.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::io::ErrorKind;
+use std::io::Read;
 use std::net::Ipv4Addr;
-use std::os::unix::fs::{DirBuilderExt, FileExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use ipnetwork::Ipv4Network;
@@ -258,12 +261,31 @@ impl IpamStore {
         child(&self.dir.join(INDEX_DIR), &index_name(container_id, ifname))
     }
 
+    /// The address an index entry names: the record it links to, or (older directories) the
+    /// target of a symlink. Absent, unreadable as either, or garbage: `None` (GC removes it).
     fn read_index(&self, path: &Path) -> Result<Option<Ipv4Addr>, CniError> {
-        match std::fs::read_link(path) {
-            Ok(t) => Ok(t.to_str().and_then(|s| s.parse().ok())),
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+            .open(path);
+        match opened {
+            Ok(mut f) => {
+                let mut b = Vec::new();
+                f.read_to_end(&mut b)
+                    .map_err(|e| io_err("reading", path, e))?;
+                Ok(serde_json::from_slice::<AllocationRecord>(&b)
+                    .ok()
+                    .map(|r| r.ip))
+            }
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-            // Not a symlink (EINVAL) or unreadable: treat as absent; GC removes it.
-            Err(e) if e.kind() == ErrorKind::InvalidInput => Ok(None),
+            // ELOOP: a symlink, the older index format.
+            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ELOOP as i32) => {
+                match std::fs::read_link(path) {
+                    Ok(t) => Ok(t.to_str().and_then(|s| s.parse().ok())),
+                    Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(io_err("reading", path, e)),
+                }
+            }
             Err(e) => Err(io_err("reading", path, e)),
         }
     }
@@ -277,35 +299,31 @@ impl IpamStore {
         }
     }
 
-    fn write_record(&self, rec: &AllocationRecord) -> Result<(), CniError> {
+    /// Writes `rec` (temporary file, then rename) and makes the index entry `index` a link to
+    /// it before the record appears.
+    fn write_record(&self, rec: &AllocationRecord, index: &Path) -> Result<(), CniError> {
         let p = self.record_path(rec.ip)?;
-        let tmp = self
-            .dir
-            .join(IP_DIR)
-            .join(format!("{TMP_PREFIX}{}", std::process::id()));
+        let tmp_name = format!("{TMP_PREFIX}{}", std::process::id());
+        let tmp = self.dir.join(IP_DIR).join(&tmp_name);
         let bytes = serde_json::to_vec(rec)
             .map_err(|e| CniError::store(format!("encoding the record: {e}")))?;
         self.with_dirs(|| std::fs::write(&tmp, &bytes))
             .map_err(|e| io_err("writing", &tmp, e))?;
-        std::fs::rename(&tmp, &p).map_err(|e| io_err("renaming to", &p, e))
-    }
-
-    fn write_index(&self, path: &Path, ip: Ipv4Addr) -> Result<(), CniError> {
-        let target = ip.to_string();
-        match self.with_dirs(|| std::os::unix::fs::symlink(&target, path)) {
-            Ok(()) => Ok(()),
+        let linked = match self.with_dirs(|| std::fs::hard_link(&tmp, index)) {
             Err(e) if e.kind() == ErrorKind::AlreadyExists => {
-                let tmp = self
-                    .dir
-                    .join(INDEX_DIR)
-                    .join(format!("{TMP_PREFIX}{}", std::process::id()));
-                let _ = std::fs::remove_file(&tmp);
-                std::os::unix::fs::symlink(&target, &tmp)
-                    .map_err(|e| io_err("writing", &tmp, e))?;
-                std::fs::rename(&tmp, path).map_err(|e| io_err("renaming to", path, e))
+                // A stale entry (its record did not agree): replace it atomically.
+                let tmp_index = self.dir.join(INDEX_DIR).join(&tmp_name);
+                let _ = std::fs::remove_file(&tmp_index);
+                std::fs::hard_link(&tmp, &tmp_index)
+                    .and_then(|()| std::fs::rename(&tmp_index, index))
             }
-            Err(e) => Err(io_err("writing", path, e)),
+            r => r,
+        };
+        if let Err(e) = linked {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io_err("linking the index entry", index, e));
         }
+        std::fs::rename(&tmp, &p).map_err(|e| io_err("renaming to", &p, e))
     }
 
     fn remove(path: &Path) -> Result<(), CniError> {
@@ -370,7 +388,7 @@ impl IpamStore {
             if subnet.contains(ip) && (lo..=hi).contains(&n) {
                 let rec = make(ip);
                 if rec != old {
-                    self.write_record(&rec)?;
+                    self.write_record(&rec, &idx)?;
                 }
                 return Ok(rec);
             }
@@ -393,8 +411,7 @@ impl IpamStore {
         };
         let rec = make(Ipv4Addr::from(n));
         // Index first, record second: every record always has its index entry.
-        self.write_index(&idx, rec.ip)?;
-        self.write_record(&rec)?;
+        self.write_record(&rec, &idx)?;
         self.set_last_reserved(&lock, rec.ip)?;
         Ok(rec)
     }
@@ -408,7 +425,7 @@ impl IpamStore {
         let _lock = self.lock()?;
         let idx = self.index_path(container_id, ifname)?;
         let Some(ip) = self.read_index(&idx)? else {
-            // A non-symlink left in the index slot by hand: remove it too.
+            // Garbage left in the index slot (by hand, or a killed process): remove it too.
             Self::remove(&idx)?;
             return Ok(None);
         };
@@ -601,6 +618,11 @@ mod tests {
         let a2 = s.allocate(&r, subnet).unwrap();
         assert_eq!(a2.ip, a.ip);
         assert_eq!(s.get("a", "eth0").unwrap().unwrap().labels["app"], "web");
+        // The index entry is the record itself (one inode per allocation), also once rewritten.
+        use std::os::unix::fs::MetadataExt;
+        let rec_meta = std::fs::metadata(s.dir().join("ip/10.244.3.2")).unwrap();
+        let idx_meta = std::fs::symlink_metadata(s.dir().join("by-id/a:eth0")).unwrap();
+        assert_eq!((idx_meta.ino(), idx_meta.nlink()), (rec_meta.ino(), 2));
         // Another interface of the same container is another attachment.
         let mut r2 = req("a");
         r2.ifname = "net1".into();
@@ -715,14 +737,52 @@ mod tests {
     }
 
     #[test]
+    fn index_entries_of_older_directories_still_count() {
+        let t = TmpDir::new("oldfmt");
+        let s = IpamStore::open(&t.0, "n").unwrap();
+        let subnet = net("10.0.0.0/24");
+        let a = s.allocate(&req("a"), subnet).unwrap();
+        // Directories written before kept a symlink to the address in the index.
+        let idx = s.dir().join("by-id/a:eth0");
+        std::fs::remove_file(&idx).unwrap();
+        std::os::unix::fs::symlink(a.ip.to_string(), &idx).unwrap();
+        assert_eq!(s.get("a", "eth0").unwrap().map(|r| r.ip), Some(a.ip));
+        assert_eq!(s.allocate(&req("a"), subnet).unwrap().ip, a.ip);
+        let mut r = req("a");
+        r.labels.insert("k".into(), "v".into());
+        assert_eq!(s.allocate(&r, subnet).unwrap().ip, a.ip);
+        assert!(!std::fs::symlink_metadata(&idx).unwrap().is_symlink());
+        assert_eq!(s.release("a", "eth0").unwrap().map(|r| r.ip), Some(a.ip));
+        assert_eq!(std::fs::read_dir(s.dir().join("by-id")).unwrap().count(), 0);
+        assert_eq!(std::fs::read_dir(s.dir().join("ip")).unwrap().count(), 0);
+    }
+
+    #[test]
     fn leftovers_of_killed_processes_are_reclaimed() {
         let t = TmpDir::new("crash");
         let s = IpamStore::open(&t.0, "n").unwrap();
         let subnet = net("10.0.0.0/24");
         let keep = s.allocate(&req("keep"), subnet).unwrap();
         let gone = s.allocate(&req("gone"), subnet).unwrap();
-        // Killed between index and record: a dangling index entry.
+        // Killed between index and record: a dangling index entry (both formats).
         std::os::unix::fs::symlink("10.0.0.77", s.dir().join("by-id/dangling:eth0")).unwrap();
+        std::fs::write(
+            s.dir().join("by-id/half:eth0"),
+            serde_json::to_vec(&AllocationRecord {
+                container_id: "half".into(),
+                ifname: "eth0".into(),
+                ip: Ipv4Addr::new(10, 0, 0, 78),
+                prefix: 24,
+                namespace: String::new(),
+                name: String::new(),
+                labels: BTreeMap::new(),
+                netns: String::new(),
+                network: "n".into(),
+            })
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(s.get("half", "eth0").unwrap(), None);
         // Killed while writing a record: a temporary file.
         std::fs::write(s.dir().join("ip/.tmp-12345"), b"{\"partial").unwrap();
         // Garbage where a record should be.
