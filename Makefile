@@ -46,12 +46,12 @@ build: deps
 MUSL := x86_64-unknown-linux-musl
 release: deps
 	$(CARGO) build --release --bins
-	@if rustup target list --installed 2>/dev/null | grep -qx $(MUSL) || rustup target add $(MUSL); then \
-	  echo "$(CARGO) rustc --profile cni --target $(MUSL) --bin tartan-cni -- -C relocation-model=static"; \
-	  $(CARGO) rustc --profile cni --target $(MUSL) --bin tartan-cni -- -C relocation-model=static && \
+	@if { rustup target list --installed 2>/dev/null | grep -qx $(MUSL) || rustup target add $(MUSL); } && \
+	    echo "$(CARGO) rustc --profile cni --target $(MUSL) --bin tartan-cni -- -C relocation-model=static" && \
+	    $(CARGO) rustc --profile cni --target $(MUSL) --bin tartan-cni -- -C relocation-model=static; then \
 	  cp --remove-destination $(TARGET_DIR)/$(MUSL)/cni/tartan-cni $(TARGET_DIR)/release/tartan-cni; \
 	else \
-	  echo "warning: no $(MUSL) target (rustup target add $(MUSL) failed); linking tartan-cni statically with glibc"; \
+	  echo "warning: no musl build of tartan-cni (target $(MUSL) or musl-gcc missing); linking it statically with glibc"; \
 	  $(CARGO) rustc --release --bin tartan-cni -- -C target-feature=+crt-static -C relocation-model=static; \
 	fi
 
