@@ -283,7 +283,7 @@ pub struct VethSpec {
     pub bridge: u32,
 }
 
-/// Sends the creation with `NLM_F_ECHO`: the kernel (6.3 and later) answers with the host
+/// Sends the creation with `NLM_F_ECHO`: recent kernels (6.x; 6.18 here) answer with the host
 /// end as created, whose `IFLA_LINK` is the container end's index; returned when present.
 /// (Looking the new link up instead would make the kernel process its pending carrier event
 /// inside the request: `rtnl_getlink` syncs link-watch state, an IPv6 FIB walk and an RCU
