@@ -208,9 +208,14 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         if let Err(e) = st.save(&state_file) {
             warn!("saving node state: {e:#}");
         }
+    };
+    persist(&own);
+    // subnet.env is the node's readiness for CNI (and flannel's contract): written once the
+    // overlay is programmed for the subnet, as flannel writes it after its backend is up.
+    let write_env = |subnet| {
         let env = SubnetEnv {
             network: cfg.network,
-            subnet: o.subnet,
+            subnet,
             mtu,
             ipmasq: args.ip_masq,
         };
@@ -218,7 +223,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
             error!("writing {}: {e:#}", args.subnet_file.display());
         }
     };
-    persist(&own);
+    let (ready_tx, mut ready_rx) = watch::channel(None);
 
     let (lease_tx, lease_rx) = watch::channel(None);
     tokio::spawn(node_liveness::run(
@@ -264,12 +269,17 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         ip_masq: args.ip_masq,
         resync: Duration::from_secs(args.resync_secs),
     };
-    let overlay = tokio::spawn(overlay_reconciler::run(
-        settings,
-        metrics.clone(),
-        own_rx.clone(),
-        subnets.clone(),
-    ));
+    let overlay = tokio::spawn({
+        let (metrics, own_rx, subnets) = (metrics.clone(), own_rx.clone(), subnets.clone());
+        async move {
+            let r = overlay_reconciler::run(settings, metrics, own_rx, subnets, ready_tx).await;
+            if let Err(e) = &r {
+                error!("overlay reconciler stopped, the overlay is not maintained: {e:#}");
+            }
+            r
+        }
+    });
+    let mut overlay_running = true;
 
     let mut own_watch = own_rx.clone();
     let keep = async {
@@ -306,6 +316,17 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
             c = own_watch.changed() => {
                 if c.is_ok() && let Some(o) = own_watch.borrow_and_update().clone() {
                     persist(&o);
+                }
+            }
+            r = ready_rx.changed(), if overlay_running => {
+                match r {
+                    Ok(()) => {
+                        if let Some(subnet) = *ready_rx.borrow_and_update() {
+                            write_env(subnet);
+                        }
+                    }
+                    // The reconciler stopped (it logged why).
+                    Err(_) => overlay_running = false,
                 }
             }
         }

@@ -191,12 +191,14 @@ pub fn ensure_ip_forward() -> Result<()> {
     std::fs::write(p, b"1").with_context(|| format!("enabling {p}"))
 }
 
-/// Runs the reconcile loop forever.
+/// Runs the reconcile loop forever. `ready_tx` gets the node's subnet once the overlay has
+/// been programmed for it (the device, the peers known so far, masquerading).
 pub async fn run(
     settings: OverlaySettings,
     metrics: Arc<Metrics>,
     mut own_rx: watch::Receiver<Option<OwnLease>>,
     mut subnets_rx: watch::Receiver<Arc<PrefixView>>,
+    ready_tx: watch::Sender<Option<ipnetwork::Ipv4Network>>,
 ) -> Result<()> {
     let nl = Netlink::connect()?;
     let mut events = NetlinkEvents::subscribe(RTMGRP_OVERLAY)?;
@@ -266,6 +268,11 @@ pub async fn run(
         match r.reconcile(&own, &view).await {
             Ok(ops) => {
                 metrics.reconcile_operations.inc_by(ops as u64);
+                ready_tx.send_if_modified(|r| {
+                    let first = *r != Some(own.subnet);
+                    *r = Some(own.subnet);
+                    first
+                });
                 if failing {
                     info!("overlay reconcile recovered");
                     failing = false;
