@@ -56,6 +56,25 @@ fn wait_route(lab: &Lab, i: usize, subnet: ipnetwork::Ipv4Network, present: bool
     )
 }
 
+/// Waits until node `i` has all of node `j`'s entries: route, neighbour and FDB entry (they
+/// are programmed one after the other; a route alone does not mean the peer is complete).
+fn wait_peer(lab: &Lab, i: usize, j: usize) -> Result<()> {
+    let subnet = lab.wait_subnet(j)?;
+    let mac = vtep_mac(lab, j)?;
+    let (gw, ip) = (subnet.network(), lab.nodes[j].ip);
+    wait_for(
+        &format!("node {j}'s route, neighbour and FDB entry on node {i}"),
+        Duration::from_secs(20),
+        || {
+            let (routes, neigh, fdb) = overlay_text(lab, i).ok()?;
+            (routes.contains(&format!("{subnet} via {gw} dev tartan.1 onlink"))
+                && neigh.contains(&format!("{gw} lladdr {mac} PERMANENT"))
+                && fdb.contains(&format!("{mac} dst {ip} self permanent")))
+            .then_some(())
+        },
+    )
+}
+
 #[test]
 fn three_nodes_distinct_subnets_and_cross_node_tcp() -> Result<()> {
     let Some(mut lab) = lab(3, NET16)? else {
@@ -386,8 +405,7 @@ fn garbage_in_etcd_is_skipped_without_crash_or_flush() -> Result<()> {
     };
     lab.start_daemon(0, &[])?;
     lab.start_daemon(1, &[])?;
-    let s2 = lab.wait_subnet(1)?;
-    wait_route(&lab, 0, s2, true)?;
+    wait_peer(&lab, 0, 1)?;
     let before = overlay_text(&lab, 0)?;
     lab.etcdctl(&[
         "put",
@@ -410,9 +428,10 @@ fn garbage_in_etcd_is_skipped_without_crash_or_flush() -> Result<()> {
             lab.log_tail(i, 30)
         );
     }
+    let after = overlay_text(&lab, 0)?;
     ensure!(
-        overlay_text(&lab, 0)? == before,
-        "overlay changed after garbage"
+        after == before,
+        "overlay changed after garbage:\nbefore {before:#?}\nafter {after:#?}"
     );
     let p1 = lab.add_manual_pod(0, 1)?;
     let p2 = lab.add_manual_pod(1, 1)?;
