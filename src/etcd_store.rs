@@ -120,14 +120,36 @@ pub struct Store {
     client: Client,
 }
 
-async fn timed<T, F>(what: &str, f: F) -> Result<T>
+/// How many more times a request is sent when an attempt reached no member at all.
+const UNREACHED_RETRIES: usize = 4;
+
+/// An attempt that failed before reaching any member (the channel could not connect to the
+/// endpoint it picked, e.g. a stopped member of several): safe to send again, also for writes,
+/// and the client's balancer picks an endpoint again.
+fn reached_no_member(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => s.message() == "tcp connect error",
+        _ => false,
+    }
+}
+
+/// Runs a request (`attempt` makes one try) within [`REQUEST_TIMEOUT`], sending it again at
+/// once while tries reach no member.
+async fn timed<T, F, Fut>(what: &str, mut attempt: F) -> Result<T>
 where
-    F: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
 {
-    match tokio::time::timeout(REQUEST_TIMEOUT, f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(anyhow!(e).context(format!("etcd {what}"))),
-        Err(_) => bail!("etcd {what}: no answer within {REQUEST_TIMEOUT:?}"),
+    let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+    let mut retries = 0;
+    loop {
+        match tokio::time::timeout_at(deadline, attempt()).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) if retries < UNREACHED_RETRIES && reached_no_member(&e) => retries += 1,
+            Ok(Err(e)) => return Err(anyhow!(e).context(format!("etcd {what}"))),
+            Err(_) => bail!("etcd {what}: no answer within {REQUEST_TIMEOUT:?}"),
+        }
     }
 }
 
@@ -180,8 +202,11 @@ impl Store {
 
     /// Reads one key.
     pub async fn get(&self, key: &str) -> Result<Option<KvItem>> {
-        let mut c = self.client.clone();
-        let r = timed("get", c.get(key, None)).await?;
+        let r = timed("get", || {
+            let mut c = self.client.clone();
+            async move { c.get(key, None).await }
+        })
+        .await?;
         Ok(r.kvs().first().map(KvItem::from_kv))
     }
 
@@ -189,7 +214,6 @@ impl Store {
     /// are read in pages of [`LIST_PAGE`] keys, all at the revision of the first page, so the
     /// result is one consistent snapshot and no response exceeds the gRPC message limit.
     pub async fn list(&self, prefix: &str) -> Result<(i64, Vec<KvItem>)> {
-        let mut c = self.client.clone();
         let end = prefix_end(prefix.as_bytes());
         let mut out = Vec::new();
         let mut start = prefix.as_bytes().to_vec();
@@ -201,7 +225,11 @@ impl Store {
             if rev != 0 {
                 opts = opts.with_revision(rev);
             }
-            let r = timed("list", c.get(start.clone(), Some(opts))).await?;
+            let r = timed("list", || {
+                let (mut c, start, opts) = (self.client.clone(), start.clone(), opts.clone());
+                async move { c.get(start, Some(opts)).await }
+            })
+            .await?;
             if rev == 0 {
                 rev = r.header().map(|h| h.revision()).unwrap_or(0);
             }
@@ -219,9 +247,13 @@ impl Store {
 
     /// Writes a key, attached to `lease` when non-zero.
     pub async fn put(&self, key: &str, value: impl Into<Vec<u8>>, lease: i64) -> Result<()> {
-        let mut c = self.client.clone();
+        let value: Vec<u8> = value.into();
         let opts = (lease != 0).then(|| PutOptions::new().with_lease(lease));
-        timed("put", c.put(key, value.into(), opts)).await?;
+        timed("put", || {
+            let (mut c, value, opts) = (self.client.clone(), value.clone(), opts.clone());
+            async move { c.put(key, value, opts).await }
+        })
+        .await?;
         Ok(())
     }
 
@@ -232,13 +264,11 @@ impl Store {
         value: impl Into<Vec<u8>>,
         lease: i64,
     ) -> Result<bool> {
-        let mut c = self.client.clone();
         let opts = (lease != 0).then(|| PutOptions::new().with_lease(lease));
         let txn = Txn::new()
             .when([Compare::create_revision(key, CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key, value.into(), opts)]);
-        let r = timed("create", c.txn(txn)).await?;
-        Ok(r.succeeded())
+        self.txn_as("create", txn).await
     }
 
     /// Rewrites the key only if it was not modified since `mod_revision`; returns success.
@@ -249,25 +279,34 @@ impl Store {
         lease: i64,
         mod_revision: i64,
     ) -> Result<bool> {
-        let mut c = self.client.clone();
         let opts = (lease != 0).then(|| PutOptions::new().with_lease(lease));
         let txn = Txn::new()
             .when([Compare::mod_revision(key, CompareOp::Equal, mod_revision)])
             .and_then([TxnOp::put(key, value.into(), opts)]);
-        let r = timed("compare-and-swap", c.txn(txn)).await?;
-        Ok(r.succeeded())
+        self.txn_as("compare-and-swap", txn).await
     }
 
     /// Runs a prepared transaction; returns whether its comparisons held.
     pub async fn txn(&self, txn: Txn) -> Result<bool> {
-        let mut c = self.client.clone();
-        Ok(timed("txn", c.txn(txn)).await?.succeeded())
+        self.txn_as("txn", txn).await
+    }
+
+    async fn txn_as(&self, what: &str, txn: Txn) -> Result<bool> {
+        let r = timed(what, || {
+            let (mut c, txn) = (self.client.clone(), txn.clone());
+            async move { c.txn(txn).await }
+        })
+        .await?;
+        Ok(r.succeeded())
     }
 
     /// Deletes a key; returns whether it existed.
     pub async fn delete(&self, key: &str) -> Result<bool> {
-        let mut c = self.client.clone();
-        let r = timed("delete", c.delete(key, None)).await?;
+        let r = timed("delete", || {
+            let mut c = self.client.clone();
+            async move { c.delete(key, None).await }
+        })
+        .await?;
         Ok(r.deleted() > 0)
     }
 
@@ -281,22 +320,31 @@ impl Store {
 
     /// Grants an etcd lease of `ttl` seconds.
     pub async fn grant(&self, ttl: i64) -> Result<i64> {
-        let mut c = self.client.clone();
-        let r = timed("lease grant", c.lease_grant(ttl, None)).await?;
+        let r = timed("lease grant", || {
+            let mut c = self.client.clone();
+            async move { c.lease_grant(ttl, None).await }
+        })
+        .await?;
         Ok(r.id())
     }
 
     /// Revokes an etcd lease (deleting every key attached to it).
     pub async fn revoke(&self, lease: i64) -> Result<()> {
-        let mut c = self.client.clone();
-        timed("lease revoke", c.lease_revoke(lease)).await?;
+        timed("lease revoke", || {
+            let mut c = self.client.clone();
+            async move { c.lease_revoke(lease).await }
+        })
+        .await?;
         Ok(())
     }
 
     /// Remaining TTL of a lease in seconds, or `None` when it no longer exists.
     pub async fn lease_ttl(&self, lease: i64) -> Result<Option<i64>> {
-        let mut c = self.client.clone();
-        let r = timed("lease ttl", c.lease_time_to_live(lease, None)).await?;
+        let r = timed("lease ttl", || {
+            let mut c = self.client.clone();
+            async move { c.lease_time_to_live(lease, None).await }
+        })
+        .await?;
         Ok((r.ttl() > 0).then_some(r.ttl()))
     }
 

@@ -723,6 +723,7 @@ impl Lab {
                     .map(|e| e.subnet)
             },
         )
+        .with_context(|| format!("its log ends:\n{}", self.log_tail(i, 40)))
     }
 
     /// The tail of node `i`'s daemon log (for failure messages).
