@@ -7,13 +7,13 @@
 
 SHELL := /bin/bash
 CARGO ?= cargo
-# Debian packages the build, the tests and the demo need.
+# Debian packages the build, the tests and the demo need (libprotobuf-dev: etcd-client's build
+# runs protoc, which needs google/protobuf/descriptor.proto; protobuf-compiler does not bring
+# it with --no-install-recommends). `make deps` asks dpkg about the whole list, so a package
+# added here is installed on machines that already have the others.
 DEB_PACKAGES := etcd-server etcd-client nftables iproute2 iptables protobuf-compiler \
-	conntrack containernetworking-plugins podman runc busybox-static sockperf iperf3 \
+	libprotobuf-dev conntrack containernetworking-plugins podman runc busybox-static \
 	openssl util-linux procps ca-certificates musl-tools
-# A command from each package, to tell whether it is installed.
-DEB_PROBES := etcd etcdctl nft ip iptables protoc conntrack /usr/lib/cni/bridge podman runc \
-	busybox sockperf iperf3 openssl nsenter ps x86_64-linux-musl-gcc
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 TARGET_DIR := $(abspath $(or $(CARGO_TARGET_DIR),target))
 
@@ -22,13 +22,13 @@ TARGET_DIR := $(abspath $(or $(CARGO_TARGET_DIR),target))
 all: build
 
 deps:
-	@missing=0; for p in $(DEB_PROBES); do \
-	  if [ "$${p#/}" != "$$p" ]; then [ -e "$$p" ] || missing=1; \
-	  else command -v $$p >/dev/null 2>&1 || missing=1; fi; done; \
-	if [ $$missing = 1 ]; then \
-	  echo "installing Debian packages: $(DEB_PACKAGES)"; \
+	@missing=$$(dpkg-query -W -f='$${db:Status-Abbrev} $${Package}\n' $(DEB_PACKAGES) 2>/dev/null | \
+	  awk '$$1 == "ii" { ok[$$2] = 1 } END { n = split("$(DEB_PACKAGES)", p, " "); \
+	    for (i = 1; i <= n; i++) if (!(p[i] in ok)) printf "%s ", p[i] }'); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEB_PACKAGES) >/dev/null; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 	@command -v $(CARGO) >/dev/null || { echo "cargo is missing: install Rust (https://rustup.rs)"; exit 1; }
 
