@@ -3,9 +3,9 @@
 //! the report with its JSON and SVG, and a full cleanup.
 
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use super::run::{Settings, build_cluster, measure};
 use crate::netns_lab::{cleanup_on_signal, require_root};
@@ -29,16 +29,16 @@ pub fn run(bin_dir: &Path, out: &Path) -> Result<()> {
     print!("{}", lab.tartanctl(&["nodes"])?);
     println!("\n$ tartanctl service list");
     print!("{}", lab.tartanctl(&["service", "list"])?);
+    user_checks(&topo)?;
     println!("\n$ tartanctl explain   (on node1)");
-    let explain = crate::netns_lab::ns_run(
-        &lab.nodes[0].ns,
-        &lab.bins.tartanctl.to_string_lossy(),
-        &["explain"],
-    )?;
-    // The service table part is what matters here; peers are listed above.
-    for l in explain.lines().filter(|l| !l.starts_with("  10.24")) {
-        println!("{l}");
-    }
+    print!(
+        "{}",
+        crate::netns_lab::ns_run(
+            &lab.nodes[0].ns,
+            &lab.bins.tartanctl.to_string_lossy(),
+            &["explain"],
+        )?
+    );
     println!("\n== netbench (short run; `netbench` alone runs the full one)");
     let pb = indicatif::ProgressBar::new(0);
     pb.set_style(
@@ -72,4 +72,76 @@ pub fn run(bin_dir: &Path, out: &Path) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The checks a user makes by hand, printed as they would type them: a pod on node 1 pings a
+/// pod on node 2 by its IP, then fetches a page from a service (`web`, port 80 → the pod's
+/// 8080) by its cluster IP with busybox `wget`.
+fn user_checks(topo: &super::topology::Topology) -> Result<()> {
+    let (a, b) = (&topo.client_pod, &topo.server_pod);
+    super::probe::tcp_server(&b.ns, WEB_PORT, "demo web page", |mut s| {
+        use std::io::{Read, Write};
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut req = [0u8; 1024];
+        let _ = s.read(&mut req);
+        let body = "hello from pod-b on node2\n";
+        let _ = write!(
+            s,
+            "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+    })?;
+    let out = topo.lab.tartanctl(&[
+        "service",
+        "create",
+        "web",
+        "--selector",
+        "app=bench",
+        "--port",
+        &format!("http=80:{WEB_PORT}/tcp"),
+    ])?;
+    println!("\n$ tartanctl service create web --selector app=bench --port http=80:{WEB_PORT}/tcp");
+    print!("{out}");
+    let web_ip = super::topology::created_cluster_ip(&out)?;
+    println!(
+        "\n# a pod on node1 ({}) reaches a pod on node2 by its IP",
+        a.ip
+    );
+    let ping = ["ping", "-c", "3", "-W", "2", &b.ip.to_string()].map(str::to_string);
+    show_in_pod(&a.ns, &ping, |o| o.contains(" 0% packet loss"))?;
+    println!("\n# ... and the service by its cluster IP");
+    let wget = ["wget", "-q", "-O", "-", &format!("http://{web_ip}/")].map(str::to_string);
+    show_in_pod(&a.ns, &wget, |o| o.contains("hello from pod-b"))
+}
+
+/// The port of the demo's web page inside `pod-b`.
+const WEB_PORT: u16 = 8080;
+
+/// Runs busybox `cmd` inside pod namespace `ns` until its output satisfies `ok` (10 s
+/// deadline, 5 s per try: the service may still be on its way into the table), then prints the command
+/// the way a user types it and its output.
+fn show_in_pod(ns: &str, cmd: &[String], ok: impl Fn(&str) -> bool) -> Result<()> {
+    println!("$ ip netns exec {ns} {}", cmd.join(" "));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = std::process::Command::new("timeout")
+            .args(["5", "ip", "netns", "exec", ns, "busybox"])
+            .args(cmd)
+            .output()
+            .with_context(|| format!("running busybox {}", cmd[0]))?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if out.status.success() && ok(&text) {
+            print!("{text}");
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            print!("{text}");
+            anyhow::bail!("busybox {} in {ns} did not succeed within 10 s", cmd[0]);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

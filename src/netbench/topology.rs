@@ -50,9 +50,26 @@ pub struct Topology {
     pub paths: Vec<PathSpec>,
     /// The service's cluster IP.
     pub cluster_ip: Ipv4Addr,
+    /// `pod-a` on node 1 (the client of most paths).
+    pub client_pod: LabPod,
+    /// `pod-b` on node 2 (label `app=bench`, the service's endpoint).
+    pub server_pod: LabPod,
 }
 
 const STD: [u16; 4] = [ports::TCP_RR, ports::UDP_RR, ports::FIRST_BYTE, ports::SINK];
+
+/// The cluster IP in `tartanctl service create`'s answer ("service NS/NAME created: cluster IP
+/// A.B.C.D, ports ...").
+pub fn created_cluster_ip(out: &str) -> Result<Ipv4Addr> {
+    let ip = out
+        .split("cluster IP ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .with_context(|| format!("no cluster IP in tartanctl's output {out:?}"))?;
+    ip.trim()
+        .parse()
+        .with_context(|| format!("cluster IP {ip:?} in tartanctl's output"))
+}
 
 /// Builds the flannel-equivalent VXLAN node `ns` (index `k` of 2): device `flannel.1` (VNI 1,
 /// port 8472, learning off, MTU underlay − 50), address `10.246.k.0/32`, bridge `cni0` with
@@ -311,13 +328,7 @@ pub fn build(mut lab: Lab, nodes: usize, progress: &dyn Fn(&str)) -> Result<Topo
         "--node-port",
         "auto",
     ])?;
-    let cluster_ip: Ipv4Addr = out
-        .split("cluster IP ")
-        .nth(1)
-        .and_then(|r| r.split(',').next())
-        .context("no cluster IP in tartanctl's output")?
-        .trim()
-        .parse()?;
+    let cluster_ip = created_cluster_ip(&out)?;
     let nps: Vec<u16> = out
         .split("(node ")
         .skip(1)
@@ -452,5 +463,7 @@ pub fn build(mut lab: Lab, nodes: usize, progress: &dyn Fn(&str)) -> Result<Topo
         lab,
         paths,
         cluster_ip,
+        client_pod: a,
+        server_pod: b,
     })
 }
