@@ -66,14 +66,20 @@ unit: deps
 netns: deps
 	$(CARGO) test --tests -- --test-threads=$${TEST_THREADS:-2}
 
+# After a passing run nothing of tartan's may remain outside the build directory
+# (netns-tests/leftovers.sh compares with what existed before; a failed test may keep its logs).
 test: lint
-	$(CARGO) test --lib --bins --tests -- --test-threads=$${TEST_THREADS:-2}
+	@snap=$$(mktemp); bash netns-tests/leftovers.sh snapshot $$snap && \
+	$(CARGO) test --lib --bins --tests -- --test-threads=$${TEST_THREADS:-2} && \
+	bash netns-tests/leftovers.sh check $$snap
 
 # The demo needs working binaries, not the fastest plugin: an ordinary release build (the
 # fat-LTO musl plugin of `make release` took 3 min 47 s of a 6.5 min demo on 2 cores).
 demo: deps
 	$(CARGO) build --release --bins
-	$(TARGET_DIR)/release/netbench demo --out-dir $(TARGET_DIR)/demo
+	@snap=$$(mktemp); bash netns-tests/leftovers.sh snapshot $$snap && \
+	$(TARGET_DIR)/release/netbench demo --out-dir $(TARGET_DIR)/demo && \
+	bash netns-tests/leftovers.sh check $$snap
 
 # cargo bench relinks tartan-cni dynamically for its own use; the CNI benchmark measures the
 # static build that `make release` produces (and tartand installs).
