@@ -9,7 +9,7 @@ state() {
   ip -o link show 2>/dev/null | awk -F': ' '{sub(/@.*/, "", $2); print "link " $2}'
   if command -v nft >/dev/null; then nft list tables 2>/dev/null | sed 's/^/nft /'; fi
   for d in /var/lib/tartan /run/tartan; do [ -e "$d" ] && echo "path $d"; done
-  for d in "${TMPDIR:-/tmp}"/tartan-*; do [ -e "$d" ] && echo "path $d"; done
+  for d in "${TMPDIR:-/tmp}"/tartan-* /dev/shm/tartan-*; do [ -e "$d" ] && echo "path $d"; done
   true
 }
 case "${1:-}" in

@@ -838,6 +838,56 @@ fn several_etcd_endpoints_survive_a_member_loss() -> Result<()> {
 }
 
 #[test]
+fn a_silent_etcd_member_is_left_within_seconds() -> Result<()> {
+    // A member that drops packets but whose process lives on breaks no connection by itself:
+    // a node whose watch runs over it hears nothing until HTTP/2's keep-alive gives up (it was
+    // ~14 s). Each member is silenced in turn, so whichever one the daemons' watches use is
+    // hit; a lease written meanwhile must reach both nodes well within the deadline.
+    if !tartan::netns_lab::require_root()? {
+        return Ok(());
+    }
+    let mut lab = Lab::new(2, bins())?;
+    lab.set_etcd_members(3);
+    lab.start_etcd()?;
+    lab.init_network(NET16)?;
+    lab.start_daemon(0, &[])?;
+    lab.start_daemon(1, &[])?;
+    wait_peer(&lab, 0, 1)?;
+    wait_peer(&lab, 1, 0)?;
+    for m in 0..3u8 {
+        lab.set_etcd_member_silent(m.into(), true)?;
+        let subnet: ipnetwork::Ipv4Network = format!("10.244.{}.0/24", 250 + m).parse()?;
+        let value = format!(
+            r#"{{"PublicIP":"192.168.77.{}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"02:00:00:00:00:0{m}"}}}}"#,
+            60 + m
+        );
+        let written = Instant::now();
+        lab.etcdctl(&["put", &subnet_key(subnet), &value])?;
+        for i in 0..2 {
+            let ns = lab.nodes[i].ns.clone();
+            let needle = format!("{subnet} via");
+            wait_for(
+                &format!(
+                    "node{}'s route to {subnet} while member {m} is silent",
+                    i + 1
+                ),
+                Duration::from_secs(10),
+                || {
+                    let r = ip(&["-n", &ns, "route", "show", "proto", "157"]).ok()?;
+                    r.contains(&needle).then_some(())
+                },
+            )?;
+        }
+        eprintln!(
+            "member {m} silent: lease on both nodes after {:.2} s",
+            written.elapsed().as_secs_f64()
+        );
+        lab.set_etcd_member_silent(m.into(), false)?;
+    }
+    Ok(())
+}
+
+#[test]
 fn sigterm_reaches_a_daemon_whose_parent_blocked_it() -> Result<()> {
     // Job control, harnesses and some container entrypoints hand SIGTERM down blocked; a
     // daemon that kept that mask would ignore its stop signal.

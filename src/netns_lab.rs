@@ -602,6 +602,26 @@ impl Lab {
         }
     }
 
+    /// Makes member `m` silent to the nodes (`silent`) or reachable again: an nftables table
+    /// in the infra namespace drops every packet between the nodes and its client port, while the
+    /// process keeps running and its peers (on loopback) still see it, as a partitioned or
+    /// hung-network member looks to clients.
+    pub fn set_etcd_member_silent(&self, m: usize, silent: bool) -> Result<()> {
+        let table = format!("tartan_lab_silent_m{m}");
+        if !silent {
+            return ns_run(&self.infra, "nft", &["delete", "table", "inet", &table]).map(|_| ());
+        }
+        let port = ETCD_PORT + 10000 * m as u16;
+        let script = format!(
+            "table inet {table} {{ \
+             chain from_clients {{ type filter hook input priority -10; \
+             iifname != \"lo\" tcp dport {port} drop; }}; \
+             chain to_clients {{ type filter hook output priority -10; \
+             oifname != \"lo\" tcp sport {port} drop; }}; }}"
+        );
+        ns_run(&self.infra, "nft", &[&script]).map(|_| ())
+    }
+
     /// `etcdctl ARGS` in the infra namespace; returns stdout.
     pub fn etcdctl(&self, args: &[&str]) -> Result<String> {
         let mut c = ns_command(&self.infra, "etcdctl");
