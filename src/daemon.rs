@@ -11,7 +11,6 @@ use ipnetwork::Ipv4Network;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::backoff::Backoff;
 use crate::etcd_store::{EtcdArgs, Store};
 use crate::metrics::{self, Metrics};
 use crate::netconf::NetworkConfig;
@@ -100,21 +99,43 @@ fn node_name(args: &DaemonArgs) -> Result<String> {
     Ok(name)
 }
 
-/// Reads the network config, retrying (with backoff) while it is missing or invalid.
+/// Waits for a valid network config: lists the config key, then watches it, so a config
+/// written after the daemon started is taken at once (a polling backoff made a node started
+/// before `tartanctl network init` wait up to 15 s). etcd errors are retried by the reflector.
 async fn wait_for_config(store: &Store, keys: &EtcdArgs) -> NetworkConfig {
-    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(15));
+    use crate::etcd_store::{Change, ReflectorEvent};
     let key = keys.config_key();
-    loop {
-        match store.get(&key).await {
-            Ok(Some(kv)) => match NetworkConfig::parse(&kv.value) {
+    // The reflector watches a prefix; only the exact key counts.
+    let mut events = store.reflect(&key);
+    let mut said_missing = false;
+    while let Some(ev) = events.recv().await {
+        let value = match ev {
+            ReflectorEvent::Reset { items, .. } => items.into_iter().find(|i| i.key == key),
+            ReflectorEvent::Changes { changes, .. } => {
+                changes.into_iter().fold(None, |last, c| match c {
+                    Change::Put(i) if i.key == key => Some(i),
+                    Change::Delete(k) if k == key => None,
+                    _ => last,
+                })
+            }
+        };
+        match value {
+            Some(kv) => match NetworkConfig::parse(&kv.value) {
                 Ok(c) => return c,
                 Err(e) => error!(key, "invalid network config, waiting for a valid one: {e}"),
             },
-            Ok(None) => warn!(key, "no network config yet (run `tartanctl network init`)"),
-            Err(e) => warn!("reading the network config: {e:#}"),
+            None if !said_missing => {
+                said_missing = true;
+                warn!(
+                    key,
+                    "no network config yet (run `tartanctl network init`), watching for it"
+                );
+            }
+            None => {}
         }
-        backoff.wait().await;
     }
+    // The reflector only stops when its receiver is gone; it is held here.
+    std::future::pending().await
 }
 
 /// Runs the daemon until SIGTERM/SIGINT (dataplane left in place) or a leave.

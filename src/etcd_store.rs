@@ -515,7 +515,12 @@ async fn run_reflector(store: Store, prefix: String, tx: mpsc::UnboundedSender<R
             }
         };
         loop {
-            match stream.message().await {
+            let message = tokio::select! {
+                m = stream.message() => m,
+                // Nobody listens any more (e.g. the config wait got its config): stop watching.
+                () = tx.closed() => return,
+            };
+            match message {
                 Ok(Some(resp)) => {
                     backoff.reset();
                     if resp.compact_revision() > 0 {
