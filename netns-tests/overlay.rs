@@ -838,6 +838,69 @@ fn several_etcd_endpoints_survive_a_member_loss() -> Result<()> {
 }
 
 #[test]
+fn a_stray_lease_with_a_live_nodes_mac_never_displaces_it() -> Result<()> {
+    // A lease-less key that sorts before node2's lease and carries node2's VTEP MAC (a copy
+    // left by hand, a restored backup...) used to win on every peer: node2's FDB entry then
+    // pointed at the stray's address and node2's pods were cut off.
+    let Some(mut lab) = lab(2, NET16)? else {
+        return Ok(());
+    };
+    lab.start_daemon(0, &[])?;
+    lab.start_daemon(1, &[])?;
+    wait_peer(&lab, 0, 1)?;
+    let before = overlay_text(&lab, 0)?;
+    let mac = vtep_mac(&lab, 1)?;
+    let stray = "/coreos.com/network/subnets/10.244.0.0-24";
+    lab.etcdctl(&[
+        "put",
+        stray,
+        &format!(
+            r#"{{"PublicIP":"192.168.77.98","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#
+        ),
+    ])?;
+    // A valid lease written after the stray: once node1 routes it, it has seen the stray.
+    let marker: ipnetwork::Ipv4Network = "10.244.254.0/24".parse()?;
+    lab.etcdctl(&[
+        "put",
+        &subnet_key(marker),
+        r#"{"PublicIP":"192.168.77.97","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:97"}}"#,
+    ])?;
+    wait_route(&lab, 0, marker, true)?;
+    let (routes, neigh, fdb) = overlay_text(&lab, 0)?;
+    ensure!(
+        !routes.contains("10.244.0.0/24") && !fdb.contains("192.168.77.98"),
+        "the stray lease was programmed:\nroutes {routes}\nfdb {fdb}"
+    );
+    for line in before
+        .0
+        .lines()
+        .chain(before.1.lines())
+        .chain(before.2.lines())
+    {
+        ensure!(
+            routes.contains(line) || neigh.contains(line) || fdb.contains(line),
+            "node2's entry {line:?} is gone:\nroutes {routes}\nneigh {neigh}\nfdb {fdb}"
+        );
+    }
+    let nodes = lab.tartanctl(&["nodes"])?;
+    let stray_row = nodes
+        .lines()
+        .find(|l| l.contains("10.244.0.0/24"))
+        .context("no row for the stray lease in tartanctl nodes")?;
+    ensure!(
+        stray_row.contains("left out") && stray_row.contains("node2"),
+        "tartanctl nodes does not report the conflict:\n{nodes}"
+    );
+    let log = std::fs::read_to_string(lab.nodes[0].log_file())?;
+    ensure!(
+        log.matches("subnet lease left out").count() == 1,
+        "the conflict must be logged once:\n{}",
+        lab.log_tail(0, 30)
+    );
+    Ok(())
+}
+
+#[test]
 fn a_config_written_after_the_daemon_started_is_taken_at_once() -> Result<()> {
     // A node started before `tartanctl network init` watches the config key; polling with a
     // growing backoff took up to 15 s (8.7 s seen) to notice the config.

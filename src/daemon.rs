@@ -196,6 +196,8 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     info!(network = %cfg.network, subnet_len = cfg.subnet_len, vni = cfg.backend.vni, "network config");
 
     let subnets = store.mirror(&args.etcd.subnets_prefix());
+    // Node records say which lease each live node holds (lease conflicts are resolved for it).
+    let nodes = store.mirror(&node_liveness::nodes_prefix(&args.etcd));
     let manager = SubnetManager::new(
         store.clone(),
         args.etcd.clone(),
@@ -218,7 +220,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     };
     info!(subnet = %own.subnet, reservation = own.etcd_lease == 0, "holding subnet");
     let (own_tx, own_rx) = watch::channel(Some(own.clone()));
-    status.set_own(own_rx.clone(), subnets.clone(), cfg.clone());
+    status.set_own(own_rx.clone(), subnets.clone(), nodes.clone(), cfg.clone());
 
     let persist = |o: &OwnLease| {
         let st = NodeState {
@@ -291,9 +293,15 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         resync: Duration::from_secs(args.resync_secs),
     };
     let overlay = tokio::spawn({
-        let (metrics, own_rx, subnets) = (metrics.clone(), own_rx.clone(), subnets.clone());
+        let (metrics, own_rx, subnets, nodes) = (
+            metrics.clone(),
+            own_rx.clone(),
+            subnets.clone(),
+            nodes.clone(),
+        );
         async move {
-            let r = overlay_reconciler::run(settings, metrics, own_rx, subnets, ready_tx).await;
+            let r =
+                overlay_reconciler::run(settings, metrics, own_rx, subnets, nodes, ready_tx).await;
             if let Err(e) = &r {
                 error!("overlay reconciler stopped, the overlay is not maintained: {e:#}");
             }

@@ -23,6 +23,8 @@ pub struct Metrics {
     registry: Registry,
     /// Peers currently programmed into the overlay.
     pub peers: Gauge,
+    /// Subnet leases left out because another lease claims their VTEP MAC or public IP.
+    pub lease_conflicts: Gauge,
     /// Overlay reconcile passes.
     pub reconcile_runs: Counter,
     /// Overlay reconcile passes that failed.
@@ -73,6 +75,7 @@ impl Metrics {
         let lat = || Histogram::new(exponential_buckets(0.0001, 2.0, 18));
         let m = Metrics {
             peers: Gauge::default(),
+            lease_conflicts: Gauge::default(),
             reconcile_runs: Counter::default(),
             reconcile_errors: Counter::default(),
             reconcile_operations: Counter::default(),
@@ -94,6 +97,11 @@ impl Metrics {
             "overlay_peers",
             "Peers programmed into the overlay",
             m.peers.clone(),
+        );
+        registry.register(
+            "overlay_lease_conflicts",
+            "Subnet leases left out because another lease claims their VTEP MAC or public IP",
+            m.lease_conflicts.clone(),
         );
         registry.register(
             "overlay_reconcile_runs",

@@ -31,6 +31,29 @@ pub struct NodeRecord {
     pub version: String,
 }
 
+/// What the live nodes say they hold, from their records (undecodable records and nodes
+/// without a subnet yet claim nothing).
+pub fn live_claims<'a>(
+    items: impl IntoIterator<Item = &'a crate::etcd_store::KvItem>,
+) -> Vec<crate::overlay_plan::LiveClaim> {
+    items
+        .into_iter()
+        .filter_map(|i| serde_json::from_slice::<NodeRecord>(&i.value).ok())
+        .filter_map(|r| {
+            Some(crate::overlay_plan::LiveClaim {
+                subnet: r.subnet.as_deref()?.parse().ok()?,
+                node: r.name,
+                vtep_mac: r.vtep_mac,
+            })
+        })
+        .collect()
+}
+
+/// The prefix of every node record.
+pub fn nodes_prefix(keys: &EtcdArgs) -> String {
+    keys.tartan_key("nodes/")
+}
+
 /// The key of a node record.
 pub fn node_key(keys: &EtcdArgs, name: &str) -> String {
     keys.tartan_key(&format!("nodes/{name}"))

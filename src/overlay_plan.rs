@@ -96,29 +96,105 @@ pub fn gateway_of(subnet: Ipv4Network) -> Ipv4Addr {
     subnet.network()
 }
 
+/// A live node's claim on its subnet, from its node record (`/tartan/nodes/<name>`, which
+/// exists only while the node's liveness lease does): the lease it really holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveClaim {
+    /// The node's name.
+    pub node: String,
+    /// The subnet the node says it holds.
+    pub subnet: Ipv4Network,
+    /// The node's VTEP MAC.
+    pub vtep_mac: MacAddr,
+}
+
+/// A subnet lease left out because another lease claims the same VTEP MAC or public IP and
+/// ranks higher.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseConflict {
+    /// The losing lease's key.
+    pub key: String,
+    /// Its subnet.
+    pub subnet: Ipv4Network,
+    /// What it collides with and why the other lease won, for people.
+    pub reason: String,
+}
+
+/// The peers of a node as decoded from the subnet leases.
+#[derive(Debug, Clone, Default)]
+pub struct PeerSet {
+    /// Peers to program (own subnet excluded), free of conflicts.
+    pub peers: Vec<Peer>,
+    /// One message per undecodable or out-of-network key.
+    pub skipped: Vec<String>,
+    /// Leases that lost a conflict (the own lease never does).
+    pub conflicts: Vec<LeaseConflict>,
+}
+
+/// A decoded lease competing for its VTEP MAC and public IP.
+struct Candidate<'a> {
+    key: &'a str,
+    peer: Peer,
+    own: bool,
+    claimed_by: Option<&'a str>,
+    has_lease: bool,
+    mod_revision: i64,
+}
+
+impl Candidate<'_> {
+    /// Higher wins: the node's own lease, then the lease a live node says it holds, then one
+    /// attached to an etcd lease over a lease-less key, then the older one, then subnet order.
+    fn rank(
+        &self,
+    ) -> (
+        bool,
+        bool,
+        bool,
+        std::cmp::Reverse<i64>,
+        std::cmp::Reverse<u32>,
+    ) {
+        (
+            self.own,
+            self.claimed_by.is_some(),
+            self.has_lease,
+            std::cmp::Reverse(self.mod_revision),
+            std::cmp::Reverse(u32::from(self.peer.subnet.network())),
+        )
+    }
+
+    fn describe(&self) -> String {
+        match (self.own, self.claimed_by) {
+            (true, _) => format!("{} (this node's own lease)", self.peer.subnet),
+            (false, Some(n)) => format!("{} (held by the live node {n})", self.peer.subnet),
+            (false, None) if self.has_lease => format!("{} (an older lease)", self.peer.subnet),
+            (false, None) => format!("{} (an older lease-less key)", self.peer.subnet),
+        }
+    }
+}
+
 /// Decodes peer leases from subnet keys; garbage is skipped and reported, never fatal.
-/// Returns the peers (own subnet excluded) and one message per skipped key.
+/// Leases that claim the same VTEP MAC or public IP are resolved by [`Candidate::rank`]: a
+/// stray or stale key can never displace a live node on its peers.
 pub fn peers_from_items<'a>(
     items: impl IntoIterator<Item = &'a KvItem>,
     cfg: &NetworkConfig,
     own_subnet: Option<Ipv4Network>,
-) -> (Vec<Peer>, Vec<String>) {
-    let mut peers = Vec::new();
-    let mut skipped = Vec::new();
+    live: &'a [LiveClaim],
+) -> PeerSet {
+    let mut set = PeerSet::default();
+    let mut candidates = Vec::new();
     for it in items {
         let suffix = it.key.rsplit('/').next().unwrap_or_default();
         let subnet = match subnet_from_key(suffix) {
             Ok(s) => s,
             Err(e) => {
-                skipped.push(format!("{}: {e}", it.key));
+                set.skipped.push(format!("{}: {e}", it.key));
                 continue;
             }
         };
-        if Some(subnet) == own_subnet {
-            continue;
-        }
-        if !cfg.network.contains(subnet.network()) || subnet.prefix() != cfg.subnet_len {
-            skipped.push(format!(
+        let own = Some(subnet) == own_subnet;
+        if !own && (!cfg.network.contains(subnet.network()) || subnet.prefix() != cfg.subnet_len) {
+            set.skipped.push(format!(
                 "{}: subnet {subnet} is not a /{} inside {}",
                 it.key, cfg.subnet_len, cfg.network
             ));
@@ -127,7 +203,9 @@ pub fn peers_from_items<'a>(
         let value = match LeaseValue::parse(&it.value) {
             Ok(v) => v,
             Err(e) => {
-                skipped.push(format!("{}: {e}", it.key));
+                if !own {
+                    set.skipped.push(format!("{}: {e}", it.key));
+                }
                 continue;
             }
         };
@@ -136,29 +214,66 @@ pub fn peers_from_items<'a>(
             // A bare reservation (no backend data yet) is not a peer; say so only for others.
             Err(_) if value.backend_data.is_none() && value.backend_type.is_empty() => continue,
             Err(e) => {
-                skipped.push(format!("{}: {e}", it.key));
+                if !own {
+                    set.skipped.push(format!("{}: {e}", it.key));
+                }
                 continue;
             }
         };
-        peers.push(Peer {
+        let peer = Peer {
             subnet,
             public_ip: value.public_ip,
             vtep_mac: data.vtep_mac,
+        };
+        let claimed_by = live
+            .iter()
+            .find(|c| c.subnet == subnet && c.vtep_mac == peer.vtep_mac)
+            .map(|c| c.node.as_str());
+        candidates.push(Candidate {
+            key: &it.key,
+            peer,
+            own,
+            claimed_by,
+            has_lease: it.lease != 0,
+            mod_revision: it.mod_revision,
         });
     }
-    (peers, skipped)
+    candidates.sort_by_key(|c| std::cmp::Reverse(c.rank()));
+    let mut by_mac: std::collections::HashMap<MacAddr, usize> = Default::default();
+    let mut by_ip: std::collections::HashMap<Ipv4Addr, usize> = Default::default();
+    for (i, c) in candidates.iter().enumerate() {
+        let winner = by_mac
+            .get(&c.peer.vtep_mac)
+            .map(|w| (*w, format!("VTEP MAC {}", c.peer.vtep_mac)))
+            .or_else(|| {
+                by_ip
+                    .get(&c.peer.public_ip)
+                    .map(|w| (*w, format!("public IP {}", c.peer.public_ip)))
+            });
+        if let Some((w, what)) = winner {
+            set.conflicts.push(LeaseConflict {
+                key: c.key.to_string(),
+                subnet: c.peer.subnet,
+                reason: format!("{what} is also claimed by {}", candidates[w].describe()),
+            });
+            continue;
+        }
+        by_mac.insert(c.peer.vtep_mac, i);
+        by_ip.insert(c.peer.public_ip, i);
+        if !c.own {
+            set.peers.push(c.peer.clone());
+        }
+    }
+    set.peers
+        .sort_by_key(|p| (u32::from(p.subnet.network()), p.subnet.prefix()));
+    set
 }
 
-/// Computes the desired overlay state for `local` and its peers.
-///
-/// Conflicting peers (two leases claiming the same VTEP MAC) keep the first by subnet order;
-/// the others are reported in the second return value.
-pub fn desired_state(local: &LocalNode, peers: &[Peer]) -> (OverlayState, Vec<String>) {
+/// Computes the desired overlay state for `local` and its peers (conflict-free, as
+/// [`peers_from_items`] returns them).
+pub fn desired_state(local: &LocalNode, peers: &[Peer]) -> OverlayState {
     let mut st = OverlayState::default();
-    let mut conflicts = Vec::new();
-    let mut sorted: Vec<&Peer> = peers.iter().filter(|p| p.subnet != local.subnet).collect();
-    sorted.sort_by_key(|p| (u32::from(p.subnet.network()), p.subnet.prefix()));
-    for p in sorted {
+    for p in peers.iter().filter(|p| p.subnet != local.subnet) {
         let direct = local.direct_routing
             && local
                 .underlay_networks
@@ -168,19 +283,12 @@ pub fn desired_state(local: &LocalNode, peers: &[Peer]) -> (OverlayState, Vec<St
             st.routes.insert(p.subnet, RouteVia::Underlay(p.public_ip));
             continue;
         }
-        if let Some(other) = st.fdb.get(&p.vtep_mac) {
-            conflicts.push(format!(
-                "peer {} reuses VTEP MAC {} already used by the peer at {other}; skipped",
-                p.subnet, p.vtep_mac
-            ));
-            continue;
-        }
         let gw = gateway_of(p.subnet);
         st.routes.insert(p.subnet, RouteVia::Vxlan(gw));
         st.neighbours.insert(gw, p.vtep_mac);
         st.fdb.insert(p.vtep_mac, p.public_ip);
     }
-    (st, conflicts)
+    st
 }
 
 /// Entries to put and entries to delete.
@@ -272,8 +380,8 @@ mod tests {
             item("10.244.6.0-24", &lease_json("192.168.1.6", "zz")),
             item("10.244.7.0-24", r#"{"PublicIP":"192.168.1.7"}"#),
         ];
-        let (peers, skipped) =
-            peers_from_items(&items, &cfg(), Some("10.244.1.0/24".parse().unwrap()));
+        let set = peers_from_items(&items, &cfg(), Some("10.244.1.0/24".parse().unwrap()), &[]);
+        let (peers, skipped) = (set.peers, set.skipped);
         assert_eq!(peers.len(), 1);
         assert_eq!(
             peers[0].subnet,
@@ -289,8 +397,7 @@ mod tests {
             public_ip: "192.168.1.2".parse().unwrap(),
             vtep_mac: "02:00:00:00:00:02".parse().unwrap(),
         }];
-        let (st, c) = desired_state(&local("10.244.1.0/24", false), &peers);
-        assert!(c.is_empty());
+        let st = desired_state(&local("10.244.1.0/24", false), &peers);
         let gw: Ipv4Addr = "10.244.2.0".parse().unwrap();
         assert_eq!(st.routes.values().next(), Some(&RouteVia::Vxlan(gw)));
         assert_eq!(st.neighbours.get(&gw), Some(&peers[0].vtep_mac));
@@ -311,7 +418,7 @@ mod tests {
                 vtep_mac: "02:00:00:00:00:03".parse().unwrap(),
             },
         ];
-        let (st, _) = desired_state(&local("10.244.1.0/24", true), &peers);
+        let st = desired_state(&local("10.244.1.0/24", true), &peers);
         assert_eq!(
             st.routes[&"10.244.2.0/24".parse().unwrap()],
             RouteVia::Underlay("192.168.1.2".parse().unwrap())
@@ -324,25 +431,88 @@ mod tests {
         assert_eq!(st.fdb.len(), 1);
     }
 
+    fn kv(key: &str, ip: &str, mac: &str, lease: i64, rev: i64) -> KvItem {
+        KvItem {
+            lease,
+            mod_revision: rev,
+            ..item(key, &lease_json(ip, mac))
+        }
+    }
+
+    fn claim(node: &str, subnet: &str, mac: &str) -> LiveClaim {
+        LiveClaim {
+            node: node.into(),
+            subnet: subnet.parse().unwrap(),
+            vtep_mac: mac.parse().unwrap(),
+        }
+    }
+
+    fn subnets(set: &PeerSet) -> Vec<String> {
+        set.peers.iter().map(|p| p.subnet.to_string()).collect()
+    }
+
     #[test]
-    fn duplicate_mac_reported() {
-        let mac: MacAddr = "02:00:00:00:00:02".parse().unwrap();
-        let peers = vec![
-            Peer {
-                subnet: "10.244.3.0/24".parse().unwrap(),
-                public_ip: "192.168.1.3".parse().unwrap(),
-                vtep_mac: mac,
-            },
-            Peer {
-                subnet: "10.244.2.0/24".parse().unwrap(),
-                public_ip: "192.168.1.2".parse().unwrap(),
-                vtep_mac: mac,
-            },
+    fn a_stray_key_with_a_live_nodes_mac_never_displaces_it() {
+        // The stray sorts first by subnet, has no etcd lease and is older: the live node's
+        // lease still wins, on every peer.
+        let mac = "02:00:00:00:00:05";
+        let items = vec![
+            kv("10.244.2.0-24", "192.168.1.99", mac, 0, 1),
+            kv("10.244.5.0-24", "192.168.1.5", mac, 7, 9),
         ];
-        let (st, c) = desired_state(&local("10.244.1.0/24", false), &peers);
-        assert_eq!(st.routes.len(), 1);
-        assert_eq!(st.fdb[&mac], "192.168.1.2".parse::<Ipv4Addr>().unwrap());
-        assert_eq!(c.len(), 1);
+        let live = [claim("node5", "10.244.5.0/24", mac)];
+        let set = peers_from_items(
+            &items,
+            &cfg(),
+            Some("10.244.1.0/24".parse().unwrap()),
+            &live,
+        );
+        assert_eq!(subnets(&set), ["10.244.5.0/24"]);
+        assert_eq!(set.conflicts.len(), 1);
+        assert_eq!(set.conflicts[0].subnet.to_string(), "10.244.2.0/24");
+        assert!(
+            set.conflicts[0].reason.contains("live node node5"),
+            "{:?}",
+            set.conflicts[0]
+        );
+    }
+
+    #[test]
+    fn a_shared_public_ip_goes_to_the_lease_its_node_holds() {
+        // A node that lost its state directory leased a new subnet; the old lease lingers.
+        let items = vec![
+            kv("10.244.3.0-24", "192.168.1.3", "02:00:00:00:00:03", 4, 2),
+            kv("10.244.8.0-24", "192.168.1.3", "02:00:00:00:00:09", 5, 8),
+        ];
+        let live = [claim("node3", "10.244.8.0/24", "02:00:00:00:00:09")];
+        let set = peers_from_items(&items, &cfg(), None, &live);
+        assert_eq!(subnets(&set), ["10.244.8.0/24"]);
+        assert!(set.conflicts[0].reason.contains("public IP 192.168.1.3"));
+    }
+
+    #[test]
+    fn a_stray_key_with_this_nodes_mac_is_no_peer() {
+        let mac = "02:00:00:00:00:01";
+        let items = vec![
+            kv("10.244.1.0-24", "192.168.1.1", mac, 3, 5),
+            kv("10.244.0.0-24", "192.168.1.50", mac, 0, 1),
+        ];
+        let set = peers_from_items(&items, &cfg(), Some("10.244.1.0/24".parse().unwrap()), &[]);
+        assert!(set.peers.is_empty());
+        assert!(set.conflicts[0].reason.contains("this node's own lease"));
+    }
+
+    #[test]
+    fn without_live_claims_a_lease_beats_a_bare_key_and_older_beats_newer() {
+        let mac = "02:00:00:00:00:07";
+        let items = vec![
+            kv("10.244.2.0-24", "192.168.1.2", mac, 0, 1),
+            kv("10.244.7.0-24", "192.168.1.7", mac, 9, 20),
+            kv("10.244.9.0-24", "192.168.1.9", mac, 9, 30),
+        ];
+        let set = peers_from_items(&items, &cfg(), None, &[]);
+        assert_eq!(subnets(&set), ["10.244.7.0/24"]);
+        assert_eq!(set.conflicts.len(), 2);
     }
 
     #[test]

@@ -18,7 +18,10 @@ use crate::netlink_ops::{
     DeviceChange, KernelChange, Netlink, NetlinkEvents, RTMGRP_OVERLAY, VxlanSpec,
 };
 use crate::nft_cmd;
-use crate::overlay_plan::{LocalNode, OverlayState, desired_state, diff, peers_from_items};
+use crate::node_liveness::live_claims;
+use crate::overlay_plan::{
+    LeaseConflict, LocalNode, OverlayState, desired_state, diff, peers_from_items,
+};
 use crate::subnet_lease::MacAddr;
 use crate::subnet_manager::OwnLease;
 
@@ -65,14 +68,27 @@ struct Reconciler {
     /// Interfaces the overlay lives on (VXLAN device, underlay) as of the last pass; kernel
     /// notifications about other interfaces (pod veths, bridges) cannot need a repair.
     owned: Option<(u32, u32)>,
+    /// Lease conflicts already logged (each is said once while it lasts).
+    reported_conflicts: std::collections::BTreeSet<String>,
 }
 
-/// What the desired overlay state was computed from.
-type DesiredKey = (i64, ipnetwork::Ipv4Network, Vec<ipnetwork::Ipv4Network>);
+/// What the desired overlay state was computed from: the revisions of the subnet and node
+/// views, the own subnet, the underlay networks.
+type DesiredKey = (
+    i64,
+    i64,
+    ipnetwork::Ipv4Network,
+    Vec<ipnetwork::Ipv4Network>,
+);
 
 impl Reconciler {
     /// One pass; returns the number of kernel operations it issued.
-    async fn reconcile(&mut self, own: &OwnLease, view: &PrefixView) -> Result<usize> {
+    async fn reconcile(
+        &mut self,
+        own: &OwnLease,
+        view: &PrefixView,
+        nodes: &PrefixView,
+    ) -> Result<usize> {
         let t0 = Instant::now();
         let iface = self.nl.iface(&self.s.iface).await?;
         let spec = VxlanSpec {
@@ -105,23 +121,28 @@ impl Reconciler {
             direct_routing: self.s.cfg.backend.direct_routing,
         };
         // Decoding every lease is the costly part of a pass; redo it only when etcd changed.
-        let cache_key = (view.revision, own.subnet, local.underlay_networks.clone());
+        let cache_key = (
+            view.revision,
+            nodes.revision,
+            own.subnet,
+            local.underlay_networks.clone(),
+        );
         let desired = match &self.desired_cache {
             Some((k, d)) if *k == cache_key => d.clone(),
             _ => {
-                let (peers, skipped) =
-                    peers_from_items(view.items.values(), &self.s.cfg, Some(own.subnet));
-                if !skipped.is_empty() {
-                    self.metrics.malformed_records.inc_by(skipped.len() as u64);
-                    for s in &skipped {
+                let live = live_claims(nodes.items.values());
+                let set =
+                    peers_from_items(view.items.values(), &self.s.cfg, Some(own.subnet), &live);
+                if !set.skipped.is_empty() {
+                    self.metrics
+                        .malformed_records
+                        .inc_by(set.skipped.len() as u64);
+                    for s in &set.skipped {
                         warn!("skipping subnet record: {s}");
                     }
                 }
-                let (desired, conflicts) = desired_state(&local, &peers);
-                for c in &conflicts {
-                    warn!("{c}");
-                }
-                let d = Arc::new(desired);
+                self.report_conflicts(&set.conflicts);
+                let d = Arc::new(desired_state(&local, &set.peers));
                 self.desired_cache = Some((cache_key, d.clone()));
                 d
             }
@@ -155,6 +176,19 @@ impl Reconciler {
             "reconcile timing"
         );
         Ok(ops)
+    }
+
+    /// Logs each lease conflict once (while it lasts) and publishes how many there are.
+    fn report_conflicts(&mut self, conflicts: &[LeaseConflict]) {
+        let now: std::collections::BTreeSet<String> = conflicts
+            .iter()
+            .map(|c| format!("{}: {}", c.key, c.reason))
+            .collect();
+        for c in now.difference(&self.reported_conflicts) {
+            warn!("subnet lease left out: {c}");
+        }
+        self.metrics.lease_conflicts.set(now.len() as i64);
+        self.reported_conflicts = now;
     }
 
     /// Applies the masquerade table when it is missing or differs from what was applied.
@@ -198,6 +232,7 @@ pub async fn run(
     metrics: Arc<Metrics>,
     mut own_rx: watch::Receiver<Option<OwnLease>>,
     mut subnets_rx: watch::Receiver<Arc<PrefixView>>,
+    mut nodes_rx: watch::Receiver<Arc<PrefixView>>,
     ready_tx: watch::Sender<Option<ipnetwork::Ipv4Network>>,
 ) -> Result<()> {
     let nl = Netlink::connect()?;
@@ -210,6 +245,7 @@ pub async fn run(
         masq_applied: None,
         desired_cache: None,
         owned: None,
+        reported_conflicts: Default::default(),
     };
     let mut tick = tokio::time::interval(resync);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -236,6 +272,7 @@ pub async fn run(
                 let at = subnets_rx.borrow().changed_at;
                 pending_since = Some(pending_since.map_or(at, |p| p.min(at)));
             }
+            c = nodes_rx.changed() => { if c.is_err() { return Ok(()); } }
             ev = events.next() => {
                 match ev {
                     Some(KernelChange::Removal(Some(i)))
@@ -260,12 +297,14 @@ pub async fn run(
         }
         let own = own_rx.borrow().clone();
         let view = subnets_rx.borrow().clone();
+        let nodes = nodes_rx.borrow().clone();
         let Some(own) = own else { continue };
-        if !view.listed {
+        // Conflicts are resolved with the node records, so both views must be complete.
+        if !view.listed || !nodes.listed {
             continue;
         }
         metrics.reconcile_runs.inc();
-        match r.reconcile(&own, &view).await {
+        match r.reconcile(&own, &view, &nodes).await {
             Ok(ops) => {
                 metrics.reconcile_operations.inc_by(ops as u64);
                 ready_tx.send_if_modified(|r| {

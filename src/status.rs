@@ -9,6 +9,7 @@ use tokio::sync::watch;
 
 use crate::etcd_store::PrefixView;
 use crate::netconf::NetworkConfig;
+use crate::node_liveness::live_claims;
 use crate::overlay_plan::peers_from_items;
 use crate::service_proxy::ProxyStatus;
 
@@ -90,6 +91,7 @@ pub struct BackendReport {
 struct Inner {
     own: Option<watch::Receiver<Option<OwnLease>>>,
     subnets: Option<watch::Receiver<Arc<PrefixView>>>,
+    nodes: Option<watch::Receiver<Arc<PrefixView>>>,
     cfg: Option<NetworkConfig>,
     proxy: Option<ProxyRequests>,
 }
@@ -108,6 +110,7 @@ impl DaemonStatus {
             inner: Mutex::new(Inner {
                 own: None,
                 subnets: None,
+                nodes: None,
                 cfg: None,
                 proxy: None,
             }),
@@ -119,11 +122,13 @@ impl DaemonStatus {
         &self,
         own: watch::Receiver<Option<OwnLease>>,
         subnets: watch::Receiver<Arc<PrefixView>>,
+        nodes: watch::Receiver<Arc<PrefixView>>,
         cfg: NetworkConfig,
     ) {
         if let Ok(mut i) = self.inner.lock() {
             i.own = Some(own);
             i.subnets = Some(subnets);
+            i.nodes = Some(nodes);
             i.cfg = Some(cfg);
         }
     }
@@ -147,11 +152,17 @@ impl DaemonStatus {
             r.network = i.cfg.as_ref().map(|c| c.network.to_string());
             r.subnet = own.as_ref().map(|o| o.subnet.to_string());
             r.reservation = own.as_ref().is_some_and(|o| o.etcd_lease == 0);
-            if let (Some(cfg), Some(view)) = (&i.cfg, &i.subnets) {
+            if let (Some(cfg), Some(view), Some(nodes)) = (&i.cfg, &i.subnets, &i.nodes) {
                 let view = view.borrow().clone();
-                let (peers, _) =
-                    peers_from_items(view.items.values(), cfg, own.as_ref().map(|o| o.subnet));
-                r.peers = peers
+                let live = live_claims(nodes.borrow().items.values());
+                let set = peers_from_items(
+                    view.items.values(),
+                    cfg,
+                    own.as_ref().map(|o| o.subnet),
+                    &live,
+                );
+                r.peers = set
+                    .peers
                     .into_iter()
                     .map(|p| PeerStatus {
                         subnet: p.subnet.to_string(),

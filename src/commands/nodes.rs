@@ -5,7 +5,9 @@ use serde::Serialize;
 
 use super::{OutputFormat, render_table};
 use crate::etcd_store::{EtcdArgs, Store};
-use crate::node_liveness::NodeRecord;
+use crate::netconf::NetworkConfig;
+use crate::node_liveness::{self, NodeRecord};
+use crate::overlay_plan::peers_from_items;
 use crate::subnet_lease::{LeaseValue, subnet_from_key};
 
 #[derive(Serialize)]
@@ -24,7 +26,23 @@ struct Row {
 pub async fn run(etcd: &EtcdArgs, output: OutputFormat) -> Result<()> {
     let store = Store::connect(etcd).await?;
     let (_, items) = store.list(&etcd.subnets_prefix()).await?;
-    let (_, node_items) = store.list(&etcd.tartan_key("nodes/")).await?;
+    let (_, node_items) = store.list(&node_liveness::nodes_prefix(etcd)).await?;
+    // Leases every peer leaves out (a VTEP MAC or public IP claimed twice), with the reason.
+    let conflicts: std::collections::HashMap<String, String> =
+        match store.get(&etcd.config_key()).await? {
+            Some(kv) => match NetworkConfig::parse(&kv.value) {
+                Ok(cfg) => {
+                    let live = node_liveness::live_claims(&node_items);
+                    peers_from_items(&items, &cfg, None, &live)
+                        .conflicts
+                        .into_iter()
+                        .map(|c| (c.key, format!("left out by every peer: {}", c.reason)))
+                        .collect()
+                }
+                Err(_) => Default::default(),
+            },
+            None => Default::default(),
+        };
     let alive: std::collections::HashSet<String> = node_items
         .iter()
         .filter_map(|i| serde_json::from_slice::<NodeRecord>(&i.value).ok())
@@ -48,7 +66,7 @@ pub async fn run(etcd: &EtcdArgs, output: OutputFormat) -> Result<()> {
                     v.node_name.clone(),
                     Some(v.public_ip.to_string()),
                     mac,
-                    None,
+                    conflicts.get(&it.key).cloned(),
                 )
             }
             Err(e) => (None, None, None, Some(e)),
