@@ -16,17 +16,16 @@ mod common;
 use common::*;
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use futures::StreamExt;
 use tartan::etcd_store::{EtcdArgs, Store};
-use tartan::netbench::service_bed::{NatKind, ServiceBed, first_connections, vip};
+use tartan::netbench::service_bed::{
+    NatKind, ServiceBed, bulk_pod, bulk_service, first_connections, load_bulk_services,
+};
 use tartan::netns_lab::{Lab, block_on_in_netns, in_netns, require_root, wait_for};
 use tartan::pod_record::{PodRecord, pod_key};
-use tartan::service_model::{DEFAULT_AFFINITY_TIMEOUT, Service, SessionAffinity, TrafficPolicy};
 use tartan::service_rules::Balancing;
 
 fn etcd_args() -> EtcdArgs {
@@ -44,77 +43,6 @@ fn sorted_us(v: &[Duration]) -> Vec<f64> {
     let mut v: Vec<f64> = v.iter().map(|d| d.as_secs_f64() * 1e6).collect();
     v.sort_by(f64::total_cmp);
     v
-}
-
-fn bench_service(i: u32) -> Service {
-    Service {
-        namespace: "bench".into(),
-        name: format!("s{i}"),
-        cluster_ip: vip(i),
-        ports: vec!["80:8080/tcp".parse().expect("static port")],
-        selector: Some([("app".to_string(), format!("a{i}"))].into()),
-        session_affinity: SessionAffinity::None,
-        session_affinity_timeout: DEFAULT_AFFINITY_TIMEOUT,
-        external_traffic_policy: TrafficPolicy::Cluster,
-    }
-}
-
-fn bench_pod(i: u32, k: u32, node: &str) -> PodRecord {
-    PodRecord {
-        container_id: format!("c{i}x{k}"),
-        ifname: "eth0".into(),
-        node: node.into(),
-        ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 0)) + i * 8 + k),
-        namespace: "bench".into(),
-        name: format!("p{i}x{k}"),
-        labels: [("app".to_string(), format!("a{i}"))].into(),
-    }
-}
-
-/// Writes `services` services with 5 pods each straight into etcd (as `tartanctl` would, minus
-/// the per-service allocation transactions).
-fn load_etcd(lab: &Lab, services: u32) -> Result<()> {
-    let t = Instant::now();
-    block_on_in_netns(&lab.infra, move || async move {
-        let args = etcd_args();
-        let store = Store::connect(&args).await?;
-        let mut kvs: Vec<(String, Vec<u8>)> = Vec::new();
-        for i in 0..services {
-            let s = bench_service(i);
-            kvs.push((
-                tartan::service_store::service_key(&args, &s.namespace, &s.name),
-                s.to_bytes(),
-            ));
-            for k in 0..5 {
-                let p = bench_pod(i, k, "elsewhere");
-                kvs.push((pod_key(&args, &p), p.to_bytes()));
-            }
-        }
-        let chunks: Vec<Vec<(String, Vec<u8>)>> = kvs.chunks(100).map(|c| c.to_vec()).collect();
-        let results: Vec<Result<bool>> = futures::stream::iter(chunks.into_iter().map(|c| {
-            let store = store.clone();
-            async move {
-                let ops: Vec<etcd_client::TxnOp> = c
-                    .into_iter()
-                    .map(|(k, v)| etcd_client::TxnOp::put(k, v, None))
-                    .collect();
-                store.txn(etcd_client::Txn::new().and_then(ops)).await
-            }
-        }))
-        .buffer_unordered(8)
-        .collect()
-        .await;
-        for r in results {
-            r?;
-        }
-        anyhow::Ok(())
-    })??;
-    println!(
-        "  loaded {services} services and {} pods into etcd in {:.1} s",
-        services * 5,
-        t.elapsed().as_secs_f64()
-    );
-    Ok(())
 }
 
 /// Waits (up to 60 s) until the machine is nearly idle: tearing down a namespace that held
@@ -169,7 +97,7 @@ fn full_sync(services: u32) -> Result<Lab> {
     let mut lab = Lab::new(1, bins())?;
     lab.start_etcd()?;
     lab.init_network(&["--network", "10.244.0.0/16"])?;
-    load_etcd(&lab, services)?;
+    load_bulk_services(&lab, services)?;
     wait_quiet();
     let t = Instant::now();
     lab.start_daemon(0, &[])?;
@@ -282,7 +210,7 @@ fn endpoint_change(lab: &Lab) -> Result<()> {
         let mut out = Vec::new();
         for round in 0..200u32 {
             let i = (round * 37) % 10000;
-            let p = bench_pod(i, 7, "elsewhere");
+            let p = bulk_pod(i, 7, "elsewhere");
             if let Ok(mut v) = seen2.lock() {
                 v.clear();
             }
@@ -290,7 +218,7 @@ fn endpoint_change(lab: &Lab) -> Result<()> {
             if round % 2 == 0 {
                 store.put(&pod_key(&args, &p), p.to_bytes(), 0).await?;
             } else {
-                let p = bench_pod((round - 1) * 37 % 10000, 7, "elsewhere");
+                let p = bulk_pod((round - 1) * 37 % 10000, 7, "elsewhere");
                 store.delete(&pod_key(&args, &p)).await?;
             }
             let acked = t0.elapsed();
@@ -369,7 +297,7 @@ fn create_to_reachable() -> Result<()> {
             let store = Store::connect(&args).await?;
             let st =
                 tartan::service_store::ServiceStore::new(&store, &args, "10.96.0.0/12".parse()?);
-            let mut s = bench_service(0);
+            let mut s = bulk_service(0);
             s.namespace = "default".into();
             s.name = name;
             s.selector = Some([("app".to_string(), "b".to_string())].into());

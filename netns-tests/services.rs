@@ -973,87 +973,9 @@ fn randomized_churn_converges_to_the_model() -> Result<()> {
         anyhow::Ok(())
     })??;
     // Expected: the model fed with what etcd holds now, per node.
-    let endpoint = "http://127.0.0.1:2379".to_string();
-    let expected: Vec<std::collections::BTreeSet<(String, String, String)>> =
-        tartan::netns_lab::block_on_in_netns(&lab.infra, move || async move {
-            let args = tartan::etcd_store::EtcdArgs::for_endpoints(&[&endpoint]);
-            let store = tartan::etcd_store::Store::connect(&args).await?;
-            let (_, svcs) = store.list(&args.tartan_key("services/")).await?;
-            let (_, pods) = store.list(&args.tartan_key("pods/")).await?;
-            let (_, eps) = store.list(&args.tartan_key("endpoints/")).await?;
-            let mut out = Vec::new();
-            for n in &node_names {
-                let mut state =
-                    tartan::service_state::ServiceState::new(tartan::service_rules::NodeContext {
-                        node: n.clone(),
-                        cluster_network: "10.244.0.0/16".parse()?,
-                        service_cidr: "10.96.0.0/12".parse()?,
-                        balancing: Default::default(),
-                    });
-                use tartan::service_state::ModelChange;
-                for s in &svcs {
-                    state.change(ModelChange::PutService(
-                        s.key.clone(),
-                        Service::parse(&s.value).map_err(anyhow::Error::msg)?,
-                    ));
-                }
-                for p in &pods {
-                    state.change(ModelChange::PutPod(
-                        p.key.clone(),
-                        PodRecord::parse(&p.value).map_err(anyhow::Error::msg)?,
-                    ));
-                }
-                for e in &eps {
-                    let id = e.key.trim_start_matches("/tartan/endpoints/").to_string();
-                    state.change(ModelChange::PutEndpoints(
-                        id,
-                        ExplicitEndpoints::parse(&e.value).map_err(anyhow::Error::msg)?,
-                    ));
-                }
-                let plan = state.plan_full();
-                let mut set = std::collections::BTreeSet::new();
-                for (name, op) in &plan.ops {
-                    if let tartan::nft_netlink::SetOp::Add(elems) = op {
-                        let sn = tartan::service_rules::SetName::from_name(name).context("set")?;
-                        for (k, d) in elems {
-                            let (kt, dt) = tartan::service_rules::describe(sn, k, d);
-                            set.insert((name.clone(), kt, dt));
-                        }
-                    }
-                }
-                out.push(set);
-            }
-            anyhow::Ok(out)
-        })??;
+    let expected = expected_elements(&lab, &node_names)?;
     for (i, want) in expected.iter().enumerate() {
-        let ns = lab.nodes[i].ns.clone();
-        let mut last = None;
-        let converged = wait_for(
-            "kernel table to match the model",
-            Duration::from_secs(30),
-            || {
-                let t = active_service_table(&ns)?;
-                let got = kernel_elements(&ns, &t).ok()?;
-                if got == *want {
-                    Some(())
-                } else {
-                    last = Some(got);
-                    None
-                }
-            },
-        );
-        if let Err(e) = converged {
-            let got = last.unwrap_or_default();
-            let missing: Vec<_> = want.difference(&got).take(10).collect();
-            let extra: Vec<_> = got.difference(want).take(10).collect();
-            bail!(
-                "{} differs from the model ({e}): {} elements expected, {} in the kernel\nmissing: {missing:#?}\nextra: {extra:#?}\n{}",
-                lab.nodes[i].name,
-                want.len(),
-                got.len(),
-                lab.log_tail(i, 20)
-            );
-        }
+        wait_table_matches(&lab, i, want)?;
         ensure!(
             want.len() > 20,
             "the churn left too little to compare ({} elements)",

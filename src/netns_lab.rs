@@ -722,6 +722,36 @@ impl Lab {
         }
     }
 
+    /// Kills tartand on node `i` with SIGKILL, as a crash or the OOM killer would, and reaps it.
+    pub fn kill_daemon(&mut self, i: usize) -> Result<()> {
+        if let Some(mut c) = self.nodes[i].daemon.take() {
+            c.kill().context("killing tartand")?;
+            c.wait().context("reaping tartand")?;
+        }
+        Ok(())
+    }
+
+    /// The index of the etcd member that leads the cluster now.
+    pub fn etcd_leader(&self) -> Result<usize> {
+        let out = self.etcdctl(&["endpoint", "status", "-w", "json"])?;
+        let v: serde_json::Value = serde_json::from_str(&out).context("etcdctl endpoint status")?;
+        for (m, st) in v.as_array().into_iter().flatten().enumerate() {
+            let (id, leader) = (
+                &st["Status"]["header"]["member_id"],
+                &st["Status"]["leader"],
+            );
+            if !id.is_null() && id == leader {
+                let port: u16 = st["Endpoint"]
+                    .as_str()
+                    .and_then(|e| e.rsplit(':').next())
+                    .and_then(|p| p.parse().ok())
+                    .unwrap_or(ETCD_PORT + 10000 * m as u16);
+                return Ok(usize::from((port - ETCD_PORT) / 10000));
+            }
+        }
+        bail!("no etcd member is the leader: {out}")
+    }
+
     /// Whether tartand on node `i` is still running (false after it exited or crashed).
     pub fn daemon_running(&mut self, i: usize) -> bool {
         match self.nodes[i].daemon.as_mut() {

@@ -11,12 +11,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use crate::etcd_store::{EtcdArgs, Store};
 use crate::netbench::probe::tcp_server;
 use crate::netns_lab::{
-    address_up_default_route, delete_ns, in_netns, ip, ns_command, ns_run, sweep_stale,
+    Lab, address_up_default_route, block_on_in_netns, delete_ns, in_netns, ip, ns_command, ns_run,
+    sweep_stale,
 };
 use crate::nft_netlink::NftSocket;
-use crate::pod_record::PodRecord;
+use crate::pod_record::{PodRecord, pod_key};
 use crate::service_model::{
     DEFAULT_AFFINITY_TIMEOUT, Service, ServicePort, SessionAffinity, TrafficPolicy,
 };
@@ -360,4 +362,80 @@ pub fn first_connections(ns: &str, dst: Ipv4Addr, count: usize) -> Result<Vec<(D
     in_netns(ns, move || {
         (0..count).map(|_| first_connection(dst)).collect()
     })?
+}
+
+/// Service `bench/s<i>` at [`vip`]`(i)`, port 80 → 8080/tcp, selecting `app=a<i>` (the
+/// services the scale benchmarks and the chaos tests load into etcd).
+pub fn bulk_service(i: u32) -> Service {
+    Service {
+        namespace: "bench".into(),
+        name: format!("s{i}"),
+        cluster_ip: vip(i),
+        ports: vec!["80:8080/tcp".parse().expect("static port")],
+        selector: Some([("app".to_string(), format!("a{i}"))].into()),
+        session_affinity: SessionAffinity::None,
+        session_affinity_timeout: DEFAULT_AFFINITY_TIMEOUT,
+        external_traffic_policy: TrafficPolicy::Cluster,
+    }
+}
+
+/// Pod record `k` of [`bulk_service`]`(i)` on `node` (address 10.200.0.0 + 8i + k).
+pub fn bulk_pod(i: u32, k: u32, node: &str) -> PodRecord {
+    PodRecord {
+        container_id: format!("c{i}x{k}"),
+        ifname: "eth0".into(),
+        node: node.into(),
+        ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 0)) + i * 8 + k),
+        namespace: "bench".into(),
+        name: format!("p{i}x{k}"),
+        labels: [("app".to_string(), format!("a{i}"))].into(),
+    }
+}
+
+/// Writes `services` [`bulk_service`]s with 5 [`bulk_pod`]s each (on node `elsewhere`)
+/// straight into the lab's etcd, as `tartanctl` would minus the per-service allocation
+/// transactions, 100 keys per transaction.
+pub fn load_bulk_services(lab: &Lab, services: u32) -> Result<()> {
+    let t = Instant::now();
+    block_on_in_netns(&lab.infra, move || async move {
+        let args = EtcdArgs::for_endpoints(&["http://127.0.0.1:2379"]);
+        let store = Store::connect(&args).await?;
+        let mut kvs: Vec<(String, Vec<u8>)> = Vec::new();
+        for i in 0..services {
+            let s = bulk_service(i);
+            kvs.push((
+                crate::service_store::service_key(&args, &s.namespace, &s.name),
+                s.to_bytes(),
+            ));
+            for k in 0..5 {
+                let p = bulk_pod(i, k, "elsewhere");
+                kvs.push((pod_key(&args, &p), p.to_bytes()));
+            }
+        }
+        let chunks: Vec<Vec<(String, Vec<u8>)>> = kvs.chunks(100).map(|c| c.to_vec()).collect();
+        use futures::StreamExt;
+        let results: Vec<Result<bool>> = futures::stream::iter(chunks.into_iter().map(|c| {
+            let store = store.clone();
+            async move {
+                let ops: Vec<etcd_client::TxnOp> = c
+                    .into_iter()
+                    .map(|(k, v)| etcd_client::TxnOp::put(k, v, None))
+                    .collect();
+                store.txn(etcd_client::Txn::new().and_then(ops)).await
+            }
+        }))
+        .buffer_unordered(8)
+        .collect()
+        .await;
+        for r in results {
+            r?;
+        }
+        anyhow::Ok(())
+    })??;
+    println!(
+        "  loaded {services} services and {} pods into etcd in {:.1} s",
+        services * 5,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
