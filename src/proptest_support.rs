@@ -13,9 +13,10 @@ use proptest::sample::select;
 use proptest::test_runner::Config;
 use serde_json::Value;
 
-/// Cases per property: all decoder properties together run in a few seconds in a debug
-/// build on 2 cores (the chaos-suite budget is 30 s).
-pub const CASES: u32 = 256;
+/// Cases per property: the 33 decoder properties together took 5.3 s in a debug build on
+/// 2 cores shared with two other builds (load 8; `cargo test --lib proptests --
+/// --test-threads=2`), well inside the chaos suite's 30 s.
+pub const CASES: u32 = 1024;
 
 /// The configuration every decoder property runs with (no regression files: a case a
 /// property finds is kept as a unit test next to the fix).

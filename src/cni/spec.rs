@@ -895,3 +895,6 @@ mod tests {
         assert_eq!(version_info(None)["cniVersion"], "1.1.0");
     }
 }
+
+#[cfg(test)]
+mod proptests;
