@@ -4,20 +4,31 @@
 //! to say which field to fix. A thin layer over `serde_path_to_error`.
 
 use serde::de::DeserializeOwned;
+use serde_json::Value;
 
 /// Decodes `bytes` as one JSON document (trailing garbage is an error).
+///
+/// The document is decoded by serde_json alone; only when that fails is it decoded again
+/// with path tracking to say where. A success runs exactly the code it ran before paths
+/// were tracked: tartan-cni decodes its config this way, and what a call executes is what
+/// its start-up pays for (page faults), not what the binary holds.
 pub fn from_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    let v = serde_path_to_error::deserialize(&mut de).map_err(describe)?;
-    de.end().map_err(|e| e.to_string())?;
-    Ok(v)
+    serde_json::from_slice(bytes).map_err(|plain| {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        match serde_path_to_error::deserialize::<_, T>(&mut de) {
+            Err(e) => describe(e),
+            Ok(_) => plain.to_string(),
+        }
+    })
 }
 
-/// Decodes an already parsed JSON value.
-pub fn from_value<T: DeserializeOwned>(v: serde_json::Value) -> Result<T, String> {
-    serde_path_to_error::deserialize(v).map_err(describe)
+/// Decodes an already parsed JSON value (the same way as [`from_slice`]).
+pub fn from_value<T: DeserializeOwned>(v: &Value) -> Result<T, String> {
+    T::deserialize(v).map_err(|plain| match serde_path_to_error::deserialize::<_, T>(v) {
+        Err(e) => describe(e),
+        Ok(_) => plain.to_string(),
+    })
 }
-
 fn describe(e: serde_path_to_error::Error<serde_json::Error>) -> String {
     let path = e.path().to_string();
     if path == "." || path.is_empty() {
@@ -49,7 +60,7 @@ mod tests {
         let e = from_slice::<Outer>(br#"{}"#).unwrap_err();
         assert!(e.contains("missing field `ports`"), "{e}");
         assert!(from_slice::<Outer>(br#"{"ports":[]} x"#).is_err());
-        let e = from_value::<Outer>(serde_json::json!({"ports": 5})).unwrap_err();
+        let e = from_value::<Outer>(&serde_json::json!({"ports": 5})).unwrap_err();
         assert!(e.starts_with("ports: invalid type"), "{e}");
     }
 }

@@ -151,7 +151,7 @@ impl LeaseValue {
         }
         let data = self
             .backend_data
-            .clone()
+            .as_ref()
             .ok_or_else(|| "BackendData is missing".to_string())?;
         let d: VxlanBackendData = crate::json_decode::from_value(data)
             .map_err(|e| format!("BackendData is not valid: {e}"))?;

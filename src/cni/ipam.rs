@@ -618,6 +618,36 @@ mod tests {
     }
 
     #[test]
+    fn fifos_planted_in_the_store_never_block_and_gc_removes_them() {
+        // Reads used to open whatever was there: a FIFO with no writer blocked forever.
+        let t = TmpDir::new("fifo");
+        let s = IpamStore::open(&t.0, "tartan").unwrap();
+        let subnet = net("10.244.3.0/24");
+        let a = s.allocate(&req("a"), subnet).unwrap();
+        let fifo = |p: PathBuf| {
+            nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap()
+        };
+        fifo(s.dir().join("ip/10.244.3.3"));
+        fifo(s.dir().join("by-id/b:eth0"));
+        assert_eq!(s.get("b", "eth0").unwrap(), None);
+        assert_eq!(s.records().unwrap(), vec![a.clone()]);
+        let c = s.allocate(&req("c"), subnet).unwrap();
+        assert_eq!(
+            c.ip,
+            Ipv4Addr::new(10, 244, 3, 4),
+            "the FIFO's address is taken"
+        );
+        let valid: HashSet<(String, String)> = [("a", "eth0"), ("c", "eth0")]
+            .iter()
+            .map(|(c, i)| (c.to_string(), i.to_string()))
+            .collect();
+        assert!(s.gc(&valid).unwrap().is_empty());
+        assert!(!s.dir().join("ip/10.244.3.3").exists());
+        assert!(!s.dir().join("by-id/b:eth0").exists());
+        assert_eq!(s.records().unwrap(), vec![a, c]);
+    }
+
+    #[test]
     fn allocate_reuse_release() {
         let t = TmpDir::new("basic");
         let s = IpamStore::open(&t.0, "tartan").unwrap();
