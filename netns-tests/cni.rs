@@ -1106,6 +1106,191 @@ fn bad_configs_and_environments_get_the_right_codes() -> Result<()> {
     Ok(())
 }
 
+/// The default route of `ns` and every route that names `dev`.
+fn default_route_and_routes_via(ns: &str, dev: &str) -> Result<(String, Vec<String>)> {
+    let default = ip(&["-n", ns, "route", "show", "default"])?;
+    let via_dev = ip(&["-n", ns, "route", "show", "table", "all"])?
+        .lines()
+        .filter(|l| l.contains(&format!("dev {dev} ")) || l.ends_with(&format!("dev {dev}")))
+        .map(str::to_string)
+        .collect();
+    Ok((default, via_dev))
+}
+
+#[test]
+fn add_into_the_nodes_own_namespace_is_refused_and_its_routes_stay() -> Result<()> {
+    let Some((lab, node, conf, plugin)) = one_node("1.0.0")? else {
+        return Ok(());
+    };
+    let (default_before, _) = default_route_and_routes_via(&node, "pod9")?;
+    ensure!(
+        default_before.contains("default via"),
+        "the node has no default route to compare: {default_before:?}"
+    );
+    // The plugin runs inside the node namespace: its own namespace, named two ways.
+    for (k, path) in ["/proc/self/ns/net".to_string(), netns_path(&node)]
+        .iter()
+        .enumerate()
+    {
+        let cid = format!("ownns{k}");
+        for verb in ["ADD", "CHECK"] {
+            let mut c = conf.clone();
+            if verb == "CHECK" {
+                c["prevResult"] = json!({"cniVersion": "1.0.0"});
+            }
+            let out = Call::new(&plugin, verb, &cid)
+                .netns_path(path)
+                .ifname("pod9")
+                .run(&node, &c)?;
+            let code = out
+                .error_code()
+                .with_context(|| format!("{verb} into the node's namespace via {path}"))?;
+            ensure!(code == 4, "{verb} via {path}: code {code}: {}", out.stdout);
+            ensure!(
+                out.stdout.contains("own network namespace") && out.stdout.contains(path),
+                "{verb} via {path}: unclear message {}",
+                out.stdout
+            );
+        }
+        let (default_after, via_pod9) = default_route_and_routes_via(&node, "pod9")?;
+        ensure!(
+            default_after == default_before,
+            "ADD via {path} changed the node's default route: {default_before:?} -> {default_after:?}"
+        );
+        ensure!(via_pod9.is_empty(), "routes via pod9: {via_pod9:?}");
+        ensure!(!link_exists(&node, "pod9"), "ADD via {path} left pod9");
+        let host = tartan::cni::links::host_veth_name(&cid, "pod9");
+        ensure!(!link_exists(&node, &host), "ADD via {path} left {host}");
+        ensure!(
+            ipam_ips(&lab, 0)?.is_empty(),
+            "ADD via {path} kept an address"
+        );
+    }
+    Ok(())
+}
+
+/// Runs the plugin in `ns` with `stdin` as its standard input (plus `feed` written into it
+/// when it is a pipe); a plugin still running after `deadline` is killed: a hang fails.
+fn run_with_deadline(
+    call: &Call,
+    ns: &str,
+    stdin: Stdio,
+    feed: Option<Vec<u8>>,
+    deadline: Duration,
+) -> Result<CniOut> {
+    let mut cmd = call.command();
+    cmd.stdin(stdin);
+    let mut child = in_netns(ns, move || cmd.spawn())?.context("starting the plugin")?;
+    let writer = match (feed, child.stdin.take()) {
+        (Some(bytes), Some(mut pipe)) => Some(std::thread::spawn(move || {
+            // The plugin stops reading at its bound: a broken pipe is expected.
+            let _ = pipe.write_all(&bytes);
+        })),
+        _ => None,
+    };
+    let start = Instant::now();
+    let waited = wait_for("the plugin to exit", deadline, || {
+        child.try_wait().ok().flatten()
+    });
+    if waited.is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("the plugin was still running after {deadline:?}: it hangs");
+    }
+    if let Some(w) = writer {
+        let _ = w.join();
+    }
+    let out = child
+        .wait_with_output()
+        .context("collecting the plugin's output")?;
+    eprintln!("plugin exited after {:?}", start.elapsed());
+    Ok(CniOut::from_output(out))
+}
+
+#[test]
+fn oversized_stdin_and_subnet_files_that_are_not_files_fail_fast() -> Result<()> {
+    if !tartan::netns_lab::require_root()? {
+        return Ok(());
+    }
+    // No etcd and no tartand: every case fails before the plugin needs either.
+    let mut lab = Lab::new(1, bins())?;
+    let node = lab.nodes[0].ns.clone();
+    let pod = lab.add_namespace("bounds")?;
+    let plugin = lab.bins.tartan_cni.clone();
+    let dir = lab.dir.join("bounds");
+    std::fs::create_dir_all(&dir)?;
+    let fifo = dir.join("subnet.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))?;
+    let big = dir.join("big.env");
+    std::fs::write(&big, vec![b'#'; 1 << 20])?;
+    let conf = |subnet_file: &Path| {
+        json!({
+            "cniVersion": "1.0.0",
+            "name": "bounds",
+            "type": "tartan-cni",
+            "subnetFile": subnet_file,
+            "dataDir": dir.join("data"),
+            "daemonSocket": dir.join("no-tartand.sock"),
+        })
+    };
+    let add = Call::new(&plugin, "ADD", "bounds01").netns(&pod);
+    let deadline = Duration::from_secs(20);
+    let expect = |what: &str, out: &CniOut, codes: &[u64], words: &str| -> Result<()> {
+        let code = out.error_code().context(what.to_string())?;
+        ensure!(codes.contains(&code), "{what}: code {code}: {}", out.stdout);
+        ensure!(
+            out.stdout.contains(words),
+            "{what}: the error does not say {words:?}: {}",
+            out.stdout
+        );
+        Ok(())
+    };
+
+    // A valid config behind more whitespace than the bound (old plugins read all of it).
+    let mut padded = vec![b' '; 17 << 20];
+    padded.extend_from_slice(
+        conf(Path::new("/nonexistent/subnet.env"))
+            .to_string()
+            .as_bytes(),
+    );
+    let out = run_with_deadline(&add, &node, Stdio::piped(), Some(padded), deadline)?;
+    expect("stdin over the bound", &out, &[6, 7], "larger than")?;
+    // subnetFile that is not a regular file, or too large for one.
+    for (what, path) in [
+        ("a directory", dir.clone()),
+        ("a FIFO", fifo.clone()),
+        ("a character device", PathBuf::from("/dev/zero")),
+    ] {
+        for verb in ["ADD", "STATUS"] {
+            let mut c = conf(&path);
+            if verb == "STATUS" {
+                c["cniVersion"] = json!("1.1.0");
+            }
+            let call = Call::new(&plugin, verb, "bounds01").netns(&pod);
+            let stdin = c.to_string().into_bytes();
+            let out = run_with_deadline(&call, &node, Stdio::piped(), Some(stdin), deadline)?;
+            expect(
+                &format!("{verb} with subnetFile {what}"),
+                &out,
+                &[7],
+                "not a regular file",
+            )?;
+            ensure!(out.stdout.contains(what), "{verb}: {}", out.stdout);
+        }
+    }
+    let out = add.run(&node, &conf(&big))?;
+    expect("a 1 MiB subnetFile", &out, &[7], "larger than")?;
+    // Endless stdin.
+    let zero = std::fs::File::open("/dev/zero")?;
+    let out = run_with_deadline(&add, &node, Stdio::from(zero), None, deadline)?;
+    expect("stdin from /dev/zero", &out, &[6, 7], "larger than")?;
+    ensure!(
+        !dir.join("data").exists(),
+        "a refused call touched the IPAM directory"
+    );
+    Ok(())
+}
+
 #[test]
 fn try_again_later_until_the_node_is_ready_and_records_survive_restarts() -> Result<()> {
     let Some(mut lab) = lab(1, NET16)? else {

@@ -9,6 +9,7 @@ pub mod cni;
 pub mod commands;
 pub mod daemon;
 pub mod etcd_store;
+pub mod json_decode;
 pub mod logging;
 pub mod masq_rules;
 pub mod metrics;
@@ -24,6 +25,8 @@ pub mod overlay_plan;
 pub mod overlay_reconciler;
 pub mod pod_record;
 pub mod pod_registrar;
+#[cfg(test)]
+mod proptest_support;
 pub mod service_model;
 pub mod service_proxy;
 pub mod service_rules;

@@ -44,8 +44,8 @@ pub struct BackendConfig {
 /// Why a configuration was rejected; each variant names the offending field.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
-    /// The JSON could not be decoded at all.
-    #[error("network config is not valid JSON: {0}")]
+    /// The JSON could not be decoded (not JSON, or a field of the wrong type, named first).
+    #[error("network config does not decode: {0}")]
     Json(String),
     /// A field is missing or has the wrong form.
     #[error("network config field {field}: {reason}")]
@@ -113,8 +113,7 @@ fn subnet_size(len: u8) -> u32 {
 impl NetworkConfig {
     /// Parses and validates a flannel network config JSON document.
     pub fn parse(json: &[u8]) -> Result<Self, ConfigError> {
-        let raw: RawConfig =
-            serde_json::from_slice(json).map_err(|e| ConfigError::Json(e.to_string()))?;
+        let raw: RawConfig = crate::json_decode::from_slice(json).map_err(ConfigError::Json)?;
         Self::from_raw(raw)
     }
 
@@ -432,3 +431,6 @@ mod tests {
         assert!(!c.is_leasable("10.245.3.0/24".parse().unwrap()));
     }
 }
+
+#[cfg(test)]
+mod proptests;

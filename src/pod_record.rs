@@ -51,7 +51,7 @@ pub fn pod_key(keys: &EtcdArgs, rec: &PodRecord) -> String {
 impl PodRecord {
     /// Decodes a record; garbage yields an error for the caller to log and skip.
     pub fn parse(bytes: &[u8]) -> Result<PodRecord, String> {
-        serde_json::from_slice(bytes).map_err(|e| format!("pod record is not valid: {e}"))
+        crate::json_decode::from_slice(bytes).map_err(|e| format!("pod record is not valid: {e}"))
     }
 
     /// Encodes a record.
@@ -84,3 +84,6 @@ mod tests {
         assert!(PodRecord::parse(b"{}").is_err());
     }
 }
+
+#[cfg(test)]
+mod proptests;

@@ -182,8 +182,8 @@ pub fn valid_name(s: &str) -> bool {
 impl Service {
     /// Decodes and validates a service record.
     pub fn parse(bytes: &[u8]) -> Result<Service, String> {
-        let s: Service =
-            serde_json::from_slice(bytes).map_err(|e| format!("service is not valid JSON: {e}"))?;
+        let s: Service = crate::json_decode::from_slice(bytes)
+            .map_err(|e| format!("service does not decode: {e}"))?;
         s.validate()?;
         Ok(s)
     }
@@ -200,21 +200,24 @@ impl Service {
             return Err(format!("name {:?} is not a valid name", self.name));
         }
         if self.ports.is_empty() {
-            return Err("a service needs at least one port".into());
+            return Err("ports: a service needs at least one port".into());
         }
         let mut seen = std::collections::HashSet::new();
         for p in &self.ports {
             if p.port == 0 || p.target_port == 0 {
-                return Err("ports must be 1-65535".into());
+                return Err("ports: port and targetPort must be 1-65535".into());
             }
             if !seen.insert((p.port, p.protocol)) {
-                return Err(format!("port {}/{} is listed twice", p.port, p.protocol));
+                return Err(format!(
+                    "ports: port {}/{} is listed twice",
+                    p.port, p.protocol
+                ));
             }
             if let Some(np) = p.node_port
                 && !(NODE_PORT_MIN..=NODE_PORT_MAX).contains(&np)
             {
                 return Err(format!(
-                    "node port {np} is outside {NODE_PORT_MIN}-{NODE_PORT_MAX}"
+                    "ports: nodePort {np} is outside {NODE_PORT_MIN}-{NODE_PORT_MAX}"
                 ));
             }
         }
@@ -222,11 +225,12 @@ impl Service {
             && sel.is_empty()
         {
             return Err(
-                "an empty selector would select every pod; omit it for explicit endpoints".into(),
+                "selector: an empty selector would select every pod; omit it for explicit endpoints"
+                    .into(),
             );
         }
         if self.session_affinity_timeout == 0 || self.session_affinity_timeout > 86400 {
-            return Err("session affinity timeout must be 1-86400 seconds".into());
+            return Err("sessionAffinityTimeout must be 1-86400 seconds".into());
         }
         Ok(())
     }
@@ -278,7 +282,8 @@ pub struct EndpointAddress {
 impl ExplicitEndpoints {
     /// Decodes an endpoints record.
     pub fn parse(bytes: &[u8]) -> Result<ExplicitEndpoints, String> {
-        serde_json::from_slice(bytes).map_err(|e| format!("endpoints record is not valid: {e}"))
+        crate::json_decode::from_slice(bytes)
+            .map_err(|e| format!("endpoints record is not valid: {e}"))
     }
 }
 
@@ -378,3 +383,6 @@ mod tests {
         assert!(text.contains("\"targetPort\":8080"), "{text}");
     }
 }
+
+#[cfg(test)]
+mod proptests;

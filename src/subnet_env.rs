@@ -22,9 +22,16 @@ pub struct SubnetEnv {
 }
 
 impl SubnetEnv {
-    /// The file contents.
+    /// The file contents. A /32 subnet has no "first address" past its own: it is written
+    /// as itself (found by the round-trip property: `network + 1` named another /32, and
+    /// overflowed for 255.255.255.255/32).
     pub fn render(&self) -> String {
-        let first = u32::from(self.subnet.network()) + 1;
+        let net = u32::from(self.subnet.network());
+        let first = if self.subnet.prefix() < 32 {
+            net + 1
+        } else {
+            net
+        };
         format!(
             "FLANNEL_NETWORK={}/{}\nFLANNEL_SUBNET={}/{}\nFLANNEL_MTU={}\nFLANNEL_IPMASQ={}\n",
             self.network.network(),
@@ -142,6 +149,21 @@ mod tests {
     }
 
     #[test]
+    fn a_slash_32_subnet_round_trips() {
+        // Kept from the round-trip property (0.0.0.0/32 came back as 0.0.0.1/32; the last
+        // address overflowed).
+        for s in ["0.0.0.0/32", "255.255.255.255/32", "255.255.255.254/31"] {
+            let e = SubnetEnv {
+                network: "0.0.0.0/0".parse().unwrap(),
+                subnet: s.parse().unwrap(),
+                mtu: 0,
+                ipmasq: false,
+            };
+            assert_eq!(SubnetEnv::parse(&e.render()).unwrap(), e, "{s}");
+        }
+    }
+
+    #[test]
     fn atomic_write() {
         let dir = std::env::temp_dir().join(format!("tartan-env-{}", std::process::id()));
         let p = dir.join("subnet.env");
@@ -159,3 +181,6 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+#[cfg(test)]
+mod proptests;

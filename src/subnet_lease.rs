@@ -141,7 +141,7 @@ impl LeaseValue {
 
     /// Parses a lease value, rejecting anything that is not a JSON object with a PublicIP.
     pub fn parse(bytes: &[u8]) -> Result<Self, String> {
-        serde_json::from_slice(bytes).map_err(|e| format!("lease value is not valid: {e}"))
+        crate::json_decode::from_slice(bytes).map_err(|e| format!("lease value is not valid: {e}"))
     }
 
     /// The VXLAN backend data, if present and well-formed.
@@ -151,10 +151,10 @@ impl LeaseValue {
         }
         let data = self
             .backend_data
-            .clone()
+            .as_ref()
             .ok_or_else(|| "BackendData is missing".to_string())?;
-        let d: VxlanBackendData =
-            serde_json::from_value(data).map_err(|e| format!("BackendData is not valid: {e}"))?;
+        let d: VxlanBackendData = crate::json_decode::from_value(data)
+            .map_err(|e| format!("BackendData is not valid: {e}"))?;
         if !d.vtep_mac.is_valid_unicast() {
             return Err(format!("VtepMAC {} is not a unicast MAC", d.vtep_mac));
         }
@@ -246,3 +246,6 @@ mod tests {
         assert!(v.vxlan_data().is_err());
     }
 }
+
+#[cfg(test)]
+mod proptests;

@@ -1,11 +1,12 @@
 //! `tartan-cni`: the CNI plugin. Container runtimes run it once per call with the CNI
 //! environment and the network config on stdin; see `tartan::cni`.
 
-use std::io::{IsTerminal, Read, Write};
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use tartan::cni::error::CniError;
+use tartan::cni::bounded_read::{STDIN_LIMIT, read_to_limit};
+use tartan::cni::error::{CniError, code};
 use tartan::cni::plugin;
 use tartan::cni::spec::{CniEnv, CniVersion, peek_version};
 
@@ -27,22 +28,33 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    let mut stdin = Vec::new();
+    // Bounded: an endless stdin (`/dev/zero`) is refused after STDIN_LIMIT bytes.
     let read = if std::io::stdin().is_terminal() {
-        Ok(0)
+        Ok(Some(Vec::new()))
     } else {
-        std::io::stdin().read_to_end(&mut stdin)
+        read_to_limit(std::io::stdin().lock(), STDIN_LIMIT)
     };
-    let version = peek_version(&stdin)
+    let stdin = match &read {
+        Ok(Some(b)) => b.as_slice(),
+        _ => &[],
+    };
+    let version = peek_version(stdin)
         .filter(|v| CniVersion::parse(v).is_ok())
         .unwrap_or_else(|| CniVersion::LATEST.as_str().to_string());
     let outcome = match read {
         Err(e) => Err(CniError::new(
-            tartan::cni::error::code::IO_FAILURE,
+            code::IO_FAILURE,
             format!("reading stdin: {e}"),
         )),
-        Ok(_) => {
-            CniEnv::from_vars(|k| std::env::var(k).ok()).and_then(|env| plugin::run(&env, &stdin))
+        Ok(None) => Err(CniError::new(
+            code::DECODE,
+            format!(
+                "the network config on stdin is larger than {} MiB",
+                STDIN_LIMIT >> 20
+            ),
+        )),
+        Ok(Some(_)) => {
+            CniEnv::from_vars(|k| std::env::var(k).ok()).and_then(|env| plugin::run(&env, stdin))
         }
     };
     let cmd = std::env::var("CNI_COMMAND").unwrap_or_default();

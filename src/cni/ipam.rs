@@ -20,15 +20,15 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::io::ErrorKind;
-use std::io::Read;
 use std::net::Ipv4Addr;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use ipnetwork::Ipv4Network;
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::{Flock, FlockArg, OFlag};
 use serde::{Deserialize, Serialize};
 
+use super::bounded_read::{FileReadError, STDIN_LIMIT, read_opened_file, read_regular_file};
 use super::error::{CniError, code};
 use super::spec::validate_network_name;
 use crate::pod_record::PodRecord;
@@ -169,6 +169,26 @@ fn io_err(what: &str, path: &Path, e: std::io::Error) -> CniError {
     CniError::store(format!("{what} {}: {e}", path.display()))
 }
 
+/// Largest record read back: a record carries little more than the config it came from
+/// (its labels), so twice the stdin bound holds every record a plugin wrote.
+const RECORD_LIMIT: usize = 2 * STDIN_LIMIT;
+
+/// Reads a record file: regular files only, bounded, never blocking (a FIFO or device
+/// planted in the directory reads as garbage, which lookups ignore and GC removes).
+/// `Ok(None)` when it is absent.
+fn read_record_file(path: &Path) -> Result<Option<Vec<u8>>, CniError> {
+    match read_regular_file(path, RECORD_LIMIT) {
+        Ok(b) => Ok(Some(b)),
+        Err(FileReadError::Io(e)) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(FileReadError::Io(e)) => Err(io_err("reading", path, e)),
+        Err(_) => Ok(Some(Vec::new())),
+    }
+}
+
+fn decode_record(bytes: &[u8]) -> Option<AllocationRecord> {
+    serde_json::from_slice(bytes).ok()
+}
+
 /// One network's allocation directory.
 #[derive(Debug, Clone)]
 pub struct IpamStore {
@@ -266,17 +286,15 @@ impl IpamStore {
     fn read_index(&self, path: &Path) -> Result<Option<Ipv4Addr>, CniError> {
         let opened = std::fs::OpenOptions::new()
             .read(true)
-            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+            .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK).bits())
             .open(path);
         match opened {
-            Ok(mut f) => {
-                let mut b = Vec::new();
-                f.read_to_end(&mut b)
-                    .map_err(|e| io_err("reading", path, e))?;
-                Ok(serde_json::from_slice::<AllocationRecord>(&b)
-                    .ok()
-                    .map(|r| r.ip))
-            }
+            Ok(f) => match read_opened_file(f, RECORD_LIMIT) {
+                Ok(b) => Ok(decode_record(&b).map(|r| r.ip)),
+                Err(FileReadError::Io(e)) => Err(io_err("reading", path, e)),
+                // Not a regular file, or too large: garbage.
+                Err(_) => Ok(None),
+            },
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
             // ELOOP: a symlink, the older index format.
             Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ELOOP as i32) => {
@@ -292,11 +310,7 @@ impl IpamStore {
 
     fn read_record(&self, ip: Ipv4Addr) -> Result<Option<AllocationRecord>, CniError> {
         let p = self.record_path(ip)?;
-        match std::fs::read(&p) {
-            Ok(b) => Ok(serde_json::from_slice(&b).ok()),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_err("reading", &p, e)),
-        }
+        Ok(read_record_file(&p)?.and_then(|b| decode_record(&b)))
     }
 
     /// Writes `rec` (temporary file, then rename) and makes the index entry `index` a link to
@@ -453,8 +467,8 @@ impl IpamStore {
             let Some(ip) = name.to_str().and_then(|s| s.parse::<Ipv4Addr>().ok()) else {
                 continue;
             };
-            if let Ok(b) = std::fs::read(e.path())
-                && let Ok(r) = serde_json::from_slice::<AllocationRecord>(&b)
+            if let Ok(Some(b)) = read_record_file(&e.path())
+                && let Some(r) = decode_record(&b)
                 && r.ip == ip
             {
                 out.push(r);
@@ -478,9 +492,10 @@ impl IpamStore {
             let path = e.path();
             let name = e.file_name().to_string_lossy().into_owned();
             let parsed = name.parse::<Ipv4Addr>().ok().and_then(|ip| {
-                std::fs::read(&path)
+                read_record_file(&path)
                     .ok()
-                    .and_then(|b| serde_json::from_slice::<AllocationRecord>(&b).ok())
+                    .flatten()
+                    .and_then(|b| decode_record(&b))
                     .filter(|r| r.ip == ip)
             });
             match parsed {
@@ -600,6 +615,36 @@ mod tests {
         assert_eq!(next_free(2, 5, Some(99), |_| false), Some(2));
         assert_eq!(next_free(2, 5, Some(3), |c| c == 4 || c == 5), Some(2));
         assert_eq!(next_free(2, 5, Some(3), |_| true), None);
+    }
+
+    #[test]
+    fn fifos_planted_in_the_store_never_block_and_gc_removes_them() {
+        // Reads used to open whatever was there: a FIFO with no writer blocked forever.
+        let t = TmpDir::new("fifo");
+        let s = IpamStore::open(&t.0, "tartan").unwrap();
+        let subnet = net("10.244.3.0/24");
+        let a = s.allocate(&req("a"), subnet).unwrap();
+        let fifo = |p: PathBuf| {
+            nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap()
+        };
+        fifo(s.dir().join("ip/10.244.3.3"));
+        fifo(s.dir().join("by-id/b:eth0"));
+        assert_eq!(s.get("b", "eth0").unwrap(), None);
+        assert_eq!(s.records().unwrap(), vec![a.clone()]);
+        let c = s.allocate(&req("c"), subnet).unwrap();
+        assert_eq!(
+            c.ip,
+            Ipv4Addr::new(10, 244, 3, 4),
+            "the FIFO's address is taken"
+        );
+        let valid: HashSet<(String, String)> = [("a", "eth0"), ("c", "eth0")]
+            .iter()
+            .map(|(c, i)| (c.to_string(), i.to_string()))
+            .collect();
+        assert!(s.gc(&valid).unwrap().is_empty());
+        assert!(!s.dir().join("ip/10.244.3.3").exists());
+        assert!(!s.dir().join("by-id/b:eth0").exists());
+        assert_eq!(s.records().unwrap(), vec![a, c]);
     }
 
     #[test]

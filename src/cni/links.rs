@@ -29,6 +29,7 @@ use netlink_packet_route::route::{
 use nix::sched::{CloneFlags, setns};
 use rtnetlink::{LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
+use super::bounded_read::read_regular_file;
 use super::error::{CniError, code};
 use crate::netlink_ops::{Netlink, link_kind};
 
@@ -187,7 +188,8 @@ pub const BRIDGE_HINT_FILE: &str = "bridge";
 /// MAC). Only a hint: an ADD using it checks the index in the same pipeline as the veth
 /// creation (see [`bridge_at`]) and falls back to [`ensure_bridge`] when it is stale.
 pub fn read_bridge_hint(ipam_dir: &Path, name: &str) -> Option<Bridge> {
-    let text = std::fs::read_to_string(ipam_dir.join(BRIDGE_HINT_FILE)).ok()?;
+    let bytes = read_regular_file(&ipam_dir.join(BRIDGE_HINT_FILE), 4096).ok()?;
+    let text = String::from_utf8(bytes).ok()?;
     let mut w = text.split_whitespace();
     (w.next()? == name).then_some(())?;
     let index = w.next()?.parse().ok()?;
@@ -597,8 +599,8 @@ pub async fn read_pod_iface(nl: &Netlink, ifname: &str) -> Result<Option<PodIfac
     }))
 }
 
-/// Opens a network namespace handle, refusing anything that is not on nsfs (error code 4;
-/// [`netlink_in`] refuses namespaces of another type).
+/// Opens a network namespace handle, refusing anything that is not on nsfs and the node's
+/// own namespace (error code 4; [`netlink_in`] refuses namespaces of another type).
 pub fn open_netns(path: &std::path::Path) -> Result<File, CniError> {
     let f = File::open(path)
         .map_err(|e| CniError::env(format!("CNI_NETNS={}: {e}", path.display())))?;
@@ -610,7 +612,35 @@ pub fn open_netns(path: &std::path::Path) -> Result<File, CniError> {
             path.display()
         )));
     }
+    refuse_node_namespace(path, &f)?;
     Ok(f)
+}
+
+/// Namespaces that are never a pod's: the plugin's own (the node's: configuring it as a
+/// pod would replace the node's default route) and, when it can be read, PID 1's (the
+/// host's, when the plugin runs in a namespace of its own). Compared by namespace inode, so
+/// every name of the same namespace (`/proc/self/ns/net`, a bind mount) is caught.
+fn refuse_node_namespace(path: &Path, netns: &File) -> Result<(), CniError> {
+    use std::os::unix::fs::MetadataExt;
+    let id = |m: &std::fs::Metadata| (m.dev(), m.ino());
+    let target = netns
+        .metadata()
+        .map_err(|e| CniError::env(format!("CNI_NETNS={}: {e}", path.display())))?;
+    let own = std::fs::metadata("/proc/thread-self/ns/net")
+        .map_err(|e| CniError::kernel(format!("reading the plugin's own namespace: {e}")))?;
+    let host = std::fs::metadata("/proc/1/ns/net").ok();
+    let whose = if id(&own) == id(&target) {
+        "the plugin's own network namespace (the node's)"
+    } else if host.is_some_and(|h| id(&h) == id(&target)) {
+        "the host's network namespace (PID 1's)"
+    } else {
+        return Ok(());
+    };
+    Err(CniError::env(format!(
+        "CNI_NETNS={} is {whose}, not a pod's",
+        path.display()
+    ))
+    .details("tartan-cni sets the address and default route of the namespace it is given"))
 }
 
 /// Opens a netlink connection inside the namespace `netns` (needs a runtime context): the
@@ -631,6 +661,17 @@ pub fn netlink_in(netns: &File) -> Result<Netlink, CniError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_plugins_own_namespace_is_never_a_pods() {
+        // Read-only: opening a namespace handle changes nothing.
+        for p in ["/proc/self/ns/net", "/proc/thread-self/ns/net"] {
+            let e = open_netns(Path::new(p)).expect_err(p);
+            assert_eq!(e.code, code::INVALID_ENV, "{p}: {e}");
+            assert!(e.msg.contains("own network namespace"), "{p}: {e}");
+            assert!(e.msg.contains(p), "{p}: {e}");
+        }
+    }
 
     #[test]
     fn host_veth_names_are_stable_short_and_distinct() {

@@ -3,6 +3,7 @@
 //!
 //! - [`spec`]: the CNI protocol (environment, config, results, version conversion);
 //! - [`error`]: CNI error codes and the error object;
+//! - [`bounded_read`]: reads of stdin and of files that stop at a limit (regular files only);
 //! - [`ipam`]: the allocation directory (the node's source of truth for its pods);
 //! - [`links`]: bridge, veth pair, container address and route (netlink);
 //! - [`daemon_link`]: the nudge to tartand over its unix socket;
@@ -10,6 +11,7 @@
 //!
 //! See `docs/architecture.md` ("CNI plugin") for the data flow.
 
+pub mod bounded_read;
 pub mod daemon_link;
 pub mod error;
 pub mod ipam;

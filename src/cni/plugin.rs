@@ -11,6 +11,7 @@ use std::time::Duration;
 use ipnetwork::{IpNetwork, Ipv4Network};
 use serde_json::{Map, Value};
 
+use super::bounded_read::{self, FileReadError, SUBNET_ENV_LIMIT};
 use super::daemon_link::{self, DaemonLink};
 use super::error::{CniError, code};
 use super::ipam::{self, AllocationRecord, AllocationRequest, IpamStore};
@@ -51,29 +52,37 @@ fn host_netlink(rt: &tokio::runtime::Runtime) -> Result<Netlink, CniError> {
     Netlink::connect().map_err(|e| CniError::kernel(format!("netlink: {e:#}")))
 }
 
-/// Reads subnet.env: missing or unreadable means the node has no lease yet (code 11).
+/// Reads subnet.env: missing or unreadable means the node has no lease yet (code 11); a path
+/// that is not a regular file, or a file too large to be one tartand wrote, is a wrong
+/// `subnetFile` (code 7). The read is bounded and never blocks (see [`bounded_read`]).
 fn read_subnet_env(path: &Path) -> Result<SubnetEnv, CniError> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        let why = if e.kind() == ErrorKind::NotFound {
-            "the node has no subnet yet".to_string()
-        } else {
-            format!("cannot read it: {e}")
-        };
-        CniError::new(
-            code::TRY_AGAIN_LATER,
-            format!("{} is not there yet", path.display()),
-        )
-        .details(format!(
-            "{why}; tartand writes it once the node's subnet is leased"
-        ))
+    let bytes = bounded_read::read_regular_file(path, SUBNET_ENV_LIMIT).map_err(|e| match e {
+        FileReadError::Io(e) => {
+            let why = if e.kind() == ErrorKind::NotFound {
+                "the node has no subnet yet".to_string()
+            } else {
+                format!("cannot read it: {e}")
+            };
+            CniError::new(
+                code::TRY_AGAIN_LATER,
+                format!("{} is not there yet", path.display()),
+            )
+            .details(format!(
+                "{why}; tartand writes it once the node's subnet is leased"
+            ))
+        }
+        other => CniError::config(format!("subnetFile {} {other}", path.display()))
+            .details("subnetFile must name tartand's subnet.env (--subnet-file)"),
     })?;
-    SubnetEnv::parse(&text).map_err(|e| {
+    let unusable = |why: String| {
         CniError::new(
             code::TRY_AGAIN_LATER,
             format!("{} is not usable yet", path.display()),
         )
-        .details(format!("{e:#}"))
-    })
+        .details(why)
+    };
+    let text = String::from_utf8(bytes).map_err(|_| unusable("it is not UTF-8 text".into()))?;
+    SubnetEnv::parse(&text).map_err(|e| unusable(format!("{e:#}")))
 }
 
 fn attachment(env: &CniEnv) -> Result<(&str, &str), CniError> {
@@ -318,6 +327,8 @@ fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
         .netns
         .as_deref()
         .ok_or_else(|| CniError::env("CNI_NETNS is not set"))?;
+    // First, like ADD: the node's own namespace is refused before anything is looked at.
+    let netns = links::open_netns(netns_path)?;
     let prev = conf
         .prev_result
         .as_ref()
@@ -380,7 +391,6 @@ fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
             Some(_) => Ok(()),
         }
     })?;
-    let netns = links::open_netns(netns_path)?;
     let iface = {
         let pod_nl = {
             let _g = rt.enter();
@@ -443,6 +453,10 @@ fn need_1_1(conf: &NetConf, verb: &str) -> Result<(), CniError> {
 fn status(conf: &NetConf) -> Result<(), CniError> {
     need_1_1(conf, "STATUS")?;
     read_subnet_env(&conf.subnet_file).map_err(|e| {
+        if e.code == code::INVALID_CONFIG {
+            // A wrong subnetFile will not become ready by waiting.
+            return e;
+        }
         CniError::new(
             code::NOT_AVAILABLE,
             "the node has no subnet lease yet".to_string(),

@@ -56,7 +56,7 @@ impl CniVersion {
             .ok_or_else(|| {
                 CniError::new(
                     code::INCOMPATIBLE_VERSION,
-                    format!("incompatible CNI version {s:?}"),
+                    format!("incompatible CNI version: cniVersion {s:?}"),
                 )
                 .details(format!("supported: {}", supported_list()))
             })
@@ -366,8 +366,8 @@ impl NetConf {
                 "the network config is not a JSON object",
             ));
         }
-        let raw: RawConf = serde_json::from_value(v)
-            .map_err(|e| CniError::config("invalid network config").details(e.to_string()))?;
+        let raw: RawConf = crate::json_decode::from_value(&v)
+            .map_err(|e| CniError::config("invalid network config").details(e))?;
         let version = raw
             .cni_version
             .ok_or_else(|| CniError::config("cniVersion is missing"))?;
@@ -554,8 +554,8 @@ struct RawResult {
 impl CniResult {
     /// Decodes a result of any supported version (a `prevResult`).
     pub fn parse(v: Value) -> Result<CniResult, CniError> {
-        let raw: RawResult = serde_json::from_value(v)
-            .map_err(|e| CniError::config("invalid prevResult").details(e.to_string()))?;
+        let raw: RawResult = crate::json_decode::from_value(&v)
+            .map_err(|e| CniError::config("invalid prevResult").details(e))?;
         if let Some(ver) = &raw.cni_version {
             CniVersion::parse(ver)?;
         }
@@ -895,3 +895,6 @@ mod tests {
         assert_eq!(version_info(None)["cniVersion"], "1.1.0");
     }
 }
+
+#[cfg(test)]
+mod proptests;
