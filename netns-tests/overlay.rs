@@ -901,6 +901,43 @@ fn a_stray_lease_with_a_live_nodes_mac_never_displaces_it() -> Result<()> {
 }
 
 #[test]
+fn a_changed_network_config_releases_the_old_lease_on_restart() -> Result<()> {
+    // The old lease (outside the new network) used to stay for its 24 h TTL.
+    let Some(mut lab) = lab(1, NET16)? else {
+        return Ok(());
+    };
+    lab.start_daemon(0, &[])?;
+    let old = lab.wait_subnet(0)?;
+    lab.stop_daemon(0)?;
+    std::fs::remove_file(lab.nodes[0].subnet_file())?;
+    lab.init_network(&["--network", "10.245.0.0/16", "--force"])?;
+    lab.start_daemon(0, &[])?;
+    let new = lab.wait_subnet(0)?;
+    ensure!(
+        "10.245.0.0/16"
+            .parse::<ipnetwork::Ipv4Network>()?
+            .contains(new.network()),
+        "the node kept {new} outside the new network"
+    );
+    let gone = wait_for(
+        "the old lease to be released",
+        Duration::from_secs(10),
+        || {
+            let v = lab
+                .etcdctl(&["get", "--print-value-only", &subnet_key(old)])
+                .ok()?;
+            v.trim().is_empty().then_some(())
+        },
+    );
+    ensure!(
+        gone.is_ok(),
+        "the lease {old} of the old network is still in etcd:\n{}",
+        lab.log_tail(0, 20)
+    );
+    Ok(())
+}
+
+#[test]
 fn a_config_written_after_the_daemon_started_is_taken_at_once() -> Result<()> {
     // A node started before `tartanctl network init` watches the config key; polling with a
     // growing backoff took up to 15 s (8.7 s seen) to notice the config.

@@ -44,6 +44,29 @@ pub enum Decision {
     Exhausted,
 }
 
+/// Leases node `name` holds besides `kept`, which it gives back once it holds `kept`: keys
+/// attached to an etcd lease whose value names this node (`NodeName`) and that lie outside the
+/// network or its SubnetLen (left by an earlier network config: a changed config used to leak
+/// them for the lease's 24 h), or a second lease inside it. Reservations (lease-less keys)
+/// are an operator's and never released, and a lease matched only by public IP (written by
+/// flannel) is left alone.
+pub fn stale_own<'a>(
+    existing: &'a [ExistingSubnet],
+    name: &str,
+    kept: Ipv4Network,
+) -> Vec<&'a ExistingSubnet> {
+    existing
+        .iter()
+        .filter(|e| {
+            e.subnet != kept
+                && e.etcd_lease != 0
+                && e.value
+                    .as_ref()
+                    .is_some_and(|v| v.node_name.as_deref() == Some(name))
+        })
+        .collect()
+}
+
 /// Above this many subnets, candidates are probed at random instead of enumerated.
 const ENUMERATE_LIMIT: u64 = 1 << 16;
 
@@ -299,5 +322,37 @@ mod tests {
             "random choice should spread, got {}",
             picks.len()
         );
+    }
+
+    #[test]
+    fn leases_left_by_an_earlier_config_are_released_and_reservations_kept() {
+        let v = |node: Option<&str>| {
+            LeaseValue {
+            node_name: node.map(str::to_string),
+            ..LeaseValue::parse(
+                br#"{"PublicIP":"192.168.1.1","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:01"}}"#,
+            )
+            .unwrap()
+        }
+        };
+        let e = |s: &str, node: Option<&str>, lease: i64| ExistingSubnet {
+            subnet: s.parse().unwrap(),
+            value: Some(v(node)),
+            etcd_lease: lease,
+            mod_revision: 1,
+        };
+        let existing = vec![
+            e("10.245.3.0/24", Some("n1"), 5),  // ours, old network: released
+            e("10.244.9.0/24", Some("n1"), 6),  // ours, kept
+            e("10.244.10.0/24", Some("n1"), 7), // ours, a second lease: released
+            e("10.245.4.0/24", Some("n1"), 0),  // our reservation: kept
+            e("10.245.5.0/24", None, 8),        // flannel's (matched by IP only): left alone
+            e("10.245.6.0/24", Some("n2"), 9),  // another node's
+        ];
+        let stale: Vec<String> = stale_own(&existing, "n1", "10.244.9.0/24".parse().unwrap())
+            .iter()
+            .map(|e| e.subnet.to_string())
+            .collect();
+        assert_eq!(stale, ["10.245.3.0/24", "10.244.10.0/24"]);
     }
 }

@@ -16,7 +16,7 @@ use crate::backoff::Backoff;
 use crate::etcd_store::{EtcdArgs, PrefixView, Store};
 use crate::metrics::Metrics;
 use crate::netconf::NetworkConfig;
-use crate::subnet_alloc::{Decision, ExistingSubnet, decide};
+use crate::subnet_alloc::{Decision, ExistingSubnet, decide, stale_own};
 use crate::subnet_lease::{LeaseValue, MacAddr, subnet_from_key, subnet_to_key};
 
 /// The subnet this node holds.
@@ -140,7 +140,7 @@ impl SubnetManager {
                 &mut rng,
             )
         };
-        match decision {
+        let got = match decision {
             Decision::Exhausted => bail!(
                 "subnet space exhausted: all {} subnets /{} between {} and {} are taken",
                 self.cfg.subnet_count(),
@@ -167,26 +167,27 @@ impl SubnetManager {
                         return Ok(Attempt::Retry);
                     }
                     info!(%subnet, "using reserved subnet");
-                    return Ok(Attempt::Got(OwnLease {
+                    OwnLease {
                         subnet,
                         etcd_lease: 0,
-                    }));
+                    }
+                } else {
+                    // Our earlier lease: keep it alive and rewrite the value if it changed.
+                    let mut keeper = self.store.keeper(etcd_lease);
+                    if keeper.renew().await?.is_none() {
+                        return Ok(Attempt::Retry);
+                    }
+                    if current.map(|c| c.value.as_slice()) != Some(value.as_slice())
+                        && !self
+                            .store
+                            .replace_if_unchanged(&key, value, etcd_lease, mod_revision)
+                            .await?
+                    {
+                        return Ok(Attempt::Retry);
+                    }
+                    info!(%subnet, "kept the subnet this node held before");
+                    OwnLease { subnet, etcd_lease }
                 }
-                // Our earlier lease: keep it alive and rewrite the value if it changed.
-                let mut keeper = self.store.keeper(etcd_lease);
-                if keeper.renew().await?.is_none() {
-                    return Ok(Attempt::Retry);
-                }
-                if current.map(|c| c.value.as_slice()) != Some(value.as_slice())
-                    && !self
-                        .store
-                        .replace_if_unchanged(&key, value, etcd_lease, mod_revision)
-                        .await?
-                {
-                    return Ok(Attempt::Retry);
-                }
-                info!(%subnet, "kept the subnet this node held before");
-                Ok(Attempt::Got(OwnLease { subnet, etcd_lease }))
             }
             Decision::Create { subnet } => {
                 let lease = self.store.grant(self.ttl).await?;
@@ -197,14 +198,36 @@ impl SubnetManager {
                     .await?
                 {
                     info!(%subnet, "leased subnet");
-                    Ok(Attempt::Got(OwnLease {
+                    OwnLease {
                         subnet,
                         etcd_lease: lease,
-                    }))
+                    }
                 } else {
                     info!(%subnet, "lost the race for a subnet, retrying");
                     let _ = self.store.revoke(lease).await;
-                    Ok(Attempt::Retry)
+                    return Ok(Attempt::Retry);
+                }
+            }
+        };
+        self.release_stale(&existing, &got).await;
+        Ok(Attempt::Got(got))
+    }
+
+    /// Gives back this node's other leases (see [`stale_own`]), each only if unchanged since
+    /// it was listed; failures are logged and left for the lease to expire.
+    async fn release_stale(&self, existing: &[ExistingSubnet], kept: &OwnLease) {
+        for e in stale_own(existing, &self.node.name, kept.subnet) {
+            let key = self.key_for(e.subnet);
+            match self.store.delete_if_unchanged(&key, e.mod_revision).await {
+                Ok(true) => {
+                    info!(subnet = %e.subnet, kept = %kept.subnet, "released a lease this node no longer uses (left by an earlier network config or state)");
+                    if e.etcd_lease != kept.etcd_lease {
+                        let _ = self.store.revoke(e.etcd_lease).await;
+                    }
+                }
+                Ok(false) => {}
+                Err(err) => {
+                    warn!(subnet = %e.subnet, "releasing an old lease of this node: {err:#}")
                 }
             }
         }
