@@ -866,3 +866,152 @@ fn sigterm_reaches_a_daemon_whose_parent_blocked_it() -> Result<()> {
     .join()
     .map_err(|_| anyhow::anyhow!("test thread panicked"))?
 }
+
+/// Runs a second tartand in node `i`'s namespace with `paths` (the four per-node path flags,
+/// in order --state-dir, --cni-data-dir, --cni-socket, --subnet-file) and waits (with a
+/// deadline) for it to exit; returns its exit status and stderr.
+fn second_daemon(lab: &Lab, i: usize, paths: [&std::path::Path; 4]) -> Result<(i32, String)> {
+    let log = lab
+        .dir
+        .join(format!("second-{i}-{}.log", rand::random::<u32>()));
+    let mut c = tartan::netns_lab::ns_command(&lab.nodes[i].ns, &lab.bins.tartand);
+    c.args(["--etcd-endpoints", &lab.etcd_endpoint()])
+        .args(["--node-name", &format!("intruder{i}"), "--iface", "eth0"])
+        .arg("--state-dir")
+        .arg(paths[0])
+        .arg("--cni-data-dir")
+        .arg(paths[1])
+        .arg("--cni-socket")
+        .arg(paths[2])
+        .arg("--subnet-file")
+        .arg(paths[3])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log)?);
+    let mut child = c.spawn().context("starting the second tartand")?;
+    let status = wait_for(
+        "the second tartand to exit",
+        Duration::from_secs(10),
+        || child.try_wait().ok().flatten(),
+    );
+    let status = match status {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e.context(format!(
+                "it kept running; stderr: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )));
+        }
+    };
+    Ok((
+        status.code().unwrap_or(-1),
+        std::fs::read_to_string(&log).unwrap_or_default(),
+    ))
+}
+
+#[test]
+fn a_second_daemon_on_the_same_paths_exits_at_once_naming_the_holder() -> Result<()> {
+    let Some(mut lab) = lab(2, NET16)? else {
+        return Ok(());
+    };
+    lab.start_daemon(0, &[])?;
+    lab.wait_subnet(0)?;
+    let holder = lab.nodes[0]
+        .daemon
+        .as_ref()
+        .map(|c| c.id())
+        .context("pid")?;
+    let n = &lab.nodes[0];
+    let (state, data, socket, env) = (
+        n.dir.join("state"),
+        n.cni_data_dir(),
+        n.cni_socket(),
+        n.subnet_file(),
+    );
+    let env_before = std::fs::read_to_string(&env)?;
+    let other = lab.nodes[1].dir.clone();
+    let (o_state, o_data, o_socket, o_env) = (
+        other.join("state"),
+        other.join("data"),
+        other.join("tartand.sock"),
+        other.join("subnet.env"),
+    );
+    let fix = "give each daemon on this host its own --state-dir, --cni-socket, --cni-data-dir and --subnet-file";
+    // All four shared (default paths on one host), then each one alone.
+    let cases: [([&std::path::Path; 4], &str, &std::path::Path); 5] = [
+        ([&state, &data, &socket, &env], "--state-dir", &state),
+        ([&state, &o_data, &o_socket, &o_env], "--state-dir", &state),
+        (
+            [&o_state, &data, &o_socket, &o_env],
+            "--cni-data-dir",
+            &data,
+        ),
+        (
+            [&o_state, &o_data, &socket, &o_env],
+            "--cni-socket",
+            &socket,
+        ),
+        ([&o_state, &o_data, &o_socket, &env], "--subnet-file", &env),
+    ];
+    for (paths, flag, path) in cases {
+        let (code, stderr) = second_daemon(&lab, 1, paths)?;
+        ensure!(
+            code != 0,
+            "the second daemon ({flag} shared) exited 0: {stderr}"
+        );
+        let want = format!(
+            "tartand: {} ({flag}) is in use by tartand (pid {holder}); {fix}",
+            path.display()
+        );
+        ensure!(
+            stderr.lines().any(|l| l == want),
+            "({flag} shared) expected the line\n{want}\ngot:\n{stderr}"
+        );
+        ensure!(!stderr.contains("panicked"), "{stderr}");
+    }
+    // Refused before touching etcd or the kernel: no record, no device, nothing taken over.
+    let keys = lab.etcdctl(&["get", "--prefix", "--keys-only", "/"])?;
+    ensure!(
+        !keys.contains("intruder"),
+        "the intruder wrote to etcd: {keys}"
+    );
+    ensure!(
+        ip(&["-n", &lab.nodes[1].ns, "link", "show", "tartan.1"]).is_err(),
+        "the intruder created a device"
+    );
+    ensure!(
+        lab.daemon_running(0),
+        "the holder died: {}",
+        lab.log_tail(0, 20)
+    );
+    ensure!(
+        std::fs::read_to_string(&env)? == env_before,
+        "subnet.env changed"
+    );
+    // (A unix socket path is a file: no need to enter the namespace.)
+    std::os::unix::net::UnixStream::connect(&socket)
+        .context("the holder's CNI socket no longer answers")?;
+
+    // The holder stops; its lock files (with its PID) stay and are simply taken over.
+    lab.stop_daemon(0)?;
+    let lock = state.join(tartan::node_lock::DIR_LOCK_NAME);
+    ensure!(
+        std::fs::read_to_string(&lock)?.trim() == holder.to_string(),
+        "lock file content"
+    );
+    lab.start_daemon(0, &[])?;
+    lab.wait_subnet(0)?;
+    let new_pid = lab.nodes[0]
+        .daemon
+        .as_ref()
+        .map(|c| c.id())
+        .context("pid")?;
+    wait_for(
+        "the new holder's PID in the lock file",
+        Duration::from_secs(10),
+        || (std::fs::read_to_string(&lock).ok()?.trim() == new_pid.to_string()).then_some(()),
+    )?;
+    Ok(())
+}

@@ -17,6 +17,7 @@ use crate::metrics::{self, Metrics};
 use crate::netconf::NetworkConfig;
 use crate::netlink_ops::Netlink;
 use crate::node_liveness;
+use crate::node_lock::{self, OwnedPath, PathKind};
 use crate::node_state::{NodeState, state_path, vtep_mac_for};
 use crate::overlay_reconciler::{self, OverlaySettings, overlay_mtu};
 use crate::service_proxy;
@@ -81,6 +82,23 @@ pub struct DaemonArgs {
     pub cni: crate::pod_registrar::CniArgs,
 }
 
+impl DaemonArgs {
+    /// The host paths this daemon owns (each locked for it alone, see [`node_lock`]).
+    pub fn owned_paths(&self) -> Vec<OwnedPath> {
+        let p = |flag, path: &PathBuf, kind| OwnedPath {
+            flag,
+            path: path.clone(),
+            kind,
+        };
+        vec![
+            p("--state-dir", &self.state_dir, PathKind::Dir),
+            p("--cni-data-dir", &self.cni.cni_data_dir, PathKind::Dir),
+            p("--cni-socket", &self.cni.cni_socket, PathKind::File),
+            p("--subnet-file", &self.subnet_file, PathKind::File),
+        ]
+    }
+}
+
 fn node_name(args: &DaemonArgs) -> Result<String> {
     let name = match &args.node_name {
         Some(n) => n.clone(),
@@ -120,6 +138,9 @@ async fn wait_for_config(store: &Store, keys: &EtcdArgs) -> NetworkConfig {
 /// Runs the daemon until SIGTERM/SIGINT (dataplane left in place) or a leave.
 pub async fn run(args: DaemonArgs) -> Result<()> {
     let name = node_name(&args)?;
+    // First of all, before etcd or the kernel: one daemon per node. Held until exit (the
+    // kernel releases it if the process dies).
+    let _lock = node_lock::lock_paths(&args.owned_paths())?;
     let nl = Netlink::connect()?;
     let iface = nl
         .iface(&args.iface)
