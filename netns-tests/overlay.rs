@@ -1015,3 +1015,87 @@ fn a_second_daemon_on_the_same_paths_exits_at_once_naming_the_holder() -> Result
     )?;
     Ok(())
 }
+
+/// A key's value and etcd lease, as `etcdctl get -w json` reports them (lease 0: none).
+fn key_value_and_lease(lab: &Lab, key: &str) -> Option<(serde_json::Value, i64)> {
+    let out = lab.etcdctl(&["get", key, "-w", "json"]).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+    let kv = v["kvs"].get(0)?;
+    let value = kv["value"].as_str()?;
+    let bytes = base64_decode(value)?;
+    Some((
+        serde_json::from_slice(&bytes).ok()?,
+        kv["lease"].as_i64().unwrap_or(0),
+    ))
+}
+
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::new();
+    let (mut buf, mut bits) = (0u32, 0);
+    for c in s.bytes().filter(|c| *c != b'=') {
+        buf = (buf << 6) | T.iter().position(|t| *t == c)? as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buf >> bits) as u8);
+        }
+    }
+    Some(out)
+}
+
+#[test]
+fn an_overwritten_own_lease_is_restored_with_its_etcd_lease() -> Result<()> {
+    let Some(mut lab) = lab(2, NET16)? else {
+        return Ok(());
+    };
+    for i in 0..2 {
+        lab.start_daemon(i, &[])?;
+    }
+    let s1 = lab.wait_subnet(0)?;
+    wait_peer(&lab, 1, 0)?;
+    let key = subnet_key(s1);
+    let (good, lease) = key_value_and_lease(&lab, &key).context("node1's key")?;
+    ensure!(lease != 0, "node1's key has no lease");
+    let restored = |lab: &Lab| {
+        wait_for(
+            "node1 to restore its key and its etcd lease",
+            Duration::from_secs(10),
+            || {
+                key_value_and_lease(lab, &key)
+                    .filter(|(v, l)| *v == good && *l == lease)
+                    .map(|_| ())
+            },
+        )
+        .with_context(|| lab.log_tail(0, 20))
+    };
+    // A bogus address written by hand, without a lease: peers would tunnel to nowhere and
+    // the key would never expire.
+    let mut bogus = good.clone();
+    bogus["PublicIP"] = serde_json::json!("192.168.77.99");
+    lab.etcdctl(&["put", &key, &bogus.to_string()])?;
+    restored(&lab)?;
+    wait_peer(&lab, 1, 0)?;
+    let (_, _, fdb) = overlay_text(&lab, 1)?;
+    ensure!(
+        !fdb.contains("192.168.77.99"),
+        "node2 still tunnels to the bogus address: {fdb}"
+    );
+    ensure!(
+        lab.tartanctl(&["nodes"])?.contains("node1"),
+        "node1 missing from `tartanctl nodes`"
+    );
+    // The right value written back without the lease: only the lease is missing.
+    lab.etcdctl(&["put", &key, &good.to_string()])?;
+    restored(&lab)?;
+    // Each restoration says why in the log.
+    let log = std::fs::read_to_string(lab.nodes[0].log_file())?;
+    ensure!(
+        log.matches("changed by someone else").count() >= 2
+            && log.contains("192.168.77.99")
+            && log.contains("lost its etcd lease"),
+        "the log does not say why: {}",
+        lab.log_tail(0, 20)
+    );
+    Ok(())
+}
