@@ -994,6 +994,32 @@ fn a_second_daemon_on_the_same_paths_exits_at_once_naming_the_holder() -> Result
     std::os::unix::net::UnixStream::connect(&socket)
         .context("the holder's CNI socket no longer answers")?;
 
+    // `tartand --leave` beside the running daemon is refused too (it would remove the
+    // running daemon's state and dataplane).
+    let out = tartan::netns_lab::ns_command(&lab.nodes[0].ns, &lab.bins.tartand)
+        .args(["--etcd-endpoints", &lab.etcd_endpoint()])
+        .args(["--node-name", "node1", "--iface", "eth0", "--leave"])
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--subnet-file")
+        .arg(&env)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && stderr.contains(&format!("in use by tartand (pid {holder})")),
+        "--leave beside the daemon: {:?} {stderr}",
+        out.status
+    );
+    ensure!(
+        lab.daemon_running(0),
+        "the holder died: {}",
+        lab.log_tail(0, 20)
+    );
+    ensure!(
+        std::fs::read_to_string(&env)? == env_before,
+        "subnet.env changed"
+    );
+
     // The holder stops; its lock files (with its PID) stay and are simply taken over.
     lab.stop_daemon(0)?;
     let lock = state.join(tartan::node_lock::DIR_LOCK_NAME);
