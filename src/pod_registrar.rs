@@ -15,7 +15,8 @@
 //! bounds what a lost nudge costs (tartand restarting, the socket replaced or busy): a pod is
 //! registered at most [`CHANGE_CHECK`] plus one scan and one etcd write after its ADD, whether
 //! or not the nudge arrived. Why a stamp and not inotify: the check costs one `readdir` of the
-//! data directory and one `stat` per network once a second (nothing measurable at idle),
+//! data directory and one `stat` per network once a second (tartand as a whole uses ≈ 1 ms
+//! of CPU per second at rest with 200 pods, docs/benchmarks.md),
 //! needs no watch bookkeeping for networks and `ip/` directories that come and go, and works
 //! on any file system; inotify would save at most the one second a lost nudge costs.
 //!
