@@ -7,7 +7,12 @@
 //! - `create_to_reachable`: `service create` → a pod on every node of a 5-node cluster connects;
 //! - `first_packet`: new-connection latency through a cluster IP with 1, 10,000 and 30,000
 //!   services, beside an iptables-style linear chain of the same size, interleaved;
-//! - `spread`: 10,000 new connections over 2, 3, 10 and 100 endpoints.
+//! - `spread`: 10,000 new connections over 2, 3, 10 and 100 endpoints;
+//! - `pod_registration`: 200 labelled pods ADDed one by one through the real `tartan-cni` on
+//!   one node of a 5-node cluster, a service selecting them: ADD start → the pod's address is
+//!   in the service table of every node (seen in nftables notifications), every other pod
+//!   with one core kept busy by a spinning thread (interleaved, so both halves see the same
+//!   table sizes and rebuilds).
 //!
 //! Run: `cargo bench --bench service_scale [-- NAME...]`. Results: docs/benchmarks.md.
 
@@ -16,6 +21,7 @@ mod common;
 use common::*;
 
 use std::collections::HashMap;
+use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -445,6 +451,277 @@ fn spread() -> Result<()> {
     Ok(())
 }
 
+/// Per node: the address to look for in nftables notifications and when it was first seen.
+type Sighting = Arc<Mutex<(Option<[u8; 4]>, Option<Instant>)>>;
+
+/// Watches nftables notifications in `ns`; the first message carrying the 4 bytes of the
+/// address in `sighting` (the pod's address as element data of `backends`) records its time.
+fn nft_sighting(ns: &str, sighting: Sighting) -> Result<()> {
+    let ns = ns.to_string();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = in_netns(&ns, move || {
+            let mut s = match netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_NETFILTER) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            // NFNLGRP_NFTABLES = 7.
+            if let Err(e) = s.bind(&netlink_sys::SocketAddr::new(0, 1 << 6)) {
+                let _ = tx.send(Err(e.to_string()));
+                return;
+            }
+            let _ = s.set_rx_buf_sz(8 * 1024 * 1024);
+            let _ = tx.send(Ok(()));
+            let mut buf = vec![0u8; 1 << 17];
+            loop {
+                let mut b = &mut buf[..];
+                let Ok(n) = s.recv(&mut b, 0) else {
+                    continue;
+                };
+                let now = Instant::now();
+                if let Ok(mut g) = sighting.lock()
+                    && let (Some(ip), None) = (g.0, g.1)
+                    && buf[..n].windows(4).any(|w| w == ip)
+                {
+                    g.1 = Some(now);
+                }
+            }
+        });
+    });
+    rx.recv_timeout(Duration::from_secs(5))?
+        .map_err(anyhow::Error::msg)
+}
+
+/// One pod's registration: ADD start -> endpoint everywhere, ADD return -> same (ms), and
+/// whether it made the proxy rebuild its table.
+struct RegSample {
+    from_start: f64,
+    from_return: f64,
+    rebuilt: bool,
+}
+
+/// A thread that spins on one core while `on` is set (and at most until `deadline`).
+fn spinner(on: Arc<std::sync::atomic::AtomicBool>, deadline: Instant) {
+    std::thread::spawn(move || {
+        while Instant::now() < deadline {
+            if on.load(std::sync::atomic::Ordering::Relaxed) {
+                std::hint::spin_loop();
+            } else {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    });
+}
+
+fn pod_registration() -> Result<()> {
+    const PODS: usize = 200;
+    const NODES: usize = 5;
+    println!(
+        "pod_registration: {PODS} labelled pods ADDed one by one on node1 of {NODES}, one service selecting them"
+    );
+    let mut lab = Lab::new(NODES, bins())?;
+    lab.start_etcd()?;
+    lab.init_network(&["--network", "10.244.0.0/16"])?;
+    for i in 0..NODES {
+        lab.start_daemon(i, &[])?;
+    }
+    for i in 0..NODES {
+        lab.wait_subnet(i)?;
+    }
+    lab.tartanctl(&[
+        "service",
+        "create",
+        "reg",
+        "--port",
+        "80:8080/tcp",
+        "--selector",
+        "app=reg",
+    ])?;
+    let sightings: Vec<Sighting> = (0..NODES)
+        .map(|_| Arc::new(Mutex::new((None, None))))
+        .collect();
+    for (i, s) in sightings.iter().enumerate() {
+        nft_sighting(&lab.nodes[i].ns, s.clone())?;
+    }
+    let daemons: Vec<u32> = lab
+        .nodes
+        .iter()
+        .filter_map(|n| n.daemon.as_ref().map(|c| c.id()))
+        .chain(lab.etcd_pids())
+        .collect();
+    let busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    spinner(busy.clone(), Instant::now() + Duration::from_secs(180));
+    let mut calm: Vec<RegSample> = Vec::new();
+    let mut loaded: Vec<RegSample> = Vec::new();
+    let active_table = |lab: &Lab| {
+        tartan::netns_lab::ns_run(&lab.nodes[0].ns, "nft", &["list", "tables"])
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("tartan_svc"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let mut table = active_table(&lab);
+    let mut ips = Vec::new();
+    for k in 0..PODS {
+        let name = format!("reg{k}");
+        let pod_ns = lab.add_namespace(&name)?;
+        // One pod of each pair gets the busy core. Which one alternates with the pair index's
+        // trailing zeros, so the table rebuilds (capacity growth at 17, 33, 65, 129 endpoints,
+        // pods k = 16, 32, 64, 128) fall two in each half instead of all in one.
+        let first_loaded = (k / 2).trailing_zeros() % 2 == 1;
+        let with_load = (k % 2 == 0) == first_loaded;
+        settle(
+            &daemons,
+            Duration::from_millis(3),
+            Duration::from_millis(200),
+        );
+        for s in &sightings {
+            if let Ok(mut g) = s.lock() {
+                *g = (None, None);
+            }
+        }
+        busy.store(with_load, std::sync::atomic::Ordering::Relaxed);
+        // The watchers must know the address before ADD starts (the table may change before
+        // ADD returns): IPAM hands addresses out in order here (round robin, nothing freed),
+        // so it is the one after the previous pod's; checked against the result below.
+        let expect = ips
+            .last()
+            .map(|ip: &Ipv4Addr| Ipv4Addr::from(u32::from(*ip) + 1))
+            .unwrap_or_else(|| {
+                let s = lab
+                    .wait_subnet(0)
+                    .map(|s| s.network())
+                    .unwrap_or(Ipv4Addr::UNSPECIFIED);
+                Ipv4Addr::from(u32::from(s) + 2)
+            });
+        for s in &sightings {
+            if let Ok(mut g) = s.lock() {
+                g.0 = Some(expect.octets());
+            }
+        }
+        let t0 = Instant::now();
+        let out = lab.cni_call(
+            0,
+            "ADD",
+            &pod_ns,
+            &name,
+            ("default", &name),
+            &[("app", "reg")],
+        )?;
+        let returned = t0.elapsed();
+        let v: serde_json::Value = serde_json::from_str(&out).context("ADD result")?;
+        let got: Ipv4Addr = v["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .context("no address in the ADD result")?;
+        if got != expect {
+            bail!(
+                "pod {k} got {got}, expected {expect}: the sighting would watch the wrong address"
+            );
+        }
+        ips.push(got);
+        let everywhere = wait_for(
+            &format!("{name} ({got}) in the service table of every node"),
+            Duration::from_secs(10),
+            || {
+                let mut worst = Duration::ZERO;
+                for s in &sightings {
+                    let t = s.lock().ok()?.1?;
+                    worst = worst.max(t.duration_since(t0));
+                }
+                Some(worst)
+            },
+        )?;
+        busy.store(false, std::sync::atomic::Ordering::Relaxed);
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        // Untimed: did this pod make the proxy rebuild its table (another table name)?
+        let now_table = active_table(&lab);
+        let rebuilt = now_table != table;
+        table = now_table;
+        let sample = RegSample {
+            from_start: ms(everywhere),
+            from_return: ms(everywhere.saturating_sub(returned)),
+            rebuilt,
+        };
+        if with_load {
+            loaded.push(sample);
+        } else {
+            calm.push(sample);
+        }
+    }
+    // Untimed check of what the notifications stood for: every pod is an endpoint everywhere.
+    for n in &lab.nodes {
+        let table = tartan::netns_lab::ns_run(
+            &n.ns,
+            "nft",
+            &["list", "map", "ip", "tartan_svc", "backends"],
+        )
+        .or_else(|_| {
+            tartan::netns_lab::ns_run(
+                &n.ns,
+                "nft",
+                &["list", "map", "ip", "tartan_svc2", "backends"],
+            )
+        })?;
+        for ip in &ips {
+            if !table.contains(&format!(": {ip} . 8080")) {
+                bail!("{ip} is not an endpoint on {}", n.name);
+            }
+        }
+    }
+    // What the registrar's once-a-second directory check (and everything else tartand does
+    // at rest) costs with 200 pods on the node: its CPU time over 10 idle seconds.
+    if let Some(pid) = lab.nodes[0].daemon.as_ref().map(|c| c.id()) {
+        std::thread::sleep(Duration::from_secs(2));
+        let before = cpu_ns(pid);
+        std::thread::sleep(Duration::from_secs(10));
+        if let (Some(a), Some(b)) = (before, cpu_ns(pid)) {
+            println!(
+                "  node1's tartand at rest with {PODS} pods: {:.3} ms CPU per second",
+                (b.saturating_sub(a)) as f64 / 1e6 / 10.0
+            );
+        }
+    }
+    for (label, v) in [("calm", &calm), ("one core busy", &loaded)] {
+        let sorted = |f: &dyn Fn(&RegSample) -> Option<f64>| {
+            let mut x: Vec<f64> = v.iter().filter_map(f).collect();
+            x.sort_by(f64::total_cmp);
+            x
+        };
+        let start = sorted(&|s| Some(s.from_start));
+        let ret = sorted(&|s| Some(s.from_return));
+        let steady = sorted(&|s| (!s.rebuilt).then_some(s.from_start));
+        let rebuilds = sorted(&|s| s.rebuilt.then_some(s.from_start));
+        println!(
+            "  {label} ({} pods): ADD start -> endpoint on all {NODES} nodes p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; from ADD return p50 {:.1} ms, p99 {:.1} ms",
+            start.len(),
+            pct(&start, 50.0),
+            pct(&start, 99.0),
+            start.last().copied().unwrap_or(f64::NAN),
+            pct(&ret, 50.0),
+            pct(&ret, 99.0),
+        );
+        println!(
+            "    without the {} table rebuilds: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; the rebuilds: {}",
+            rebuilds.len(),
+            pct(&steady, 50.0),
+            pct(&steady, 99.0),
+            steady.last().copied().unwrap_or(f64::NAN),
+            rebuilds
+                .iter()
+                .map(|r| format!("{r:.0} ms"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     if !require_root()? {
         return Ok(());
@@ -471,6 +748,9 @@ fn main() -> Result<()> {
     }
     if want("spread") {
         spread()?;
+    }
+    if want("pod_registration") {
+        pod_registration()?;
     }
     Ok(())
 }

@@ -1052,3 +1052,262 @@ fn sigterm_reaches_a_daemon_whose_parent_blocked_it() -> Result<()> {
     .join()
     .map_err(|_| anyhow::anyhow!("test thread panicked"))?
 }
+
+/// Runs a second tartand in node `i`'s namespace with `paths` (the four per-node path flags,
+/// in order --state-dir, --cni-data-dir, --cni-socket, --subnet-file) and waits (with a
+/// deadline) for it to exit; returns its exit status and stderr.
+fn second_daemon(lab: &Lab, i: usize, paths: [&std::path::Path; 4]) -> Result<(i32, String)> {
+    let log = lab
+        .dir
+        .join(format!("second-{i}-{}.log", rand::random::<u32>()));
+    let mut c = tartan::netns_lab::ns_command(&lab.nodes[i].ns, &lab.bins.tartand);
+    c.args(["--etcd-endpoints", &lab.etcd_endpoint()])
+        .args(["--node-name", &format!("intruder{i}"), "--iface", "eth0"])
+        .arg("--state-dir")
+        .arg(paths[0])
+        .arg("--cni-data-dir")
+        .arg(paths[1])
+        .arg("--cni-socket")
+        .arg(paths[2])
+        .arg("--subnet-file")
+        .arg(paths[3])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log)?);
+    let mut child = c.spawn().context("starting the second tartand")?;
+    let status = wait_for(
+        "the second tartand to exit",
+        Duration::from_secs(10),
+        || child.try_wait().ok().flatten(),
+    );
+    let status = match status {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e.context(format!(
+                "it kept running; stderr: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )));
+        }
+    };
+    Ok((
+        status.code().unwrap_or(-1),
+        std::fs::read_to_string(&log).unwrap_or_default(),
+    ))
+}
+
+#[test]
+fn a_second_daemon_on_the_same_paths_exits_at_once_naming_the_holder() -> Result<()> {
+    let Some(mut lab) = lab(2, NET16)? else {
+        return Ok(());
+    };
+    lab.start_daemon(0, &[])?;
+    lab.wait_subnet(0)?;
+    let holder = lab.nodes[0]
+        .daemon
+        .as_ref()
+        .map(|c| c.id())
+        .context("pid")?;
+    let n = &lab.nodes[0];
+    let (state, data, socket, env) = (
+        n.dir.join("state"),
+        n.cni_data_dir(),
+        n.cni_socket(),
+        n.subnet_file(),
+    );
+    let env_before = std::fs::read_to_string(&env)?;
+    let other = lab.nodes[1].dir.clone();
+    let (o_state, o_data, o_socket, o_env) = (
+        other.join("state"),
+        other.join("data"),
+        other.join("tartand.sock"),
+        other.join("subnet.env"),
+    );
+    let fix = "give each daemon on this host its own --state-dir, --cni-socket, --cni-data-dir and --subnet-file";
+    // All four shared (default paths on one host), then each one alone.
+    let cases: [([&std::path::Path; 4], &str, &std::path::Path); 5] = [
+        ([&state, &data, &socket, &env], "--state-dir", &state),
+        ([&state, &o_data, &o_socket, &o_env], "--state-dir", &state),
+        (
+            [&o_state, &data, &o_socket, &o_env],
+            "--cni-data-dir",
+            &data,
+        ),
+        (
+            [&o_state, &o_data, &socket, &o_env],
+            "--cni-socket",
+            &socket,
+        ),
+        ([&o_state, &o_data, &o_socket, &env], "--subnet-file", &env),
+    ];
+    for (paths, flag, path) in cases {
+        let (code, stderr) = second_daemon(&lab, 1, paths)?;
+        ensure!(
+            code != 0,
+            "the second daemon ({flag} shared) exited 0: {stderr}"
+        );
+        let want = format!(
+            "tartand: {} ({flag}) is in use by tartand (pid {holder}); {fix}",
+            path.display()
+        );
+        ensure!(
+            stderr.lines().any(|l| l == want),
+            "({flag} shared) expected the line\n{want}\ngot:\n{stderr}"
+        );
+        ensure!(!stderr.contains("panicked"), "{stderr}");
+    }
+    // Refused before touching etcd or the kernel: no record, no device, nothing taken over.
+    let keys = lab.etcdctl(&["get", "--prefix", "--keys-only", "/"])?;
+    ensure!(
+        !keys.contains("intruder"),
+        "the intruder wrote to etcd: {keys}"
+    );
+    ensure!(
+        ip(&["-n", &lab.nodes[1].ns, "link", "show", "tartan.1"]).is_err(),
+        "the intruder created a device"
+    );
+    ensure!(
+        lab.daemon_running(0),
+        "the holder died: {}",
+        lab.log_tail(0, 20)
+    );
+    ensure!(
+        std::fs::read_to_string(&env)? == env_before,
+        "subnet.env changed"
+    );
+    // (A unix socket path is a file: no need to enter the namespace.)
+    std::os::unix::net::UnixStream::connect(&socket)
+        .context("the holder's CNI socket no longer answers")?;
+
+    // `tartand --leave` beside the running daemon is refused too (it would remove the
+    // running daemon's state and dataplane).
+    let out = tartan::netns_lab::ns_command(&lab.nodes[0].ns, &lab.bins.tartand)
+        .args(["--etcd-endpoints", &lab.etcd_endpoint()])
+        .args(["--node-name", "node1", "--iface", "eth0", "--leave"])
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--subnet-file")
+        .arg(&env)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && stderr.contains(&format!("in use by tartand (pid {holder})")),
+        "--leave beside the daemon: {:?} {stderr}",
+        out.status
+    );
+    ensure!(
+        lab.daemon_running(0),
+        "the holder died: {}",
+        lab.log_tail(0, 20)
+    );
+    ensure!(
+        std::fs::read_to_string(&env)? == env_before,
+        "subnet.env changed"
+    );
+
+    // The holder stops; its lock files (with its PID) stay and are simply taken over.
+    lab.stop_daemon(0)?;
+    let lock = state.join(tartan::node_lock::DIR_LOCK_NAME);
+    ensure!(
+        std::fs::read_to_string(&lock)?.trim() == holder.to_string(),
+        "lock file content"
+    );
+    lab.start_daemon(0, &[])?;
+    lab.wait_subnet(0)?;
+    let new_pid = lab.nodes[0]
+        .daemon
+        .as_ref()
+        .map(|c| c.id())
+        .context("pid")?;
+    wait_for(
+        "the new holder's PID in the lock file",
+        Duration::from_secs(10),
+        || (std::fs::read_to_string(&lock).ok()?.trim() == new_pid.to_string()).then_some(()),
+    )?;
+    Ok(())
+}
+
+/// A key's value and etcd lease, as `etcdctl get -w json` reports them (lease 0: none).
+fn key_value_and_lease(lab: &Lab, key: &str) -> Option<(serde_json::Value, i64)> {
+    let out = lab.etcdctl(&["get", key, "-w", "json"]).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+    let kv = v["kvs"].get(0)?;
+    let value = kv["value"].as_str()?;
+    let bytes = base64_decode(value)?;
+    Some((
+        serde_json::from_slice(&bytes).ok()?,
+        kv["lease"].as_i64().unwrap_or(0),
+    ))
+}
+
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::new();
+    let (mut buf, mut bits) = (0u32, 0);
+    for c in s.bytes().filter(|c| *c != b'=') {
+        buf = (buf << 6) | T.iter().position(|t| *t == c)? as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buf >> bits) as u8);
+        }
+    }
+    Some(out)
+}
+
+#[test]
+fn an_overwritten_own_lease_is_restored_with_its_etcd_lease() -> Result<()> {
+    let Some(mut lab) = lab(2, NET16)? else {
+        return Ok(());
+    };
+    for i in 0..2 {
+        lab.start_daemon(i, &[])?;
+    }
+    let s1 = lab.wait_subnet(0)?;
+    wait_peer(&lab, 1, 0)?;
+    let key = subnet_key(s1);
+    let (good, lease) = key_value_and_lease(&lab, &key).context("node1's key")?;
+    ensure!(lease != 0, "node1's key has no lease");
+    let restored = |lab: &Lab| {
+        wait_for(
+            "node1 to restore its key and its etcd lease",
+            Duration::from_secs(10),
+            || {
+                key_value_and_lease(lab, &key)
+                    .filter(|(v, l)| *v == good && *l == lease)
+                    .map(|_| ())
+            },
+        )
+        .with_context(|| lab.log_tail(0, 20))
+    };
+    // A bogus address written by hand, without a lease: peers would tunnel to nowhere and
+    // the key would never expire.
+    let mut bogus = good.clone();
+    bogus["PublicIP"] = serde_json::json!("192.168.77.99");
+    lab.etcdctl(&["put", &key, &bogus.to_string()])?;
+    restored(&lab)?;
+    wait_peer(&lab, 1, 0)?;
+    let (_, _, fdb) = overlay_text(&lab, 1)?;
+    ensure!(
+        !fdb.contains("192.168.77.99"),
+        "node2 still tunnels to the bogus address: {fdb}"
+    );
+    ensure!(
+        lab.tartanctl(&["nodes"])?.contains("node1"),
+        "node1 missing from `tartanctl nodes`"
+    );
+    // The right value written back without the lease: only the lease is missing.
+    lab.etcdctl(&["put", &key, &good.to_string()])?;
+    restored(&lab)?;
+    // Each restoration says why in the log.
+    let log = std::fs::read_to_string(lab.nodes[0].log_file())?;
+    ensure!(
+        log.matches("changed by someone else").count() >= 2
+            && log.contains("192.168.77.99")
+            && log.contains("lost its etcd lease"),
+        "the log does not say why: {}",
+        lab.log_tail(0, 20)
+    );
+    Ok(())
+}

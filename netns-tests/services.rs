@@ -984,3 +984,107 @@ fn randomized_churn_converges_to_the_model() -> Result<()> {
     }
     Ok(())
 }
+
+/// Binds a unix socket at `path` that accepts connections and swallows what they send (a
+/// process that took over tartand's socket path); returns the count of `sync` lines seen.
+fn black_hole(path: &std::path::Path) -> Result<std::sync::Arc<std::sync::atomic::AtomicUsize>> {
+    use std::io::BufRead;
+    let l = std::os::unix::net::UnixListener::bind(path)
+        .with_context(|| format!("binding {}", path.display()))?;
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = seen.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let counter = counter.clone();
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(s).lines().map_while(Result::ok) {
+                    if line.trim() == "sync" {
+                        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    Ok(seen)
+}
+
+/// Whether the service table in `ns` sends some service port to `ip` (a `backends` element).
+fn is_endpoint(ns: &str, ip: Ipv4Addr) -> bool {
+    let Some(table) = active_service_table(ns) else {
+        return false;
+    };
+    let prefix = format!("{ip} . ");
+    kernel_elements(ns, &table).is_ok_and(|els| {
+        els.iter()
+            .any(|(set, _, data)| set == "backends" && data.starts_with(&prefix))
+    })
+}
+
+#[test]
+fn a_lost_nudge_still_registers_the_pod_within_the_change_check_bound() -> Result<()> {
+    // What docs/architecture.md promises: a missed nudge costs at most the change check
+    // period plus one scan and one etcd write, under 2 s.
+    const BOUND: Duration = Duration::from_secs(2);
+    const MARGIN: Duration = Duration::from_millis(1500);
+    assert!(tartan::pod_registrar::CHANGE_CHECK < BOUND);
+    let Some(mut lab) = cluster(2)? else {
+        return Ok(());
+    };
+    create(
+        &lab,
+        &["lost", "--port", "80:8080/tcp", "--selector", "app=lost"],
+    )?;
+    // tartand listens before it installs the conflist: once the conflist is there, move its
+    // socket away and put a black hole at the path. Plugins still connect (ADD succeeds),
+    // but no nudge reaches tartand.
+    let conflist = lab.nodes[0].cni_conf_dir().join("10-tartan.conflist");
+    wait_for("the conflist", Duration::from_secs(30), || {
+        conflist.exists().then_some(())
+    })?;
+    let sock = lab.nodes[0].cni_socket();
+    std::fs::rename(&sock, sock.with_extension("moved"))?;
+    let nudges = black_hole(&sock)?;
+    let record = |lab: &Lab, name: &str| {
+        lab.etcdctl(&[
+            "get",
+            &format!("/tartan/pods/node1/{name}/eth0"),
+            "--print-value-only",
+        ])
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+    };
+    // The first pod is registered by some rescan (the 10 s periodic one at worst); the second
+    // ADD follows right after that rescan, so only a faster check can register it in time.
+    lab.add_cni_pod(0, "lost1", &[("app", "lost")])?;
+    wait_for("lost1's record", Duration::from_secs(15), || {
+        record(&lab, "lost1")
+    })?;
+    let t0 = Instant::now();
+    let p2 = lab.add_cni_pod(0, "lost2", &[("app", "lost")])?;
+    let add_took = t0.elapsed();
+    ensure!(
+        nudges.load(std::sync::atomic::Ordering::Relaxed) >= 2,
+        "the nudges did not go to the black hole"
+    );
+    wait_for(
+        "lost2's record without a nudge",
+        (BOUND + MARGIN).saturating_sub(t0.elapsed()),
+        || record(&lab, "lost2"),
+    )
+    .with_context(|| format!("ADD took {add_took:?}"))?;
+    let registered = t0.elapsed();
+    for i in 0..2 {
+        let ns = lab.nodes[i].ns.clone();
+        wait_for(
+            &format!("lost2 to be an endpoint on node{}", i + 1),
+            (BOUND + MARGIN).saturating_sub(t0.elapsed()),
+            || is_endpoint(&ns, p2.ip).then_some(()),
+        )
+        .with_context(|| format!("registered after {registered:?}"))?;
+    }
+    eprintln!(
+        "ADD took {add_took:?}; registered {registered:?}, endpoint everywhere {:?} after ADD start",
+        t0.elapsed()
+    );
+    Ok(())
+}

@@ -16,6 +16,7 @@ use crate::metrics::{self, Metrics};
 use crate::netconf::NetworkConfig;
 use crate::netlink_ops::Netlink;
 use crate::node_liveness;
+use crate::node_lock::{self, OwnedPath, PathKind};
 use crate::node_state::{NodeState, state_path, vtep_mac_for};
 use crate::overlay_reconciler::{self, OverlaySettings, overlay_mtu};
 use crate::service_proxy;
@@ -80,6 +81,29 @@ pub struct DaemonArgs {
     pub cni: crate::pod_registrar::CniArgs,
 }
 
+impl DaemonArgs {
+    /// The host paths this daemon owns (each locked for it alone, see [`node_lock`]). With
+    /// `--leave` only the two it removes files from, the state directory and subnet.env (a
+    /// running daemon of the node holds those too, so a leave beside it is refused).
+    pub fn owned_paths(&self) -> Vec<OwnedPath> {
+        let p = |flag, path: &PathBuf, kind| OwnedPath {
+            flag,
+            path: path.clone(),
+            kind,
+        };
+        let mut paths = vec![
+            p("--state-dir", &self.state_dir, PathKind::Dir),
+            p("--cni-data-dir", &self.cni.cni_data_dir, PathKind::Dir),
+            p("--cni-socket", &self.cni.cni_socket, PathKind::File),
+            p("--subnet-file", &self.subnet_file, PathKind::File),
+        ];
+        if self.leave {
+            paths.retain(|p| matches!(p.flag, "--state-dir" | "--subnet-file"));
+        }
+        paths
+    }
+}
+
 fn node_name(args: &DaemonArgs) -> Result<String> {
     let name = match &args.node_name {
         Some(n) => n.clone(),
@@ -141,6 +165,9 @@ async fn wait_for_config(store: &Store, keys: &EtcdArgs) -> NetworkConfig {
 /// Runs the daemon until SIGTERM/SIGINT (dataplane left in place) or a leave.
 pub async fn run(args: DaemonArgs) -> Result<()> {
     let name = node_name(&args)?;
+    // First of all, before etcd or the kernel: one daemon per node. Held until exit (the
+    // kernel releases it if the process dies).
+    let _lock = node_lock::lock_paths(&args.owned_paths())?;
     let nl = Netlink::connect()?;
     let iface = nl
         .iface(&args.iface)
@@ -428,4 +455,32 @@ async fn leave(args: &DaemonArgs, store: &Store, node: &NodeIdentity) -> Result<
         let _ = std::fs::remove_file(p);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn every_per_node_path_is_locked_and_leave_locks_what_it_removes() {
+        let run = DaemonArgs::parse_from(["tartand", "--iface", "eth0"]);
+        let got: Vec<(&str, String)> = run
+            .owned_paths()
+            .iter()
+            .map(|p| (p.flag, p.path.display().to_string()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("--state-dir", "/var/lib/tartan".to_string()),
+                ("--cni-data-dir", "/var/lib/tartan/cni".to_string()),
+                ("--cni-socket", "/run/tartan/tartand.sock".to_string()),
+                ("--subnet-file", "/run/tartan/subnet.env".to_string()),
+            ]
+        );
+        let leave = DaemonArgs::parse_from(["tartand", "--iface", "eth0", "--leave"]);
+        let flags: Vec<&str> = leave.owned_paths().iter().map(|p| p.flag).collect();
+        assert_eq!(flags, vec!["--state-dir", "--subnet-file"]);
+    }
 }

@@ -20,6 +20,7 @@ pub mod netns_lab;
 pub mod nft_cmd;
 pub mod nft_netlink;
 pub mod node_liveness;
+pub mod node_lock;
 pub mod node_state;
 pub mod overlay_plan;
 pub mod overlay_reconciler;

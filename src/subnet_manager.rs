@@ -1,7 +1,7 @@
 //! Holds this node's subnet lease in etcd: acquires it (own key first, then the remembered
 //! subnet, then a random free one; lost races retried), renews the long-lived etcd lease,
-//! keeps reservations lease-less, re-creates the key if it vanishes, and notices a requested
-//! leave.
+//! keeps reservations lease-less, re-creates the key if it vanishes, restores its value and
+//! etcd lease if anything else rewrites it ([`own_key_drift`]), and notices a requested leave.
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::backoff::Backoff;
-use crate::etcd_store::{EtcdArgs, PrefixView, Store};
+use crate::etcd_store::{EtcdArgs, KvItem, PrefixView, Store};
 use crate::metrics::Metrics;
 use crate::netconf::NetworkConfig;
 use crate::subnet_alloc::{Decision, ExistingSubnet, decide, stale_own};
@@ -62,6 +62,34 @@ enum Attempt {
 pub enum KeepOutcome {
     /// An operator asked this node to leave (`tartanctl node leave`).
     LeaveRequested,
+}
+
+/// What differs between this node's key as etcd holds it and what the node wrote (the value
+/// `expected`, attached to etcd lease `lease`, 0 for a reservation), in words for the log;
+/// `None` when nothing does. Values are compared decoded, so a different encoding of the same
+/// lease is no difference.
+pub fn own_key_drift(item: &KvItem, expected: &LeaseValue, lease: i64) -> Option<String> {
+    let mut why = Vec::new();
+    match LeaseValue::parse(&item.value) {
+        Ok(v) if v == *expected => {}
+        Ok(v) => why.push(format!(
+            "its value was replaced (PublicIP {}, NodeName {})",
+            v.public_ip,
+            v.node_name.as_deref().unwrap_or("none")
+        )),
+        Err(e) => why.push(format!("its value was replaced by garbage ({e})")),
+    }
+    if item.lease != lease {
+        why.push(match (item.lease, lease) {
+            (0, _) => format!("it lost its etcd lease {lease:x} (it would never expire)"),
+            (_, 0) => format!(
+                "the reservation was attached to etcd lease {:x} (it would expire)",
+                item.lease
+            ),
+            (other, _) => format!("it was moved from etcd lease {lease:x} to {other:x}"),
+        });
+    }
+    (!why.is_empty()).then(|| why.join("; "))
 }
 
 impl SubnetManager {
@@ -284,8 +312,26 @@ impl SubnetManager {
         let mut keeper = (own.etcd_lease != 0).then(|| self.store.keeper(own.etcd_lease));
         let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
         let mut next_renew = tokio::time::Instant::now() + renew_every;
+        // When to check (and restore) this node's key, after the view showed it changed.
+        let mut restore_due: Option<tokio::time::Instant> = None;
+        let mut restore_backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
         loop {
+            let restore_at = restore_due
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
             tokio::select! {
+                _ = tokio::time::sleep_until(restore_at), if restore_due.is_some() => {
+                    restore_due = match self.restore(&own).await {
+                        Ok(()) => {
+                            restore_backoff.reset();
+                            None
+                        }
+                        Err(e) => {
+                            let d = restore_backoff.next_delay();
+                            warn!(subnet = %own.subnet, "cannot restore this node's subnet key, retrying in {d:?}: {e:#}");
+                            Some(tokio::time::Instant::now() + d)
+                        }
+                    };
+                }
                 _ = tokio::time::sleep_until(next_renew) => {
                     let Some(k) = keeper.as_mut() else {
                         next_renew += renew_every;
@@ -329,7 +375,13 @@ impl SubnetManager {
                     }
                     let view = subnets.borrow_and_update().clone();
                     let key = self.key_for(own.subnet);
-                    if !view.listed || view.items.contains_key(&key) {
+                    if !view.listed {
+                        continue;
+                    }
+                    if let Some(item) = view.items.get(&key) {
+                        if self.drift(item, &own).is_some() {
+                            restore_due = Some(tokio::time::Instant::now());
+                        }
                         continue;
                     }
                     // The view may predate our own write; believe only etcd itself.
@@ -364,6 +416,36 @@ impl SubnetManager {
         }
     }
 
+    fn drift(&self, item: &KvItem, own: &OwnLease) -> Option<String> {
+        let expected = LeaseValue::parse(&self.value()).ok()?;
+        own_key_drift(item, &expected, own.etcd_lease)
+    }
+
+    /// Rewrites this node's key with its own value and etcd lease if etcd holds anything else
+    /// (someone's `etcdctl put`): the view may lag this node's own writes, so etcd decides.
+    /// A key gone meanwhile is left to the deletion path; one changed again meanwhile is an
+    /// error (the caller retries).
+    async fn restore(&self, own: &OwnLease) -> Result<()> {
+        let key = self.key_for(own.subnet);
+        let Some(cur) = self.store.get(&key).await? else {
+            return Ok(());
+        };
+        let Some(why) = self.drift(&cur, own) else {
+            return Ok(());
+        };
+        warn!(subnet = %own.subnet, %key, "this node's subnet key was changed by someone else: {why}; restoring it");
+        if self
+            .store
+            .replace_if_unchanged(&key, self.value(), own.etcd_lease, cur.mod_revision)
+            .await?
+        {
+            info!(subnet = %own.subnet, lease = own.etcd_lease, "restored this node's subnet key");
+            Ok(())
+        } else {
+            bail!("it changed again while being restored")
+        }
+    }
+
     async fn reacquire(&self, old: &OwnLease) -> Option<OwnLease> {
         let new = self.acquire(Some(old.subnet)).await?;
         if new.subnet != old.subnet {
@@ -386,5 +468,51 @@ impl SubnetManager {
         store.delete(&key).await?;
         let _ = store.revoke(own.etcd_lease).await;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(value: &[u8], lease: i64) -> KvItem {
+        KvItem {
+            key: "/coreos.com/network/subnets/10.244.3.0-24".into(),
+            value: value.to_vec(),
+            lease,
+            mod_revision: 7,
+        }
+    }
+
+    #[test]
+    fn any_change_of_value_or_lease_is_drift() {
+        let mac = crate::node_state::vtep_mac_for("n1");
+        let ours = LeaseValue::vxlan("192.168.1.1".parse().unwrap(), 1, mac, "n1");
+        assert_eq!(own_key_drift(&item(&ours.to_bytes(), 5), &ours, 5), None);
+        // Same lease, re-encoded with other whitespace and field order: no drift.
+        let reencoded = serde_json::to_vec_pretty(&serde_json::json!({
+            "NodeName": "n1",
+            "BackendData": {"VtepMAC": mac.to_string(), "VNI": 1},
+            "BackendType": "vxlan",
+            "PublicIP": "192.168.1.1",
+        }))
+        .unwrap();
+        assert_eq!(own_key_drift(&item(&reencoded, 5), &ours, 5), None);
+        // `etcdctl put` of a bogus address: new value, and no lease any more.
+        let mut bogus = ours.clone();
+        bogus.public_ip = "192.168.1.99".parse().unwrap();
+        let why = own_key_drift(&item(&bogus.to_bytes(), 0), &ours, 5).unwrap();
+        assert!(
+            why.contains("192.168.1.99") && why.contains("lost its etcd lease"),
+            "{why}"
+        );
+        // The same value written back without the lease.
+        let why = own_key_drift(&item(&ours.to_bytes(), 0), &ours, 5).unwrap();
+        assert!(!why.contains("value"), "{why}");
+        assert!(own_key_drift(&item(&ours.to_bytes(), 9), &ours, 5).is_some());
+        // A reservation must stay lease-less.
+        let why = own_key_drift(&item(&ours.to_bytes(), 9), &ours, 0).unwrap();
+        assert!(why.contains("reservation"), "{why}");
+        assert!(own_key_drift(&item(b"garbage", 5), &ours, 5).is_some());
     }
 }

@@ -529,6 +529,42 @@ impl IpamStore {
     }
 }
 
+/// Modification times of the directories whose entries change with every allocation and
+/// release: `data_dir` itself (networks appear there) and each network's `ip/` (records are
+/// renamed into it and removed from it), `None` where absent. Comparing two stamps tells
+/// whether a scan can find anything new: one `readdir` of `data_dir` and one `stat` per
+/// network, whatever the number of pods.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DirStamp(pub Vec<(String, Option<std::time::SystemTime>)>);
+
+impl DirStamp {
+    /// The newest time in the stamp.
+    pub fn newest(&self) -> Option<std::time::SystemTime> {
+        self.0.iter().filter_map(|(_, t)| *t).max()
+    }
+}
+
+/// The [`DirStamp`] of `data_dir` now.
+pub fn dir_stamp(data_dir: &Path) -> DirStamp {
+    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut out = vec![(String::new(), mtime(data_dir))];
+    if let Ok(rd) = std::fs::read_dir(data_dir) {
+        let mut nets: Vec<(String, Option<std::time::SystemTime>)> = rd
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| e.file_name().to_str().map(str::to_string))
+            .filter(|n| validate_network_name(n).is_ok())
+            .map(|n| {
+                let t = mtime(&data_dir.join(&n).join(IP_DIR));
+                (n, t)
+            })
+            .collect();
+        nets.sort();
+        out.extend(nets);
+    }
+    DirStamp(out)
+}
+
 /// Every allocation of every network under `data_dir` (what tartand registers).
 pub fn scan_all(data_dir: &Path) -> std::io::Result<Vec<AllocationRecord>> {
     let rd = match std::fs::read_dir(data_dir) {
@@ -645,6 +681,47 @@ mod tests {
         assert!(!s.dir().join("ip/10.244.3.3").exists());
         assert!(!s.dir().join("by-id/b:eth0").exists());
         assert_eq!(s.records().unwrap(), vec![a, c]);
+    }
+
+    #[test]
+    fn dir_stamp_moves_with_every_allocation_and_release() {
+        let t = TmpDir::new("stamp");
+        let empty = dir_stamp(&t.0);
+        assert_eq!(empty.0.len(), 1, "no network yet: {empty:?}");
+        let s = IpamStore::open(&t.0, "tartan").unwrap();
+        let subnet = net("10.244.3.0/24");
+        s.allocate(&req("a"), subnet).unwrap();
+        let one = dir_stamp(&t.0);
+        assert_eq!(one.0[1].0, "tartan");
+        assert!(one.0[1].1.is_some() && one != empty);
+        // Timestamps are coarse: age the directory so the next change cannot share its time.
+        let old = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+        let age = || {
+            File::open(s.dir().join(IP_DIR))
+                .unwrap()
+                .set_modified(old)
+                .unwrap();
+        };
+        age();
+        let aged = dir_stamp(&t.0);
+        assert_eq!(
+            aged.newest().map(|n| n > old),
+            Some(true),
+            "data_dir is newer"
+        );
+        assert_eq!(aged.0[1].1, Some(old));
+        assert_eq!(dir_stamp(&t.0), aged, "no change, same stamp");
+        s.allocate(&req("b"), subnet).unwrap();
+        assert_ne!(dir_stamp(&t.0), aged, "an allocation moves it");
+        age();
+        // Changed labels of an existing attachment rewrite its record.
+        let mut r = req("a");
+        r.labels.insert("app".into(), "web".into());
+        s.allocate(&r, subnet).unwrap();
+        assert_ne!(dir_stamp(&t.0).0[1].1, Some(old), "a rewrite moves it");
+        age();
+        s.release("b", "eth0").unwrap();
+        assert_ne!(dir_stamp(&t.0).0[1].1, Some(old), "a release moves it");
     }
 
     #[test]

@@ -257,7 +257,7 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<String, CniError> {
         None => ours,
     };
     if let Err(e) = daemon.sync() {
-        // The pod is set up; tartand's periodic rescan registers it.
+        // The pod is set up; tartand's directory check registers it within a second.
         log(&format!("ADD {cid}: nudging tartand failed: {e}"));
     }
     tl.mark("nudge");
