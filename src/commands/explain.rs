@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
+use super::{cap_text, join_capped};
 use crate::status::StatusReport;
 
 /// Fetches `/status` from a tartand (usually on this node's loopback).
@@ -70,13 +71,25 @@ pub fn render(r: &StatusReport) -> String {
             "Service {} at {} ({}){}:\n",
             s.id,
             s.cluster_ip,
-            s.ports.join("; "),
+            join_capped(s.ports.iter().cloned(), "; ", 8),
             if s.options.is_empty() {
                 String::new()
             } else {
                 format!(", {}", s.options.join(", "))
             }
         ));
+        for p in s.problems.iter().take(MAX_LISTED) {
+            o.push_str(&format!("  {p}\n"));
+        }
+        if s.problems.len() > MAX_LISTED {
+            o.push_str(&format!(
+                "  … and {} more problems\n",
+                s.problems.len() - MAX_LISTED
+            ));
+        }
+        if s.problems.iter().any(|p| p.starts_with("not programmed:")) {
+            continue;
+        }
         if s.backends.is_empty() {
             o.push_str(&format!(
                 "  no endpoints: new connections are refused ({} refused so far)\n",
@@ -89,7 +102,7 @@ pub fn render(r: &StatusReport) -> String {
             s.connections,
             s.backends.len()
         ));
-        for b in &s.backends {
+        for b in s.backends.iter().take(MAX_LISTED) {
             o.push_str(&format!(
                 "    {} on {}: {} connections\n",
                 b.ip,
@@ -97,9 +110,33 @@ pub fn render(r: &StatusReport) -> String {
                 b.connections
             ));
         }
+        if s.backends.len() > MAX_LISTED {
+            o.push_str(&format!(
+                "    … and {} more endpoints (--json lists them all)\n",
+                s.backends.len() - MAX_LISTED
+            ));
+        }
+    }
+    if r.rejected_total > 0 {
+        o.push_str(&format!(
+            "{} records are skipped as malformed:\n",
+            r.rejected_total
+        ));
+        for x in r.rejected_records.iter().take(MAX_LISTED) {
+            o.push_str(&format!("  {}\n", cap_text(x, 300)));
+        }
+        if r.rejected_total > MAX_LISTED.min(r.rejected_records.len()) {
+            o.push_str(&format!(
+                "  … and {} more\n",
+                r.rejected_total - MAX_LISTED.min(r.rejected_records.len())
+            ));
+        }
     }
     o
 }
+
+/// Endpoints, problems and records listed per section; the rest are counted.
+const MAX_LISTED: usize = 50;
 
 /// Runs `explain`.
 pub fn run(node: Option<&str>, addr: SocketAddr, json: bool) -> Result<()> {
