@@ -190,8 +190,15 @@ fn tartanctl_refuses_bad_addresses_ranges_and_selectors_in_one_line() -> Result<
         ],
     )?;
     ensure!(!o.ok, "a service CIDR over the underlay was accepted");
+    Ok(())
+}
 
-    // Explicit endpoints.
+#[test]
+fn endpoints_set_and_get_refuse_bad_addresses_and_missing_services() -> Result<()> {
+    let Some(lab) = cluster()? else {
+        return Ok(());
+    };
+    let node_ip = lab.nodes[0].ip.to_string();
     ensure!(ctl(&lab, &["service", "create", "db", "--port", "5432"])?.ok);
     for (addrs, want) in [
         (vec!["127.0.0.1"], "loopback".to_string()),
@@ -215,7 +222,14 @@ fn tartanctl_refuses_bad_addresses_ranges_and_selectors_in_one_line() -> Result<
         "service default/nosuch does not exist",
         "endpoints get nosuch",
     )?;
+    Ok(())
+}
 
+#[test]
+fn network_init_refuses_overlaps() -> Result<()> {
+    let Some(lab) = lab(1, &["--network", "10.244.0.0/16"])? else {
+        return Ok(());
+    };
     // network init refuses networks overlapping the service CIDR, loopback, everything.
     for (net, want) in [
         ("10.96.0.0/16", "overlaps the service CIDR 10.96.0.0/12"),
@@ -232,7 +246,7 @@ fn tartanctl_refuses_bad_addresses_ranges_and_selectors_in_one_line() -> Result<
 }
 
 #[test]
-fn output_json_shapes_huge_records_and_concurrent_deletes() -> Result<()> {
+fn get_prints_one_json_object_and_list_a_list() -> Result<()> {
     let Some(lab) = cluster()? else {
         return Ok(());
     };
@@ -258,6 +272,14 @@ fn output_json_shapes_huge_records_and_concurrent_deletes() -> Result<()> {
     let o = ctl(&lab, &["service", "list", "-o", "json"])?;
     let v: serde_json::Value = serde_json::from_str(&o.stdout).context("list -o json")?;
     ensure!(v["kind"] == "List" && v["items"][0]["name"] == "web", "{v}");
+    Ok(())
+}
+
+#[test]
+fn a_service_with_10000_ports_lists_cut_short_without_panic() -> Result<()> {
+    let Some(lab) = cluster()? else {
+        return Ok(());
+    };
 
     // A service with 10,000 ports written by hand: list and get cut what they show.
     let ports: Vec<serde_json::Value> = (1..=10_000u32)
@@ -289,6 +311,14 @@ fn output_json_shapes_huge_records_and_concurrent_deletes() -> Result<()> {
         ensure!(widest < 1200, "{args:?}: a line of {widest} characters");
     }
 
+    Ok(())
+}
+
+#[test]
+fn concurrent_deletes_of_one_service_say_it_does_not_exist() -> Result<()> {
+    let Some(lab) = cluster()? else {
+        return Ok(());
+    };
     // 20 concurrent deletes of one service: one deletes it, the others say it is gone.
     ensure!(ctl(&lab, &["service", "create", "gone", "--port", "80"])?.ok);
     let children: Vec<std::process::Child> = (0..20)
