@@ -319,34 +319,38 @@ fn concurrent_deletes_of_one_service_say_it_does_not_exist() -> Result<()> {
     let Some(lab) = cluster()? else {
         return Ok(());
     };
-    // 20 concurrent deletes of one service: one deletes it, the others say it is gone.
+    // 20 concurrent deletes of one service (tartanctl's code path, on one client so they
+    // really race): one deletes it, the others say it does not exist.
     ensure!(ctl(&lab, &["service", "create", "gone", "--port", "80"])?.ok);
-    let children: Vec<std::process::Child> = (0..20)
-        .map(|_| {
-            ns_command(&lab.infra, &lab.bins.tartanctl)
-                .env(
-                    "TARTAN_ETCD_ENDPOINTS",
-                    format!("http://127.0.0.1:{ETCD_PORT}"),
-                )
-                .args(["service", "delete", "gone"])
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .context("spawning tartanctl")
-        })
-        .collect::<Result<_>>()?;
-    let mut deleted = 0;
-    for c in children {
-        let o = c.wait_with_output()?;
-        if o.status.success() {
-            deleted += 1;
-            continue;
+    let endpoint = format!("http://127.0.0.1:{ETCD_PORT}");
+    let results = tartan::netns_lab::block_on_in_netns(&lab.infra, move || async move {
+        let args = tartan::etcd_store::EtcdArgs::for_endpoints(&[&endpoint]);
+        let store = tartan::etcd_store::Store::connect(&args).await?;
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let (store, args) = (store.clone(), args.clone());
+                tokio::spawn(async move {
+                    let st = tartan::service_store::ServiceStore::new(
+                        &store,
+                        &args,
+                        "10.96.0.0/12".parse()?,
+                    );
+                    st.delete("default", "gone").await
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await?.map_err(|e| format!("{e:#}")));
         }
-        let err = String::from_utf8_lossy(&o.stderr);
-        ensure!(
-            err.trim() == "tartanctl: service default/gone does not exist",
-            "{err}"
-        );
+        anyhow::Ok(out)
+    })??;
+    let mut deleted = 0;
+    for r in results {
+        match r {
+            Ok(()) => deleted += 1,
+            Err(e) => ensure!(e == "service default/gone does not exist", "{e}"),
+        }
     }
     ensure!(deleted == 1, "{deleted} deletes succeeded");
     Ok(())
