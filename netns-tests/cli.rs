@@ -388,3 +388,90 @@ fn tartand_refuses_a_service_cidr_over_the_cluster_network_or_underlay() -> Resu
     }
     Ok(())
 }
+
+/// A lab with three etcd members whose leader was just killed; returns the lab and the
+/// endpoints of all members (as seen in the infra namespace).
+fn lab_without_its_etcd_leader() -> Result<Option<(Lab, String)>> {
+    if !tartan::netns_lab::require_root()? {
+        return Ok(None);
+    }
+    let mut lab = Lab::new(1, bins())?;
+    lab.set_etcd_members(3);
+    lab.start_etcd()?;
+    lab.init_network(&["--network", "10.244.0.0/16"])?;
+    // Which member leads (members listen on ETCD_PORT + 10000 * m).
+    let status: serde_json::Value =
+        serde_json::from_str(&lab.etcdctl(&["endpoint", "status", "-w", "json"])?)?;
+    let leader = status
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["Status"]["leader"] == s["Status"]["header"]["member_id"])
+        .and_then(|s| s["Endpoint"].as_str())
+        .and_then(|e| e.rsplit(':').next()?.parse::<u16>().ok())
+        .map(|port| usize::from((port - ETCD_PORT) / 10000))
+        .context("no leader among the members")?;
+    let all = (0..3u16)
+        .map(|m| format!("http://127.0.0.1:{}", ETCD_PORT + 10000 * m))
+        .collect::<Vec<_>>()
+        .join(",");
+    lab.stop_etcd_member(leader);
+    Ok(Some((lab, all)))
+}
+
+#[test]
+fn service_create_right_after_losing_the_etcd_leader_succeeds() -> Result<()> {
+    let Some((lab, all)) = lab_without_its_etcd_leader()? else {
+        return Ok(());
+    };
+    let start = std::time::Instant::now();
+    let o = ctl(
+        &lab,
+        &[
+            "--etcd-endpoints",
+            &all,
+            "service",
+            "create",
+            "soon",
+            "--port",
+            "80",
+        ],
+    )?;
+    ensure!(
+        o.ok,
+        "create {:?} after losing the leader: {}",
+        start.elapsed(),
+        o.stderr
+    );
+    Ok(())
+}
+
+#[test]
+fn the_create_transaction_right_after_losing_the_etcd_leader_is_sent_again() -> Result<()> {
+    let Some((lab, all)) = lab_without_its_etcd_leader()? else {
+        return Ok(());
+    };
+    // The transaction first, with no read before it to ride out the election.
+    let created = tartan::netns_lab::block_on_in_netns(&lab.infra, move || async move {
+        let eps: Vec<&str> = all.split(',').collect();
+        let args = tartan::etcd_store::EtcdArgs::for_endpoints(&eps);
+        let store = tartan::etcd_store::Store::connect(&args).await?;
+        let st = tartan::service_store::ServiceStore::new(&store, &args, "10.96.0.0/12".parse()?);
+        let svc = tartan::service_model::Service {
+            namespace: "default".into(),
+            name: "first".into(),
+            cluster_ip: std::net::Ipv4Addr::UNSPECIFIED,
+            ports: vec!["80/tcp".parse().map_err(anyhow::Error::msg)?],
+            selector: None,
+            session_affinity: Default::default(),
+            session_affinity_timeout: 10800,
+            external_traffic_policy: Default::default(),
+        };
+        let start = std::time::Instant::now();
+        st.create(svc, None, &[])
+            .await
+            .map_err(|e| anyhow::anyhow!("after {:?}: {e:#}", start.elapsed()))
+    })??;
+    ensure!(created.name == "first");
+    Ok(())
+}

@@ -214,7 +214,23 @@ pub fn describe_etcd_error(e: &etcd_client::Error) -> String {
 /// Runs a request (`attempt` makes one try) within [`REQUEST_TIMEOUT`], sending it again at
 /// once while tries reach no member, and after a short pause while the members have no
 /// leader (an election takes about a second).
-async fn timed<T, F, Fut>(what: &str, mut attempt: F) -> Result<T>
+async fn timed<T, F, Fut>(what: &str, attempt: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
+{
+    timed_attempts(what, REQUEST_TIMEOUT, attempt).await
+}
+
+/// How long one attempt of a resendable request may go unanswered before it is sent again
+/// ([`Store::txn_resendable`]): a follower that forwarded a proposal to a leader that just
+/// died never answers it, while a member that knows it has no leader, or any member after
+/// the election (about a second), does.
+const RESEND_AFTER: Duration = Duration::from_millis(1500);
+
+/// [`timed`] with attempts that each get at most `per_attempt` (sent again while the
+/// request's deadline allows).
+async fn timed_attempts<T, F, Fut>(what: &str, per_attempt: Duration, mut attempt: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
@@ -223,7 +239,8 @@ where
     let mut retries = 0;
     let mut last_no_leader = None;
     loop {
-        match tokio::time::timeout_at(deadline, attempt()).await {
+        let until = deadline.min(tokio::time::Instant::now() + per_attempt);
+        match tokio::time::timeout_at(until, attempt()).await {
             Ok(Ok(v)) => return Ok(v),
             Ok(Err(e)) if retries < UNREACHED_RETRIES && reached_no_member(&e) => retries += 1,
             Ok(Err(e)) if no_leader(&e) => {
@@ -235,6 +252,7 @@ where
                 tokio::time::sleep(pause).await;
             }
             Ok(Err(e)) => bail!("etcd {what}: {}", describe_etcd_error(&e)),
+            Err(_) if until < deadline => {}
             Err(_) => match last_no_leader {
                 Some(e) => bail!(
                     "etcd {what}: {} for {REQUEST_TIMEOUT:?}",
@@ -385,6 +403,19 @@ impl Store {
     /// Runs a prepared transaction; returns whether its comparisons held.
     pub async fn txn(&self, txn: Txn) -> Result<bool> {
         self.txn_as("txn", txn).await
+    }
+
+    /// Like [`Store::txn`], but an attempt left unanswered for [`RESEND_AFTER`] is sent again
+    /// (a leader that just died never answers what a follower forwarded to it). An earlier
+    /// attempt may then have been applied: the caller must resolve a failed comparison by
+    /// reading back whether its own write is there.
+    pub async fn txn_resendable(&self, txn: Txn) -> Result<bool> {
+        let r = timed_attempts("txn", RESEND_AFTER, || {
+            let (mut c, txn) = (self.client.clone(), txn.clone());
+            async move { c.txn(txn).await }
+        })
+        .await?;
+        Ok(r.succeeded())
     }
 
     async fn txn_as(&self, what: &str, txn: Txn) -> Result<bool> {

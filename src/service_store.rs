@@ -168,11 +168,19 @@ impl<'a> ServiceStore<'a> {
                     ops.push(TxnOp::put(k, id.clone(), None));
                 }
             }
-            if self.store.txn(Txn::new().when(cmp).and_then(ops)).await? {
+            if self
+                .store
+                .txn_resendable(Txn::new().when(cmp).and_then(ops))
+                .await?
+            {
                 return Ok(svc);
             }
             // Find out which comparison failed.
-            if self.store.get(&key).await?.is_some() {
+            if let Some(kv) = self.store.get(&key).await? {
+                // An attempt sent again after no answer may find its own earlier write.
+                if kv.value == svc.to_bytes() {
+                    return Ok(svc);
+                }
                 bail!("service {id} already exists");
             }
             if let Some(owner) = self
