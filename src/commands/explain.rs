@@ -156,3 +156,64 @@ pub fn run(node: Option<&str>, addr: SocketAddr, json: bool) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::{BackendReport, ServiceReport};
+
+    fn service(id: &str, ports: usize, backends: usize, problems: &[&str]) -> ServiceReport {
+        ServiceReport {
+            id: id.into(),
+            cluster_ip: "10.96.0.10".into(),
+            ports: (0..ports).map(|p| format!("{p}/tcp -> {p}")).collect(),
+            options: Vec::new(),
+            backends: (0..backends)
+                .map(|i| BackendReport {
+                    ip: format!("10.244.{}.{}", i / 250, i % 250 + 1),
+                    node: None,
+                    connections: 0,
+                })
+                .collect(),
+            connections: 0,
+            refused: 0,
+            problems: problems.iter().map(|p| p.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn skipped_services_say_why_and_big_ones_are_cut() {
+        let r = StatusReport {
+            node: "n1".into(),
+            services: vec![
+                service(
+                    "default/etcd",
+                    1,
+                    0,
+                    &["not programmed: cluster IP 192.168.77.1 is an etcd endpoint"],
+                ),
+                service(
+                    "default/big",
+                    10_000,
+                    10_000,
+                    &["skipped: endpoint 127.0.0.1 is a loopback address"],
+                ),
+            ],
+            rejected_records: vec!["/tartan/services/default/x: bad".into()],
+            rejected_total: 3,
+            ..Default::default()
+        };
+        let out = render(&r);
+        assert!(out.contains("  not programmed: cluster IP 192.168.77.1 is an etcd endpoint\n"));
+        assert!(!out.contains("no endpoints"), "{out}");
+        assert!(out.contains("  skipped: endpoint 127.0.0.1 is a loopback address\n"));
+        assert!(out.contains("(+9992 more)"), "ports are cut");
+        assert!(
+            out.contains("… and 9950 more endpoints"),
+            "endpoints are cut"
+        );
+        assert!(out.contains("3 records are skipped as malformed"));
+        assert!(out.contains("… and 2 more"));
+        assert!(out.lines().count() < 200);
+    }
+}
