@@ -89,6 +89,35 @@ fn etcd_down_is_one_line_and_a_failure() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn bad_flags_are_one_line_too() -> Result<()> {
+    for args in [
+        &[
+            "service",
+            "create",
+            "web",
+            "--port",
+            "80",
+            "--service-cidr",
+            "bogus",
+        ][..],
+        &["service", "create", "web"],
+        &["service", "create", "web", "--port", "http=0"],
+        &["no-such-command"],
+    ] {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_tartanctl"));
+        c.args(args);
+        one_line_error(&run_cmd(&mut c)?, "(see --help)", &args.join(" "))?;
+    }
+    let o = run_cmd(Command::new(env!("CARGO_BIN_EXE_tartand")).args(["--iface"]))?;
+    ensure!(
+        !o.ok && o.stderr.lines().count() == 1 && o.stderr.starts_with("tartand: "),
+        "{}",
+        o.stderr
+    );
+    Ok(())
+}
+
 /// A lab with etcd, the network config and one node's daemon (for a node lease).
 fn cluster() -> Result<Option<Lab>> {
     let Some(mut lab) = lab(1, &["--network", "10.244.0.0/16"])? else {

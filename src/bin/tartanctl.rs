@@ -56,7 +56,16 @@ enum Cmd {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => match commands::clap_error_line(&e) {
+            Some(line) => {
+                eprintln!("tartanctl: {line}");
+                return std::process::ExitCode::from(2);
+            }
+            None => e.exit(),
+        },
+    };
     tartan::logging::init("warn");
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

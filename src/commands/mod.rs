@@ -6,6 +6,30 @@ pub mod node;
 pub mod nodes;
 pub mod service;
 
+/// A command-line parse error as one line (clap's own rendering spans several, with usage
+/// and tips); `None` for `--help` and `--version`, which clap prints itself.
+pub fn clap_error_line(e: &clap::Error) -> Option<String> {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        return None;
+    }
+    let text = e.render().to_string();
+    let parts: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty() && !l.starts_with("tip:"))
+        .collect();
+    let line = parts.join(" ");
+    let line = line.strip_prefix("error: ").unwrap_or(&line);
+    Some(format!("{line} (see --help)"))
+}
+
 /// Output format for listing commands.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum OutputFormat {
@@ -89,6 +113,27 @@ mod tests {
             ],
         );
         assert_eq!(t, "A    BB\nxyz  1\nq    22\n");
+    }
+
+    #[test]
+    fn clap_errors_become_one_line() {
+        use clap::Parser;
+        #[derive(clap::Parser, Debug)]
+        struct T {
+            #[arg(long)]
+            cidr: ipnetwork::Ipv4Network,
+        }
+        let e = T::try_parse_from(["t", "--cidr", "bogus"]).unwrap_err();
+        let l = super::clap_error_line(&e).unwrap();
+        assert!(
+            !l.contains('\n') && l.contains("invalid value 'bogus'"),
+            "{l}"
+        );
+        let e = T::try_parse_from(["t"]).unwrap_err();
+        let l = super::clap_error_line(&e).unwrap();
+        assert!(l.contains("--cidr"), "{l}");
+        let e = T::try_parse_from(["t", "--help"]).unwrap_err();
+        assert!(super::clap_error_line(&e).is_none());
     }
 
     #[test]
