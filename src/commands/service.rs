@@ -389,11 +389,7 @@ pub async fn run_endpoints(etcd: &EtcdArgs, range: &ServiceRange, cmd: Endpoints
             addresses,
         } => {
             let (ns, name) = split_id(&name, &namespace)?;
-            let guard = AddressGuard {
-                node_ips: node_public_ips(&store, etcd).await?,
-                etcd: etcd.endpoint_addrs(),
-                ..AddressGuard::new(range.service_cidr)
-            };
+            let guard = range.checked_guard(&store, etcd).await?;
             let e = ExplicitEndpoints::from_args(&addresses, &guard).map_err(anyhow::Error::msg)?;
             st.set_endpoints(&ns, &name, &e).await?;
             println!("endpoints of {ns}/{name}: {}", addresses.join(", "));
