@@ -21,6 +21,9 @@ use tartan::etcd_store::{EtcdArgs, Store};
 use tartan::netns_lab::{Lab, block_on_in_netns, require_root, wait_for};
 use tartan::subnet_lease::{LeaseValue, MacAddr};
 
+/// The service CIDR beside the /8 cluster network these runs use.
+const SVC_CIDR: &str = "172.30.0.0/16";
+
 fn etcd_args(endpoint: &str) -> EtcdArgs {
     EtcdArgs::for_endpoints(&[endpoint])
 }
@@ -76,7 +79,8 @@ fn proc_status(pid: u32, field: &str) -> Option<u64> {
 fn bench_1000_peers() -> Result<()> {
     let mut lab = Lab::new(1, bins())?;
     lab.start_etcd()?;
-    lab.init_network(&["--network", "10.0.0.0/8"])?;
+    // 10.0.0.0/8 holds the default service CIDR; services move aside.
+    lab.init_network(&["--network", "10.0.0.0/8", "--service-cidr", SVC_CIDR])?;
     put_fake_leases(&lab, 0..1000)?;
     let mut walls = Vec::new();
     let mut rss = Vec::new();
@@ -84,7 +88,7 @@ fn bench_1000_peers() -> Result<()> {
         // From scratch: no device, no routes.
         let _ = tartan::netns_lab::ip(&["-n", &lab.nodes[0].ns, "link", "del", "tartan.1"]);
         let start = Instant::now();
-        lab.start_daemon(0, &["--resync-secs", "30"])?; // the daemon default
+        lab.start_daemon(0, &["--resync-secs", "30", "--service-cidr", SVC_CIDR])?; // the daemon default
         let ns = lab.nodes[0].ns.clone();
         wait_for("1000 routes", Duration::from_secs(60), || {
             (route_count(&ns) >= 1000).then_some(())
@@ -170,9 +174,10 @@ fn route_monitor(ns: &str, seen: Arc<Mutex<HashMap<String, Instant>>>) {
 fn bench_lease_to_route_latency() -> Result<()> {
     let mut lab = Lab::new(10, bins())?;
     lab.start_etcd()?;
-    lab.init_network(&["--network", "10.0.0.0/8"])?;
+    // 10.0.0.0/8 holds the default service CIDR; services move aside.
+    lab.init_network(&["--network", "10.0.0.0/8", "--service-cidr", SVC_CIDR])?;
     for i in 0..10 {
-        lab.start_daemon(i, &[])?;
+        lab.start_daemon(i, &["--service-cidr", SVC_CIDR])?;
     }
     for i in 0..10 {
         lab.wait_subnet(i)?;

@@ -1088,3 +1088,126 @@ fn a_lost_nudge_still_registers_the_pod_within_the_change_check_bound() -> Resul
     );
     Ok(())
 }
+
+/// One sample of `name` from tartand's `/metrics` in `ns` (its default loopback listener).
+fn metric(ns: &str, name: &str) -> Option<f64> {
+    let name = name.to_string();
+    in_netns(ns, move || -> Option<f64> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect_timeout(
+            &std::net::SocketAddr::from(([127, 0, 0, 1], 9402)),
+            Duration::from_secs(2),
+        )
+        .ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(s, "GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).ok()?;
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok())
+    })
+    .ok()
+    .flatten()
+}
+
+#[test]
+fn cluster_ips_on_etcd_or_outside_the_service_cidr_are_skipped_and_reported() -> Result<()> {
+    let Some(mut lab) = cluster(1)? else {
+        return Ok(());
+    };
+    let (p, name) = pod(&mut lab, 0, 1, &[("app", "guarded")])?;
+    let (c, _) = pod(&mut lab, 0, 2, &[])?;
+    let node = lab.nodes[0].ns.clone();
+    let tartanctl = lab.bins.tartanctl.to_string_lossy().into_owned();
+    // Written straight into etcd (tartanctl refuses them): the etcd member's own address and
+    // port as a cluster IP, with an endpoint answering there; a cluster IP outside the
+    // service CIDR; explicit endpoints on loopback and on etcd beside a real one.
+    let put = |key: &str, v: serde_json::Value| lab.etcdctl(&["put", key, &v.to_string()]);
+    put(
+        "/tartan/services/default/etcd-hijack",
+        serde_json::json!({"namespace": "default", "name": "etcd-hijack",
+            "clusterIP": INFRA_IP.to_string(),
+            "ports": [{"port": 2379, "targetPort": WEB, "protocol": "tcp"}]}),
+    )?;
+    put(
+        "/tartan/endpoints/default/etcd-hijack",
+        serde_json::json!({"addresses": [{"ip": p.ip.to_string()}]}),
+    )?;
+    put(
+        "/tartan/services/default/outside",
+        serde_json::json!({"namespace": "default", "name": "outside",
+            "clusterIP": "10.200.0.7", "selector": {"app": "guarded"},
+            "ports": [{"port": 80, "targetPort": WEB, "protocol": "tcp"}]}),
+    )?;
+    put(
+        "/tartan/services/default/ext",
+        serde_json::json!({"namespace": "default", "name": "ext",
+            "clusterIP": "10.96.7.7",
+            "ports": [{"port": 80, "targetPort": WEB, "protocol": "tcp"}]}),
+    )?;
+    put(
+        "/tartan/endpoints/default/ext",
+        serde_json::json!({"addresses": [{"ip": "127.0.0.1"}, {"ip": INFRA_IP.to_string()},
+            {"ip": p.ip.to_string()}]}),
+    )?;
+    let explain = wait_for(
+        "explain to list the three services",
+        Duration::from_secs(30),
+        || {
+            let out = ns_run(&node, &tartanctl, &["explain"]).ok()?;
+            ["default/etcd-hijack", "default/outside", "default/ext"]
+                .iter()
+                .all(|s| out.contains(&format!("Service {s} ")))
+                .then_some(out)
+        },
+    )?;
+    // A restarted daemon opens new connections to etcd: had the etcd address been
+    // programmed as a cluster IP, they would go to the pod and the node would never list.
+    lab.stop_daemon(0)?;
+    lab.start_daemon(0, &[])?;
+    let (vip, _) = create(
+        &lab,
+        &[
+            "later",
+            "--port",
+            "80:8080/tcp",
+            "--selector",
+            "app=guarded",
+        ],
+    )?;
+    ensure!(
+        reach(&c.ns, vip, 80)?.name == name,
+        "a later service must work"
+    );
+    ensure!(reach(&c.ns, "10.96.7.7".parse()?, 80)?.name == name);
+    for want in [
+        format!("not programmed: cluster IP {INFRA_IP} is an etcd endpoint"),
+        "not programmed: cluster IP 10.200.0.7 is outside the service CIDR 10.96.0.0/12".into(),
+        "skipped: endpoint 127.0.0.1 is a loopback address".into(),
+        format!("skipped: endpoint {INFRA_IP} is an etcd endpoint"),
+    ] {
+        ensure!(
+            explain.contains(&want),
+            "{want:?} missing from explain:\n{explain}"
+        );
+    }
+    let table = active_service_table(&node).context("no service table")?;
+    let elems = kernel_elements(&node, &table)?;
+    for bad in [
+        INFRA_IP.to_string(),
+        "10.200.0.7".into(),
+        "127.0.0.1".into(),
+    ] {
+        ensure!(
+            !elems
+                .iter()
+                .any(|(_, k, d)| k.contains(&bad) || d.contains(&bad)),
+            "{bad} was programmed: {elems:?}"
+        );
+    }
+    let skipped = wait_for("the skip metric", Duration::from_secs(20), || {
+        metric(&node, "tartan_service_addresses_skipped").filter(|v| *v >= 4.0)
+    })?;
+    ensure!(skipped == 4.0, "skipped {skipped}");
+    Ok(())
+}

@@ -19,6 +19,7 @@ use crate::node_liveness;
 use crate::node_lock::{self, OwnedPath, PathKind};
 use crate::node_state::{NodeState, state_path, vtep_mac_for};
 use crate::overlay_reconciler::{self, OverlaySettings, overlay_mtu};
+use crate::service_model::{AddressGuard, RangeContext, check_service_cidr};
 use crate::service_proxy;
 use crate::service_rules::NodeContext;
 use crate::shutdown::shutdown_signal;
@@ -212,6 +213,13 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     if args.leave {
         return leave(&args, &store, &node).await;
     }
+    let etcd_addrs = args.etcd.endpoint_addrs();
+    let range_ctx = RangeContext {
+        underlay: iface.addrs.clone(),
+        etcd: etcd_addrs.iter().map(|a| *a.ip()).collect(),
+    };
+    check_service_cidr(args.service_cidr, None, &range_ctx)
+        .map_err(|e| anyhow!("--service-cidr: {e}"))?;
 
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
@@ -221,6 +229,8 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         _ = &mut shutdown => return Ok(()),
     };
     info!(network = %cfg.network, subnet_len = cfg.subnet_len, vni = cfg.backend.vni, "network config");
+    check_service_cidr(args.service_cidr, Some(cfg.network), &range_ctx)
+        .map_err(|e| anyhow!("--service-cidr: {e}"))?;
 
     let subnets = store.mirror(&args.etcd.subnets_prefix());
     // Node records say which lease each live node holds (lease conflicts are resolved for it).
@@ -302,10 +312,19 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         service_cidr: args.service_cidr,
         balancing: args.load_balancing,
     };
+    let mut node_ips: Vec<Ipv4Addr> = iface.addrs.iter().map(|a| a.ip()).collect();
+    node_ips.push(public_ip);
+    let guard = AddressGuard {
+        service_cidr: args.service_cidr,
+        cluster_network: Some(cfg.network),
+        node_ips,
+        etcd: etcd_addrs,
+    };
     let proxy = tokio::spawn(service_proxy::run(
         store.clone(),
         args.etcd.clone(),
         ctx,
+        guard,
         metrics.clone(),
         status_rx,
     ));

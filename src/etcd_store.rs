@@ -88,6 +88,34 @@ impl EtcdArgs {
     pub fn tartan_key(&self, rest: &str) -> String {
         format!("{}/{}", self.tartan_prefix.trim_end_matches('/'), rest)
     }
+
+    /// The IPv4 addresses and ports of the etcd endpoints (host names resolved; those that do
+    /// not resolve are left out), for keeping services off them.
+    pub fn endpoint_addrs(&self) -> Vec<std::net::SocketAddrV4> {
+        use std::net::ToSocketAddrs;
+        let mut out = Vec::new();
+        for e in &self.etcd_endpoints {
+            let rest = e.split_once("://").map_or(e.as_str(), |(_, r)| r);
+            let hostport = rest.split('/').next().unwrap_or_default();
+            let (host, port) = match hostport.rsplit_once(':') {
+                Some((h, p)) => (h, p.parse().unwrap_or(2379)),
+                None => (hostport, 2379),
+            };
+            if let Ok(ip) = host.parse::<std::net::Ipv4Addr>() {
+                out.push(std::net::SocketAddrV4::new(ip, port));
+                continue;
+            }
+            if let Ok(addrs) = (host, port).to_socket_addrs() {
+                out.extend(addrs.filter_map(|a| match a {
+                    std::net::SocketAddr::V4(v) => Some(v),
+                    std::net::SocketAddr::V6(_) => None,
+                }));
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
 }
 
 /// One key and its value as read from etcd.
@@ -134,21 +162,104 @@ fn reached_no_member(e: &etcd_client::Error) -> bool {
     }
 }
 
+// gRPC status codes (tonic's `Code` as numbers; tonic is not a direct dependency).
+const GRPC_DEADLINE_EXCEEDED: i32 = 4;
+const GRPC_PERMISSION_DENIED: i32 = 7;
+const GRPC_UNAVAILABLE: i32 = 14;
+const GRPC_UNAUTHENTICATED: i32 = 16;
+
+/// A member answered that it has no leader (requests carry etcd's "require leader" flag, so
+/// a leaderless member refuses them at once instead of holding them): nothing was applied,
+/// so writes are safe to send again, as etcdctl's client does, once a leader is elected.
+fn no_leader(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s)
+        if i32::from(s.code()) == GRPC_UNAVAILABLE
+            && (s.message().contains("no leader") || s.message().contains("leader changed")))
+}
+
+/// One line a person can act on for an etcd client error (tonic's own `Display` of a status
+/// dumps metadata and details across lines).
+pub fn describe_etcd_error(e: &etcd_client::Error) -> String {
+    let one_line = |t: &str| t.split_whitespace().collect::<Vec<_>>().join(" ");
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            let msg = one_line(s.message());
+            let msg = msg.strip_prefix("etcdserver: ").unwrap_or(&msg).to_string();
+            match i32::from(s.code()) {
+                GRPC_UNAVAILABLE if msg == "tcp connect error" => {
+                    "cannot connect to etcd (is it running, and are --etcd-endpoints right?)"
+                        .to_string()
+                }
+                GRPC_UNAVAILABLE => format!("etcd is unavailable: {msg}"),
+                GRPC_UNAUTHENTICATED | GRPC_PERMISSION_DENIED => {
+                    format!("etcd refused the credentials: {msg}")
+                }
+                GRPC_DEADLINE_EXCEEDED => format!("etcd timed out: {msg}"),
+                _ => msg,
+            }
+        }
+        etcd_client::Error::TransportError(t) => {
+            let mut text = t.to_string();
+            let mut src = std::error::Error::source(t);
+            while let Some(s) = src {
+                text = format!("{text}: {s}");
+                src = s.source();
+            }
+            format!("cannot reach etcd: {}", one_line(&text))
+        }
+        other => one_line(&other.to_string()),
+    }
+}
+
 /// Runs a request (`attempt` makes one try) within [`REQUEST_TIMEOUT`], sending it again at
-/// once while tries reach no member.
-async fn timed<T, F, Fut>(what: &str, mut attempt: F) -> Result<T>
+/// once while tries reach no member, and after a short pause while the members have no
+/// leader (an election takes about a second).
+async fn timed<T, F, Fut>(what: &str, attempt: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
+{
+    timed_attempts(what, REQUEST_TIMEOUT, attempt).await
+}
+
+/// How long one attempt of a resendable request may go unanswered before it is sent again
+/// ([`Store::txn_resendable`]): a follower that forwarded a proposal to a leader that just
+/// died never answers it, while a member that knows it has no leader, or any member after
+/// the election (about a second), does.
+const RESEND_AFTER: Duration = Duration::from_millis(1500);
+
+/// [`timed`] with attempts that each get at most `per_attempt` (sent again while the
+/// request's deadline allows).
+async fn timed_attempts<T, F, Fut>(what: &str, per_attempt: Duration, mut attempt: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
 {
     let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
     let mut retries = 0;
+    let mut last_no_leader = None;
     loop {
-        match tokio::time::timeout_at(deadline, attempt()).await {
+        let until = deadline.min(tokio::time::Instant::now() + per_attempt);
+        match tokio::time::timeout_at(until, attempt()).await {
             Ok(Ok(v)) => return Ok(v),
             Ok(Err(e)) if retries < UNREACHED_RETRIES && reached_no_member(&e) => retries += 1,
-            Ok(Err(e)) => return Err(anyhow!(e).context(format!("etcd {what}"))),
-            Err(_) => bail!("etcd {what}: no answer within {REQUEST_TIMEOUT:?}"),
+            Ok(Err(e)) if no_leader(&e) => {
+                let pause = Duration::from_millis(100);
+                if tokio::time::Instant::now() + pause >= deadline {
+                    bail!("etcd {what}: {}", describe_etcd_error(&e));
+                }
+                last_no_leader = Some(e);
+                tokio::time::sleep(pause).await;
+            }
+            Ok(Err(e)) => bail!("etcd {what}: {}", describe_etcd_error(&e)),
+            Err(_) if until < deadline => {}
+            Err(_) => match last_no_leader {
+                Some(e) => bail!(
+                    "etcd {what}: {} for {REQUEST_TIMEOUT:?}",
+                    describe_etcd_error(&e)
+                ),
+                None => bail!("etcd {what}: no answer within {REQUEST_TIMEOUT:?}"),
+            },
         }
     }
 }
@@ -168,7 +279,10 @@ impl Store {
             // and leaves a silent member in ~2 s (netns test
             // `a_silent_etcd_member_is_left_within_seconds`: 0.1-2.3 s).
             .with_keep_alive(Duration::from_secs(1), Duration::from_secs(1))
-            .with_keep_alive_while_idle(true);
+            .with_keep_alive_while_idle(true)
+            // A member without a leader refuses at once ("no leader") instead of holding the
+            // request until it times out; `timed` sends it again.
+            .with_require_leader(true);
         let tls_wanted =
             args.etcd_cacert.is_some() || args.etcd_cert.is_some() || args.etcd_key.is_some();
         if tls_wanted {
@@ -294,6 +408,19 @@ impl Store {
     /// Runs a prepared transaction; returns whether its comparisons held.
     pub async fn txn(&self, txn: Txn) -> Result<bool> {
         self.txn_as("txn", txn).await
+    }
+
+    /// Like [`Store::txn`], but an attempt left unanswered for [`RESEND_AFTER`] is sent again
+    /// (a leader that just died never answers what a follower forwarded to it). An earlier
+    /// attempt may then have been applied: the caller must resolve a failed comparison by
+    /// reading back whether its own write is there.
+    pub async fn txn_resendable(&self, txn: Txn) -> Result<bool> {
+        let r = timed_attempts("txn", RESEND_AFTER, || {
+            let (mut c, txn) = (self.client.clone(), txn.clone());
+            async move { c.txn(txn).await }
+        })
+        .await?;
+        Ok(r.succeeded())
     }
 
     async fn txn_as(&self, what: &str, txn: Txn) -> Result<bool> {

@@ -53,6 +53,11 @@ pub struct Metrics {
     pub service_chains: Gauge,
     /// Services programmed.
     pub services: Gauge,
+    /// Cluster IPs, node ports and explicit endpoints skipped as not allowed (outside the
+    /// service CIDR, loopback, the node's or etcd's address, ...), plus contested elements.
+    pub service_skipped: Gauge,
+    /// Service, pod and endpoints records currently skipped as malformed.
+    pub service_records_rejected: Gauge,
     /// Peak resident memory of the daemon (bytes).
     pub peak_rss: Gauge,
 }
@@ -90,6 +95,8 @@ impl Metrics {
             service_elements: Gauge::default(),
             service_chains: Gauge::default(),
             services: Gauge::default(),
+            service_skipped: Gauge::default(),
+            service_records_rejected: Gauge::default(),
             peak_rss: Gauge::default(),
             registry: Registry::default(),
         };
@@ -169,6 +176,16 @@ impl Metrics {
             m.service_chains.clone(),
         );
         registry.register("services", "Service ports programmed", m.services.clone());
+        registry.register(
+            "service_addresses_skipped",
+            "Cluster IPs, node ports and explicit endpoints not programmed because they are not allowed or held by another service (see tartanctl explain)",
+            m.service_skipped.clone(),
+        );
+        registry.register(
+            "service_records_rejected",
+            "Service, pod and endpoints records skipped because they are malformed",
+            m.service_records_rejected.clone(),
+        );
         registry.register(
             "peak_rss_bytes",
             "Peak resident memory of the daemon",

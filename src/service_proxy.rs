@@ -17,7 +17,7 @@ use crate::metrics::Metrics;
 use crate::nft_cmd;
 use crate::nft_netlink::{KeyBuilder, NFPROTO_IPV4, NftSocket, SetOp};
 use crate::pod_record::{PodRecord, pods_prefix};
-use crate::service_model::{ExplicitEndpoints, Protocol, Service};
+use crate::service_model::{AddressGuard, ExplicitEndpoints, Protocol, Service};
 use crate::service_rules::{
     ACTIVE_MARKER_CHAIN, FAMILY, NodeContext, Structure, TABLES, activate_script, build_script,
     marker_chain, other_table,
@@ -49,7 +49,15 @@ pub struct ProxyStatus {
     pub last_error: Option<String>,
     /// The service table in force.
     pub table: Option<String>,
+    /// Records skipped because they are malformed (`key: reason`), at most
+    /// [`MAX_REJECTED_SHOWN`]; `rejected_total` counts them all.
+    pub rejected: Vec<String>,
+    /// Number of malformed records skipped.
+    pub rejected_total: usize,
 }
+
+/// Malformed records listed in the status (the rest are counted).
+pub const MAX_REJECTED_SHOWN: usize = 50;
 
 /// One service as programmed.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -60,6 +68,8 @@ pub struct ServiceStatus {
     pub service: Service,
     /// Backend addresses with their node.
     pub backends: Vec<(std::net::Ipv4Addr, Option<String>)>,
+    /// What of the service was not programmed, and why.
+    pub problems: Vec<String>,
 }
 
 fn decode(prefix_kind: Kind, item: &KvItem, keys: &EtcdArgs) -> Result<ModelChange, String> {
@@ -410,11 +420,12 @@ async fn drop_affinity_entries(
     Ok(())
 }
 
-/// Runs the service proxy forever.
+/// Runs the service proxy forever, programming only what `guard` admits.
 pub async fn run(
     store: Store,
     keys: EtcdArgs,
     ctx: NodeContext,
+    guard: AddressGuard,
     metrics: Arc<Metrics>,
     mut status_requests: tokio::sync::mpsc::Receiver<tokio::sync::oneshot::Sender<ProxyStatus>>,
 ) -> Result<()> {
@@ -438,7 +449,8 @@ pub async fn run(
     // Hold the refusal port (bound, never listening) so no other process can take it: new
     // connections no service takes are redirected there and must find nothing.
     let _refuse_port = reserve_refuse_port();
-    let mut state = ServiceState::new(ctx.clone());
+    let mut state = ServiceState::with_guard(ctx.clone(), guard);
+    let mut rejected = std::collections::BTreeMap::new();
     let mut applier = Applier {
         nft: NftSocket::open()?,
         ctx: ctx.clone(),
@@ -455,13 +467,13 @@ pub async fn run(
         let first_event_at;
         tokio::select! {
             Some(reply) = status_requests.recv() => {
-                let _ = reply.send(build_status(&state, &applier, synced, last_error.clone()));
+                let _ = reply.send(build_status(&state, &applier, synced, last_error.clone(), &rejected));
                 continue;
             }
             got = next_event(&mut sources) => {
                 let Some((i, ev)) = got else { return Ok(()) };
                 first_event_at = Instant::now();
-                absorb(&mut sources[i], ev, &mut state, &keys, &metrics);
+                absorb(&mut sources[i], ev, &mut state, &keys, &metrics, &mut rejected);
             }
             _ = verify.tick() => {
                 first_event_at = Instant::now();
@@ -487,7 +499,7 @@ pub async fn run(
         // Coalesce whatever else is already queued.
         for src in sources.iter_mut() {
             while let Ok(ev) = src.rx.try_recv() {
-                absorb(src, ev, &mut state, &keys, &metrics);
+                absorb(src, ev, &mut state, &keys, &metrics, &mut rejected);
             }
         }
         if !sources.iter().all(|s| s.listed) {
@@ -555,6 +567,8 @@ pub async fn run(
                 metrics.services.set(state.service_count() as i64);
                 metrics.service_elements.set(state.element_count() as i64);
                 metrics.service_chains.set(applier.chain_count() as i64);
+                metrics.service_skipped.set(state.problem_count() as i64);
+                metrics.service_records_rejected.set(rejected.len() as i64);
                 if (!plan.removed.is_empty() || !plan.revived.is_empty())
                     && let Some(t) = applier.table()
                 {
@@ -586,10 +600,17 @@ fn build_status(
     applier: &Applier,
     synced: bool,
     last_error: Option<String>,
+    rejected: &std::collections::BTreeMap<String, String>,
 ) -> ProxyStatus {
     ProxyStatus {
         synced,
         last_error,
+        rejected: rejected
+            .iter()
+            .take(MAX_REJECTED_SHOWN)
+            .map(|(k, why)| format!("{k}: {why}"))
+            .collect(),
+        rejected_total: rejected.len(),
         elements: state.element_count(),
         chains: applier.chain_count(),
         table: applier.table().map(str::to_string),
@@ -603,6 +624,7 @@ fn build_status(
                     .iter()
                     .map(|b| (b.ip, b.node.as_deref().map(str::to_string)))
                     .collect(),
+                problems: state.problems(&svc.id()).to_vec(),
             })
             .collect(),
     }
@@ -623,9 +645,16 @@ fn absorb(
     state: &mut ServiceState,
     keys: &EtcdArgs,
     metrics: &Metrics,
+    rejected: &mut std::collections::BTreeMap<String, String>,
 ) {
     match ev {
         ReflectorEvent::Reset { items, .. } => {
+            let prefix = match src.kind {
+                Kind::Services => services_prefix(keys),
+                Kind::Pods => pods_prefix(keys),
+                Kind::Endpoints => endpoints_prefix(keys),
+            };
+            rejected.retain(|k, _| !k.starts_with(&prefix));
             // A (re)listing replaces this kind of record: whatever the model holds that the
             // listing lacks was deleted meanwhile.
             let (services, pods, endpoints) = state.keys();
@@ -655,15 +684,16 @@ fn absorb(
                 state.change(c);
             }
             for it in &items {
-                put(src, it, state, keys, metrics);
+                put(src, it, state, keys, metrics, rejected);
             }
             src.listed = true;
         }
         ReflectorEvent::Changes { changes, .. } => {
             for c in changes {
                 match c {
-                    Change::Put(it) => put(src, &it, state, keys, metrics),
+                    Change::Put(it) => put(src, &it, state, keys, metrics, rejected),
                     Change::Delete(k) => {
+                        rejected.remove(&k);
                         if let Some(c) = deletion(src.kind, &k, keys) {
                             state.change(c);
                         }
@@ -674,12 +704,23 @@ fn absorb(
     }
 }
 
-fn put(src: &Source, it: &KvItem, state: &mut ServiceState, keys: &EtcdArgs, metrics: &Metrics) {
+fn put(
+    src: &Source,
+    it: &KvItem,
+    state: &mut ServiceState,
+    keys: &EtcdArgs,
+    metrics: &Metrics,
+    rejected: &mut std::collections::BTreeMap<String, String>,
+) {
     match decode(src.kind, it, keys) {
-        Ok(c) => state.change(c),
+        Ok(c) => {
+            rejected.remove(&it.key);
+            state.change(c)
+        }
         Err(e) => {
             metrics.malformed_records.inc();
             warn!(key = %it.key, "skipping record: {e}");
+            rejected.insert(it.key.clone(), e);
         }
     }
 }

@@ -13,9 +13,11 @@ use std::sync::Arc;
 
 use crate::nft_netlink::{ElemData, SetOp};
 use crate::pod_record::PodRecord;
-use crate::service_model::{Backend, ExplicitEndpoints, Protocol, Service, SessionAffinity};
+use crate::service_model::{
+    AddressGuard, Backend, ExplicitEndpoints, Protocol, Service, SessionAffinity,
+};
 use crate::service_rules::{
-    Data, DynChain, Element, Key, NodeContext, PortRules, SetName, hairpin_element, port_rules,
+    Data, DynChain, Key, NodeContext, PortRules, SetName, hairpin_element, port_rules,
 };
 
 /// A change seen in etcd, already decoded.
@@ -110,6 +112,10 @@ struct PodEntry {
 #[derive(Debug)]
 pub struct ServiceState {
     ctx: NodeContext,
+    /// Which cluster IPs, node ports and explicit endpoints may be programmed.
+    guard: AddressGuard,
+    /// Service id → what of it was not programmed, and why (for explain and a metric).
+    problems: HashMap<Sym, Vec<String>>,
     interned: HashSet<Sym>,
     services: HashMap<String, Service>,
     service_key_by_id: HashMap<Sym, String>,
@@ -146,10 +152,23 @@ fn selects(s: &Service, pod: &PodEntry) -> bool {
 }
 
 impl ServiceState {
-    /// An empty model for this node.
+    /// An empty model for this node, keeping services inside the node's service CIDR and
+    /// off its cluster network.
     pub fn new(ctx: NodeContext) -> Self {
+        let guard = AddressGuard {
+            cluster_network: Some(ctx.cluster_network),
+            ..AddressGuard::new(ctx.service_cidr)
+        };
+        Self::with_guard(ctx, guard)
+    }
+
+    /// An empty model that programs only what `guard` admits (tartand adds its own and
+    /// etcd's addresses); the rest is skipped and reported by [`ServiceState::problems`].
+    pub fn with_guard(ctx: NodeContext, guard: AddressGuard) -> Self {
         ServiceState {
             ctx,
+            guard,
+            problems: HashMap::default(),
             interned: HashSet::default(),
             services: HashMap::default(),
             service_key_by_id: HashMap::default(),
@@ -204,6 +223,38 @@ impl ServiceState {
             self.pods.keys().map(|k| k.to_string()).collect(),
             self.explicit.keys().cloned().collect(),
         )
+    }
+
+    /// What of service `id` was not programmed, and why (empty when all of it was).
+    pub fn problems(&self, id: &str) -> &[String] {
+        self.problems.get(id).map_or(&[][..], |p| p.as_slice())
+    }
+
+    /// Number of cluster IPs, node ports, explicit endpoints and contested elements currently
+    /// skipped.
+    pub fn problem_count(&self) -> usize {
+        self.problems.values().map(Vec::len).sum()
+    }
+
+    /// Skips what of `s` the guard refuses: the whole service for a refused cluster IP
+    /// (returns false), single node ports otherwise. Reasons go to `problems`.
+    fn admit(&self, s: &mut Service, problems: &mut Vec<String>) -> bool {
+        if let Err(e) = self.guard.cluster_ip(s.cluster_ip) {
+            problems.push(format!("not programmed: {e}"));
+            return false;
+        }
+        for p in s.ports.iter_mut() {
+            if let Some(np) = p.node_port
+                && let Err(e) = self.guard.node_port(np)
+            {
+                problems.push(format!(
+                    "node port of {}/{} not programmed: {e}",
+                    p.port, p.protocol
+                ));
+                p.node_port = None;
+            }
+        }
+        true
     }
 
     /// Services with their current backends (for status output).
@@ -328,7 +379,7 @@ impl ServiceState {
         }
     }
 
-    fn compute_backends(&self, s: &Service) -> Vec<Backend> {
+    fn compute_backends(&self, s: &Service, problems: &mut Vec<String>) -> Vec<Backend> {
         let mut out: Vec<Backend> = match &s.selector {
             Some(sel) => {
                 // Walk the smallest posting list among the selector's pairs.
@@ -369,6 +420,13 @@ impl ServiceState {
                 .map(|e| {
                     e.addresses
                         .iter()
+                        .filter(|a| match self.guard.endpoint(a.ip) {
+                            Ok(()) => true,
+                            Err(why) => {
+                                problems.push(format!("skipped: {why}"));
+                                false
+                            }
+                        })
                         .map(|a| Backend {
                             ip: a.ip,
                             node: a.node.as_deref().map(|n| {
@@ -404,16 +462,24 @@ impl ServiceState {
             }
             for id in dirty {
                 plan.recomputed += 1;
-                let svc = self
+                let mut svc = self
                     .service_key_by_id
                     .get(&id)
                     .and_then(|k| self.services.get(k))
                     .cloned();
+                let known = svc.is_some();
+                let mut problems = Vec::new();
+                if let Some(s) = svc.as_mut()
+                    && !self.admit(s, &mut problems)
+                {
+                    // Programmed as if deleted; still listed (with the reason) in status.
+                    svc = None;
+                }
                 let old_rules = self.applied_rules.remove(&id).unwrap_or_default();
                 let old_backends = self.backends.remove(&id).unwrap_or_default();
                 let (new_rules, new_backends) = match &svc {
                     Some(s) => {
-                        let b = self.compute_backends(s);
+                        let b = self.compute_backends(s, &mut problems);
                         let r: Vec<PortRules> = s
                             .ports
                             .iter()
@@ -462,7 +528,7 @@ impl ServiceState {
                 };
                 let mut kept_rules = Vec::with_capacity(new_rules.len());
                 let mut new_keys: HashSet<ElemKey> = HashSet::default();
-                for r in new_rules {
+                for (pi, r) in new_rules.into_iter().enumerate() {
                     let mut kept = PortRules::default();
                     for e in r.elements {
                         let k = (e.set, e.key);
@@ -470,10 +536,14 @@ impl ServiceState {
                             && *owner != id
                         {
                             self.waiting.entry(k).or_default().insert(id.clone());
-                            plan.warnings.push(format!(
-                                "service {id} wants {} already used by service {owner}; skipped",
-                                describe(&e)
-                            ));
+                            let what = svc
+                                .as_ref()
+                                .map_or_else(String::new, |s| describe(e.set, s, pi));
+                            let text = format!("{what} is held by service {owner}; skipped");
+                            plan.warnings.push(format!("service {id}: {text}"));
+                            if !problems.contains(&text) {
+                                problems.push(text);
+                            }
                             continue;
                         }
                         if !new_keys.insert(k) {
@@ -520,6 +590,11 @@ impl ServiceState {
                     for c in &r.chains {
                         *chain_delta.entry(*c).or_default() -= 1;
                     }
+                }
+                if known && !problems.is_empty() {
+                    self.problems.insert(id.clone(), problems);
+                } else {
+                    self.problems.remove(&id);
                 }
                 if svc.is_some() {
                     self.applied_rules.insert(id.clone(), kept_rules);
@@ -610,8 +685,21 @@ impl ServiceState {
     }
 }
 
-fn describe(e: &Element) -> String {
-    format!("{} element {:?}", e.set.as_str(), e.key)
+/// What an element of port `pi` of `s` stands for, in the operator's terms.
+fn describe(set: SetName, s: &Service, pi: usize) -> String {
+    let Some(p) = s.ports.get(pi) else {
+        return format!("an element of {}", set.as_str());
+    };
+    match set {
+        SetName::ServiceNodePorts
+        | SetName::NodePortBackends
+        | SetName::NoEndpointNodePorts
+        | SetName::AffinityNodePorts => match p.node_port {
+            Some(np) => format!("node port {np}/{}", p.protocol),
+            None => format!("a node port of {}/{}", p.port, p.protocol),
+        },
+        _ => format!("{}:{}/{}", s.cluster_ip, p.port, p.protocol),
+    }
 }
 
 #[cfg(test)]
@@ -837,6 +925,92 @@ mod tests {
             "a lost its only backend"
         );
         assert_eq!(dels(&plan, SetName::NoEndpoints), 1, "b gained one");
+    }
+
+    #[test]
+    fn refused_addresses_are_skipped_and_reported() {
+        let guard = AddressGuard {
+            cluster_network: Some(ctx().cluster_network),
+            node_ips: vec![Ipv4Addr::new(192, 168, 77, 2)],
+            etcd: vec!["192.168.170.2:2379".parse().unwrap()],
+            ..AddressGuard::new(ctx().service_cidr)
+        };
+        let mut st = ServiceState::with_guard(ctx(), guard);
+        // The etcd member's address as a cluster IP (written by hand into etcd).
+        let mut etcd_svc = svc("etcd", [192, 168, 170, 2], "x");
+        etcd_svc.ports = vec!["2379/tcp".parse().unwrap()];
+        etcd_svc.selector = None;
+        st.change(ModelChange::PutService("/s/etcd".into(), etcd_svc));
+        st.change(ModelChange::PutEndpoints(
+            "default/etcd".into(),
+            ExplicitEndpoints {
+                addresses: vec![EndpointAddress {
+                    ip: Ipv4Addr::new(10, 244, 1, 2),
+                    node: None,
+                }],
+            },
+        ));
+        st.change(ModelChange::PutService(
+            "/s/out".into(),
+            svc("out", [10, 200, 0, 1], "x"),
+        ));
+        let p = st.plan();
+        assert!(p.ops.is_empty(), "nothing is programmed: {:?}", p.ops);
+        assert!(st.problems("default/etcd")[0].contains("etcd endpoint"));
+        assert!(st.problems("default/out")[0].contains("outside the service CIDR"));
+        assert_eq!(st.problem_count(), 2);
+        // Explicit endpoints: loopback and the etcd address skipped, the rest used.
+        let mut ext = svc("ext", [10, 96, 0, 30], "x");
+        ext.selector = None;
+        ext.ports[0].node_port = Some(30001);
+        st.change(ModelChange::PutService("/s/ext".into(), ext));
+        st.change(ModelChange::PutEndpoints(
+            "default/ext".into(),
+            ExplicitEndpoints {
+                addresses: ["127.0.0.1", "192.168.170.2", "10.244.1.9"]
+                    .iter()
+                    .map(|a| EndpointAddress {
+                        ip: a.parse().unwrap(),
+                        node: None,
+                    })
+                    .collect(),
+            },
+        ));
+        let p = st.plan();
+        assert_eq!(adds(&p, SetName::Backends), 1);
+        assert_eq!(st.problems("default/ext").len(), 2);
+        // A service deleted takes its report with it.
+        st.change(ModelChange::DeleteService("/s/out".into()));
+        st.plan();
+        assert!(st.problems("default/out").is_empty());
+        // A later, good service is programmed.
+        st.change(ModelChange::PutService(
+            "/s/ok".into(),
+            svc("ok", [10, 96, 0, 40], "x"),
+        ));
+        let p = st.plan();
+        assert_eq!(adds(&p, SetName::NoEndpoints), 1);
+    }
+
+    #[test]
+    fn node_port_conflict_is_named_in_words() {
+        let mut st = ServiceState::new(ctx());
+        let mut a = svc("a", [10, 96, 0, 10], "a");
+        a.ports[0].node_port = Some(30001);
+        let mut b = svc("b", [10, 96, 0, 11], "b");
+        b.ports[0].node_port = Some(30001);
+        st.change(ModelChange::PutService("/s/a".into(), a));
+        st.plan();
+        st.change(ModelChange::PutService("/s/b".into(), b));
+        let p = st.plan();
+        assert_eq!(
+            p.warnings,
+            vec!["service default/b: node port 30001/tcp is held by service default/a; skipped"]
+        );
+        assert_eq!(
+            st.problems("default/b"),
+            ["node port 30001/tcp is held by service default/a; skipped"]
+        );
     }
 }
 

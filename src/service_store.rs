@@ -14,7 +14,7 @@ use rand::RngExt;
 
 use crate::etcd_store::{EtcdArgs, Store};
 use crate::service_model::{
-    ExplicitEndpoints, NODE_PORT_MAX, NODE_PORT_MIN, Protocol, Service, valid_name,
+    AddressGuard, ExplicitEndpoints, NODE_PORT_MAX, NODE_PORT_MIN, Protocol, Service, valid_name,
 };
 use crate::service_proxy::{endpoints_prefix, services_prefix};
 
@@ -34,6 +34,7 @@ pub struct ServiceStore<'a> {
     store: &'a Store,
     keys: &'a EtcdArgs,
     service_cidr: Ipv4Network,
+    guard: AddressGuard,
 }
 
 /// The key of a service.
@@ -56,7 +57,14 @@ impl<'a> ServiceStore<'a> {
             store,
             keys,
             service_cidr,
+            guard: AddressGuard::new(service_cidr),
         }
+    }
+
+    /// Refuses (and never allocates) cluster IPs and node ports `guard` refuses.
+    pub fn with_guard(mut self, guard: AddressGuard) -> Self {
+        self.guard = guard;
+        self
     }
 
     fn random_ip(&self) -> Ipv4Addr {
@@ -89,23 +97,52 @@ impl<'a> ServiceStore<'a> {
                 svc.ports.len()
             );
         }
-        if let Some(ip) = explicit_ip
-            && (!self.service_cidr.contains(ip)
-                || ip == self.service_cidr.network()
-                || ip == self.service_cidr.broadcast())
-        {
-            bail!(
-                "cluster IP {ip} is not a usable address of the service range {}",
-                self.service_cidr
-            );
+        if let Some(ip) = explicit_ip {
+            self.guard
+                .cluster_ip(ip)
+                .map_err(|e| anyhow::anyhow!("--cluster-ip: {e}"))?;
+        }
+        let mut explicit_ports = std::collections::HashSet::new();
+        for (i, req) in node_ports.iter().enumerate() {
+            if let NodePortRequest::Port(p) = req {
+                self.guard
+                    .node_port(*p)
+                    .map_err(|e| anyhow::anyhow!("--node-port: {e}"))?;
+                if !explicit_ports.insert((svc.ports[i].protocol, *p)) {
+                    bail!(
+                        "--node-port {p}/{} is given twice (each service port needs its own)",
+                        svc.ports[i].protocol
+                    );
+                }
+            }
         }
         let key = service_key(self.keys, &svc.namespace, &svc.name);
         for attempt in 0..200 {
-            svc.cluster_ip = explicit_ip.unwrap_or_else(|| self.random_ip());
+            svc.cluster_ip = match explicit_ip {
+                Some(ip) => ip,
+                None => {
+                    let ip = self.random_ip();
+                    if self.guard.cluster_ip(ip).is_err() {
+                        continue;
+                    }
+                    ip
+                }
+            };
+            let mut taken = explicit_ports.clone();
             for (i, req) in node_ports.iter().enumerate() {
+                let proto = svc.ports[i].protocol;
                 svc.ports[i].node_port = match req {
                     NodePortRequest::None => None,
-                    NodePortRequest::Auto => Some(Self::random_node_port()),
+                    NodePortRequest::Auto => {
+                        // Distinct from the other ports of this service (one transaction may
+                        // not write a key twice) and from what the guard refuses.
+                        let mut p = Self::random_node_port();
+                        while taken.contains(&(proto, p)) || self.guard.node_port(p).is_err() {
+                            p = Self::random_node_port();
+                        }
+                        taken.insert((proto, p));
+                        Some(p)
+                    }
                     NodePortRequest::Port(p) => Some(*p),
                 };
             }
@@ -131,11 +168,19 @@ impl<'a> ServiceStore<'a> {
                     ops.push(TxnOp::put(k, id.clone(), None));
                 }
             }
-            if self.store.txn(Txn::new().when(cmp).and_then(ops)).await? {
+            if self
+                .store
+                .txn_resendable(Txn::new().when(cmp).and_then(ops))
+                .await?
+            {
                 return Ok(svc);
             }
             // Find out which comparison failed.
-            if self.store.get(&key).await?.is_some() {
+            if let Some(kv) = self.store.get(&key).await? {
+                // An attempt sent again after no answer may find its own earlier write.
+                if kv.value == svc.to_bytes() {
+                    return Ok(svc);
+                }
                 bail!("service {id} already exists");
             }
             if let Some(owner) = self
@@ -288,6 +333,15 @@ impl<'a> ServiceStore<'a> {
             kv.mod_revision,
         )];
         if !self.store.txn(Txn::new().when(cmp).and_then(ops)).await? {
+            // Deleted by someone else meanwhile (concurrent deletes): say so.
+            if self
+                .store
+                .get(&service_key(self.keys, namespace, name))
+                .await?
+                .is_none()
+            {
+                bail!("service {namespace}/{name} does not exist");
+            }
             bail!("service {namespace}/{name} changed meanwhile; try again");
         }
         Ok(())

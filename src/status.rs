@@ -42,6 +42,12 @@ pub struct StatusReport {
     pub service_elements: usize,
     /// Load-balancing chains in the service table.
     pub service_chains: usize,
+    /// Service, pod and endpoints records skipped as malformed (`key: reason`, capped).
+    #[serde(default)]
+    pub rejected_records: Vec<String>,
+    /// How many records are skipped as malformed in all.
+    #[serde(default)]
+    pub rejected_total: usize,
 }
 
 /// One peer.
@@ -74,6 +80,10 @@ pub struct ServiceReport {
     pub connections: u64,
     /// New connections refused because there was no endpoint.
     pub refused: u64,
+    /// What of the service was not programmed, and why (a refused cluster IP, node port or
+    /// endpoint, an element held by another service).
+    #[serde(default)]
+    pub problems: Vec<String>,
 }
 
 /// One backend.
@@ -183,6 +193,8 @@ impl DaemonStatus {
         r.service_error = ps.last_error.clone();
         r.service_elements = ps.elements;
         r.service_chains = ps.chains;
+        r.rejected_records = ps.rejected.clone();
+        r.rejected_total = ps.rejected_total;
         let counters = match &ps.table {
             Some(t) => read_counters(t).await,
             None => HashMap::new(),
@@ -256,6 +268,7 @@ impl DaemonStatus {
                     .collect(),
                 connections,
                 refused,
+                problems: s.problems.clone(),
             });
         }
         r

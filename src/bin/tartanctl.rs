@@ -35,8 +35,12 @@ enum Cmd {
         cmd: commands::service::ServiceCmd,
     },
     /// Explicit endpoints of selector-less services.
-    #[command(subcommand)]
-    Endpoints(commands::service::EndpointsCmd),
+    Endpoints {
+        #[command(flatten)]
+        range: commands::service::ServiceRange,
+        #[command(subcommand)]
+        cmd: commands::service::EndpointsCmd,
+    },
     /// What a node programmed, in words: peers, routes, services, backends, counters.
     Explain {
         /// Check that the daemon answering is this node.
@@ -52,7 +56,16 @@ enum Cmd {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => match commands::clap_error_line(&e) {
+            Some(line) => {
+                eprintln!("tartanctl: {line}");
+                return std::process::ExitCode::from(2);
+            }
+            None => e.exit(),
+        },
+    };
     tartan::logging::init("warn");
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -70,7 +83,9 @@ fn main() -> std::process::ExitCode {
             Cmd::Nodes { output } => commands::nodes::run(&cli.etcd, output).await,
             Cmd::Node(c) => commands::node::run(&cli.etcd, c).await,
             Cmd::Service { range, cmd } => commands::service::run(&cli.etcd, &range, cmd).await,
-            Cmd::Endpoints(c) => commands::service::run_endpoints(&cli.etcd, c).await,
+            Cmd::Endpoints { range, cmd } => {
+                commands::service::run_endpoints(&cli.etcd, &range, cmd).await
+            }
             Cmd::Explain {
                 node,
                 status_addr,

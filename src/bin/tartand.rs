@@ -4,7 +4,16 @@ use clap::Parser;
 use tartan::daemon::{DaemonArgs, run};
 
 fn main() -> std::process::ExitCode {
-    let args = DaemonArgs::parse();
+    let args = match DaemonArgs::try_parse() {
+        Ok(a) => a,
+        Err(e) => match tartan::commands::clap_error_line(&e) {
+            Some(line) => {
+                eprintln!("tartand: {line}");
+                return std::process::ExitCode::from(2);
+            }
+            None => e.exit(),
+        },
+    };
     tartan::logging::init("info");
     // A parent (a shell's job control, a test harness, some container entrypoints) may hand
     // SIGINT/SIGTERM down blocked; tartand's clean shutdown depends on receiving them.

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
+use super::{cap_text, join_capped};
 use crate::status::StatusReport;
 
 /// Fetches `/status` from a tartand (usually on this node's loopback).
@@ -70,13 +71,25 @@ pub fn render(r: &StatusReport) -> String {
             "Service {} at {} ({}){}:\n",
             s.id,
             s.cluster_ip,
-            s.ports.join("; "),
+            join_capped(s.ports.iter().cloned(), "; ", 8),
             if s.options.is_empty() {
                 String::new()
             } else {
                 format!(", {}", s.options.join(", "))
             }
         ));
+        for p in s.problems.iter().take(MAX_LISTED) {
+            o.push_str(&format!("  {p}\n"));
+        }
+        if s.problems.len() > MAX_LISTED {
+            o.push_str(&format!(
+                "  … and {} more problems\n",
+                s.problems.len() - MAX_LISTED
+            ));
+        }
+        if s.problems.iter().any(|p| p.starts_with("not programmed:")) {
+            continue;
+        }
         if s.backends.is_empty() {
             o.push_str(&format!(
                 "  no endpoints: new connections are refused ({} refused so far)\n",
@@ -89,7 +102,7 @@ pub fn render(r: &StatusReport) -> String {
             s.connections,
             s.backends.len()
         ));
-        for b in &s.backends {
+        for b in s.backends.iter().take(MAX_LISTED) {
             o.push_str(&format!(
                 "    {} on {}: {} connections\n",
                 b.ip,
@@ -97,9 +110,33 @@ pub fn render(r: &StatusReport) -> String {
                 b.connections
             ));
         }
+        if s.backends.len() > MAX_LISTED {
+            o.push_str(&format!(
+                "    … and {} more endpoints (--json lists them all)\n",
+                s.backends.len() - MAX_LISTED
+            ));
+        }
+    }
+    if r.rejected_total > 0 {
+        o.push_str(&format!(
+            "{} records are skipped as malformed:\n",
+            r.rejected_total
+        ));
+        for x in r.rejected_records.iter().take(MAX_LISTED) {
+            o.push_str(&format!("  {}\n", cap_text(x, 300)));
+        }
+        if r.rejected_total > MAX_LISTED.min(r.rejected_records.len()) {
+            o.push_str(&format!(
+                "  … and {} more\n",
+                r.rejected_total - MAX_LISTED.min(r.rejected_records.len())
+            ));
+        }
     }
     o
 }
+
+/// Endpoints, problems and records listed per section; the rest are counted.
+const MAX_LISTED: usize = 50;
 
 /// Runs `explain`.
 pub fn run(node: Option<&str>, addr: SocketAddr, json: bool) -> Result<()> {
@@ -118,4 +155,65 @@ pub fn run(node: Option<&str>, addr: SocketAddr, json: bool) -> Result<()> {
         print!("{}", render(&r));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::{BackendReport, ServiceReport};
+
+    fn service(id: &str, ports: usize, backends: usize, problems: &[&str]) -> ServiceReport {
+        ServiceReport {
+            id: id.into(),
+            cluster_ip: "10.96.0.10".into(),
+            ports: (0..ports).map(|p| format!("{p}/tcp -> {p}")).collect(),
+            options: Vec::new(),
+            backends: (0..backends)
+                .map(|i| BackendReport {
+                    ip: format!("10.244.{}.{}", i / 250, i % 250 + 1),
+                    node: None,
+                    connections: 0,
+                })
+                .collect(),
+            connections: 0,
+            refused: 0,
+            problems: problems.iter().map(|p| p.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn skipped_services_say_why_and_big_ones_are_cut() {
+        let r = StatusReport {
+            node: "n1".into(),
+            services: vec![
+                service(
+                    "default/etcd",
+                    1,
+                    0,
+                    &["not programmed: cluster IP 192.168.77.1 is an etcd endpoint"],
+                ),
+                service(
+                    "default/big",
+                    10_000,
+                    10_000,
+                    &["skipped: endpoint 127.0.0.1 is a loopback address"],
+                ),
+            ],
+            rejected_records: vec!["/tartan/services/default/x: bad".into()],
+            rejected_total: 3,
+            ..Default::default()
+        };
+        let out = render(&r);
+        assert!(out.contains("  not programmed: cluster IP 192.168.77.1 is an etcd endpoint\n"));
+        assert!(!out.contains("no endpoints"), "{out}");
+        assert!(out.contains("  skipped: endpoint 127.0.0.1 is a loopback address\n"));
+        assert!(out.contains("(+9992 more)"), "ports are cut");
+        assert!(
+            out.contains("… and 9950 more endpoints"),
+            "endpoints are cut"
+        );
+        assert!(out.contains("3 records are skipped as malformed"));
+        assert!(out.contains("… and 2 more"));
+        assert!(out.lines().count() < 200);
+    }
 }

@@ -5,6 +5,7 @@ use ipnetwork::Ipv4Network;
 
 use crate::etcd_store::{EtcdArgs, Store};
 use crate::netconf::NetworkConfig;
+use crate::service_model::{RangeContext, check_cluster_network};
 
 /// `tartanctl network ...`
 #[derive(clap::Subcommand, Debug)]
@@ -42,6 +43,9 @@ pub struct InitArgs {
     /// Replace an existing config (nodes must be restarted to pick it up).
     #[arg(long)]
     pub force: bool,
+    /// The service CIDR the nodes use (the network must not overlap it).
+    #[arg(long, env = "TARTAN_SERVICE_CIDR", default_value = "10.96.0.0/12")]
+    pub service_cidr: Ipv4Network,
 }
 
 /// Runs `network ...`.
@@ -72,6 +76,13 @@ pub async fn run(etcd: &EtcdArgs, cmd: NetworkCmd) -> Result<()> {
             }
             let json = raw.to_string();
             let cfg = NetworkConfig::parse(json.as_bytes())?;
+            let node_ips = super::service::node_public_ips(&store, etcd).await?;
+            let ctx = RangeContext {
+                underlay: node_ips.into_iter().map(Ipv4Network::from).collect(),
+                etcd: etcd.endpoint_addrs().iter().map(|a| *a.ip()).collect(),
+            };
+            check_cluster_network(cfg.network, Some(a.service_cidr), &ctx)
+                .map_err(|e| anyhow::anyhow!("--network: {e}"))?;
             let key = etcd.config_key();
             if a.force {
                 store.put(&key, json.clone(), 0).await?;

@@ -6,12 +6,13 @@ use std::net::Ipv4Addr;
 use anyhow::{Result, bail};
 use ipnetwork::Ipv4Network;
 
-use super::{OutputFormat, render_table};
+use super::{OutputFormat, join_capped, render_table};
 use crate::etcd_store::{EtcdArgs, Store};
+use crate::netconf::NetworkConfig;
 use crate::pod_record::{PodRecord, pods_prefix};
 use crate::service_model::{
-    DEFAULT_AFFINITY_TIMEOUT, EndpointAddress, ExplicitEndpoints, Service, ServicePort,
-    SessionAffinity, TrafficPolicy,
+    AddressGuard, DEFAULT_AFFINITY_TIMEOUT, ExplicitEndpoints, RangeContext, Service, ServicePort,
+    SessionAffinity, TrafficPolicy, check_service_cidr,
 };
 use crate::service_store::{NodePortRequest, ServiceStore, split_id};
 
@@ -26,6 +27,50 @@ pub struct ServiceRange {
         global = true
     )]
     pub service_cidr: Ipv4Network,
+}
+
+/// Public IPs of the nodes holding subnet leases (flannel's lease values).
+pub async fn node_public_ips(store: &Store, etcd: &EtcdArgs) -> Result<Vec<Ipv4Addr>> {
+    let (_, leases) = store.list(&etcd.subnets_prefix()).await?;
+    let mut ips: Vec<Ipv4Addr> = leases
+        .iter()
+        .filter_map(|l| crate::subnet_lease::LeaseValue::parse(&l.value).ok())
+        .map(|v| v.public_ip)
+        .collect();
+    ips.sort();
+    ips.dedup();
+    Ok(ips)
+}
+
+/// The cluster network of the stored config, if there is a valid one.
+pub async fn cluster_network(store: &Store, etcd: &EtcdArgs) -> Result<Option<Ipv4Network>> {
+    Ok(store
+        .get(&etcd.config_key())
+        .await?
+        .and_then(|kv| NetworkConfig::parse(&kv.value).ok())
+        .map(|c| c.network))
+}
+
+impl ServiceRange {
+    /// Checks `--service-cidr` against the cluster network, the nodes' addresses and the etcd
+    /// endpoints, and returns the guard every address of a new service must pass.
+    pub async fn checked_guard(&self, store: &Store, etcd: &EtcdArgs) -> Result<AddressGuard> {
+        let node_ips = node_public_ips(store, etcd).await?;
+        let net = cluster_network(store, etcd).await?;
+        let etcd_addrs = etcd.endpoint_addrs();
+        let ctx = RangeContext {
+            underlay: node_ips.iter().map(|ip| Ipv4Network::from(*ip)).collect(),
+            etcd: etcd_addrs.iter().map(|a| *a.ip()).collect(),
+        };
+        check_service_cidr(self.service_cidr, net, &ctx)
+            .map_err(|e| anyhow::anyhow!("--service-cidr: {e}"))?;
+        Ok(AddressGuard {
+            service_cidr: self.service_cidr,
+            cluster_network: net,
+            node_ips,
+            etcd: etcd_addrs,
+        })
+    }
 }
 
 /// `tartanctl service ...`
@@ -114,22 +159,9 @@ pub struct CreateArgs {
     pub external_traffic_policy: PolicyArg,
 }
 
-/// Parses `k=v[,k=v]`.
+/// Parses `k=v[,k=v]` in Kubernetes label syntax (see [`crate::service_model::parse_selector`]).
 pub fn parse_selector(s: &str) -> Result<BTreeMap<String, String>> {
-    let mut out = BTreeMap::new();
-    for part in s.split(',').filter(|p| !p.is_empty()) {
-        let Some((k, v)) = part.split_once('=') else {
-            bail!("--selector: {part:?} is not key=value");
-        };
-        if k.is_empty() || k.len() > 63 || v.len() > 63 {
-            bail!("--selector: {part:?}: keys are 1-63 characters, values at most 63");
-        }
-        out.insert(k.to_string(), v.to_string());
-    }
-    if out.is_empty() {
-        bail!("--selector: give at least one key=value (or omit it for explicit endpoints)");
-    }
-    Ok(out)
+    crate::service_model::parse_selector(s).map_err(|e| anyhow::anyhow!("--selector: {e}"))
 }
 
 fn parse_node_port(s: &str) -> Result<NodePortRequest> {
@@ -142,28 +174,27 @@ fn parse_node_port(s: &str) -> Result<NodePortRequest> {
     }
 }
 
+/// Ports shown per service in tables and messages; the rest are counted.
+const MAX_PORTS_SHOWN: usize = 8;
+
 fn ports_text(s: &Service) -> String {
-    s.ports
-        .iter()
-        .map(|p| {
+    join_capped(
+        s.ports.iter().map(|p| {
             let mut t = format!("{}:{}/{}", p.port, p.target_port, p.protocol);
             if let Some(np) = p.node_port {
                 t.push_str(&format!(" (node {np})"));
             }
             t
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
+        }),
+        ", ",
+        MAX_PORTS_SHOWN,
+    )
 }
 
 fn selector_text(s: &Service) -> String {
     match &s.selector {
         None => "(explicit endpoints)".into(),
-        Some(sel) => sel
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(","),
+        Some(sel) => join_capped(sel.iter().map(|(k, v)| format!("{k}={v}")), ",", 8),
     }
 }
 
@@ -204,6 +235,7 @@ pub async fn run(etcd: &EtcdArgs, range: &ServiceRange, cmd: ServiceCmd) -> Resu
                 .iter()
                 .map(|s| parse_node_port(s))
                 .collect::<Result<Vec<_>>>()?;
+            let st = st.with_guard(range.checked_guard(&store, etcd).await?);
             let svc = Service {
                 namespace: ns,
                 name,
@@ -238,7 +270,14 @@ pub async fn run(etcd: &EtcdArgs, range: &ServiceRange, cmd: ServiceCmd) -> Resu
             let Some((s, _)) = st.get(&ns, &name).await? else {
                 bail!("service {ns}/{name} does not exist");
             };
-            print_services(&store, etcd, &[s], output).await
+            match output {
+                // One object, as `kubectl get svc NAME -o json` prints it.
+                OutputFormat::Json => {
+                    println!("{}", serde_json::to_string_pretty(&s)?);
+                    Ok(())
+                }
+                OutputFormat::Table => print_services(&store, etcd, &[s], output).await,
+            }
         }
         ServiceCmd::List { namespace, output } => {
             let (svcs, bad) = st.list(namespace.as_deref()).await?;
@@ -263,7 +302,11 @@ async fn print_services(
     output: OutputFormat,
 ) -> Result<()> {
     match output {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(svcs)?),
+        // kubectl's List shape: `{"kind":"List","items":[...]}`.
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"kind": "List", "items": svcs}))?
+        ),
         OutputFormat::Table => {
             let counts = endpoint_count(store, etcd, svcs).await?;
             let rows: Vec<Vec<String>> = svcs
@@ -336,9 +379,9 @@ pub enum EndpointsCmd {
 }
 
 /// Runs `endpoints ...`.
-pub async fn run_endpoints(etcd: &EtcdArgs, cmd: EndpointsCmd) -> Result<()> {
+pub async fn run_endpoints(etcd: &EtcdArgs, range: &ServiceRange, cmd: EndpointsCmd) -> Result<()> {
     let store = Store::connect(etcd).await?;
-    let st = ServiceStore::new(&store, etcd, "0.0.0.0/0".parse()?);
+    let st = ServiceStore::new(&store, etcd, range.service_cidr);
     match cmd {
         EndpointsCmd::Set {
             name,
@@ -346,23 +389,22 @@ pub async fn run_endpoints(etcd: &EtcdArgs, cmd: EndpointsCmd) -> Result<()> {
             addresses,
         } => {
             let (ns, name) = split_id(&name, &namespace)?;
-            let mut e = ExplicitEndpoints::default();
-            for a in &addresses {
-                let (ip, node) = match a.split_once('@') {
-                    Some((ip, n)) => (ip, Some(n.to_string())),
-                    None => (a.as_str(), None),
-                };
-                let ip: Ipv4Addr = ip.parse().map_err(|_| {
-                    anyhow::anyhow!("--address {a:?}: {ip:?} is not an IPv4 address")
-                })?;
-                e.addresses.push(EndpointAddress { ip, node });
-            }
+            let guard = range.checked_guard(&store, etcd).await?;
+            let e = ExplicitEndpoints::from_args(&addresses, &guard).map_err(anyhow::Error::msg)?;
             st.set_endpoints(&ns, &name, &e).await?;
             println!("endpoints of {ns}/{name}: {}", addresses.join(", "));
             Ok(())
         }
         EndpointsCmd::Get { name, namespace } => {
             let (ns, name) = split_id(&name, &namespace)?;
+            let Some((svc, _)) = st.get(&ns, &name).await? else {
+                bail!("service {ns}/{name} does not exist");
+            };
+            if svc.selector.is_some() {
+                bail!(
+                    "service {ns}/{name} has a selector; its endpoints are its pods (see `tartanctl explain`)"
+                );
+            }
             match st.get_endpoints(&ns, &name).await? {
                 None => println!("service {ns}/{name} has no explicit endpoints"),
                 Some(e) => {
@@ -389,6 +431,7 @@ mod tests {
         assert_eq!(parse_selector("app=web,tier=fe").unwrap().len(), 2);
         assert!(parse_selector("app").is_err());
         assert!(parse_selector("").is_err());
+        assert!(parse_selector("app=web,,").is_err());
         assert_eq!(parse_node_port("auto").unwrap(), NodePortRequest::Auto);
         assert_eq!(
             parse_node_port("30080").unwrap(),

@@ -86,9 +86,10 @@ fn arb_service() -> impl Strategy<Value = Service> {
         NAME,
         any::<u32>(),
         prop::collection::vec(arb_port(), 1..5),
+        // Kubernetes label syntax: an optional DNS-subdomain prefix, a name and a value.
         proptest::option::of(prop::collection::btree_map(
-            "[a-z./-]{1,20}",
-            "\\PC{0,20}",
+            "([a-z]([a-z0-9-]{0,6}[a-z0-9])?\\.)?[a-z]{1,4}/?[a-z0-9]([a-z0-9._-]{0,8}[a-z0-9])?",
+            "([A-Za-z0-9]([A-Za-z0-9._-]{0,10}[A-Za-z0-9])?)?",
             1..4,
         )),
         any::<bool>(),
