@@ -4,13 +4,111 @@
 
 mod common;
 
+use std::net::{Ipv4Addr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use common::*;
-use tartan::netns_lab::wait_for;
+use tartan::netbench::probe::{tcp_whoami, tcp_whoami_server, udp_whoami_server};
+use tartan::netns_lab::{Lab, in_netns, wait_for};
 
 const NET16: &[&str] = &["--network", "10.244.0.0/16"];
+
+/// Sends one datagram every 2 ms from `ns` to `dst:port` (a who-am-I server answers each)
+/// until `stop`, waiting up to 1 s for each answer; returns (sent, unanswered).
+fn udp_flow(ns: &str, dst: Ipv4Addr, port: u16, stop: Arc<AtomicBool>) -> Result<(u32, u32)> {
+    in_netns(ns, move || -> Result<(u32, u32)> {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(Duration::from_secs(1)))?;
+        s.connect((dst, port))?;
+        let (mut sent, mut lost) = (0u32, 0u32);
+        let mut buf = [0u8; 256];
+        while !stop.load(Ordering::Relaxed) {
+            s.send(&sent.to_be_bytes())?;
+            sent += 1;
+            if s.recv(&mut buf).is_err() {
+                lost += 1;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok((sent, lost))
+    })?
+}
+
+#[test]
+fn etcd_leader_sigkill_loses_no_packet_and_new_services_still_arrive() -> Result<()> {
+    if !tartan::netns_lab::require_root()? {
+        return Ok(());
+    }
+    let mut lab = Lab::new(2, bins())?;
+    lab.set_etcd_members(3);
+    lab.start_etcd()?;
+    lab.init_network(NET16)?;
+    lab.start_daemon(0, &[])?;
+    lab.start_daemon(1, &[])?;
+    lab.wait_subnet(0)?;
+    lab.wait_subnet(1)?;
+    let client = lab.add_cni_pod(0, "client", &[("app", "client")])?;
+    let server = lab.add_cni_pod(1, "server", &[("app", "web")])?;
+    tcp_whoami_server(&server.ns, 8080, "server")?;
+    udp_whoami_server(&server.ns, 5353, "server")?;
+    wait_pod_path(&client.ns, server.ip)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flow = {
+        let (ns, stop) = (client.ns.clone(), stop.clone());
+        std::thread::spawn(move || udp_flow(&ns, server.ip, 5353, stop))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let leader = lab.etcd_leader()?;
+    lab.stop_etcd_member(leader);
+    let killed = Instant::now();
+    // Written within a second of the leader's death: the write must wait for the new leader
+    // (within its deadline) rather than fail.
+    let out = lab.tartanctl(&[
+        "service",
+        "create",
+        "web",
+        "--port",
+        "80:8080/tcp",
+        "--selector",
+        "app=web",
+    ])?;
+    let vip = tartan::netbench::topology::created_cluster_ip(&out)?;
+    let ns = client.ns.clone();
+    let seen = wait_for(
+        "the new service to answer from node1's pod",
+        Duration::from_secs(20),
+        || tcp_whoami(&ns, vip, 80, Duration::from_secs(1)).ok(),
+    )?;
+    eprintln!(
+        "leader m{leader} killed: service created and reachable after {:.2} s (answered by {})",
+        killed.elapsed().as_secs_f64(),
+        seen.name
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let (sent, lost) = flow
+        .join()
+        .map_err(|_| anyhow::anyhow!("flow thread panicked"))??;
+    eprintln!("pod flow during the leader change: {sent} datagrams, {lost} unanswered");
+    ensure!(sent > 100, "the flow hardly ran ({sent} datagrams)");
+    ensure!(
+        lost == 0,
+        "{lost} of {sent} datagrams of an established pod flow were lost while etcd changed leader"
+    );
+    Ok(())
+}
+
+/// Waits until `ns` gets an answer from the who-am-I server on `ip:8080` (the path is up).
+fn wait_pod_path(ns: &str, ip: Ipv4Addr) -> Result<()> {
+    let ns = ns.to_string();
+    wait_for("the pod path", Duration::from_secs(20), || {
+        tcp_whoami(&ns, ip, 8080, Duration::from_secs(1)).ok()
+    })
+    .map(|_| ())
+}
 
 #[test]
 fn sigkill_at_random_points_of_a_large_sync_leaves_a_table_that_matches_etcd() -> Result<()> {
