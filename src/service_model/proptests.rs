@@ -1,6 +1,6 @@
 //! Property tests of the service and endpoints record decoders and of the CLI port syntax
-//! (`--port [NAME=]PORT[:TARGET][/PROTO]`); see `proptest_support`. Selectors are left to
-//! the selector parser's own tests.
+//! (`--port [NAME=]PORT[:TARGET][/PROTO]`) and selectors (`--selector k=v[,k=v]`); see
+//! `proptest_support`.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::Ipv4Addr;
@@ -206,6 +206,37 @@ proptest! {
             Ok(p) => {
                 prop_assert!(p.port > 0 && p.target_port > 0 && p.node_port.is_none());
                 prop_assert_eq!(port_spec(&p).parse::<ServicePort>(), Ok(p));
+            }
+            Err(e) => prop_assert!(!e.is_empty() && !e.contains('\n'), "{e:?}"),
+        }
+    }
+
+    #[test]
+    fn cli_selectors_round_trip(
+        sel in prop::collection::btree_map(
+            "([a-z]([a-z0-9-]{0,6}[a-z0-9])?\\.)?[a-z]{1,4}/?[a-z0-9]([a-z0-9._-]{0,8}[a-z0-9])?",
+            "([A-Za-z0-9]([A-Za-z0-9._-]{0,10}[A-Za-z0-9])?)?",
+            1..5,
+        ),
+    ) {
+        let text = sel
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        prop_assert_eq!(super::parse_selector(&text), Ok(sel), "{}", text);
+    }
+
+    #[test]
+    fn arbitrary_cli_selectors_never_panic_and_what_parses_is_label_syntax(
+        s in prop_oneof![arb_text(), "[a-zA-Z0-9=,./_ ;-]{0,24}".prop_map(|s: String| s)],
+    ) {
+        match super::parse_selector(&s) {
+            Ok(sel) => {
+                prop_assert!(!sel.is_empty());
+                for (k, v) in &sel {
+                    prop_assert!(super::check_label_key(k).is_ok() && super::check_label_value(v).is_ok());
+                }
             }
             Err(e) => prop_assert!(!e.is_empty() && !e.contains('\n'), "{e:?}"),
         }
