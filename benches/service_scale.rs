@@ -168,8 +168,12 @@ fn nft_script_peak_mb(ns: &str) -> Result<f64> {
     Ok(kb / 1024.0)
 }
 
-/// Subscribes to nftables change notifications in `ns`; records the arrival time of each.
-fn nft_monitor(ns: &str, seen: Arc<Mutex<Vec<Instant>>>) -> Result<()> {
+/// Subscribes to nftables change notifications in `ns` and hands each message, with its
+/// arrival time, to `on_message` (on the listener's thread); returns once subscribed.
+fn nft_notifications<F>(ns: &str, mut on_message: F) -> Result<()>
+where
+    F: FnMut(&[u8], Instant) + Send + 'static,
+{
     let ns = ns.to_string();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -188,20 +192,27 @@ fn nft_monitor(ns: &str, seen: Arc<Mutex<Vec<Instant>>>) -> Result<()> {
             }
             let _ = s.set_rx_buf_sz(8 * 1024 * 1024);
             let _ = tx.send(Ok(()));
-            let mut buf = vec![0u8; 1 << 16];
+            let mut buf = vec![0u8; 1 << 17];
             loop {
                 let mut b = &mut buf[..];
-                if s.recv(&mut b, 0).is_err() {
+                let Ok(n) = s.recv(&mut b, 0) else {
                     continue;
-                }
-                if let Ok(mut v) = seen.lock() {
-                    v.push(Instant::now());
-                }
+                };
+                on_message(&buf[..n], Instant::now());
             }
         });
     });
     rx.recv_timeout(Duration::from_secs(5))?
         .map_err(anyhow::Error::msg)
+}
+
+/// Records the arrival time of each nftables change notification in `ns`.
+fn nft_monitor(ns: &str, seen: Arc<Mutex<Vec<Instant>>>) -> Result<()> {
+    nft_notifications(ns, move |_, at| {
+        if let Ok(mut v) = seen.lock() {
+            v.push(at);
+        }
+    })
 }
 
 fn endpoint_change(lab: &Lab) -> Result<()> {
@@ -457,42 +468,14 @@ type Sighting = Arc<Mutex<(Option<[u8; 4]>, Option<Instant>)>>;
 /// Watches nftables notifications in `ns`; the first message carrying the 4 bytes of the
 /// address in `sighting` (the pod's address as element data of `backends`) records its time.
 fn nft_sighting(ns: &str, sighting: Sighting) -> Result<()> {
-    let ns = ns.to_string();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = in_netns(&ns, move || {
-            let mut s = match netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_NETFILTER) {
-                Ok(s) => s,
-                Err(e) => {
-                    let _ = tx.send(Err(e.to_string()));
-                    return;
-                }
-            };
-            // NFNLGRP_NFTABLES = 7.
-            if let Err(e) = s.bind(&netlink_sys::SocketAddr::new(0, 1 << 6)) {
-                let _ = tx.send(Err(e.to_string()));
-                return;
-            }
-            let _ = s.set_rx_buf_sz(8 * 1024 * 1024);
-            let _ = tx.send(Ok(()));
-            let mut buf = vec![0u8; 1 << 17];
-            loop {
-                let mut b = &mut buf[..];
-                let Ok(n) = s.recv(&mut b, 0) else {
-                    continue;
-                };
-                let now = Instant::now();
-                if let Ok(mut g) = sighting.lock()
-                    && let (Some(ip), None) = (g.0, g.1)
-                    && buf[..n].windows(4).any(|w| w == ip)
-                {
-                    g.1 = Some(now);
-                }
-            }
-        });
-    });
-    rx.recv_timeout(Duration::from_secs(5))?
-        .map_err(anyhow::Error::msg)
+    nft_notifications(ns, move |msg, at| {
+        if let Ok(mut g) = sighting.lock()
+            && let (Some(ip), None) = (g.0, g.1)
+            && msg.windows(4).any(|w| w == ip)
+        {
+            g.1 = Some(at);
+        }
+    })
 }
 
 /// One pod's registration: ADD start -> endpoint everywhere, ADD return -> same (ms), and

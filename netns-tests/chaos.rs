@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use common::*;
 use tartan::netbench::probe::{tcp_whoami, tcp_whoami_server, udp_whoami_server};
-use tartan::netns_lab::{Lab, in_netns, wait_for};
+use tartan::netns_lab::{in_netns, wait_for};
 
 const NET16: &[&str] = &["--network", "10.244.0.0/16"];
 
@@ -39,13 +39,9 @@ fn udp_flow(ns: &str, dst: Ipv4Addr, port: u16, stop: Arc<AtomicBool>) -> Result
 
 #[test]
 fn etcd_leader_sigkill_loses_no_packet_and_new_services_still_arrive() -> Result<()> {
-    if !tartan::netns_lab::require_root()? {
+    let Some(mut lab) = lab_with_etcd_members(2, 3, NET16)? else {
         return Ok(());
-    }
-    let mut lab = Lab::new(2, bins())?;
-    lab.set_etcd_members(3);
-    lab.start_etcd()?;
-    lab.init_network(NET16)?;
+    };
     lab.start_daemon(0, &[])?;
     lab.start_daemon(1, &[])?;
     lab.wait_subnet(0)?;

@@ -421,25 +421,10 @@ fn tartand_refuses_a_service_cidr_over_the_cluster_network_or_underlay() -> Resu
 /// A lab with three etcd members whose leader was just killed; returns the lab and the
 /// endpoints of all members (as seen in the infra namespace).
 fn lab_without_its_etcd_leader() -> Result<Option<(Lab, String)>> {
-    if !tartan::netns_lab::require_root()? {
+    let Some(mut lab) = lab_with_etcd_members(1, 3, &["--network", "10.244.0.0/16"])? else {
         return Ok(None);
-    }
-    let mut lab = Lab::new(1, bins())?;
-    lab.set_etcd_members(3);
-    lab.start_etcd()?;
-    lab.init_network(&["--network", "10.244.0.0/16"])?;
-    // Which member leads (members listen on ETCD_PORT + 10000 * m).
-    let status: serde_json::Value =
-        serde_json::from_str(&lab.etcdctl(&["endpoint", "status", "-w", "json"])?)?;
-    let leader = status
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|s| s["Status"]["leader"] == s["Status"]["header"]["member_id"])
-        .and_then(|s| s["Endpoint"].as_str())
-        .and_then(|e| e.rsplit(':').next()?.parse::<u16>().ok())
-        .map(|port| usize::from((port - ETCD_PORT) / 10000))
-        .context("no leader among the members")?;
+    };
+    let leader = lab.etcd_leader()?;
     let all = (0..3u16)
         .map(|m| format!("http://127.0.0.1:{}", ETCD_PORT + 10000 * m))
         .collect::<Vec<_>>()

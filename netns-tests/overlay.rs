@@ -817,13 +817,9 @@ fn etcd_over_tls_with_client_certificates() -> Result<()> {
 
 #[test]
 fn several_etcd_endpoints_survive_a_member_loss() -> Result<()> {
-    if !tartan::netns_lab::require_root()? {
+    let Some(mut lab) = lab_with_etcd_members(3, 3, NET16)? else {
         return Ok(());
-    }
-    let mut lab = Lab::new(3, bins())?;
-    lab.set_etcd_members(3);
-    lab.start_etcd()?;
-    lab.init_network(NET16)?;
+    };
     ensure!(lab.etcd_endpoint().split(',').count() == 3);
     lab.start_daemon(0, &[])?;
     lab.start_daemon(1, &[])?;
@@ -979,13 +975,9 @@ fn a_silent_etcd_member_is_left_within_seconds() -> Result<()> {
     // a node whose watch runs over it hears nothing until HTTP/2's keep-alive gives up (it was
     // ~14 s). Each member is silenced in turn, so whichever one the daemons' watches use is
     // hit; a lease written meanwhile must reach both nodes well within the deadline.
-    if !tartan::netns_lab::require_root()? {
+    let Some(mut lab) = lab_with_etcd_members(2, 3, NET16)? else {
         return Ok(());
-    }
-    let mut lab = Lab::new(2, bins())?;
-    lab.set_etcd_members(3);
-    lab.start_etcd()?;
-    lab.init_network(NET16)?;
+    };
     lab.start_daemon(0, &[])?;
     lab.start_daemon(1, &[])?;
     wait_peer(&lab, 0, 1)?;

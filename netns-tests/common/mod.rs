@@ -24,6 +24,23 @@ pub fn lab(nodes: usize, network_args: &[&str]) -> Result<Option<Lab>> {
     Ok(Some(lab))
 }
 
+/// Like [`lab`], with etcd run as `members` members.
+#[allow(dead_code)]
+pub fn lab_with_etcd_members(
+    nodes: usize,
+    members: usize,
+    network_args: &[&str],
+) -> Result<Option<Lab>> {
+    if !tartan::netns_lab::require_root()? {
+        return Ok(None);
+    }
+    let mut lab = Lab::new(nodes, bins())?;
+    lab.set_etcd_members(members);
+    lab.start_etcd()?;
+    lab.init_network(network_args)?;
+    Ok(Some(lab))
+}
+
 /// Starts a TCP echo server in `ns` on `port` that serves forever (until the namespace goes).
 #[allow(unused_imports)]
 pub use tartan::netbench::probe::tcp_echo_server as echo_server;
