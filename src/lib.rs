@@ -39,3 +39,5 @@ pub mod subnet_alloc;
 pub mod subnet_env;
 pub mod subnet_lease;
 pub mod subnet_manager;
+#[cfg(test)]
+mod test_tmp;

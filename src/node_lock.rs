@@ -173,24 +173,7 @@ fn write_pid(f: &mut File, pid: u32) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
-    /// A temporary directory removed on drop.
-    struct TmpDir(PathBuf);
-    impl TmpDir {
-        fn new(tag: &str) -> TmpDir {
-            let p = std::env::temp_dir().join(format!(
-                "tartan-lock-{tag}-{}-{}",
-                std::process::id(),
-                rand::random::<u32>()
-            ));
-            std::fs::create_dir_all(&p).unwrap();
-            TmpDir(p)
-        }
-    }
-    impl Drop for TmpDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::test_tmp::TmpDir;
 
     fn node_paths(root: &Path, state: &str, socket: &str) -> Vec<OwnedPath> {
         vec![
@@ -213,7 +196,7 @@ mod tests {
 
     #[test]
     fn a_second_holder_is_refused_with_the_holders_pid() {
-        let t = TmpDir::new("second");
+        let t = TmpDir::new("lock-second");
         let paths = node_paths(&t.0, "state", "tartand.sock");
         let held = lock_paths(&paths).unwrap();
         assert_eq!(
@@ -252,7 +235,7 @@ mod tests {
 
     #[test]
     fn sharing_any_one_path_is_refused() {
-        let t = TmpDir::new("share");
+        let t = TmpDir::new("lock-share");
         let _a = lock_paths(&node_paths(&t.0, "state-a", "shared.sock")).unwrap();
         let e = lock_paths(&node_paths(&t.0, "state-b", "shared.sock")).unwrap_err();
         assert!(
@@ -272,7 +255,7 @@ mod tests {
 
     #[test]
     fn a_stale_lock_of_a_dead_pid_is_taken_over() {
-        let t = TmpDir::new("stale");
+        let t = TmpDir::new("lock-stale");
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let dead = child.id();
         child.wait().unwrap();
@@ -295,7 +278,7 @@ mod tests {
 
     #[test]
     fn one_lock_file_named_twice_is_taken_once() {
-        let t = TmpDir::new("twice");
+        let t = TmpDir::new("lock-twice");
         let dir = t.0.join("state");
         let paths = vec![
             OwnedPath {

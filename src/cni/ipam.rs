@@ -597,23 +597,7 @@ pub fn scan_all(data_dir: &Path) -> std::io::Result<Vec<AllocationRecord>> {
 mod tests {
     use super::*;
 
-    struct TmpDir(PathBuf);
-    impl TmpDir {
-        fn new(tag: &str) -> TmpDir {
-            let p = std::env::temp_dir().join(format!(
-                "tartan-ipam-{tag}-{}-{}",
-                std::process::id(),
-                rand::random::<u32>()
-            ));
-            std::fs::create_dir_all(&p).unwrap();
-            TmpDir(p)
-        }
-    }
-    impl Drop for TmpDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::test_tmp::TmpDir;
 
     fn req(cid: &str) -> AllocationRequest {
         AllocationRequest {
@@ -656,7 +640,7 @@ mod tests {
     #[test]
     fn fifos_planted_in_the_store_never_block_and_gc_removes_them() {
         // Reads used to open whatever was there: a FIFO with no writer blocked forever.
-        let t = TmpDir::new("fifo");
+        let t = TmpDir::new("ipam-fifo");
         let s = IpamStore::open(&t.0, "tartan").unwrap();
         let subnet = net("10.244.3.0/24");
         let a = s.allocate(&req("a"), subnet).unwrap();
@@ -685,7 +669,7 @@ mod tests {
 
     #[test]
     fn dir_stamp_moves_with_every_allocation_and_release() {
-        let t = TmpDir::new("stamp");
+        let t = TmpDir::new("ipam-stamp");
         let empty = dir_stamp(&t.0);
         assert_eq!(empty.0.len(), 1, "no network yet: {empty:?}");
         let s = IpamStore::open(&t.0, "tartan").unwrap();
@@ -726,7 +710,7 @@ mod tests {
 
     #[test]
     fn allocate_reuse_release() {
-        let t = TmpDir::new("basic");
+        let t = TmpDir::new("ipam-basic");
         let s = IpamStore::open(&t.0, "tartan").unwrap();
         let subnet = net("10.244.3.0/24");
         let a = s.allocate(&req("a"), subnet).unwrap();
@@ -768,7 +752,7 @@ mod tests {
 
     #[test]
     fn exhaustion_is_a_clear_error() {
-        let t = TmpDir::new("full");
+        let t = TmpDir::new("ipam-full");
         let s = IpamStore::open(&t.0, "n").unwrap();
         let subnet = net("10.0.0.0/29"); // .2 - .6
         for i in 0..5 {
@@ -786,7 +770,7 @@ mod tests {
 
     #[test]
     fn subnet_change_moves_the_allocation() {
-        let t = TmpDir::new("move");
+        let t = TmpDir::new("ipam-move");
         let s = IpamStore::open(&t.0, "n").unwrap();
         let a = s.allocate(&req("a"), net("10.0.1.0/24")).unwrap();
         let b = s.allocate(&req("a"), net("10.0.2.0/24")).unwrap();
@@ -796,7 +780,7 @@ mod tests {
 
     #[test]
     fn concurrent_allocations_are_distinct() {
-        let t = TmpDir::new("par");
+        let t = TmpDir::new("ipam-par");
         let subnet = net("10.9.0.0/24");
         let dir = t.0.clone();
         let handles: Vec<_> = (0..16)
@@ -845,7 +829,7 @@ mod tests {
 
     #[test]
     fn a_subdirectory_removed_by_hand_is_recreated() {
-        let t = TmpDir::new("rmdir");
+        let t = TmpDir::new("ipam-rmdir");
         let s = IpamStore::open(&t.0, "n").unwrap();
         s.allocate(&req("a"), net("10.0.0.0/24")).unwrap();
         std::fs::remove_dir_all(s.dir().join("by-id")).unwrap();
@@ -860,7 +844,7 @@ mod tests {
 
     #[test]
     fn index_entries_of_older_directories_still_count() {
-        let t = TmpDir::new("oldfmt");
+        let t = TmpDir::new("ipam-oldfmt");
         let s = IpamStore::open(&t.0, "n").unwrap();
         let subnet = net("10.0.0.0/24");
         let a = s.allocate(&req("a"), subnet).unwrap();
@@ -881,7 +865,7 @@ mod tests {
 
     #[test]
     fn leftovers_of_killed_processes_are_reclaimed() {
-        let t = TmpDir::new("crash");
+        let t = TmpDir::new("ipam-crash");
         let s = IpamStore::open(&t.0, "n").unwrap();
         let subnet = net("10.0.0.0/24");
         let keep = s.allocate(&req("keep"), subnet).unwrap();
@@ -933,7 +917,7 @@ mod tests {
 
     #[test]
     fn paths_never_leave_the_data_dir() {
-        let t = TmpDir::new("esc");
+        let t = TmpDir::new("ipam-esc");
         for bad in ["..", ".", "a/b", "", "../x"] {
             assert!(IpamStore::open(&t.0, bad).is_err(), "{bad:?}");
         }
