@@ -73,12 +73,15 @@ test: lint
 	$(CARGO) test --lib --bins --tests -- --test-threads=$${TEST_THREADS:-2} && \
 	bash netns-tests/leftovers.sh check $$snap
 
-# The demo needs working binaries, not the fastest plugin: an ordinary release build (the
-# fat-LTO musl plugin of `make release` took 3 min 47 s of a 6.5 min demo on 2 cores).
+# The demo needs working binaries, not the fastest ones: Cargo profile `demo` (release at
+# opt-level 1, no debug info) compiles in about two thirds of the CPU time of `release`; the
+# tartan crate is most of it. netbench's figures are the kernel's paths, and the demo's
+# p50s match a release build's (docs/benchmarks.md, "Newcomer"); `make release` builds the
+# production binaries and the fat-LTO musl plugin, which took 3 min 47 s of a 6.5 min demo.
 demo: deps
-	$(CARGO) build --release --bins
+	$(CARGO) build --profile demo --bins
 	@snap=$$(mktemp); bash netns-tests/leftovers.sh snapshot $$snap && \
-	$(TARGET_DIR)/release/netbench demo --out-dir $(TARGET_DIR)/demo && \
+	$(TARGET_DIR)/demo/netbench demo --out-dir $(TARGET_DIR)/demo-report && \
 	bash netns-tests/leftovers.sh check $$snap
 
 # cargo bench relinks tartan-cni dynamically for its own use; the CNI benchmark measures the
