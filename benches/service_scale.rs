@@ -140,10 +140,7 @@ fn nft_script_peak_mb(ns: &str) -> Result<f64> {
         service_cidr: "10.96.0.0/12".parse()?,
         balancing: Balancing::RoundRobin,
     };
-    let st = tartan::service_rules::Structure {
-        capacity: tartan::service_rules::MIN_CAPACITY,
-        timeouts: Default::default(),
-    };
+    let st = tartan::service_rules::Structure::default();
     let path = std::env::temp_dir().join(format!("tartan-bench-{}.nft", std::process::id()));
     std::fs::write(
         &path,
