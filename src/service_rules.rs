@@ -286,7 +286,7 @@ pub struct PortRules {
 }
 
 /// The backend slots of one service port in one backend map: slot `s` of `base` (the
-/// port's key in the verdict map) sends to `endpoints[s]:target_port`. Kept as a compact
+/// port's key in the verdict map) sends to `endpoints[slots[s]]:target_port`. Kept as a compact
 /// block rather than as elements so the planner can diff thousands of slots positionally.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlotBlock {
@@ -294,8 +294,10 @@ pub struct SlotBlock {
     pub set: SetName,
     /// The port's key (`ip . proto . port` or `proto . port`) without the slot.
     pub base: Key,
-    /// The endpoint of each slot.
+    /// The endpoints the slots point into.
     pub endpoints: Vec<Ipv4Addr>,
+    /// The endpoint (index into `endpoints`) of each slot.
+    pub slots: Vec<u32>,
     /// The endpoints' port.
     pub target_port: u16,
 }
@@ -307,6 +309,25 @@ impl SlotBlock {
             SetName::NodePortBackends => SetName::ServiceNodePorts,
             _ => SetName::ServiceIps,
         }
+    }
+
+    /// The number of slots.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether the block has no slot.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// The endpoint of slot `slot`.
+    pub fn ip(&self, slot: usize) -> Ipv4Addr {
+        self.slots
+            .get(slot)
+            .and_then(|i| self.endpoints.get(*i as usize))
+            .copied()
+            .unwrap_or(Ipv4Addr::UNSPECIFIED)
     }
 
     /// The key of slot `slot`.
@@ -321,17 +342,12 @@ impl SlotBlock {
 
     /// The data of slot `slot`.
     pub fn data(&self, slot: usize) -> Data {
-        let ip = self
-            .endpoints
-            .get(slot)
-            .copied()
-            .unwrap_or(Ipv4Addr::UNSPECIFIED);
-        endpoint_value(ip, self.target_port)
+        endpoint_value(self.ip(slot), self.target_port)
     }
 
     /// Every slot as an element.
     pub fn elements(&self) -> impl Iterator<Item = Element> + '_ {
-        (0..self.endpoints.len()).map(|s| Element {
+        (0..self.len()).map(|s| Element {
             set: self.set,
             key: self.key(s),
             data: self.data(s),
@@ -380,34 +396,46 @@ pub fn moduli() -> impl Iterator<Item = u32> {
 ///
 /// Up to [`EXACT_MAX`] endpoints, slot `i` is endpoint `i`. Above, there are
 /// [`slot_count`] slots and every endpoint gets ⌊M/N⌋ or ⌈M/N⌉ of them; the assignment is
-/// derived from `prev` (the endpoint of each slot as applied, empty if none) so that a slot keeps
-/// its endpoint whenever that endpoint is still there and under its quota: adding or removing
-/// one endpoint moves only about M/N slots. `prev` of another length is read modulo its
-/// length (the slot count doubled or halved). Deterministic for the same inputs.
-pub fn assign_slots(endpoints: &[Ipv4Addr], prev: &[Ipv4Addr]) -> Vec<u32> {
+/// derived from the one applied before (`prev_endpoints[prev_slots[s]]` is slot `s`'s endpoint;
+/// both empty if none) so that a slot keeps its endpoint whenever that endpoint is still there
+/// and under its quota: adding or removing one endpoint moves only about M/N slots.
+/// `prev_slots` of another length is read modulo its length (the slot count doubled or
+/// halved). Deterministic for the same inputs; linear in the slots, one hash lookup per
+/// endpoint.
+pub fn assign_slots(
+    endpoints: &[Ipv4Addr],
+    prev_endpoints: &[Ipv4Addr],
+    prev_slots: &[u32],
+) -> Vec<u32> {
     let m = slot_count(endpoints.len()) as usize;
     if endpoints.len() <= EXACT_MAX as usize {
         return (0..m as u32).collect();
     }
     // More endpoints than slots only beyond MAX_SLOTS: the first M are used.
     let n = endpoints.len().min(m);
-    let index: HashMap<Ipv4Addr, u32> = endpoints[..n]
+    let index: HashMap<Ipv4Addr, u32, ahash::RandomState> = endpoints[..n]
         .iter()
         .enumerate()
         .map(|(i, ip)| (*ip, i as u32))
         .collect();
-    let cand: Vec<Option<u32>> = (0..m)
-        .map(|s| {
-            if prev.is_empty() {
-                None
-            } else {
-                index.get(&prev[s % prev.len()]).copied()
-            }
-        })
+    // Old endpoint index → new endpoint index (u32::MAX: gone).
+    let remap: Vec<u32> = prev_endpoints
+        .iter()
+        .map(|ip| index.get(ip).copied().unwrap_or(u32::MAX))
         .collect();
+    let old = |s: usize| -> u32 {
+        if prev_slots.is_empty() {
+            return u32::MAX;
+        }
+        let i = prev_slots[s % prev_slots.len()] as usize;
+        remap.get(i).copied().unwrap_or(u32::MAX)
+    };
     let mut holding = vec![0u32; n];
-    for e in cand.iter().flatten() {
-        holding[*e as usize] += 1;
+    for s in 0..m {
+        let e = old(s);
+        if e != u32::MAX {
+            holding[e as usize] += 1;
+        }
     }
     // The endpoints holding most slots keep the ⌈M/N⌉ quotas, so fewest slots move.
     let (q, r) = ((m / n) as u32, m % n);
@@ -419,11 +447,10 @@ pub fn assign_slots(endpoints: &[Ipv4Addr], prev: &[Ipv4Addr]) -> Vec<u32> {
     }
     let mut out = vec![u32::MAX; m];
     let mut got = vec![0u32; n];
-    for (s, c) in cand.iter().enumerate() {
-        if let Some(e) = *c
-            && got[e as usize] < quota[e as usize]
-        {
-            out[s] = e;
+    for (s, slot) in out.iter_mut().enumerate() {
+        let e = old(s);
+        if e != u32::MAX && got[e as usize] < quota[e as usize] {
+            *slot = e;
             got[e as usize] += 1;
         }
     }
@@ -442,21 +469,20 @@ pub fn assign_slots(endpoints: &[Ipv4Addr], prev: &[Ipv4Addr]) -> Vec<u32> {
 fn slot_block(
     set: SetName,
     base: Key,
-    usable: &[Ipv4Addr],
+    usable: Vec<Ipv4Addr>,
     target_port: u16,
     prev: Option<&PortRules>,
 ) -> SlotBlock {
-    let prev_eps: &[Ipv4Addr] = prev
-        .and_then(|r| r.blocks.iter().find(|b| b.set == set && b.base == base))
-        .map_or(&[], |b| b.endpoints.as_slice());
-    let endpoints = assign_slots(usable, prev_eps)
-        .into_iter()
-        .map(|i| usable[i as usize])
-        .collect();
+    let old = prev.and_then(|r| r.blocks.iter().find(|b| b.set == set && b.base == base));
+    let slots = match old {
+        Some(o) => assign_slots(&usable, &o.endpoints, &o.slots),
+        None => assign_slots(&usable, &[], &[]),
+    };
     SlotBlock {
         set,
         base,
-        endpoints,
+        endpoints: usable,
+        slots,
         target_port,
     }
 }
@@ -491,12 +517,12 @@ pub fn port_rules(
         let block = slot_block(
             SetName::Backends,
             key.clone().into(),
-            &ips,
+            ips,
             p.target_port,
             prev,
         );
         let chain = DynChain::Cluster {
-            n: block.endpoints.len() as u32,
+            n: block.len() as u32,
             affinity,
         };
         out.elements.push(Element {
@@ -540,12 +566,12 @@ pub fn port_rules(
             let block = slot_block(
                 SetName::NodePortBackends,
                 nkey.clone().into(),
-                &usable,
+                usable,
                 p.target_port,
                 prev,
             );
             let chain = DynChain::NodePort {
-                n: block.endpoints.len() as u32,
+                n: block.len() as u32,
                 affinity,
                 local,
             };
@@ -1210,7 +1236,10 @@ mod tests {
     fn small_counts_map_slot_i_to_endpoint_i() {
         for n in 1..=16 {
             let e = ips(n);
-            assert_eq!(assign_slots(&e, &[]), (0..n as u32).collect::<Vec<_>>());
+            assert_eq!(
+                assign_slots(&e, &[], &[]),
+                (0..n as u32).collect::<Vec<_>>()
+            );
         }
     }
 
@@ -1218,13 +1247,13 @@ mod tests {
     fn slots_spread_evenly_and_deterministically() {
         for n in [17usize, 100, 1000, 3000, 10_000] {
             let e = ips(n);
-            let a = assign_slots(&e, &[]);
+            let a = assign_slots(&e, &[], &[]);
             let m = slot_count(n) as usize;
             assert_eq!(a.len(), m);
             let c = shares(&e, &a);
             let (lo, hi) = (m / n, m.div_ceil(n));
             assert!(c.iter().all(|x| *x == lo || *x == hi), "{n}: {c:?}");
-            assert_eq!(a, assign_slots(&e, &[]), "deterministic");
+            assert_eq!(a, assign_slots(&e, &[], &[]), "deterministic");
         }
     }
 
@@ -1240,20 +1269,22 @@ mod tests {
     #[test]
     fn one_endpoint_change_moves_only_its_share() {
         let e = ips(1001);
-        let before = resolve(&e, &assign_slots(&e, &[]));
+        let slots = assign_slots(&e, &[], &[]);
+        let before = resolve(&e, &slots);
         let m = before.len();
         let share = m.div_ceil(e.len());
         // Remove one endpoint (in the middle: indices shift, slots must not).
         let mut fewer = e.clone();
         fewer.remove(500);
-        let after = resolve(&fewer, &assign_slots(&fewer, &before));
+        let a = assign_slots(&fewer, &e, &slots);
+        let after = resolve(&fewer, &a);
         assert_eq!(after.len(), m);
         assert!(
             moved(&before, &after) <= share,
             "{}",
             moved(&before, &after)
         );
-        let c = shares(&fewer, &assign_slots(&fewer, &before));
+        let c = shares(&fewer, &a);
         assert!(
             c.iter()
                 .all(|x| *x == m / fewer.len() || *x == m.div_ceil(fewer.len()))
@@ -1261,7 +1292,7 @@ mod tests {
         // Add one endpoint.
         let mut more = e.clone();
         more.insert(3, Ipv4Addr::new(10, 250, 0, 1));
-        let after = resolve(&more, &assign_slots(&more, &before));
+        let after = resolve(&more, &assign_slots(&more, &e, &slots));
         assert!(
             moved(&before, &after) <= share,
             "{}",
@@ -1270,7 +1301,7 @@ mod tests {
         assert!(after.contains(&Ipv4Addr::new(10, 250, 0, 1)));
         // Replace one (remove + add in one change).
         more.remove(600);
-        let after = resolve(&more, &assign_slots(&more, &before));
+        let after = resolve(&more, &assign_slots(&more, &e, &slots));
         assert!(moved(&before, &after) <= 2 * share);
     }
 
@@ -1278,10 +1309,12 @@ mod tests {
     fn doubling_the_slot_count_keeps_the_old_slots() {
         // 31 endpoints → 256 slots; 33 → 512: slot s and s + 256 inherit old slot s.
         let e = ips(33);
-        let small = resolve(&e[..31], &assign_slots(&e[..31], &[]));
-        let big = resolve(&e, &assign_slots(&e, &small));
+        let small_slots = assign_slots(&e[..31], &[], &[]);
+        let small = resolve(&e[..31], &small_slots);
+        let big = resolve(&e, &assign_slots(&e, &e[..31], &small_slots));
         assert_eq!(big.len(), 512);
         assert!(moved(&small, &big[..256]) <= 2 * 512usize.div_ceil(33));
+        assert!(moved(&small, &big[256..]) <= 2 * 512usize.div_ceil(33));
     }
 
     #[test]
@@ -1293,7 +1326,7 @@ mod tests {
             .collect();
         let r = port_rules(&s, &s.ports[0], &many, &ctx(), None);
         assert_eq!(r.blocks.len(), 2);
-        assert!(r.blocks.iter().all(|b| b.endpoints.len() == 512));
+        assert!(r.blocks.iter().all(|b| b.len() == 512));
         assert!(r.chains.contains(&DynChain::Cluster {
             n: 512,
             affinity: false

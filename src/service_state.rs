@@ -15,8 +15,8 @@ use crate::nft_netlink::{ElemData, SetOp};
 use crate::pod_record::PodRecord;
 use crate::service_model::{Backend, ExplicitEndpoints, Protocol, Service, SessionAffinity};
 use crate::service_rules::{
-    Data, DynChain, Element, Key, NodeContext, PortRules, SetName, SlotBlock, hairpin_element,
-    port_rules,
+    Data, DynChain, Element, Key, MAX_SLOTS, NodeContext, PortRules, SetName, SlotBlock,
+    hairpin_element, port_rules,
 };
 
 /// A change seen in etcd, already decoded.
@@ -388,7 +388,7 @@ impl ServiceState {
                 })
                 .unwrap_or_default(),
         };
-        out.sort();
+        out.sort_unstable();
         out.dedup_by(|a, b| a.ip == b.ip);
         out
     }
@@ -430,6 +430,12 @@ impl ServiceState {
                     }
                     None => (Vec::new(), Vec::new()),
                 };
+                if new_backends.len() > MAX_SLOTS as usize {
+                    plan.warnings.push(format!(
+                        "service {id} has {} endpoints; only the first {MAX_SLOTS} get slots",
+                        new_backends.len()
+                    ));
+                }
                 if let Some(s) = svc.as_ref()
                     && old_backends.is_empty()
                     && !new_backends.is_empty()
@@ -443,8 +449,13 @@ impl ServiceState {
                     }
                 }
                 if let Some(s) = svc.as_ref() {
-                    let new_ips: HashSet<Ipv4Addr> = new_backends.iter().map(|b| b.ip).collect();
-                    for b in old_backends.iter().filter(|b| !new_ips.contains(&b.ip)) {
+                    // Both lists are sorted by address: a merge finds the ones that left.
+                    let mut rest = new_backends.iter().map(|b| b.ip).peekable();
+                    let left = old_backends.iter().filter(|b| {
+                        while rest.next_if(|ip| *ip < b.ip).is_some() {}
+                        rest.peek() != Some(&b.ip)
+                    });
+                    for b in left {
                         for p in &s.ports {
                             plan.removed.push(RemovedBackend {
                                 cluster_ip: s.cluster_ip,
@@ -469,6 +480,7 @@ impl ServiceState {
                 };
                 let mut kept_rules = Vec::with_capacity(new_rules.len());
                 let mut new_keys: HashSet<ElemKey> = HashSet::default();
+                let mut block_keys: HashSet<ElemKey> = HashSet::default();
                 for r in new_rules {
                     let mut kept = PortRules::default();
                     for e in r.elements {
@@ -506,11 +518,14 @@ impl ServiceState {
                         }
                         kept.elements.push(e);
                     }
-                    // A slot block belongs to whoever holds its port's verdict element.
+                    // A slot block belongs to whoever holds its port's verdict element (once).
                     kept.blocks = r
                         .blocks
                         .into_iter()
-                        .filter(|b| new_keys.contains(&(b.verdict_set(), b.base)))
+                        .filter(|b| {
+                            new_keys.contains(&(b.verdict_set(), b.base))
+                                && block_keys.insert((b.set, b.base))
+                        })
                         .collect();
                     kept.chains = r.chains;
                     for c in &kept.chains {
@@ -539,7 +554,7 @@ impl ServiceState {
                 let new_blocks: Vec<&SlotBlock> =
                     kept_rules.iter().flat_map(|r| r.blocks.iter()).collect();
                 diff_blocks(&old_blocks, &new_blocks, &mut dels, &mut adds);
-                let slots = |v: &[&SlotBlock]| v.iter().map(|b| b.endpoints.len()).sum::<usize>();
+                let slots = |v: &[&SlotBlock]| v.iter().map(|b| b.len()).sum::<usize>();
                 self.slot_elements = self.slot_elements + slots(&new_blocks) - slots(&old_blocks);
                 if svc.is_some() {
                     self.applied_rules.insert(id.clone(), kept_rules);
@@ -644,9 +659,9 @@ fn diff_blocks(old: &[&SlotBlock], new: &[&SlotBlock], dels: &mut Dels, adds: &m
     let same = |a: &SlotBlock, b: &SlotBlock| a.set == b.set && a.base == b.base;
     for n in new {
         let o = old.iter().find(|o| same(o, n));
-        let len = o.map_or(0, |o| o.endpoints.len());
-        for s in 0..len.max(n.endpoints.len()) {
-            let (had, has) = (s < len, s < n.endpoints.len());
+        let len = o.map_or(0, |o| o.len());
+        for s in 0..len.max(n.len()) {
+            let (had, has) = (s < len, s < n.len());
             if had && has && o.is_some_and(|o| o.data(s) == n.data(s)) {
                 continue;
             }
@@ -664,7 +679,7 @@ fn diff_blocks(old: &[&SlotBlock], new: &[&SlotBlock], dels: &mut Dels, adds: &m
     }
     for o in old.iter().filter(|o| !new.iter().any(|n| same(o, n))) {
         let d = dels.entry(o.set).or_default();
-        d.extend((0..o.endpoints.len()).map(|s| o.key(s).as_slice().to_vec()));
+        d.extend((0..o.len()).map(|s| o.key(s).as_slice().to_vec()));
     }
 }
 
@@ -1100,5 +1115,93 @@ mod memory_probe {
             (r2 - r1) / 1024,
             (r3 - r0) / 1024
         );
+    }
+
+    /// Growth of one service 1 → 10,000 endpoints in steps of 100, then single changes:
+    /// plan time and element changes (run in release with `--ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn big_service_probe() {
+        let ctx = NodeContext {
+            node: "n1".into(),
+            cluster_network: "10.244.0.0/16".parse().unwrap(),
+            service_cidr: "10.96.0.0/12".parse().unwrap(),
+            balancing: Default::default(),
+        };
+        let mut st = ServiceState::new(ctx);
+        st.change(ModelChange::PutService(
+            "/s/big".into(),
+            Service {
+                namespace: "d".into(),
+                name: "big".into(),
+                cluster_ip: Ipv4Addr::new(10, 96, 0, 1),
+                ports: vec!["80:8080/tcp".parse().unwrap()],
+                selector: Some([("app".to_string(), "big".to_string())].into()),
+                session_affinity: SessionAffinity::None,
+                session_affinity_timeout: DEFAULT_AFFINITY_TIMEOUT,
+                external_traffic_policy: TrafficPolicy::Cluster,
+            },
+        ));
+        let pod = |k: u32| {
+            (
+                format!("/p/x/c{k}/eth0"),
+                PodRecord {
+                    container_id: format!("c{k}"),
+                    ifname: "eth0".into(),
+                    node: "x".into(),
+                    ip: Ipv4Addr::from(0x0ac8_0000 + k),
+                    namespace: "d".into(),
+                    name: format!("p{k}"),
+                    labels: [("app".to_string(), "big".to_string())].into(),
+                },
+            )
+        };
+        let t = std::time::Instant::now();
+        let (mut changes, mut plan_t) = (0, std::time::Duration::ZERO);
+        for step in 0..100u32 {
+            for k in step * 100..(step + 1) * 100 {
+                let (key, p) = pod(k);
+                st.change(ModelChange::PutPod(key, p));
+            }
+            let t0 = std::time::Instant::now();
+            let p = st.plan();
+            plan_t += t0.elapsed();
+            changes += p.element_changes;
+        }
+        eprintln!(
+            "growth: {:?} total, plan {plan_t:?}, {changes} element changes",
+            t.elapsed()
+        );
+        let mut worst = std::time::Duration::ZERO;
+        for k in 0..100u32 {
+            let (key, p) = pod(20_000 + k);
+            st.change(ModelChange::PutPod(key, p));
+            let t0 = std::time::Instant::now();
+            let p = st.plan();
+            worst = worst.max(t0.elapsed());
+            assert!(p.element_changes < 40, "{}", p.element_changes);
+        }
+        eprintln!("one endpoint added: plan worst {worst:?}");
+        let svc = st.services.get("/s/big").unwrap().clone();
+        let id: Sym = Arc::from("d/big");
+        for _ in 0..3 {
+            let t0 = std::time::Instant::now();
+            let b = st.compute_backends(&svc);
+            let t1 = std::time::Instant::now();
+            let prev = &st.applied_rules[&id][0];
+            let r = port_rules(&svc, &svc.ports[0], &b, &st.ctx, Some(prev));
+            let t2 = std::time::Instant::now();
+            let (mut d, mut a) = (Dels::default(), Adds::default());
+            diff_blocks(&[&prev.blocks[0]], &[&r.blocks[0]], &mut d, &mut a);
+            let t3 = std::time::Instant::now();
+            let _c = r.clone();
+            eprintln!(
+                "backends {:?}, port_rules {:?}, diff {:?}, clone {:?}",
+                t1 - t0,
+                t2 - t1,
+                t3 - t2,
+                t3.elapsed()
+            );
+        }
     }
 }
