@@ -13,6 +13,9 @@
 //!   in the service table of every node (seen in nftables notifications), every other pod
 //!   with one core kept busy by a spinning thread (interleaved, so both halves see the same
 //!   table sizes and rebuilds).
+//! - `big_service`: one service growing 1 → 10,000 endpoints (etcd writes done → every slot in
+//!   the kernel), another service's changes meanwhile, one endpoint change in the big service
+//!   (p99 of 200), and the table's chains and `nft list table` size before, during and after.
 //!
 //! Run: `cargo bench --bench service_scale [-- NAME...]`. Results: docs/benchmarks.md.
 
@@ -146,10 +149,7 @@ fn nft_script_peak_mb(ns: &str) -> Result<f64> {
         service_cidr: "10.96.0.0/12".parse()?,
         balancing: Balancing::RoundRobin,
     };
-    let st = tartan::service_rules::Structure {
-        capacity: tartan::service_rules::MIN_CAPACITY,
-        timeouts: Default::default(),
-    };
+    let st = tartan::service_rules::Structure::default();
     let path = std::env::temp_dir().join(format!("tartan-bench-{}.nft", std::process::id()));
     std::fs::write(
         &path,
@@ -213,6 +213,50 @@ fn nft_monitor(ns: &str, seen: Arc<Mutex<Vec<Instant>>>) -> Result<()> {
             v.push(at);
         }
     })
+}
+
+/// Like [`nft_monitor`], but the socket closes once `stop` is set (a subscribed socket makes
+/// the kernel build a notification per element change, which slows big batches down).
+fn nft_monitor_until(
+    ns: &str,
+    seen: Arc<Mutex<Vec<Instant>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<()> {
+    let ns = ns.to_string();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = in_netns(&ns, move || {
+            let s = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_NETFILTER).and_then(
+                |mut s| {
+                    s.bind(&netlink_sys::SocketAddr::new(0, 1 << 6))?;
+                    s.set_non_blocking(true)?;
+                    let _ = s.set_rx_buf_sz(8 * 1024 * 1024);
+                    Ok(s)
+                },
+            );
+            let s = match s {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            let _ = tx.send(Ok(()));
+            let mut buf = vec![0u8; 1 << 16];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut b = &mut buf[..];
+                if s.recv(&mut b, 0).is_err() {
+                    std::thread::sleep(Duration::from_micros(100));
+                    continue;
+                }
+                if let Ok(mut v) = seen.lock() {
+                    v.push(Instant::now());
+                }
+            }
+        });
+    });
+    rx.recv_timeout(Duration::from_secs(5))?
+        .map_err(anyhow::Error::msg)
 }
 
 fn endpoint_change(lab: &Lab) -> Result<()> {
@@ -705,6 +749,258 @@ fn pod_registration() -> Result<()> {
     Ok(())
 }
 
+/// The service table in force in `ns` (`tartan_svc` or `tartan_svc2`).
+fn service_table(ns: &str) -> Option<String> {
+    let out = tartan::netns_lab::ns_run(ns, "nft", &["list", "tables"]).ok()?;
+    out.lines()
+        .filter_map(|l| l.strip_prefix("table ip "))
+        .find(|t| t.starts_with("tartan_svc"))
+        .map(str::to_string)
+}
+
+/// Chains, bytes and listing time of `nft list table` for the service table in `ns`.
+fn table_size(ns: &str) -> Result<(String, usize, usize, Duration)> {
+    let t = service_table(ns).context("no service table")?;
+    let t0 = Instant::now();
+    let text = tartan::netns_lab::ns_run(ns, "nft", &["list", "table", "ip", &t])?;
+    let took = t0.elapsed();
+    Ok((t, text.matches("\n\tchain ").count(), text.len(), took))
+}
+
+fn big_pod(k: u32, app: &str) -> PodRecord {
+    PodRecord {
+        container_id: format!("{app}{k}"),
+        ifname: "eth0".into(),
+        node: "elsewhere".into(),
+        ip: std::net::Ipv4Addr::from(
+            u32::from(std::net::Ipv4Addr::new(10, 202, 0, 1))
+                + k
+                + if app == "big" { 0 } else { 1 << 16 },
+        ),
+        namespace: "default".into(),
+        name: format!("{app}{k}"),
+        labels: [("app".to_string(), app.to_string())].into(),
+    }
+}
+
+/// Puts (or deletes) pod records in the lab's etcd, 100 per transaction, 8 transactions in
+/// flight.
+fn write_pods(lab: &Lab, pods: Vec<PodRecord>, delete: bool) -> Result<()> {
+    block_on_in_netns(&lab.infra, move || async move {
+        let args = etcd_args();
+        let store = Store::connect(&args).await?;
+        let chunks: Vec<Vec<PodRecord>> = pods.chunks(100).map(|c| c.to_vec()).collect();
+        use futures::StreamExt;
+        let results: Vec<Result<bool>> = futures::stream::iter(chunks.into_iter().map(|c| {
+            let store = store.clone();
+            let args = args.clone();
+            async move {
+                let ops: Vec<etcd_client::TxnOp> = c
+                    .iter()
+                    .map(|p| {
+                        if delete {
+                            etcd_client::TxnOp::delete(pod_key(&args, p), None)
+                        } else {
+                            etcd_client::TxnOp::put(pod_key(&args, p), p.to_bytes(), None)
+                        }
+                    })
+                    .collect();
+                store.txn(etcd_client::Txn::new().and_then(ops)).await
+            }
+        }))
+        .buffer_unordered(8)
+        .collect()
+        .await;
+        for r in results {
+            r?;
+        }
+        anyhow::Ok(())
+    })?
+}
+
+/// Waits (60 s) until the daemon reports `want` elements; returns when it did.
+fn wait_elements(ns: &str, want: f64) -> Result<Instant> {
+    wait_for("service elements", Duration::from_secs(60), || {
+        (metric(ns, "tartan_service_elements") == Some(want)).then(Instant::now)
+    })
+}
+
+fn big_service() -> Result<()> {
+    const N: u32 = 10_000;
+    println!("big_service: one service growing 1 -> {N} endpoints beside a small one");
+    let mut lab = Lab::new(1, bins())?;
+    lab.start_etcd()?;
+    lab.init_network(&["--network", "10.244.0.0/16"])?;
+    lab.start_daemon(0, &[])?;
+    lab.wait_subnet(0)?;
+    let ns = lab.nodes[0].ns.clone();
+    wait_for("service table", Duration::from_secs(20), || {
+        service_table(&ns)
+    })?;
+    let (table0, chains0, bytes0, list0) = table_size(&ns)?;
+    let vips = block_on_in_netns(&lab.infra, move || async move {
+        let args = etcd_args();
+        let store = Store::connect(&args).await?;
+        let st = tartan::service_store::ServiceStore::new(&store, &args, "10.96.0.0/12".parse()?);
+        let mut out = Vec::new();
+        for app in ["big", "other"] {
+            let mut s = bulk_service(0);
+            s.namespace = "default".into();
+            s.name = app.into();
+            s.selector = Some([("app".to_string(), app.to_string())].into());
+            out.push(st.create(s, None, &[]).await?.cluster_ip);
+        }
+        anyhow::Ok(out)
+    })??;
+    let other_vip = vips[1];
+    let backend = lab.add_manual_pod(0, 1)?;
+    tartan::netbench::probe::tcp_whoami_server(&backend.ns, 8080, "o")?;
+    let mut other_rec = big_pod(0, "other");
+    other_rec.ip = backend.ip;
+    write_pods(&lab, vec![big_pod(0, "big")], false)?;
+    // big: verdict + 1 slot; other: its no-endpoints element.
+    wait_elements(&ns, 3.0)?;
+    wait_quiet();
+    // Grow to N while the other service's endpoint comes and goes.
+    let rest: Vec<PodRecord> = (1..N).map(|k| big_pod(k, "big")).collect();
+    let done = Arc::new(Mutex::new(None::<Instant>));
+    let (lab_ref, done2) = (&lab, done.clone());
+    let other_lat: Vec<f64> = std::thread::scope(|sc| -> Result<Vec<f64>> {
+        let w = sc.spawn(move || -> Result<()> {
+            write_pods(lab_ref, rest, false)?;
+            if let Ok(mut d) = done2.lock() {
+                *d = Some(Instant::now());
+            }
+            Ok(())
+        });
+        let mut lat = Vec::new();
+        let mut present = false;
+        while done.lock().map(|d| d.is_none()).unwrap_or(false) || lat.len() < 6 {
+            let t0 = Instant::now();
+            write_pods(lab_ref, vec![other_rec.clone()], present)?;
+            present = !present;
+            // Through the dataplane: the node connects to the other service's cluster IP; it
+            // answers once the endpoint is in, and refuses once it is out.
+            in_netns(&ns, move || {
+                wait_for("other service change", Duration::from_secs(30), || {
+                    let r = tartan::netbench::probe::whoami_here(
+                        other_vip,
+                        80,
+                        Duration::from_millis(200),
+                    );
+                    (r.is_ok_and(|w| w.name == "o") == present).then_some(())
+                })
+            })??;
+            lat.push(t0.elapsed().as_secs_f64() * 1000.0);
+        }
+        w.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+        Ok(lat)
+    })?;
+    let t_done = done.lock().ok().and_then(|d| *d).context("writer time")?;
+    // Leave the other service with one endpoint.
+    let other_elems = if other_lat.len() % 2 == 1 { 2.0 } else { 1.0 };
+    let slots = tartan::service_rules::slot_count(N as usize);
+    let programmed = wait_elements(&ns, 1.0 + f64::from(slots) + other_elems)?;
+    let grow = programmed.saturating_duration_since(t_done);
+    let (table1, chains1, bytes1, list1) = table_size(&ns)?;
+    let mut ol = other_lat.clone();
+    ol.sort_by(f64::total_cmp);
+    println!(
+        "  1 -> {N} endpoints ({slots} slots): last etcd write acknowledged -> every slot in the kernel {:.0} ms",
+        grow.as_secs_f64() * 1000.0
+    );
+    println!(
+        "  other service's endpoint added/removed during the growth: {} changes, p50 {:.1} ms, max {:.1} ms (etcd put -> a connection to its cluster IP answers / is refused)",
+        ol.len(),
+        pct(&ol, 50.0),
+        ol.last().copied().unwrap_or(f64::NAN)
+    );
+    let (q, r) = (slots / N, slots % N);
+    println!(
+        "  spread: {r} endpoints hold {} slots, {} hold {q}: shares {:+.1} % / {:+.1} % of 1/N",
+        q + 1,
+        N - r,
+        (f64::from(q + 1) * f64::from(N) / f64::from(slots) - 1.0) * 100.0,
+        (f64::from(q) * f64::from(N) / f64::from(slots) - 1.0) * 100.0
+    );
+    // One endpoint change in the big service.
+    wait_quiet();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    nft_monitor_until(&ns, seen.clone(), stop.clone())?;
+    let seen2 = seen.clone();
+    let lat: Vec<f64> = block_on_in_netns(&lab.infra, move || async move {
+        let args = etcd_args();
+        let store = Store::connect(&args).await?;
+        let mut out = Vec::new();
+        for round in 0..200u32 {
+            let p = big_pod(N + round / 2, "big");
+            if let Ok(mut v) = seen2.lock() {
+                v.clear();
+            }
+            let t0 = Instant::now();
+            if round % 2 == 0 {
+                store.put(&pod_key(&args, &p), p.to_bytes(), 0).await?;
+            } else {
+                store.delete(&pod_key(&args, &p)).await?;
+            }
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let t1 = loop {
+                if let Some(t) = seen2.lock().ok().and_then(|v| v.first().copied()) {
+                    break t;
+                }
+                if Instant::now() > deadline {
+                    bail!("no kernel change seen for round {round}");
+                }
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            };
+            out.push(t1.duration_since(t0).as_secs_f64() * 1000.0);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        anyhow::Ok(out)
+    })??;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut lat = lat;
+    lat.sort_by(f64::total_cmp);
+    println!(
+        "  one endpoint added or removed in it: etcd put sent -> kernel p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} changes)",
+        pct(&lat, 50.0),
+        pct(&lat, 99.0),
+        lat.last().copied().unwrap_or(f64::NAN),
+        lat.len()
+    );
+    // Gone again.
+    wait_quiet();
+    let t0 = Instant::now();
+    block_on_in_netns(&lab.infra, move || async move {
+        let args = etcd_args();
+        let store = Store::connect(&args).await?;
+        let st = tartan::service_store::ServiceStore::new(&store, &args, "10.96.0.0/12".parse()?);
+        st.delete("default", "big").await?;
+        st.delete("default", "other").await
+    })??;
+    let removed = wait_elements(&ns, 0.0)?;
+    let (table2, chains2, bytes2, list2) = table_size(&ns)?;
+    println!(
+        "  both services deleted -> table empty: {:.0} ms",
+        removed.duration_since(t0).as_secs_f64() * 1000.0
+    );
+    for (when, t, c, b, l) in [
+        ("before", &table0, chains0, bytes0, list0),
+        ("at 10,000 endpoints", &table1, chains1, bytes1, list1),
+        ("after deletion", &table2, chains2, bytes2, list2),
+    ] {
+        println!(
+            "  table {when}: {t}, {c} chains, `nft list table` {b} bytes in {:.0} ms",
+            l.as_secs_f64() * 1000.0
+        );
+    }
+    if table0 != table1 || table1 != table2 {
+        bail!("the service table was switched: a rebuild happened");
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     if !require_root()? {
         return Ok(());
@@ -734,6 +1030,10 @@ fn main() -> Result<()> {
     }
     if want("pod_registration") {
         pod_registration()?;
+    }
+    if want("big_service") {
+        wait_quiet();
+        big_service()?;
     }
     Ok(())
 }

@@ -187,3 +187,72 @@ fn large_batches_apply_atomically() -> Result<()> {
     ensure!(got == 100_000, "element count mismatch: {got}");
     Ok(())
 }
+
+/// Kernel cost of slot tables (ignored; `-- --ignored --nocapture`): one port's 131,072 slots
+/// added, 10 % of them rewritten (delete + add), then deleted, in one hooked table.
+#[test]
+#[ignore]
+fn slot_table_kernel_cost_probe() -> Result<()> {
+    if !require_root()? {
+        return Ok(());
+    }
+    let ns = netns("nftslot")?;
+    let tf = std::env::temp_dir().join(format!("{}.nft", ns.0));
+    std::fs::write(
+        &tf,
+        r#"table ip t {
+  map be { typeof ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport; counter; }
+  map be2 { typeof ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport; }
+}
+"#,
+    )?;
+    ns_run(&ns.0, "nft", &["-f", &tf.to_string_lossy()])?;
+    let _ = std::fs::remove_file(&tf);
+    let vip: std::net::Ipv4Addr = "10.96.0.10".parse()?;
+    let key = |s: u32| {
+        KeyBuilder::new()
+            .ipv4(vip)
+            .proto(6)
+            .port(80)
+            .u32_host(s)
+            .build()
+    };
+    let val = |i: u32| {
+        ElemData::Value(
+            KeyBuilder::new()
+                .ipv4(std::net::Ipv4Addr::from(0x0af4_0000 + i))
+                .port(8080)
+                .build(),
+        )
+    };
+    for set in ["be", "be2"] {
+        let m = 131_072u32;
+        let add: Vec<_> = (0..m).map(|s| (key(s), val(s % 10_000))).collect();
+        let redo_del: Vec<_> = (0..m).step_by(10).map(key).collect();
+        let redo_add: Vec<_> = (0..m).step_by(10).map(|s| (key(s), val(s % 7))).collect();
+        let dels: Vec<_> = (0..m).map(key).collect();
+        let set = set.to_string();
+        block_on_in_netns(&ns.0, move || async move {
+            let mut s = NftSocket::open()?;
+            let t = std::time::Instant::now();
+            s.apply(NFPROTO_IPV4, "t", &[(set.clone(), SetOp::Add(add))])?;
+            eprintln!("{set}: add {m}: {:?}", t.elapsed());
+            let n = redo_add.len();
+            let t = std::time::Instant::now();
+            s.apply(
+                NFPROTO_IPV4,
+                "t",
+                &[
+                    (set.clone(), SetOp::Delete(redo_del)),
+                    (set.clone(), SetOp::Add(redo_add)),
+                ],
+            )?;
+            eprintln!("{set}: rewrite {n}: {:?}", t.elapsed());
+            let t = std::time::Instant::now();
+            s.apply(NFPROTO_IPV4, "t", &[(set.clone(), SetOp::Delete(dels))])?;
+            eprintln!("{set}: delete {m}: {:?}", t.elapsed());
+            anyhow::Ok(())
+        })??;
+    }
+    Ok(())
+}

@@ -41,32 +41,6 @@ fn pod(lab: &mut Lab, i: usize, k: u8, labels: &[(&str, &str)]) -> Result<(LabPo
     Ok((p, name))
 }
 
-/// Writes a pod record for a node no daemon runs on (tartand owns its own node's records and
-/// would delete hand-written ones there).
-fn register_elsewhere(
-    lab: &Lab,
-    node: &str,
-    name: &str,
-    ip: Ipv4Addr,
-    labels: &[(&str, &str)],
-) -> Result<()> {
-    let rec = PodRecord {
-        container_id: format!("c-{name}"),
-        ifname: "eth0".into(),
-        node: node.into(),
-        ip,
-        namespace: "default".into(),
-        name: name.into(),
-        labels: labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-    };
-    let key = format!("/tartan/pods/{node}/c-{name}/eth0");
-    lab.etcdctl(&["put", &key, &String::from_utf8(rec.to_bytes())?])?;
-    Ok(())
-}
-
 /// `tartanctl service create ARGS`; returns the cluster IP and the node ports it printed.
 fn create(lab: &Lab, args: &[&str]) -> Result<(Ipv4Addr, Vec<u16>)> {
     let mut full = vec!["service", "create"];
@@ -750,47 +724,151 @@ fn etcd_outage_keeps_service_traffic_flowing() -> Result<()> {
     Ok(())
 }
 
+/// Writes pod records `ghost0..ghost{n}` selected by `app=big` for a node no daemon runs
+/// on, 100 keys per etcd transaction (addresses 10.201.0.1 + k: distinct, never contacted).
+fn register_many_elsewhere(lab: &Lab, n: u32) -> Result<()> {
+    tartan::netns_lab::block_on_in_netns(&lab.infra, move || async move {
+        let args = tartan::etcd_store::EtcdArgs::for_endpoints(&["http://127.0.0.1:2379"]);
+        let store = tartan::etcd_store::Store::connect(&args).await?;
+        let mut ops = Vec::new();
+        for k in 0..n {
+            let rec = PodRecord {
+                container_id: format!("c-ghost{k}"),
+                ifname: "eth0".into(),
+                node: "ghost-node".into(),
+                ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 201, 0, 1)) + k),
+                namespace: "default".into(),
+                name: format!("ghost{k}"),
+                labels: [("app".to_string(), "big".to_string())].into(),
+            };
+            ops.push(etcd_client::TxnOp::put(
+                tartan::pod_record::pod_key(&args, &rec),
+                rec.to_bytes(),
+                None,
+            ));
+            if ops.len() == 100 || k + 1 == n {
+                store
+                    .txn(etcd_client::Txn::new().and_then(std::mem::take(&mut ops)))
+                    .await?;
+            }
+        }
+        anyhow::Ok(())
+    })?
+}
+
+/// The number of chains in `table` and its `nft list table` text.
+fn table_size(ns: &str, table: &str) -> Result<(usize, String)> {
+    let text = ns_run(ns, "nft", &["list", "table", "ip", table])?;
+    Ok((text.matches("\n\tchain ").count(), text))
+}
+
 #[test]
-fn endpoint_counts_beyond_the_table_capacity_rebuild_cleanly() -> Result<()> {
+fn thousands_of_endpoints_need_no_rebuild_and_leave_no_trace() -> Result<()> {
     let Some(mut lab) = cluster(1)? else {
         return Ok(());
     };
     let (c, _) = pod(&mut lab, 0, 1, &[("app", "client")])?;
+    let (_, real) = pod(&mut lab, 0, 2, &[("app", "big")])?;
+    let (_, other_pod) = pod(&mut lab, 0, 3, &[("app", "other")])?;
+    let node = lab.nodes[0].ns.clone();
+    // Baseline: the three local pods' hairpin entries and nothing else.
+    let t0 = wait_for(
+        "service table with the pods",
+        Duration::from_secs(20),
+        || {
+            let t = active_service_table(&node)?;
+            let e = kernel_elements(&node, &t).ok()?;
+            (e.iter().filter(|(s, _, _)| s == "hairpin").count() == 3).then_some(t)
+        },
+    )?;
+    let (chains0, text0) = table_size(&node, &t0)?;
     let (vip, _) = create(
         &lab,
         &["big", "--port", "80:8080/tcp", "--selector", "app=big"],
     )?;
-    // 20 endpoints: more than the initial 16-endpoint capacity. Only the first is a real pod;
-    // the rest are records pointing at it too (distinct addresses are not needed to count).
-    let (_, real) = pod(&mut lab, 0, 2, &[("app", "big")])?;
-    let node = lab.nodes[0].ns.clone();
-    let t0 = active_service_table(&node).context("no table")?;
     reach(&c.ns, vip, 80)?;
-    for k in 0..19u8 {
-        register_elsewhere(
-            &lab,
-            "ghost-node",
-            &format!("ghost{k}"),
-            Ipv4Addr::new(10, 244, 254, k + 1),
-            &[("app", "big")],
-        )?;
-    }
-    wait_for("rebuilt table in force", Duration::from_secs(20), || {
+    // 3,000 more endpoints: far beyond the 16 exact chains, and what used to force a rebuild
+    // of the table with 3,000 chains per kind (7.7-16 s, every other change waiting).
+    let endpoints = 3000u32;
+    let writer = {
+        let lab_ref = &lab;
+        std::thread::scope(|sc| {
+            let h = sc.spawn(move || register_many_elsewhere(lab_ref, endpoints));
+            // Meanwhile another service is created and reachable.
+            let other = create(
+                lab_ref,
+                &["other", "--port", "80:8080/tcp", "--selector", "app=other"],
+            )
+            .and_then(|(ip, _)| reach(&c.ns, ip, 80));
+            let w = h
+                .join()
+                .map_err(|_| anyhow::anyhow!("writer thread panicked"));
+            (other, w)
+        })
+    };
+    let (other, w) = writer;
+    ensure!(
+        other?.name == other_pod,
+        "other service answered by the wrong pod"
+    );
+    w??;
+    let slots = tartan::service_rules::slot_count(endpoints as usize + 1);
+    let prefix = format!("{vip} . tcp . 80 . ");
+    let elems = wait_for("every endpoint programmed", Duration::from_secs(30), || {
         let t = active_service_table(&node)?;
-        (t != t0).then_some(())
+        let e = kernel_elements(&node, &t).ok()?;
+        let ips: std::collections::HashSet<&str> = e
+            .iter()
+            .filter(|(s, k, _)| s == "backends" && k.starts_with(&prefix))
+            .map(|(_, _, d)| d.as_str())
+            .collect();
+        (ips.len() == endpoints as usize + 1).then_some(e)
     })?;
-    let elems = kernel_elements(&node, &active_service_table(&node).context("table")?)?;
+    let in_use = elems
+        .iter()
+        .filter(|(s, k, _)| s == "backends" && k.starts_with(&prefix))
+        .count();
+    ensure!(in_use == slots as usize, "{in_use} slots, expected {slots}");
     ensure!(
         elems
             .iter()
-            .any(|(s, _, d)| s == "service_ips" && d == "goto svc_20"),
-        "service not on the 20-endpoint chain"
+            .any(|(s, _, d)| s == "service_ips" && *d == format!("goto svc_{slots}")),
+        "service not on the mod-{slots} chain"
+    );
+    let t1 = active_service_table(&node).context("no table")?;
+    ensure!(
+        t1 == t0,
+        "the table was switched ({t0} -> {t1}): a rebuild happened"
     );
     let tables = ns_run(&node, "nft", &["list", "tables"])?;
     ensure!(
         tables.matches("tartan_svc").count() == 1,
-        "old table left behind: {tables}"
+        "a second table exists: {tables}"
     );
+    let (chains1, _) = table_size(&node, &t1)?;
+    ensure!(
+        chains1 == chains0,
+        "chains grew from {chains0} to {chains1}"
+    );
+    // Gone again: the table returns to its baseline, chains and text.
+    lab.tartanctl(&["service", "delete", "big"])?;
+    lab.tartanctl(&["service", "delete", "other"])?;
+    let mut last = String::new();
+    let back = wait_for("table back at baseline", Duration::from_secs(30), || {
+        let (n, text) = table_size(&node, &t0).ok()?;
+        let ok = n == chains0 && text.len() == text0.len();
+        last = text;
+        ok.then_some(())
+    });
+    if back.is_err() {
+        bail!(
+            "table not back at baseline ({} bytes, baseline {}):\n{}",
+            last.len(),
+            text0.len(),
+            last.lines().take(60).collect::<Vec<_>>().join("\n")
+        );
+    }
+    ensure!(active_service_table(&node).as_deref() == Some(t0.as_str()));
     let _ = real;
     Ok(())
 }

@@ -19,8 +19,8 @@ use crate::nft_netlink::{KeyBuilder, NFPROTO_IPV4, NftSocket, SetOp};
 use crate::pod_record::{PodRecord, pods_prefix};
 use crate::service_model::{AddressGuard, ExplicitEndpoints, Protocol, Service};
 use crate::service_rules::{
-    ACTIVE_MARKER_CHAIN, FAMILY, NodeContext, Structure, TABLES, activate_script, build_script,
-    marker_chain, other_table,
+    ACTIVE_MARKER_CHAIN, DynChain, FAMILY, NodeContext, Structure, TABLES, activate_script,
+    add_recorder_script, build_script, delete_chain_script, marker_chain, other_table,
 };
 use crate::service_state::{ModelChange, RemovedBackend, RevivedPort, ServiceState, SyncPlan};
 
@@ -138,7 +138,7 @@ struct NeedsRebuild;
 
 impl std::fmt::Display for NeedsRebuild {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("the table lacks chains for a new endpoint count or affinity timeout")
+        f.write_str("the table lacks a load-balancing chain the plan needs")
     }
 }
 
@@ -177,46 +177,93 @@ impl Applier {
     }
 
     /// Builds a new table holding `plan` (a full plan) beside the one in force and switches
-    /// over in one transaction.
+    /// over in one transaction (at start, or when the table in force is not ours any more).
     async fn rebuild(&mut self, plan: &SyncPlan) -> Result<()> {
-        let current = self.active.as_ref().map(|(t, st)| (*t, st));
+        let current = self.table();
         let (new, st) = build_and_switch(&mut self.nft, &self.ctx, plan, current).await?;
         info!(
             table = new,
-            capacity = st.capacity,
+            recorders = st.timeouts.len(),
             "service table built and switched in"
         );
         self.active = Some((new, st));
         Ok(())
     }
 
-    /// Applies a full plan: in place (flush + add, one transaction) when the table in force can
-    /// serve it, else by a rebuild.
-    async fn apply_full(&mut self, plan: &SyncPlan) -> Result<()> {
-        match &self.active {
-            Some((t, st)) if st.serves(&plan.add_chains) => {
-                self.nft
-                    .apply(NFPROTO_IPV4, t, &plan.ops)
-                    .context("applying service elements")?;
-                Ok(())
+    /// Adds the affinity recorders `needed` lacks to the table in force; fails with
+    /// [`NeedsRebuild`] if a load-balancing chain is missing (the family is fixed, so only a
+    /// table of another structure can lack one).
+    async fn add_chains(&mut self, needed: &BTreeSet<DynChain>) -> Result<&'static str> {
+        let Some((t, st)) = &mut self.active else {
+            return Err(NeedsRebuild.into());
+        };
+        for c in st.missing(needed) {
+            let DynChain::AffinityRecord { timeout } = c else {
+                return Err(NeedsRebuild.into());
+            };
+            nft_cmd::apply(&add_recorder_script(t, &c, &self.ctx))
+                .await
+                .with_context(|| format!("adding chain {}", c.name()))?;
+            st.timeouts.insert(timeout);
+        }
+        Ok(*t)
+    }
+
+    /// Removes the affinity recorders of `timeouts` from the table in force (no element
+    /// references them any more); a failure only leaves an unused chain behind.
+    async fn drop_recorders(&mut self, timeouts: impl IntoIterator<Item = u32>) {
+        let Some((t, st)) = &mut self.active else {
+            return;
+        };
+        for timeout in timeouts {
+            let c = DynChain::AffinityRecord { timeout };
+            match nft_cmd::apply(&delete_chain_script(t, &c)).await {
+                Ok(()) => {
+                    st.timeouts.remove(&timeout);
+                }
+                Err(e) => warn!(chain = %c.name(), "removing an unused chain: {e:#}"),
             }
-            _ => self.rebuild(plan).await,
         }
     }
 
-    /// Applies an incremental plan; fails with [`NeedsRebuild`] when chains are missing.
-    fn apply_incremental(&mut self, plan: &SyncPlan) -> Result<()> {
-        let Some((t, st)) = &self.active else {
-            return Err(NeedsRebuild.into());
-        };
-        if !st.serves(&plan.add_chains) {
-            return Err(NeedsRebuild.into());
+    /// Applies a full plan: in place (flush + add, one transaction) when a table of ours is in
+    /// force, else by a rebuild.
+    async fn apply_full(&mut self, plan: &SyncPlan) -> Result<()> {
+        if self.active.is_none() {
+            return self.rebuild(plan).await;
         }
+        let t = match self.add_chains(&plan.add_chains).await {
+            Ok(t) => t,
+            Err(e) if e.is::<NeedsRebuild>() => return self.rebuild(plan).await,
+            Err(e) => return Err(e),
+        };
+        self.nft
+            .apply(NFPROTO_IPV4, t, &plan.ops)
+            .context("applying service elements")?;
+        let needed = Structure::for_chains(&plan.add_chains).timeouts;
+        let unused: Vec<u32> = self
+            .active
+            .as_ref()
+            .map(|(_, st)| st.timeouts.difference(&needed).copied().collect())
+            .unwrap_or_default();
+        self.drop_recorders(unused).await;
+        Ok(())
+    }
+
+    /// Applies an incremental plan: new recorder chains, the element batch, then the removal
+    /// of recorders nothing uses. Never rebuilds the table for an endpoint count.
+    async fn apply_incremental(&mut self, plan: &SyncPlan) -> Result<()> {
+        let t = self.add_chains(&plan.add_chains).await?;
         if !plan.ops.is_empty() {
             self.nft
                 .apply(NFPROTO_IPV4, t, &plan.ops)
                 .context("applying service elements")?;
         }
+        let unused = plan.drop_chains.iter().filter_map(|c| match *c {
+            DynChain::AffinityRecord { timeout } => Some(timeout),
+            _ => None,
+        });
+        self.drop_recorders(unused.collect::<Vec<_>>()).await;
         Ok(())
     }
 
@@ -232,10 +279,10 @@ pub async fn build_and_switch(
     nft: &mut NftSocket,
     ctx: &NodeContext,
     plan: &SyncPlan,
-    current: Option<(&'static str, &Structure)>,
+    current: Option<&'static str>,
 ) -> Result<(&'static str, Structure)> {
-    let st = Structure::for_chains(&plan.add_chains, current.map(|c| c.1));
-    let old = current.map(|c| c.0);
+    let st = Structure::for_chains(&plan.add_chains);
+    let old = current;
     let new = old.map_or(TABLES[0], other_table);
     let t0 = Instant::now();
     nft_cmd::apply(&build_script(new, ctx, &st)).await?;
@@ -540,7 +587,7 @@ pub async fn run(
             if plan.is_empty() {
                 Ok(plan)
             } else {
-                let r = applier.apply_incremental(&plan);
+                let r = applier.apply_incremental(&plan).await;
                 if r.is_ok() {
                     metrics
                         .service_sync_partial

@@ -2,11 +2,13 @@
 //! chains; loaded with `nft -f`) plus elements per service port (written over netlink).
 //!
 //! One map lookup finds a service, whatever the number of services: first-packet cost does not
-//! grow with the table. Load balancing uses one chain per *endpoint count* (`numgen inc|random mod
-//! N` needs a constant N), never one per service or per endpoint, so the number of chains stays
-//! small while the element count grows with services × endpoints. See `docs/ruleset.md`.
+//! grow with the table. Load balancing uses one chain per *modulus* (`numgen inc|random mod M`
+//! needs a constant M): M = N for up to 16 endpoints (exact), else a power-of-two slot table
+//! whose slots are spread evenly and stably over the endpoints. The chain family is fixed when
+//! the table is created, so no endpoint count ever needs a new chain or a rebuild; the element
+//! count grows with services × slots. See `docs/ruleset.md`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
@@ -19,7 +21,7 @@ use crate::service_model::{Backend, Service, ServicePort, SessionAffinity, Traff
 /// nftables family of the service table.
 pub const FAMILY: &str = "ip";
 /// Version of the structure; bumped when the base ruleset changes shape.
-pub const STRUCTURE_VERSION: u32 = 4;
+pub const STRUCTURE_VERSION: u32 = 5;
 
 /// The sets and maps of the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -275,10 +277,82 @@ pub struct Element {
 /// What one service port contributes to the table.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PortRules {
-    /// Elements.
+    /// Elements (everything but the backend slots).
     pub elements: Vec<Element>,
+    /// The backend slots, one block per backend map (cluster IP, node port).
+    pub blocks: Vec<SlotBlock>,
     /// Chains its verdicts reference.
     pub chains: BTreeSet<DynChain>,
+}
+
+/// The backend slots of one service port in one backend map: slot `s` of `base` (the
+/// port's key in the verdict map) sends to `endpoints[slots[s]]:target_port`. Kept as a compact
+/// block rather than as elements so the planner can diff thousands of slots positionally.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotBlock {
+    /// [`SetName::Backends`] or [`SetName::NodePortBackends`].
+    pub set: SetName,
+    /// The port's key (`ip . proto . port` or `proto . port`) without the slot.
+    pub base: Key,
+    /// The endpoints the slots point into.
+    pub endpoints: Vec<Ipv4Addr>,
+    /// The endpoint (index into `endpoints`) of each slot.
+    pub slots: Vec<u32>,
+    /// The endpoints' port.
+    pub target_port: u16,
+}
+
+impl SlotBlock {
+    /// The verdict map whose element for `base` owns this block.
+    pub fn verdict_set(&self) -> SetName {
+        match self.set {
+            SetName::NodePortBackends => SetName::ServiceNodePorts,
+            _ => SetName::ServiceIps,
+        }
+    }
+
+    /// The number of slots.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether the block has no slot.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// The endpoint of slot `slot`.
+    pub fn ip(&self, slot: usize) -> Ipv4Addr {
+        self.slots
+            .get(slot)
+            .and_then(|i| self.endpoints.get(*i as usize))
+            .copied()
+            .unwrap_or(Ipv4Addr::UNSPECIFIED)
+    }
+
+    /// The key of slot `slot`.
+    pub fn key(&self, slot: usize) -> Key {
+        let base = self.base.as_slice();
+        let mut b = [0u8; 16];
+        let n = base.len().min(12);
+        b[..n].copy_from_slice(&base[..n]);
+        b[n..n + 4].copy_from_slice(&(slot as u32).to_ne_bytes());
+        Key::from_slice(&b[..n + 4])
+    }
+
+    /// The data of slot `slot`.
+    pub fn data(&self, slot: usize) -> Data {
+        endpoint_value(self.ip(slot), self.target_port)
+    }
+
+    /// Every slot as an element.
+    pub fn elements(&self) -> impl Iterator<Item = Element> + '_ {
+        (0..self.len()).map(|s| Element {
+            set: self.set,
+            key: self.key(s),
+            data: self.data(s),
+        })
+    }
 }
 
 fn endpoint_value(ip: Ipv4Addr, port: u16) -> Data {
@@ -288,12 +362,139 @@ fn endpoint_value(ip: Ipv4Addr, port: u16) -> Data {
     Data::Endpoint(b)
 }
 
-/// The elements and chains for port `p` of `svc` with `backends` (all nodes, sorted).
+/// Largest endpoint count balanced exactly: `numgen … mod N` with one slot per endpoint.
+pub const EXACT_MAX: u32 = 16;
+
+/// Above [`EXACT_MAX`] endpoints a port gets M slots, M the smallest power of two with at least
+/// this many slots per endpoint: each endpoint holds ⌊M/N⌋ or ⌈M/N⌉ slots, so its share of new
+/// connections is within 1/8 (in practice ≤ 1/(M/N) ≤ 6.25 % on average) of 1/N.
+pub const SLOTS_PER_ENDPOINT: u32 = 8;
+
+/// Most slots a port gets (2^18): a fixed family of `mod 2^k` chains, k = 5..=18, serves every
+/// endpoint count; beyond 262,144 endpoints the surplus is left out (with a warning).
+pub const MAX_SLOTS: u32 = 1 << 18;
+
+/// The number of slots (the `numgen` modulus) for `n` endpoints: `n` itself up to
+/// [`EXACT_MAX`], else a power of two of at least [`SLOTS_PER_ENDPOINT`] × `n`, at most
+/// [`MAX_SLOTS`].
+pub fn slot_count(n: usize) -> u32 {
+    if n <= EXACT_MAX as usize {
+        return n as u32;
+    }
+    let want = (n as u64).saturating_mul(u64::from(SLOTS_PER_ENDPOINT));
+    want.next_power_of_two().min(u64::from(MAX_SLOTS)) as u32
+}
+
+/// Every modulus a table has chains for: 1..=[`EXACT_MAX`] and the powers of two up to
+/// [`MAX_SLOTS`] above it. Fixed, whatever the services: no endpoint count needs a new chain.
+pub fn moduli() -> impl Iterator<Item = u32> {
+    (1..=EXACT_MAX)
+        .chain((EXACT_MAX.trailing_zeros() + 1..=MAX_SLOTS.trailing_zeros()).map(|k| 1 << k))
+}
+
+/// Assigns the slots of a port to `endpoints` (sorted): slot `s` → index into `endpoints`.
+///
+/// Up to [`EXACT_MAX`] endpoints, slot `i` is endpoint `i`. Above, there are
+/// [`slot_count`] slots and every endpoint gets ⌊M/N⌋ or ⌈M/N⌉ of them; the assignment is
+/// derived from the one applied before (`prev_endpoints[prev_slots[s]]` is slot `s`'s endpoint;
+/// both empty if none) so that a slot keeps its endpoint whenever that endpoint is still there
+/// and under its quota: adding or removing one endpoint moves only about M/N slots.
+/// `prev_slots` of another length is read modulo its length (the slot count doubled or
+/// halved). Deterministic for the same inputs; linear in the slots, one hash lookup per
+/// endpoint.
+pub fn assign_slots(
+    endpoints: &[Ipv4Addr],
+    prev_endpoints: &[Ipv4Addr],
+    prev_slots: &[u32],
+) -> Vec<u32> {
+    let m = slot_count(endpoints.len()) as usize;
+    if endpoints.len() <= EXACT_MAX as usize {
+        return (0..m as u32).collect();
+    }
+    // More endpoints than slots only beyond MAX_SLOTS: the first M are used.
+    let n = endpoints.len().min(m);
+    let index: HashMap<Ipv4Addr, u32, ahash::RandomState> = endpoints[..n]
+        .iter()
+        .enumerate()
+        .map(|(i, ip)| (*ip, i as u32))
+        .collect();
+    // Old endpoint index → new endpoint index (u32::MAX: gone).
+    let remap: Vec<u32> = prev_endpoints
+        .iter()
+        .map(|ip| index.get(ip).copied().unwrap_or(u32::MAX))
+        .collect();
+    let old = |s: usize| -> u32 {
+        if prev_slots.is_empty() {
+            return u32::MAX;
+        }
+        let i = prev_slots[s % prev_slots.len()] as usize;
+        remap.get(i).copied().unwrap_or(u32::MAX)
+    };
+    let mut holding = vec![0u32; n];
+    for s in 0..m {
+        let e = old(s);
+        if e != u32::MAX {
+            holding[e as usize] += 1;
+        }
+    }
+    // The endpoints holding most slots keep the ⌈M/N⌉ quotas, so fewest slots move.
+    let (q, r) = ((m / n) as u32, m % n);
+    let mut order: Vec<u32> = (0..n as u32).collect();
+    order.sort_by_key(|e| (std::cmp::Reverse(holding[*e as usize]), *e));
+    let mut quota = vec![q; n];
+    for e in &order[..r] {
+        quota[*e as usize] = q + 1;
+    }
+    let mut out = vec![u32::MAX; m];
+    let mut got = vec![0u32; n];
+    for (s, slot) in out.iter_mut().enumerate() {
+        let e = old(s);
+        if e != u32::MAX && got[e as usize] < quota[e as usize] {
+            *slot = e;
+            got[e as usize] += 1;
+        }
+    }
+    let mut e = 0usize;
+    for slot in out.iter_mut().filter(|x| **x == u32::MAX) {
+        while got[e] >= quota[e] {
+            e += 1;
+        }
+        *slot = e as u32;
+        got[e] += 1;
+    }
+    out
+}
+
+/// The slot block of `base` in `set` for `usable` endpoints, stable against `prev`.
+fn slot_block(
+    set: SetName,
+    base: Key,
+    usable: Vec<Ipv4Addr>,
+    target_port: u16,
+    prev: Option<&PortRules>,
+) -> SlotBlock {
+    let old = prev.and_then(|r| r.blocks.iter().find(|b| b.set == set && b.base == base));
+    let slots = match old {
+        Some(o) => assign_slots(&usable, &o.endpoints, &o.slots),
+        None => assign_slots(&usable, &[], &[]),
+    };
+    SlotBlock {
+        set,
+        base,
+        endpoints: usable,
+        slots,
+        target_port,
+    }
+}
+
+/// The elements, slot blocks and chains for port `p` of `svc` with `backends` (all nodes,
+/// sorted); `prev` is what was applied for this port, so large slot tables stay stable.
 pub fn port_rules(
     svc: &Service,
     p: &ServicePort,
     backends: &[Backend],
     ctx: &NodeContext,
+    prev: Option<&PortRules>,
 ) -> PortRules {
     let mut out = PortRules::default();
     let proto = p.protocol.number();
@@ -312,8 +513,16 @@ pub fn port_rules(
             data: Data::None,
         });
     } else {
+        let ips: Vec<Ipv4Addr> = backends.iter().map(|b| b.ip).collect();
+        let block = slot_block(
+            SetName::Backends,
+            key.clone().into(),
+            ips,
+            p.target_port,
+            prev,
+        );
         let chain = DynChain::Cluster {
-            n: backends.len() as u32,
+            n: block.len() as u32,
             affinity,
         };
         out.elements.push(Element {
@@ -322,13 +531,7 @@ pub fn port_rules(
             data: Data::Goto(Target::Dyn(chain)),
         });
         out.chains.insert(chain);
-        for (slot, b) in backends.iter().enumerate() {
-            out.elements.push(Element {
-                set: SetName::Backends,
-                key: key.clone().u32_host(slot as u32).into(),
-                data: endpoint_value(b.ip, p.target_port),
-            });
-        }
+        out.blocks.push(block);
         if affinity {
             out.elements.push(Element {
                 set: SetName::AffinityServices,
@@ -341,14 +544,11 @@ pub fn port_rules(
     if let Some(np) = p.node_port {
         let nkey = KeyBuilder::new().proto(proto).port(np);
         let local = svc.external_traffic_policy == TrafficPolicy::Local;
-        let usable: Vec<&Backend> = if local {
-            backends
-                .iter()
-                .filter(|b| b.node.as_deref() == Some(ctx.node.as_str()))
-                .collect()
-        } else {
-            backends.iter().collect()
-        };
+        let usable: Vec<Ipv4Addr> = backends
+            .iter()
+            .filter(|b| !local || b.node.as_deref() == Some(ctx.node.as_str()))
+            .map(|b| b.ip)
+            .collect();
         if backends.is_empty() {
             out.elements.push(Element {
                 set: SetName::NoEndpointNodePorts,
@@ -363,8 +563,15 @@ pub fn port_rules(
                 data: Data::Goto(Target::NodePortDrop),
             });
         } else {
+            let block = slot_block(
+                SetName::NodePortBackends,
+                nkey.clone().into(),
+                usable,
+                p.target_port,
+                prev,
+            );
             let chain = DynChain::NodePort {
-                n: usable.len() as u32,
+                n: block.len() as u32,
                 affinity,
                 local,
             };
@@ -374,13 +581,7 @@ pub fn port_rules(
                 data: Data::Goto(Target::Dyn(chain)),
             });
             out.chains.insert(chain);
-            for (slot, b) in usable.iter().enumerate() {
-                out.elements.push(Element {
-                    set: SetName::NodePortBackends,
-                    key: nkey.clone().u32_host(slot as u32).into(),
-                    data: endpoint_value(b.ip, p.target_port),
-                });
-            }
+            out.blocks.push(block);
             if affinity {
                 out.elements.push(Element {
                     set: SetName::AffinityNodePorts,
@@ -452,47 +653,36 @@ pub fn other_table(t: &str) -> &'static str {
 /// The name of a base (hooked) chain; its presence marks the active table.
 pub const ACTIVE_MARKER_CHAIN: &str = "nat_prerouting";
 
-/// The load-balancing chains a table is built with: every kind for 1..=`capacity` endpoints,
-/// plus one affinity recorder per timeout in use. Chains are only ever created together with
-/// the maps they use (nft 1.0.6 cannot add a rule using a `typeof … th dport` map to an existing
-/// table), so a service needing more endpoints than the capacity triggers a rebuild.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The chains a table is built with: every load-balancing kind for every modulus of
+/// [`moduli`] (fixed: 6 kinds × 30 moduli), plus one affinity recorder per timeout in use.
+/// Load-balancing chains can only be created together with the maps they use (nft 1.0.6
+/// rejects `add rule … numgen … map @backends` on an existing table with "conflicting
+/// protocols specified: ip vs. th"), which is why their family is fixed and covers every
+/// endpoint count; affinity recorders can be added to a live table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Structure {
-    /// Largest endpoint count with chains.
-    pub capacity: u32,
     /// Affinity timeouts with recorder chains.
     pub timeouts: BTreeSet<u32>,
 }
 
-/// Smallest capacity a table is built with.
-pub const MIN_CAPACITY: u32 = 16;
-
 impl Structure {
-    /// The structure able to serve `chains`, at least as large as `at_least`.
-    pub fn for_chains(chains: &BTreeSet<DynChain>, at_least: Option<&Structure>) -> Structure {
-        let mut max_n = MIN_CAPACITY;
-        let mut timeouts = at_least.map(|s| s.timeouts.clone()).unwrap_or_default();
-        if let Some(s) = at_least {
-            max_n = max_n.max(s.capacity);
-        }
-        for c in chains {
-            match *c {
-                DynChain::Cluster { n, .. } | DynChain::NodePort { n, .. } => max_n = max_n.max(n),
-                DynChain::AffinityRecord { timeout } => {
-                    timeouts.insert(timeout);
-                }
-            }
-        }
+    /// The structure holding the recorders `chains` need.
+    pub fn for_chains(chains: &BTreeSet<DynChain>) -> Structure {
         Structure {
-            capacity: max_n.next_power_of_two(),
-            timeouts,
+            timeouts: chains
+                .iter()
+                .filter_map(|c| match *c {
+                    DynChain::AffinityRecord { timeout } => Some(timeout),
+                    _ => None,
+                })
+                .collect(),
         }
     }
 
     /// Every dynamic chain of this structure.
     pub fn chains(&self) -> BTreeSet<DynChain> {
         let mut out = BTreeSet::new();
-        for n in 1..=self.capacity {
+        for n in moduli() {
             for affinity in [false, true] {
                 out.insert(DynChain::Cluster { n, affinity });
                 for local in [false, true] {
@@ -506,31 +696,44 @@ impl Structure {
         out
     }
 
-    /// Whether every chain in `needed` exists in this structure.
-    pub fn serves(&self, needed: &BTreeSet<DynChain>) -> bool {
-        needed.iter().all(|c| match *c {
-            DynChain::Cluster { n, .. } | DynChain::NodePort { n, .. } => {
-                n >= 1 && n <= self.capacity
-            }
-            DynChain::AffinityRecord { timeout } => self.timeouts.contains(&timeout),
-        })
+    /// The chains in `needed` that this structure lacks.
+    pub fn missing(&self, needed: &BTreeSet<DynChain>) -> BTreeSet<DynChain> {
+        needed
+            .iter()
+            .filter(|c| match **c {
+                DynChain::Cluster { n, .. } | DynChain::NodePort { n, .. } => {
+                    !moduli().any(|m| m == n)
+                }
+                DynChain::AffinityRecord { timeout } => !self.timeouts.contains(&timeout),
+            })
+            .copied()
+            .collect()
     }
 
     /// Recovers the structure from the chain names of an existing table.
     pub fn from_chain_names<'a>(names: impl IntoIterator<Item = &'a str>) -> Structure {
-        let mut capacity = 0;
         let mut timeouts = BTreeSet::new();
         for n in names {
-            match parse_dyn_chain(n) {
-                Some(DynChain::Cluster { n, affinity: false }) => capacity = capacity.max(n),
-                Some(DynChain::AffinityRecord { timeout }) => {
-                    timeouts.insert(timeout);
-                }
-                _ => {}
+            if let Some(DynChain::AffinityRecord { timeout }) = parse_dyn_chain(n) {
+                timeouts.insert(timeout);
             }
         }
-        Structure { capacity, timeouts }
+        Structure { timeouts }
     }
+}
+
+/// A script adding the affinity recorder `c` to the live `table` (`nft -f`, one transaction).
+pub fn add_recorder_script(table: &str, c: &DynChain, ctx: &NodeContext) -> String {
+    let mut s = format!("add chain {FAMILY} {table} {}\n", c.name());
+    for r in c.rules(ctx) {
+        let _ = writeln!(s, "add rule {FAMILY} {table} {} {r}", c.name());
+    }
+    s
+}
+
+/// A script deleting the unused chain `c` from `table`.
+pub fn delete_chain_script(table: &str, c: &DynChain) -> String {
+    format!("delete chain {FAMILY} {table} {}\n", c.name())
 }
 
 /// Parses a dynamic chain name back (`svc_3`, `svc_aff_3`, `np_local_aff_2`, `aff_record_60`).
@@ -726,7 +929,7 @@ pub fn all_rules<'a>(
     let mut out = BTreeMap::new();
     for (svc, backends) in services {
         for (i, p) in svc.ports.iter().enumerate() {
-            out.insert((svc.id(), i), port_rules(svc, p, backends, ctx));
+            out.insert((svc.id(), i), port_rules(svc, p, backends, ctx, None));
         }
     }
     out
@@ -778,14 +981,20 @@ mod tests {
             .collect()
     }
 
+    fn all(r: &PortRules) -> Vec<Element> {
+        let mut v = r.elements.clone();
+        v.extend(r.blocks.iter().flat_map(SlotBlock::elements));
+        v
+    }
+
     fn count(r: &PortRules, set: SetName) -> usize {
-        r.elements.iter().filter(|e| e.set == set).count()
+        all(r).iter().filter(|e| e.set == set).count()
     }
 
     #[test]
     fn cluster_ip_with_endpoints() {
         let s = svc(None, false, false);
-        let r = port_rules(&s, &s.ports[0], &backends(3), &ctx());
+        let r = port_rules(&s, &s.ports[0], &backends(3), &ctx(), None);
         assert_eq!(count(&r, SetName::ServiceIps), 1);
         assert_eq!(count(&r, SetName::Backends), 3);
         assert_eq!(count(&r, SetName::NoEndpoints), 0);
@@ -804,9 +1013,8 @@ mod tests {
             .data;
         assert_eq!(verdict.to_elem_data(), ElemData::Goto("svc_3".into()));
         // Backend slots carry the target port.
-        let b = r
-            .elements
-            .iter()
+        let b = all(&r)
+            .into_iter()
             .find(|e| e.set == SetName::Backends)
             .unwrap();
         assert_eq!(b.data, endpoint_value(Ipv4Addr::new(10, 244, 1, 10), 8080));
@@ -815,7 +1023,7 @@ mod tests {
     #[test]
     fn no_endpoints_rejects() {
         let s = svc(Some(30080), false, false);
-        let r = port_rules(&s, &s.ports[0], &[], &ctx());
+        let r = port_rules(&s, &s.ports[0], &[], &ctx(), None);
         assert_eq!(count(&r, SetName::NoEndpoints), 1);
         assert_eq!(count(&r, SetName::NoEndpointNodePorts), 1);
         assert_eq!(r.elements.len(), 2);
@@ -825,7 +1033,7 @@ mod tests {
     #[test]
     fn node_port_policies() {
         let s = svc(Some(30080), false, false);
-        let r = port_rules(&s, &s.ports[0], &backends(4), &ctx());
+        let r = port_rules(&s, &s.ports[0], &backends(4), &ctx(), None);
         assert_eq!(count(&r, SetName::NodePortBackends), 4);
         assert!(r.chains.contains(&DynChain::NodePort {
             n: 4,
@@ -834,7 +1042,7 @@ mod tests {
         }));
         // Local: only n1's two endpoints.
         let s = svc(Some(30080), false, true);
-        let r = port_rules(&s, &s.ports[0], &backends(4), &ctx());
+        let r = port_rules(&s, &s.ports[0], &backends(4), &ctx(), None);
         assert_eq!(count(&r, SetName::NodePortBackends), 2);
         assert_eq!(
             count(&r, SetName::Backends),
@@ -851,7 +1059,7 @@ mod tests {
             node: "n9".into(),
             ..ctx()
         };
-        let r = port_rules(&s, &s.ports[0], &backends(4), &other);
+        let r = port_rules(&s, &s.ports[0], &backends(4), &other, None);
         let np = r
             .elements
             .iter()
@@ -863,7 +1071,7 @@ mod tests {
     #[test]
     fn affinity_adds_sticky_chain_and_recorder() {
         let s = svc(Some(30080), true, false);
-        let r = port_rules(&s, &s.ports[0], &backends(2), &ctx());
+        let r = port_rules(&s, &s.ports[0], &backends(2), &ctx(), None);
         assert_eq!(count(&r, SetName::AffinityServices), 1);
         assert_eq!(count(&r, SetName::AffinityNodePorts), 1);
         assert!(r.chains.contains(&DynChain::AffinityRecord {
@@ -907,9 +1115,8 @@ mod tests {
     #[test]
     fn elements_render_like_nft() {
         let s = svc(None, false, false);
-        let r = port_rules(&s, &s.ports[0], &backends(1), &ctx());
-        let texts: Vec<(String, String)> = r
-            .elements
+        let r = port_rules(&s, &s.ports[0], &backends(1), &ctx(), None);
+        let texts: Vec<(String, String)> = all(&r)
             .iter()
             .map(|e| describe(e.set, e.key.as_slice(), &e.data.to_elem_data()))
             .collect();
@@ -930,7 +1137,7 @@ mod tests {
     fn udp_keys_differ_from_tcp() {
         let mut s = svc(None, false, false);
         s.ports[0].protocol = Protocol::Udp;
-        let r = port_rules(&s, &s.ports[0], &backends(1), &ctx());
+        let r = port_rules(&s, &s.ports[0], &backends(1), &ctx(), None);
         let k = r.elements[0].key;
         assert_eq!(k.as_slice()[4], 17);
     }
@@ -942,12 +1149,13 @@ mod tests {
             affinity: false,
         }]
         .into();
-        let st = Structure::for_chains(&needed, None);
-        assert_eq!(st.capacity, MIN_CAPACITY);
+        let st = Structure::for_chains(&needed);
         let s = build_script("tartan_svc2", &ctx(), &st);
         assert!(s.starts_with("table ip tartan_svc2\ndelete table ip tartan_svc2\n"));
         assert!(s.contains("\tchain svc_2 {"));
         assert!(s.contains("\tchain np_local_aff_16 {"));
+        assert!(s.contains("\tchain np_local_aff_262144 {"));
+        assert!(!s.contains("\tchain svc_17 {"), "no exact chain above 16");
         assert!(!s.contains("hook"), "the build step must not hook anything");
         assert!(s.contains(&structure_tag(&ctx())));
         let a = activate_script("tartan_svc2", Some("tartan_svc"));
@@ -956,29 +1164,27 @@ mod tests {
     }
 
     #[test]
-    fn structure_capacity_and_names() {
+    fn structure_is_fixed_and_names_round_trip() {
         let needed: BTreeSet<DynChain> = [
             DynChain::Cluster {
-                n: 40,
+                n: 64,
                 affinity: false,
             },
             DynChain::AffinityRecord { timeout: 60 },
         ]
         .into();
-        let st = Structure::for_chains(&needed, None);
-        assert_eq!(st.capacity, 64);
-        assert!(st.serves(&needed));
-        assert!(!st.serves(&[DynChain::AffinityRecord { timeout: 61 }].into()));
-        assert!(
-            !st.serves(
-                &[DynChain::NodePort {
-                    n: 65,
-                    affinity: false,
-                    local: true
-                }]
-                .into()
-            )
-        );
+        let st = Structure::for_chains(&needed);
+        assert!(st.missing(&needed).is_empty());
+        // 6 kinds × (16 exact + 14 power-of-two moduli) + 1 recorder, whatever the services.
+        assert_eq!(st.chains().len(), 6 * 30 + 1);
+        let other = DynChain::AffinityRecord { timeout: 61 };
+        assert_eq!(st.missing(&[other].into()), [other].into());
+        let odd = DynChain::NodePort {
+            n: 65,
+            affinity: false,
+            local: true,
+        };
+        assert_eq!(st.missing(&[odd].into()), [odd].into());
         let names: Vec<String> = st.chains().iter().map(DynChain::name).collect();
         let back = Structure::from_chain_names(names.iter().map(String::as_str));
         assert_eq!(back, st);
@@ -988,5 +1194,148 @@ mod tests {
         assert_eq!(parse_dyn_chain("services"), None);
         assert_eq!(parse_dyn_chain("svc_x"), None);
         assert_eq!(other_table(TABLES[0]), TABLES[1]);
+        let add = add_recorder_script("tartan_svc", &other, &ctx());
+        assert!(add.starts_with("add chain ip tartan_svc aff_record_61\n"));
+        assert!(add.contains("add rule ip tartan_svc aff_record_61 meta l4proto"));
+    }
+
+    fn ips(n: usize) -> Vec<Ipv4Addr> {
+        (0..n as u32)
+            .map(|i| Ipv4Addr::from(0x0af4_0000 + i))
+            .collect()
+    }
+
+    fn shares(eps: &[Ipv4Addr], slots: &[u32]) -> Vec<usize> {
+        let mut c = vec![0; eps.len()];
+        for s in slots {
+            c[*s as usize] += 1;
+        }
+        c
+    }
+
+    #[test]
+    fn slot_counts() {
+        assert_eq!(slot_count(1), 1);
+        assert_eq!(slot_count(16), 16);
+        assert_eq!(slot_count(17), 256);
+        assert_eq!(slot_count(10_000), 131_072);
+        assert_eq!(slot_count(1_000_000), MAX_SLOTS);
+        for n in [1usize, 16, 17, 33, 1000, 10_000, 40_000] {
+            let m = slot_count(n);
+            assert!(
+                moduli().any(|x| x == m),
+                "{n} endpoints: no chain for mod {m}"
+            );
+            if n > EXACT_MAX as usize && m < MAX_SLOTS {
+                assert!(m as usize >= SLOTS_PER_ENDPOINT as usize * n);
+            }
+        }
+    }
+
+    #[test]
+    fn small_counts_map_slot_i_to_endpoint_i() {
+        for n in 1..=16 {
+            let e = ips(n);
+            assert_eq!(
+                assign_slots(&e, &[], &[]),
+                (0..n as u32).collect::<Vec<_>>()
+            );
+        }
+    }
+
+    #[test]
+    fn slots_spread_evenly_and_deterministically() {
+        for n in [17usize, 100, 1000, 3000, 10_000] {
+            let e = ips(n);
+            let a = assign_slots(&e, &[], &[]);
+            let m = slot_count(n) as usize;
+            assert_eq!(a.len(), m);
+            let c = shares(&e, &a);
+            let (lo, hi) = (m / n, m.div_ceil(n));
+            assert!(c.iter().all(|x| *x == lo || *x == hi), "{n}: {c:?}");
+            assert_eq!(a, assign_slots(&e, &[], &[]), "deterministic");
+        }
+    }
+
+    /// The slots whose endpoint differs between two assignments of the same slot count.
+    fn moved(a: &[Ipv4Addr], b: &[Ipv4Addr]) -> usize {
+        a.iter().zip(b).filter(|(x, y)| x != y).count()
+    }
+
+    fn resolve(e: &[Ipv4Addr], a: &[u32]) -> Vec<Ipv4Addr> {
+        a.iter().map(|i| e[*i as usize]).collect()
+    }
+
+    #[test]
+    fn one_endpoint_change_moves_only_its_share() {
+        let e = ips(1001);
+        let slots = assign_slots(&e, &[], &[]);
+        let before = resolve(&e, &slots);
+        let m = before.len();
+        let share = m.div_ceil(e.len());
+        // Remove one endpoint (in the middle: indices shift, slots must not).
+        let mut fewer = e.clone();
+        fewer.remove(500);
+        let a = assign_slots(&fewer, &e, &slots);
+        let after = resolve(&fewer, &a);
+        assert_eq!(after.len(), m);
+        assert!(
+            moved(&before, &after) <= share,
+            "{}",
+            moved(&before, &after)
+        );
+        let c = shares(&fewer, &a);
+        assert!(
+            c.iter()
+                .all(|x| *x == m / fewer.len() || *x == m.div_ceil(fewer.len()))
+        );
+        // Add one endpoint.
+        let mut more = e.clone();
+        more.insert(3, Ipv4Addr::new(10, 250, 0, 1));
+        let after = resolve(&more, &assign_slots(&more, &e, &slots));
+        assert!(
+            moved(&before, &after) <= share,
+            "{}",
+            moved(&before, &after)
+        );
+        assert!(after.contains(&Ipv4Addr::new(10, 250, 0, 1)));
+        // Replace one (remove + add in one change).
+        more.remove(600);
+        let after = resolve(&more, &assign_slots(&more, &e, &slots));
+        assert!(moved(&before, &after) <= 2 * share);
+    }
+
+    #[test]
+    fn doubling_the_slot_count_keeps_the_old_slots() {
+        // 31 endpoints → 256 slots; 33 → 512: slot s and s + 256 inherit old slot s.
+        let e = ips(33);
+        let small_slots = assign_slots(&e[..31], &[], &[]);
+        let small = resolve(&e[..31], &small_slots);
+        let big = resolve(&e, &assign_slots(&e, &e[..31], &small_slots));
+        assert_eq!(big.len(), 512);
+        assert!(moved(&small, &big[..256]) <= 2 * 512usize.div_ceil(33));
+        assert!(moved(&small, &big[256..]) <= 2 * 512usize.div_ceil(33));
+    }
+
+    #[test]
+    fn large_ports_use_slot_blocks() {
+        let s = svc(Some(30080), false, false);
+        let many: Vec<Backend> = ips(40)
+            .into_iter()
+            .map(|ip| Backend { ip, node: None })
+            .collect();
+        let r = port_rules(&s, &s.ports[0], &many, &ctx(), None);
+        assert_eq!(r.blocks.len(), 2);
+        assert!(r.blocks.iter().all(|b| b.len() == 512));
+        assert!(r.chains.contains(&DynChain::Cluster {
+            n: 512,
+            affinity: false
+        }));
+        let e: Vec<Element> = r.blocks[0].elements().collect();
+        let (k, d) = describe(e[3].set, e[3].key.as_slice(), &e[3].data.to_elem_data());
+        assert_eq!(k, "10.96.0.10 . tcp . 80 . 3");
+        assert!(d.ends_with(" . 8080"), "{d}");
+        // Fed its own result, nothing changes.
+        assert_eq!(port_rules(&s, &s.ports[0], &many, &ctx(), Some(&r)), r);
     }
 }

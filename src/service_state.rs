@@ -17,7 +17,8 @@ use crate::service_model::{
     AddressGuard, Backend, ExplicitEndpoints, Protocol, Service, SessionAffinity,
 };
 use crate::service_rules::{
-    Data, DynChain, Key, NodeContext, PortRules, SetName, hairpin_element, port_rules,
+    Data, DynChain, Key, MAX_SLOTS, NodeContext, PortRules, SetName, SlotBlock, hairpin_element,
+    port_rules,
 };
 
 /// A change seen in etcd, already decoded.
@@ -72,6 +73,8 @@ pub struct RevivedPort {
 pub struct SyncPlan {
     /// Chains the new elements reference that no element referenced before.
     pub add_chains: BTreeSet<DynChain>,
+    /// Chains no element references any more (removed after the element batch).
+    pub drop_chains: BTreeSet<DynChain>,
     /// The element batch (one kernel transaction).
     pub ops: Vec<(String, SetOp)>,
     /// Backends that left services (UDP flows to clear, affinity entries to drop).
@@ -90,7 +93,7 @@ pub struct SyncPlan {
 impl SyncPlan {
     /// True when the kernel needs nothing.
     pub fn is_empty(&self) -> bool {
-        self.add_chains.is_empty() && self.ops.is_empty()
+        self.add_chains.is_empty() && self.drop_chains.is_empty() && self.ops.is_empty()
     }
 }
 
@@ -137,6 +140,8 @@ pub struct ServiceState {
     hairpin_dirty: bool,
     /// Elements another service holds, with the services that also want them.
     waiting: HashMap<ElemKey, HashSet<Sym>>,
+    /// Backend slots applied (held in `applied_rules` as blocks, not in `applied`).
+    slot_elements: usize,
 }
 
 fn selects(s: &Service, pod: &PodEntry) -> bool {
@@ -184,6 +189,7 @@ impl ServiceState {
             dirty: HashSet::default(),
             hairpin_dirty: false,
             waiting: HashMap::default(),
+            slot_elements: 0,
         }
     }
 
@@ -208,7 +214,7 @@ impl ServiceState {
 
     /// Number of elements applied.
     pub fn element_count(&self) -> usize {
-        self.applied.len() + self.hairpin.len()
+        self.applied.len() + self.hairpin.len() + self.slot_elements
     }
 
     /// Chains currently referenced.
@@ -440,7 +446,7 @@ impl ServiceState {
                 })
                 .unwrap_or_default(),
         };
-        out.sort();
+        out.sort_unstable();
         out.dedup_by(|a, b| a.ip == b.ip);
         out
     }
@@ -483,12 +489,19 @@ impl ServiceState {
                         let r: Vec<PortRules> = s
                             .ports
                             .iter()
-                            .map(|p| port_rules(s, p, &b, &self.ctx))
+                            .enumerate()
+                            .map(|(i, p)| port_rules(s, p, &b, &self.ctx, old_rules.get(i)))
                             .collect();
                         (r, b)
                     }
                     None => (Vec::new(), Vec::new()),
                 };
+                if new_backends.len() > MAX_SLOTS as usize {
+                    plan.warnings.push(format!(
+                        "service {id} has {} endpoints; only the first {MAX_SLOTS} get slots",
+                        new_backends.len()
+                    ));
+                }
                 if let Some(s) = svc.as_ref()
                     && old_backends.is_empty()
                     && !new_backends.is_empty()
@@ -502,8 +515,13 @@ impl ServiceState {
                     }
                 }
                 if let Some(s) = svc.as_ref() {
-                    let new_ips: HashSet<Ipv4Addr> = new_backends.iter().map(|b| b.ip).collect();
-                    for b in old_backends.iter().filter(|b| !new_ips.contains(&b.ip)) {
+                    // Both lists are sorted by address: a merge finds the ones that left.
+                    let mut rest = new_backends.iter().map(|b| b.ip).peekable();
+                    let left = old_backends.iter().filter(|b| {
+                        while rest.next_if(|ip| *ip < b.ip).is_some() {}
+                        rest.peek() != Some(&b.ip)
+                    });
+                    for b in left {
                         for p in &s.ports {
                             plan.removed.push(RemovedBackend {
                                 cluster_ip: s.cluster_ip,
@@ -528,6 +546,7 @@ impl ServiceState {
                 };
                 let mut kept_rules = Vec::with_capacity(new_rules.len());
                 let mut new_keys: HashSet<ElemKey> = HashSet::default();
+                let mut block_keys: HashSet<ElemKey> = HashSet::default();
                 for (pi, r) in new_rules.into_iter().enumerate() {
                     let mut kept = PortRules::default();
                     for e in r.elements {
@@ -569,6 +588,15 @@ impl ServiceState {
                         }
                         kept.elements.push(e);
                     }
+                    // A slot block belongs to whoever holds its port's verdict element (once).
+                    kept.blocks = r
+                        .blocks
+                        .into_iter()
+                        .filter(|b| {
+                            new_keys.contains(&(b.verdict_set(), b.base))
+                                && block_keys.insert((b.set, b.base))
+                        })
+                        .collect();
                     kept.chains = r.chains;
                     for c in &kept.chains {
                         *chain_delta.entry(*c).or_default() += 1;
@@ -596,6 +624,13 @@ impl ServiceState {
                 } else {
                     self.problems.remove(&id);
                 }
+                let old_blocks: Vec<&SlotBlock> =
+                    old_rules.iter().flat_map(|r| r.blocks.iter()).collect();
+                let new_blocks: Vec<&SlotBlock> =
+                    kept_rules.iter().flat_map(|r| r.blocks.iter()).collect();
+                diff_blocks(&old_blocks, &new_blocks, &mut dels, &mut adds);
+                let slots = |v: &[&SlotBlock]| v.iter().map(|b| b.len()).sum::<usize>();
+                self.slot_elements = self.slot_elements + slots(&new_blocks) - slots(&old_blocks);
                 if svc.is_some() {
                     self.applied_rules.insert(id.clone(), kept_rules);
                     self.backends.insert(id, new_backends);
@@ -631,6 +666,9 @@ impl ServiceState {
                 plan.add_chains.insert(c);
             }
             if after == 0 {
+                if before > 0 {
+                    plan.drop_chains.insert(c);
+                }
                 self.chain_refs.remove(&c);
             } else {
                 self.chain_refs.insert(c, after as usize);
@@ -658,6 +696,7 @@ impl ServiceState {
         self.hairpin.clear();
         self.backends.clear();
         self.waiting.clear();
+        self.slot_elements = 0;
         let ids: Vec<String> = self.services.values().map(Service::id).collect();
         self.dirty = ids.iter().map(|i| self.intern(i)).collect();
         self.hairpin_dirty = true;
@@ -682,6 +721,40 @@ impl ServiceState {
         plan.removed.clear();
         plan.revived.clear();
         plan
+    }
+}
+
+type Dels = HashMap<SetName, Vec<Vec<u8>>>;
+type Adds = HashMap<SetName, Vec<(Vec<u8>, ElemData)>>;
+
+/// Queues the slot changes from the `old` blocks of a service to its `new` ones. Blocks of the
+/// same set and port key are compared slot by slot (a stable assignment changes few slots);
+/// the others are deleted or added whole. Linear in the slots, no hashing.
+fn diff_blocks(old: &[&SlotBlock], new: &[&SlotBlock], dels: &mut Dels, adds: &mut Adds) {
+    let same = |a: &SlotBlock, b: &SlotBlock| a.set == b.set && a.base == b.base;
+    for n in new {
+        let o = old.iter().find(|o| same(o, n));
+        let len = o.map_or(0, |o| o.len());
+        for s in 0..len.max(n.len()) {
+            let (had, has) = (s < len, s < n.len());
+            if had && has && o.is_some_and(|o| o.data(s) == n.data(s)) {
+                continue;
+            }
+            if had {
+                dels.entry(n.set)
+                    .or_default()
+                    .push(n.key(s).as_slice().to_vec());
+            }
+            if has {
+                adds.entry(n.set)
+                    .or_default()
+                    .push((n.key(s).as_slice().to_vec(), n.data(s).to_elem_data()));
+            }
+        }
+    }
+    for o in old.iter().filter(|o| !new.iter().any(|n| same(o, n))) {
+        let d = dels.entry(o.set).or_default();
+        d.extend((0..o.len()).map(|s| o.key(s).as_slice().to_vec()));
     }
 }
 
@@ -1012,6 +1085,124 @@ mod tests {
             ["node port 30001/tcp is held by service default/a; skipped"]
         );
     }
+
+    fn big(st: &mut ServiceState, app: &str, n: u32) {
+        for i in 0..n {
+            let (k, p) = pod(
+                &format!("{app}{i}"),
+                (0x0ac8_0000 + i).to_be_bytes(),
+                "n2",
+                app,
+            );
+            st.change(ModelChange::PutPod(k, p));
+        }
+    }
+
+    #[test]
+    fn big_service_endpoint_change_touches_only_its_share() {
+        let mut st = ServiceState::new(ctx());
+        st.change(ModelChange::PutService(
+            "/s/big".into(),
+            svc("big", [10, 96, 0, 10], "big"),
+        ));
+        big(&mut st, "big", 1000);
+        let p = st.plan();
+        // 1000 endpoints → 8192 slots on the fixed `mod 8192` chain.
+        assert_eq!(adds(&p, SetName::Backends), 8192);
+        let chain = DynChain::Cluster {
+            n: 8192,
+            affinity: false,
+        };
+        assert_eq!(p.add_chains, [chain].into());
+        assert_eq!(st.element_count(), 8193);
+        let share = 8192usize.div_ceil(1000);
+        // One more endpoint: it takes ⌊8192/1001⌋ slots from the others, nothing else moves.
+        let (k, pd) = pod("extra", [10, 201, 0, 1], "n2", "big");
+        st.change(ModelChange::PutPod(k.clone(), pd));
+        let p = st.plan();
+        assert!(p.add_chains.is_empty() && p.drop_chains.is_empty());
+        let moved = adds(&p, SetName::Backends);
+        assert!(
+            (8192 / 1001..=share).contains(&moved),
+            "{moved} slots moved"
+        );
+        assert_eq!(
+            dels(&p, SetName::Backends),
+            moved,
+            "slots are rewritten, not added"
+        );
+        assert_eq!(adds(&p, SetName::ServiceIps), 0, "the verdict stays");
+        // And it leaves again.
+        st.change(ModelChange::DeletePod(k));
+        let p = st.plan();
+        assert!(adds(&p, SetName::Backends) <= share);
+        assert_eq!(p.removed.len(), 1);
+        assert_eq!(st.element_count(), 8193);
+        // Deleting the service leaves nothing.
+        st.change(ModelChange::DeleteService("/s/big".into()));
+        let p = st.plan();
+        assert_eq!(dels(&p, SetName::Backends), 8192);
+        assert_eq!(p.drop_chains, [chain].into());
+        assert_eq!(st.element_count(), 0);
+        assert!(st.chains().is_empty());
+    }
+
+    #[test]
+    fn growing_past_a_power_of_two_switches_chain_in_one_plan() {
+        let mut st = ServiceState::new(ctx());
+        st.change(ModelChange::PutService(
+            "/s/g".into(),
+            svc("g", [10, 96, 0, 11], "g"),
+        ));
+        big(&mut st, "g", 16);
+        st.plan();
+        big(&mut st, "g", 17);
+        let p = st.plan();
+        // 16 exact slots → 256 slots: the first 16 slot keys are rewritten or kept, the rest added.
+        assert_eq!(
+            p.add_chains,
+            [DynChain::Cluster {
+                n: 256,
+                affinity: false
+            }]
+            .into()
+        );
+        assert_eq!(dels(&p, SetName::ServiceIps), 1);
+        assert_eq!(adds(&p, SetName::ServiceIps), 1);
+        assert!(adds(&p, SetName::Backends) >= 240);
+        assert_eq!(st.element_count(), 257);
+        let full = st.plan_full();
+        assert_eq!(adds(&full, SetName::Backends), 256);
+    }
+
+    #[test]
+    fn contested_cluster_ip_passes_its_slots_to_the_waiting_service() {
+        let mut st = ServiceState::new(ctx());
+        st.change(ModelChange::PutService(
+            "/s/a".into(),
+            svc("a", [10, 96, 0, 12], "a"),
+        ));
+        big(&mut st, "a", 20);
+        st.plan();
+        st.change(ModelChange::PutService(
+            "/s/b".into(),
+            svc("b", [10, 96, 0, 12], "b"),
+        ));
+        big(&mut st, "b", 30);
+        let p = st.plan();
+        assert_eq!(p.warnings.len(), 1, "{:?}", p.warnings);
+        assert_eq!(
+            adds(&p, SetName::Backends),
+            0,
+            "b's slots wait with its verdict"
+        );
+        st.change(ModelChange::DeleteService("/s/a".into()));
+        let p = st.plan();
+        // a's 256 slots go, b's 256 come (same keys: delete then add in one batch).
+        assert_eq!(dels(&p, SetName::Backends), 256);
+        assert_eq!(adds(&p, SetName::Backends), 256);
+        assert_eq!(st.element_count(), 257);
+    }
 }
 
 #[cfg(test)]
@@ -1099,5 +1290,93 @@ mod memory_probe {
             (r2 - r1) / 1024,
             (r3 - r0) / 1024
         );
+    }
+
+    /// Growth of one service 1 → 10,000 endpoints in steps of 100, then single changes:
+    /// plan time and element changes (run in release with `--ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn big_service_probe() {
+        let ctx = NodeContext {
+            node: "n1".into(),
+            cluster_network: "10.244.0.0/16".parse().unwrap(),
+            service_cidr: "10.96.0.0/12".parse().unwrap(),
+            balancing: Default::default(),
+        };
+        let mut st = ServiceState::new(ctx);
+        st.change(ModelChange::PutService(
+            "/s/big".into(),
+            Service {
+                namespace: "d".into(),
+                name: "big".into(),
+                cluster_ip: Ipv4Addr::new(10, 96, 0, 1),
+                ports: vec!["80:8080/tcp".parse().unwrap()],
+                selector: Some([("app".to_string(), "big".to_string())].into()),
+                session_affinity: SessionAffinity::None,
+                session_affinity_timeout: DEFAULT_AFFINITY_TIMEOUT,
+                external_traffic_policy: TrafficPolicy::Cluster,
+            },
+        ));
+        let pod = |k: u32| {
+            (
+                format!("/p/x/c{k}/eth0"),
+                PodRecord {
+                    container_id: format!("c{k}"),
+                    ifname: "eth0".into(),
+                    node: "x".into(),
+                    ip: Ipv4Addr::from(0x0ac8_0000 + k),
+                    namespace: "d".into(),
+                    name: format!("p{k}"),
+                    labels: [("app".to_string(), "big".to_string())].into(),
+                },
+            )
+        };
+        let t = std::time::Instant::now();
+        let (mut changes, mut plan_t) = (0, std::time::Duration::ZERO);
+        for step in 0..100u32 {
+            for k in step * 100..(step + 1) * 100 {
+                let (key, p) = pod(k);
+                st.change(ModelChange::PutPod(key, p));
+            }
+            let t0 = std::time::Instant::now();
+            let p = st.plan();
+            plan_t += t0.elapsed();
+            changes += p.element_changes;
+        }
+        eprintln!(
+            "growth: {:?} total, plan {plan_t:?}, {changes} element changes",
+            t.elapsed()
+        );
+        let mut worst = std::time::Duration::ZERO;
+        for k in 0..100u32 {
+            let (key, p) = pod(20_000 + k);
+            st.change(ModelChange::PutPod(key, p));
+            let t0 = std::time::Instant::now();
+            let p = st.plan();
+            worst = worst.max(t0.elapsed());
+            assert!(p.element_changes < 40, "{}", p.element_changes);
+        }
+        eprintln!("one endpoint added: plan worst {worst:?}");
+        let svc = st.services.get("/s/big").unwrap().clone();
+        let id: Sym = Arc::from("d/big");
+        for _ in 0..3 {
+            let t0 = std::time::Instant::now();
+            let b = st.compute_backends(&svc, &mut Vec::new());
+            let t1 = std::time::Instant::now();
+            let prev = &st.applied_rules[&id][0];
+            let r = port_rules(&svc, &svc.ports[0], &b, &st.ctx, Some(prev));
+            let t2 = std::time::Instant::now();
+            let (mut d, mut a) = (Dels::default(), Adds::default());
+            diff_blocks(&[&prev.blocks[0]], &[&r.blocks[0]], &mut d, &mut a);
+            let t3 = std::time::Instant::now();
+            let _c = r.clone();
+            eprintln!(
+                "backends {:?}, port_rules {:?}, diff {:?}, clone {:?}",
+                t1 - t0,
+                t2 - t1,
+                t3 - t2,
+                t3.elapsed()
+            );
+        }
     }
 }
