@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use tartan::etcd_store::{EtcdArgs, Store};
 use tartan::netbench::service_bed::{
-    NatKind, ServiceBed, bulk_pod, bulk_service, first_connections, load_bulk_services,
+    NatKind, ServiceBed, bulk_pod, bulk_service, first_connections, load_bulk_services, txn_batches,
 };
 use tartan::netns_lab::{Lab, block_on_in_netns, in_netns, require_root, wait_for};
 use tartan::pod_record::{PodRecord, pod_key};
@@ -789,32 +789,17 @@ fn write_pods(lab: &Lab, pods: Vec<PodRecord>, delete: bool) -> Result<()> {
     block_on_in_netns(&lab.infra, move || async move {
         let args = etcd_args();
         let store = Store::connect(&args).await?;
-        let chunks: Vec<Vec<PodRecord>> = pods.chunks(100).map(|c| c.to_vec()).collect();
-        use futures::StreamExt;
-        let results: Vec<Result<bool>> = futures::stream::iter(chunks.into_iter().map(|c| {
-            let store = store.clone();
-            let args = args.clone();
-            async move {
-                let ops: Vec<etcd_client::TxnOp> = c
-                    .iter()
-                    .map(|p| {
-                        if delete {
-                            etcd_client::TxnOp::delete(pod_key(&args, p), None)
-                        } else {
-                            etcd_client::TxnOp::put(pod_key(&args, p), p.to_bytes(), None)
-                        }
-                    })
-                    .collect();
-                store.txn(etcd_client::Txn::new().and_then(ops)).await
-            }
-        }))
-        .buffer_unordered(8)
-        .collect()
-        .await;
-        for r in results {
-            r?;
-        }
-        anyhow::Ok(())
+        let ops = pods
+            .iter()
+            .map(|p| {
+                if delete {
+                    etcd_client::TxnOp::delete(pod_key(&args, p), None)
+                } else {
+                    etcd_client::TxnOp::put(pod_key(&args, p), p.to_bytes(), None)
+                }
+            })
+            .collect();
+        txn_batches(&store, ops).await
     })?
 }
 

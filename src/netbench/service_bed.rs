@@ -412,24 +412,11 @@ pub fn load_bulk_services(lab: &Lab, services: u32) -> Result<()> {
                 kvs.push((pod_key(&args, &p), p.to_bytes()));
             }
         }
-        let chunks: Vec<Vec<(String, Vec<u8>)>> = kvs.chunks(100).map(|c| c.to_vec()).collect();
-        use futures::StreamExt;
-        let results: Vec<Result<bool>> = futures::stream::iter(chunks.into_iter().map(|c| {
-            let store = store.clone();
-            async move {
-                let ops: Vec<etcd_client::TxnOp> = c
-                    .into_iter()
-                    .map(|(k, v)| etcd_client::TxnOp::put(k, v, None))
-                    .collect();
-                store.txn(etcd_client::Txn::new().and_then(ops)).await
-            }
-        }))
-        .buffer_unordered(8)
-        .collect()
-        .await;
-        for r in results {
-            r?;
-        }
+        let ops = kvs
+            .into_iter()
+            .map(|(k, v)| etcd_client::TxnOp::put(k, v, None))
+            .collect();
+        txn_batches(&store, ops).await?;
         anyhow::Ok(())
     })??;
     println!(
@@ -438,4 +425,23 @@ pub fn load_bulk_services(lab: &Lab, services: u32) -> Result<()> {
         t.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// Sends `ops` to etcd as transactions of 100 operations, 8 in flight (how the scale
+/// benchmarks and chaos tests load tens of thousands of records quickly).
+pub async fn txn_batches(store: &Store, ops: Vec<etcd_client::TxnOp>) -> Result<()> {
+    use futures::StreamExt;
+    let mut chunks = Vec::new();
+    let mut ops = ops.into_iter().peekable();
+    while ops.peek().is_some() {
+        chunks.push(ops.by_ref().take(100).collect::<Vec<_>>());
+    }
+    let results: Vec<Result<bool>> = futures::stream::iter(chunks.into_iter().map(|c| {
+        let store = store.clone();
+        async move { store.txn(etcd_client::Txn::new().and_then(c)).await }
+    }))
+    .buffer_unordered(8)
+    .collect()
+    .await;
+    results.into_iter().try_for_each(|r| r.map(|_| ()))
 }
