@@ -959,7 +959,7 @@ fn a_config_written_after_the_daemon_started_is_taken_at_once() -> Result<()> {
     let subnet_file = lab.nodes[0].subnet_file();
     wait_for(
         "the subnet after the config",
-        Duration::from_secs(2),
+        Duration::from_secs(3),
         || subnet_file.exists().then_some(()),
     )?;
     eprintln!(
