@@ -25,6 +25,7 @@ use common::*;
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -169,8 +170,10 @@ fn nft_script_peak_mb(ns: &str) -> Result<f64> {
 }
 
 /// Subscribes to nftables change notifications in `ns` and hands each message, with its
-/// arrival time, to `on_message` (on the listener's thread); returns once subscribed.
-fn nft_notifications<F>(ns: &str, mut on_message: F) -> Result<()>
+/// arrival time, to `on_message` (on the listener's thread); returns once subscribed. With
+/// `stop`, the socket closes once it is set (a subscribed socket makes the kernel build a
+/// notification per element change, which slows big batches down).
+fn nft_notifications<F>(ns: &str, stop: Option<Arc<AtomicBool>>, mut on_message: F) -> Result<()>
 where
     F: FnMut(&[u8], Instant) + Send + 'static,
 {
@@ -191,11 +194,20 @@ where
                 return;
             }
             let _ = s.set_rx_buf_sz(8 * 1024 * 1024);
+            if stop.is_some()
+                && let Err(e) = s.set_non_blocking(true)
+            {
+                let _ = tx.send(Err(e.to_string()));
+                return;
+            }
             let _ = tx.send(Ok(()));
             let mut buf = vec![0u8; 1 << 17];
-            loop {
+            while !stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed)) {
                 let mut b = &mut buf[..];
                 let Ok(n) = s.recv(&mut b, 0) else {
+                    if stop.is_some() {
+                        std::thread::sleep(Duration::from_micros(100));
+                    }
                     continue;
                 };
                 on_message(&buf[..n], Instant::now());
@@ -208,55 +220,11 @@ where
 
 /// Records the arrival time of each nftables change notification in `ns`.
 fn nft_monitor(ns: &str, seen: Arc<Mutex<Vec<Instant>>>) -> Result<()> {
-    nft_notifications(ns, move |_, at| {
+    nft_notifications(ns, None, move |_, at| {
         if let Ok(mut v) = seen.lock() {
             v.push(at);
         }
     })
-}
-
-/// Like [`nft_monitor`], but the socket closes once `stop` is set (a subscribed socket makes
-/// the kernel build a notification per element change, which slows big batches down).
-fn nft_monitor_until(
-    ns: &str,
-    seen: Arc<Mutex<Vec<Instant>>>,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-) -> Result<()> {
-    let ns = ns.to_string();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = in_netns(&ns, move || {
-            let s = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_NETFILTER).and_then(
-                |mut s| {
-                    s.bind(&netlink_sys::SocketAddr::new(0, 1 << 6))?;
-                    s.set_non_blocking(true)?;
-                    let _ = s.set_rx_buf_sz(8 * 1024 * 1024);
-                    Ok(s)
-                },
-            );
-            let s = match s {
-                Ok(s) => s,
-                Err(e) => {
-                    let _ = tx.send(Err(e.to_string()));
-                    return;
-                }
-            };
-            let _ = tx.send(Ok(()));
-            let mut buf = vec![0u8; 1 << 16];
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let mut b = &mut buf[..];
-                if s.recv(&mut b, 0).is_err() {
-                    std::thread::sleep(Duration::from_micros(100));
-                    continue;
-                }
-                if let Ok(mut v) = seen.lock() {
-                    v.push(Instant::now());
-                }
-            }
-        });
-    });
-    rx.recv_timeout(Duration::from_secs(5))?
-        .map_err(anyhow::Error::msg)
 }
 
 fn endpoint_change(lab: &Lab) -> Result<()> {
@@ -512,7 +480,7 @@ type Sighting = Arc<Mutex<(Option<[u8; 4]>, Option<Instant>)>>;
 /// Watches nftables notifications in `ns`; the first message carrying the 4 bytes of the
 /// address in `sighting` (the pod's address as element data of `backends`) records its time.
 fn nft_sighting(ns: &str, sighting: Sighting) -> Result<()> {
-    nft_notifications(ns, move |msg, at| {
+    nft_notifications(ns, None, move |msg, at| {
         if let Ok(mut g) = sighting.lock()
             && let (Some(ip), None) = (g.0, g.1)
             && msg.windows(4).any(|w| w == ip)
@@ -912,7 +880,14 @@ fn big_service() -> Result<()> {
     wait_quiet();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    nft_monitor_until(&ns, seen.clone(), stop.clone())?;
+    nft_notifications(&ns, Some(stop.clone()), {
+        let seen = seen.clone();
+        move |_, at| {
+            if let Ok(mut v) = seen.lock() {
+                v.push(at);
+            }
+        }
+    })?;
     let seen2 = seen.clone();
     let lat: Vec<f64> = block_on_in_netns(&lab.infra, move || async move {
         let args = etcd_args();
