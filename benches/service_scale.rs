@@ -227,6 +227,21 @@ fn nft_monitor(ns: &str, seen: Arc<Mutex<Vec<Instant>>>) -> Result<()> {
     })
 }
 
+/// The arrival time of the first notification `nft_monitor` recorded since `seen` was
+/// cleared (5 s deadline).
+async fn first_change(seen: &Mutex<Vec<Instant>>, round: u32) -> Result<Instant> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(t) = seen.lock().ok().and_then(|v| v.first().copied()) {
+            return Ok(t);
+        }
+        if Instant::now() > deadline {
+            bail!("no kernel change seen for round {round}");
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+}
+
 fn endpoint_change(lab: &Lab) -> Result<()> {
     println!("endpoint_change: one endpoint added or removed, 10,000 services present");
     let ns = lab.nodes[0].ns.clone();
@@ -251,16 +266,7 @@ fn endpoint_change(lab: &Lab) -> Result<()> {
                 store.delete(&pod_key(&args, &p)).await?;
             }
             let acked = t0.elapsed();
-            let deadline = Instant::now() + Duration::from_secs(5);
-            let t1 = loop {
-                if let Some(t) = seen2.lock().ok().and_then(|v| v.first().copied()) {
-                    break t;
-                }
-                if Instant::now() > deadline {
-                    bail!("no kernel change seen for round {round}");
-                }
-                tokio::time::sleep(Duration::from_micros(200)).await;
-            };
+            let t1 = first_change(&seen2, round).await?;
             out.push((
                 t1.duration_since(t0).as_secs_f64() * 1000.0,
                 t1.saturating_duration_since(t0 + acked).as_secs_f64() * 1000.0,
@@ -904,16 +910,7 @@ fn big_service() -> Result<()> {
             } else {
                 store.delete(&pod_key(&args, &p)).await?;
             }
-            let deadline = Instant::now() + Duration::from_secs(5);
-            let t1 = loop {
-                if let Some(t) = seen2.lock().ok().and_then(|v| v.first().copied()) {
-                    break t;
-                }
-                if Instant::now() > deadline {
-                    bail!("no kernel change seen for round {round}");
-                }
-                tokio::time::sleep(Duration::from_micros(200)).await;
-            };
+            let t1 = first_change(&seen2, round).await?;
             out.push(t1.duration_since(t0).as_secs_f64() * 1000.0);
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

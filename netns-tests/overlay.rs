@@ -75,6 +75,17 @@ fn wait_peer(lab: &Lab, i: usize, j: usize) -> Result<()> {
     )
 }
 
+/// Two nodes running tartand, node 1 holding all of node 2's overlay entries.
+fn two_peered_nodes() -> Result<Option<Lab>> {
+    let Some(mut lab) = lab(2, NET16)? else {
+        return Ok(None);
+    };
+    lab.start_daemon(0, &[])?;
+    lab.start_daemon(1, &[])?;
+    wait_peer(&lab, 0, 1)?;
+    Ok(Some(lab))
+}
+
 #[test]
 fn three_nodes_distinct_subnets_and_cross_node_tcp() -> Result<()> {
     let Some(mut lab) = lab(3, NET16)? else {
@@ -400,12 +411,9 @@ fn hand_deleted_entries_and_device_are_repaired() -> Result<()> {
 
 #[test]
 fn garbage_in_etcd_is_skipped_without_crash_or_flush() -> Result<()> {
-    let Some(mut lab) = lab(2, NET16)? else {
+    let Some(mut lab) = two_peered_nodes()? else {
         return Ok(());
     };
-    lab.start_daemon(0, &[])?;
-    lab.start_daemon(1, &[])?;
-    wait_peer(&lab, 0, 1)?;
     let before = overlay_text(&lab, 0)?;
     lab.etcdctl(&[
         "put",
@@ -838,12 +846,9 @@ fn a_stray_lease_with_a_live_nodes_mac_never_displaces_it() -> Result<()> {
     // A lease-less key that sorts before node2's lease and carries node2's VTEP MAC (a copy
     // left by hand, a restored backup...) used to win on every peer: node2's FDB entry then
     // pointed at the stray's address and node2's pods were cut off.
-    let Some(mut lab) = lab(2, NET16)? else {
+    let Some(lab) = two_peered_nodes()? else {
         return Ok(());
     };
-    lab.start_daemon(0, &[])?;
-    lab.start_daemon(1, &[])?;
-    wait_peer(&lab, 0, 1)?;
     let before = overlay_text(&lab, 0)?;
     let mac = vtep_mac(&lab, 1)?;
     let stray = "/coreos.com/network/subnets/10.244.0.0-24";
