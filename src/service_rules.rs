@@ -21,7 +21,7 @@ use crate::service_model::{Backend, Service, ServicePort, SessionAffinity, Traff
 /// nftables family of the service table.
 pub const FAMILY: &str = "ip";
 /// Version of the structure; bumped when the base ruleset changes shape.
-pub const STRUCTURE_VERSION: u32 = 5;
+pub const STRUCTURE_VERSION: u32 = 6;
 
 /// The sets and maps of the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -34,6 +34,11 @@ pub enum SetName {
     Backends,
     /// `proto . node port . slot` → endpoint `ip . port`.
     NodePortBackends,
+    /// [`SetName::Backends`] for slot tables above [`LARGE_SLOTS`], without per-element
+    /// counters (they would more than double the kernel's cost of writing the slots).
+    BigBackends,
+    /// [`SetName::NodePortBackends`] for slot tables above [`LARGE_SLOTS`], uncounted.
+    BigNodePortBackends,
     /// Cluster IP ports without endpoints (rejected).
     NoEndpoints,
     /// Node ports without endpoints (rejected).
@@ -48,17 +53,31 @@ pub enum SetName {
 
 impl SetName {
     /// Every set, in a fixed order.
-    pub const ALL: [SetName; 9] = [
+    pub const ALL: [SetName; 11] = [
         SetName::ServiceIps,
         SetName::ServiceNodePorts,
         SetName::Backends,
         SetName::NodePortBackends,
+        SetName::BigBackends,
+        SetName::BigNodePortBackends,
         SetName::NoEndpoints,
         SetName::NoEndpointNodePorts,
         SetName::AffinityServices,
         SetName::AffinityNodePorts,
         SetName::Hairpin,
     ];
+
+    /// The backend map of this map's kind (cluster IP or node port) for a slot table of
+    /// `slots` slots: the counted one up to [`LARGE_SLOTS`], the uncounted one above.
+    pub fn for_slots(self, slots: u32) -> SetName {
+        let cluster = matches!(self, SetName::Backends | SetName::BigBackends);
+        match (cluster, counted_slots(slots)) {
+            (true, true) => SetName::Backends,
+            (true, false) => SetName::BigBackends,
+            (false, true) => SetName::NodePortBackends,
+            (false, false) => SetName::BigNodePortBackends,
+        }
+    }
 
     /// The nft name.
     pub fn as_str(self) -> &'static str {
@@ -67,6 +86,8 @@ impl SetName {
             SetName::ServiceNodePorts => "service_nodeports",
             SetName::Backends => "backends",
             SetName::NodePortBackends => "nodeport_backends",
+            SetName::BigBackends => "big_backends",
+            SetName::BigNodePortBackends => "big_nodeport_backends",
             SetName::NoEndpoints => "no_endpoints",
             SetName::NoEndpointNodePorts => "no_endpoint_nodeports",
             SetName::AffinityServices => "affinity_services",
@@ -119,8 +140,9 @@ impl DynChain {
                     r.push(sticky.to_string());
                 }
                 r.push(format!(
-                    "dnat ip to ip daddr . meta l4proto . th dport . numgen {} mod {n} map @backends",
-                    ctx.balancing.numgen()
+                    "dnat ip to ip daddr . meta l4proto . th dport . numgen {} mod {n} map @{}",
+                    ctx.balancing.numgen(),
+                    SetName::Backends.for_slots(n).as_str()
                 ));
                 r
             }
@@ -133,8 +155,9 @@ impl DynChain {
                     r.push(sticky.to_string());
                 }
                 r.push(format!(
-                    "dnat ip to meta l4proto . th dport . numgen {} mod {n} map @nodeport_backends",
-                    ctx.balancing.numgen()
+                    "dnat ip to meta l4proto . th dport . numgen {} mod {n} map @{}",
+                    ctx.balancing.numgen(),
+                    SetName::NodePortBackends.for_slots(n).as_str()
                 ));
                 r
             }
@@ -290,7 +313,8 @@ pub struct PortRules {
 /// block rather than as elements so the planner can diff thousands of slots positionally.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlotBlock {
-    /// [`SetName::Backends`] or [`SetName::NodePortBackends`].
+    /// [`SetName::Backends`] or [`SetName::NodePortBackends`] (their `Big` twins above
+    /// [`LARGE_SLOTS`] slots).
     pub set: SetName,
     /// The port's key (`ip . proto . port` or `proto . port`) without the slot.
     pub base: Key,
@@ -306,7 +330,7 @@ impl SlotBlock {
     /// The verdict map whose element for `base` owns this block.
     pub fn verdict_set(&self) -> SetName {
         match self.set {
-            SetName::NodePortBackends => SetName::ServiceNodePorts,
+            SetName::NodePortBackends | SetName::BigNodePortBackends => SetName::ServiceNodePorts,
             _ => SetName::ServiceIps,
         }
     }
@@ -383,6 +407,15 @@ pub const LARGE_SLOTS: u32 = 1 << 15;
 /// Slots per endpoint once a port has more than [`LARGE_SLOTS`] (shares within 1/4 of 1/N;
 /// 10,000 endpoints: −8.4 % / +6.8 %).
 pub const LARGE_SLOTS_PER_ENDPOINT: u32 = 4;
+
+/// Whether a slot table of `slots` slots lives in a map with per-element counters (the ones
+/// `tartanctl explain` sums into per-endpoint connection counts): up to [`LARGE_SLOTS`]
+/// (services up to 8,192 endpoints). Larger tables go to the uncounted `big_` maps: writing
+/// 131,072 counted slots costs the kernel 0.54 s against 0.20 s uncounted (`nft_elements`
+/// `slot_table` probe), and listing a counted map that large takes `nft` seconds.
+pub fn counted_slots(slots: u32) -> bool {
+    slots <= LARGE_SLOTS
+}
 
 /// The number of slots (the `numgen` modulus) for `n` endpoints: `n` itself up to
 /// [`EXACT_MAX`], else a power of two of at least [`SLOTS_PER_ENDPOINT`] × `n` while that is at
@@ -489,13 +522,20 @@ fn slot_block(
     target_port: u16,
     prev: Option<&PortRules>,
 ) -> SlotBlock {
-    let old = prev.and_then(|r| r.blocks.iter().find(|b| b.set == set && b.base == base));
+    // The previous block of this port, in either map of its kind, keeps the assignment stable
+    // when the table moves between the counted and the uncounted map.
+    let kind = |s: SetName| s.for_slots(1);
+    let old = prev.and_then(|r| {
+        r.blocks
+            .iter()
+            .find(|b| kind(b.set) == kind(set) && b.base == base)
+    });
     let slots = match old {
         Some(o) => assign_slots(&usable, &o.endpoints, &o.slots),
         None => assign_slots(&usable, &[], &[]),
     };
     SlotBlock {
-        set,
+        set: set.for_slots(slots.len() as u32),
         base,
         endpoints: usable,
         slots,
@@ -805,6 +845,8 @@ table {FAMILY} {table} {{
 	map service_nodeports {{ typeof meta l4proto . th dport : verdict; }}
 	map backends {{ typeof ip daddr . meta l4proto . th dport . numgen {numgen} mod 1 : ip daddr . th dport; counter; }}
 	map nodeport_backends {{ typeof meta l4proto . th dport . numgen {numgen} mod 1 : ip daddr . th dport; counter; }}
+	map big_backends {{ typeof ip daddr . meta l4proto . th dport . numgen {numgen} mod 1 : ip daddr . th dport; }}
+	map big_nodeport_backends {{ typeof meta l4proto . th dport . numgen {numgen} mod 1 : ip daddr . th dport; }}
 	set no_endpoints {{ typeof ip daddr . meta l4proto . th dport; counter; }}
 	set no_endpoint_nodeports {{ typeof meta l4proto . th dport; counter; }}
 	map affinity_services {{ typeof ip daddr . meta l4proto . th dport : verdict; }}
@@ -891,8 +933,8 @@ impl SetName {
             SetName::ServiceNodePorts
             | SetName::NoEndpointNodePorts
             | SetName::AffinityNodePorts => &[Proto, Port],
-            SetName::Backends => &[Ip, Proto, Port, Slot],
-            SetName::NodePortBackends => &[Proto, Port, Slot],
+            SetName::Backends | SetName::BigBackends => &[Ip, Proto, Port, Slot],
+            SetName::NodePortBackends | SetName::BigNodePortBackends => &[Proto, Port, Slot],
             SetName::Hairpin => &[Ip, Ip],
         }
     }

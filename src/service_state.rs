@@ -766,6 +766,7 @@ fn describe(set: SetName, s: &Service, pi: usize) -> String {
     match set {
         SetName::ServiceNodePorts
         | SetName::NodePortBackends
+        | SetName::BigNodePortBackends
         | SetName::NoEndpointNodePorts
         | SetName::AffinityNodePorts => match p.node_port {
             Some(np) => format!("node port {np}/{}", p.protocol),
@@ -964,7 +965,7 @@ mod tests {
                 .iter()
                 .filter(|(_, o)| matches!(o, SetOp::Flush))
                 .count(),
-            9
+            SetName::ALL.len()
         );
         assert!(full.ops.iter().all(|(_, o)| !matches!(o, SetOp::Delete(_))));
         assert_eq!(adds(&full, SetName::ServiceIps), 1);
@@ -1145,6 +1146,50 @@ mod tests {
         assert_eq!(p.drop_chains, [chain].into());
         assert_eq!(st.element_count(), 0);
         assert!(st.chains().is_empty());
+    }
+
+    #[test]
+    fn a_service_past_large_slots_moves_to_the_uncounted_map_and_back() {
+        let mut st = ServiceState::new(ctx());
+        st.change(ModelChange::PutService(
+            "/s/huge".into(),
+            svc("huge", [10, 96, 0, 13], "huge"),
+        ));
+        // 8,192 endpoints: 32,768 slots, still counted.
+        big(&mut st, "huge", 8192);
+        let p = st.plan();
+        assert_eq!(adds(&p, SetName::Backends), 32_768);
+        assert_eq!(adds(&p, SetName::BigBackends), 0);
+        // One more: 65,536 slots in the uncounted map, the counted block deleted whole, in the
+        // same plan as the verdict's switch to the `mod 65536` chain.
+        big(&mut st, "huge", 8193);
+        let p = st.plan();
+        assert_eq!(dels(&p, SetName::Backends), 32_768);
+        assert_eq!(adds(&p, SetName::BigBackends), 65_536);
+        let chain = DynChain::Cluster {
+            n: 65_536,
+            affinity: false,
+        };
+        assert_eq!(p.add_chains, [chain].into());
+        assert!(
+            chain
+                .rules(&ctx())
+                .iter()
+                .any(|r| r.ends_with("map @big_backends"))
+        );
+        assert_eq!(st.element_count(), 65_537);
+        // One more endpoint in the big table moves only its share, within the big map.
+        let (k, pd) = pod("extra", [10, 201, 0, 2], "n2", "huge");
+        st.change(ModelChange::PutPod(k.clone(), pd));
+        let p = st.plan();
+        let moved = adds(&p, SetName::BigBackends);
+        assert!((1..=8).contains(&moved), "{moved} slots moved");
+        assert_eq!(adds(&p, SetName::Backends) + dels(&p, SetName::Backends), 0);
+        // Deleted, it leaves nothing in either map.
+        st.change(ModelChange::DeleteService("/s/huge".into()));
+        let p = st.plan();
+        assert_eq!(dels(&p, SetName::BigBackends), 65_536);
+        assert_eq!(st.element_count(), 0);
     }
 
     #[test]

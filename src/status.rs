@@ -84,6 +84,10 @@ pub struct ServiceReport {
     /// endpoint, an element held by another service).
     #[serde(default)]
     pub problems: Vec<String>,
+    /// Whether the service is too big for per-endpoint counters (slot tables above
+    /// `service_rules::LARGE_SLOTS` live in uncounted maps): `connections` is then 0.
+    #[serde(default)]
+    pub uncounted: bool,
 }
 
 /// One backend.
@@ -269,6 +273,9 @@ impl DaemonStatus {
                 connections,
                 refused,
                 problems: s.problems.clone(),
+                uncounted: !crate::service_rules::counted_slots(crate::service_rules::slot_count(
+                    s.backends.len(),
+                )),
             });
         }
         r

@@ -97,18 +97,29 @@ pub fn render(r: &StatusReport) -> String {
             ));
             continue;
         }
-        o.push_str(&format!(
-            "  {} new connections so far, spread over {} endpoints:\n",
-            s.connections,
-            s.backends.len()
-        ));
-        for b in s.backends.iter().take(MAX_LISTED) {
+        if s.uncounted {
             o.push_str(&format!(
-                "    {} on {}: {} connections\n",
-                b.ip,
-                b.node.as_deref().unwrap_or("an unknown node"),
-                b.connections
+                "  new connections spread over {} endpoints (not counted: services this big \
+                 keep their slots in uncounted maps, so the kernel writes them fast):\n",
+                s.backends.len()
             ));
+        } else {
+            o.push_str(&format!(
+                "  {} new connections so far, spread over {} endpoints:\n",
+                s.connections,
+                s.backends.len()
+            ));
+        }
+        for b in s.backends.iter().take(MAX_LISTED) {
+            let node = b.node.as_deref().unwrap_or("an unknown node");
+            if s.uncounted {
+                o.push_str(&format!("    {} on {node}\n", b.ip));
+            } else {
+                o.push_str(&format!(
+                    "    {} on {node}: {} connections\n",
+                    b.ip, b.connections
+                ));
+            }
         }
         if s.backends.len() > MAX_LISTED {
             o.push_str(&format!(
@@ -178,6 +189,7 @@ mod tests {
             connections: 0,
             refused: 0,
             problems: problems.iter().map(|p| p.to_string()).collect(),
+            uncounted: backends > 8192,
         }
     }
 
