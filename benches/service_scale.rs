@@ -926,6 +926,11 @@ fn big_service() -> Result<()> {
         lat.last().copied().unwrap_or(f64::NAN),
         lat.len()
     );
+    // `BIG_LOG_COPY=FILE` (with `TARTAN_LOG=tartan=debug`) keeps the daemon's log of the
+    // growth and the single changes: each plan's `plan_us` and `elapsed_us`.
+    if let Ok(dst) = std::env::var("BIG_LOG_COPY") {
+        let _ = std::fs::copy(lab.nodes[0].log_file(), dst);
+    }
     // Gone again.
     wait_quiet();
     let t0 = Instant::now();

@@ -581,6 +581,7 @@ pub async fn run(
             r.map(|_| plan)
         } else {
             let plan = state.plan();
+            let plan_us = t0.elapsed().as_micros() as u64;
             for w in &plan.warnings {
                 warn!("{w}");
             }
@@ -595,6 +596,7 @@ pub async fn run(
                     debug!(
                         recomputed = plan.recomputed,
                         changes = plan.element_changes,
+                        plan_us,
                         elapsed_us = t0.elapsed().as_micros() as u64,
                         "service table updated"
                     );

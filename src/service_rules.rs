@@ -34,10 +34,10 @@ pub enum SetName {
     Backends,
     /// `proto . node port . slot` → endpoint `ip . port`.
     NodePortBackends,
-    /// [`SetName::Backends`] for slot tables above [`LARGE_SLOTS`], without per-element
+    /// [`SetName::Backends`] for slot tables above [`COUNTED_MAX_SLOTS`], without per-element
     /// counters (they would more than double the kernel's cost of writing the slots).
     BigBackends,
-    /// [`SetName::NodePortBackends`] for slot tables above [`LARGE_SLOTS`], uncounted.
+    /// [`SetName::NodePortBackends`] for slot tables above [`COUNTED_MAX_SLOTS`], uncounted.
     BigNodePortBackends,
     /// Cluster IP ports without endpoints (rejected).
     NoEndpoints,
@@ -68,7 +68,7 @@ impl SetName {
     ];
 
     /// The backend map of this map's kind (cluster IP or node port) for a slot table of
-    /// `slots` slots: the counted one up to [`LARGE_SLOTS`], the uncounted one above.
+    /// `slots` slots: the counted one up to [`COUNTED_MAX_SLOTS`], the uncounted one above.
     pub fn for_slots(self, slots: u32) -> SetName {
         let cluster = matches!(self, SetName::Backends | SetName::BigBackends);
         match (cluster, counted_slots(slots)) {
@@ -314,7 +314,7 @@ pub struct PortRules {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlotBlock {
     /// [`SetName::Backends`] or [`SetName::NodePortBackends`] (their `Big` twins above
-    /// [`LARGE_SLOTS`] slots).
+    /// [`COUNTED_MAX_SLOTS`] slots).
     pub set: SetName,
     /// The port's key (`ip . proto . port` or `proto . port`) without the slot.
     pub base: Key,
@@ -394,33 +394,40 @@ pub const EXACT_MAX: u32 = 16;
 /// connections is within 1/8 (in practice ≤ 1/(M/N) ≤ 6.25 % on average) of 1/N.
 pub const SLOTS_PER_ENDPOINT: u32 = 8;
 
-/// Most slots a port gets (2^18): a fixed family of `mod 2^k` chains, k = 5..=18, serves every
+/// Most slots a port gets (2^18): a fixed family of chains (see [`moduli`]) serves every
 /// endpoint count; beyond 262,144 endpoints the surplus is left out (with a warning).
 pub const MAX_SLOTS: u32 = 1 << 18;
 
 /// Above this many slots a port gets [`LARGE_SLOTS_PER_ENDPOINT`] per endpoint instead of
-/// [`SLOTS_PER_ENDPOINT`]: the kernel's cost is the slots it writes when a big service doubles
-/// its slot count (1 → 10,000 endpoints: 422–554 ms with 8 per endpoint, 161–266 ms with 4;
+/// [`SLOTS_PER_ENDPOINT`], and slot counts grow in quarter steps (40,960, 49,152, 57,344,
+/// 65,536, 81,920, …) instead of doubling: the kernel's cost is the slots it writes when a
+/// big service changes its slot count, and a doubling writes as many as the table holds
+/// (1 → 10,000 endpoints: 422–554 ms with 8 per endpoint and doubling, 213–384 ms with 4;
 /// `big_service` bench), while mid-sized services keep the finer spread.
 pub const LARGE_SLOTS: u32 = 1 << 15;
 
 /// Slots per endpoint once a port has more than [`LARGE_SLOTS`] (shares within 1/4 of 1/N;
-/// 10,000 endpoints: −8.4 % / +6.8 %).
+/// 10,000 endpoints hold 40,960 slots, 4 or 5 each: −2.3 % / +22 %).
 pub const LARGE_SLOTS_PER_ENDPOINT: u32 = 4;
 
-/// Whether a slot table of `slots` slots lives in a map with per-element counters (the ones
-/// `tartanctl explain` sums into per-endpoint connection counts): up to [`LARGE_SLOTS`]
-/// (services up to 8,192 endpoints). Larger tables go to the uncounted `big_` maps: writing
-/// 131,072 counted slots costs the kernel 0.54 s against 0.20 s uncounted (`nft_elements`
-/// `slot_table` probe), and listing a counted map that large takes `nft` seconds.
+/// Largest slot table kept in a map with per-element counters (the ones `tartanctl explain`
+/// sums into per-endpoint connection counts): services up to 512 endpoints. Larger tables
+/// live in the uncounted `big_` maps: writing 131,072 counted slots costs the kernel 0.54 s
+/// against 0.20 s uncounted (`nft_elements` `slot_table` probe), `nft` takes seconds to list a
+/// counted map that large, and a service moves there once, while it is still small.
+pub const COUNTED_MAX_SLOTS: u32 = 1 << 12;
+
+/// Whether a slot table of `slots` slots lives in a map with per-element counters
+/// (up to [`COUNTED_MAX_SLOTS`]).
 pub fn counted_slots(slots: u32) -> bool {
-    slots <= LARGE_SLOTS
+    slots <= COUNTED_MAX_SLOTS
 }
 
 /// The number of slots (the `numgen` modulus) for `n` endpoints: `n` itself up to
-/// [`EXACT_MAX`], else a power of two of at least [`SLOTS_PER_ENDPOINT`] × `n` while that is at
-/// most [`LARGE_SLOTS`], beyond it of at least [`LARGE_SLOTS_PER_ENDPOINT`] × `n` (never fewer
-/// than [`LARGE_SLOTS`], so the count only grows with `n`), at most [`MAX_SLOTS`].
+/// [`EXACT_MAX`], else the smallest modulus of [`moduli`] of at least [`SLOTS_PER_ENDPOINT`] ×
+/// `n` while that is at most [`LARGE_SLOTS`], beyond it of at least
+/// [`LARGE_SLOTS_PER_ENDPOINT`] × `n` (never fewer than [`LARGE_SLOTS`], so the count only
+/// grows with `n`), at most [`MAX_SLOTS`].
 pub fn slot_count(n: usize) -> u32 {
     if n <= EXACT_MAX as usize {
         return n as u32;
@@ -431,14 +438,19 @@ pub fn slot_count(n: usize) -> u32 {
             .saturating_mul(u64::from(LARGE_SLOTS_PER_ENDPOINT))
             .max(u64::from(LARGE_SLOTS));
     }
-    want.next_power_of_two().min(u64::from(MAX_SLOTS)) as u32
+    moduli()
+        .find(|&m| u64::from(m) >= want)
+        .unwrap_or(MAX_SLOTS)
 }
 
-/// Every modulus a table has chains for: 1..=[`EXACT_MAX`] and the powers of two up to
-/// [`MAX_SLOTS`] above it. Fixed, whatever the services: no endpoint count needs a new chain.
+/// Every modulus a table has chains for, ascending: 1..=[`EXACT_MAX`], the powers of two up to
+/// [`LARGE_SLOTS`] above it, then quarter steps up to [`MAX_SLOTS`] (2^k × 5/4, 6/4, 7/4, 2 for
+/// k = 15, 16, 17). Fixed, whatever the services: no endpoint count needs a new chain.
 pub fn moduli() -> impl Iterator<Item = u32> {
-    (1..=EXACT_MAX)
-        .chain((EXACT_MAX.trailing_zeros() + 1..=MAX_SLOTS.trailing_zeros()).map(|k| 1 << k))
+    let pow2 = (EXACT_MAX.trailing_zeros() + 1..=LARGE_SLOTS.trailing_zeros()).map(|k| 1 << k);
+    let quarters = (LARGE_SLOTS.trailing_zeros()..MAX_SLOTS.trailing_zeros())
+        .flat_map(|k| (5..=8).map(move |q| (1u32 << (k - 2)) * q));
+    (1..=EXACT_MAX).chain(pow2).chain(quarters)
 }
 
 /// Assigns the slots of a port to `endpoints` (sorted): slot `s` → index into `endpoints`.
@@ -1233,8 +1245,9 @@ mod tests {
         .into();
         let st = Structure::for_chains(&needed);
         assert!(st.missing(&needed).is_empty());
-        // 6 kinds × (16 exact + 14 power-of-two moduli) + 1 recorder, whatever the services.
-        assert_eq!(st.chains().len(), 6 * 30 + 1);
+        // 6 kinds × (16 exact + 11 power-of-two + 12 quarter-step moduli) + 1 recorder,
+        // whatever the services.
+        assert_eq!(st.chains().len(), 6 * 39 + 1);
         let other = DynChain::AffinityRecord { timeout: 61 };
         assert_eq!(st.missing(&[other].into()), [other].into());
         let odd = DynChain::NodePort {
@@ -1279,8 +1292,15 @@ mod tests {
         assert_eq!(slot_count(4096), 32_768);
         assert_eq!(slot_count(4097), 32_768);
         assert_eq!(slot_count(8192), 32_768);
-        assert_eq!(slot_count(8193), 65_536);
-        assert_eq!(slot_count(10_000), 65_536);
+        assert_eq!(slot_count(8193), 40_960);
+        assert_eq!(slot_count(10_000), 40_960);
+        assert_eq!(slot_count(10_241), 49_152);
+        assert_eq!(slot_count(16_385), 81_920);
+        assert_eq!(slot_count(65_536), MAX_SLOTS);
+        let all: Vec<u32> = moduli().collect();
+        assert!(all.windows(2).all(|w| w[0] < w[1]), "ascending: {all:?}");
+        assert_eq!(all.len(), 16 + 11 + 12);
+        assert_eq!(all.last(), Some(&MAX_SLOTS));
         assert!(
             (17..70_000).all(|n| slot_count(n) <= slot_count(n + 1)),
             "monotonic"

@@ -111,6 +111,9 @@ struct PodEntry {
     labels: Box<[(Sym, Sym)]>,
 }
 
+/// Pods with one label, by (address, pod key) → node.
+type PodList = std::collections::BTreeMap<(Ipv4Addr, Sym), Sym>;
+
 /// The model and what was applied.
 #[derive(Debug)]
 pub struct ServiceState {
@@ -124,8 +127,9 @@ pub struct ServiceState {
     service_key_by_id: HashMap<Sym, String>,
     pods: HashMap<Sym, PodEntry>,
     explicit: HashMap<String, ExplicitEndpoints>,
-    /// (namespace, label, value) → pod keys.
-    pod_index: HashMap<(Sym, Sym, Sym), HashSet<Sym>>,
+    /// (namespace, label, value) → the pods with that label, by (address, pod key), with
+    /// their node: in address order, so a one-label selector reads its backends off sorted.
+    pod_index: HashMap<(Sym, Sym, Sym), PodList>,
     /// (namespace, label, value) → service ids whose selector has that pair.
     selector_index: HashMap<(Sym, Sym, Sym), HashSet<Sym>>,
     /// Service id → backends (sorted).
@@ -318,7 +322,7 @@ impl ServiceState {
             for (lk, lv) in old.labels.iter() {
                 let pair = (old.namespace.clone(), lk.clone(), lv.clone());
                 if let Some(set) = self.pod_index.get_mut(&pair) {
-                    set.remove(&k);
+                    set.remove(&(old.ip, k.clone()));
                     if set.is_empty() {
                         self.pod_index.remove(&pair);
                     }
@@ -366,7 +370,7 @@ impl ServiceState {
                     self.pod_index
                         .entry((entry.namespace.clone(), lk.clone(), lv.clone()))
                         .or_default()
-                        .insert(key.clone());
+                        .insert((entry.ip, key.clone()), entry.node.clone());
                 }
                 self.mark_pod_services(&entry);
                 self.pods.insert(key, entry);
@@ -388,8 +392,9 @@ impl ServiceState {
     fn compute_backends(&self, s: &Service, problems: &mut Vec<String>) -> Vec<Backend> {
         let mut out: Vec<Backend> = match &s.selector {
             Some(sel) => {
-                // Walk the smallest posting list among the selector's pairs.
-                let mut smallest: Option<&HashSet<Sym>> = None;
+                // Walk the smallest posting list among the selector's pairs (in address
+                // order, so the result comes out sorted).
+                let mut smallest: Option<&PodList> = None;
                 for (k, v) in sel {
                     // Every label text a pod uses is interned; a text that is not cannot match.
                     let (Some(ns), Some(k), Some(v)) = (
@@ -409,16 +414,25 @@ impl ServiceState {
                         }
                     }
                 }
-                smallest
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|k| self.pods.get(k))
-                    .filter(|p| selects(s, p))
-                    .map(|p| Backend {
-                        ip: p.ip,
-                        node: Some(p.node.clone()),
+                let list = smallest.into_iter().flatten();
+                let mut out: Vec<Backend> = if sel.len() == 1 {
+                    // The list is exactly the pods of the namespace with that one label.
+                    list.map(|((ip, _), node)| Backend {
+                        ip: *ip,
+                        node: Some(node.clone()),
                     })
                     .collect()
+                } else {
+                    list.filter(|((_, k), _)| self.pods.get(k).is_some_and(|p| selects(s, p)))
+                        .map(|((ip, _), node)| Backend {
+                            ip: *ip,
+                            node: Some(node.clone()),
+                        })
+                        .collect()
+                };
+                // Sorted by address already; one backend per address.
+                out.dedup_by(|a, b| a.ip == b.ip);
+                return out;
             }
             None => self
                 .explicit
@@ -1109,7 +1123,7 @@ mod tests {
         big(&mut st, "big", 1000);
         let p = st.plan();
         // 1000 endpoints → 8192 slots on the fixed `mod 8192` chain.
-        assert_eq!(adds(&p, SetName::Backends), 8192);
+        assert_eq!(adds(&p, SetName::BigBackends), 8192);
         let chain = DynChain::Cluster {
             n: 8192,
             affinity: false,
@@ -1122,13 +1136,13 @@ mod tests {
         st.change(ModelChange::PutPod(k.clone(), pd));
         let p = st.plan();
         assert!(p.add_chains.is_empty() && p.drop_chains.is_empty());
-        let moved = adds(&p, SetName::Backends);
+        let moved = adds(&p, SetName::BigBackends);
         assert!(
             (8192 / 1001..=share).contains(&moved),
             "{moved} slots moved"
         );
         assert_eq!(
-            dels(&p, SetName::Backends),
+            dels(&p, SetName::BigBackends),
             moved,
             "slots are rewritten, not added"
         );
@@ -1136,38 +1150,38 @@ mod tests {
         // And it leaves again.
         st.change(ModelChange::DeletePod(k));
         let p = st.plan();
-        assert!(adds(&p, SetName::Backends) <= share);
+        assert!(adds(&p, SetName::BigBackends) <= share);
         assert_eq!(p.removed.len(), 1);
         assert_eq!(st.element_count(), 8193);
         // Deleting the service leaves nothing.
         st.change(ModelChange::DeleteService("/s/big".into()));
         let p = st.plan();
-        assert_eq!(dels(&p, SetName::Backends), 8192);
+        assert_eq!(dels(&p, SetName::BigBackends), 8192);
         assert_eq!(p.drop_chains, [chain].into());
         assert_eq!(st.element_count(), 0);
         assert!(st.chains().is_empty());
     }
 
     #[test]
-    fn a_service_past_large_slots_moves_to_the_uncounted_map_and_back() {
+    fn a_service_past_the_counted_size_moves_to_the_uncounted_map_and_grows_in_quarter_steps() {
         let mut st = ServiceState::new(ctx());
         st.change(ModelChange::PutService(
             "/s/huge".into(),
             svc("huge", [10, 96, 0, 13], "huge"),
         ));
-        // 8,192 endpoints: 32,768 slots, still counted.
-        big(&mut st, "huge", 8192);
+        // 512 endpoints: 4,096 slots, still counted.
+        big(&mut st, "huge", 512);
         let p = st.plan();
-        assert_eq!(adds(&p, SetName::Backends), 32_768);
+        assert_eq!(adds(&p, SetName::Backends), 4096);
         assert_eq!(adds(&p, SetName::BigBackends), 0);
-        // One more: 65,536 slots in the uncounted map, the counted block deleted whole, in the
-        // same plan as the verdict's switch to the `mod 65536` chain.
-        big(&mut st, "huge", 8193);
+        // One more: 8,192 slots in the uncounted map, the counted block deleted whole, in the
+        // same plan as the verdict's switch to the `mod 8192` chain.
+        big(&mut st, "huge", 513);
         let p = st.plan();
-        assert_eq!(dels(&p, SetName::Backends), 32_768);
-        assert_eq!(adds(&p, SetName::BigBackends), 65_536);
+        assert_eq!(dels(&p, SetName::Backends), 4096);
+        assert_eq!(adds(&p, SetName::BigBackends), 8192);
         let chain = DynChain::Cluster {
-            n: 65_536,
+            n: 8192,
             affinity: false,
         };
         assert_eq!(p.add_chains, [chain].into());
@@ -1177,18 +1191,34 @@ mod tests {
                 .iter()
                 .any(|r| r.ends_with("map @big_backends"))
         );
-        assert_eq!(st.element_count(), 65_537);
-        // One more endpoint in the big table moves only its share, within the big map.
+        // Past 32,768 slots the table grows by a quarter, not by doubling: 8,192 -> 8,193
+        // endpoints writes the 8,192 new slots and the new endpoint's share, nothing more.
+        big(&mut st, "huge", 8192);
+        st.plan();
+        assert_eq!(st.element_count(), 32_769);
+        big(&mut st, "huge", 8193);
+        let p = st.plan();
+        assert_eq!(
+            dels(&p, SetName::BigBackends),
+            adds(&p, SetName::BigBackends) - 8192
+        );
+        assert!(
+            adds(&p, SetName::BigBackends) <= 8192 + 2 * 5 + 40,
+            "{}",
+            adds(&p, SetName::BigBackends)
+        );
+        assert_eq!(st.element_count(), 40_961);
+        // One more endpoint moves only its share, within the big map.
         let (k, pd) = pod("extra", [10, 201, 0, 2], "n2", "huge");
-        st.change(ModelChange::PutPod(k.clone(), pd));
+        st.change(ModelChange::PutPod(k, pd));
         let p = st.plan();
         let moved = adds(&p, SetName::BigBackends);
-        assert!((1..=8).contains(&moved), "{moved} slots moved");
+        assert!((1..=5).contains(&moved), "{moved} slots moved");
         assert_eq!(adds(&p, SetName::Backends) + dels(&p, SetName::Backends), 0);
         // Deleted, it leaves nothing in either map.
         st.change(ModelChange::DeleteService("/s/huge".into()));
         let p = st.plan();
-        assert_eq!(dels(&p, SetName::BigBackends), 65_536);
+        assert_eq!(dels(&p, SetName::BigBackends), 40_960);
         assert_eq!(st.element_count(), 0);
     }
 

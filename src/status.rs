@@ -85,7 +85,7 @@ pub struct ServiceReport {
     #[serde(default)]
     pub problems: Vec<String>,
     /// Whether the service is too big for per-endpoint counters (slot tables above
-    /// `service_rules::LARGE_SLOTS` live in uncounted maps): `connections` is then 0.
+    /// `service_rules::COUNTED_MAX_SLOTS` live in uncounted maps): `connections` is then 0.
     #[serde(default)]
     pub uncounted: bool,
 }

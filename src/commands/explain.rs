@@ -189,7 +189,7 @@ mod tests {
             connections: 0,
             refused: 0,
             problems: problems.iter().map(|p| p.to_string()).collect(),
-            uncounted: backends > 8192,
+            uncounted: backends > 512,
         }
     }
 
