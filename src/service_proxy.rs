@@ -504,41 +504,48 @@ pub async fn run(
         active: None,
     };
     let mut need_full = true;
+    // Set when a plan left big services for a second batch: the loop comes back at once.
+    let mut deferred_since: Option<Instant> = None;
     let mut synced = false;
     let mut last_error: Option<String> = None;
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     let mut verify = tokio::time::interval(Duration::from_secs(30));
     verify.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        // Wait for something to do.
+        // Wait for something to do, unless big services were left for after the others.
         let first_event_at;
-        tokio::select! {
-            Some(reply) = status_requests.recv() => {
-                let _ = reply.send(build_status(&state, &applier, synced, last_error.clone(), &rejected));
-                continue;
-            }
-            got = next_event(&mut sources) => {
-                let Some((i, ev)) = got else { return Ok(()) };
-                first_event_at = Instant::now();
-                absorb(&mut sources[i], ev, &mut state, &keys, &metrics, &mut rejected);
-            }
-            _ = verify.tick() => {
-                first_event_at = Instant::now();
-                if sources.iter().all(|s| s.listed) && !need_full {
-                    let ok = match applier.table() {
-                        None => false,
-                        Some(t) => match nft_cmd::list_chains(FAMILY, t).await {
-                            Ok(c) => c.iter().any(|n| *n == marker_chain(&ctx))
-                                && c.iter().any(|n| n == ACTIVE_MARKER_CHAIN),
-                            Err(e) => {
-                                warn!("checking the service table: {e:#}");
-                                true
-                            }
-                        },
-                    };
-                    if !ok {
-                        warn!("service table missing or changed; rebuilding it");
-                        need_full = true;
+        let deferred = deferred_since.take();
+        if let Some(since) = deferred {
+            first_event_at = since;
+        } else {
+            tokio::select! {
+                Some(reply) = status_requests.recv() => {
+                    let _ = reply.send(build_status(&state, &applier, synced, last_error.clone(), &rejected));
+                    continue;
+                }
+                got = next_event(&mut sources) => {
+                    let Some((i, ev)) = got else { return Ok(()) };
+                    first_event_at = Instant::now();
+                    absorb(&mut sources[i], ev, &mut state, &keys, &metrics, &mut rejected);
+                }
+                _ = verify.tick() => {
+                    first_event_at = Instant::now();
+                    if sources.iter().all(|s| s.listed) && !need_full {
+                        let ok = match applier.table() {
+                            None => false,
+                            Some(t) => match nft_cmd::list_chains(FAMILY, t).await {
+                                Ok(c) => c.iter().any(|n| *n == marker_chain(&ctx))
+                                    && c.iter().any(|n| n == ACTIVE_MARKER_CHAIN),
+                                Err(e) => {
+                                    warn!("checking the service table: {e:#}");
+                                    true
+                                }
+                            },
+                        };
+                        if !ok {
+                            warn!("service table missing or changed; rebuilding it");
+                            need_full = true;
+                        }
                     }
                 }
             }
@@ -580,7 +587,13 @@ pub async fn run(
             }
             r.map(|_| plan)
         } else {
-            let plan = state.plan();
+            // Big services wait for at most one small batch (never starved by a stream of
+            // small changes).
+            let plan = if deferred.is_some() {
+                state.plan()
+            } else {
+                state.plan_small_first()
+            };
             let plan_us = t0.elapsed().as_micros() as u64;
             for w in &plan.warnings {
                 warn!("{w}");
@@ -612,6 +625,9 @@ pub async fn run(
                         .observe(first_event_at.elapsed().as_secs_f64());
                 }
                 need_full = false;
+                if state.has_dirty() {
+                    deferred_since = Some(first_event_at);
+                }
                 backoff.reset();
                 metrics.services.set(state.service_count() as i64);
                 metrics.service_elements.set(state.element_count() as i64);

@@ -111,6 +111,11 @@ struct PodEntry {
     labels: Box<[(Sym, Sym)]>,
 }
 
+/// Services with more endpoints than this are planned after the others when both change at
+/// once ([`ServiceState::plan_small_first`]): their slot tables are in the uncounted maps
+/// and a change of theirs can rewrite thousands of slots.
+pub const BIG_SERVICE: usize = 512;
+
 /// Pods with one label, by (address, pod key) → node.
 type PodList = std::collections::BTreeMap<(Ipv4Addr, Sym), Sym>;
 
@@ -463,6 +468,37 @@ impl ServiceState {
         out.sort_unstable();
         out.dedup_by(|a, b| a.ip == b.ip);
         out
+    }
+
+    /// Whether some service waits to be recomputed (see [`ServiceState::plan_small_first`]).
+    pub fn has_dirty(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    /// Like [`ServiceState::plan`], but when big services (more than [`BIG_SERVICE`]
+    /// endpoints as applied) and others are dirty together, plans only the others and leaves
+    /// the big ones dirty for the next call: a small service's change then reaches the kernel
+    /// in its own small batch instead of waiting behind tens of thousands of slot writes.
+    pub fn plan_small_first(&mut self) -> SyncPlan {
+        let big: Vec<Sym> = self
+            .dirty
+            .iter()
+            .filter(|id| {
+                self.backends
+                    .get(*id)
+                    .is_some_and(|b| b.len() > BIG_SERVICE)
+            })
+            .cloned()
+            .collect();
+        if big.is_empty() || big.len() == self.dirty.len() {
+            return self.plan();
+        }
+        for id in &big {
+            self.dirty.remove(id);
+        }
+        let plan = self.plan();
+        self.dirty.extend(big);
+        plan
     }
 
     /// Recomputes every dirty service and returns the plan that brings the kernel there.
@@ -1220,6 +1256,39 @@ mod tests {
         let p = st.plan();
         assert_eq!(dels(&p, SetName::BigBackends), 40_960);
         assert_eq!(st.element_count(), 0);
+    }
+
+    #[test]
+    fn small_services_are_planned_before_a_big_one_that_changed_with_them() {
+        let mut st = ServiceState::new(ctx());
+        st.change(ModelChange::PutService(
+            "/s/big".into(),
+            svc("big", [10, 96, 0, 14], "big"),
+        ));
+        st.change(ModelChange::PutService(
+            "/s/small".into(),
+            svc("small", [10, 96, 0, 15], "small"),
+        ));
+        big(&mut st, "big", 600);
+        st.plan();
+        // The big one grows by 400 while the small one gets its endpoint.
+        big(&mut st, "big", 1000);
+        let (k, p) = pod("s0", [10, 244, 1, 9], "n2", "small");
+        st.change(ModelChange::PutPod(k, p));
+        let first = st.plan_small_first();
+        assert_eq!(first.recomputed, 1);
+        assert_eq!(
+            adds(&first, SetName::Backends),
+            1,
+            "the small one's endpoint"
+        );
+        assert_eq!(adds(&first, SetName::BigBackends), 0);
+        assert!(st.has_dirty());
+        let second = st.plan_small_first();
+        assert_eq!(second.recomputed, 1);
+        assert!(adds(&second, SetName::BigBackends) > 0);
+        assert!(!st.has_dirty());
+        assert!(st.plan_small_first().is_empty());
     }
 
     #[test]
