@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
-use tartan::netns_lab::{Lab, NETNS_DIR, require_root, wait_for};
+use tartan::lab::{Lab, NETNS_DIR, require_root, wait_for};
 
 /// A plugin under test: binary and config.
 #[derive(Clone)]
@@ -246,7 +246,7 @@ fn main() -> Result<()> {
     let conc = 50;
 
     let mut lab = Lab::new(2, bins())?;
-    tartan::netns_lab::cleanup_on_signal(&lab.id)?;
+    tartan::lab::cleanup_on_signal(&lab.id)?;
     lab.start_etcd()?;
     lab.init_network(&["--network", "10.244.0.0/16"])?;
     lab.start_daemon(0, &[])?;

@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use futures::StreamExt;
-use tartan::etcd_store::{EtcdArgs, Store};
-use tartan::netns_lab::{Lab, block_on_in_netns, require_root, wait_for};
-use tartan::subnet_lease::{LeaseValue, MacAddr};
+use tartan::lab::{Lab, block_on_in_netns, require_root, wait_for};
+use tartan::model::subnet_lease::{LeaseValue, MacAddr};
+use tartan::store::etcd::{EtcdArgs, Store};
 
 /// The service CIDR beside the /8 cluster network these runs use.
 const SVC_CIDR: &str = "172.30.0.0/16";
@@ -61,7 +61,7 @@ fn put_fake_leases(lab: &Lab, range: std::ops::Range<u32>) -> Result<()> {
 }
 
 fn route_count(ns: &str) -> usize {
-    tartan::netns_lab::ip(&["-n", ns, "route", "show", "proto", "157"])
+    tartan::lab::ip(&["-n", ns, "route", "show", "proto", "157"])
         .map(|r| r.lines().count())
         .unwrap_or(0)
 }
@@ -86,7 +86,7 @@ fn bench_1000_peers() -> Result<()> {
     let mut rss = Vec::new();
     for round in 0..3 {
         // From scratch: no device, no routes.
-        let _ = tartan::netns_lab::ip(&["-n", &lab.nodes[0].ns, "link", "del", "tartan.1"]);
+        let _ = tartan::lab::ip(&["-n", &lab.nodes[0].ns, "link", "del", "tartan.1"]);
         let start = Instant::now();
         lab.start_daemon(0, &["--resync-secs", "30", "--service-cidr", SVC_CIDR])?; // the daemon default
         let ns = lab.nodes[0].ns.clone();

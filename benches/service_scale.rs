@@ -22,6 +22,7 @@
 mod common;
 
 use common::*;
+use tartan::store::keys::pod_key;
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -30,13 +31,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use tartan::etcd_store::{EtcdArgs, Store};
+use tartan::lab::{Lab, block_on_in_netns, in_netns, require_root, wait_for};
+use tartan::model::pod::PodRecord;
 use tartan::netbench::service_bed::{
     NatKind, ServiceBed, bulk_pod, bulk_service, first_connections, load_bulk_services, txn_batches,
 };
-use tartan::netns_lab::{Lab, block_on_in_netns, in_netns, require_root, wait_for};
-use tartan::pod_record::{PodRecord, pod_key};
-use tartan::service_rules::Balancing;
+use tartan::proxy::rules::Balancing;
+use tartan::store::etcd::{EtcdArgs, Store};
 
 fn etcd_args() -> EtcdArgs {
     EtcdArgs::for_endpoints(&["http://127.0.0.1:2379"])
@@ -144,23 +145,23 @@ fn full_sync(services: u32) -> Result<Lab> {
 }
 
 fn nft_script_peak_mb(ns: &str) -> Result<f64> {
-    let ctx = tartan::service_rules::NodeContext {
+    let ctx = tartan::proxy::rules::NodeContext {
         node: "node1".into(),
         cluster_network: "10.244.0.0/16".parse()?,
         service_cidr: "10.96.0.0/12".parse()?,
         balancing: Balancing::RoundRobin,
     };
-    let st = tartan::service_rules::Structure::default();
+    let st = tartan::proxy::rules::Structure::default();
     let path = std::env::temp_dir().join(format!("tartan-bench-{}.nft", std::process::id()));
     std::fs::write(
         &path,
-        tartan::service_rules::build_script("tartan_bench_probe", &ctx, &st),
+        tartan::proxy::rules::build_script("tartan_bench_probe", &ctx, &st),
     )?;
-    let out = tartan::netns_lab::ns_command(ns, "/usr/bin/time")
+    let out = tartan::lab::ns_command(ns, "/usr/bin/time")
         .args(["-f", "%M", "nft", "-f", &path.to_string_lossy()])
         .output()?;
     let _ = std::fs::remove_file(&path);
-    let _ = tartan::netns_lab::ns_run(ns, "nft", &["delete", "table", "ip", "tartan_bench_probe"]);
+    let _ = tartan::lab::ns_run(ns, "nft", &["delete", "table", "ip", "tartan_bench_probe"]);
     let kb: f64 = String::from_utf8_lossy(&out.stderr)
         .lines()
         .last()
@@ -331,7 +332,7 @@ fn create_to_reachable() -> Result<()> {
             let args = etcd_args();
             let store = Store::connect(&args).await?;
             let st =
-                tartan::service_store::ServiceStore::new(&store, &args, "10.96.0.0/12".parse()?);
+                tartan::store::services::ServiceStore::new(&store, &args, "10.96.0.0/12".parse()?);
             let mut s = bulk_service(0);
             s.namespace = "default".into();
             s.name = name;
@@ -558,7 +559,7 @@ fn pod_registration() -> Result<()> {
     let mut calm: Vec<RegSample> = Vec::new();
     let mut loaded: Vec<RegSample> = Vec::new();
     let active_table = |lab: &Lab| {
-        tartan::netns_lab::ns_run(&lab.nodes[0].ns, "nft", &["list", "tables"])
+        tartan::lab::ns_run(&lab.nodes[0].ns, "nft", &["list", "tables"])
             .unwrap_or_default()
             .lines()
             .filter(|l| l.contains("tartan_svc"))
@@ -657,13 +658,13 @@ fn pod_registration() -> Result<()> {
     }
     // Untimed check of what the notifications stood for: every pod is an endpoint everywhere.
     for n in &lab.nodes {
-        let table = tartan::netns_lab::ns_run(
+        let table = tartan::lab::ns_run(
             &n.ns,
             "nft",
             &["list", "map", "ip", "tartan_svc", "backends"],
         )
         .or_else(|_| {
-            tartan::netns_lab::ns_run(
+            tartan::lab::ns_run(
                 &n.ns,
                 "nft",
                 &["list", "map", "ip", "tartan_svc2", "backends"],
@@ -725,7 +726,7 @@ fn pod_registration() -> Result<()> {
 
 /// The service table in force in `ns` (`tartan_svc` or `tartan_svc2`).
 fn service_table(ns: &str) -> Option<String> {
-    let out = tartan::netns_lab::ns_run(ns, "nft", &["list", "tables"]).ok()?;
+    let out = tartan::lab::ns_run(ns, "nft", &["list", "tables"]).ok()?;
     out.lines()
         .filter_map(|l| l.strip_prefix("table ip "))
         .find(|t| t.starts_with("tartan_svc"))
@@ -736,7 +737,7 @@ fn service_table(ns: &str) -> Option<String> {
 fn table_size(ns: &str) -> Result<(String, usize, usize, Duration)> {
     let t = service_table(ns).context("no service table")?;
     let t0 = Instant::now();
-    let text = tartan::netns_lab::ns_run(ns, "nft", &["list", "table", "ip", &t])?;
+    let text = tartan::lab::ns_run(ns, "nft", &["list", "table", "ip", &t])?;
     let took = t0.elapsed();
     Ok((t, text.matches("\n\tchain ").count(), text.len(), took))
 }
@@ -800,7 +801,7 @@ fn big_service() -> Result<()> {
     let vips = block_on_in_netns(&lab.infra, move || async move {
         let args = etcd_args();
         let store = Store::connect(&args).await?;
-        let st = tartan::service_store::ServiceStore::new(&store, &args, "10.96.0.0/12".parse()?);
+        let st = tartan::store::services::ServiceStore::new(&store, &args, "10.96.0.0/12".parse()?);
         let mut out = Vec::new();
         for app in ["big", "other"] {
             let mut s = bulk_service(0);
@@ -858,7 +859,7 @@ fn big_service() -> Result<()> {
     let t_done = done.lock().ok().and_then(|d| *d).context("writer time")?;
     // Leave the other service with one endpoint.
     let other_elems = if other_lat.len() % 2 == 1 { 2.0 } else { 1.0 };
-    let slots = tartan::service_rules::slot_count(N as usize);
+    let slots = tartan::proxy::rules::slot_count(N as usize);
     let programmed = wait_elements(&ns, 1.0 + f64::from(slots) + other_elems)?;
     let grow = programmed.saturating_duration_since(t_done);
     let (table1, chains1, bytes1, list1) = table_size(&ns)?;
@@ -937,7 +938,7 @@ fn big_service() -> Result<()> {
     block_on_in_netns(&lab.infra, move || async move {
         let args = etcd_args();
         let store = Store::connect(&args).await?;
-        let st = tartan::service_store::ServiceStore::new(&store, &args, "10.96.0.0/12".parse()?);
+        let st = tartan::store::services::ServiceStore::new(&store, &args, "10.96.0.0/12".parse()?);
         st.delete("default", "big").await?;
         st.delete("default", "other").await
     })??;

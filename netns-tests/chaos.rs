@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use common::*;
+use tartan::lab::{in_netns, wait_for};
 use tartan::netbench::probe::{tcp_whoami, tcp_whoami_server, udp_whoami_server};
-use tartan::netns_lab::{in_netns, wait_for};
 
 const NET16: &[&str] = &["--network", "10.244.0.0/16"];
 
@@ -154,7 +154,7 @@ fn sigkill_at_random_points_of_a_large_sync_leaves_a_table_that_matches_etcd() -
         t.elapsed().as_secs_f64()
     );
     let node = lab.nodes[0].ns.clone();
-    let tables = tartan::netns_lab::ns_run(&node, "nft", &["list", "tables"])?;
+    let tables = tartan::lab::ns_run(&node, "nft", &["list", "tables"])?;
     ensure!(
         tables.matches("tartan_svc").count() == 1,
         "a half-built table was left beside the one in force: {tables}"

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use common::*;
-use tartan::netns_lab::{ETCD_PORT, INFRA_IP, Lab, ns_command, wait_for};
+use tartan::lab::{ETCD_PORT, INFRA_IP, Lab, ns_command, wait_for};
 
 /// Outcome of one CLI run.
 struct Out {
@@ -317,9 +317,9 @@ fn a_service_with_10000_ports_lists_cut_short_without_panic() -> Result<()> {
     let rec = serde_json::json!({"namespace": "default", "name": "wide",
         "clusterIP": "10.96.5.5", "ports": ports, "selector": {"app": "wide"}});
     let endpoint = format!("http://127.0.0.1:{ETCD_PORT}");
-    tartan::netns_lab::block_on_in_netns(&lab.infra, move || async move {
-        let args = tartan::etcd_store::EtcdArgs::for_endpoints(&[&endpoint]);
-        let store = tartan::etcd_store::Store::connect(&args).await?;
+    tartan::lab::block_on_in_netns(&lab.infra, move || async move {
+        let args = tartan::store::etcd::EtcdArgs::for_endpoints(&[&endpoint]);
+        let store = tartan::store::etcd::Store::connect(&args).await?;
         store
             .put("/tartan/services/default/wide", rec.to_string(), 0)
             .await
@@ -352,14 +352,14 @@ fn concurrent_deletes_of_one_service_say_it_does_not_exist() -> Result<()> {
     // really race): one deletes it, the others say it does not exist.
     ensure!(ctl(&lab, &["service", "create", "gone", "--port", "80"])?.ok);
     let endpoint = format!("http://127.0.0.1:{ETCD_PORT}");
-    let results = tartan::netns_lab::block_on_in_netns(&lab.infra, move || async move {
-        let args = tartan::etcd_store::EtcdArgs::for_endpoints(&[&endpoint]);
-        let store = tartan::etcd_store::Store::connect(&args).await?;
+    let results = tartan::lab::block_on_in_netns(&lab.infra, move || async move {
+        let args = tartan::store::etcd::EtcdArgs::for_endpoints(&[&endpoint]);
+        let store = tartan::store::etcd::Store::connect(&args).await?;
         let tasks: Vec<_> = (0..20)
             .map(|_| {
                 let (store, args) = (store.clone(), args.clone());
                 tokio::spawn(async move {
-                    let st = tartan::service_store::ServiceStore::new(
+                    let st = tartan::store::services::ServiceStore::new(
                         &store,
                         &args,
                         "10.96.0.0/12".parse()?,
@@ -466,12 +466,12 @@ fn the_create_transaction_right_after_losing_the_etcd_leader_is_sent_again() -> 
         return Ok(());
     };
     // The transaction first, with no read before it to ride out the election.
-    let created = tartan::netns_lab::block_on_in_netns(&lab.infra, move || async move {
+    let created = tartan::lab::block_on_in_netns(&lab.infra, move || async move {
         let eps: Vec<&str> = all.split(',').collect();
-        let args = tartan::etcd_store::EtcdArgs::for_endpoints(&eps);
-        let store = tartan::etcd_store::Store::connect(&args).await?;
-        let st = tartan::service_store::ServiceStore::new(&store, &args, "10.96.0.0/12".parse()?);
-        let svc = tartan::service_model::Service {
+        let args = tartan::store::etcd::EtcdArgs::for_endpoints(&eps);
+        let store = tartan::store::etcd::Store::connect(&args).await?;
+        let st = tartan::store::services::ServiceStore::new(&store, &args, "10.96.0.0/12".parse()?);
+        let svc = tartan::model::service::Service {
             namespace: "default".into(),
             name: "first".into(),
             cluster_ip: std::net::Ipv4Addr::UNSPECIFIED,

@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail, ensure};
 use common::*;
 use serde_json::{Value, json};
 use tartan::cni::ipam::scan_all;
-use tartan::netns_lab::{Lab, NETNS_DIR, in_netns, ip, ns_run, wait_for};
+use tartan::lab::{Lab, NETNS_DIR, in_netns, ip, ns_run, wait_for};
 
 const NET16: &[&str] = &["--network", "10.244.0.0/16"];
 const REF_PLUGINS: &str = "/usr/lib/cni";
@@ -1209,7 +1209,7 @@ fn run_with_deadline(
 
 #[test]
 fn oversized_stdin_and_subnet_files_that_are_not_files_fail_fast() -> Result<()> {
-    if !tartan::netns_lab::require_root()? {
+    if !tartan::lab::require_root()? {
         return Ok(());
     }
     // No etcd and no tartand: every case fails before the plugin needs either.
@@ -1487,7 +1487,7 @@ impl Drop for Podman {
                 && (name.starts_with("cni-") || name.starts_with("netns-"))
                 && Path::new(&p).exists()
             {
-                tartan::netns_lab::delete_ns(name);
+                tartan::lab::delete_ns(name);
             }
         }
     }

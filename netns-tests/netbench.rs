@@ -9,7 +9,7 @@ use tartan::netbench::report::Report;
 
 #[test]
 fn short_netbench_run_measures_every_path_and_writes_json_and_svg() -> Result<()> {
-    if !tartan::netns_lab::require_root()? {
+    if !tartan::lab::require_root()? {
         return Ok(());
     }
     let dir = std::env::temp_dir().join(format!("tartan-netbench-test-{}", std::process::id()));
@@ -107,7 +107,7 @@ fn short_netbench_run_measures_every_path_and_writes_json_and_svg() -> Result<()
         "not an SVG with the charts"
     );
     // Its cluster is gone.
-    let leftovers: Vec<String> = std::fs::read_dir(tartan::netns_lab::NETNS_DIR)
+    let leftovers: Vec<String> = std::fs::read_dir(tartan::lab::NETNS_DIR)
         .map(|rd| {
             rd.flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())

@@ -2,8 +2,8 @@
 //! through `nft` exactly as if `nft` had written it.
 
 use anyhow::{Result, ensure};
-use tartan::netns_lab::{block_on_in_netns, delete_ns, ip, ns_run, require_root};
-use tartan::nft_netlink::{ElemData, KeyBuilder, NFPROTO_IPV4, NftSocket, SetOp};
+use tartan::kernel::nft_elements::{ElemData, KeyBuilder, NFPROTO_IPV4, NftSocket, SetOp};
+use tartan::lab::{block_on_in_netns, delete_ns, ip, ns_run, require_root};
 
 struct Ns(String);
 impl Drop for Ns {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use common::*;
-use tartan::netns_lab::{Lab, in_netns, ip, ns_run, wait_for};
+use tartan::lab::{Lab, in_netns, ip, ns_run, wait_for};
 
 const NET16: &[&str] = &["--network", "10.244.0.0/16"];
 
@@ -569,7 +569,7 @@ fn node_leave_releases_subnet_and_removes_dataplane() -> Result<()> {
     lab.stop_daemon(1)?;
     let s2 = lab.wait_subnet(1)?;
     let node = &lab.nodes[1];
-    let out = tartan::netns_lab::ns_command(&node.ns, &lab.bins.tartand)
+    let out = tartan::lab::ns_command(&node.ns, &lab.bins.tartand)
         .args([
             "--etcd-endpoints",
             &lab.etcd_endpoint(),
@@ -792,7 +792,7 @@ fn etcd_outage_keeps_traffic_flowing_and_daemons_resync() -> Result<()> {
 
 #[test]
 fn etcd_over_tls_with_client_certificates() -> Result<()> {
-    if !tartan::netns_lab::require_root()? {
+    if !tartan::lab::require_root()? {
         return Ok(());
     }
     let mut lab = Lab::new(2, bins())?;
@@ -805,7 +805,7 @@ fn etcd_over_tls_with_client_certificates() -> Result<()> {
     wait_route(&lab, 0, s2, true)?;
     ensure!(lab.tartanctl(&["nodes"])?.contains("node2"));
     // Without a client certificate the server refuses, and the CLI says so in one line.
-    let out = tartan::netns_lab::ns_command(&lab.infra, &lab.bins.tartanctl)
+    let out = tartan::lab::ns_command(&lab.infra, &lab.bins.tartanctl)
         .args([
             "--etcd-endpoints",
             "https://127.0.0.1:2379",
@@ -942,7 +942,7 @@ fn a_changed_network_config_releases_the_old_lease_on_restart() -> Result<()> {
 fn a_config_written_after_the_daemon_started_is_taken_at_once() -> Result<()> {
     // A node started before `tartanctl network init` watches the config key; polling with a
     // growing backoff took up to 15 s (8.7 s seen) to notice the config.
-    if !tartan::netns_lab::require_root()? {
+    if !tartan::lab::require_root()? {
         return Ok(());
     }
     let mut lab = Lab::new(1, bins())?;
@@ -1057,7 +1057,7 @@ fn second_daemon(lab: &Lab, i: usize, paths: [&std::path::Path; 4]) -> Result<(i
     let log = lab
         .dir
         .join(format!("second-{i}-{}.log", rand::random::<u32>()));
-    let mut c = tartan::netns_lab::ns_command(&lab.nodes[i].ns, &lab.bins.tartand);
+    let mut c = tartan::lab::ns_command(&lab.nodes[i].ns, &lab.bins.tartand);
     c.args(["--etcd-endpoints", &lab.etcd_endpoint()])
         .args(["--node-name", &format!("intruder{i}"), "--iface", "eth0"])
         .arg("--state-dir")
@@ -1179,7 +1179,7 @@ fn a_second_daemon_on_the_same_paths_exits_at_once_naming_the_holder() -> Result
 
     // `tartand --leave` beside the running daemon is refused too (it would remove the
     // running daemon's state and dataplane).
-    let out = tartan::netns_lab::ns_command(&lab.nodes[0].ns, &lab.bins.tartand)
+    let out = tartan::lab::ns_command(&lab.nodes[0].ns, &lab.bins.tartand)
         .args(["--etcd-endpoints", &lab.etcd_endpoint()])
         .args(["--node-name", "node1", "--iface", "eth0", "--leave"])
         .arg("--state-dir")
@@ -1205,7 +1205,7 @@ fn a_second_daemon_on_the_same_paths_exits_at_once_naming_the_holder() -> Result
 
     // The holder stops; its lock files (with its PID) stay and are simply taken over.
     lab.stop_daemon(0)?;
-    let lock = state.join(tartan::node_lock::DIR_LOCK_NAME);
+    let lock = state.join(tartan::node::lock::DIR_LOCK_NAME);
     ensure!(
         std::fs::read_to_string(&lock)?.trim() == holder.to_string(),
         "lock file content"

@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use common::*;
+use tartan::lab::{INFRA_IP, Lab, LabPod, in_netns, ns_run, wait_for};
+use tartan::model::pod::PodRecord;
 use tartan::netbench::probe::{
     Whoami, tcp_whoami, tcp_whoami_many, tcp_whoami_server, udp_whoami_server,
 };
-use tartan::netns_lab::{INFRA_IP, Lab, LabPod, in_netns, ns_run, wait_for};
-use tartan::pod_record::PodRecord;
 
 const WEB: u16 = 8080;
 const DNS: u16 = 5353;
@@ -511,20 +511,20 @@ fn allocation_is_unique_under_concurrency_and_taken_values_are_errors() -> Resul
         return Ok(());
     };
     let endpoint = "http://127.0.0.1:2379".to_string();
-    let created = tartan::netns_lab::block_on_in_netns(&lab.infra, move || async move {
-        let args = tartan::etcd_store::EtcdArgs::for_endpoints(&[&endpoint]);
-        let store = tartan::etcd_store::Store::connect(&args).await?;
+    let created = tartan::lab::block_on_in_netns(&lab.infra, move || async move {
+        let args = tartan::store::etcd::EtcdArgs::for_endpoints(&[&endpoint]);
+        let store = tartan::store::etcd::Store::connect(&args).await?;
         let mut tasks = Vec::new();
         for i in 0..100 {
             let store = store.clone();
             let args = args.clone();
             tasks.push(tokio::spawn(async move {
-                let st = tartan::service_store::ServiceStore::new(
+                let st = tartan::store::services::ServiceStore::new(
                     &store,
                     &args,
                     "10.96.0.0/24".parse()?,
                 );
-                let svc = tartan::service_model::Service {
+                let svc = tartan::model::service::Service {
                     namespace: "default".into(),
                     name: format!("s{i}"),
                     cluster_ip: Ipv4Addr::UNSPECIFIED,
@@ -534,7 +534,7 @@ fn allocation_is_unique_under_concurrency_and_taken_values_are_errors() -> Resul
                     session_affinity_timeout: 10800,
                     external_traffic_policy: Default::default(),
                 };
-                st.create(svc, None, &[tartan::service_store::NodePortRequest::Auto])
+                st.create(svc, None, &[tartan::store::services::NodePortRequest::Auto])
                     .await
             }));
         }
@@ -620,9 +620,8 @@ fn explain_describes_services_backends_and_counters() -> Result<()> {
     let _ = name;
     // The connection counter moved.
     ensure!(!out.contains("  0 new connections"), "{out}");
-    let err = tartan::netns_lab::run(
-        tartan::netns_lab::ns_command(&node, &lab.bins.tartanctl)
-            .args(["explain", "--node", "node2"]),
+    let err = tartan::lab::run(
+        tartan::lab::ns_command(&node, &lab.bins.tartanctl).args(["explain", "--node", "node2"]),
     )
     .unwrap_err();
     ensure!(format!("{err:#}").contains("not \"node2\""), "{err:#}");
@@ -727,9 +726,9 @@ fn etcd_outage_keeps_service_traffic_flowing() -> Result<()> {
 /// Writes pod records `ghost0..ghost{n}` selected by `app=big` for a node no daemon runs
 /// on, 100 keys per etcd transaction (addresses 10.201.0.1 + k: distinct, never contacted).
 fn register_many_elsewhere(lab: &Lab, n: u32) -> Result<()> {
-    tartan::netns_lab::block_on_in_netns(&lab.infra, move || async move {
-        let args = tartan::etcd_store::EtcdArgs::for_endpoints(&["http://127.0.0.1:2379"]);
-        let store = tartan::etcd_store::Store::connect(&args).await?;
+    tartan::lab::block_on_in_netns(&lab.infra, move || async move {
+        let args = tartan::store::etcd::EtcdArgs::for_endpoints(&["http://127.0.0.1:2379"]);
+        let store = tartan::store::etcd::Store::connect(&args).await?;
         let mut ops = Vec::new();
         for k in 0..n {
             let rec = PodRecord {
@@ -742,7 +741,7 @@ fn register_many_elsewhere(lab: &Lab, n: u32) -> Result<()> {
                 labels: [("app".to_string(), "big".to_string())].into(),
             };
             ops.push(etcd_client::TxnOp::put(
-                tartan::pod_record::pod_key(&args, &rec),
+                tartan::store::keys::pod_key(&args, &rec),
                 rec.to_bytes(),
                 None,
             ));
@@ -812,7 +811,7 @@ fn thousands_of_endpoints_need_no_rebuild_and_leave_no_trace() -> Result<()> {
         "other service answered by the wrong pod"
     );
     w??;
-    let slots = tartan::service_rules::slot_count(endpoints as usize + 1);
+    let slots = tartan::proxy::rules::slot_count(endpoints as usize + 1);
     let prefix = format!("{vip} . tcp . 80 . ");
     let elems = wait_for("every endpoint programmed", Duration::from_secs(30), || {
         let t = active_service_table(&node)?;
@@ -923,10 +922,10 @@ fn foreign_tables_are_untouched_by_the_proxy() -> Result<()> {
 #[test]
 fn randomized_churn_converges_to_the_model() -> Result<()> {
     use rand::{RngExt, SeedableRng};
-    use tartan::service_model::{
+    use tartan::model::service::{
         EndpointAddress, ExplicitEndpoints, Service, SessionAffinity, TrafficPolicy,
     };
-    use tartan::service_store::{NodePortRequest, ServiceStore};
+    use tartan::store::services::{NodePortRequest, ServiceStore};
     let Some(lab) = cluster(3)? else {
         return Ok(());
     };
@@ -938,9 +937,9 @@ fn randomized_churn_converges_to_the_model() -> Result<()> {
     let node_names: Vec<String> = lab.nodes.iter().map(|n| n.name.clone()).collect();
     let endpoint = "http://127.0.0.1:2379".to_string();
     let names = node_names.clone();
-    tartan::netns_lab::block_on_in_netns(&lab.infra, move || async move {
-        let args = tartan::etcd_store::EtcdArgs::for_endpoints(&[&endpoint]);
-        let store = tartan::etcd_store::Store::connect(&args).await?;
+    tartan::lab::block_on_in_netns(&lab.infra, move || async move {
+        let args = tartan::store::etcd::EtcdArgs::for_endpoints(&[&endpoint]);
+        let store = tartan::store::etcd::Store::connect(&args).await?;
         let st = ServiceStore::new(&store, &args, "10.96.0.0/16".parse()?);
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut live: HashMap<usize, Service> = HashMap::new();
@@ -1034,7 +1033,11 @@ fn randomized_churn_converges_to_the_model() -> Result<()> {
                             .into(),
                     };
                     store
-                        .put(&tartan::pod_record::pod_key(&args, &rec), rec.to_bytes(), 0)
+                        .put(
+                            &tartan::store::keys::pod_key(&args, &rec),
+                            rec.to_bytes(),
+                            0,
+                        )
                         .await?;
                 }
                 _ => {
@@ -1104,7 +1107,7 @@ fn a_lost_nudge_still_registers_the_pod_within_the_change_check_bound() -> Resul
     // period plus one scan and one etcd write, under 2 s.
     const BOUND: Duration = Duration::from_secs(2);
     const MARGIN: Duration = Duration::from_millis(1500);
-    assert!(tartan::pod_registrar::CHANGE_CHECK < BOUND);
+    assert!(tartan::daemon::pod_registrar::CHANGE_CHECK < BOUND);
     let Some(mut lab) = cluster(2)? else {
         return Ok(());
     };

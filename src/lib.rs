@@ -1,43 +1,27 @@
 //! tartan: a VXLAN overlay network and service-proxy dataplane for container clusters.
 //!
-//! Data flows from etcd (flannel-compatible subnet leases, tartan's own records) through pure
-//! planning modules (`subnet_alloc`, `overlay_plan`) to thin kernel layers (`netlink_ops`,
-//! `nft_cmd`). See `docs/architecture.md`.
+//! One room per concept, dependencies pointing down this list (see `docs/architecture.md`):
+//! `util` (no tartan dependencies) · `model` (records: parse and validate) · `store` (etcd,
+//! reflector) · `kernel` (netlink, nftables) · `metrics` · `node` (this node's subnet and
+//! liveness) · `overlay` (peers → VXLAN neighbours, FDB, routes) · `proxy` (services → the
+//! nftables service table) · `cni` (the plugin) · `api` (what the daemon tells the CLI) ·
+//! `daemon` (wiring) · `cli` (tartanctl) · `lab` and `netbench` (network-namespace clusters for
+//! tests and benchmarks, behind the `lab` feature).
+#![forbid(unsafe_code)]
 
-pub mod backoff;
+pub mod api;
+pub mod cli;
 pub mod cni;
-pub mod commands;
 pub mod daemon;
-pub mod etcd_store;
-pub mod json_decode;
-pub mod logging;
-pub mod masq_rules;
+pub mod kernel;
+#[cfg(feature = "lab")]
+pub mod lab;
 pub mod metrics;
+pub mod model;
+#[cfg(feature = "lab")]
 pub mod netbench;
-pub mod netconf;
-pub mod netlink_ops;
-pub mod netns_lab;
-pub mod nft_cmd;
-pub mod nft_netlink;
-pub mod node_liveness;
-pub mod node_lock;
-pub mod node_state;
-pub mod overlay_plan;
-pub mod overlay_reconciler;
-pub mod pod_record;
-pub mod pod_registrar;
-#[cfg(test)]
-mod proptest_support;
-pub mod service_model;
-pub mod service_proxy;
-pub mod service_rules;
-pub mod service_state;
-pub mod service_store;
-pub mod shutdown;
-pub mod status;
-pub mod subnet_alloc;
-pub mod subnet_env;
-pub mod subnet_lease;
-pub mod subnet_manager;
-#[cfg(test)]
-mod test_tmp;
+pub mod node;
+pub mod overlay;
+pub mod proxy;
+pub mod store;
+pub mod util;

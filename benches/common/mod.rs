@@ -1,7 +1,7 @@
 //! Helpers shared by the benchmarks.
 #![allow(dead_code)]
 
-use tartan::netns_lab::Binaries;
+use tartan::lab::Binaries;
 
 /// The binaries cargo built for this benchmark run.
 pub fn bins() -> Binaries {

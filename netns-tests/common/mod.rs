@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use tartan::netns_lab::{Binaries, Lab, in_netns};
+use tartan::lab::{Binaries, Lab, in_netns};
 
 /// The binaries cargo built for this test run.
 pub fn bins() -> Binaries {
@@ -15,7 +15,7 @@ pub fn bins() -> Binaries {
 
 /// A lab with etcd running and the network config written; `None` when opted out of root tests.
 pub fn lab(nodes: usize, network_args: &[&str]) -> Result<Option<Lab>> {
-    if !tartan::netns_lab::require_root()? {
+    if !tartan::lab::require_root()? {
         return Ok(None);
     }
     let mut lab = Lab::new(nodes, bins())?;
@@ -31,7 +31,7 @@ pub fn lab_with_etcd_members(
     members: usize,
     network_args: &[&str],
 ) -> Result<Option<Lab>> {
-    if !tartan::netns_lab::require_root()? {
+    if !tartan::lab::require_root()? {
         return Ok(None);
     }
     let mut lab = Lab::new(nodes, bins())?;
@@ -112,7 +112,7 @@ pub fn kernel_elements(
     ns: &str,
     table: &str,
 ) -> anyhow::Result<std::collections::BTreeSet<(String, String, String)>> {
-    let out = tartan::netns_lab::ns_run(ns, "nft", &["-j", "list", "table", "ip", table])?;
+    let out = tartan::lab::ns_run(ns, "nft", &["-j", "list", "table", "ip", table])?;
     let doc: serde_json::Value = serde_json::from_str(&out)?;
     let mut set = std::collections::BTreeSet::new();
     for obj in doc["nftables"].as_array().into_iter().flatten() {
@@ -145,7 +145,7 @@ pub fn kernel_elements(
 
 /// The service table in force in `ns` (the one with hooked chains).
 pub fn active_service_table(ns: &str) -> Option<String> {
-    let out = tartan::netns_lab::ns_run(ns, "nft", &["-j", "list", "chains", "ip"]).ok()?;
+    let out = tartan::lab::ns_run(ns, "nft", &["-j", "list", "chains", "ip"]).ok()?;
     let doc: serde_json::Value = serde_json::from_str(&out).ok()?;
     doc["nftables"].as_array()?.iter().find_map(|o| {
         let c = o.get("chain")?;
@@ -161,20 +161,24 @@ pub fn expected_elements(
     lab: &Lab,
     nodes: &[String],
 ) -> Result<Vec<std::collections::BTreeSet<(String, String, String)>>> {
-    use tartan::pod_record::PodRecord;
-    use tartan::service_model::{ExplicitEndpoints, Service};
-    use tartan::service_state::{ModelChange, ServiceState};
+    use tartan::model::pod::PodRecord;
+    use tartan::model::service::{ExplicitEndpoints, Service};
+    use tartan::proxy::state::{ModelChange, ServiceState};
     let endpoint = "http://127.0.0.1:2379".to_string();
     let nodes = nodes.to_vec();
-    tartan::netns_lab::block_on_in_netns(&lab.infra, move || async move {
-        let args = tartan::etcd_store::EtcdArgs::for_endpoints(&[&endpoint]);
-        let store = tartan::etcd_store::Store::connect(&args).await?;
-        let (_, svcs) = store.list(&args.tartan_key("services/")).await?;
-        let (_, pods) = store.list(&args.tartan_key("pods/")).await?;
-        let (_, eps) = store.list(&args.tartan_key("endpoints/")).await?;
+    tartan::lab::block_on_in_netns(&lab.infra, move || async move {
+        let args = tartan::store::etcd::EtcdArgs::for_endpoints(&[&endpoint]);
+        let store = tartan::store::etcd::Store::connect(&args).await?;
+        let (_, svcs) = store
+            .list(&tartan::store::keys::services_prefix(&args))
+            .await?;
+        let (_, pods) = store.list(&tartan::store::keys::pods_prefix(&args)).await?;
+        let (_, eps) = store
+            .list(&tartan::store::keys::endpoints_prefix(&args))
+            .await?;
         let mut out = Vec::new();
         for n in &nodes {
-            let mut state = ServiceState::new(tartan::service_rules::NodeContext {
+            let mut state = ServiceState::new(tartan::proxy::rules::NodeContext {
                 node: n.clone(),
                 cluster_network: "10.244.0.0/16".parse()?,
                 service_cidr: "10.96.0.0/12".parse()?,
@@ -202,10 +206,10 @@ pub fn expected_elements(
             let plan = state.plan_full();
             let mut set = std::collections::BTreeSet::new();
             for (name, op) in &plan.ops {
-                if let tartan::nft_netlink::SetOp::Add(elems) = op {
-                    let sn = tartan::service_rules::SetName::from_name(name).context("set")?;
+                if let tartan::kernel::nft_elements::SetOp::Add(elems) = op {
+                    let sn = tartan::proxy::rules::SetName::from_name(name).context("set")?;
                     for (k, d) in elems {
-                        let (kt, dt) = tartan::service_rules::describe(sn, k, d);
+                        let (kt, dt) = tartan::proxy::rules::describe(sn, k, d);
                         set.insert((name.clone(), kt, dt));
                     }
                 }
@@ -226,7 +230,7 @@ pub fn wait_table_matches(
 ) -> Result<()> {
     let ns = lab.nodes[i].ns.clone();
     let mut last = None;
-    let converged = tartan::netns_lab::wait_for(
+    let converged = tartan::lab::wait_for(
         "kernel table to match the model",
         Duration::from_secs(30),
         || {

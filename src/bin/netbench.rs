@@ -97,7 +97,7 @@ fn parse_sizes(s: &str) -> Result<Vec<u32>, String> {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    tartan::logging::init("warn");
+    tartan::util::logging::init("warn");
     let bin_dir = std::env::current_exe()
         .ok()
         .and_then(|p| p.parent().map(|p| p.to_path_buf()))
@@ -158,7 +158,7 @@ fn main() -> std::process::ExitCode {
             }
             s.keep = a.keep;
             s.progress = !a.no_progress;
-            if !tartan::netns_lab::require_root()? {
+            if !tartan::lab::require_root()? {
                 return Ok(());
             }
             let report = tartan::netbench::run::run(&s, a.json.as_deref(), a.svg.as_deref())?;

@@ -1,8 +1,8 @@
 //! `tartanctl`: the operator CLI.
 
 use clap::{Parser, Subcommand};
-use tartan::commands::{self, OutputFormat};
-use tartan::etcd_store::EtcdArgs;
+use tartan::cli::{self, OutputFormat};
+use tartan::store::etcd::EtcdArgs;
 
 #[derive(Parser, Debug)]
 #[command(name = "tartanctl", version, about = "tartan operator CLI")]
@@ -17,7 +17,7 @@ struct Cli {
 enum Cmd {
     /// The cluster network config.
     #[command(subcommand)]
-    Network(commands::network::NetworkCmd),
+    Network(cli::network::NetworkCmd),
     /// List subnet leases: node, subnet, public IP, VTEP MAC, expiry.
     Nodes {
         /// Output format.
@@ -26,20 +26,20 @@ enum Cmd {
     },
     /// Act on one node.
     #[command(subcommand)]
-    Node(commands::node::NodeCmd),
+    Node(cli::node::NodeCmd),
     /// Services: a stable virtual IP (and node ports) in front of pods.
     Service {
         #[command(flatten)]
-        range: commands::service::ServiceRange,
+        range: cli::service::ServiceRange,
         #[command(subcommand)]
-        cmd: commands::service::ServiceCmd,
+        cmd: cli::service::ServiceCmd,
     },
     /// Explicit endpoints of selector-less services.
     Endpoints {
         #[command(flatten)]
-        range: commands::service::ServiceRange,
+        range: cli::service::ServiceRange,
         #[command(subcommand)]
-        cmd: commands::service::EndpointsCmd,
+        cmd: cli::service::EndpointsCmd,
     },
     /// What a node programmed, in words: peers, routes, services, backends, counters.
     Explain {
@@ -58,7 +58,7 @@ enum Cmd {
 fn main() -> std::process::ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
-        Err(e) => match commands::clap_error_line(&e) {
+        Err(e) => match cli::clap_error_line(&e) {
             Some(line) => {
                 eprintln!("tartanctl: {line}");
                 return std::process::ExitCode::from(2);
@@ -66,7 +66,7 @@ fn main() -> std::process::ExitCode {
             None => e.exit(),
         },
     };
-    tartan::logging::init("warn");
+    tartan::util::logging::init("warn");
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -79,18 +79,18 @@ fn main() -> std::process::ExitCode {
     };
     let r = rt.block_on(async {
         match cli.cmd {
-            Cmd::Network(c) => commands::network::run(&cli.etcd, c).await,
-            Cmd::Nodes { output } => commands::nodes::run(&cli.etcd, output).await,
-            Cmd::Node(c) => commands::node::run(&cli.etcd, c).await,
-            Cmd::Service { range, cmd } => commands::service::run(&cli.etcd, &range, cmd).await,
+            Cmd::Network(c) => cli::network::run(&cli.etcd, c).await,
+            Cmd::Nodes { output } => cli::nodes::run(&cli.etcd, output).await,
+            Cmd::Node(c) => cli::node::run(&cli.etcd, c).await,
+            Cmd::Service { range, cmd } => cli::service::run(&cli.etcd, &range, cmd).await,
             Cmd::Endpoints { range, cmd } => {
-                commands::service::run_endpoints(&cli.etcd, &range, cmd).await
+                cli::service::run_endpoints(&cli.etcd, &range, cmd).await
             }
             Cmd::Explain {
                 node,
                 status_addr,
                 json,
-            } => commands::explain::run(node.as_deref(), status_addr, json),
+            } => cli::explain::run(node.as_deref(), status_addr, json),
         }
     });
     match r {

@@ -6,7 +6,7 @@ use tartan::daemon::{DaemonArgs, run};
 fn main() -> std::process::ExitCode {
     let args = match DaemonArgs::try_parse() {
         Ok(a) => a,
-        Err(e) => match tartan::commands::clap_error_line(&e) {
+        Err(e) => match tartan::cli::clap_error_line(&e) {
             Some(line) => {
                 eprintln!("tartand: {line}");
                 return std::process::ExitCode::from(2);
@@ -14,7 +14,7 @@ fn main() -> std::process::ExitCode {
             None => e.exit(),
         },
     };
-    tartan::logging::init("info");
+    tartan::util::logging::init("info");
     // A parent (a shell's job control, a test harness, some container entrypoints) may hand
     // SIGINT/SIGTERM down blocked; tartand's clean shutdown depends on receiving them.
     let mut handled = nix::sys::signal::SigSet::empty();

@@ -2,7 +2,7 @@
 //! `sync\n` and tartand queues a rescan of the IPAM directory (answering `ok\n`, which the
 //! plugin does not wait for: the line is delivered even after the plugin exits, and a lost
 //! nudge is covered by tartand's once-a-second check of the IPAM directory, see
-//! `pod_registrar::CHANGE_CHECK`). Registering the pods in etcd happens in tartand, so the
+//! `daemon::pod_registrar::CHANGE_CHECK`). Registering the pods in etcd happens in tartand, so the
 //! plugin never talks to etcd.
 
 use std::io::Write;

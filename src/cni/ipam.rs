@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use super::bounded_read::{FileReadError, STDIN_LIMIT, read_opened_file, read_regular_file};
 use super::error::{CniError, code};
 use super::spec::validate_network_name;
-use crate::pod_record::PodRecord;
+use crate::model::pod::PodRecord;
 
 const LOCK_FILE: &str = "lock";
 /// Width of the last-reserved address in the lock file (rewritten in place, never truncated).
@@ -597,7 +597,7 @@ pub fn scan_all(data_dir: &Path) -> std::io::Result<Vec<AllocationRecord>> {
 mod tests {
     use super::*;
 
-    use crate::test_tmp::TmpDir;
+    use crate::util::test_tmp::TmpDir;
 
     fn req(cid: &str) -> AllocationRequest {
         AllocationRequest {

@@ -31,7 +31,7 @@ use rtnetlink::{LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth, RouteMessageBu
 
 use super::bounded_read::read_regular_file;
 use super::error::{CniError, code};
-use crate::netlink_ops::{Netlink, link_kind};
+use crate::kernel::netlink::{Netlink, link_kind};
 
 const EEXIST: i32 = 17;
 const ENODEV: i32 = 19;

@@ -20,8 +20,8 @@ use super::spec::{
     CniEnv, CniResult, CniVersion, Command, Interface, IpConfig, NetConf, Route,
     find_container_interface, peek_version, version_info,
 };
-use crate::netlink_ops::Netlink;
-use crate::subnet_env::SubnetEnv;
+use crate::kernel::netlink::Netlink;
+use crate::model::subnet_env::SubnetEnv;
 
 /// Runs one CNI call; returns what to print on stdout (nothing for DEL, STATUS, GC).
 pub fn run(env: &CniEnv, stdin: &[u8]) -> Result<Option<String>, CniError> {

@@ -366,7 +366,7 @@ impl NetConf {
                 "the network config is not a JSON object",
             ));
         }
-        let raw: RawConf = crate::json_decode::from_value(&v)
+        let raw: RawConf = crate::util::json_decode::from_value(&v)
             .map_err(|e| CniError::config("invalid network config").details(e))?;
         let version = raw
             .cni_version
@@ -554,7 +554,7 @@ struct RawResult {
 impl CniResult {
     /// Decodes a result of any supported version (a `prevResult`).
     pub fn parse(v: Value) -> Result<CniResult, CniError> {
-        let raw: RawResult = crate::json_decode::from_value(&v)
+        let raw: RawResult = crate::util::json_decode::from_value(&v)
             .map_err(|e| CniError::config("invalid prevResult").details(e))?;
         if let Some(ver) = &raw.cni_version {
             CniVersion::parse(ver)?;

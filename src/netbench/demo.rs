@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 
 use super::run::{Settings, build_cluster, measure};
-use crate::netns_lab::{cleanup_on_signal, require_root};
+use crate::lab::{cleanup_on_signal, require_root};
 
 /// Runs the demo with the binaries in `bin_dir`, writing `netbench-demo.{json,svg}` to `out`.
 pub fn run(bin_dir: &Path, out: &Path) -> Result<()> {
@@ -33,7 +33,7 @@ pub fn run(bin_dir: &Path, out: &Path) -> Result<()> {
     println!("\n$ tartanctl explain   (on node1)");
     print!(
         "{}",
-        crate::netns_lab::ns_run(
+        crate::lab::ns_run(
             &lab.nodes[0].ns,
             &lab.bins.tartanctl.to_string_lossy(),
             &["explain"],
@@ -56,7 +56,7 @@ pub fn run(bin_dir: &Path, out: &Path) -> Result<()> {
     std::fs::write(&json, serde_json::to_vec_pretty(&report)?)?;
     super::charts::write_svg(&report, &svg)?;
     println!("\nJSON: {}\nSVG:  {}", json.display(), svg.display());
-    let left = std::fs::read_dir(crate::netns_lab::NETNS_DIR)
+    let left = std::fs::read_dir(crate::lab::NETNS_DIR)
         .map(|rd| {
             rd.flatten()
                 .filter(|e| {

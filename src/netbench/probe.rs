@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 
-use crate::netns_lab::in_netns;
+use crate::lab::in_netns;
 
 /// How long a reader busy-waits for data before it blocks. Busy-waiting keeps thread wake-up
 /// latency out of the per-hop figures: on this kind of VM a blocked thread takes from tens to

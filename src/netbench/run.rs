@@ -14,8 +14,8 @@ use super::report::{
 use super::service_bed::{NatKind, ServiceBed, first_connections};
 use super::stats::{Samples, paired_ratio};
 use super::topology::{self, Topology};
-use crate::netns_lab::{Binaries, Lab, cleanup_on_signal};
-use crate::service_rules::Balancing;
+use crate::lab::{Binaries, Lab, cleanup_on_signal};
+use crate::proxy::rules::Balancing;
 
 /// What to run.
 #[derive(Debug, Clone, serde::Serialize)]

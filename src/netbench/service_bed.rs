@@ -3,6 +3,7 @@
 //! for N services) or an iptables-style linear NAT chain of N rules as the reference. New
 //! connections from the client to the last service measure the first-packet cost.
 
+use crate::store::keys::pod_key;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::process::Stdio;
@@ -11,20 +12,20 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::etcd_store::{EtcdArgs, Store};
-use crate::netbench::probe::tcp_server;
-use crate::netns_lab::{
+use crate::kernel::nft_elements::NftSocket;
+use crate::lab::{
     Lab, address_up_default_route, block_on_in_netns, delete_ns, in_netns, ip, ns_command, ns_run,
     sweep_stale,
 };
-use crate::nft_netlink::NftSocket;
-use crate::pod_record::{PodRecord, pod_key};
-use crate::service_model::{
+use crate::model::pod::PodRecord;
+use crate::model::service::{
     DEFAULT_AFFINITY_TIMEOUT, Service, ServicePort, SessionAffinity, TrafficPolicy,
 };
-use crate::service_proxy::build_and_switch;
-use crate::service_rules::{Balancing, NodeContext};
-use crate::service_state::{ModelChange, ServiceState};
+use crate::netbench::probe::tcp_server;
+use crate::proxy::rules::{Balancing, NodeContext};
+use crate::proxy::run::build_and_switch;
+use crate::proxy::state::{ModelChange, ServiceState};
+use crate::store::etcd::{EtcdArgs, Store};
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
@@ -125,7 +126,7 @@ fn service(i: u32) -> Service {
             name: None,
             port: SERVICE_PORT,
             target_port: SERVER_PORT,
-            protocol: crate::service_model::Protocol::Tcp,
+            protocol: crate::model::service::Protocol::Tcp,
             node_port: None,
         }],
         selector: Some([("app".to_string(), format!("a{i}"))].into()),
@@ -304,7 +305,7 @@ impl ServiceBed {
                     if services == 0 {
                         bail!("a variant needs at least one service");
                     }
-                    crate::netns_lab::block_on_in_netns(&node, move || {
+                    crate::lab::block_on_in_netns(&node, move || {
                         program_tartan(services, endpoints, balancing)
                     })??;
                     vip(services - 1)
@@ -328,7 +329,7 @@ impl ServiceBed {
             };
             // Make sure the path works before anyone measures it.
             let c = v.client.clone();
-            crate::netns_lab::wait_for(
+            crate::lab::wait_for(
                 "the bench service to answer",
                 Duration::from_secs(20),
                 || first_connections(&c, target, 1).ok(),
@@ -404,7 +405,7 @@ pub fn load_bulk_services(lab: &Lab, services: u32) -> Result<()> {
         for i in 0..services {
             let s = bulk_service(i);
             kvs.push((
-                crate::service_store::service_key(&args, &s.namespace, &s.name),
+                crate::store::keys::service_key(&args, &s.namespace, &s.name),
                 s.to_bytes(),
             ));
             for k in 0..5 {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 use super::probe::{bench_servers, ports};
-use crate::netns_lab::{Lab, LabPod, address_up_default_route, ip, ns_run, wait_for};
+use crate::lab::{Lab, LabPod, address_up_default_route, ip, ns_run, wait_for};
 
 /// Which dataplane a path crosses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -1,5 +1,5 @@
 //! Property tests of the CNI config and environment decoders and of results' conversion
-//! between spec versions (see `proptest_support`).
+//! between spec versions (see `util::proptest_support`).
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -14,7 +14,7 @@ use super::{
     validate_ifname, validate_network_name,
 };
 use crate::cni::error::{CniError, code};
-use crate::proptest_support::{
+use crate::util::proptest_support::{
     apply, arb_bytes, arb_json, arb_json_object, arb_mutation, arb_text, config, names_a_field,
 };
 

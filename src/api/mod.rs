@@ -1,0 +1,3 @@
+//! What the daemon tells `tartanctl`: the `/status` document.
+
+pub mod status;

@@ -1,0 +1,231 @@
+//! `tartanctl explain`: what a node programmed, in words, from its daemon's `/status`.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use super::{cap_text, join_capped};
+use crate::api::status::StatusReport;
+
+/// Fetches `/status` from a tartand (usually on this node's loopback).
+pub fn fetch(addr: SocketAddr) -> Result<StatusReport> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        .with_context(|| format!("connecting to tartand's status endpoint {addr} (run explain on the node, or give --status-addr)"))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(s, "GET /status HTTP/1.0\r\nHost: tartand\r\n\r\n")?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).context("reading /status")?;
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .context("malformed HTTP answer from tartand")?;
+    serde_json::from_str(body).context("decoding /status")
+}
+
+/// Renders a report as sentences.
+pub fn render(r: &StatusReport) -> String {
+    let mut o = String::new();
+    let subnet = r.subnet.as_deref().unwrap_or("no subnet yet");
+    o.push_str(&format!(
+        "Node {} holds {subnet}{} in network {}.\n",
+        r.node,
+        if r.reservation {
+            " (a reservation)"
+        } else {
+            ""
+        },
+        r.network.as_deref().unwrap_or("?")
+    ));
+    if r.peers.is_empty() {
+        o.push_str("It has no peers.\n");
+    } else {
+        o.push_str(&format!(
+            "It routes to {} peers over VXLAN:\n",
+            r.peers.len()
+        ));
+        for p in &r.peers {
+            o.push_str(&format!(
+                "  {} via {} (VTEP {})\n",
+                p.subnet, p.public_ip, p.vtep_mac
+            ));
+        }
+    }
+    if let Some(e) = &r.service_error {
+        o.push_str(&format!("The last service sync failed: {e}\n"));
+    }
+    o.push_str(&format!(
+        "The service table holds {} services in {} elements and {} load-balancing chains{}.\n",
+        r.services.len(),
+        r.service_elements,
+        r.service_chains,
+        if r.services_synced {
+            ""
+        } else {
+            " (not synced yet)"
+        }
+    ));
+    for s in &r.services {
+        o.push_str(&format!(
+            "Service {} at {} ({}){}:\n",
+            s.id,
+            s.cluster_ip,
+            join_capped(s.ports.iter().cloned(), "; ", 8),
+            if s.options.is_empty() {
+                String::new()
+            } else {
+                format!(", {}", s.options.join(", "))
+            }
+        ));
+        for p in s.problems.iter().take(MAX_LISTED) {
+            o.push_str(&format!("  {p}\n"));
+        }
+        if s.problems.len() > MAX_LISTED {
+            o.push_str(&format!(
+                "  … and {} more problems\n",
+                s.problems.len() - MAX_LISTED
+            ));
+        }
+        if s.problems.iter().any(|p| p.starts_with("not programmed:")) {
+            continue;
+        }
+        if s.backends.is_empty() {
+            o.push_str(&format!(
+                "  no endpoints: new connections are refused ({} refused so far)\n",
+                s.refused
+            ));
+            continue;
+        }
+        if s.uncounted {
+            o.push_str(&format!(
+                "  new connections spread over {} endpoints (not counted: services this big \
+                 keep their slots in uncounted maps, so the kernel writes them fast):\n",
+                s.backends.len()
+            ));
+        } else {
+            o.push_str(&format!(
+                "  {} new connections so far, spread over {} endpoints:\n",
+                s.connections,
+                s.backends.len()
+            ));
+        }
+        for b in s.backends.iter().take(MAX_LISTED) {
+            let node = b.node.as_deref().unwrap_or("an unknown node");
+            if s.uncounted {
+                o.push_str(&format!("    {} on {node}\n", b.ip));
+            } else {
+                o.push_str(&format!(
+                    "    {} on {node}: {} connections\n",
+                    b.ip, b.connections
+                ));
+            }
+        }
+        if s.backends.len() > MAX_LISTED {
+            o.push_str(&format!(
+                "    … and {} more endpoints (--json lists them all)\n",
+                s.backends.len() - MAX_LISTED
+            ));
+        }
+    }
+    if r.rejected_total > 0 {
+        o.push_str(&format!(
+            "{} records are skipped as malformed:\n",
+            r.rejected_total
+        ));
+        for x in r.rejected_records.iter().take(MAX_LISTED) {
+            o.push_str(&format!("  {}\n", cap_text(x, 300)));
+        }
+        if r.rejected_total > MAX_LISTED.min(r.rejected_records.len()) {
+            o.push_str(&format!(
+                "  … and {} more\n",
+                r.rejected_total - MAX_LISTED.min(r.rejected_records.len())
+            ));
+        }
+    }
+    o
+}
+
+/// Endpoints, problems and records listed per section; the rest are counted.
+const MAX_LISTED: usize = 50;
+
+/// Runs `explain`.
+pub fn run(node: Option<&str>, addr: SocketAddr, json: bool) -> Result<()> {
+    let r = fetch(addr)?;
+    if let Some(n) = node
+        && n != r.node
+    {
+        bail!(
+            "the daemon at {addr} is node {:?}, not {n:?}; run explain on {n} or point --status-addr at it",
+            r.node
+        );
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        print!("{}", render(&r));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::status::{BackendReport, ServiceReport};
+
+    fn service(id: &str, ports: usize, backends: usize, problems: &[&str]) -> ServiceReport {
+        ServiceReport {
+            id: id.into(),
+            cluster_ip: "10.96.0.10".into(),
+            ports: (0..ports).map(|p| format!("{p}/tcp -> {p}")).collect(),
+            options: Vec::new(),
+            backends: (0..backends)
+                .map(|i| BackendReport {
+                    ip: format!("10.244.{}.{}", i / 250, i % 250 + 1),
+                    node: None,
+                    connections: 0,
+                })
+                .collect(),
+            connections: 0,
+            refused: 0,
+            problems: problems.iter().map(|p| p.to_string()).collect(),
+            uncounted: backends > 512,
+        }
+    }
+
+    #[test]
+    fn skipped_services_say_why_and_big_ones_are_cut() {
+        let r = StatusReport {
+            node: "n1".into(),
+            services: vec![
+                service(
+                    "default/etcd",
+                    1,
+                    0,
+                    &["not programmed: cluster IP 192.168.77.1 is an etcd endpoint"],
+                ),
+                service(
+                    "default/big",
+                    10_000,
+                    10_000,
+                    &["skipped: endpoint 127.0.0.1 is a loopback address"],
+                ),
+            ],
+            rejected_records: vec!["/tartan/services/default/x: bad".into()],
+            rejected_total: 3,
+            ..Default::default()
+        };
+        let out = render(&r);
+        assert!(out.contains("  not programmed: cluster IP 192.168.77.1 is an etcd endpoint\n"));
+        assert!(!out.contains("no endpoints"), "{out}");
+        assert!(out.contains("  skipped: endpoint 127.0.0.1 is a loopback address\n"));
+        assert!(out.contains("(+9992 more)"), "ports are cut");
+        assert!(
+            out.contains("… and 9950 more endpoints"),
+            "endpoints are cut"
+        );
+        assert!(out.contains("3 records are skipped as malformed"));
+        assert!(out.contains("… and 2 more"));
+        assert!(out.lines().count() < 200);
+    }
+}

@@ -1,0 +1,509 @@
+//! `tartand`: the per-node daemon. Wires the lease store, the subnet manager, the liveness
+//! lease, the overlay reconciler, subnet.env and metrics together.
+
+pub mod admin_http;
+pub mod pod_registrar;
+pub mod status;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use ipnetwork::Ipv4Network;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::daemon::status::DaemonStatus;
+use crate::kernel::netlink::Netlink;
+use crate::metrics::Metrics;
+use crate::model::netconf::NetworkConfig;
+use crate::model::service::{AddressGuard, RangeContext, check_service_cidr};
+use crate::model::subnet_env::SubnetEnv;
+use crate::node::lock::{OwnedPath, PathKind};
+use crate::node::state_file::{NodeState, state_path, vtep_mac_for};
+use crate::node::subnet_keeper::{KeepOutcome, NodeIdentity, OwnLease, SubnetManager};
+use crate::overlay::reconciler::{OverlaySettings, overlay_mtu};
+use crate::proxy::rules::NodeContext;
+use crate::store::etcd::{EtcdArgs, Store};
+use crate::util::shutdown::shutdown_signal;
+
+/// Command-line flags of `tartand`.
+#[derive(clap::Parser, Debug, Clone)]
+#[command(
+    name = "tartand",
+    version,
+    args_override_self = true,
+    about = "tartan node daemon: leases this node's pod subnet from etcd and programs the VXLAN overlay"
+)]
+pub struct DaemonArgs {
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    /// This node's name (unique in the cluster).
+    #[arg(long, env = "TARTAN_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Underlay interface carrying VXLAN traffic.
+    #[arg(long, env = "TARTAN_IFACE")]
+    pub iface: String,
+    /// Underlay address to advertise (default: the first IPv4 address of --iface).
+    #[arg(long)]
+    pub public_ip: Option<Ipv4Addr>,
+    /// Virtual IP range for services (new connections to unknown ports in it are refused).
+    #[arg(long, default_value = "10.96.0.0/12")]
+    pub service_cidr: Ipv4Network,
+    /// How services pick an endpoint for a new connection.
+    #[arg(long, value_enum, default_value_t)]
+    pub load_balancing: crate::proxy::rules::Balancing,
+    /// Where to write subnet.env.
+    #[arg(long, default_value = "/run/tartan/subnet.env")]
+    pub subnet_file: PathBuf,
+    /// Directory for the node state file (remembered subnet, VTEP MAC).
+    #[arg(long, default_value = "/var/lib/tartan")]
+    pub state_dir: PathBuf,
+    /// Prometheus endpoint (never bind this beyond loopback unless you mean it).
+    #[arg(long, default_value = "127.0.0.1:9402")]
+    pub metrics_addr: SocketAddr,
+    /// TTL in seconds of the subnet lease (ownership survives reboots within it).
+    #[arg(long, default_value_t = 86400, value_parser = clap::value_parser!(i64).range(10..))]
+    pub subnet_lease_ttl: i64,
+    /// TTL in seconds of the node liveness lease (per-node records vanish this long after death).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i64).range(2..=3600))]
+    pub liveness_ttl: i64,
+    /// Masquerade pod traffic leaving the cluster network.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub ip_masq: bool,
+    /// Full overlay resync period in seconds (drift is repaired at once from kernel
+    /// notifications; the resync is the safety net).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub resync_secs: u64,
+    /// Release this node's subnet, remove its device and rules, and exit.
+    #[arg(long)]
+    pub leave: bool,
+    #[command(flatten)]
+    pub cni: crate::daemon::pod_registrar::CniArgs,
+}
+
+impl DaemonArgs {
+    /// The host paths this daemon owns (each locked for it alone, see [`node::lock`]). With
+    /// `--leave` only the two it removes files from, the state directory and subnet.env (a
+    /// running daemon of the node holds those too, so a leave beside it is refused).
+    pub fn owned_paths(&self) -> Vec<OwnedPath> {
+        let p = |flag, path: &PathBuf, kind| OwnedPath {
+            flag,
+            path: path.clone(),
+            kind,
+        };
+        let mut paths = vec![
+            p("--state-dir", &self.state_dir, PathKind::Dir),
+            p("--cni-data-dir", &self.cni.cni_data_dir, PathKind::Dir),
+            p("--cni-socket", &self.cni.cni_socket, PathKind::File),
+            p("--subnet-file", &self.subnet_file, PathKind::File),
+        ];
+        if self.leave {
+            paths.retain(|p| matches!(p.flag, "--state-dir" | "--subnet-file"));
+        }
+        paths
+    }
+}
+
+fn node_name(args: &DaemonArgs) -> Result<String> {
+    let name = match &args.node_name {
+        Some(n) => n.clone(),
+        None => nix::unistd::gethostname()
+            .context("reading the hostname for --node-name")?
+            .to_string_lossy()
+            .into_owned(),
+    };
+    if name.is_empty()
+        || name.len() > 253
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_')
+    {
+        bail!("--node-name {name:?}: use letters, digits, '-', '.', '_' (at most 253)");
+    }
+    Ok(name)
+}
+
+/// Waits for a valid network config: lists the config key, then watches it, so a config
+/// written after the daemon started is taken at once (a polling backoff made a node started
+/// before `tartanctl network init` wait up to 15 s). etcd errors are retried by the reflector.
+async fn wait_for_config(store: &Store, keys: &EtcdArgs) -> NetworkConfig {
+    use crate::store::etcd::{Change, ReflectorEvent};
+    let key = keys.config_key();
+    // The reflector watches a prefix; only the exact key counts.
+    let mut events = store.reflect(&key);
+    let mut said_missing = false;
+    while let Some(ev) = events.recv().await {
+        let value = match ev {
+            ReflectorEvent::Reset { items, .. } => items.into_iter().find(|i| i.key == key),
+            ReflectorEvent::Changes { changes, .. } => {
+                changes.into_iter().fold(None, |last, c| match c {
+                    Change::Put(i) if i.key == key => Some(i),
+                    Change::Delete(k) if k == key => None,
+                    _ => last,
+                })
+            }
+        };
+        match value {
+            Some(kv) => match NetworkConfig::parse(&kv.value) {
+                Ok(c) => return c,
+                Err(e) => error!(key, "invalid network config, waiting for a valid one: {e}"),
+            },
+            None if !said_missing => {
+                said_missing = true;
+                warn!(
+                    key,
+                    "no network config yet (run `tartanctl network init`), watching for it"
+                );
+            }
+            None => {}
+        }
+    }
+    // The reflector only stops when its receiver is gone; it is held here.
+    std::future::pending().await
+}
+
+/// Runs the daemon until SIGTERM/SIGINT (dataplane left in place) or a leave.
+pub async fn run(args: DaemonArgs) -> Result<()> {
+    let name = node_name(&args)?;
+    // First of all, before etcd or the kernel: one daemon per node. Held until exit (the
+    // kernel releases it if the process dies).
+    let _lock = crate::node::lock::lock_paths(&args.owned_paths())?;
+    let nl = Netlink::connect()?;
+    let iface = nl
+        .iface(&args.iface)
+        .await
+        .with_context(|| format!("--iface {}", args.iface))?;
+    let public_ip = match args.public_ip {
+        Some(ip) => ip,
+        None => iface.addrs.first().map(|a| a.ip()).ok_or_else(|| {
+            anyhow!(
+                "--iface {} has no IPv4 address; give --public-ip",
+                args.iface
+            )
+        })?,
+    };
+    let mtu = overlay_mtu(iface.mtu)?;
+    let state_file = state_path(&args.state_dir, &name);
+    let state = match NodeState::load(&state_file) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!("{e:#}; starting without remembered state");
+            None
+        }
+    };
+    let vtep_mac = state
+        .as_ref()
+        .filter(|s| s.node_name == name && s.vtep_mac.is_valid_unicast())
+        .map(|s| s.vtep_mac)
+        .unwrap_or_else(|| vtep_mac_for(&name));
+    let preferred = state.as_ref().and_then(|s| s.subnet);
+    let node = NodeIdentity {
+        name: name.clone(),
+        public_ip,
+        vtep_mac,
+    };
+    info!(node = %name, %public_ip, %vtep_mac, iface = %args.iface, "starting");
+
+    let store = Store::connect(&args.etcd).await?;
+    let metrics = Metrics::new();
+    let status = Arc::new(DaemonStatus::new(&name));
+    admin_http::serve(args.metrics_addr, metrics.clone(), status.clone()).await?;
+
+    if args.leave {
+        return leave(&args, &store, &node).await;
+    }
+    let etcd_addrs = args.etcd.endpoint_addrs();
+    let range_ctx = RangeContext {
+        underlay: iface.addrs.clone(),
+        etcd: etcd_addrs.iter().map(|a| *a.ip()).collect(),
+    };
+    check_service_cidr(args.service_cidr, None, &range_ctx)
+        .map_err(|e| anyhow!("--service-cidr: {e}"))?;
+
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+
+    let cfg = tokio::select! {
+        c = wait_for_config(&store, &args.etcd) => c,
+        _ = &mut shutdown => return Ok(()),
+    };
+    info!(network = %cfg.network, subnet_len = cfg.subnet_len, vni = cfg.backend.vni, "network config");
+    check_service_cidr(args.service_cidr, Some(cfg.network), &range_ctx)
+        .map_err(|e| anyhow!("--service-cidr: {e}"))?;
+
+    let subnets = store.mirror(&args.etcd.subnets_prefix());
+    // Node records say which lease each live node holds (lease conflicts are resolved for it).
+    let nodes = store.mirror(&crate::store::keys::nodes_prefix(&args.etcd));
+    let manager = SubnetManager::new(
+        store.clone(),
+        args.etcd.clone(),
+        node.clone(),
+        cfg.clone(),
+        args.subnet_lease_ttl,
+        metrics.clone(),
+    );
+    let own = tokio::select! {
+        o = manager.acquire(preferred) => o,
+        _ = &mut shutdown => return Ok(()),
+    };
+    let Some(own) = own else {
+        info!("a leave was requested before this node held a subnet; removing local state");
+        teardown_local(&args, &cfg, &state_file).await;
+        let _ = store
+            .delete(&crate::store::keys::leave_key(&args.etcd, &name))
+            .await;
+        return Ok(());
+    };
+    info!(subnet = %own.subnet, reservation = own.etcd_lease == 0, "holding subnet");
+    let (own_tx, own_rx) = watch::channel(Some(own.clone()));
+    status.set_own(own_rx.clone(), subnets.clone(), nodes.clone(), cfg.clone());
+
+    let persist = |o: &OwnLease| {
+        let st = NodeState {
+            node_name: name.clone(),
+            subnet: Some(o.subnet),
+            vtep_mac,
+        };
+        if let Err(e) = st.save(&state_file) {
+            warn!("saving node state: {e:#}");
+        }
+    };
+    persist(&own);
+    // subnet.env is the node's readiness for CNI (and flannel's contract): written once the
+    // overlay is programmed for the subnet, as flannel writes it after its backend is up.
+    let write_env = |subnet| {
+        let env = SubnetEnv {
+            network: cfg.network,
+            subnet,
+            mtu,
+            ipmasq: args.ip_masq,
+        };
+        if let Err(e) = env.write_atomic(&args.subnet_file) {
+            error!("writing {}: {e:#}", args.subnet_file.display());
+        }
+    };
+    let (ready_tx, mut ready_rx) = watch::channel(None);
+
+    let (lease_tx, lease_rx) = watch::channel(None);
+    tokio::spawn(crate::node::liveness::run(
+        store.clone(),
+        args.etcd.clone(),
+        node.clone(),
+        own_rx.clone(),
+        args.liveness_ttl,
+        lease_tx,
+        metrics.clone(),
+    ));
+
+    tokio::spawn(crate::daemon::pod_registrar::run(
+        store.clone(),
+        args.etcd.clone(),
+        name.clone(),
+        args.cni.settings(&args.subnet_file),
+        own_rx.clone(),
+        lease_rx,
+    ));
+
+    let (status_tx, status_rx) = tokio::sync::mpsc::channel(4);
+    let ctx = NodeContext {
+        node: name.clone(),
+        cluster_network: cfg.network,
+        service_cidr: args.service_cidr,
+        balancing: args.load_balancing,
+    };
+    let mut node_ips: Vec<Ipv4Addr> = iface.addrs.iter().map(|a| a.ip()).collect();
+    node_ips.push(public_ip);
+    let guard = AddressGuard {
+        service_cidr: args.service_cidr,
+        cluster_network: Some(cfg.network),
+        node_ips,
+        etcd: etcd_addrs,
+    };
+    let proxy = tokio::spawn(crate::proxy::run::run(
+        store.clone(),
+        args.etcd.clone(),
+        ctx,
+        guard,
+        metrics.clone(),
+        status_rx,
+    ));
+    status.set_proxy(status_tx);
+
+    let settings = OverlaySettings {
+        iface: args.iface.clone(),
+        public_ip,
+        vtep_mac,
+        cfg: cfg.clone(),
+        ip_masq: args.ip_masq,
+        resync: Duration::from_secs(args.resync_secs),
+    };
+    let overlay = tokio::spawn({
+        let (metrics, own_rx, subnets, nodes) = (
+            metrics.clone(),
+            own_rx.clone(),
+            subnets.clone(),
+            nodes.clone(),
+        );
+        async move {
+            let r = crate::overlay::reconciler::run(
+                settings, metrics, own_rx, subnets, nodes, ready_tx,
+            )
+            .await;
+            if let Err(e) = &r {
+                error!("overlay reconciler stopped, the overlay is not maintained: {e:#}");
+            }
+            r
+        }
+    });
+    let mut overlay_running = true;
+
+    let mut own_watch = own_rx.clone();
+    let keep = async {
+        manager
+            .keep(
+                own,
+                &own_tx,
+                subnets.clone(),
+                renew_interval(args.subnet_lease_ttl),
+            )
+            .await
+    };
+    tokio::pin!(keep);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => {
+                info!("shutting down; the dataplane stays in place");
+                return Ok(());
+            }
+            outcome = &mut keep => {
+                match outcome {
+                    KeepOutcome::LeaveRequested => {
+                        overlay.abort();
+                        proxy.abort();
+                        let cur = own_rx.borrow().clone();
+                        teardown_local(&args, &cfg, &state_file).await;
+                        let _ = store.delete(&crate::store::keys::leave_key(&args.etcd, &name)).await;
+                        let _ = store.delete(&crate::store::keys::node_key(&args.etcd, &name)).await;
+                        info!(subnet = ?cur.map(|c| c.subnet), "left the cluster");
+                        return Ok(());
+                    }
+                }
+            }
+            c = own_watch.changed() => {
+                if c.is_ok() && let Some(o) = own_watch.borrow_and_update().clone() {
+                    persist(&o);
+                }
+            }
+            r = ready_rx.changed(), if overlay_running => {
+                match r {
+                    Ok(()) => {
+                        if let Some(subnet) = *ready_rx.borrow_and_update() {
+                            write_env(subnet);
+                        }
+                    }
+                    // The reconciler stopped (it logged why).
+                    Err(_) => overlay_running = false,
+                }
+            }
+        }
+    }
+}
+
+/// How often to renew a subnet lease of `ttl` seconds: well before expiry, at most hourly.
+pub fn renew_interval(ttl: i64) -> Duration {
+    Duration::from_secs(((ttl / 4).clamp(2, 3600)) as u64)
+}
+
+async fn teardown_local(args: &DaemonArgs, cfg: &NetworkConfig, state_file: &std::path::Path) {
+    if let Err(e) = crate::overlay::reconciler::teardown(&args.iface, cfg.backend.vni).await {
+        error!("{e:#}");
+    }
+    if let Err(e) = crate::proxy::run::teardown().await {
+        error!("removing the service table: {e:#}");
+    }
+    for p in [&args.subnet_file, &state_file.to_path_buf()] {
+        if let Err(e) = std::fs::remove_file(p)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!("removing {}: {e}", p.display());
+        }
+    }
+}
+
+/// `tartand --leave`: release the subnet in etcd (when reachable) and remove local state.
+async fn leave(args: &DaemonArgs, store: &Store, node: &NodeIdentity) -> Result<()> {
+    let cfg = match store.get(&args.etcd.config_key()).await {
+        Ok(Some(kv)) => NetworkConfig::parse(&kv.value).ok(),
+        _ => None,
+    };
+    let (_, items) = store
+        .list(&args.etcd.subnets_prefix())
+        .await
+        .context("listing subnets to release ours")?;
+    for it in items {
+        let Ok(v) = crate::model::subnet_lease::LeaseValue::parse(&it.value) else {
+            continue;
+        };
+        if !v.belongs_to(&node.name, node.public_ip) {
+            continue;
+        }
+        if it.lease == 0 {
+            info!(key = %it.key, "keeping the reservation");
+            continue;
+        }
+        store.delete(&it.key).await?;
+        let _ = store.revoke(it.lease).await;
+        info!(key = %it.key, "released subnet");
+    }
+    let _ = store
+        .delete(&crate::store::keys::node_key(&args.etcd, &node.name))
+        .await;
+    let _ = store
+        .delete(&crate::store::keys::leave_key(&args.etcd, &node.name))
+        .await;
+    let vni = cfg
+        .as_ref()
+        .map_or(crate::model::netconf::DEFAULT_VNI, |c| c.backend.vni);
+    if let Err(e) = crate::overlay::reconciler::teardown(&args.iface, vni).await {
+        error!("{e:#}");
+    }
+    if let Err(e) = crate::proxy::run::teardown().await {
+        error!("removing the service table: {e:#}");
+    }
+    let state_file = state_path(&args.state_dir, &node.name);
+    for p in [&args.subnet_file, &state_file] {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn every_per_node_path_is_locked_and_leave_locks_what_it_removes() {
+        let run = DaemonArgs::parse_from(["tartand", "--iface", "eth0"]);
+        let got: Vec<(&str, String)> = run
+            .owned_paths()
+            .iter()
+            .map(|p| (p.flag, p.path.display().to_string()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("--state-dir", "/var/lib/tartan".to_string()),
+                ("--cni-data-dir", "/var/lib/tartan/cni".to_string()),
+                ("--cni-socket", "/run/tartan/tartand.sock".to_string()),
+                ("--subnet-file", "/run/tartan/subnet.env".to_string()),
+            ]
+        );
+        let leave = DaemonArgs::parse_from(["tartand", "--iface", "eth0", "--leave"]);
+        let flags: Vec<&str> = leave.owned_paths().iter().map(|p| p.flag).collect();
+        assert_eq!(flags, vec!["--state-dir", "--subnet-file"]);
+    }
+}

@@ -1,0 +1,235 @@
+//! What `tartand` serves on `/status` (next to `/metrics`): the node, its subnet, its peers,
+//! and every service with its backends and packet counters, for `tartanctl explain`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::api::status::{BackendReport, PeerStatus, ServiceReport, StatusReport};
+use tokio::sync::watch;
+
+use crate::model::netconf::NetworkConfig;
+use crate::node::liveness::live_claims;
+use crate::overlay::plan::peers_from_items;
+use crate::proxy::run::ProxyStatus;
+use crate::store::etcd::PrefixView;
+
+/// Where status requests for the service proxy go.
+pub type ProxyRequests = tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<ProxyStatus>>;
+use crate::node::subnet_keeper::OwnLease;
+use crate::proxy::rules::FAMILY;
+
+struct Inner {
+    own: Option<watch::Receiver<Option<OwnLease>>>,
+    subnets: Option<watch::Receiver<Arc<PrefixView>>>,
+    nodes: Option<watch::Receiver<Arc<PrefixView>>>,
+    cfg: Option<NetworkConfig>,
+    proxy: Option<ProxyRequests>,
+}
+
+/// Live sources of the status report.
+pub struct DaemonStatus {
+    node: String,
+    inner: Mutex<Inner>,
+}
+
+impl DaemonStatus {
+    /// A status source for `node`.
+    pub fn new(node: &str) -> Self {
+        DaemonStatus {
+            node: node.to_string(),
+            inner: Mutex::new(Inner {
+                own: None,
+                subnets: None,
+                nodes: None,
+                cfg: None,
+                proxy: None,
+            }),
+        }
+    }
+
+    /// Attaches the overlay sources.
+    pub fn set_own(
+        &self,
+        own: watch::Receiver<Option<OwnLease>>,
+        subnets: watch::Receiver<Arc<PrefixView>>,
+        nodes: watch::Receiver<Arc<PrefixView>>,
+        cfg: NetworkConfig,
+    ) {
+        if let Ok(mut i) = self.inner.lock() {
+            i.own = Some(own);
+            i.subnets = Some(subnets);
+            i.nodes = Some(nodes);
+            i.cfg = Some(cfg);
+        }
+    }
+
+    /// Attaches the service proxy (it answers status requests on this channel).
+    pub fn set_proxy(&self, p: ProxyRequests) {
+        if let Ok(mut i) = self.inner.lock() {
+            i.proxy = Some(p);
+        }
+    }
+
+    /// Builds the report, reading packet counters from the kernel.
+    pub async fn report(&self) -> StatusReport {
+        let mut r = StatusReport {
+            node: self.node.clone(),
+            ..Default::default()
+        };
+        let proxy = {
+            let Ok(i) = self.inner.lock() else { return r };
+            let own = i.own.as_ref().and_then(|o| o.borrow().clone());
+            r.network = i.cfg.as_ref().map(|c| c.network.to_string());
+            r.subnet = own.as_ref().map(|o| o.subnet.to_string());
+            r.reservation = own.as_ref().is_some_and(|o| o.etcd_lease == 0);
+            if let (Some(cfg), Some(view), Some(nodes)) = (&i.cfg, &i.subnets, &i.nodes) {
+                let view = view.borrow().clone();
+                let live = live_claims(nodes.borrow().items.values());
+                let set = peers_from_items(
+                    view.items.values(),
+                    cfg,
+                    own.as_ref().map(|o| o.subnet),
+                    &live,
+                );
+                r.peers = set
+                    .peers
+                    .into_iter()
+                    .map(|p| PeerStatus {
+                        subnet: p.subnet.to_string(),
+                        public_ip: p.public_ip.to_string(),
+                        vtep_mac: p.vtep_mac.to_string(),
+                    })
+                    .collect();
+            }
+            i.proxy.clone()
+        };
+        let Some(proxy) = proxy else { return r };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if proxy.send(tx).await.is_err() {
+            return r;
+        }
+        let Ok(ps) = rx.await else { return r };
+        r.services_synced = ps.synced;
+        r.service_error = ps.last_error.clone();
+        r.service_elements = ps.elements;
+        r.service_chains = ps.chains;
+        r.rejected_records = ps.rejected.clone();
+        r.rejected_total = ps.rejected_total;
+        let counters = match &ps.table {
+            Some(t) => read_counters(t).await,
+            None => HashMap::new(),
+        };
+        for s in ps.services {
+            let svc = &s.service;
+            let mut connections = 0;
+            let mut refused = 0;
+            let mut per_backend: HashMap<String, u64> = HashMap::new();
+            for p in &svc.ports {
+                let key = format!("{} . {} . {}", svc.cluster_ip, p.protocol, p.port);
+                connections += counters
+                    .get(&("service_ips", key.clone()))
+                    .copied()
+                    .unwrap_or(0);
+                refused += counters
+                    .get(&("no_endpoints", key.clone()))
+                    .copied()
+                    .unwrap_or(0);
+                for (k, v) in &counters {
+                    if k.0 == "backends"
+                        && let Some(rest) = k.1.strip_prefix(&format!("{key} . "))
+                        && let Some((_, ep)) = rest.split_once(" -> ")
+                    {
+                        let ip = ep.split(" . ").next().unwrap_or_default().to_string();
+                        *per_backend.entry(ip).or_default() += v;
+                        connections += v;
+                    }
+                }
+            }
+            r.services.push(ServiceReport {
+                id: s.id.clone(),
+                cluster_ip: svc.cluster_ip.to_string(),
+                ports: svc
+                    .ports
+                    .iter()
+                    .map(|p| {
+                        let mut d = format!("{}/{} -> {}", p.port, p.protocol, p.target_port);
+                        if let Some(np) = p.node_port {
+                            d.push_str(&format!(", node port {np}"));
+                        }
+                        if let Some(n) = &p.name {
+                            d = format!("{n}: {d}");
+                        }
+                        d
+                    })
+                    .collect(),
+                options: {
+                    let mut o = Vec::new();
+                    if svc.session_affinity == crate::model::service::SessionAffinity::ClientIp {
+                        o.push(format!(
+                            "client-IP affinity for {} s",
+                            svc.session_affinity_timeout
+                        ));
+                    }
+                    if svc.external_traffic_policy == crate::model::service::TrafficPolicy::Local {
+                        o.push(
+                            "node ports use local endpoints only and keep client addresses".into(),
+                        );
+                    }
+                    o
+                },
+                backends: s
+                    .backends
+                    .iter()
+                    .map(|(ip, node)| BackendReport {
+                        ip: ip.to_string(),
+                        node: node.clone(),
+                        connections: per_backend.get(&ip.to_string()).copied().unwrap_or(0),
+                    })
+                    .collect(),
+                connections,
+                refused,
+                problems: s.problems.clone(),
+                uncounted: !crate::proxy::rules::counted_slots(crate::proxy::rules::slot_count(
+                    s.backends.len(),
+                )),
+            });
+        }
+        r
+    }
+}
+
+/// Packet counters of the service table's maps, keyed by (set, element text). For `backends`
+/// the element text is `key -> value`.
+async fn read_counters(table: &str) -> HashMap<(&'static str, String), u64> {
+    let mut out = HashMap::new();
+    // Verdict maps cannot carry counters (the kernel refuses element expressions there), so
+    // connections are counted where they are balanced: in `backends`.
+    for set in ["no_endpoints", "backends"] {
+        let kind = if set == "no_endpoints" { "set" } else { "map" };
+        let Ok(o) = tokio::process::Command::new("nft")
+            .args(["list", kind, FAMILY, table, set])
+            .output()
+            .await
+        else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&o.stdout);
+        // Elements look like `10.96.0.10 . tcp . 80 counter packets 3 bytes 180 : goto svc_2`.
+        let body = text.split("elements = {").nth(1).unwrap_or_default();
+        for raw in body.split(',') {
+            let e = raw.trim().trim_end_matches('}').trim();
+            let Some((key, rest)) = e.split_once(" counter packets ") else {
+                continue;
+            };
+            let mut it = rest.split_whitespace();
+            let packets: u64 = it.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+            let value = rest.split_once(" : ").map(|(_, v)| v.trim().to_string());
+            let k = match (set, value) {
+                ("backends", Some(v)) => format!("{} -> {v}", key.trim()),
+                _ => key.trim().to_string(),
+            };
+            out.insert((set, k), packets);
+        }
+    }
+    out
+}

@@ -1,0 +1,236 @@
+//! A small wrapper around rtnetlink: links and addresses in the current network namespace,
+//! shared by the overlay (`overlay::kernel`), the CNI plugin and the pod registrar.
+
+use std::net::IpAddr;
+
+use anyhow::{Context, Result, anyhow};
+use futures::TryStreamExt;
+use ipnetwork::Ipv4Network;
+use netlink_packet_route::AddressFamily;
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::link::{
+    InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage,
+};
+use rtnetlink::Handle;
+
+use crate::model::subnet_lease::MacAddr;
+
+/// A connection to the kernel's routing netlink in the current network namespace.
+#[derive(Clone)]
+pub struct Netlink {
+    pub(crate) handle: Handle,
+}
+
+/// Facts about a network interface.
+#[derive(Debug, Clone)]
+pub struct Iface {
+    /// Interface index.
+    pub index: u32,
+    /// MTU.
+    pub mtu: u32,
+    /// Hardware address, when the link has one.
+    pub mac: Option<MacAddr>,
+    /// IPv4 addresses with prefix length.
+    pub addrs: Vec<Ipv4Network>,
+}
+
+pub(crate) fn is_not_found(e: &rtnetlink::Error) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -libc_enodev() || m.raw_code() == -2 || m.raw_code() == -3)
+}
+
+pub(crate) const fn libc_enodev() -> i32 {
+    19
+}
+
+pub(crate) fn mac_of(bytes: &[u8]) -> Option<MacAddr> {
+    <[u8; 6]>::try_from(bytes).ok().map(MacAddr)
+}
+
+pub(crate) fn link_mtu(msg: &LinkMessage) -> u32 {
+    msg.attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::Mtu(m) => Some(*m),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
+pub(crate) fn link_mac(msg: &LinkMessage) -> Option<MacAddr> {
+    msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Address(b) => mac_of(b),
+        _ => None,
+    })
+}
+
+pub(crate) fn vxlan_info(msg: &LinkMessage) -> Option<Vec<InfoVxlan>> {
+    msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+            LinkInfo::Data(InfoData::Vxlan(v)) => Some(v.clone()),
+            _ => None,
+        }),
+        _ => None,
+    })
+}
+
+/// The kind of a link (`bridge`, `veth`, `vxlan`, ...) from its `IFLA_LINKINFO`.
+pub fn link_kind(msg: &LinkMessage) -> Option<InfoKind> {
+    msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+            LinkInfo::Kind(k) => Some(k.clone()),
+            _ => None,
+        }),
+        _ => None,
+    })
+}
+
+impl Netlink {
+    /// Opens a netlink connection in the current network namespace (needs a tokio runtime).
+    pub fn connect() -> Result<Netlink> {
+        let (conn, handle, _) =
+            rtnetlink::new_connection().context("opening a routing netlink socket")?;
+        tokio::spawn(conn);
+        Ok(Netlink { handle })
+    }
+
+    /// The raw rtnetlink handle.
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
+    /// Looks up a link by name.
+    pub async fn link_by_name(&self, name: &str) -> Result<Option<LinkMessage>> {
+        let mut s = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        match s.try_next().await {
+            Ok(m) => Ok(m),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(anyhow!(e).context(format!("looking up link {name}"))),
+        }
+    }
+
+    /// Looks up a link by index.
+    pub async fn link_by_index(&self, index: u32) -> Result<Option<LinkMessage>> {
+        let mut s = self.handle.link().get().match_index(index).execute();
+        match s.try_next().await {
+            Ok(m) => Ok(m),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(anyhow!(e).context(format!("looking up link #{index}"))),
+        }
+    }
+
+    /// IPv4 addresses on interface `index`.
+    pub async fn ipv4_addrs(&self, index: u32) -> Result<Vec<Ipv4Network>> {
+        let msgs: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .context("listing addresses")?;
+        let mut out = Vec::new();
+        for m in msgs {
+            if m.header.index != index || m.header.family != AddressFamily::Inet {
+                continue;
+            }
+            let addr = m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(IpAddr::V4(v)) => Some(*v),
+                _ => None,
+            });
+            let addr = addr.or_else(|| {
+                m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Address(IpAddr::V4(v)) => Some(*v),
+                    _ => None,
+                })
+            });
+            if let Some(a) = addr
+                && let Ok(n) = Ipv4Network::new(a, m.header.prefix_len)
+            {
+                out.push(n);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Index, MTU, MAC and IPv4 addresses of the interface `name`.
+    pub async fn iface(&self, name: &str) -> Result<Iface> {
+        let link = self
+            .link_by_name(name)
+            .await?
+            .ok_or_else(|| anyhow!("interface {name} does not exist"))?;
+        let index = link.header.index;
+        Ok(Iface {
+            index,
+            mtu: link_mtu(&link),
+            mac: link_mac(&link),
+            addrs: self.ipv4_addrs(index).await?,
+        })
+    }
+
+    /// Deletes a link by name; succeeds when it is already gone.
+    pub async fn delete_link(&self, name: &str) -> Result<bool> {
+        match self.link_by_name(name).await? {
+            None => Ok(false),
+            Some(l) => match self.handle.link().del(l.header.index).execute().await {
+                Ok(()) => Ok(true),
+                Err(e) if is_not_found(&e) => Ok(false),
+                Err(e) => Err(anyhow!(e).context(format!("deleting link {name}"))),
+            },
+        }
+    }
+
+    /// Makes `addr` the only IPv4 address on interface `index`; returns whether it changed.
+    pub async fn ensure_only_addr(&self, index: u32, addr: Ipv4Network) -> Result<bool> {
+        let have = self.ipv4_addrs(index).await?;
+        let mut changed = false;
+        if !have.contains(&addr) {
+            self.handle
+                .address()
+                .add(index, IpAddr::V4(addr.ip()), addr.prefix())
+                .replace()
+                .execute()
+                .await
+                .with_context(|| format!("adding address {addr}"))?;
+            changed = true;
+        }
+        for other in have.into_iter().filter(|a| *a != addr) {
+            let msgs: Vec<AddressMessage> = self
+                .handle
+                .address()
+                .get()
+                .set_link_index_filter(index)
+                .set_address_filter(IpAddr::V4(other.ip()))
+                .execute()
+                .try_collect()
+                .await
+                .unwrap_or_default();
+            for m in msgs {
+                self.handle
+                    .address()
+                    .del(m)
+                    .execute()
+                    .await
+                    .with_context(|| format!("removing stray address {other}"))?;
+                changed = true;
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Adds an address (replacing an identical one).
+    pub async fn add_addr(&self, index: u32, addr: Ipv4Network) -> Result<()> {
+        self.handle
+            .address()
+            .add(index, IpAddr::V4(addr.ip()), addr.prefix())
+            .replace()
+            .execute()
+            .await
+            .with_context(|| format!("adding address {addr}"))
+    }
+}

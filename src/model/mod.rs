@@ -1,0 +1,9 @@
+//! Records as stored and exchanged, pure: parsing and validation of the network config,
+//! subnet leases, `subnet.env`, services and pods. Nothing here does I/O.
+
+pub mod netconf;
+pub mod node_record;
+pub mod pod;
+pub mod service;
+pub mod subnet_env;
+pub mod subnet_lease;

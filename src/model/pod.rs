@@ -1,0 +1,70 @@
+//! Pod records: what the CNI plugin knows about a pod, registered in etcd by the node's daemon
+//! under `/tartan/pods/<node>/<container-id>/<ifname>`, attached to the node's liveness lease.
+//! The service proxy selects endpoints from these records.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+
+/// One pod interface with an address in a node's subnet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodRecord {
+    /// The runtime's container ID (`CNI_CONTAINERID`).
+    pub container_id: String,
+    /// Interface name inside the pod (`CNI_IFNAME`).
+    pub ifname: String,
+    /// Node the pod runs on.
+    pub node: String,
+    /// The pod's address.
+    pub ip: Ipv4Addr,
+    /// Pod namespace (`K8S_POD_NAMESPACE`, else "default").
+    pub namespace: String,
+    /// Pod name (`K8S_POD_NAME`, else the container ID).
+    pub name: String,
+    /// Labels (CNI `args.cni.labels` / `runtimeConfig`).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl PodRecord {
+    /// Decodes a record; garbage yields an error for the caller to log and skip.
+    pub fn parse(bytes: &[u8]) -> Result<PodRecord, String> {
+        crate::util::json_decode::from_slice(bytes)
+            .map_err(|e| format!("pod record is not valid: {e}"))
+    }
+
+    /// Encodes a record.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip() {
+        let r = PodRecord {
+            container_id: "abc".into(),
+            ifname: "eth0".into(),
+            node: "n1".into(),
+            ip: Ipv4Addr::new(10, 244, 1, 5),
+            namespace: "default".into(),
+            name: "web-1".into(),
+            labels: [("app".to_string(), "web".to_string())].into(),
+        };
+        assert_eq!(PodRecord::parse(&r.to_bytes()).unwrap(), r);
+        assert!(
+            String::from_utf8(r.to_bytes())
+                .unwrap()
+                .contains("\"containerId\":\"abc\"")
+        );
+        assert!(PodRecord::parse(b"{}").is_err());
+    }
+}
+
+#[cfg(test)]
+mod proptests;

@@ -1,0 +1,892 @@
+//! Services and explicit endpoints as stored in etcd (`/tartan/services/<ns>/<name>`,
+//! `/tartan/endpoints/<ns>/<name>`), with validation, and the selection of backends from pod
+//! records. Pure: no I/O.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::str::FromStr;
+
+use ipnetwork::Ipv4Network;
+use serde::{Deserialize, Serialize};
+
+use crate::model::pod::PodRecord;
+
+/// Transport protocol of a service port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Protocol {
+    /// The IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+impl FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "tcp" => Ok(Protocol::Tcp),
+            "udp" => Ok(Protocol::Udp),
+            _ => Err(format!("protocol {s:?} is not tcp or udp")),
+        }
+    }
+}
+
+/// One port of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePort {
+    /// Optional port name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The port on the cluster IP.
+    pub port: u16,
+    /// The port on the endpoints.
+    pub target_port: u16,
+    /// Transport protocol.
+    pub protocol: Protocol,
+    /// Node port, when the service is exposed on every node's addresses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_port: Option<u16>,
+}
+
+impl FromStr for ServicePort {
+    type Err = String;
+    /// Parses `[NAME=]PORT[:TARGET][/PROTO]`, e.g. `http=80:8080/tcp`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (name, rest) = match s.split_once('=') {
+            Some((n, r)) => (Some(n.to_string()), r),
+            None => (None, s),
+        };
+        let (ports, proto) = match rest.split_once('/') {
+            Some((p, pr)) => (p, pr.parse()?),
+            None => (rest, Protocol::Tcp),
+        };
+        let (port, target) = match ports.split_once(':') {
+            Some((p, t)) => (p, Some(t)),
+            None => (ports, None),
+        };
+        let parse_port = |v: &str| -> Result<u16, String> {
+            match v.parse::<u16>() {
+                Ok(p) if p > 0 => Ok(p),
+                _ => Err(format!("{v:?} in {s:?} is not a port 1-65535")),
+            }
+        };
+        let port = parse_port(port)?;
+        let target_port = match target {
+            Some(t) => parse_port(t)?,
+            None => port,
+        };
+        if let Some(n) = &name
+            && !valid_name(n)
+        {
+            return Err(format!(
+                "port name {n:?} must be lowercase letters, digits and '-'"
+            ));
+        }
+        Ok(ServicePort {
+            name,
+            port,
+            target_port,
+            protocol: proto,
+            node_port: None,
+        })
+    }
+}
+
+/// Which endpoints node-port traffic may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrafficPolicy {
+    /// Every endpoint in the cluster; the client address is masqueraded.
+    #[default]
+    Cluster,
+    /// Only endpoints on the receiving node; the client address is kept.
+    Local,
+}
+
+/// Session affinity settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum SessionAffinity {
+    /// Every new connection is balanced independently.
+    #[default]
+    None,
+    /// A client IP sticks to one endpoint.
+    ClientIp,
+}
+
+/// Default client-IP affinity timeout (kube-proxy's: 3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10800;
+
+/// A service as stored in etcd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Service {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// The virtual IP.
+    #[serde(rename = "clusterIP")]
+    pub cluster_ip: Ipv4Addr,
+    /// Ports.
+    pub ports: Vec<ServicePort>,
+    /// Label selector over pods in the same namespace; `None` for explicit endpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<BTreeMap<String, String>>,
+    /// Session affinity.
+    #[serde(default)]
+    pub session_affinity: SessionAffinity,
+    /// Affinity timeout in seconds.
+    #[serde(default = "default_timeout")]
+    pub session_affinity_timeout: u32,
+    /// Node-port traffic policy.
+    #[serde(default)]
+    pub external_traffic_policy: TrafficPolicy,
+}
+
+fn default_timeout() -> u32 {
+    DEFAULT_AFFINITY_TIMEOUT
+}
+
+/// Whether `s` is a DNS-label-like name (lowercase alphanumerics and '-', 1..63).
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+impl Service {
+    /// Decodes and validates a service record.
+    pub fn parse(bytes: &[u8]) -> Result<Service, String> {
+        let s: Service = crate::util::json_decode::from_slice(bytes)
+            .map_err(|e| format!("service does not decode: {e}"))?;
+        s.validate()?;
+        Ok(s)
+    }
+
+    /// Checks the invariants a well-formed service holds.
+    pub fn validate(&self) -> Result<(), String> {
+        if !valid_name(&self.namespace) {
+            return Err(format!(
+                "namespace {:?} is not a valid name",
+                self.namespace
+            ));
+        }
+        if !valid_name(&self.name) {
+            return Err(format!("name {:?} is not a valid name", self.name));
+        }
+        if self.ports.is_empty() {
+            return Err("ports: a service needs at least one port".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for p in &self.ports {
+            if p.port == 0 || p.target_port == 0 {
+                return Err("ports: port and targetPort must be 1-65535".into());
+            }
+            if !seen.insert((p.port, p.protocol)) {
+                return Err(format!(
+                    "ports: port {}/{} is listed twice",
+                    p.port, p.protocol
+                ));
+            }
+            if let Some(np) = p.node_port
+                && !(NODE_PORT_MIN..=NODE_PORT_MAX).contains(&np)
+            {
+                return Err(format!(
+                    "ports: nodePort {np} is outside {NODE_PORT_MIN}-{NODE_PORT_MAX}"
+                ));
+            }
+        }
+        if let Some(sel) = &self.selector {
+            if sel.is_empty() {
+                return Err(
+                    "selector: an empty selector would select every pod; omit it for explicit endpoints"
+                        .into(),
+                );
+            }
+            for (k, v) in sel {
+                check_label_key(k).map_err(|e| format!("selector: {e}"))?;
+                check_label_value(v).map_err(|e| format!("selector: {e}"))?;
+            }
+        }
+        if self.session_affinity_timeout == 0 || self.session_affinity_timeout > 86400 {
+            return Err("sessionAffinityTimeout must be 1-86400 seconds".into());
+        }
+        Ok(())
+    }
+
+    /// Encodes to JSON.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Whether the pod is selected by this service.
+    pub fn selects(&self, pod: &PodRecord) -> bool {
+        match &self.selector {
+            None => false,
+            Some(sel) => {
+                pod.namespace == self.namespace
+                    && sel.iter().all(|(k, v)| pod.labels.get(k) == Some(v))
+            }
+        }
+    }
+
+    /// `namespace/name`.
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Lowest node port.
+pub const NODE_PORT_MIN: u16 = 30000;
+/// Highest node port.
+pub const NODE_PORT_MAX: u16 = 32767;
+
+/// Explicit endpoints of a selector-less service.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ExplicitEndpoints {
+    /// The backend addresses.
+    pub addresses: Vec<EndpointAddress>,
+}
+
+/// One explicit endpoint address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointAddress {
+    /// Address.
+    pub ip: Ipv4Addr,
+    /// Node the address lives on, if known (for the `local` traffic policy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+}
+
+impl ExplicitEndpoints {
+    /// Decodes an endpoints record.
+    pub fn parse(bytes: &[u8]) -> Result<ExplicitEndpoints, String> {
+        crate::util::json_decode::from_slice(bytes)
+            .map_err(|e| format!("endpoints record is not valid: {e}"))
+    }
+}
+
+fn label_name_problem(s: &str) -> Option<&'static str> {
+    let b = s.as_bytes();
+    if b.len() > 63 {
+        return Some("is longer than 63 characters");
+    }
+    let inner_ok = b
+        .iter()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'));
+    if !inner_ok {
+        return Some("may hold only letters, digits, '-', '_' and '.'");
+    }
+    match (b.first(), b.last()) {
+        (Some(f), Some(l)) if !f.is_ascii_alphanumeric() || !l.is_ascii_alphanumeric() => {
+            Some("must begin and end with a letter or digit")
+        }
+        _ => None,
+    }
+}
+
+/// Checks a label key as Kubernetes does: `[PREFIX/]NAME`, NAME 1-63 characters of letters,
+/// digits, '-', '_', '.' (alphanumeric at both ends), PREFIX a DNS subdomain of at most 253.
+pub fn check_label_key(k: &str) -> Result<(), String> {
+    let (prefix, name) = match k.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, k),
+    };
+    if name.is_empty() {
+        return Err(format!("label key {k:?} has an empty name"));
+    }
+    if let Some(why) = label_name_problem(name) {
+        return Err(format!("label key {k:?}: the name {why}"));
+    }
+    if let Some(p) = prefix {
+        let ok = !p.is_empty()
+            && p.len() <= 253
+            && p.split('.').all(|l| {
+                valid_name(l) // lowercase alphanumerics and '-', alphanumeric at both ends
+            });
+        if !ok {
+            return Err(format!(
+                "label key {k:?}: the prefix must be a lowercase DNS subdomain of at most 253 characters"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a label value as Kubernetes does: empty, or 1-63 characters of letters, digits,
+/// '-', '_', '.' with a letter or digit at both ends.
+pub fn check_label_value(v: &str) -> Result<(), String> {
+    match label_name_problem(v) {
+        Some(why) if !v.is_empty() => Err(format!("label value {v:?} {why}")),
+        _ => Ok(()),
+    }
+}
+
+/// Parses a selector `key=value[,key=value]` in Kubernetes label syntax; the error names
+/// the offending part (an empty term, a missing or second '=', a bad key or value, a key
+/// given twice).
+pub fn parse_selector(s: &str) -> Result<BTreeMap<String, String>, String> {
+    if s.is_empty() {
+        return Err("empty selector: give key=value (or omit it for explicit endpoints)".into());
+    }
+    let mut out = BTreeMap::new();
+    for (i, part) in s.split(',').enumerate() {
+        if part.is_empty() {
+            return Err(format!("term {} of {s:?} is empty (stray ',')", i + 1));
+        }
+        let Some((k, v)) = part.split_once('=') else {
+            return Err(format!("{part:?} is not key=value"));
+        };
+        if v.contains('=') {
+            return Err(format!("{part:?} has more than one '='"));
+        }
+        check_label_key(k).map_err(|e| format!("{part:?}: {e}"))?;
+        check_label_value(v).map_err(|e| format!("{part:?}: {e}"))?;
+        if out.insert(k.to_string(), v.to_string()).is_some() {
+            return Err(format!("key {k:?} is given twice"));
+        }
+    }
+    Ok(out)
+}
+
+/// What an address is when it may never be a service's address or endpoint: unspecified,
+/// "this network" (0/8), loopback, multicast, reserved (240/4) or broadcast.
+pub fn special_address(ip: Ipv4Addr) -> Option<&'static str> {
+    let o = ip.octets();
+    if ip.is_unspecified() {
+        Some("the unspecified address")
+    } else if o[0] == 0 {
+        Some("in 0.0.0.0/8 (\"this network\")")
+    } else if ip.is_loopback() {
+        Some("a loopback address")
+    } else if ip.is_multicast() {
+        Some("a multicast address")
+    } else if ip.is_broadcast() {
+        Some("the broadcast address")
+    } else if o[0] >= 240 {
+        Some("a reserved address (240.0.0.0/4)")
+    } else {
+        None
+    }
+}
+
+/// Ranges no service CIDR or cluster network may overlap, with their names.
+const FORBIDDEN_RANGES: [(&str, [u8; 4], u8); 5] = [
+    ("\"this network\" 0.0.0.0/8", [0, 0, 0, 0], 8),
+    ("loopback 127.0.0.0/8", [127, 0, 0, 0], 8),
+    ("link-local 169.254.0.0/16", [169, 254, 0, 0], 16),
+    ("multicast 224.0.0.0/4", [224, 0, 0, 0], 4),
+    ("reserved 240.0.0.0/4", [240, 0, 0, 0], 4),
+];
+
+fn forbidden_range_overlap(net: Ipv4Network) -> Option<String> {
+    if net.prefix() == 0 {
+        return Some(format!(
+            "{net} covers every address (the underlay, loopback and etcd included)"
+        ));
+    }
+    FORBIDDEN_RANGES.iter().find_map(|(name, ip, len)| {
+        let r = Ipv4Network::new(Ipv4Addr::from(*ip), *len).ok()?;
+        r.overlaps(net).then(|| format!("{net} overlaps {name}"))
+    })
+}
+
+/// What a range that services or pods take over must leave alone: the underlay networks
+/// (the node's interface networks, or node addresses as /32), the etcd endpoints, and the
+/// other of the two ranges (service CIDR vs cluster network).
+#[derive(Debug, Clone, Default)]
+pub struct RangeContext {
+    /// Underlay networks or node addresses.
+    pub underlay: Vec<Ipv4Network>,
+    /// etcd endpoint addresses.
+    pub etcd: Vec<Ipv4Addr>,
+}
+
+impl RangeContext {
+    fn conflicts(&self, net: Ipv4Network) -> Option<String> {
+        if let Some(p) = forbidden_range_overlap(net) {
+            return Some(p);
+        }
+        if let Some(u) = self.underlay.iter().find(|u| u.overlaps(net)) {
+            return Some(if u.prefix() == 32 {
+                format!("{net} contains the node address {}", u.ip())
+            } else {
+                format!("{net} overlaps the underlay network {u}")
+            });
+        }
+        if let Some(e) = self.etcd.iter().find(|e| net.contains(**e)) {
+            return Some(format!("{net} contains the etcd endpoint {e}"));
+        }
+        None
+    }
+}
+
+/// Checks a service CIDR (tartand's and tartanctl's `--service-cidr`): it must not overlap
+/// the cluster network, the underlay, loopback, link-local, multicast, or hold an etcd
+/// endpoint, and must leave room for cluster IPs. The error names the overlap.
+pub fn check_service_cidr(
+    cidr: Ipv4Network,
+    cluster_network: Option<Ipv4Network>,
+    ctx: &RangeContext,
+) -> Result<(), String> {
+    let fail = |why: String| Err(format!("service CIDR {cidr}: {why}"));
+    if let Some(p) = ctx.conflicts(cidr) {
+        return fail(p);
+    }
+    if let Some(n) = cluster_network
+        && n.overlaps(cidr)
+    {
+        return fail(format!("overlaps the cluster network {n}"));
+    }
+    if cidr.prefix() > 30 {
+        return fail("is too small: cluster IPs need at least a /30".into());
+    }
+    Ok(())
+}
+
+/// Checks a cluster (pod) network (`tartanctl network init --network`): it must not overlap
+/// the service CIDR, loopback, link-local, multicast, the whole address space, or hold an
+/// etcd endpoint or node address. The error names the overlap.
+pub fn check_cluster_network(
+    network: Ipv4Network,
+    service_cidr: Option<Ipv4Network>,
+    ctx: &RangeContext,
+) -> Result<(), String> {
+    let fail = |why: String| Err(format!("network {network}: {why}"));
+    if let Some(p) = ctx.conflicts(network) {
+        return fail(p);
+    }
+    if let Some(s) = service_cidr
+        && s.overlaps(network)
+    {
+        return fail(format!("overlaps the service CIDR {s}"));
+    }
+    Ok(())
+}
+
+/// The one place that decides which addresses and ports a service may use, shared by
+/// `tartanctl` (refuses them up front) and `tartand` (skips and reports them).
+#[derive(Debug, Clone)]
+pub struct AddressGuard {
+    /// Range cluster IPs must come from.
+    pub service_cidr: Ipv4Network,
+    /// The pod network, when known.
+    pub cluster_network: Option<Ipv4Network>,
+    /// Node addresses (tartand: its own; tartanctl: every node's public IP).
+    pub node_ips: Vec<Ipv4Addr>,
+    /// etcd endpoints.
+    pub etcd: Vec<SocketAddrV4>,
+}
+
+impl AddressGuard {
+    /// A guard knowing only the service CIDR.
+    pub fn new(service_cidr: Ipv4Network) -> Self {
+        AddressGuard {
+            service_cidr,
+            cluster_network: None,
+            node_ips: Vec::new(),
+            etcd: Vec::new(),
+        }
+    }
+
+    fn common_problem(&self, ip: Ipv4Addr) -> Option<String> {
+        if let Some(k) = special_address(ip) {
+            return Some(format!("{ip} is {k}"));
+        }
+        if self.node_ips.contains(&ip) {
+            return Some(format!("{ip} is a node's own address"));
+        }
+        if self.etcd.iter().any(|e| *e.ip() == ip) {
+            return Some(format!("{ip} is an etcd endpoint"));
+        }
+        None
+    }
+
+    /// Why `ip` cannot be a cluster IP, if it cannot: outside the service CIDR, its network
+    /// or broadcast address, or any address [`AddressGuard::endpoint`] refuses.
+    pub fn cluster_ip(&self, ip: Ipv4Addr) -> Result<(), String> {
+        if let Some(p) = self.common_problem(ip) {
+            return Err(format!("cluster IP {p}"));
+        }
+        let c = self.service_cidr;
+        if !c.contains(ip) {
+            return Err(format!("cluster IP {ip} is outside the service CIDR {c}"));
+        }
+        if c.prefix() <= 30 && (ip == c.network() || ip == c.broadcast()) {
+            return Err(format!(
+                "cluster IP {ip} is the network or broadcast address of {c}"
+            ));
+        }
+        if let Some(n) = self.cluster_network
+            && n.contains(ip)
+        {
+            return Err(format!("cluster IP {ip} is in the cluster network {n}"));
+        }
+        Ok(())
+    }
+
+    /// Why `ip` cannot be an explicit endpoint, if it cannot: unspecified, loopback,
+    /// multicast, broadcast, reserved, a node's own address, an etcd endpoint, or a virtual
+    /// address of the service CIDR. (Pod addresses in the cluster network are fine.)
+    pub fn endpoint(&self, ip: Ipv4Addr) -> Result<(), String> {
+        if let Some(p) = self.common_problem(ip) {
+            return Err(format!("endpoint {p}"));
+        }
+        if self.service_cidr.contains(ip) {
+            return Err(format!(
+                "endpoint {ip} is in the service CIDR {} (a virtual address)",
+                self.service_cidr
+            ));
+        }
+        Ok(())
+    }
+
+    /// Why `port` cannot be a node port, if it cannot: outside
+    /// [`NODE_PORT_MIN`]..=[`NODE_PORT_MAX`] or an etcd endpoint's port.
+    pub fn node_port(&self, port: u16) -> Result<(), String> {
+        if !(NODE_PORT_MIN..=NODE_PORT_MAX).contains(&port) {
+            return Err(format!(
+                "node port {port} is outside {NODE_PORT_MIN}-{NODE_PORT_MAX}"
+            ));
+        }
+        if let Some(e) = self.etcd.iter().find(|e| e.port() == port) {
+            return Err(format!(
+                "node port {port} is the port of the etcd endpoint {e}"
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl ExplicitEndpoints {
+    /// Parses `IP` or `IP@NODE` arguments (`tartanctl endpoints set --address`), refusing
+    /// what `guard` refuses and duplicates; the error names the offending argument.
+    pub fn from_args(args: &[String], guard: &AddressGuard) -> Result<ExplicitEndpoints, String> {
+        let mut e = ExplicitEndpoints::default();
+        let mut seen = std::collections::HashSet::new();
+        for a in args {
+            let (ip, node) = match a.split_once('@') {
+                Some((ip, n)) => (ip, Some(n)),
+                None => (a.as_str(), None),
+            };
+            let ip: Ipv4Addr = ip
+                .parse()
+                .map_err(|_| format!("--address {a:?}: {ip:?} is not an IPv4 address"))?;
+            guard
+                .endpoint(ip)
+                .map_err(|why| format!("--address {a:?}: {why}"))?;
+            if let Some(n) = node
+                && !valid_node_name(n)
+            {
+                return Err(format!(
+                    "--address {a:?}: node {n:?} is not a node name (letters, digits, '-', '.', '_', at most 253)"
+                ));
+            }
+            if !seen.insert(ip) {
+                return Err(format!("--address {a:?}: {ip} is given twice"));
+            }
+            e.addresses.push(EndpointAddress {
+                ip,
+                node: node.map(str::to_string),
+            });
+        }
+        Ok(e)
+    }
+}
+
+/// Whether `s` is a node name as tartand accepts it (`--node-name`).
+pub fn valid_node_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_')
+}
+
+/// One backend of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    /// Address.
+    pub ip: Ipv4Addr,
+    /// Node, if known (shared: node names repeat across thousands of backends).
+    pub node: Option<std::sync::Arc<str>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(ns: &str, labels: &[(&str, &str)]) -> PodRecord {
+        PodRecord {
+            container_id: "c".into(),
+            ifname: "eth0".into(),
+            node: "n1".into(),
+            ip: Ipv4Addr::new(10, 244, 1, 2),
+            namespace: ns.into(),
+            name: "p".into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    fn svc() -> Service {
+        Service {
+            namespace: "default".into(),
+            name: "web".into(),
+            cluster_ip: Ipv4Addr::new(10, 96, 0, 10),
+            ports: vec!["http=80:8080/tcp".parse().unwrap()],
+            selector: Some([("app".to_string(), "web".to_string())].into()),
+            session_affinity: SessionAffinity::None,
+            session_affinity_timeout: DEFAULT_AFFINITY_TIMEOUT,
+            external_traffic_policy: TrafficPolicy::Cluster,
+        }
+    }
+
+    #[test]
+    fn port_syntax() {
+        let p: ServicePort = "dns=53:5353/udp".parse().unwrap();
+        assert_eq!(p.name.as_deref(), Some("dns"));
+        assert_eq!(
+            (p.port, p.target_port, p.protocol),
+            (53, 5353, Protocol::Udp)
+        );
+        let p: ServicePort = "80".parse().unwrap();
+        assert_eq!((p.port, p.target_port, p.protocol), (80, 80, Protocol::Tcp));
+        for bad in ["0", "70000", "80:x", "80/sctp", "Bad=80", "", ":80"] {
+            assert!(bad.parse::<ServicePort>().is_err(), "{bad} should fail");
+        }
+    }
+
+    #[test]
+    fn selection_is_per_namespace_and_all_labels() {
+        let s = svc();
+        assert!(s.selects(&pod("default", &[("app", "web"), ("tier", "x")])));
+        assert!(!s.selects(&pod("other", &[("app", "web")])));
+        assert!(!s.selects(&pod("default", &[("app", "db")])));
+        let mut explicit = svc();
+        explicit.selector = None;
+        assert!(!explicit.selects(&pod("default", &[("app", "web")])));
+    }
+
+    #[test]
+    fn validation() {
+        assert!(svc().validate().is_ok());
+        let mut s = svc();
+        s.ports.push(s.ports[0].clone());
+        assert!(s.validate().is_err());
+        let mut s = svc();
+        s.ports[0].node_port = Some(80);
+        assert!(s.validate().is_err());
+        let mut s = svc();
+        s.selector = Some(BTreeMap::new());
+        assert!(s.validate().is_err());
+        let mut s = svc();
+        s.name = "Web".into();
+        assert!(s.validate().is_err());
+        assert!(Service::parse(b"{not json").is_err());
+        assert!(Service::parse(br#"{"namespace":"a"}"#).is_err());
+    }
+
+    #[test]
+    fn json_roundtrip() {
+        let s = svc();
+        let back = Service::parse(&s.to_bytes()).unwrap();
+        assert_eq!(s, back);
+        let text = String::from_utf8(s.to_bytes()).unwrap();
+        assert!(text.contains("\"clusterIP\":\"10.96.0.10\""), "{text}");
+        assert!(text.contains("\"targetPort\":8080"), "{text}");
+    }
+
+    fn guard() -> AddressGuard {
+        AddressGuard {
+            service_cidr: "10.96.0.0/12".parse().unwrap(),
+            cluster_network: Some("10.244.0.0/16".parse().unwrap()),
+            node_ips: vec![Ipv4Addr::new(192, 168, 77, 2)],
+            etcd: vec!["192.168.170.2:2379".parse().unwrap()],
+        }
+    }
+
+    #[test]
+    fn cluster_ips_table() {
+        let g = guard();
+        for (ip, want) in [
+            ("10.96.0.10", None),
+            ("10.111.255.254", None),
+            ("10.96.0.0", Some("network or broadcast")),
+            ("10.111.255.255", Some("network or broadcast")),
+            ("192.168.170.2", Some("etcd endpoint")),
+            ("192.168.77.2", Some("node's own")),
+            ("10.200.0.1", Some("outside the service CIDR")),
+            ("127.0.0.1", Some("loopback")),
+            ("0.0.0.0", Some("unspecified")),
+            ("224.0.0.1", Some("multicast")),
+            ("255.255.255.255", Some("broadcast")),
+            ("240.1.2.3", Some("reserved")),
+        ] {
+            let r = g.cluster_ip(ip.parse().unwrap());
+            match want {
+                None => assert!(r.is_ok(), "{ip}: {r:?}"),
+                Some(w) => assert!(r.as_ref().is_err_and(|e| e.contains(w)), "{ip}: {r:?}"),
+            }
+        }
+        // A cluster IP in the pod network (only possible with overlapping ranges) is refused.
+        let mut g = guard();
+        g.cluster_network = Some("10.96.0.0/16".parse().unwrap());
+        assert!(g.cluster_ip("10.96.1.1".parse().unwrap()).is_err());
+    }
+
+    #[test]
+    fn endpoints_table() {
+        let g = guard();
+        for (ip, ok) in [
+            ("10.244.1.5", true),
+            ("192.168.1.20", true),
+            ("0.0.0.0", false),
+            ("127.0.0.1", false),
+            ("255.255.255.255", false),
+            ("239.1.1.1", false),
+            ("192.168.170.2", false),
+            ("192.168.77.2", false),
+            ("10.96.0.10", false),
+        ] {
+            assert_eq!(g.endpoint(ip.parse().unwrap()).is_ok(), ok, "{ip}");
+        }
+        let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let e = ExplicitEndpoints::from_args(&args(&["10.1.1.1", "10.1.1.2@n1"]), &g).unwrap();
+        assert_eq!(e.addresses[1].node.as_deref(), Some("n1"));
+        for bad in [
+            &["10.1.1.1", "10.1.1.1"][..],
+            &["127.0.0.1"],
+            &["x"],
+            &["10.1.1.1@"],
+            &["10.1.1.1@a b"],
+        ] {
+            let r = ExplicitEndpoints::from_args(&args(bad), &g);
+            assert!(r.is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn node_ports_table() {
+        let mut g = guard();
+        assert!(g.node_port(30080).is_ok());
+        assert!(g.node_port(2379).is_err());
+        g.etcd.push("10.0.0.5:32379".parse().unwrap());
+        assert!(g.node_port(32379).unwrap_err().contains("etcd"));
+    }
+
+    #[test]
+    fn service_cidr_table() {
+        let ctx = RangeContext {
+            underlay: vec!["192.168.77.0/24".parse().unwrap()],
+            etcd: vec![Ipv4Addr::new(192, 168, 170, 2)],
+        };
+        let net = Some("10.244.0.0/16".parse().unwrap());
+        for (c, want) in [
+            ("10.96.0.0/12", None),
+            ("0.0.0.0/0", Some("every address")),
+            ("10.244.0.0/16", Some("cluster network")),
+            ("10.0.0.0/8", Some("cluster network")),
+            ("192.168.77.0/28", Some("underlay network 192.168.77.0/24")),
+            ("192.168.170.2/32", Some("etcd endpoint 192.168.170.2")),
+            ("127.0.0.0/16", Some("loopback")),
+            ("169.254.0.0/24", Some("link-local")),
+            ("224.0.0.0/8", Some("multicast")),
+            ("10.96.0.0/31", Some("too small")),
+        ] {
+            let r = check_service_cidr(c.parse().unwrap(), net, &ctx);
+            match want {
+                None => assert!(r.is_ok(), "{c}: {r:?}"),
+                Some(w) => assert!(r.as_ref().is_err_and(|e| e.contains(w)), "{c}: {r:?}"),
+            }
+        }
+        let svc = Some("10.96.0.0/12".parse().unwrap());
+        for (n, ok) in [
+            ("10.244.0.0/16", true),
+            ("10.64.0.0/10", false),
+            ("0.0.0.0/0", false),
+            ("127.0.0.0/8", false),
+            ("192.168.170.0/24", false),
+        ] {
+            assert_eq!(
+                check_cluster_network(n.parse().unwrap(), svc, &ctx).is_ok(),
+                ok,
+                "{n}"
+            );
+        }
+    }
+
+    #[test]
+    fn selector_table() {
+        let ok = [
+            ("app=web", vec![("app", "web")]),
+            ("app=web,tier=fe", vec![("app", "web"), ("tier", "fe")]),
+            ("example.com/app=web", vec![("example.com/app", "web")]),
+            ("app=", vec![("app", "")]),
+            ("App_1.x=V-2", vec![("App_1.x", "V-2")]),
+        ];
+        for (s, want) in ok {
+            let got = parse_selector(s).unwrap_or_else(|e| panic!("{s}: {e}"));
+            let want: BTreeMap<String, String> = want
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            assert_eq!(got, want, "{s}");
+        }
+        let long = "a".repeat(64);
+        let bad = [
+            ("", "empty"),
+            ("app=web,,", "empty"),
+            (",app=web", "empty"),
+            ("a=b=c", "more than one '='"),
+            ("app=web;x=y", "app=web;x=y"),
+            ("app=web,app=db", "given twice"),
+            ("app = web", "app = web"),
+            ("app=we b", "we b"),
+            ("app", "not key=value"),
+            ("=web", "empty name"),
+            ("-app=web", "begin and end"),
+            ("app=web-", "begin and end"),
+            ("Example.com/app=web", "prefix"),
+            ("/app=web", "prefix"),
+        ];
+        for (s, want) in bad {
+            let e = parse_selector(s).expect_err(s);
+            assert!(e.contains(want), "{s}: {e}");
+        }
+        let e = parse_selector(&format!("{long}=x")).unwrap_err();
+        assert!(e.contains("63"), "{e}");
+        let e = parse_selector(&format!("a={long}")).unwrap_err();
+        assert!(e.contains("63"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod proptests;

@@ -1,0 +1,397 @@
+//! The overlay's kernel side: the VXLAN device, and the routes, neighbours and FDB entries
+//! tartan owns, read and changed over rtnetlink.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use anyhow::{Context, Result, anyhow, bail};
+use futures::{StreamExt, TryStreamExt};
+use ipnetwork::Ipv4Network;
+use netlink_packet_route::AddressFamily;
+use netlink_packet_route::link::{InfoKind, InfoVxlan, LinkFlags};
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
+use rtnetlink::{LinkUnspec, LinkVxlan, RouteMessageBuilder};
+
+use crate::kernel::netlink::{
+    Netlink, is_not_found, link_kind, link_mac, link_mtu, mac_of, vxlan_info,
+};
+use crate::model::subnet_lease::MacAddr;
+use crate::overlay::plan::{OverlayDiff, OverlayState, RouteVia};
+
+/// Routing protocol number tartan stamps on the routes it owns (`ip route ... proto 157`).
+pub const ROUTE_PROTO: u8 = 157;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VxlanSpec {
+    /// Device name, e.g. `tartan.1`.
+    pub name: String,
+    /// VXLAN network identifier.
+    pub vni: u32,
+    /// UDP destination port.
+    pub port: u16,
+    /// Local tunnel endpoint address.
+    pub local: Ipv4Addr,
+    /// Index of the underlay interface.
+    pub underlay_index: u32,
+    /// Device MTU.
+    pub mtu: u32,
+    /// Device MAC (the VTEP MAC).
+    pub mac: MacAddr,
+}
+
+/// What [`Netlink::ensure_vxlan`] had to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChange {
+    /// The device was already right.
+    Unchanged,
+    /// MTU, MAC or state were corrected in place.
+    Adjusted,
+    /// The device was (re)created.
+    Created,
+}
+
+impl Netlink {
+    /// Makes the VXLAN device match `spec`: recreated when VNI, port, local address or
+    /// underlay differ (or it is not a VXLAN device), adjusted in place for MTU/MAC/up.
+    /// Returns the device index and what changed.
+    pub async fn ensure_vxlan(&self, spec: &VxlanSpec) -> Result<(u32, DeviceChange)> {
+        if let Some(link) = self.link_by_name(&spec.name).await? {
+            let ok = link_kind(&link) == Some(InfoKind::Vxlan)
+                && vxlan_info(&link).is_some_and(|info| {
+                    let mut id = None;
+                    let mut port = None;
+                    let mut local = None;
+                    let mut dev = None;
+                    let mut learning = None;
+                    for i in info {
+                        match i {
+                            InfoVxlan::Id(v) => id = Some(v),
+                            InfoVxlan::Port(v) => port = Some(v),
+                            InfoVxlan::Local(v) => local = Some(v),
+                            InfoVxlan::Link(v) => dev = Some(v),
+                            InfoVxlan::Learning(v) => learning = Some(v),
+                            _ => {}
+                        }
+                    }
+                    id == Some(spec.vni)
+                        && port == Some(spec.port)
+                        && local == Some(spec.local)
+                        && dev == Some(spec.underlay_index)
+                        && learning == Some(false)
+                });
+            if ok {
+                let index = link.header.index;
+                let up = link.header.flags.contains(LinkFlags::Up);
+                let mac_ok = link_mac(&link) == Some(spec.mac);
+                let mtu_ok = link_mtu(&link) == spec.mtu;
+                if up && mac_ok && mtu_ok {
+                    return Ok((index, DeviceChange::Unchanged));
+                }
+                let mut b = LinkUnspec::new_with_index(index).up();
+                if !mtu_ok {
+                    b = b.mtu(spec.mtu);
+                }
+                if !mac_ok {
+                    b = b.address(spec.mac.0.to_vec());
+                }
+                self.handle
+                    .link()
+                    .set(b.build())
+                    .execute()
+                    .await
+                    .with_context(|| format!("adjusting {}", spec.name))?;
+                return Ok((index, DeviceChange::Adjusted));
+            }
+            tracing::warn!(device = %spec.name, "device differs from the config, recreating it");
+            self.handle
+                .link()
+                .del(link.header.index)
+                .execute()
+                .await
+                .with_context(|| format!("deleting stale {}", spec.name))?;
+        }
+        let msg = LinkVxlan::new(&spec.name, spec.vni)
+            .dev(spec.underlay_index)
+            .port(spec.port)
+            .local(spec.local)
+            .learning(false)
+            .mtu(spec.mtu)
+            .address(spec.mac.0.to_vec())
+            .up()
+            .build();
+        self.handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .with_context(|| format!("creating VXLAN device {}", spec.name))?;
+        let link = self
+            .link_by_name(&spec.name)
+            .await?
+            .ok_or_else(|| anyhow!("{} vanished right after creation", spec.name))?;
+        Ok((link.header.index, DeviceChange::Created))
+    }
+
+    /// Reads the overlay state tartan owns: routes with [`ROUTE_PROTO`] in the main table
+    /// through `vx_index` or `underlay_index`, permanent neighbours and FDB entries on `vx_index`.
+    pub async fn read_overlay(&self, vx_index: u32, underlay_index: u32) -> Result<OverlayState> {
+        let mut st = OverlayState::default();
+        let routes: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .context("listing routes")?;
+        for r in routes {
+            if r.header.table != RouteHeader::RT_TABLE_MAIN
+                || r.header.protocol != RouteProtocol::Other(ROUTE_PROTO)
+            {
+                continue;
+            }
+            let mut dst = None;
+            let mut gw = None;
+            let mut oif = None;
+            for a in &r.attributes {
+                match a {
+                    RouteAttribute::Destination(RouteAddress::Inet(v)) => dst = Some(*v),
+                    RouteAttribute::Gateway(RouteAddress::Inet(v)) => gw = Some(*v),
+                    RouteAttribute::Oif(i) => oif = Some(*i),
+                    _ => {}
+                }
+            }
+            let (Some(dst), Some(gw), Some(oif)) = (dst, gw, oif) else {
+                continue;
+            };
+            let Ok(net) = Ipv4Network::new(dst, r.header.destination_prefix_length) else {
+                continue;
+            };
+            if oif == vx_index {
+                st.routes.insert(net, RouteVia::Vxlan(gw));
+            } else if oif == underlay_index {
+                st.routes.insert(net, RouteVia::Underlay(gw));
+            }
+        }
+        let neigh: Vec<NeighbourMessage> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Inet)
+            .execute()
+            .try_collect()
+            .await
+            .context("listing neighbours")?;
+        for n in neigh {
+            if n.header.ifindex != vx_index || n.header.state != NeighbourState::Permanent {
+                continue;
+            }
+            let mut ip = None;
+            let mut mac = None;
+            for a in &n.attributes {
+                match a {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => ip = Some(*v),
+                    NeighbourAttribute::LinkLayerAddress(b) => mac = mac_of(b),
+                    _ => {}
+                }
+            }
+            if let (Some(ip), Some(mac)) = (ip, mac) {
+                st.neighbours.insert(ip, mac);
+            }
+        }
+        let fdb: Vec<NeighbourMessage> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Bridge)
+            .execute()
+            .try_collect()
+            .await
+            .context("listing FDB")?;
+        for n in fdb {
+            if n.header.ifindex != vx_index {
+                continue;
+            }
+            let mut ip = None;
+            let mut mac = None;
+            for a in &n.attributes {
+                match a {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => ip = Some(*v),
+                    // AF_BRIDGE messages carry the VXLAN destination as raw bytes.
+                    NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
+                        ip = <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from)
+                    }
+                    NeighbourAttribute::LinkLayerAddress(b) => mac = mac_of(b),
+                    _ => {}
+                }
+            }
+            if let (Some(ip), Some(mac)) = (ip, mac)
+                && mac.0 != [0; 6]
+            {
+                st.fdb.insert(mac, ip);
+            }
+        }
+        Ok(st)
+    }
+
+    fn route_msg(&self, net: Ipv4Network, via: RouteVia, vx: u32, underlay: u32) -> RouteMessage {
+        let b = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(net.network(), net.prefix())
+            .protocol(RouteProtocol::Other(ROUTE_PROTO))
+            .scope(RouteScope::Universe)
+            .kind(RouteType::Unicast)
+            .table_id(u32::from(RouteHeader::RT_TABLE_MAIN));
+        match via {
+            RouteVia::Vxlan(gw) => b.gateway(gw).output_interface(vx).onlink().build(),
+            RouteVia::Underlay(gw) => b.gateway(gw).output_interface(underlay).build(),
+        }
+    }
+
+    /// Applies an overlay diff. Adds go FDB → neighbour → route, deletes route → neighbour →
+    /// FDB; requests within a stage run concurrently. Every failure is collected; the call
+    /// fails only after trying everything.
+    pub async fn apply_overlay(&self, vx: u32, underlay: u32, d: &OverlayDiff) -> Result<()> {
+        let mut errors: Vec<String> = Vec::new();
+        // Deletes first, so a route moving between devices never has two entries.
+        run_stage(
+            &mut errors,
+            d.del_routes.iter().map(|(n, v)| {
+                let req = self
+                    .handle
+                    .route()
+                    .del(self.route_msg(*n, *v, vx, underlay));
+                async move { gone_is_fine(req.execute().await, || format!("delete route {n}")) }
+            }),
+        )
+        .await;
+        run_stage(
+            &mut errors,
+            d.del_neighbours.iter().map(|(ip, _)| {
+                let mut msg = NeighbourMessage::default();
+                msg.header.family = AddressFamily::Inet;
+                msg.header.ifindex = vx;
+                msg.attributes
+                    .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(*ip)));
+                let req = self.handle.neighbours().del(msg);
+                async move { gone_is_fine(req.execute().await, || format!("delete neighbour {ip}")) }
+            }),
+        )
+        .await;
+        run_stage(
+            &mut errors,
+            d.del_fdb.iter().map(|(mac, ip)| {
+                let mut msg = NeighbourMessage::default();
+                msg.header.family = AddressFamily::Bridge;
+                msg.header.ifindex = vx;
+                msg.header.flags = NeighbourFlags::Own;
+                msg.attributes
+                    .push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
+                msg.attributes
+                    .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(*ip)));
+                let req = self.handle.neighbours().del(msg);
+                async move { gone_is_fine(req.execute().await, || format!("delete fdb {mac}")) }
+            }),
+        )
+        .await;
+
+        run_stage(
+            &mut errors,
+            d.put_fdb.iter().map(|(mac, ip)| {
+                let req = self
+                    .handle
+                    .neighbours()
+                    .add_bridge(vx, &mac.0)
+                    .destination(IpAddr::V4(*ip))
+                    .flags(NeighbourFlags::Own)
+                    .state(NeighbourState::Permanent)
+                    .replace();
+                async move {
+                    req.execute()
+                        .await
+                        .map_err(|e| format!("add fdb {mac} -> {ip}: {e}"))
+                }
+            }),
+        )
+        .await;
+        run_stage(
+            &mut errors,
+            d.put_neighbours.iter().map(|(ip, mac)| {
+                let req = self
+                    .handle
+                    .neighbours()
+                    .add(vx, IpAddr::V4(*ip))
+                    .link_layer_address(&mac.0)
+                    .state(NeighbourState::Permanent)
+                    .replace();
+                async move {
+                    req.execute()
+                        .await
+                        .map_err(|e| format!("add neighbour {ip} -> {mac}: {e}"))
+                }
+            }),
+        )
+        .await;
+        run_stage(
+            &mut errors,
+            d.put_routes.iter().map(|(n, v)| {
+                let req = self
+                    .handle
+                    .route()
+                    .add(self.route_msg(*n, *v, vx, underlay))
+                    .replace();
+                async move {
+                    req.execute()
+                        .await
+                        .map_err(|e| format!("add route {n} {v:?}: {e}"))
+                }
+            }),
+        )
+        .await;
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            let n = errors.len();
+            errors.truncate(5);
+            bail!("{n} overlay operations failed: {}", errors.join("; "))
+        }
+    }
+
+    /// Deletes every route tartan owns (protocol [`ROUTE_PROTO`]) through `underlay_index`.
+    pub async fn delete_owned_routes(&self, underlay_index: u32) -> Result<()> {
+        let st = self.read_overlay(u32::MAX, underlay_index).await?;
+        let d = OverlayDiff {
+            del_routes: st.routes.into_iter().collect(),
+            ..Default::default()
+        };
+        self.apply_overlay(u32::MAX, underlay_index, &d).await
+    }
+}
+
+/// Runs one stage of netlink requests, at most 64 in flight, adding each failure to `errors`.
+async fn run_stage<F>(errors: &mut Vec<String>, requests: impl Iterator<Item = F>)
+where
+    F: std::future::Future<Output = std::result::Result<(), String>>,
+{
+    const IN_FLIGHT: usize = 64;
+    let results: Vec<_> = futures::stream::iter(requests.collect::<Vec<_>>())
+        .buffer_unordered(IN_FLIGHT)
+        .collect()
+        .await;
+    errors.extend(results.into_iter().filter_map(|r| r.err()));
+}
+
+/// A delete's result where "already gone" counts as done.
+fn gone_is_fine(
+    r: std::result::Result<(), rtnetlink::Error>,
+    what: impl FnOnce() -> String,
+) -> std::result::Result<(), String> {
+    match r {
+        Ok(()) => Ok(()),
+        Err(e) if is_not_found(&e) => Ok(()),
+        Err(e) => Err(format!("{}: {e}", what())),
+    }
+}

@@ -1,0 +1,1432 @@
+//! The service table `ip tartan_svc`, computed as data: a fixed structure (maps, sets, a few
+//! chains; loaded with `nft -f`) plus elements per service port (written over netlink).
+//!
+//! One map lookup finds a service, whatever the number of services: first-packet cost does not
+//! grow with the table. Load balancing uses one chain per *modulus* (`numgen inc|random mod M`
+//! needs a constant M): M = N for up to 16 endpoints (exact), else a power-of-two slot table
+//! whose slots are spread evenly and stably over the endpoints. The chain family is fixed when
+//! the table is created, so no endpoint count ever needs a new chain or a rebuild; the element
+//! count grows with services × slots. See `docs/ruleset.md`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+
+use ipnetwork::Ipv4Network;
+
+use crate::kernel::nft_elements::{ElemData, KeyBuilder};
+use crate::model::service::{Backend, Service, ServicePort, SessionAffinity, TrafficPolicy};
+use crate::overlay::masquerade::MASQ_MARK;
+
+/// nftables family of the service table.
+pub const FAMILY: &str = "ip";
+/// Version of the structure; bumped when the base ruleset changes shape.
+pub const STRUCTURE_VERSION: u32 = 6;
+
+/// The sets and maps of the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SetName {
+    /// `cluster IP . proto . port` → goto load-balancing chain.
+    ServiceIps,
+    /// `proto . node port` → goto node-port chain.
+    ServiceNodePorts,
+    /// `cluster IP . proto . port . slot` → endpoint `ip . port`.
+    Backends,
+    /// `proto . node port . slot` → endpoint `ip . port`.
+    NodePortBackends,
+    /// [`SetName::Backends`] for slot tables above [`COUNTED_MAX_SLOTS`], without per-element
+    /// counters (they would more than double the kernel's cost of writing the slots).
+    BigBackends,
+    /// [`SetName::NodePortBackends`] for slot tables above [`COUNTED_MAX_SLOTS`], uncounted.
+    BigNodePortBackends,
+    /// Cluster IP ports without endpoints (rejected).
+    NoEndpoints,
+    /// Node ports without endpoints (rejected).
+    NoEndpointNodePorts,
+    /// `cluster IP . proto . port` → jump to the affinity recorder for its timeout.
+    AffinityServices,
+    /// `proto . node port` → jump to the affinity recorder.
+    AffinityNodePorts,
+    /// `client . local endpoint` pairs where client == endpoint (hairpin masquerade).
+    Hairpin,
+}
+
+impl SetName {
+    /// Every set, in a fixed order.
+    pub const ALL: [SetName; 11] = [
+        SetName::ServiceIps,
+        SetName::ServiceNodePorts,
+        SetName::Backends,
+        SetName::NodePortBackends,
+        SetName::BigBackends,
+        SetName::BigNodePortBackends,
+        SetName::NoEndpoints,
+        SetName::NoEndpointNodePorts,
+        SetName::AffinityServices,
+        SetName::AffinityNodePorts,
+        SetName::Hairpin,
+    ];
+
+    /// The backend map of this map's kind (cluster IP or node port) for a slot table of
+    /// `slots` slots: the counted one up to [`COUNTED_MAX_SLOTS`], the uncounted one above.
+    pub fn for_slots(self, slots: u32) -> SetName {
+        let cluster = matches!(self, SetName::Backends | SetName::BigBackends);
+        match (cluster, counted_slots(slots)) {
+            (true, true) => SetName::Backends,
+            (true, false) => SetName::BigBackends,
+            (false, true) => SetName::NodePortBackends,
+            (false, false) => SetName::BigNodePortBackends,
+        }
+    }
+
+    /// The nft name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SetName::ServiceIps => "service_ips",
+            SetName::ServiceNodePorts => "service_nodeports",
+            SetName::Backends => "backends",
+            SetName::NodePortBackends => "nodeport_backends",
+            SetName::BigBackends => "big_backends",
+            SetName::BigNodePortBackends => "big_nodeport_backends",
+            SetName::NoEndpoints => "no_endpoints",
+            SetName::NoEndpointNodePorts => "no_endpoint_nodeports",
+            SetName::AffinityServices => "affinity_services",
+            SetName::AffinityNodePorts => "affinity_nodeports",
+            SetName::Hairpin => "hairpin",
+        }
+    }
+}
+
+/// A chain created on demand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DynChain {
+    /// Cluster-IP load balancing over `n` endpoints; `affinity` adds the sticky lookup.
+    Cluster { n: u32, affinity: bool },
+    /// Node-port load balancing over `n` endpoints; `local` keeps the client address.
+    NodePort { n: u32, affinity: bool, local: bool },
+    /// Records the chosen endpoint for client-IP affinity with this timeout (seconds).
+    AffinityRecord { timeout: u32 },
+}
+
+impl DynChain {
+    /// The chain's name.
+    pub fn name(&self) -> String {
+        match *self {
+            DynChain::Cluster { n, affinity } => {
+                format!("svc{}_{n}", if affinity { "_aff" } else { "" })
+            }
+            DynChain::NodePort { n, affinity, local } => format!(
+                "np{}{}_{n}",
+                if local { "_local" } else { "" },
+                if affinity { "_aff" } else { "" }
+            ),
+            DynChain::AffinityRecord { timeout } => format!("aff_record_{timeout}"),
+        }
+    }
+
+    /// The chain's rules (one per line).
+    pub fn rules(&self, ctx: &NodeContext) -> Vec<String> {
+        let net = format!(
+            "{}/{}",
+            ctx.cluster_network.network(),
+            ctx.cluster_network.prefix()
+        );
+        let mark = format!("meta mark set meta mark | {MASQ_MARK:#x}");
+        let sticky = "dnat ip to ip saddr . ip daddr . meta l4proto . th dport map @affinity";
+        match *self {
+            DynChain::Cluster { n, affinity } => {
+                let mut r = vec![format!("ip saddr != {net} {mark}")];
+                if affinity {
+                    r.push(sticky.to_string());
+                }
+                r.push(format!(
+                    "dnat ip to ip daddr . meta l4proto . th dport . numgen {} mod {n} map @{}",
+                    ctx.balancing.numgen(),
+                    SetName::Backends.for_slots(n).as_str()
+                ));
+                r
+            }
+            DynChain::NodePort { n, affinity, local } => {
+                let mut r = Vec::new();
+                if !local {
+                    r.push(mark);
+                }
+                if affinity {
+                    r.push(sticky.to_string());
+                }
+                r.push(format!(
+                    "dnat ip to meta l4proto . th dport . numgen {} mod {n} map @{}",
+                    ctx.balancing.numgen(),
+                    SetName::NodePortBackends.for_slots(n).as_str()
+                ));
+                r
+            }
+            DynChain::AffinityRecord { timeout } => vec![format!(
+                "meta l4proto {{ tcp, udp }} update @affinity {{ ip saddr . ct original ip daddr . meta l4proto . ct original proto-dst timeout {timeout}s : ip daddr . th dport }}"
+            )],
+        }
+    }
+}
+
+/// Node-specific inputs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeContext {
+    /// This node's name (for the `local` traffic policy).
+    pub node: String,
+    /// The whole pod network (traffic from outside it to a cluster IP is masqueraded).
+    pub cluster_network: Ipv4Network,
+    /// The service IP range (new connections to an unknown service IP:port are refused).
+    pub service_cidr: Ipv4Network,
+    /// How a new connection picks its endpoint.
+    pub balancing: Balancing,
+}
+
+/// How a new connection picks its endpoint among a service's N endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Balancing {
+    /// `numgen inc mod N`: a counter per endpoint count, shared by the services with that many
+    /// endpoints. Spreads evenly (every endpoint within a few connections of 1/N); a workload
+    /// that strictly alternates between services with the same endpoint count can make them
+    /// follow each other's rhythm.
+    #[default]
+    RoundRobin,
+    /// `numgen random mod N`, as kube-proxy does: independent per connection, with the
+    /// statistical spread of random choice (about ±1/sqrt(connections × N) relative).
+    Random,
+}
+
+impl Balancing {
+    /// The `numgen` mode.
+    pub fn numgen(self) -> &'static str {
+        match self {
+            Balancing::RoundRobin => "inc",
+            Balancing::Random => "random",
+        }
+    }
+}
+
+/// A set key: at most 16 bytes (`ip . proto . port . slot`), stored inline.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key {
+    len: u8,
+    bytes: [u8; 16],
+}
+
+impl Key {
+    /// From key bytes (truncated to 16 bytes, the longest key any set has).
+    pub fn from_slice(b: &[u8]) -> Key {
+        let mut bytes = [0u8; 16];
+        let len = b.len().min(16);
+        bytes[..len].copy_from_slice(&b[..len]);
+        Key {
+            len: len as u8,
+            bytes,
+        }
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:02x?}", self.as_slice())
+    }
+}
+
+impl From<KeyBuilder> for Key {
+    fn from(k: KeyBuilder) -> Key {
+        Key::from_slice(&k.build())
+    }
+}
+
+/// Where a verdict element sends packets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Target {
+    /// A load-balancing or affinity chain.
+    Dyn(DynChain),
+    /// The chain that drops node-port traffic without a local endpoint.
+    NodePortDrop,
+}
+
+impl Target {
+    /// The chain name.
+    pub fn name(&self) -> String {
+        match self {
+            Target::Dyn(c) => c.name(),
+            Target::NodePortDrop => NODEPORT_DROP.to_string(),
+        }
+    }
+}
+
+/// An element's data, stored inline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Data {
+    /// A plain set element.
+    None,
+    /// An endpoint `ip . port` (8 register bytes).
+    Endpoint([u8; 8]),
+    /// `goto` a chain.
+    Goto(Target),
+    /// `jump` to a chain.
+    Jump(Target),
+}
+
+impl Data {
+    /// The data as the netlink writer takes it.
+    pub fn to_elem_data(&self) -> ElemData {
+        match self {
+            Data::None => ElemData::None,
+            Data::Endpoint(b) => ElemData::Value(b.to_vec()),
+            Data::Goto(t) => ElemData::Goto(t.name()),
+            Data::Jump(t) => ElemData::Jump(t.name()),
+        }
+    }
+}
+
+/// One element of one set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Element {
+    /// The set.
+    pub set: SetName,
+    /// Key.
+    pub key: Key,
+    /// Data.
+    pub data: Data,
+}
+
+/// What one service port contributes to the table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PortRules {
+    /// Elements (everything but the backend slots).
+    pub elements: Vec<Element>,
+    /// The backend slots, one block per backend map (cluster IP, node port).
+    pub blocks: Vec<SlotBlock>,
+    /// Chains its verdicts reference.
+    pub chains: BTreeSet<DynChain>,
+}
+
+/// The backend slots of one service port in one backend map: slot `s` of `base` (the
+/// port's key in the verdict map) sends to `endpoints[slots[s]]:target_port`. Kept as a compact
+/// block rather than as elements so the planner can diff thousands of slots positionally.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotBlock {
+    /// [`SetName::Backends`] or [`SetName::NodePortBackends`] (their `Big` twins above
+    /// [`COUNTED_MAX_SLOTS`] slots).
+    pub set: SetName,
+    /// The port's key (`ip . proto . port` or `proto . port`) without the slot.
+    pub base: Key,
+    /// The endpoints the slots point into.
+    pub endpoints: Vec<Ipv4Addr>,
+    /// The endpoint (index into `endpoints`) of each slot.
+    pub slots: Vec<u32>,
+    /// The endpoints' port.
+    pub target_port: u16,
+}
+
+impl SlotBlock {
+    /// The verdict map whose element for `base` owns this block.
+    pub fn verdict_set(&self) -> SetName {
+        match self.set {
+            SetName::NodePortBackends | SetName::BigNodePortBackends => SetName::ServiceNodePorts,
+            _ => SetName::ServiceIps,
+        }
+    }
+
+    /// The number of slots.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether the block has no slot.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// The endpoint of slot `slot`.
+    pub fn ip(&self, slot: usize) -> Ipv4Addr {
+        self.slots
+            .get(slot)
+            .and_then(|i| self.endpoints.get(*i as usize))
+            .copied()
+            .unwrap_or(Ipv4Addr::UNSPECIFIED)
+    }
+
+    /// The key of slot `slot`.
+    pub fn key(&self, slot: usize) -> Key {
+        let base = self.base.as_slice();
+        let mut b = [0u8; 16];
+        let n = base.len().min(12);
+        b[..n].copy_from_slice(&base[..n]);
+        b[n..n + 4].copy_from_slice(&(slot as u32).to_ne_bytes());
+        Key::from_slice(&b[..n + 4])
+    }
+
+    /// The data of slot `slot`.
+    pub fn data(&self, slot: usize) -> Data {
+        endpoint_value(self.ip(slot), self.target_port)
+    }
+
+    /// Every slot as an element.
+    pub fn elements(&self) -> impl Iterator<Item = Element> + '_ {
+        (0..self.len()).map(|s| Element {
+            set: self.set,
+            key: self.key(s),
+            data: self.data(s),
+        })
+    }
+}
+
+fn endpoint_value(ip: Ipv4Addr, port: u16) -> Data {
+    let mut b = [0u8; 8];
+    b[..4].copy_from_slice(&ip.octets());
+    b[4..6].copy_from_slice(&port.to_be_bytes());
+    Data::Endpoint(b)
+}
+
+/// Largest endpoint count balanced exactly: `numgen … mod N` with one slot per endpoint.
+pub const EXACT_MAX: u32 = 16;
+
+/// Above [`EXACT_MAX`] endpoints a port gets M slots, M the smallest power of two with at least
+/// this many slots per endpoint: each endpoint holds ⌊M/N⌋ or ⌈M/N⌉ slots, so its share of new
+/// connections is within 1/8 (in practice ≤ 1/(M/N) ≤ 6.25 % on average) of 1/N.
+pub const SLOTS_PER_ENDPOINT: u32 = 8;
+
+/// Most slots a port gets (2^18): a fixed family of chains (see [`moduli`]) serves every
+/// endpoint count; beyond 262,144 endpoints the surplus is left out (with a warning).
+pub const MAX_SLOTS: u32 = 1 << 18;
+
+/// Above this many slots a port gets [`LARGE_SLOTS_PER_ENDPOINT`] per endpoint instead of
+/// [`SLOTS_PER_ENDPOINT`], and slot counts grow in quarter steps (40,960, 49,152, 57,344,
+/// 65,536, 81,920, …) instead of doubling: the kernel's cost is the slots it writes when a
+/// big service changes its slot count, and a doubling writes as many as the table holds
+/// (1 → 10,000 endpoints: 422–554 ms with 8 per endpoint and doubling, 213–384 ms with 4;
+/// `big_service` bench), while mid-sized services keep the finer spread.
+pub const LARGE_SLOTS: u32 = 1 << 15;
+
+/// Slots per endpoint once a port has more than [`LARGE_SLOTS`] (shares within 1/4 of 1/N;
+/// 10,000 endpoints hold 40,960 slots, 4 or 5 each: −2.3 % / +22 %).
+pub const LARGE_SLOTS_PER_ENDPOINT: u32 = 4;
+
+/// Largest slot table kept in a map with per-element counters (the ones `tartanctl explain`
+/// sums into per-endpoint connection counts): services up to 512 endpoints. Larger tables
+/// live in the uncounted `big_` maps: writing 131,072 counted slots costs the kernel 0.54 s
+/// against 0.20 s uncounted (`nft_elements` `slot_table` probe), `nft` takes seconds to list a
+/// counted map that large, and a service moves there once, while it is still small.
+pub const COUNTED_MAX_SLOTS: u32 = 1 << 12;
+
+/// Whether a slot table of `slots` slots lives in a map with per-element counters
+/// (up to [`COUNTED_MAX_SLOTS`]).
+pub fn counted_slots(slots: u32) -> bool {
+    slots <= COUNTED_MAX_SLOTS
+}
+
+/// The number of slots (the `numgen` modulus) for `n` endpoints: `n` itself up to
+/// [`EXACT_MAX`], else the smallest modulus of [`moduli`] of at least [`SLOTS_PER_ENDPOINT`] ×
+/// `n` while that is at most [`LARGE_SLOTS`], beyond it of at least
+/// [`LARGE_SLOTS_PER_ENDPOINT`] × `n` (never fewer than [`LARGE_SLOTS`], so the count only
+/// grows with `n`), at most [`MAX_SLOTS`].
+pub fn slot_count(n: usize) -> u32 {
+    if n <= EXACT_MAX as usize {
+        return n as u32;
+    }
+    let mut want = (n as u64).saturating_mul(u64::from(SLOTS_PER_ENDPOINT));
+    if want > u64::from(LARGE_SLOTS) {
+        want = (n as u64)
+            .saturating_mul(u64::from(LARGE_SLOTS_PER_ENDPOINT))
+            .max(u64::from(LARGE_SLOTS));
+    }
+    moduli()
+        .find(|&m| u64::from(m) >= want)
+        .unwrap_or(MAX_SLOTS)
+}
+
+/// Every modulus a table has chains for, ascending: 1..=[`EXACT_MAX`], the powers of two up to
+/// [`LARGE_SLOTS`] above it, then quarter steps up to [`MAX_SLOTS`] (2^k × 5/4, 6/4, 7/4, 2 for
+/// k = 15, 16, 17). Fixed, whatever the services: no endpoint count needs a new chain.
+pub fn moduli() -> impl Iterator<Item = u32> {
+    let pow2 = (EXACT_MAX.trailing_zeros() + 1..=LARGE_SLOTS.trailing_zeros()).map(|k| 1 << k);
+    let quarters = (LARGE_SLOTS.trailing_zeros()..MAX_SLOTS.trailing_zeros())
+        .flat_map(|k| (5..=8).map(move |q| (1u32 << (k - 2)) * q));
+    (1..=EXACT_MAX).chain(pow2).chain(quarters)
+}
+
+/// Assigns the slots of a port to `endpoints` (sorted): slot `s` → index into `endpoints`.
+///
+/// Up to [`EXACT_MAX`] endpoints, slot `i` is endpoint `i`. Above, there are
+/// [`slot_count`] slots and every endpoint gets ⌊M/N⌋ or ⌈M/N⌉ of them; the assignment is
+/// derived from the one applied before (`prev_endpoints[prev_slots[s]]` is slot `s`'s endpoint;
+/// both empty if none) so that a slot keeps its endpoint whenever that endpoint is still there
+/// and under its quota: adding or removing one endpoint moves only about M/N slots.
+/// `prev_slots` of another length is read modulo its length (the slot count doubled or
+/// halved). Deterministic for the same inputs; linear in the slots, one hash lookup per
+/// endpoint.
+pub fn assign_slots(
+    endpoints: &[Ipv4Addr],
+    prev_endpoints: &[Ipv4Addr],
+    prev_slots: &[u32],
+) -> Vec<u32> {
+    let m = slot_count(endpoints.len()) as usize;
+    if endpoints.len() <= EXACT_MAX as usize {
+        return (0..m as u32).collect();
+    }
+    // More endpoints than slots only beyond MAX_SLOTS: the first M are used.
+    let n = endpoints.len().min(m);
+    let index: HashMap<Ipv4Addr, u32, ahash::RandomState> = endpoints[..n]
+        .iter()
+        .enumerate()
+        .map(|(i, ip)| (*ip, i as u32))
+        .collect();
+    // Old endpoint index → new endpoint index (u32::MAX: gone).
+    let remap: Vec<u32> = prev_endpoints
+        .iter()
+        .map(|ip| index.get(ip).copied().unwrap_or(u32::MAX))
+        .collect();
+    let old = |s: usize| -> u32 {
+        if prev_slots.is_empty() {
+            return u32::MAX;
+        }
+        let i = prev_slots[s % prev_slots.len()] as usize;
+        remap.get(i).copied().unwrap_or(u32::MAX)
+    };
+    let mut holding = vec![0u32; n];
+    for s in 0..m {
+        let e = old(s);
+        if e != u32::MAX {
+            holding[e as usize] += 1;
+        }
+    }
+    // The endpoints holding most slots keep the ⌈M/N⌉ quotas, so fewest slots move.
+    let (q, r) = ((m / n) as u32, m % n);
+    let mut order: Vec<u32> = (0..n as u32).collect();
+    order.sort_by_key(|e| (std::cmp::Reverse(holding[*e as usize]), *e));
+    let mut quota = vec![q; n];
+    for e in &order[..r] {
+        quota[*e as usize] = q + 1;
+    }
+    let mut out = vec![u32::MAX; m];
+    let mut got = vec![0u32; n];
+    for (s, slot) in out.iter_mut().enumerate() {
+        let e = old(s);
+        if e != u32::MAX && got[e as usize] < quota[e as usize] {
+            *slot = e;
+            got[e as usize] += 1;
+        }
+    }
+    let mut e = 0usize;
+    for slot in out.iter_mut().filter(|x| **x == u32::MAX) {
+        while got[e] >= quota[e] {
+            e += 1;
+        }
+        *slot = e as u32;
+        got[e] += 1;
+    }
+    out
+}
+
+/// The slot block of `base` in `set` for `usable` endpoints, stable against `prev`.
+fn slot_block(
+    set: SetName,
+    base: Key,
+    usable: Vec<Ipv4Addr>,
+    target_port: u16,
+    prev: Option<&PortRules>,
+) -> SlotBlock {
+    // The previous block of this port, in either map of its kind, keeps the assignment stable
+    // when the table moves between the counted and the uncounted map.
+    let kind = |s: SetName| s.for_slots(1);
+    let old = prev.and_then(|r| {
+        r.blocks
+            .iter()
+            .find(|b| kind(b.set) == kind(set) && b.base == base)
+    });
+    let slots = match old {
+        Some(o) => assign_slots(&usable, &o.endpoints, &o.slots),
+        None => assign_slots(&usable, &[], &[]),
+    };
+    SlotBlock {
+        set: set.for_slots(slots.len() as u32),
+        base,
+        endpoints: usable,
+        slots,
+        target_port,
+    }
+}
+
+/// The elements, slot blocks and chains for port `p` of `svc` with `backends` (all nodes,
+/// sorted); `prev` is what was applied for this port, so large slot tables stay stable.
+pub fn port_rules(
+    svc: &Service,
+    p: &ServicePort,
+    backends: &[Backend],
+    ctx: &NodeContext,
+    prev: Option<&PortRules>,
+) -> PortRules {
+    let mut out = PortRules::default();
+    let proto = p.protocol.number();
+    let key = KeyBuilder::new()
+        .ipv4(svc.cluster_ip)
+        .proto(proto)
+        .port(p.port);
+    let affinity = svc.session_affinity == SessionAffinity::ClientIp;
+    let record = DynChain::AffinityRecord {
+        timeout: svc.session_affinity_timeout,
+    };
+    if backends.is_empty() {
+        out.elements.push(Element {
+            set: SetName::NoEndpoints,
+            key: key.clone().into(),
+            data: Data::None,
+        });
+    } else {
+        let ips: Vec<Ipv4Addr> = backends.iter().map(|b| b.ip).collect();
+        let block = slot_block(
+            SetName::Backends,
+            key.clone().into(),
+            ips,
+            p.target_port,
+            prev,
+        );
+        let chain = DynChain::Cluster {
+            n: block.len() as u32,
+            affinity,
+        };
+        out.elements.push(Element {
+            set: SetName::ServiceIps,
+            key: key.clone().into(),
+            data: Data::Goto(Target::Dyn(chain)),
+        });
+        out.chains.insert(chain);
+        out.blocks.push(block);
+        if affinity {
+            out.elements.push(Element {
+                set: SetName::AffinityServices,
+                key: key.clone().into(),
+                data: Data::Jump(Target::Dyn(record)),
+            });
+            out.chains.insert(record);
+        }
+    }
+    if let Some(np) = p.node_port {
+        let nkey = KeyBuilder::new().proto(proto).port(np);
+        let local = svc.external_traffic_policy == TrafficPolicy::Local;
+        let usable: Vec<Ipv4Addr> = backends
+            .iter()
+            .filter(|b| !local || b.node.as_deref() == Some(ctx.node.as_str()))
+            .map(|b| b.ip)
+            .collect();
+        if backends.is_empty() {
+            out.elements.push(Element {
+                set: SetName::NoEndpointNodePorts,
+                key: nkey.clone().into(),
+                data: Data::None,
+            });
+        } else if usable.is_empty() {
+            // `local` policy and no endpoint here: drop, as kube-proxy does.
+            out.elements.push(Element {
+                set: SetName::ServiceNodePorts,
+                key: nkey.clone().into(),
+                data: Data::Goto(Target::NodePortDrop),
+            });
+        } else {
+            let block = slot_block(
+                SetName::NodePortBackends,
+                nkey.clone().into(),
+                usable,
+                p.target_port,
+                prev,
+            );
+            let chain = DynChain::NodePort {
+                n: block.len() as u32,
+                affinity,
+                local,
+            };
+            out.elements.push(Element {
+                set: SetName::ServiceNodePorts,
+                key: nkey.clone().into(),
+                data: Data::Goto(Target::Dyn(chain)),
+            });
+            out.chains.insert(chain);
+            out.blocks.push(block);
+            if affinity {
+                out.elements.push(Element {
+                    set: SetName::AffinityNodePorts,
+                    key: nkey.clone().into(),
+                    data: Data::Jump(Target::Dyn(record)),
+                });
+                out.chains.insert(record);
+            }
+        }
+    }
+    out
+}
+
+/// The hairpin element for a local pod address.
+pub fn hairpin_element(ip: Ipv4Addr) -> Element {
+    Element {
+        set: SetName::Hairpin,
+        key: KeyBuilder::new().ipv4(ip).ipv4(ip).into(),
+        data: Data::None,
+    }
+}
+
+/// New connections that no service takes (a service port without endpoints, another port of the
+/// service range, a node port without endpoints) are redirected to this local port, where
+/// nothing listens (tartand holds it bound): the kernel answers with a TCP reset or an ICMP
+/// port unreachable, so clients are refused at once. Doing this in the NAT chains, which only
+/// see a connection's first packet, keeps the service table off the path of every other packet
+/// (a filter-hook `reject` would cost every packet on the node a hook traversal).
+pub const REFUSE_PORT: u16 = 1;
+
+/// Chain that drops node-port traffic with no local endpoint (`local` policy).
+pub const NODEPORT_DROP: &str = "nodeport_drop";
+
+/// A fingerprint of the base structure for `ctx`, stored in the table comment.
+pub fn structure_tag(ctx: &NodeContext) -> String {
+    format!(
+        "tartan services v{STRUCTURE_VERSION} net {}/{} services {}/{} balancing {}",
+        ctx.cluster_network.network(),
+        ctx.cluster_network.prefix(),
+        ctx.service_cidr.network(),
+        ctx.service_cidr.prefix(),
+        ctx.balancing.numgen()
+    )
+}
+
+/// The name of an empty chain that marks the structure version, cluster network and service
+/// range (chain names, unlike table comments, can be listed cheaply).
+pub fn marker_chain(ctx: &NodeContext) -> String {
+    let (net, svc) = (ctx.cluster_network, ctx.service_cidr);
+    format!(
+        "tag_v{STRUCTURE_VERSION}_{}_{}_{}_{}_{}",
+        net.network().to_string().replace('.', "_"),
+        net.prefix(),
+        svc.network().to_string().replace('.', "_"),
+        svc.prefix(),
+        ctx.balancing.numgen()
+    )
+}
+
+/// The two names the service table alternates between: a rebuild fills the other one and then
+/// switches over in one transaction, so the rules in force are never half-built.
+pub const TABLES: [&str; 2] = ["tartan_svc", "tartan_svc2"];
+
+/// The other table name.
+pub fn other_table(t: &str) -> &'static str {
+    if t == TABLES[0] { TABLES[1] } else { TABLES[0] }
+}
+
+/// The name of a base (hooked) chain; its presence marks the active table.
+pub const ACTIVE_MARKER_CHAIN: &str = "nat_prerouting";
+
+/// The chains a table is built with: every load-balancing kind for every modulus of
+/// [`moduli`] (fixed: 6 kinds × 30 moduli), plus one affinity recorder per timeout in use.
+/// Load-balancing chains can only be created together with the maps they use (nft 1.0.6
+/// rejects `add rule … numgen … map @backends` on an existing table with "conflicting
+/// protocols specified: ip vs. th"), which is why their family is fixed and covers every
+/// endpoint count; affinity recorders can be added to a live table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Structure {
+    /// Affinity timeouts with recorder chains.
+    pub timeouts: BTreeSet<u32>,
+}
+
+impl Structure {
+    /// The structure holding the recorders `chains` need.
+    pub fn for_chains(chains: &BTreeSet<DynChain>) -> Structure {
+        Structure {
+            timeouts: chains
+                .iter()
+                .filter_map(|c| match *c {
+                    DynChain::AffinityRecord { timeout } => Some(timeout),
+                    _ => None,
+                })
+                .collect(),
+        }
+    }
+
+    /// Every dynamic chain of this structure.
+    pub fn chains(&self) -> BTreeSet<DynChain> {
+        let mut out = BTreeSet::new();
+        for n in moduli() {
+            for affinity in [false, true] {
+                out.insert(DynChain::Cluster { n, affinity });
+                for local in [false, true] {
+                    out.insert(DynChain::NodePort { n, affinity, local });
+                }
+            }
+        }
+        for t in &self.timeouts {
+            out.insert(DynChain::AffinityRecord { timeout: *t });
+        }
+        out
+    }
+
+    /// The chains in `needed` that this structure lacks.
+    pub fn missing(&self, needed: &BTreeSet<DynChain>) -> BTreeSet<DynChain> {
+        needed
+            .iter()
+            .filter(|c| match **c {
+                DynChain::Cluster { n, .. } | DynChain::NodePort { n, .. } => {
+                    !moduli().any(|m| m == n)
+                }
+                DynChain::AffinityRecord { timeout } => !self.timeouts.contains(&timeout),
+            })
+            .copied()
+            .collect()
+    }
+
+    /// Recovers the structure from the chain names of an existing table.
+    pub fn from_chain_names<'a>(names: impl IntoIterator<Item = &'a str>) -> Structure {
+        let mut timeouts = BTreeSet::new();
+        for n in names {
+            if let Some(DynChain::AffinityRecord { timeout }) = parse_dyn_chain(n) {
+                timeouts.insert(timeout);
+            }
+        }
+        Structure { timeouts }
+    }
+}
+
+/// A script adding the affinity recorder `c` to the live `table` (`nft -f`, one transaction).
+pub fn add_recorder_script(table: &str, c: &DynChain, ctx: &NodeContext) -> String {
+    let mut s = format!("add chain {FAMILY} {table} {}\n", c.name());
+    for r in c.rules(ctx) {
+        let _ = writeln!(s, "add rule {FAMILY} {table} {} {r}", c.name());
+    }
+    s
+}
+
+/// A script deleting the unused chain `c` from `table`.
+pub fn delete_chain_script(table: &str, c: &DynChain) -> String {
+    format!("delete chain {FAMILY} {table} {}\n", c.name())
+}
+
+/// Parses a dynamic chain name back (`svc_3`, `svc_aff_3`, `np_local_aff_2`, `aff_record_60`).
+pub fn parse_dyn_chain(name: &str) -> Option<DynChain> {
+    let (head, n) = name.rsplit_once('_')?;
+    let n: u32 = n.parse().ok()?;
+    let c = match head {
+        "svc" => DynChain::Cluster { n, affinity: false },
+        "svc_aff" => DynChain::Cluster { n, affinity: true },
+        "np" => DynChain::NodePort {
+            n,
+            affinity: false,
+            local: false,
+        },
+        "np_aff" => DynChain::NodePort {
+            n,
+            affinity: true,
+            local: false,
+        },
+        "np_local" => DynChain::NodePort {
+            n,
+            affinity: false,
+            local: true,
+        },
+        "np_local_aff" => DynChain::NodePort {
+            n,
+            affinity: true,
+            local: true,
+        },
+        "aff_record" => DynChain::AffinityRecord { timeout: n },
+        _ => return None,
+    };
+    (c.name() == name).then_some(c)
+}
+
+/// Step 1 of a (re)build: a fresh, inactive `table` with every map, set and regular chain of
+/// `st`, but no hooked chain yet, so loading its elements changes nothing in force.
+pub fn build_script(table: &str, ctx: &NodeContext, st: &Structure) -> String {
+    let tag = structure_tag(ctx);
+    let marker = marker_chain(ctx);
+    let svc_cidr = format!(
+        "{}/{}",
+        ctx.service_cidr.network(),
+        ctx.service_cidr.prefix()
+    );
+    let numgen = ctx.balancing.numgen();
+    let mut s = format!(
+        r#"table {FAMILY} {table}
+delete table {FAMILY} {table}
+table {FAMILY} {table} {{
+	comment "{tag}"
+	map service_ips {{ typeof ip daddr . meta l4proto . th dport : verdict; }}
+	map service_nodeports {{ typeof meta l4proto . th dport : verdict; }}
+	map backends {{ typeof ip daddr . meta l4proto . th dport . numgen {numgen} mod 1 : ip daddr . th dport; counter; }}
+	map nodeport_backends {{ typeof meta l4proto . th dport . numgen {numgen} mod 1 : ip daddr . th dport; counter; }}
+	map big_backends {{ typeof ip daddr . meta l4proto . th dport . numgen {numgen} mod 1 : ip daddr . th dport; }}
+	map big_nodeport_backends {{ typeof meta l4proto . th dport . numgen {numgen} mod 1 : ip daddr . th dport; }}
+	set no_endpoints {{ typeof ip daddr . meta l4proto . th dport; counter; }}
+	set no_endpoint_nodeports {{ typeof meta l4proto . th dport; counter; }}
+	map affinity_services {{ typeof ip daddr . meta l4proto . th dport : verdict; }}
+	map affinity_nodeports {{ typeof meta l4proto . th dport : verdict; }}
+	map affinity {{ typeof ip saddr . ip daddr . meta l4proto . th dport : ip daddr . th dport; size 1048576; flags dynamic,timeout; timeout 3h; }}
+	set hairpin {{ typeof ip saddr . ip daddr; }}
+	chain {marker} {{
+	}}
+	chain services {{
+		ip daddr . meta l4proto . th dport vmap @service_ips
+		ip daddr {svc_cidr} goto cluster_ip_refused
+		ip daddr != 127.0.0.0/8 fib daddr type local meta l4proto . th dport vmap @service_nodeports
+		ip daddr != 127.0.0.0/8 fib daddr type local meta l4proto . th dport @no_endpoint_nodeports goto refuse
+	}}
+	chain cluster_ip_refused {{
+		ip daddr . meta l4proto . th dport @no_endpoints goto refuse
+		goto refuse
+	}}
+	chain refuse {{
+		meta l4proto {{ tcp, udp }} redirect to :{REFUSE_PORT}
+	}}
+	chain affinity_record {{
+		meta l4proto {{ tcp, udp }} ct original ip daddr . meta l4proto . ct original proto-dst vmap @affinity_services
+		meta l4proto {{ tcp, udp }} meta l4proto . ct original proto-dst vmap @affinity_nodeports
+	}}
+	chain {NODEPORT_DROP} {{
+		drop
+	}}
+"#
+    );
+    for c in st.chains() {
+        let _ = writeln!(s, "	chain {} {{", c.name());
+        for r in c.rules(ctx) {
+            let _ = writeln!(s, "		{r}");
+        }
+        s.push_str(
+            "	}
+",
+        );
+    }
+    s.push_str(
+        "}
+",
+    );
+    s
+}
+
+/// Step 3 of a (re)build: hooks `table` into the packet path and removes `old` (if any), in
+/// one transaction, so there is no moment with both or neither in force.
+pub fn activate_script(table: &str, old: Option<&str>) -> String {
+    let mut s = format!(
+        r#"add chain {FAMILY} {table} nat_prerouting {{ type nat hook prerouting priority -100; policy accept; }}
+add rule {FAMILY} {table} nat_prerouting jump services
+add chain {FAMILY} {table} nat_output {{ type nat hook output priority -100; policy accept; }}
+add rule {FAMILY} {table} nat_output jump services
+add chain {FAMILY} {table} nat_postrouting {{ type nat hook postrouting priority 100; policy accept; }}
+add rule {FAMILY} {table} nat_postrouting ct status dnat jump affinity_record
+add rule {FAMILY} {table} nat_postrouting meta mark & {MASQ_MARK:#x} == {MASQ_MARK:#x} masquerade fully-random
+add rule {FAMILY} {table} nat_postrouting ct status dnat ip saddr . ip daddr @hairpin masquerade fully-random
+"#
+    );
+    if let Some(o) = old {
+        let _ = writeln!(s, "delete table {FAMILY} {o}");
+    }
+    s
+}
+
+/// The fields a set's keys are made of, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Field {
+    Ip,
+    Proto,
+    Port,
+    Slot,
+}
+
+impl SetName {
+    fn key_fields(self) -> &'static [Field] {
+        use Field::*;
+        match self {
+            SetName::ServiceIps | SetName::NoEndpoints | SetName::AffinityServices => {
+                &[Ip, Proto, Port]
+            }
+            SetName::ServiceNodePorts
+            | SetName::NoEndpointNodePorts
+            | SetName::AffinityNodePorts => &[Proto, Port],
+            SetName::Backends | SetName::BigBackends => &[Ip, Proto, Port, Slot],
+            SetName::NodePortBackends | SetName::BigNodePortBackends => &[Proto, Port, Slot],
+            SetName::Hairpin => &[Ip, Ip],
+        }
+    }
+
+    /// The set with this nft name.
+    pub fn from_name(name: &str) -> Option<SetName> {
+        SetName::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+}
+
+fn render_fields(bytes: &[u8], fields: &[Field]) -> String {
+    let mut parts = Vec::new();
+    let mut rest = bytes;
+    for f in fields {
+        let (chunk, tail) = rest.split_at(4.min(rest.len()));
+        rest = tail;
+        let b = |i: usize| chunk.get(i).copied().unwrap_or(0);
+        parts.push(match f {
+            Field::Ip => Ipv4Addr::new(b(0), b(1), b(2), b(3)).to_string(),
+            Field::Proto => match b(0) {
+                6 => "tcp".to_string(),
+                17 => "udp".to_string(),
+                p => p.to_string(),
+            },
+            Field::Port => u16::from_be_bytes([b(0), b(1)]).to_string(),
+            Field::Slot => u32::from_ne_bytes([b(0), b(1), b(2), b(3)]).to_string(),
+        });
+    }
+    parts.join(" . ")
+}
+
+/// An element as text, the way `nft` prints it: (`key`, `data`), e.g.
+/// (`10.96.0.10 . tcp . 80 . 0`, `10.244.1.2 . 8080`) or (`10.96.0.10 . tcp . 80`, `goto svc_2`).
+pub fn describe(set: SetName, key: &[u8], data: &ElemData) -> (String, String) {
+    let k = render_fields(key, set.key_fields());
+    let d = match data {
+        ElemData::None => String::new(),
+        ElemData::Goto(c) => format!("goto {c}"),
+        ElemData::Jump(c) => format!("jump {c}"),
+        ElemData::Value(v) => render_fields(v, &[Field::Ip, Field::Port]),
+    };
+    (k, d)
+}
+
+/// Every element for a whole service model: `(service id, port index)` → rules.
+pub fn all_rules<'a>(
+    services: impl IntoIterator<Item = (&'a Service, &'a [Backend])>,
+    ctx: &NodeContext,
+) -> BTreeMap<(String, usize), PortRules> {
+    let mut out = BTreeMap::new();
+    for (svc, backends) in services {
+        for (i, p) in svc.ports.iter().enumerate() {
+            out.insert((svc.id(), i), port_rules(svc, p, backends, ctx, None));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::service::{DEFAULT_AFFINITY_TIMEOUT, Protocol};
+
+    fn ctx() -> NodeContext {
+        NodeContext {
+            node: "n1".into(),
+            cluster_network: "10.244.0.0/16".parse().unwrap(),
+            service_cidr: "10.96.0.0/12".parse().unwrap(),
+            balancing: Balancing::RoundRobin,
+        }
+    }
+
+    fn svc(node_port: Option<u16>, affinity: bool, local: bool) -> Service {
+        let mut p: ServicePort = "80:8080/tcp".parse().unwrap();
+        p.node_port = node_port;
+        Service {
+            namespace: "default".into(),
+            name: "web".into(),
+            cluster_ip: "10.96.0.10".parse().unwrap(),
+            ports: vec![p],
+            selector: Some([("app".to_string(), "web".to_string())].into()),
+            session_affinity: if affinity {
+                SessionAffinity::ClientIp
+            } else {
+                SessionAffinity::None
+            },
+            session_affinity_timeout: DEFAULT_AFFINITY_TIMEOUT,
+            external_traffic_policy: if local {
+                TrafficPolicy::Local
+            } else {
+                TrafficPolicy::Cluster
+            },
+        }
+    }
+
+    fn backends(n: u8) -> Vec<Backend> {
+        (0..n)
+            .map(|i| Backend {
+                ip: Ipv4Addr::new(10, 244, i % 2 + 1, 10 + i),
+                node: Some(format!("n{}", i % 2 + 1).into()),
+            })
+            .collect()
+    }
+
+    fn all(r: &PortRules) -> Vec<Element> {
+        let mut v = r.elements.clone();
+        v.extend(r.blocks.iter().flat_map(SlotBlock::elements));
+        v
+    }
+
+    fn count(r: &PortRules, set: SetName) -> usize {
+        all(r).iter().filter(|e| e.set == set).count()
+    }
+
+    #[test]
+    fn cluster_ip_with_endpoints() {
+        let s = svc(None, false, false);
+        let r = port_rules(&s, &s.ports[0], &backends(3), &ctx(), None);
+        assert_eq!(count(&r, SetName::ServiceIps), 1);
+        assert_eq!(count(&r, SetName::Backends), 3);
+        assert_eq!(count(&r, SetName::NoEndpoints), 0);
+        assert_eq!(
+            r.chains.iter().collect::<Vec<_>>(),
+            vec![&DynChain::Cluster {
+                n: 3,
+                affinity: false
+            }]
+        );
+        let verdict = &r
+            .elements
+            .iter()
+            .find(|e| e.set == SetName::ServiceIps)
+            .unwrap()
+            .data;
+        assert_eq!(verdict.to_elem_data(), ElemData::Goto("svc_3".into()));
+        // Backend slots carry the target port.
+        let b = all(&r)
+            .into_iter()
+            .find(|e| e.set == SetName::Backends)
+            .unwrap();
+        assert_eq!(b.data, endpoint_value(Ipv4Addr::new(10, 244, 1, 10), 8080));
+    }
+
+    #[test]
+    fn no_endpoints_rejects() {
+        let s = svc(Some(30080), false, false);
+        let r = port_rules(&s, &s.ports[0], &[], &ctx(), None);
+        assert_eq!(count(&r, SetName::NoEndpoints), 1);
+        assert_eq!(count(&r, SetName::NoEndpointNodePorts), 1);
+        assert_eq!(r.elements.len(), 2);
+        assert!(r.chains.is_empty());
+    }
+
+    #[test]
+    fn node_port_policies() {
+        let s = svc(Some(30080), false, false);
+        let r = port_rules(&s, &s.ports[0], &backends(4), &ctx(), None);
+        assert_eq!(count(&r, SetName::NodePortBackends), 4);
+        assert!(r.chains.contains(&DynChain::NodePort {
+            n: 4,
+            affinity: false,
+            local: false
+        }));
+        // Local: only n1's two endpoints.
+        let s = svc(Some(30080), false, true);
+        let r = port_rules(&s, &s.ports[0], &backends(4), &ctx(), None);
+        assert_eq!(count(&r, SetName::NodePortBackends), 2);
+        assert_eq!(
+            count(&r, SetName::Backends),
+            4,
+            "cluster IP still uses every endpoint"
+        );
+        assert!(r.chains.contains(&DynChain::NodePort {
+            n: 2,
+            affinity: false,
+            local: true
+        }));
+        // Local with no endpoint on this node: drop.
+        let other = NodeContext {
+            node: "n9".into(),
+            ..ctx()
+        };
+        let r = port_rules(&s, &s.ports[0], &backends(4), &other, None);
+        let np = r
+            .elements
+            .iter()
+            .find(|e| e.set == SetName::ServiceNodePorts)
+            .unwrap();
+        assert_eq!(np.data, Data::Goto(Target::NodePortDrop));
+    }
+
+    #[test]
+    fn affinity_adds_sticky_chain_and_recorder() {
+        let s = svc(Some(30080), true, false);
+        let r = port_rules(&s, &s.ports[0], &backends(2), &ctx(), None);
+        assert_eq!(count(&r, SetName::AffinityServices), 1);
+        assert_eq!(count(&r, SetName::AffinityNodePorts), 1);
+        assert!(r.chains.contains(&DynChain::AffinityRecord {
+            timeout: DEFAULT_AFFINITY_TIMEOUT
+        }));
+        let c = DynChain::Cluster {
+            n: 2,
+            affinity: true,
+        };
+        assert!(r.chains.contains(&c));
+        assert!(c.rules(&ctx()).iter().any(|l| l.contains("map @affinity")));
+    }
+
+    #[test]
+    fn masquerade_marking() {
+        let c = DynChain::Cluster {
+            n: 1,
+            affinity: false,
+        }
+        .rules(&ctx());
+        assert!(c[0].starts_with("ip saddr != 10.244.0.0/16 meta mark set"));
+        let np = DynChain::NodePort {
+            n: 1,
+            affinity: false,
+            local: false,
+        }
+        .rules(&ctx());
+        assert!(np[0].starts_with("meta mark set"));
+        let npl = DynChain::NodePort {
+            n: 1,
+            affinity: false,
+            local: true,
+        }
+        .rules(&ctx());
+        assert!(
+            !npl.iter().any(|l| l.contains("mark")),
+            "local policy keeps the client address"
+        );
+    }
+
+    #[test]
+    fn elements_render_like_nft() {
+        let s = svc(None, false, false);
+        let r = port_rules(&s, &s.ports[0], &backends(1), &ctx(), None);
+        let texts: Vec<(String, String)> = all(&r)
+            .iter()
+            .map(|e| describe(e.set, e.key.as_slice(), &e.data.to_elem_data()))
+            .collect();
+        assert!(texts.contains(&("10.96.0.10 . tcp . 80".into(), "goto svc_1".into())));
+        assert!(texts.contains(&(
+            "10.96.0.10 . tcp . 80 . 0".into(),
+            "10.244.1.10 . 8080".into()
+        )));
+        let h = hairpin_element(Ipv4Addr::new(10, 244, 1, 2));
+        assert_eq!(
+            describe(h.set, h.key.as_slice(), &h.data.to_elem_data()).0,
+            "10.244.1.2 . 10.244.1.2"
+        );
+        assert_eq!(SetName::from_name("backends"), Some(SetName::Backends));
+    }
+
+    #[test]
+    fn udp_keys_differ_from_tcp() {
+        let mut s = svc(None, false, false);
+        s.ports[0].protocol = Protocol::Udp;
+        let r = port_rules(&s, &s.ports[0], &backends(1), &ctx(), None);
+        let k = r.elements[0].key;
+        assert_eq!(k.as_slice()[4], 17);
+    }
+
+    #[test]
+    fn build_and_activate_scripts() {
+        let needed = [DynChain::Cluster {
+            n: 2,
+            affinity: false,
+        }]
+        .into();
+        let st = Structure::for_chains(&needed);
+        let s = build_script("tartan_svc2", &ctx(), &st);
+        assert!(s.starts_with("table ip tartan_svc2\ndelete table ip tartan_svc2\n"));
+        assert!(s.contains("\tchain svc_2 {"));
+        assert!(s.contains("\tchain np_local_aff_16 {"));
+        assert!(s.contains("\tchain np_local_aff_262144 {"));
+        assert!(!s.contains("\tchain svc_17 {"), "no exact chain above 16");
+        assert!(!s.contains("hook"), "the build step must not hook anything");
+        assert!(s.contains(&structure_tag(&ctx())));
+        let a = activate_script("tartan_svc2", Some("tartan_svc"));
+        assert!(a.contains("add chain ip tartan_svc2 nat_prerouting { type nat hook prerouting"));
+        assert!(a.trim_end().ends_with("delete table ip tartan_svc"));
+    }
+
+    #[test]
+    fn structure_is_fixed_and_names_round_trip() {
+        let needed: BTreeSet<DynChain> = [
+            DynChain::Cluster {
+                n: 64,
+                affinity: false,
+            },
+            DynChain::AffinityRecord { timeout: 60 },
+        ]
+        .into();
+        let st = Structure::for_chains(&needed);
+        assert!(st.missing(&needed).is_empty());
+        // 6 kinds × (16 exact + 11 power-of-two + 12 quarter-step moduli) + 1 recorder,
+        // whatever the services.
+        assert_eq!(st.chains().len(), 6 * 39 + 1);
+        let other = DynChain::AffinityRecord { timeout: 61 };
+        assert_eq!(st.missing(&[other].into()), [other].into());
+        let odd = DynChain::NodePort {
+            n: 65,
+            affinity: false,
+            local: true,
+        };
+        assert_eq!(st.missing(&[odd].into()), [odd].into());
+        let names: Vec<String> = st.chains().iter().map(DynChain::name).collect();
+        let back = Structure::from_chain_names(names.iter().map(String::as_str));
+        assert_eq!(back, st);
+        for c in st.chains() {
+            assert_eq!(parse_dyn_chain(&c.name()), Some(c));
+        }
+        assert_eq!(parse_dyn_chain("services"), None);
+        assert_eq!(parse_dyn_chain("svc_x"), None);
+        assert_eq!(other_table(TABLES[0]), TABLES[1]);
+        let add = add_recorder_script("tartan_svc", &other, &ctx());
+        assert!(add.starts_with("add chain ip tartan_svc aff_record_61\n"));
+        assert!(add.contains("add rule ip tartan_svc aff_record_61 meta l4proto"));
+    }
+
+    fn ips(n: usize) -> Vec<Ipv4Addr> {
+        (0..n as u32)
+            .map(|i| Ipv4Addr::from(0x0af4_0000 + i))
+            .collect()
+    }
+
+    fn shares(eps: &[Ipv4Addr], slots: &[u32]) -> Vec<usize> {
+        let mut c = vec![0; eps.len()];
+        for s in slots {
+            c[*s as usize] += 1;
+        }
+        c
+    }
+
+    #[test]
+    fn slot_counts() {
+        assert_eq!(slot_count(1), 1);
+        assert_eq!(slot_count(16), 16);
+        assert_eq!(slot_count(17), 256);
+        assert_eq!(slot_count(4096), 32_768);
+        assert_eq!(slot_count(4097), 32_768);
+        assert_eq!(slot_count(8192), 32_768);
+        assert_eq!(slot_count(8193), 40_960);
+        assert_eq!(slot_count(10_000), 40_960);
+        assert_eq!(slot_count(10_241), 49_152);
+        assert_eq!(slot_count(16_385), 81_920);
+        assert_eq!(slot_count(65_536), MAX_SLOTS);
+        let all: Vec<u32> = moduli().collect();
+        assert!(all.windows(2).all(|w| w[0] < w[1]), "ascending: {all:?}");
+        assert_eq!(all.len(), 16 + 11 + 12);
+        assert_eq!(all.last(), Some(&MAX_SLOTS));
+        assert!(
+            (17..70_000).all(|n| slot_count(n) <= slot_count(n + 1)),
+            "monotonic"
+        );
+        assert_eq!(slot_count(1_000_000), MAX_SLOTS);
+        for n in [1usize, 16, 17, 33, 1000, 10_000, 40_000] {
+            let m = slot_count(n);
+            assert!(
+                moduli().any(|x| x == m),
+                "{n} endpoints: no chain for mod {m}"
+            );
+            if n > EXACT_MAX as usize && m < MAX_SLOTS {
+                let per = if m > LARGE_SLOTS {
+                    LARGE_SLOTS_PER_ENDPOINT
+                } else {
+                    SLOTS_PER_ENDPOINT
+                };
+                assert!(m as usize >= per as usize * n);
+            }
+        }
+    }
+
+    #[test]
+    fn small_counts_map_slot_i_to_endpoint_i() {
+        for n in 1..=16 {
+            let e = ips(n);
+            assert_eq!(
+                assign_slots(&e, &[], &[]),
+                (0..n as u32).collect::<Vec<_>>()
+            );
+        }
+    }
+
+    #[test]
+    fn slots_spread_evenly_and_deterministically() {
+        for n in [17usize, 100, 1000, 3000, 10_000] {
+            let e = ips(n);
+            let a = assign_slots(&e, &[], &[]);
+            let m = slot_count(n) as usize;
+            assert_eq!(a.len(), m);
+            let c = shares(&e, &a);
+            let (lo, hi) = (m / n, m.div_ceil(n));
+            assert!(c.iter().all(|x| *x == lo || *x == hi), "{n}: {c:?}");
+            assert_eq!(a, assign_slots(&e, &[], &[]), "deterministic");
+        }
+    }
+
+    /// The slots whose endpoint differs between two assignments of the same slot count.
+    fn moved(a: &[Ipv4Addr], b: &[Ipv4Addr]) -> usize {
+        a.iter().zip(b).filter(|(x, y)| x != y).count()
+    }
+
+    fn resolve(e: &[Ipv4Addr], a: &[u32]) -> Vec<Ipv4Addr> {
+        a.iter().map(|i| e[*i as usize]).collect()
+    }
+
+    #[test]
+    fn one_endpoint_change_moves_only_its_share() {
+        let e = ips(1001);
+        let slots = assign_slots(&e, &[], &[]);
+        let before = resolve(&e, &slots);
+        let m = before.len();
+        let share = m.div_ceil(e.len());
+        // Remove one endpoint (in the middle: indices shift, slots must not).
+        let mut fewer = e.clone();
+        fewer.remove(500);
+        let a = assign_slots(&fewer, &e, &slots);
+        let after = resolve(&fewer, &a);
+        assert_eq!(after.len(), m);
+        assert!(
+            moved(&before, &after) <= share,
+            "{}",
+            moved(&before, &after)
+        );
+        let c = shares(&fewer, &a);
+        assert!(
+            c.iter()
+                .all(|x| *x == m / fewer.len() || *x == m.div_ceil(fewer.len()))
+        );
+        // Add one endpoint.
+        let mut more = e.clone();
+        more.insert(3, Ipv4Addr::new(10, 250, 0, 1));
+        let after = resolve(&more, &assign_slots(&more, &e, &slots));
+        assert!(
+            moved(&before, &after) <= share,
+            "{}",
+            moved(&before, &after)
+        );
+        assert!(after.contains(&Ipv4Addr::new(10, 250, 0, 1)));
+        // Replace one (remove + add in one change).
+        more.remove(600);
+        let after = resolve(&more, &assign_slots(&more, &e, &slots));
+        assert!(moved(&before, &after) <= 2 * share);
+    }
+
+    #[test]
+    fn doubling_the_slot_count_keeps_the_old_slots() {
+        // 31 endpoints → 256 slots; 33 → 512: slot s and s + 256 inherit old slot s.
+        let e = ips(33);
+        let small_slots = assign_slots(&e[..31], &[], &[]);
+        let small = resolve(&e[..31], &small_slots);
+        let big = resolve(&e, &assign_slots(&e, &e[..31], &small_slots));
+        assert_eq!(big.len(), 512);
+        assert!(moved(&small, &big[..256]) <= 2 * 512usize.div_ceil(33));
+        assert!(moved(&small, &big[256..]) <= 2 * 512usize.div_ceil(33));
+    }
+
+    #[test]
+    fn large_ports_use_slot_blocks() {
+        let s = svc(Some(30080), false, false);
+        let many: Vec<Backend> = ips(40)
+            .into_iter()
+            .map(|ip| Backend { ip, node: None })
+            .collect();
+        let r = port_rules(&s, &s.ports[0], &many, &ctx(), None);
+        assert_eq!(r.blocks.len(), 2);
+        assert!(r.blocks.iter().all(|b| b.len() == 512));
+        assert!(r.chains.contains(&DynChain::Cluster {
+            n: 512,
+            affinity: false
+        }));
+        let e: Vec<Element> = r.blocks[0].elements().collect();
+        let (k, d) = describe(e[3].set, e[3].key.as_slice(), &e[3].data.to_elem_data());
+        assert_eq!(k, "10.96.0.10 . tcp . 80 . 3");
+        assert!(d.ends_with(" . 8080"), "{d}");
+        // Fed its own result, nothing changes.
+        assert_eq!(port_rules(&s, &s.ports[0], &many, &ctx(), Some(&r)), r);
+    }
+}

@@ -1,0 +1,1526 @@
+//! The service proxy's in-memory model and its incremental planner: services, pods and
+//! explicit endpoints as seen in etcd, the backends selected for each service, and what was
+//! last written to the kernel. A change to one pod or service recomputes only the services it
+//! touches and yields only the element changes they need. Pure: no I/O.
+
+use std::collections::BTreeSet;
+
+// A fast seeded hasher: the model hashes a few hundred thousand keys per full sync.
+type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
+type HashSet<K> = std::collections::HashSet<K, ahash::RandomState>;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use crate::kernel::nft_elements::{ElemData, SetOp};
+use crate::model::pod::PodRecord;
+use crate::model::service::{
+    AddressGuard, Backend, ExplicitEndpoints, Protocol, Service, SessionAffinity,
+};
+use crate::proxy::rules::{
+    Data, DynChain, Key, MAX_SLOTS, NodeContext, PortRules, SetName, SlotBlock, hairpin_element,
+    port_rules,
+};
+
+/// A change seen in etcd, already decoded.
+#[derive(Debug, Clone)]
+pub enum ModelChange {
+    /// A service was created or updated (`key` is its etcd key).
+    PutService(String, Service),
+    /// A service was deleted.
+    DeleteService(String),
+    /// A pod record was created or updated.
+    PutPod(String, PodRecord),
+    /// A pod record was deleted.
+    DeletePod(String),
+    /// Explicit endpoints of `namespace/name` were set.
+    PutEndpoints(String, ExplicitEndpoints),
+    /// Explicit endpoints of `namespace/name` were removed.
+    DeleteEndpoints(String),
+}
+
+/// A backend that left a service, for connection-tracking and affinity cleanup.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RemovedBackend {
+    /// The service's cluster IP.
+    pub cluster_ip: Ipv4Addr,
+    /// Service port.
+    pub port: u16,
+    /// Node port, if any.
+    pub node_port: Option<u16>,
+    /// Protocol.
+    pub protocol: Protocol,
+    /// The backend address.
+    pub ip: Ipv4Addr,
+    /// The backend port.
+    pub target_port: u16,
+    /// Whether the service uses client-IP affinity.
+    pub affinity: bool,
+}
+
+/// A UDP service port that went from no endpoints to some.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RevivedPort {
+    /// The cluster IP.
+    pub cluster_ip: Ipv4Addr,
+    /// The service port.
+    pub port: u16,
+    /// The node port, if any.
+    pub node_port: Option<u16>,
+}
+
+/// Everything one sync must do, in order.
+#[derive(Debug, Clone, Default)]
+pub struct SyncPlan {
+    /// Chains the new elements reference that no element referenced before.
+    pub add_chains: BTreeSet<DynChain>,
+    /// Chains no element references any more (removed after the element batch).
+    pub drop_chains: BTreeSet<DynChain>,
+    /// The element batch (one kernel transaction).
+    pub ops: Vec<(String, SetOp)>,
+    /// Backends that left services (UDP flows to clear, affinity entries to drop).
+    pub removed: Vec<RemovedBackend>,
+    /// UDP service ports that just got their first endpoint: flows conntrack still sends to
+    /// the refusal must be cleared so clients reach the new endpoints.
+    pub revived: Vec<RevivedPort>,
+    /// Number of services whose rules were recomputed.
+    pub recomputed: usize,
+    /// Elements added plus deleted.
+    pub element_changes: usize,
+    /// Problems found (conflicting services, ...), to be logged.
+    pub warnings: Vec<String>,
+}
+
+impl SyncPlan {
+    /// True when the kernel needs nothing.
+    pub fn is_empty(&self) -> bool {
+        self.add_chains.is_empty() && self.drop_chains.is_empty() && self.ops.is_empty()
+    }
+}
+
+type ElemKey = (SetName, Key);
+
+/// Shared, interned text (node names, namespaces, labels, service ids repeat a lot).
+type Sym = Arc<str>;
+
+/// What the model keeps of a pod: only what selection and rules need, with interned text.
+#[derive(Debug, Clone)]
+struct PodEntry {
+    ip: Ipv4Addr,
+    node: Sym,
+    namespace: Sym,
+    labels: Box<[(Sym, Sym)]>,
+}
+
+/// Services with more endpoints than this are planned after the others when both change at
+/// once ([`ServiceState::plan_small_first`]): their slot tables are in the uncounted maps
+/// and a change of theirs can rewrite thousands of slots.
+pub const BIG_SERVICE: usize = 512;
+
+/// Pods with one label, by (address, pod key) → node.
+type PodList = std::collections::BTreeMap<(Ipv4Addr, Sym), Sym>;
+
+/// The model and what was applied.
+#[derive(Debug)]
+pub struct ServiceState {
+    ctx: NodeContext,
+    /// Which cluster IPs, node ports and explicit endpoints may be programmed.
+    guard: AddressGuard,
+    /// Service id → what of it was not programmed, and why (for explain and a metric).
+    problems: HashMap<Sym, Vec<String>>,
+    interned: HashSet<Sym>,
+    services: HashMap<String, Service>,
+    service_key_by_id: HashMap<Sym, String>,
+    pods: HashMap<Sym, PodEntry>,
+    explicit: HashMap<String, ExplicitEndpoints>,
+    /// (namespace, label, value) → the pods with that label, by (address, pod key), with
+    /// their node: in address order, so a one-label selector reads its backends off sorted.
+    pod_index: HashMap<(Sym, Sym, Sym), PodList>,
+    /// (namespace, label, value) → service ids whose selector has that pair.
+    selector_index: HashMap<(Sym, Sym, Sym), HashSet<Sym>>,
+    /// Service id → backends (sorted).
+    backends: HashMap<Sym, Vec<Backend>>,
+    /// Service id → rules per port, as applied.
+    applied_rules: HashMap<Sym, Vec<PortRules>>,
+    /// Every applied element and the service owning it.
+    applied: HashMap<ElemKey, (Data, Sym)>,
+    chain_refs: HashMap<DynChain, usize>,
+    hairpin: HashSet<Ipv4Addr>,
+    dirty: HashSet<Sym>,
+    hairpin_dirty: bool,
+    /// Elements another service holds, with the services that also want them.
+    waiting: HashMap<ElemKey, HashSet<Sym>>,
+    /// Backend slots applied (held in `applied_rules` as blocks, not in `applied`).
+    slot_elements: usize,
+}
+
+fn selects(s: &Service, pod: &PodEntry) -> bool {
+    match &s.selector {
+        None => false,
+        Some(sel) => {
+            *pod.namespace == *s.namespace
+                && sel
+                    .iter()
+                    .all(|(k, v)| pod.labels.iter().any(|(pk, pv)| **pk == **k && **pv == **v))
+        }
+    }
+}
+
+impl ServiceState {
+    /// An empty model for this node, keeping services inside the node's service CIDR and
+    /// off its cluster network.
+    pub fn new(ctx: NodeContext) -> Self {
+        let guard = AddressGuard {
+            cluster_network: Some(ctx.cluster_network),
+            ..AddressGuard::new(ctx.service_cidr)
+        };
+        Self::with_guard(ctx, guard)
+    }
+
+    /// An empty model that programs only what `guard` admits (tartand adds its own and
+    /// etcd's addresses); the rest is skipped and reported by [`ServiceState::problems`].
+    pub fn with_guard(ctx: NodeContext, guard: AddressGuard) -> Self {
+        ServiceState {
+            ctx,
+            guard,
+            problems: HashMap::default(),
+            interned: HashSet::default(),
+            services: HashMap::default(),
+            service_key_by_id: HashMap::default(),
+            pods: HashMap::default(),
+            explicit: HashMap::default(),
+            pod_index: HashMap::default(),
+            selector_index: HashMap::default(),
+            backends: HashMap::default(),
+            applied_rules: HashMap::default(),
+            applied: HashMap::default(),
+            chain_refs: HashMap::default(),
+            hairpin: HashSet::default(),
+            dirty: HashSet::default(),
+            hairpin_dirty: false,
+            waiting: HashMap::default(),
+            slot_elements: 0,
+        }
+    }
+
+    fn intern(&mut self, s: &str) -> Sym {
+        if let Some(x) = self.interned.get(s) {
+            return x.clone();
+        }
+        let x: Sym = Arc::from(s);
+        self.interned.insert(x.clone());
+        x
+    }
+
+    /// The node context.
+    pub fn context(&self) -> &NodeContext {
+        &self.ctx
+    }
+
+    /// Number of services known.
+    pub fn service_count(&self) -> usize {
+        self.services.len()
+    }
+
+    /// Number of elements applied.
+    pub fn element_count(&self) -> usize {
+        self.applied.len() + self.hairpin.len() + self.slot_elements
+    }
+
+    /// Chains currently referenced.
+    pub fn chains(&self) -> BTreeSet<DynChain> {
+        self.chain_refs.keys().copied().collect()
+    }
+
+    /// Etcd keys of the services, pod records and explicit endpoints (`namespace/name`) held.
+    pub fn keys(&self) -> (Vec<String>, Vec<String>, Vec<String>) {
+        (
+            self.services.keys().cloned().collect(),
+            self.pods.keys().map(|k| k.to_string()).collect(),
+            self.explicit.keys().cloned().collect(),
+        )
+    }
+
+    /// What of service `id` was not programmed, and why (empty when all of it was).
+    pub fn problems(&self, id: &str) -> &[String] {
+        self.problems.get(id).map_or(&[][..], |p| p.as_slice())
+    }
+
+    /// Number of cluster IPs, node ports, explicit endpoints and contested elements currently
+    /// skipped.
+    pub fn problem_count(&self) -> usize {
+        self.problems.values().map(Vec::len).sum()
+    }
+
+    /// Skips what of `s` the guard refuses: the whole service for a refused cluster IP
+    /// (returns false), single node ports otherwise. Reasons go to `problems`.
+    fn admit(&self, s: &mut Service, problems: &mut Vec<String>) -> bool {
+        if let Err(e) = self.guard.cluster_ip(s.cluster_ip) {
+            problems.push(format!("not programmed: {e}"));
+            return false;
+        }
+        for p in s.ports.iter_mut() {
+            if let Some(np) = p.node_port
+                && let Err(e) = self.guard.node_port(np)
+            {
+                problems.push(format!(
+                    "node port of {}/{} not programmed: {e}",
+                    p.port, p.protocol
+                ));
+                p.node_port = None;
+            }
+        }
+        true
+    }
+
+    /// Services with their current backends (for status output).
+    pub fn services_with_backends(&self) -> Vec<(&Service, &[Backend])> {
+        let mut v: Vec<_> = self
+            .services
+            .values()
+            .map(|s| {
+                let b = self
+                    .backends
+                    .get(s.id().as_str())
+                    .map_or(&[][..], |b| b.as_slice());
+                (s, b)
+            })
+            .collect();
+        v.sort_by_key(|(s, _)| s.id());
+        v
+    }
+
+    fn mark_pod_services(&mut self, pod: &PodEntry) {
+        for (k, v) in pod.labels.iter() {
+            let pair = (pod.namespace.clone(), k.clone(), v.clone());
+            if let Some(ids) = self.selector_index.get(&pair) {
+                for id in ids {
+                    if let Some(key) = self.service_key_by_id.get(id)
+                        && let Some(s) = self.services.get(key)
+                        && selects(s, pod)
+                    {
+                        self.dirty.insert(id.clone());
+                    }
+                }
+            }
+        }
+        if *pod.node == *self.ctx.node {
+            self.hairpin_dirty = true;
+        }
+    }
+
+    fn index_service(&mut self, s: &Service, id: &Sym, add: bool) {
+        if let Some(sel) = &s.selector {
+            for (k, v) in sel {
+                let pair = (self.intern(&s.namespace), self.intern(k), self.intern(v));
+                let e = self.selector_index.entry(pair).or_default();
+                if add {
+                    e.insert(id.clone());
+                } else {
+                    e.remove(id);
+                }
+            }
+        }
+    }
+
+    fn remove_pod(&mut self, key: &str) {
+        if let Some((k, old)) = self.pods.remove_entry(key) {
+            for (lk, lv) in old.labels.iter() {
+                let pair = (old.namespace.clone(), lk.clone(), lv.clone());
+                if let Some(set) = self.pod_index.get_mut(&pair) {
+                    set.remove(&(old.ip, k.clone()));
+                    if set.is_empty() {
+                        self.pod_index.remove(&pair);
+                    }
+                }
+            }
+            self.mark_pod_services(&old);
+        }
+    }
+
+    fn remove_service(&mut self, key: &str) {
+        if let Some(old) = self.services.remove(key) {
+            let id = self.intern(&old.id());
+            self.index_service(&old, &id, false);
+            self.service_key_by_id.remove(&id);
+            self.dirty.insert(id);
+        }
+    }
+
+    /// Applies one change to the model and marks what it affects.
+    pub fn change(&mut self, c: ModelChange) {
+        match c {
+            ModelChange::PutService(key, s) => {
+                self.remove_service(&key);
+                let id = self.intern(&s.id());
+                self.index_service(&s, &id, true);
+                self.service_key_by_id.insert(id.clone(), key.clone());
+                self.dirty.insert(id);
+                self.services.insert(key, s);
+            }
+            ModelChange::DeleteService(key) => self.remove_service(&key),
+            ModelChange::PutPod(key, p) => {
+                self.remove_pod(&key);
+                let key: Sym = Arc::from(key.as_str());
+                let entry = PodEntry {
+                    ip: p.ip,
+                    node: self.intern(&p.node),
+                    namespace: self.intern(&p.namespace),
+                    labels: p
+                        .labels
+                        .iter()
+                        .map(|(k, v)| (self.intern(k), self.intern(v)))
+                        .collect(),
+                };
+                for (lk, lv) in entry.labels.iter() {
+                    self.pod_index
+                        .entry((entry.namespace.clone(), lk.clone(), lv.clone()))
+                        .or_default()
+                        .insert((entry.ip, key.clone()), entry.node.clone());
+                }
+                self.mark_pod_services(&entry);
+                self.pods.insert(key, entry);
+            }
+            ModelChange::DeletePod(key) => self.remove_pod(&key),
+            ModelChange::PutEndpoints(id, e) => {
+                self.explicit.insert(id.clone(), e);
+                let id = self.intern(&id);
+                self.dirty.insert(id);
+            }
+            ModelChange::DeleteEndpoints(id) => {
+                self.explicit.remove(&id);
+                let id = self.intern(&id);
+                self.dirty.insert(id);
+            }
+        }
+    }
+
+    fn compute_backends(&self, s: &Service, problems: &mut Vec<String>) -> Vec<Backend> {
+        let mut out: Vec<Backend> = match &s.selector {
+            Some(sel) => {
+                // Walk the smallest posting list among the selector's pairs (in address
+                // order, so the result comes out sorted).
+                let mut smallest: Option<&PodList> = None;
+                for (k, v) in sel {
+                    // Every label text a pod uses is interned; a text that is not cannot match.
+                    let (Some(ns), Some(k), Some(v)) = (
+                        self.interned.get(s.namespace.as_str()),
+                        self.interned.get(k.as_str()),
+                        self.interned.get(v.as_str()),
+                    ) else {
+                        return Vec::new();
+                    };
+                    let pair = (ns.clone(), k.clone(), v.clone());
+                    match self.pod_index.get(&pair) {
+                        None => return Vec::new(),
+                        Some(l) => {
+                            if smallest.is_none_or(|m| l.len() < m.len()) {
+                                smallest = Some(l);
+                            }
+                        }
+                    }
+                }
+                let list = smallest.into_iter().flatten();
+                let mut out: Vec<Backend> = if sel.len() == 1 {
+                    // The list is exactly the pods of the namespace with that one label.
+                    list.map(|((ip, _), node)| Backend {
+                        ip: *ip,
+                        node: Some(node.clone()),
+                    })
+                    .collect()
+                } else {
+                    list.filter(|((_, k), _)| self.pods.get(k).is_some_and(|p| selects(s, p)))
+                        .map(|((ip, _), node)| Backend {
+                            ip: *ip,
+                            node: Some(node.clone()),
+                        })
+                        .collect()
+                };
+                // Sorted by address already; one backend per address.
+                out.dedup_by(|a, b| a.ip == b.ip);
+                return out;
+            }
+            None => self
+                .explicit
+                .get(&s.id())
+                .map(|e| {
+                    e.addresses
+                        .iter()
+                        .filter(|a| match self.guard.endpoint(a.ip) {
+                            Ok(()) => true,
+                            Err(why) => {
+                                problems.push(format!("skipped: {why}"));
+                                false
+                            }
+                        })
+                        .map(|a| Backend {
+                            ip: a.ip,
+                            node: a.node.as_deref().map(|n| {
+                                self.interned
+                                    .get(n)
+                                    .cloned()
+                                    .unwrap_or_else(|| Arc::from(n))
+                            }),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        };
+        out.sort_unstable();
+        out.dedup_by(|a, b| a.ip == b.ip);
+        out
+    }
+
+    /// Whether some service waits to be recomputed (see [`ServiceState::plan_small_first`]).
+    pub fn has_dirty(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    /// Like [`ServiceState::plan`], but when big services (more than [`BIG_SERVICE`]
+    /// endpoints as applied) and others are dirty together, plans only the others and leaves
+    /// the big ones dirty for the next call: a small service's change then reaches the kernel
+    /// in its own small batch instead of waiting behind tens of thousands of slot writes.
+    pub fn plan_small_first(&mut self) -> SyncPlan {
+        let big: Vec<Sym> = self
+            .dirty
+            .iter()
+            .filter(|id| {
+                self.backends
+                    .get(*id)
+                    .is_some_and(|b| b.len() > BIG_SERVICE)
+            })
+            .cloned()
+            .collect();
+        if big.is_empty() || big.len() == self.dirty.len() {
+            return self.plan();
+        }
+        for id in &big {
+            self.dirty.remove(id);
+        }
+        let plan = self.plan();
+        self.dirty.extend(big);
+        plan
+    }
+
+    /// Recomputes every dirty service and returns the plan that brings the kernel there.
+    /// The plan is considered applied once returned; on failure call [`ServiceState::reset_applied`]
+    /// and plan a full sync.
+    pub fn plan(&mut self) -> SyncPlan {
+        let mut plan = SyncPlan::default();
+        let mut dels: HashMap<SetName, Vec<Vec<u8>>> = HashMap::default();
+        let mut adds: HashMap<SetName, Vec<(Vec<u8>, ElemData)>> = HashMap::default();
+        let mut chain_delta: HashMap<DynChain, i64> = HashMap::default();
+        // Releasing a contested element makes the services waiting for it dirty again; a
+        // second round picks them up.
+        for _round in 0..3 {
+            let dirty: Vec<Sym> = self.dirty.drain().collect();
+            if dirty.is_empty() {
+                break;
+            }
+            for id in dirty {
+                plan.recomputed += 1;
+                let mut svc = self
+                    .service_key_by_id
+                    .get(&id)
+                    .and_then(|k| self.services.get(k))
+                    .cloned();
+                let known = svc.is_some();
+                let mut problems = Vec::new();
+                if let Some(s) = svc.as_mut()
+                    && !self.admit(s, &mut problems)
+                {
+                    // Programmed as if deleted; still listed (with the reason) in status.
+                    svc = None;
+                }
+                let old_rules = self.applied_rules.remove(&id).unwrap_or_default();
+                let old_backends = self.backends.remove(&id).unwrap_or_default();
+                let (new_rules, new_backends) = match &svc {
+                    Some(s) => {
+                        let b = self.compute_backends(s, &mut problems);
+                        let r: Vec<PortRules> = s
+                            .ports
+                            .iter()
+                            .enumerate()
+                            .map(|(i, p)| port_rules(s, p, &b, &self.ctx, old_rules.get(i)))
+                            .collect();
+                        (r, b)
+                    }
+                    None => (Vec::new(), Vec::new()),
+                };
+                if new_backends.len() > MAX_SLOTS as usize {
+                    plan.warnings.push(format!(
+                        "service {id} has {} endpoints; only the first {MAX_SLOTS} get slots",
+                        new_backends.len()
+                    ));
+                }
+                if let Some(s) = svc.as_ref()
+                    && old_backends.is_empty()
+                    && !new_backends.is_empty()
+                {
+                    for p in s.ports.iter().filter(|p| p.protocol == Protocol::Udp) {
+                        plan.revived.push(RevivedPort {
+                            cluster_ip: s.cluster_ip,
+                            port: p.port,
+                            node_port: p.node_port,
+                        });
+                    }
+                }
+                if let Some(s) = svc.as_ref() {
+                    // Both lists are sorted by address: a merge finds the ones that left.
+                    let mut rest = new_backends.iter().map(|b| b.ip).peekable();
+                    let left = old_backends.iter().filter(|b| {
+                        while rest.next_if(|ip| *ip < b.ip).is_some() {}
+                        rest.peek() != Some(&b.ip)
+                    });
+                    for b in left {
+                        for p in &s.ports {
+                            plan.removed.push(RemovedBackend {
+                                cluster_ip: s.cluster_ip,
+                                port: p.port,
+                                node_port: p.node_port,
+                                protocol: p.protocol,
+                                ip: b.ip,
+                                target_port: p.target_port,
+                                affinity: s.session_affinity == SessionAffinity::ClientIp,
+                            });
+                        }
+                    }
+                }
+                let old_elems: HashMap<ElemKey, Data> = if old_rules.is_empty() {
+                    HashMap::default()
+                } else {
+                    old_rules
+                        .iter()
+                        .flat_map(|r| r.elements.iter())
+                        .map(|e| ((e.set, e.key), e.data))
+                        .collect()
+                };
+                let mut kept_rules = Vec::with_capacity(new_rules.len());
+                let mut new_keys: HashSet<ElemKey> = HashSet::default();
+                let mut block_keys: HashSet<ElemKey> = HashSet::default();
+                for (pi, r) in new_rules.into_iter().enumerate() {
+                    let mut kept = PortRules::default();
+                    for e in r.elements {
+                        let k = (e.set, e.key);
+                        if let Some((_, owner)) = self.applied.get(&k)
+                            && *owner != id
+                        {
+                            self.waiting.entry(k).or_default().insert(id.clone());
+                            let what = svc
+                                .as_ref()
+                                .map_or_else(String::new, |s| describe(e.set, s, pi));
+                            let text = format!("{what} is held by service {owner}; skipped");
+                            plan.warnings.push(format!("service {id}: {text}"));
+                            if !problems.contains(&text) {
+                                problems.push(text);
+                            }
+                            continue;
+                        }
+                        if !new_keys.insert(k) {
+                            continue;
+                        }
+                        match old_elems.get(&k) {
+                            Some(d) if *d == e.data => {}
+                            Some(_) => {
+                                dels.entry(e.set)
+                                    .or_default()
+                                    .push(e.key.as_slice().to_vec());
+                                adds.entry(e.set)
+                                    .or_default()
+                                    .push((e.key.as_slice().to_vec(), e.data.to_elem_data()));
+                                self.applied.insert(k, (e.data, id.clone()));
+                            }
+                            None => {
+                                adds.entry(e.set)
+                                    .or_default()
+                                    .push((e.key.as_slice().to_vec(), e.data.to_elem_data()));
+                                self.applied.insert(k, (e.data, id.clone()));
+                            }
+                        }
+                        kept.elements.push(e);
+                    }
+                    // A slot block belongs to whoever holds its port's verdict element (once).
+                    kept.blocks = r
+                        .blocks
+                        .into_iter()
+                        .filter(|b| {
+                            new_keys.contains(&(b.verdict_set(), b.base))
+                                && block_keys.insert((b.set, b.base))
+                        })
+                        .collect();
+                    kept.chains = r.chains;
+                    for c in &kept.chains {
+                        *chain_delta.entry(*c).or_default() += 1;
+                    }
+                    kept_rules.push(kept);
+                }
+                for (k, _) in old_elems {
+                    if !new_keys.contains(&k) {
+                        if self.applied.get(&k).is_some_and(|(_, o)| *o == id) {
+                            self.applied.remove(&k);
+                        }
+                        if let Some(w) = self.waiting.remove(&k) {
+                            self.dirty.extend(w.into_iter().filter(|w| *w != id));
+                        }
+                        dels.entry(k.0).or_default().push(k.1.as_slice().to_vec());
+                    }
+                }
+                for r in &old_rules {
+                    for c in &r.chains {
+                        *chain_delta.entry(*c).or_default() -= 1;
+                    }
+                }
+                if known && !problems.is_empty() {
+                    self.problems.insert(id.clone(), problems);
+                } else {
+                    self.problems.remove(&id);
+                }
+                let old_blocks: Vec<&SlotBlock> =
+                    old_rules.iter().flat_map(|r| r.blocks.iter()).collect();
+                let new_blocks: Vec<&SlotBlock> =
+                    kept_rules.iter().flat_map(|r| r.blocks.iter()).collect();
+                diff_blocks(&old_blocks, &new_blocks, &mut dels, &mut adds);
+                let slots = |v: &[&SlotBlock]| v.iter().map(|b| b.len()).sum::<usize>();
+                self.slot_elements = self.slot_elements + slots(&new_blocks) - slots(&old_blocks);
+                if svc.is_some() {
+                    self.applied_rules.insert(id.clone(), kept_rules);
+                    self.backends.insert(id, new_backends);
+                }
+            }
+        }
+        if std::mem::take(&mut self.hairpin_dirty) {
+            let want: HashSet<Ipv4Addr> = self
+                .pods
+                .values()
+                .filter(|p| *p.node == *self.ctx.node)
+                .map(|p| p.ip)
+                .collect();
+            for ip in self.hairpin.difference(&want) {
+                dels.entry(SetName::Hairpin)
+                    .or_default()
+                    .push(hairpin_element(*ip).key.as_slice().to_vec());
+            }
+            for ip in want.difference(&self.hairpin) {
+                adds.entry(SetName::Hairpin)
+                    .or_default()
+                    .push((hairpin_element(*ip).key.as_slice().to_vec(), ElemData::None));
+            }
+            self.hairpin = want;
+        }
+        for (c, d) in chain_delta {
+            if d == 0 {
+                continue;
+            }
+            let before = self.chain_refs.get(&c).copied().unwrap_or(0) as i64;
+            let after = (before + d).max(0);
+            if before == 0 && after > 0 {
+                plan.add_chains.insert(c);
+            }
+            if after == 0 {
+                if before > 0 {
+                    plan.drop_chains.insert(c);
+                }
+                self.chain_refs.remove(&c);
+            } else {
+                self.chain_refs.insert(c, after as usize);
+            }
+        }
+        for set in SetName::ALL {
+            if let Some(d) = dels.remove(&set) {
+                plan.element_changes += d.len();
+                plan.ops.push((set.as_str().to_string(), SetOp::Delete(d)));
+            }
+            if let Some(a) = adds.remove(&set) {
+                plan.element_changes += a.len();
+                plan.ops.push((set.as_str().to_string(), SetOp::Add(a)));
+            }
+        }
+        plan
+    }
+
+    /// Forgets what was applied and marks everything dirty: the next [`ServiceState::plan`]
+    /// describes the whole table (callers flush every set first).
+    pub fn reset_applied(&mut self) {
+        self.applied_rules.clear();
+        self.applied.clear();
+        self.chain_refs.clear();
+        self.hairpin.clear();
+        self.backends.clear();
+        self.waiting.clear();
+        self.slot_elements = 0;
+        let ids: Vec<String> = self.services.values().map(Service::id).collect();
+        self.dirty = ids.iter().map(|i| self.intern(i)).collect();
+        self.hairpin_dirty = true;
+    }
+
+    /// A full plan: flush every set, then add everything (one transaction).
+    pub fn plan_full(&mut self) -> SyncPlan {
+        self.reset_applied();
+        let mut plan = self.plan();
+        let mut ops: Vec<(String, SetOp)> = SetName::ALL
+            .iter()
+            .map(|s| (s.as_str().to_string(), SetOp::Flush))
+            .collect();
+        // A full plan never deletes single elements (the sets were flushed).
+        ops.extend(
+            plan.ops
+                .drain(..)
+                .filter(|(_, op)| matches!(op, SetOp::Add(_))),
+        );
+        plan.ops = ops;
+        // A full sync knows nothing of what was there before: no cleanup to do.
+        plan.removed.clear();
+        plan.revived.clear();
+        plan
+    }
+}
+
+type Dels = HashMap<SetName, Vec<Vec<u8>>>;
+type Adds = HashMap<SetName, Vec<(Vec<u8>, ElemData)>>;
+
+/// Queues the slot changes from the `old` blocks of a service to its `new` ones. Blocks of the
+/// same set and port key are compared slot by slot (a stable assignment changes few slots);
+/// the others are deleted or added whole. Linear in the slots, no hashing.
+fn diff_blocks(old: &[&SlotBlock], new: &[&SlotBlock], dels: &mut Dels, adds: &mut Adds) {
+    let same = |a: &SlotBlock, b: &SlotBlock| a.set == b.set && a.base == b.base;
+    for n in new {
+        let o = old.iter().find(|o| same(o, n));
+        let len = o.map_or(0, |o| o.len());
+        for s in 0..len.max(n.len()) {
+            let (had, has) = (s < len, s < n.len());
+            if had && has && o.is_some_and(|o| o.data(s) == n.data(s)) {
+                continue;
+            }
+            if had {
+                dels.entry(n.set)
+                    .or_default()
+                    .push(n.key(s).as_slice().to_vec());
+            }
+            if has {
+                adds.entry(n.set)
+                    .or_default()
+                    .push((n.key(s).as_slice().to_vec(), n.data(s).to_elem_data()));
+            }
+        }
+    }
+    for o in old.iter().filter(|o| !new.iter().any(|n| same(o, n))) {
+        let d = dels.entry(o.set).or_default();
+        d.extend((0..o.len()).map(|s| o.key(s).as_slice().to_vec()));
+    }
+}
+
+/// What an element of port `pi` of `s` stands for, in the operator's terms.
+fn describe(set: SetName, s: &Service, pi: usize) -> String {
+    let Some(p) = s.ports.get(pi) else {
+        return format!("an element of {}", set.as_str());
+    };
+    match set {
+        SetName::ServiceNodePorts
+        | SetName::NodePortBackends
+        | SetName::BigNodePortBackends
+        | SetName::NoEndpointNodePorts
+        | SetName::AffinityNodePorts => match p.node_port {
+            Some(np) => format!("node port {np}/{}", p.protocol),
+            None => format!("a node port of {}/{}", p.port, p.protocol),
+        },
+        _ => format!("{}:{}/{}", s.cluster_ip, p.port, p.protocol),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::service::{DEFAULT_AFFINITY_TIMEOUT, EndpointAddress, TrafficPolicy};
+
+    fn ctx() -> NodeContext {
+        NodeContext {
+            node: "n1".into(),
+            cluster_network: "10.244.0.0/16".parse().unwrap(),
+            service_cidr: "10.96.0.0/12".parse().unwrap(),
+            balancing: Default::default(),
+        }
+    }
+
+    fn svc(name: &str, ip: [u8; 4], app: &str) -> Service {
+        Service {
+            namespace: "default".into(),
+            name: name.into(),
+            cluster_ip: Ipv4Addr::from(ip),
+            ports: vec!["80:8080/tcp".parse().unwrap()],
+            selector: Some([("app".to_string(), app.to_string())].into()),
+            session_affinity: SessionAffinity::None,
+            session_affinity_timeout: DEFAULT_AFFINITY_TIMEOUT,
+            external_traffic_policy: TrafficPolicy::Cluster,
+        }
+    }
+
+    fn pod(id: &str, ip: [u8; 4], node: &str, app: &str) -> (String, PodRecord) {
+        (
+            format!("/tartan/pods/{node}/{id}/eth0"),
+            PodRecord {
+                container_id: id.into(),
+                ifname: "eth0".into(),
+                node: node.into(),
+                ip: Ipv4Addr::from(ip),
+                namespace: "default".into(),
+                name: id.into(),
+                labels: [("app".to_string(), app.to_string())].into(),
+            },
+        )
+    }
+
+    fn adds(p: &SyncPlan, set: SetName) -> usize {
+        p.ops
+            .iter()
+            .filter(|(s, _)| s == set.as_str())
+            .map(|(_, op)| match op {
+                SetOp::Add(v) => v.len(),
+                _ => 0,
+            })
+            .sum()
+    }
+
+    fn dels(p: &SyncPlan, set: SetName) -> usize {
+        p.ops
+            .iter()
+            .filter(|(s, _)| s == set.as_str())
+            .map(|(_, op)| match op {
+                SetOp::Delete(v) => v.len(),
+                _ => 0,
+            })
+            .sum()
+    }
+
+    #[test]
+    fn service_then_pods_then_removal() {
+        let mut st = ServiceState::new(ctx());
+        st.change(ModelChange::PutService(
+            "/s/web".into(),
+            svc("web", [10, 96, 0, 10], "web"),
+        ));
+        let p = st.plan();
+        assert_eq!(adds(&p, SetName::NoEndpoints), 1);
+        assert!(p.add_chains.is_empty());
+        let (k1, p1) = pod("a", [10, 244, 1, 2], "n1", "web");
+        st.change(ModelChange::PutPod(k1.clone(), p1));
+        let p = st.plan();
+        assert_eq!(dels(&p, SetName::NoEndpoints), 1);
+        assert_eq!(adds(&p, SetName::ServiceIps), 1);
+        assert_eq!(adds(&p, SetName::Backends), 1);
+        assert_eq!(adds(&p, SetName::Hairpin), 1);
+        assert_eq!(p.add_chains.len(), 1);
+        let (k2, p2) = pod("b", [10, 244, 2, 2], "n2", "web");
+        st.change(ModelChange::PutPod(k2, p2));
+        let p = st.plan();
+        // The verdict moves from svc_1 to svc_2: one delete + one add; one new backend slot.
+        assert_eq!(dels(&p, SetName::ServiceIps), 1);
+        assert_eq!(adds(&p, SetName::ServiceIps), 1);
+        assert_eq!(adds(&p, SetName::Backends), 1);
+        assert_eq!(
+            p.add_chains.iter().next(),
+            Some(&DynChain::Cluster {
+                n: 2,
+                affinity: false
+            })
+        );
+        st.change(ModelChange::DeletePod(k1));
+        let p = st.plan();
+        assert_eq!(p.removed.len(), 1);
+        assert_eq!(p.removed[0].ip, Ipv4Addr::new(10, 244, 1, 2));
+        assert_eq!(dels(&p, SetName::Hairpin), 1);
+        st.change(ModelChange::DeleteService("/s/web".into()));
+        let p = st.plan();
+        assert_eq!(dels(&p, SetName::ServiceIps), 1);
+        assert_eq!(dels(&p, SetName::Backends), 1);
+        assert_eq!(st.element_count(), 0);
+        assert!(st.chains().is_empty());
+    }
+
+    #[test]
+    fn unrelated_pod_touches_nothing() {
+        let mut st = ServiceState::new(ctx());
+        for i in 0..100u8 {
+            st.change(ModelChange::PutService(
+                format!("/s/s{i}"),
+                svc(&format!("s{i}"), [10, 96, 1, i], &format!("app{i}")),
+            ));
+        }
+        st.plan();
+        let (k, p) = pod("x", [10, 244, 2, 9], "n2", "app7");
+        st.change(ModelChange::PutPod(k, p));
+        let p = st.plan();
+        assert_eq!(p.recomputed, 1, "only the selecting service is recomputed");
+    }
+
+    #[test]
+    fn explicit_endpoints() {
+        let mut st = ServiceState::new(ctx());
+        let mut s = svc("ext", [10, 96, 0, 20], "none");
+        s.selector = None;
+        st.change(ModelChange::PutService("/s/ext".into(), s));
+        st.change(ModelChange::PutEndpoints(
+            "default/ext".into(),
+            ExplicitEndpoints {
+                addresses: vec![
+                    EndpointAddress {
+                        ip: Ipv4Addr::new(192, 168, 1, 5),
+                        node: None,
+                    },
+                    EndpointAddress {
+                        ip: Ipv4Addr::new(192, 168, 1, 6),
+                        node: None,
+                    },
+                ],
+            },
+        ));
+        let p = st.plan();
+        assert_eq!(adds(&p, SetName::Backends), 2);
+    }
+
+    #[test]
+    fn conflicting_cluster_ip_is_skipped_with_a_warning() {
+        let mut st = ServiceState::new(ctx());
+        st.change(ModelChange::PutService(
+            "/s/a".into(),
+            svc("a", [10, 96, 0, 10], "a"),
+        ));
+        st.plan();
+        st.change(ModelChange::PutService(
+            "/s/b".into(),
+            svc("b", [10, 96, 0, 10], "b"),
+        ));
+        let p = st.plan();
+        assert_eq!(p.warnings.len(), 1);
+        assert_eq!(adds(&p, SetName::NoEndpoints), 0);
+        // When a goes away, b gets the address.
+        st.change(ModelChange::DeleteService("/s/a".into()));
+        let p = st.plan();
+        assert_eq!(dels(&p, SetName::NoEndpoints), 1);
+        assert_eq!(adds(&p, SetName::NoEndpoints), 1);
+        assert_eq!(st.element_count(), 1);
+    }
+
+    #[test]
+    fn full_plan_flushes_then_adds() {
+        let mut st = ServiceState::new(ctx());
+        st.change(ModelChange::PutService(
+            "/s/web".into(),
+            svc("web", [10, 96, 0, 10], "web"),
+        ));
+        let (k, p) = pod("a", [10, 244, 1, 2], "n1", "web");
+        st.change(ModelChange::PutPod(k, p));
+        st.plan();
+        let full = st.plan_full();
+        assert_eq!(
+            full.ops
+                .iter()
+                .filter(|(_, o)| matches!(o, SetOp::Flush))
+                .count(),
+            SetName::ALL.len()
+        );
+        assert!(full.ops.iter().all(|(_, o)| !matches!(o, SetOp::Delete(_))));
+        assert_eq!(adds(&full, SetName::ServiceIps), 1);
+        assert_eq!(full.add_chains.len(), 1);
+        // Nothing left to do afterwards.
+        assert!(st.plan().is_empty());
+    }
+
+    #[test]
+    fn label_change_moves_pod_between_services() {
+        let mut st = ServiceState::new(ctx());
+        st.change(ModelChange::PutService(
+            "/s/a".into(),
+            svc("a", [10, 96, 0, 1], "a"),
+        ));
+        st.change(ModelChange::PutService(
+            "/s/b".into(),
+            svc("b", [10, 96, 0, 2], "b"),
+        ));
+        let (k, p) = pod("x", [10, 244, 1, 5], "n1", "a");
+        st.change(ModelChange::PutPod(k.clone(), p));
+        st.plan();
+        let (_, mut p) = pod("x", [10, 244, 1, 5], "n1", "b");
+        p.labels.insert("app".into(), "b".into());
+        st.change(ModelChange::PutPod(k, p));
+        let plan = st.plan();
+        assert_eq!(plan.recomputed, 2);
+        assert_eq!(
+            adds(&plan, SetName::NoEndpoints),
+            1,
+            "a lost its only backend"
+        );
+        assert_eq!(dels(&plan, SetName::NoEndpoints), 1, "b gained one");
+    }
+
+    #[test]
+    fn refused_addresses_are_skipped_and_reported() {
+        let guard = AddressGuard {
+            cluster_network: Some(ctx().cluster_network),
+            node_ips: vec![Ipv4Addr::new(192, 168, 77, 2)],
+            etcd: vec!["192.168.170.2:2379".parse().unwrap()],
+            ..AddressGuard::new(ctx().service_cidr)
+        };
+        let mut st = ServiceState::with_guard(ctx(), guard);
+        // The etcd member's address as a cluster IP (written by hand into etcd).
+        let mut etcd_svc = svc("etcd", [192, 168, 170, 2], "x");
+        etcd_svc.ports = vec!["2379/tcp".parse().unwrap()];
+        etcd_svc.selector = None;
+        st.change(ModelChange::PutService("/s/etcd".into(), etcd_svc));
+        st.change(ModelChange::PutEndpoints(
+            "default/etcd".into(),
+            ExplicitEndpoints {
+                addresses: vec![EndpointAddress {
+                    ip: Ipv4Addr::new(10, 244, 1, 2),
+                    node: None,
+                }],
+            },
+        ));
+        st.change(ModelChange::PutService(
+            "/s/out".into(),
+            svc("out", [10, 200, 0, 1], "x"),
+        ));
+        let p = st.plan();
+        assert!(p.ops.is_empty(), "nothing is programmed: {:?}", p.ops);
+        assert!(st.problems("default/etcd")[0].contains("etcd endpoint"));
+        assert!(st.problems("default/out")[0].contains("outside the service CIDR"));
+        assert_eq!(st.problem_count(), 2);
+        // Explicit endpoints: loopback and the etcd address skipped, the rest used.
+        let mut ext = svc("ext", [10, 96, 0, 30], "x");
+        ext.selector = None;
+        ext.ports[0].node_port = Some(30001);
+        st.change(ModelChange::PutService("/s/ext".into(), ext));
+        st.change(ModelChange::PutEndpoints(
+            "default/ext".into(),
+            ExplicitEndpoints {
+                addresses: ["127.0.0.1", "192.168.170.2", "10.244.1.9"]
+                    .iter()
+                    .map(|a| EndpointAddress {
+                        ip: a.parse().unwrap(),
+                        node: None,
+                    })
+                    .collect(),
+            },
+        ));
+        let p = st.plan();
+        assert_eq!(adds(&p, SetName::Backends), 1);
+        assert_eq!(st.problems("default/ext").len(), 2);
+        // A service deleted takes its report with it.
+        st.change(ModelChange::DeleteService("/s/out".into()));
+        st.plan();
+        assert!(st.problems("default/out").is_empty());
+        // A later, good service is programmed.
+        st.change(ModelChange::PutService(
+            "/s/ok".into(),
+            svc("ok", [10, 96, 0, 40], "x"),
+        ));
+        let p = st.plan();
+        assert_eq!(adds(&p, SetName::NoEndpoints), 1);
+    }
+
+    #[test]
+    fn node_port_conflict_is_named_in_words() {
+        let mut st = ServiceState::new(ctx());
+        let mut a = svc("a", [10, 96, 0, 10], "a");
+        a.ports[0].node_port = Some(30001);
+        let mut b = svc("b", [10, 96, 0, 11], "b");
+        b.ports[0].node_port = Some(30001);
+        st.change(ModelChange::PutService("/s/a".into(), a));
+        st.plan();
+        st.change(ModelChange::PutService("/s/b".into(), b));
+        let p = st.plan();
+        assert_eq!(
+            p.warnings,
+            vec!["service default/b: node port 30001/tcp is held by service default/a; skipped"]
+        );
+        assert_eq!(
+            st.problems("default/b"),
+            ["node port 30001/tcp is held by service default/a; skipped"]
+        );
+    }
+
+    fn big(st: &mut ServiceState, app: &str, n: u32) {
+        for i in 0..n {
+            let (k, p) = pod(
+                &format!("{app}{i}"),
+                (0x0ac8_0000 + i).to_be_bytes(),
+                "n2",
+                app,
+            );
+            st.change(ModelChange::PutPod(k, p));
+        }
+    }
+
+    #[test]
+    fn big_service_endpoint_change_touches_only_its_share() {
+        let mut st = ServiceState::new(ctx());
+        st.change(ModelChange::PutService(
+            "/s/big".into(),
+            svc("big", [10, 96, 0, 10], "big"),
+        ));
+        big(&mut st, "big", 1000);
+        let p = st.plan();
+        // 1000 endpoints → 8192 slots on the fixed `mod 8192` chain.
+        assert_eq!(adds(&p, SetName::BigBackends), 8192);
+        let chain = DynChain::Cluster {
+            n: 8192,
+            affinity: false,
+        };
+        assert_eq!(p.add_chains, [chain].into());
+        assert_eq!(st.element_count(), 8193);
+        let share = 8192usize.div_ceil(1000);
+        // One more endpoint: it takes ⌊8192/1001⌋ slots from the others, nothing else moves.
+        let (k, pd) = pod("extra", [10, 201, 0, 1], "n2", "big");
+        st.change(ModelChange::PutPod(k.clone(), pd));
+        let p = st.plan();
+        assert!(p.add_chains.is_empty() && p.drop_chains.is_empty());
+        let moved = adds(&p, SetName::BigBackends);
+        assert!(
+            (8192 / 1001..=share).contains(&moved),
+            "{moved} slots moved"
+        );
+        assert_eq!(
+            dels(&p, SetName::BigBackends),
+            moved,
+            "slots are rewritten, not added"
+        );
+        assert_eq!(adds(&p, SetName::ServiceIps), 0, "the verdict stays");
+        // And it leaves again.
+        st.change(ModelChange::DeletePod(k));
+        let p = st.plan();
+        assert!(adds(&p, SetName::BigBackends) <= share);
+        assert_eq!(p.removed.len(), 1);
+        assert_eq!(st.element_count(), 8193);
+        // Deleting the service leaves nothing.
+        st.change(ModelChange::DeleteService("/s/big".into()));
+        let p = st.plan();
+        assert_eq!(dels(&p, SetName::BigBackends), 8192);
+        assert_eq!(p.drop_chains, [chain].into());
+        assert_eq!(st.element_count(), 0);
+        assert!(st.chains().is_empty());
+    }
+
+    #[test]
+    fn a_service_past_the_counted_size_moves_to_the_uncounted_map_and_grows_in_quarter_steps() {
+        let mut st = ServiceState::new(ctx());
+        st.change(ModelChange::PutService(
+            "/s/huge".into(),
+            svc("huge", [10, 96, 0, 13], "huge"),
+        ));
+        // 512 endpoints: 4,096 slots, still counted.
+        big(&mut st, "huge", 512);
+        let p = st.plan();
+        assert_eq!(adds(&p, SetName::Backends), 4096);
+        assert_eq!(adds(&p, SetName::BigBackends), 0);
+        // One more: 8,192 slots in the uncounted map, the counted block deleted whole, in the
+        // same plan as the verdict's switch to the `mod 8192` chain.
+        big(&mut st, "huge", 513);
+        let p = st.plan();
+        assert_eq!(dels(&p, SetName::Backends), 4096);
+        assert_eq!(adds(&p, SetName::BigBackends), 8192);
+        let chain = DynChain::Cluster {
+            n: 8192,
+            affinity: false,
+        };
+        assert_eq!(p.add_chains, [chain].into());
+        assert!(
+            chain
+                .rules(&ctx())
+                .iter()
+                .any(|r| r.ends_with("map @big_backends"))
+        );
+        // Past 32,768 slots the table grows by a quarter, not by doubling: 8,192 -> 8,193
+        // endpoints writes the 8,192 new slots and the new endpoint's share, nothing more.
+        big(&mut st, "huge", 8192);
+        st.plan();
+        assert_eq!(st.element_count(), 32_769);
+        big(&mut st, "huge", 8193);
+        let p = st.plan();
+        assert_eq!(
+            dels(&p, SetName::BigBackends),
+            adds(&p, SetName::BigBackends) - 8192
+        );
+        assert!(
+            adds(&p, SetName::BigBackends) <= 8192 + 2 * 5 + 40,
+            "{}",
+            adds(&p, SetName::BigBackends)
+        );
+        assert_eq!(st.element_count(), 40_961);
+        // One more endpoint moves only its share, within the big map.
+        let (k, pd) = pod("extra", [10, 201, 0, 2], "n2", "huge");
+        st.change(ModelChange::PutPod(k, pd));
+        let p = st.plan();
+        let moved = adds(&p, SetName::BigBackends);
+        assert!((1..=5).contains(&moved), "{moved} slots moved");
+        assert_eq!(adds(&p, SetName::Backends) + dels(&p, SetName::Backends), 0);
+        // Deleted, it leaves nothing in either map.
+        st.change(ModelChange::DeleteService("/s/huge".into()));
+        let p = st.plan();
+        assert_eq!(dels(&p, SetName::BigBackends), 40_960);
+        assert_eq!(st.element_count(), 0);
+    }
+
+    #[test]
+    fn small_services_are_planned_before_a_big_one_that_changed_with_them() {
+        let mut st = ServiceState::new(ctx());
+        st.change(ModelChange::PutService(
+            "/s/big".into(),
+            svc("big", [10, 96, 0, 14], "big"),
+        ));
+        st.change(ModelChange::PutService(
+            "/s/small".into(),
+            svc("small", [10, 96, 0, 15], "small"),
+        ));
+        big(&mut st, "big", 600);
+        st.plan();
+        // The big one grows by 400 while the small one gets its endpoint.
+        big(&mut st, "big", 1000);
+        let (k, p) = pod("s0", [10, 244, 1, 9], "n2", "small");
+        st.change(ModelChange::PutPod(k, p));
+        let first = st.plan_small_first();
+        assert_eq!(first.recomputed, 1);
+        assert_eq!(
+            adds(&first, SetName::Backends),
+            1,
+            "the small one's endpoint"
+        );
+        assert_eq!(adds(&first, SetName::BigBackends), 0);
+        assert!(st.has_dirty());
+        let second = st.plan_small_first();
+        assert_eq!(second.recomputed, 1);
+        assert!(adds(&second, SetName::BigBackends) > 0);
+        assert!(!st.has_dirty());
+        assert!(st.plan_small_first().is_empty());
+    }
+
+    #[test]
+    fn growing_past_a_power_of_two_switches_chain_in_one_plan() {
+        let mut st = ServiceState::new(ctx());
+        st.change(ModelChange::PutService(
+            "/s/g".into(),
+            svc("g", [10, 96, 0, 11], "g"),
+        ));
+        big(&mut st, "g", 16);
+        st.plan();
+        big(&mut st, "g", 17);
+        let p = st.plan();
+        // 16 exact slots → 256 slots: the first 16 slot keys are rewritten or kept, the rest added.
+        assert_eq!(
+            p.add_chains,
+            [DynChain::Cluster {
+                n: 256,
+                affinity: false
+            }]
+            .into()
+        );
+        assert_eq!(dels(&p, SetName::ServiceIps), 1);
+        assert_eq!(adds(&p, SetName::ServiceIps), 1);
+        assert!(adds(&p, SetName::Backends) >= 240);
+        assert_eq!(st.element_count(), 257);
+        let full = st.plan_full();
+        assert_eq!(adds(&full, SetName::Backends), 256);
+    }
+
+    #[test]
+    fn contested_cluster_ip_passes_its_slots_to_the_waiting_service() {
+        let mut st = ServiceState::new(ctx());
+        st.change(ModelChange::PutService(
+            "/s/a".into(),
+            svc("a", [10, 96, 0, 12], "a"),
+        ));
+        big(&mut st, "a", 20);
+        st.plan();
+        st.change(ModelChange::PutService(
+            "/s/b".into(),
+            svc("b", [10, 96, 0, 12], "b"),
+        ));
+        big(&mut st, "b", 30);
+        let p = st.plan();
+        assert_eq!(p.warnings.len(), 1, "{:?}", p.warnings);
+        assert_eq!(
+            adds(&p, SetName::Backends),
+            0,
+            "b's slots wait with its verdict"
+        );
+        st.change(ModelChange::DeleteService("/s/a".into()));
+        let p = st.plan();
+        // a's 256 slots go, b's 256 come (same keys: delete then add in one batch).
+        assert_eq!(dels(&p, SetName::Backends), 256);
+        assert_eq!(adds(&p, SetName::Backends), 256);
+        assert_eq!(st.element_count(), 257);
+    }
+}
+
+#[cfg(test)]
+mod memory_probe {
+    use super::*;
+    use crate::model::service::{DEFAULT_AFFINITY_TIMEOUT, TrafficPolicy};
+
+    fn rss() -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .unwrap()
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    #[ignore]
+    fn memory_10k() {
+        let n: u32 = std::env::var("PROBE_SERVICES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(10_000);
+        let ctx = NodeContext {
+            node: "n1".into(),
+            cluster_network: "10.244.0.0/16".parse().unwrap(),
+            service_cidr: "10.96.0.0/12".parse().unwrap(),
+            balancing: Default::default(),
+        };
+        let r0 = rss();
+        let mut st = ServiceState::new(ctx);
+        let t0 = std::time::Instant::now();
+        for i in 0..n {
+            st.change(ModelChange::PutService(
+                format!("/tartan/services/bench/s{i}"),
+                Service {
+                    namespace: "bench".into(),
+                    name: format!("s{i}"),
+                    cluster_ip: Ipv4Addr::from(0x0a60_0000 + i),
+                    ports: vec!["80:8080/tcp".parse().unwrap()],
+                    selector: Some([("app".to_string(), format!("a{i}"))].into()),
+                    session_affinity: SessionAffinity::None,
+                    session_affinity_timeout: DEFAULT_AFFINITY_TIMEOUT,
+                    external_traffic_policy: TrafficPolicy::Cluster,
+                },
+            ));
+            for k in 0..5 {
+                st.change(ModelChange::PutPod(
+                    format!("/tartan/pods/elsewhere/c{i}x{k}/eth0"),
+                    PodRecord {
+                        container_id: format!("c{i}x{k}"),
+                        ifname: "eth0".into(),
+                        node: "elsewhere".into(),
+                        ip: Ipv4Addr::from(0x0ac8_0000 + i * 8 + k),
+                        namespace: "bench".into(),
+                        name: format!("p{i}x{k}"),
+                        labels: [("app".to_string(), format!("a{i}"))].into(),
+                    },
+                ));
+            }
+        }
+        let r1 = rss();
+        let t1 = std::time::Instant::now();
+        let plan = st.plan_full();
+        let t2 = std::time::Instant::now();
+        eprintln!("model built in {:?}, full plan in {:?}", t1 - t0, t2 - t1);
+        let r2 = rss();
+        let n: usize = plan
+            .ops
+            .iter()
+            .map(|(_, o)| match o {
+                SetOp::Add(v) => v.len(),
+                _ => 0,
+            })
+            .sum();
+        drop(plan);
+        let r3 = rss();
+        eprintln!(
+            "model {} MB, +plan {} MB ({n} elements), after dropping plan {} MB",
+            (r1 - r0) / 1024,
+            (r2 - r1) / 1024,
+            (r3 - r0) / 1024
+        );
+    }
+
+    /// Growth of one service 1 → 10,000 endpoints in steps of 100, then single changes:
+    /// plan time and element changes (run in release with `--ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn big_service_probe() {
+        let ctx = NodeContext {
+            node: "n1".into(),
+            cluster_network: "10.244.0.0/16".parse().unwrap(),
+            service_cidr: "10.96.0.0/12".parse().unwrap(),
+            balancing: Default::default(),
+        };
+        let mut st = ServiceState::new(ctx);
+        st.change(ModelChange::PutService(
+            "/s/big".into(),
+            Service {
+                namespace: "d".into(),
+                name: "big".into(),
+                cluster_ip: Ipv4Addr::new(10, 96, 0, 1),
+                ports: vec!["80:8080/tcp".parse().unwrap()],
+                selector: Some([("app".to_string(), "big".to_string())].into()),
+                session_affinity: SessionAffinity::None,
+                session_affinity_timeout: DEFAULT_AFFINITY_TIMEOUT,
+                external_traffic_policy: TrafficPolicy::Cluster,
+            },
+        ));
+        let pod = |k: u32| {
+            (
+                format!("/p/x/c{k}/eth0"),
+                PodRecord {
+                    container_id: format!("c{k}"),
+                    ifname: "eth0".into(),
+                    node: "x".into(),
+                    ip: Ipv4Addr::from(0x0ac8_0000 + k),
+                    namespace: "d".into(),
+                    name: format!("p{k}"),
+                    labels: [("app".to_string(), "big".to_string())].into(),
+                },
+            )
+        };
+        let t = std::time::Instant::now();
+        let (mut changes, mut plan_t) = (0, std::time::Duration::ZERO);
+        for step in 0..100u32 {
+            for k in step * 100..(step + 1) * 100 {
+                let (key, p) = pod(k);
+                st.change(ModelChange::PutPod(key, p));
+            }
+            let t0 = std::time::Instant::now();
+            let p = st.plan();
+            plan_t += t0.elapsed();
+            changes += p.element_changes;
+        }
+        eprintln!(
+            "growth: {:?} total, plan {plan_t:?}, {changes} element changes",
+            t.elapsed()
+        );
+        let mut worst = std::time::Duration::ZERO;
+        for k in 0..100u32 {
+            let (key, p) = pod(20_000 + k);
+            st.change(ModelChange::PutPod(key, p));
+            let t0 = std::time::Instant::now();
+            let p = st.plan();
+            worst = worst.max(t0.elapsed());
+            assert!(p.element_changes < 40, "{}", p.element_changes);
+        }
+        eprintln!("one endpoint added: plan worst {worst:?}");
+        let svc = st.services.get("/s/big").unwrap().clone();
+        let id: Sym = Arc::from("d/big");
+        for _ in 0..3 {
+            let t0 = std::time::Instant::now();
+            let b = st.compute_backends(&svc, &mut Vec::new());
+            let t1 = std::time::Instant::now();
+            let prev = &st.applied_rules[&id][0];
+            let r = port_rules(&svc, &svc.ports[0], &b, &st.ctx, Some(prev));
+            let t2 = std::time::Instant::now();
+            let (mut d, mut a) = (Dels::default(), Adds::default());
+            diff_blocks(&[&prev.blocks[0]], &[&r.blocks[0]], &mut d, &mut a);
+            let t3 = std::time::Instant::now();
+            let _c = r.clone();
+            eprintln!(
+                "backends {:?}, port_rules {:?}, diff {:?}, clone {:?}",
+                t1 - t0,
+                t2 - t1,
+                t3 - t2,
+                t3.elapsed()
+            );
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! Helpers with no tartan dependencies: retry backoff, logging set-up, shutdown signals,
+//! JSON decoding with field paths, and test support.
+
+pub mod backoff;
+pub mod json_decode;
+pub mod logging;
+#[cfg(test)]
+pub(crate) mod proptest_support;
+pub mod shutdown;
+#[cfg(test)]
+pub(crate) mod test_tmp;
