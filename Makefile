@@ -42,17 +42,18 @@ build: deps
 # ~7 us apiece); musl runs none, the static non-PIE link leaves no loader or relocation work,
 # and LTO leaves ~90 fewer pages to fault in per call (docs/benchmarks.md, CNI section).
 # The musl target comes from rustup; without it the plugin is linked statically with glibc
-# instead (slower start, same behaviour). Either way it ends up in target/release/.
+# instead (slower start, same behaviour). Either way it ends up in target/release/, built
+# without the `lab` feature (the netns lab and netbench are not linked into the plugin).
 MUSL := x86_64-unknown-linux-musl
 release: deps
 	$(CARGO) build --release --bins
 	@if { rustup target list --installed 2>/dev/null | grep -qx $(MUSL) || rustup target add $(MUSL); } && \
-	    echo "$(CARGO) rustc --profile cni --target $(MUSL) --bin tartan-cni -- -C relocation-model=static" && \
-	    $(CARGO) rustc --profile cni --target $(MUSL) --bin tartan-cni -- -C relocation-model=static; then \
+	    echo "$(CARGO) rustc --profile cni --target $(MUSL) --no-default-features --bin tartan-cni -- -C relocation-model=static" && \
+	    $(CARGO) rustc --profile cni --target $(MUSL) --no-default-features --bin tartan-cni -- -C relocation-model=static; then \
 	  cp --remove-destination $(TARGET_DIR)/$(MUSL)/cni/tartan-cni $(TARGET_DIR)/release/tartan-cni; \
 	else \
 	  echo "warning: no musl build of tartan-cni (target $(MUSL) or musl-gcc missing); linking it statically with glibc"; \
-	  $(CARGO) rustc --release --bin tartan-cni -- -C target-feature=+crt-static -C relocation-model=static; \
+	  $(CARGO) rustc --release --no-default-features --bin tartan-cni -- -C target-feature=+crt-static -C relocation-model=static; \
 	fi
 
 lint: deps
