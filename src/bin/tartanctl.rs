@@ -90,7 +90,7 @@ fn main() -> std::process::ExitCode {
                 node,
                 status_addr,
                 json,
-            } => cli::explain::run(node.as_deref(), status_addr, json),
+            } => cli::explain::run(node.as_deref(), status_addr, json).await,
         }
     });
     match r {
