@@ -813,7 +813,9 @@ fn thousands_of_endpoints_need_no_rebuild_and_leave_no_trace() -> Result<()> {
     w??;
     let slots = tartan::proxy::rules::slot_count(endpoints as usize + 1);
     // Past 4,096 slots the table lives in the uncounted map.
-    let map = tartan::proxy::rules::SetName::Backends.for_slots(slots).as_str();
+    let map = tartan::proxy::rules::SetName::Backends
+        .for_slots(slots)
+        .as_str();
     let prefix = format!("{vip} . tcp . 80 . ");
     let elems = wait_for("every endpoint programmed", Duration::from_secs(30), || {
         let t = active_service_table(&node)?;
@@ -829,7 +831,10 @@ fn thousands_of_endpoints_need_no_rebuild_and_leave_no_trace() -> Result<()> {
         .iter()
         .filter(|(s, k, _)| s == map && k.starts_with(&prefix))
         .count();
-    ensure!(in_use == slots as usize, "{in_use} slots in {map}, expected {slots}");
+    ensure!(
+        in_use == slots as usize,
+        "{in_use} slots in {map}, expected {slots}"
+    );
     ensure!(
         elems
             .iter()

@@ -421,7 +421,7 @@ async fn teardown_local(args: &DaemonArgs, cfg: &NetworkConfig, state_file: &std
     if let Err(e) = crate::overlay::reconciler::teardown(&args.iface, cfg.backend.vni).await {
         error!("{e:#}");
     }
-    if let Err(e) = crate::proxy::run::teardown().await {
+    if let Err(e) = crate::proxy::table::teardown().await {
         error!("removing the service table: {e:#}");
     }
     for p in [&args.subnet_file, &state_file.to_path_buf()] {
@@ -470,7 +470,7 @@ async fn leave(args: &DaemonArgs, store: &Store, node: &NodeIdentity) -> Result<
     if let Err(e) = crate::overlay::reconciler::teardown(&args.iface, vni).await {
         error!("{e:#}");
     }
-    if let Err(e) = crate::proxy::run::teardown().await {
+    if let Err(e) = crate::proxy::table::teardown().await {
         error!("removing the service table: {e:#}");
     }
     let state_file = state_path(&args.state_dir, &node.name);

@@ -23,8 +23,8 @@ use crate::model::service::{
 };
 use crate::netbench::probe::tcp_server;
 use crate::proxy::rules::{Balancing, NodeContext};
-use crate::proxy::run::build_and_switch;
 use crate::proxy::state::{ModelChange, ServiceState};
+use crate::proxy::table::build_and_switch;
 use crate::store::etcd::{EtcdArgs, Store};
 
 static SEQ: AtomicU32 = AtomicU32::new(0);

@@ -1,0 +1,444 @@
+//! The kernel side of the service proxy: the [`ServiceTable`] seam the loop drives, and
+//! [`NftTable`], which implements it with `nft -f` for the table's structure and one
+//! nf_tables netlink batch per sync for its elements. Tests drive the loop through an
+//! in-memory fake instead (`proxy::run` tests).
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use tracing::{debug, info, warn};
+
+use crate::kernel::nft_cmd;
+use crate::kernel::nft_elements::{KeyBuilder, NFPROTO_IPV4, NftSocket, SetOp};
+use crate::model::service::Protocol;
+use crate::proxy::rules::{
+    ACTIVE_MARKER_CHAIN, DynChain, FAMILY, NodeContext, Structure, TABLES, activate_script,
+    add_recorder_script, build_script, delete_chain_script, marker_chain, other_table,
+};
+use crate::proxy::state::{RemovedBackend, RevivedPort, SyncPlan};
+
+/// Why a plan could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The table in force lacks a load-balancing chain the plan needs (it is of another
+    /// structure): a full sync rebuilds it, at once and without backoff.
+    #[error("the table lacks a load-balancing chain the plan needs")]
+    NeedsRebuild,
+    /// The kernel refused or failed: retried with a full sync after a backoff.
+    #[error(transparent)]
+    Failed(#[from] anyhow::Error),
+}
+
+/// What the service proxy loop asks of the service table. Implemented by [`NftTable`] and,
+/// in tests, by an in-memory fake.
+pub trait ServiceTable {
+    /// Finds the table in force (ours, current structure, hooked) and removes any other
+    /// table of ours.
+    fn discover(&mut self) -> impl Future<Output = Result<()>> + Send;
+    /// Applies a full plan (in place when a table of ours is in force, else by a rebuild).
+    fn apply_full(&mut self, plan: &SyncPlan) -> impl Future<Output = Result<()>> + Send;
+    /// Applies an incremental plan.
+    fn apply_incremental(
+        &mut self,
+        plan: &SyncPlan,
+    ) -> impl Future<Output = Result<(), ApplyError>> + Send;
+    /// Whether the table in force is still in the kernel, of this structure and hooked
+    /// (the periodic check); `true` when it cannot tell.
+    fn verify(&self) -> impl Future<Output = bool> + Send;
+    /// The table in force.
+    fn table(&self) -> Option<&'static str>;
+    /// Load-balancing and recorder chains of the table in force.
+    fn chain_count(&self) -> usize;
+    /// Clears conntrack and affinity state of backends that left (in the background).
+    fn cleanup(&self, removed: Vec<RemovedBackend>, revived: Vec<RevivedPort>);
+}
+
+/// The service table in the kernel.
+pub struct NftTable {
+    nft: NftSocket,
+    ctx: NodeContext,
+    /// The table in force and its structure.
+    active: Option<(&'static str, Structure)>,
+}
+
+impl NftTable {
+    /// Opens the netlink socket for element batches; nothing is read or changed yet.
+    pub fn open(ctx: NodeContext) -> Result<NftTable> {
+        Ok(NftTable {
+            nft: NftSocket::open()?,
+            ctx,
+            active: None,
+        })
+    }
+}
+
+impl ServiceTable for NftTable {
+    async fn discover(&mut self) -> Result<()> {
+        self.discover_tables().await
+    }
+
+    async fn apply_full(&mut self, plan: &SyncPlan) -> Result<()> {
+        self.apply_full_plan(plan).await
+    }
+
+    async fn apply_incremental(&mut self, plan: &SyncPlan) -> Result<(), ApplyError> {
+        self.apply_incremental_plan(plan).await
+    }
+
+    async fn verify(&self) -> bool {
+        let Some(t) = self.table() else {
+            return false;
+        };
+        match nft_cmd::list_chains(FAMILY, t).await {
+            Ok(c) => {
+                c.iter().any(|n| *n == marker_chain(&self.ctx))
+                    && c.iter().any(|n| n == ACTIVE_MARKER_CHAIN)
+            }
+            Err(e) => {
+                warn!("checking the service table: {e:#}");
+                true
+            }
+        }
+    }
+
+    fn table(&self) -> Option<&'static str> {
+        self.active.as_ref().map(|(t, _)| *t)
+    }
+
+    fn chain_count(&self) -> usize {
+        self.active.as_ref().map_or(0, |(_, st)| st.chains().len())
+    }
+
+    fn cleanup(&self, removed: Vec<RemovedBackend>, revived: Vec<RevivedPort>) {
+        if let Some(t) = self.table() {
+            tokio::spawn(cleanup_removed(removed, revived, t));
+        }
+    }
+}
+
+impl NftTable {
+    /// Finds the table in force (ours, current structure, hooked) and removes any other
+    /// table of ours (left by an interrupted rebuild or an older structure).
+    async fn discover_tables(&mut self) -> Result<()> {
+        self.active = None;
+        let marker = marker_chain(&self.ctx);
+        let mut stale = Vec::new();
+        for t in TABLES {
+            let chains = nft_cmd::list_chains(FAMILY, t).await?;
+            if chains.is_empty() {
+                continue;
+            }
+            let ours = chains.contains(&marker) && chains.iter().any(|c| c == ACTIVE_MARKER_CHAIN);
+            if ours && self.active.is_none() {
+                let st = Structure::from_chain_names(chains.iter().map(String::as_str));
+                self.active = Some((t, st));
+            } else {
+                stale.push(t);
+            }
+        }
+        for t in stale {
+            warn!(table = t, "removing a service table that is not in force");
+            nft_cmd::delete_table(FAMILY, t).await?;
+        }
+        Ok(())
+    }
+
+    /// Builds a new table holding `plan` (a full plan) beside the one in force and switches
+    /// over in one transaction (at start, or when the table in force is not ours any more).
+    async fn rebuild(&mut self, plan: &SyncPlan) -> Result<()> {
+        let current = self.table();
+        let (new, st) = build_and_switch(&mut self.nft, &self.ctx, plan, current).await?;
+        info!(
+            table = new,
+            recorders = st.timeouts.len(),
+            "service table built and switched in"
+        );
+        self.active = Some((new, st));
+        Ok(())
+    }
+
+    /// Adds the affinity recorders `needed` lacks to the table in force; fails with
+    /// [`ApplyError::NeedsRebuild`] if a load-balancing chain is missing (the family is fixed,
+    /// so only a table of another structure can lack one).
+    async fn add_chains(
+        &mut self,
+        needed: &BTreeSet<DynChain>,
+    ) -> Result<&'static str, ApplyError> {
+        let Some((t, st)) = &mut self.active else {
+            return Err(ApplyError::NeedsRebuild);
+        };
+        for c in st.missing(needed) {
+            let DynChain::AffinityRecord { timeout } = c else {
+                return Err(ApplyError::NeedsRebuild);
+            };
+            nft_cmd::apply(&add_recorder_script(t, &c, &self.ctx))
+                .await
+                .with_context(|| format!("adding chain {}", c.name()))?;
+            st.timeouts.insert(timeout);
+        }
+        Ok(*t)
+    }
+
+    /// Removes the affinity recorders of `timeouts` from the table in force (no element
+    /// references them any more); a failure only leaves an unused chain behind.
+    async fn drop_recorders(&mut self, timeouts: impl IntoIterator<Item = u32>) {
+        let Some((t, st)) = &mut self.active else {
+            return;
+        };
+        for timeout in timeouts {
+            let c = DynChain::AffinityRecord { timeout };
+            match nft_cmd::apply(&delete_chain_script(t, &c)).await {
+                Ok(()) => {
+                    st.timeouts.remove(&timeout);
+                }
+                Err(e) => warn!(chain = %c.name(), "removing an unused chain: {e:#}"),
+            }
+        }
+    }
+
+    /// Applies a full plan: in place (flush + add, one transaction) when a table of ours is in
+    /// force, else by a rebuild.
+    async fn apply_full_plan(&mut self, plan: &SyncPlan) -> Result<()> {
+        if self.active.is_none() {
+            return self.rebuild(plan).await;
+        }
+        let t = match self.add_chains(&plan.add_chains).await {
+            Ok(t) => t,
+            Err(ApplyError::NeedsRebuild) => return self.rebuild(plan).await,
+            Err(ApplyError::Failed(e)) => return Err(e),
+        };
+        self.nft
+            .apply(NFPROTO_IPV4, t, &plan.ops)
+            .context("applying service elements")?;
+        let needed = Structure::for_chains(&plan.add_chains).timeouts;
+        let unused: Vec<u32> = self
+            .active
+            .as_ref()
+            .map(|(_, st)| st.timeouts.difference(&needed).copied().collect())
+            .unwrap_or_default();
+        self.drop_recorders(unused).await;
+        Ok(())
+    }
+
+    /// Applies an incremental plan: new recorder chains, the element batch, then the removal
+    /// of recorders nothing uses. Never rebuilds the table for an endpoint count.
+    async fn apply_incremental_plan(&mut self, plan: &SyncPlan) -> Result<(), ApplyError> {
+        let t = self.add_chains(&plan.add_chains).await?;
+        if !plan.ops.is_empty() {
+            self.nft
+                .apply(NFPROTO_IPV4, t, &plan.ops)
+                .context("applying service elements")?;
+        }
+        let unused = plan.drop_chains.iter().filter_map(|c| match *c {
+            DynChain::AffinityRecord { timeout } => Some(timeout),
+            _ => None,
+        });
+        self.drop_recorders(unused.collect::<Vec<_>>()).await;
+        Ok(())
+    }
+}
+
+/// Builds a service table holding the full plan `plan` beside the one in force (`current`),
+/// loads its elements, then hooks it in and drops the old one in a single transaction. Returns
+/// the new table and its structure.
+pub async fn build_and_switch(
+    nft: &mut NftSocket,
+    ctx: &NodeContext,
+    plan: &SyncPlan,
+    current: Option<&'static str>,
+) -> Result<(&'static str, Structure)> {
+    let st = Structure::for_chains(&plan.add_chains);
+    let old = current;
+    let new = old.map_or(TABLES[0], other_table);
+    let t0 = Instant::now();
+    nft_cmd::apply(&build_script(new, ctx, &st)).await?;
+    let t1 = Instant::now();
+    let adds: Vec<(String, SetOp)> = plan
+        .ops
+        .iter()
+        .filter(|(_, op)| !matches!(op, SetOp::Flush))
+        .cloned()
+        .collect();
+    if let Err(e) = nft.apply(NFPROTO_IPV4, new, &adds) {
+        let _ = nft_cmd::delete_table(FAMILY, new).await;
+        return Err(e.context("loading the new service table"));
+    }
+    let t2 = Instant::now();
+    if let Err(e) = nft_cmd::apply(&activate_script(new, old)).await {
+        let _ = nft_cmd::delete_table(FAMILY, new).await;
+        return Err(e.context("switching to the new service table"));
+    }
+    debug!(
+        structure_ms = (t1 - t0).as_millis() as u64,
+        elements_ms = (t2 - t1).as_millis() as u64,
+        switch_ms = t2.elapsed().as_millis() as u64,
+        "service table built"
+    );
+    Ok((new, st))
+}
+
+/// Clears state that would keep sending clients to backends that left: UDP conntrack entries
+/// (so UDP clients move to live endpoints) and client-IP affinity entries.
+async fn cleanup_removed(
+    removed: Vec<RemovedBackend>,
+    revived: Vec<RevivedPort>,
+    table: &'static str,
+) {
+    for r in &revived {
+        let mut ports = vec![(Some(r.cluster_ip), r.port)];
+        if let Some(np) = r.node_port {
+            ports.push((None, np));
+        }
+        for (ip, port) in ports {
+            let mut args = vec!["-D".to_string(), "-p".into(), "udp".into()];
+            if let Some(ip) = ip {
+                args.extend(["--orig-dst".into(), ip.to_string()]);
+            }
+            args.extend(["--orig-port-dst".into(), port.to_string()]);
+            run_conntrack(&args).await;
+        }
+    }
+    let mut affinity_ips = BTreeSet::new();
+    for r in &removed {
+        if r.affinity {
+            affinity_ips.insert((r.ip, r.target_port));
+        }
+        if r.protocol != Protocol::Udp {
+            continue;
+        }
+        let mut cmds = vec![vec![
+            "-D".to_string(),
+            "-p".into(),
+            "udp".into(),
+            "--orig-dst".into(),
+            r.cluster_ip.to_string(),
+            "--orig-port-dst".into(),
+            r.port.to_string(),
+            "--reply-src".into(),
+            r.ip.to_string(),
+        ]];
+        if let Some(np) = r.node_port {
+            cmds.push(vec![
+                "-D".into(),
+                "-p".into(),
+                "udp".into(),
+                "--orig-port-dst".into(),
+                np.to_string(),
+                "--reply-src".into(),
+                r.ip.to_string(),
+            ]);
+        }
+        for args in cmds {
+            run_conntrack(&args).await;
+        }
+    }
+    if !affinity_ips.is_empty()
+        && let Err(e) = drop_affinity_entries(&affinity_ips, table).await
+    {
+        warn!("clearing affinity entries: {e:#}");
+    }
+}
+
+/// Runs `conntrack ARGS` (a delete finding nothing exits non-zero, which is fine).
+async fn run_conntrack(args: &[String]) {
+    if let Err(e) = tokio::process::Command::new("conntrack")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .await
+    {
+        warn!("running conntrack to clear UDP flows: {e}");
+    }
+}
+
+/// Deletes client-IP affinity entries pointing at any of `targets`.
+async fn drop_affinity_entries(
+    targets: &BTreeSet<(std::net::Ipv4Addr, u16)>,
+    table: &str,
+) -> Result<()> {
+    let out = tokio::process::Command::new("nft")
+        .args(["-j", "list", "map", FAMILY, table, "affinity"])
+        .output()
+        .await
+        .context("listing the affinity map")?;
+    if !out.status.success() {
+        bail!(
+            "nft list map affinity: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let mut keys = Vec::new();
+    for obj in v["nftables"].as_array().into_iter().flatten() {
+        for e in obj["map"]["elem"].as_array().into_iter().flatten() {
+            // Each element: [ {"elem": {"val": {"concat": [...]}, ...}} | {"concat": [...]}, {"concat": [ip, port]} ]
+            let Some(pair) = e.as_array() else { continue };
+            let (Some(k), Some(d)) = (pair.first(), pair.get(1)) else {
+                continue;
+            };
+            let dconcat = d["concat"].as_array();
+            let Some(dc) = dconcat else { continue };
+            let ip = dc
+                .first()
+                .and_then(|x| x.as_str())
+                .and_then(|s| s.parse().ok());
+            let port = dc.get(1).and_then(|x| x.as_u64()).map(|p| p as u16);
+            let (Some(ip), Some(port)) = (ip, port) else {
+                continue;
+            };
+            if !targets.contains(&(ip, port)) {
+                continue;
+            }
+            let kc = k["elem"]["val"]["concat"]
+                .as_array()
+                .or_else(|| k["concat"].as_array());
+            let Some(kc) = kc else { continue };
+            let parts: Vec<&serde_json::Value> = kc.iter().collect();
+            if parts.len() != 4 {
+                continue;
+            }
+            let saddr = parts[0].as_str().and_then(|s| s.parse().ok());
+            let daddr = parts[1].as_str().and_then(|s| s.parse().ok());
+            let proto = match parts[2].as_str() {
+                Some("tcp") => Some(6),
+                Some("udp") => Some(17),
+                _ => None,
+            };
+            let dport = parts[3].as_u64().map(|p| p as u16);
+            if let (Some(s), Some(d), Some(pr), Some(dp)) = (saddr, daddr, proto, dport) {
+                keys.push(KeyBuilder::new().ipv4(s).ipv4(d).proto(pr).port(dp).build());
+            }
+        }
+    }
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let n = keys.len();
+    let mut s = NftSocket::open()?;
+    // Entries may expire meanwhile; delete one by one so a vanished entry fails alone.
+    let mut failed = 0;
+    for k in keys {
+        if s.apply(
+            NFPROTO_IPV4,
+            table,
+            &[("affinity".to_string(), SetOp::Delete(vec![k]))],
+        )
+        .is_err()
+        {
+            failed += 1;
+        }
+    }
+    debug!(n, failed, "affinity entries cleared");
+    Ok(())
+}
+
+/// Removes the service tables (node leave).
+pub async fn teardown() -> Result<()> {
+    for t in TABLES {
+        nft_cmd::delete_table(FAMILY, t).await?;
+    }
+    Ok(())
+}
