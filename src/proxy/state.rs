@@ -503,12 +503,11 @@ impl ServiceState {
 
     /// Recomputes every dirty service and returns the plan that brings the kernel there.
     /// The plan is considered applied once returned; on failure call [`ServiceState::reset_applied`]
-    /// and plan a full sync.
+    /// and plan a full sync. Phases: each dirty service's delta ([`ServiceState::plan_service`]),
+    /// the hairpin set, chain reference counts, then one merged list of set operations.
     pub fn plan(&mut self) -> SyncPlan {
         let mut plan = SyncPlan::default();
-        let mut dels: HashMap<SetName, Vec<Vec<u8>>> = HashMap::default();
-        let mut adds: HashMap<SetName, Vec<(Vec<u8>, ElemData)>> = HashMap::default();
-        let mut chain_delta: HashMap<DynChain, i64> = HashMap::default();
+        let mut acc = PendingOps::default();
         // Releasing a contested element makes the services waiting for it dirty again; a
         // second round picks them up.
         for _round in 0..3 {
@@ -518,175 +517,193 @@ impl ServiceState {
             }
             for id in dirty {
                 plan.recomputed += 1;
-                let mut svc = self
-                    .service_key_by_id
-                    .get(&id)
-                    .and_then(|k| self.services.get(k))
-                    .cloned();
-                let known = svc.is_some();
-                let mut problems = Vec::new();
-                if let Some(s) = svc.as_mut()
-                    && !self.admit(s, &mut problems)
-                {
-                    // Programmed as if deleted; still listed (with the reason) in status.
-                    svc = None;
-                }
-                let old_rules = self.applied_rules.remove(&id).unwrap_or_default();
-                let old_backends = self.backends.remove(&id).unwrap_or_default();
-                let (new_rules, new_backends) = match &svc {
-                    Some(s) => {
-                        let b = self.compute_backends(s, &mut problems);
-                        let r: Vec<PortRules> = s
-                            .ports
-                            .iter()
-                            .enumerate()
-                            .map(|(i, p)| port_rules(s, p, &b, &self.ctx, old_rules.get(i)))
-                            .collect();
-                        (r, b)
-                    }
-                    None => (Vec::new(), Vec::new()),
-                };
-                if new_backends.len() > MAX_SLOTS as usize {
-                    plan.warnings.push(format!(
-                        "service {id} has {} endpoints; only the first {MAX_SLOTS} get slots",
-                        new_backends.len()
-                    ));
-                }
-                if let Some(s) = svc.as_ref()
-                    && old_backends.is_empty()
-                    && !new_backends.is_empty()
-                {
-                    for p in s.ports.iter().filter(|p| p.protocol == Protocol::Udp) {
-                        plan.revived.push(RevivedPort {
-                            cluster_ip: s.cluster_ip,
-                            port: p.port,
-                            node_port: p.node_port,
-                        });
-                    }
-                }
-                if let Some(s) = svc.as_ref() {
-                    // Both lists are sorted by address: a merge finds the ones that left.
-                    let mut rest = new_backends.iter().map(|b| b.ip).peekable();
-                    let left = old_backends.iter().filter(|b| {
-                        while rest.next_if(|ip| *ip < b.ip).is_some() {}
-                        rest.peek() != Some(&b.ip)
+                self.plan_service(id, &mut plan, &mut acc);
+            }
+        }
+        self.plan_hairpin(&mut acc);
+        self.count_chain_refs(std::mem::take(&mut acc.chain_delta), &mut plan);
+        acc.merge_into(&mut plan);
+        plan
+    }
+
+    /// Service `id`'s part of a plan: recomputes its backends and rules, records removed and
+    /// revived backends in `plan`, and queues its element, slot and chain changes in `acc`.
+    fn plan_service(&mut self, id: Sym, plan: &mut SyncPlan, acc: &mut PendingOps) {
+        let mut svc = self
+            .service_key_by_id
+            .get(&id)
+            .and_then(|k| self.services.get(k))
+            .cloned();
+        let known = svc.is_some();
+        let mut problems = Vec::new();
+        if let Some(s) = svc.as_mut()
+            && !self.admit(s, &mut problems)
+        {
+            // Programmed as if deleted; still listed (with the reason) in status.
+            svc = None;
+        }
+        let old_rules = self.applied_rules.remove(&id).unwrap_or_default();
+        let old_backends = self.backends.remove(&id).unwrap_or_default();
+        let (new_rules, new_backends) = match &svc {
+            Some(s) => {
+                let b = self.compute_backends(s, &mut problems);
+                let r: Vec<PortRules> = s
+                    .ports
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| port_rules(s, p, &b, &self.ctx, old_rules.get(i)))
+                    .collect();
+                (r, b)
+            }
+            None => (Vec::new(), Vec::new()),
+        };
+        if new_backends.len() > MAX_SLOTS as usize {
+            plan.warnings.push(format!(
+                "service {id} has {} endpoints; only the first {MAX_SLOTS} get slots",
+                new_backends.len()
+            ));
+        }
+        if let Some(s) = svc.as_ref()
+            && old_backends.is_empty()
+            && !new_backends.is_empty()
+        {
+            for p in s.ports.iter().filter(|p| p.protocol == Protocol::Udp) {
+                plan.revived.push(RevivedPort {
+                    cluster_ip: s.cluster_ip,
+                    port: p.port,
+                    node_port: p.node_port,
+                });
+            }
+        }
+        if let Some(s) = svc.as_ref() {
+            // Both lists are sorted by address: a merge finds the ones that left.
+            let mut rest = new_backends.iter().map(|b| b.ip).peekable();
+            let left = old_backends.iter().filter(|b| {
+                while rest.next_if(|ip| *ip < b.ip).is_some() {}
+                rest.peek() != Some(&b.ip)
+            });
+            for b in left {
+                for p in &s.ports {
+                    plan.removed.push(RemovedBackend {
+                        cluster_ip: s.cluster_ip,
+                        port: p.port,
+                        node_port: p.node_port,
+                        protocol: p.protocol,
+                        ip: b.ip,
+                        target_port: p.target_port,
+                        affinity: s.session_affinity == SessionAffinity::ClientIp,
                     });
-                    for b in left {
-                        for p in &s.ports {
-                            plan.removed.push(RemovedBackend {
-                                cluster_ip: s.cluster_ip,
-                                port: p.port,
-                                node_port: p.node_port,
-                                protocol: p.protocol,
-                                ip: b.ip,
-                                target_port: p.target_port,
-                                affinity: s.session_affinity == SessionAffinity::ClientIp,
-                            });
-                        }
-                    }
-                }
-                let old_elems: HashMap<ElemKey, Data> = if old_rules.is_empty() {
-                    HashMap::default()
-                } else {
-                    old_rules
-                        .iter()
-                        .flat_map(|r| r.elements.iter())
-                        .map(|e| ((e.set, e.key), e.data))
-                        .collect()
-                };
-                let mut kept_rules = Vec::with_capacity(new_rules.len());
-                let mut new_keys: HashSet<ElemKey> = HashSet::default();
-                let mut block_keys: HashSet<ElemKey> = HashSet::default();
-                for (pi, r) in new_rules.into_iter().enumerate() {
-                    let mut kept = PortRules::default();
-                    for e in r.elements {
-                        let k = (e.set, e.key);
-                        if let Some((_, owner)) = self.applied.get(&k)
-                            && *owner != id
-                        {
-                            self.waiting.entry(k).or_default().insert(id.clone());
-                            let what = svc
-                                .as_ref()
-                                .map_or_else(String::new, |s| describe(e.set, s, pi));
-                            let text = format!("{what} is held by service {owner}; skipped");
-                            plan.warnings.push(format!("service {id}: {text}"));
-                            if !problems.contains(&text) {
-                                problems.push(text);
-                            }
-                            continue;
-                        }
-                        if !new_keys.insert(k) {
-                            continue;
-                        }
-                        match old_elems.get(&k) {
-                            Some(d) if *d == e.data => {}
-                            Some(_) => {
-                                dels.entry(e.set)
-                                    .or_default()
-                                    .push(e.key.as_slice().to_vec());
-                                adds.entry(e.set)
-                                    .or_default()
-                                    .push((e.key.as_slice().to_vec(), e.data.to_elem_data()));
-                                self.applied.insert(k, (e.data, id.clone()));
-                            }
-                            None => {
-                                adds.entry(e.set)
-                                    .or_default()
-                                    .push((e.key.as_slice().to_vec(), e.data.to_elem_data()));
-                                self.applied.insert(k, (e.data, id.clone()));
-                            }
-                        }
-                        kept.elements.push(e);
-                    }
-                    // A slot block belongs to whoever holds its port's verdict element (once).
-                    kept.blocks = r
-                        .blocks
-                        .into_iter()
-                        .filter(|b| {
-                            new_keys.contains(&(b.verdict_set(), b.base))
-                                && block_keys.insert((b.set, b.base))
-                        })
-                        .collect();
-                    kept.chains = r.chains;
-                    for c in &kept.chains {
-                        *chain_delta.entry(*c).or_default() += 1;
-                    }
-                    kept_rules.push(kept);
-                }
-                for (k, _) in old_elems {
-                    if !new_keys.contains(&k) {
-                        if self.applied.get(&k).is_some_and(|(_, o)| *o == id) {
-                            self.applied.remove(&k);
-                        }
-                        if let Some(w) = self.waiting.remove(&k) {
-                            self.dirty.extend(w.into_iter().filter(|w| *w != id));
-                        }
-                        dels.entry(k.0).or_default().push(k.1.as_slice().to_vec());
-                    }
-                }
-                for r in &old_rules {
-                    for c in &r.chains {
-                        *chain_delta.entry(*c).or_default() -= 1;
-                    }
-                }
-                if known && !problems.is_empty() {
-                    self.problems.insert(id.clone(), problems);
-                } else {
-                    self.problems.remove(&id);
-                }
-                let old_blocks: Vec<&SlotBlock> =
-                    old_rules.iter().flat_map(|r| r.blocks.iter()).collect();
-                let new_blocks: Vec<&SlotBlock> =
-                    kept_rules.iter().flat_map(|r| r.blocks.iter()).collect();
-                diff_blocks(&old_blocks, &new_blocks, &mut dels, &mut adds);
-                let slots = |v: &[&SlotBlock]| v.iter().map(|b| b.len()).sum::<usize>();
-                self.slot_elements = self.slot_elements + slots(&new_blocks) - slots(&old_blocks);
-                if svc.is_some() {
-                    self.applied_rules.insert(id.clone(), kept_rules);
-                    self.backends.insert(id, new_backends);
                 }
             }
         }
+        let old_elems: HashMap<ElemKey, Data> = if old_rules.is_empty() {
+            HashMap::default()
+        } else {
+            old_rules
+                .iter()
+                .flat_map(|r| r.elements.iter())
+                .map(|e| ((e.set, e.key), e.data))
+                .collect()
+        };
+        let mut kept_rules = Vec::with_capacity(new_rules.len());
+        let mut new_keys: HashSet<ElemKey> = HashSet::default();
+        let mut block_keys: HashSet<ElemKey> = HashSet::default();
+        for (pi, r) in new_rules.into_iter().enumerate() {
+            let mut kept = PortRules::default();
+            for e in r.elements {
+                let k = (e.set, e.key);
+                if let Some((_, owner)) = self.applied.get(&k)
+                    && *owner != id
+                {
+                    self.waiting.entry(k).or_default().insert(id.clone());
+                    let what = svc
+                        .as_ref()
+                        .map_or_else(String::new, |s| describe(e.set, s, pi));
+                    let text = format!("{what} is held by service {owner}; skipped");
+                    plan.warnings.push(format!("service {id}: {text}"));
+                    if !problems.contains(&text) {
+                        problems.push(text);
+                    }
+                    continue;
+                }
+                if !new_keys.insert(k) {
+                    continue;
+                }
+                match old_elems.get(&k) {
+                    Some(d) if *d == e.data => {}
+                    Some(_) => {
+                        acc.dels
+                            .entry(e.set)
+                            .or_default()
+                            .push(e.key.as_slice().to_vec());
+                        acc.adds
+                            .entry(e.set)
+                            .or_default()
+                            .push((e.key.as_slice().to_vec(), e.data.to_elem_data()));
+                        self.applied.insert(k, (e.data, id.clone()));
+                    }
+                    None => {
+                        acc.adds
+                            .entry(e.set)
+                            .or_default()
+                            .push((e.key.as_slice().to_vec(), e.data.to_elem_data()));
+                        self.applied.insert(k, (e.data, id.clone()));
+                    }
+                }
+                kept.elements.push(e);
+            }
+            // A slot block belongs to whoever holds its port's verdict element (once).
+            kept.blocks = r
+                .blocks
+                .into_iter()
+                .filter(|b| {
+                    new_keys.contains(&(b.verdict_set(), b.base))
+                        && block_keys.insert((b.set, b.base))
+                })
+                .collect();
+            kept.chains = r.chains;
+            for c in &kept.chains {
+                *acc.chain_delta.entry(*c).or_default() += 1;
+            }
+            kept_rules.push(kept);
+        }
+        for (k, _) in old_elems {
+            if !new_keys.contains(&k) {
+                if self.applied.get(&k).is_some_and(|(_, o)| *o == id) {
+                    self.applied.remove(&k);
+                }
+                if let Some(w) = self.waiting.remove(&k) {
+                    self.dirty.extend(w.into_iter().filter(|w| *w != id));
+                }
+                acc.dels
+                    .entry(k.0)
+                    .or_default()
+                    .push(k.1.as_slice().to_vec());
+            }
+        }
+        for r in &old_rules {
+            for c in &r.chains {
+                *acc.chain_delta.entry(*c).or_default() -= 1;
+            }
+        }
+        if known && !problems.is_empty() {
+            self.problems.insert(id.clone(), problems);
+        } else {
+            self.problems.remove(&id);
+        }
+        let old_blocks: Vec<&SlotBlock> = old_rules.iter().flat_map(|r| r.blocks.iter()).collect();
+        let new_blocks: Vec<&SlotBlock> = kept_rules.iter().flat_map(|r| r.blocks.iter()).collect();
+        diff_blocks(&old_blocks, &new_blocks, &mut acc.dels, &mut acc.adds);
+        let slots = |v: &[&SlotBlock]| v.iter().map(|b| b.len()).sum::<usize>();
+        self.slot_elements = self.slot_elements + slots(&new_blocks) - slots(&old_blocks);
+        if svc.is_some() {
+            self.applied_rules.insert(id.clone(), kept_rules);
+            self.backends.insert(id, new_backends);
+        }
+    }
+
+    /// Queues the hairpin pairs for this node's pods, if they changed.
+    fn plan_hairpin(&mut self, acc: &mut PendingOps) {
         if std::mem::take(&mut self.hairpin_dirty) {
             let want: HashSet<Ipv4Addr> = self
                 .pods
@@ -695,17 +712,24 @@ impl ServiceState {
                 .map(|p| p.ip)
                 .collect();
             for ip in self.hairpin.difference(&want) {
-                dels.entry(SetName::Hairpin)
+                acc.dels
+                    .entry(SetName::Hairpin)
                     .or_default()
                     .push(hairpin_element(*ip).key.as_slice().to_vec());
             }
             for ip in want.difference(&self.hairpin) {
-                adds.entry(SetName::Hairpin)
+                acc.adds
+                    .entry(SetName::Hairpin)
                     .or_default()
                     .push((hairpin_element(*ip).key.as_slice().to_vec(), ElemData::None));
             }
             self.hairpin = want;
         }
+    }
+
+    /// Applies the chains' reference count changes; chains that gain their first user or lose
+    /// their last go into the plan.
+    fn count_chain_refs(&mut self, chain_delta: HashMap<DynChain, i64>, plan: &mut SyncPlan) {
         for (c, d) in chain_delta {
             if d == 0 {
                 continue;
@@ -724,17 +748,6 @@ impl ServiceState {
                 self.chain_refs.insert(c, after as usize);
             }
         }
-        for set in SetName::ALL {
-            if let Some(d) = dels.remove(&set) {
-                plan.element_changes += d.len();
-                plan.ops.push((set.as_str().to_string(), SetOp::Delete(d)));
-            }
-            if let Some(a) = adds.remove(&set) {
-                plan.element_changes += a.len();
-                plan.ops.push((set.as_str().to_string(), SetOp::Add(a)));
-            }
-        }
-        plan
     }
 
     /// Forgets what was applied and marks everything dirty: the next [`ServiceState::plan`]
@@ -776,6 +789,31 @@ impl ServiceState {
 
 type Dels = HashMap<SetName, Vec<Vec<u8>>>;
 type Adds = HashMap<SetName, Vec<(Vec<u8>, ElemData)>>;
+
+/// The set operations and chain reference changes a plan collects before they are merged.
+#[derive(Default)]
+struct PendingOps {
+    dels: Dels,
+    adds: Adds,
+    chain_delta: HashMap<DynChain, i64>,
+}
+
+impl PendingOps {
+    /// Appends the queued deletes and adds to `plan`, per set in a fixed order (deletes before
+    /// adds, so a rewritten key is deleted then added in the same batch).
+    fn merge_into(mut self, plan: &mut SyncPlan) {
+        for set in SetName::ALL {
+            if let Some(d) = self.dels.remove(&set) {
+                plan.element_changes += d.len();
+                plan.ops.push((set.as_str().to_string(), SetOp::Delete(d)));
+            }
+            if let Some(a) = self.adds.remove(&set) {
+                plan.element_changes += a.len();
+                plan.ops.push((set.as_str().to_string(), SetOp::Add(a)));
+            }
+        }
+    }
+}
 
 /// Queues the slot changes from the `old` blocks of a service to its `new` ones. Blocks of the
 /// same set and port key are compared slot by slot (a stable assignment changes few slots);
