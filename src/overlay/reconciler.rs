@@ -401,3 +401,6 @@ pub async fn teardown_with<K: OverlayKernel>(kernel: &K, iface: &str, vni: u32) 
         bail!("teardown incomplete: {}", errors.join("; "))
     }
 }
+
+#[cfg(test)]
+mod tests;
