@@ -22,7 +22,7 @@ use crate::node::subnet_keeper::OwnLease;
 use crate::overlay::events::{KernelChange, KernelEvents, NetlinkEvents, RTMGRP_OVERLAY};
 use crate::overlay::kernel::{DeviceChange, HostKernel, OverlayKernel, VxlanSpec};
 use crate::overlay::plan::{
-    LeaseConflict, LocalNode, OverlayState, desired_state, diff, peers_from_items,
+    LeaseConflict, LocalNode, OverlayState, PeerSet, desired_state, diff, peers_from_items,
 };
 use crate::store::etcd::PrefixView;
 
@@ -65,7 +65,8 @@ struct Reconciler<K> {
     s: OverlaySettings,
     metrics: Arc<Metrics>,
     masq_applied: Option<(String, String)>,
-    desired_cache: Option<(DesiredKey, Arc<OverlayState>)>,
+    /// The desired state and the peer set it was computed from, with their inputs.
+    desired_cache: Option<(DesiredKey, Arc<OverlayState>, Arc<PeerSet>)>,
     /// Interfaces the overlay lives on (VXLAN device, underlay) as of the last pass; kernel
     /// notifications about other interfaces (pod veths, bridges) cannot need a repair.
     owned: Option<(u32, u32)>,
@@ -129,7 +130,7 @@ impl<K: OverlayKernel> Reconciler<K> {
             local.underlay_networks.clone(),
         );
         let desired = match &self.desired_cache {
-            Some((k, d)) if *k == cache_key => d.clone(),
+            Some((k, d, _)) if *k == cache_key => d.clone(),
             _ => {
                 let live = live_claims(nodes.items.values());
                 let set =
@@ -144,7 +145,7 @@ impl<K: OverlayKernel> Reconciler<K> {
                 }
                 self.report_conflicts(&set.conflicts);
                 let d = Arc::new(desired_state(&local, &set.peers));
-                self.desired_cache = Some((cache_key, d.clone()));
+                self.desired_cache = Some((cache_key, d.clone(), Arc::new(set)));
                 d
             }
         };
@@ -219,7 +220,7 @@ impl<K: OverlayKernel> Reconciler<K> {
 
 /// Runs the reconcile loop forever on this host's kernel. `ready_tx` gets the node's subnet
 /// once the overlay has been programmed for it (the device, the peers known so far,
-/// masquerading).
+/// masquerading); `peers_tx` the peer set each successful pass programmed.
 pub async fn run(
     settings: OverlaySettings,
     metrics: Arc<Metrics>,
@@ -227,6 +228,7 @@ pub async fn run(
     subnets_rx: watch::Receiver<Arc<PrefixView>>,
     nodes_rx: watch::Receiver<Arc<PrefixView>>,
     ready_tx: watch::Sender<Option<ipnetwork::Ipv4Network>>,
+    peers_tx: watch::Sender<Arc<PeerSet>>,
 ) -> Result<()> {
     let kernel = HostKernel::connect()?;
     let events = NetlinkEvents::subscribe(RTMGRP_OVERLAY)?;
@@ -235,7 +237,11 @@ pub async fn run(
         subnets: subnets_rx,
         nodes: nodes_rx,
     };
-    reconcile_loop(settings, kernel, events, inputs, metrics, ready_tx).await
+    let outputs = OverlayOutputs {
+        ready: ready_tx,
+        peers: peers_tx,
+    };
+    reconcile_loop(settings, kernel, events, inputs, metrics, outputs).await
 }
 
 /// What the reconcile loop follows: this node's lease and the two etcd mirrors.
@@ -246,6 +252,16 @@ pub struct OverlayInputs {
     pub subnets: watch::Receiver<Arc<PrefixView>>,
     /// The node records (`/tartan/nodes/`), for resolving lease conflicts.
     pub nodes: watch::Receiver<Arc<PrefixView>>,
+}
+
+/// What the reconcile loop tells the rest of the daemon.
+pub struct OverlayOutputs {
+    /// The node's subnet, once the overlay has been programmed for it (the device, the
+    /// peers known so far, masquerading): subnet.env may be written.
+    pub ready: watch::Sender<Option<ipnetwork::Ipv4Network>>,
+    /// The peer set the last successful pass programmed (peers, skipped records, lease
+    /// conflicts), for `/status`; empty until then, unchanged by failed passes.
+    pub peers: watch::Sender<Arc<PeerSet>>,
 }
 
 /// How long after a failed pass the next one runs (unless an input change comes first).
@@ -264,8 +280,12 @@ pub async fn reconcile_loop<K: OverlayKernel, E: KernelEvents>(
     mut events: E,
     inputs: OverlayInputs,
     metrics: Arc<Metrics>,
-    ready_tx: watch::Sender<Option<ipnetwork::Ipv4Network>>,
+    outputs: OverlayOutputs,
 ) -> Result<()> {
+    let OverlayOutputs {
+        ready: ready_tx,
+        peers: peers_tx,
+    } = outputs;
     let OverlayInputs {
         own: mut own_rx,
         subnets: mut subnets_rx,
@@ -341,6 +361,15 @@ pub async fn reconcile_loop<K: OverlayKernel, E: KernelEvents>(
         match r.reconcile(&own, &view, &nodes).await {
             Ok(ops) => {
                 metrics.reconcile_operations.inc_by(ops as u64);
+                if let Some((_, _, set)) = &r.desired_cache {
+                    peers_tx.send_if_modified(|p| {
+                        let new = !Arc::ptr_eq(p, set);
+                        if new {
+                            *p = set.clone();
+                        }
+                        new
+                    });
+                }
                 ready_tx.send_if_modified(|r| {
                     let first = *r != Some(own.subnet);
                     *r = Some(own.subnet);

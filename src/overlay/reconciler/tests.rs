@@ -254,6 +254,7 @@ struct Harness {
     nodes: watch::Sender<Arc<PrefixView>>,
     events: UnboundedSender<KernelChange>,
     ready: watch::Receiver<Option<Ipv4Network>>,
+    peers: watch::Receiver<Arc<PeerSet>>,
     world: Shared,
     metrics: Arc<Metrics>,
     task: tokio::task::JoinHandle<Result<()>>,
@@ -270,6 +271,7 @@ fn start() -> Harness {
     let (nodes, nodes_rx) = watch::channel(view(false, 0, Vec::new()));
     let (events, events_rx) = unbounded_channel();
     let (ready_tx, ready) = watch::channel(None);
+    let (peers_tx, peers) = watch::channel(Arc::default());
     let world: Shared = Arc::default();
     let metrics = Metrics::new();
     let settings = OverlaySettings {
@@ -293,7 +295,10 @@ fn start() -> Harness {
             nodes: nodes_rx,
         },
         metrics.clone(),
-        ready_tx,
+        OverlayOutputs {
+            ready: ready_tx,
+            peers: peers_tx,
+        },
     ));
     Harness {
         own: own_tx,
@@ -301,6 +306,7 @@ fn start() -> Harness {
         nodes,
         events,
         ready,
+        peers,
         world,
         metrics,
         task,
@@ -583,4 +589,45 @@ async fn a_changed_own_subnet_reprograms_the_device_address() {
             .routes
             .contains_key(&"10.244.2.0/24".parse().unwrap())
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_programmed_peer_set_is_published_with_its_conflicts() {
+    let mut h = start();
+    h.nodes.send_replace(view(true, 1, Vec::new()));
+    h.settle().await;
+    // A stray key claims peer 2's VTEP MAC and public IP; it is older, but lease-less.
+    let mut stray = lease(2);
+    stray.key = subnet_key(8);
+    stray.lease = 0;
+    stray.mod_revision = 0;
+    h.world.lock().unwrap().fail_apply = 1;
+    h.subnets(vec![lease(2), lease(3), stray]);
+    h.settle().await;
+    assert_eq!(h.applies().len(), 1);
+    assert!(
+        h.peers.borrow().peers.is_empty(),
+        "a failed pass publishes nothing"
+    );
+    tokio::time::sleep(RETRY_AFTER).await;
+    h.settle().await;
+    assert_eq!(h.kernel(), programmed(&[2, 3]));
+    {
+        let set = h.peers.borrow();
+        let subnets: Vec<String> = set.peers.iter().map(|p| p.subnet.to_string()).collect();
+        assert_eq!(subnets, ["10.244.2.0/24", "10.244.3.0/24"]);
+        assert_eq!(set.conflicts.len(), 1, "{:?}", set.conflicts);
+        assert_eq!(set.conflicts[0].key, subnet_key(8));
+    }
+    assert_eq!(h.metrics.lease_conflicts.get(), 1);
+    // Resyncs that change nothing publish nothing new.
+    h.peers.mark_unchanged();
+    tokio::time::sleep(RESYNC * 2).await;
+    h.settle().await;
+    assert!(!h.peers.has_changed().unwrap());
+    // A peer leaving is published once programmed.
+    h.subnets(vec![lease(2)]);
+    h.settle().await;
+    assert_eq!(h.peers.borrow().peers.len(), 1);
+    assert!(h.peers.borrow().conflicts.is_empty());
 }
