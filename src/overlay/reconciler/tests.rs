@@ -34,6 +34,10 @@ enum Call {
     MasqList,
     MasqApply,
     IpForward,
+    /// Teardown only: the loop itself never deletes wholesale.
+    DeleteLink(String),
+    DeleteOwnedRoutes,
+    DeleteMasq,
 }
 
 /// The fake kernel's state and what it was asked.
@@ -150,16 +154,29 @@ impl OverlayKernel for FakeKernel {
         Ok(())
     }
 
-    async fn delete_link(&self, _: &str) -> Result<bool> {
-        unreachable!("the loop never deletes the device")
+    async fn delete_link(&self, name: &str) -> Result<bool> {
+        self.record(Call::DeleteLink(name.to_string()));
+        let mut w = self.0.lock().unwrap();
+        let had = w.vxlan.take().is_some();
+        w.overlay.neighbours.clear();
+        w.overlay.fdb.clear();
+        w.overlay
+            .routes
+            .retain(|_, v| matches!(v, RouteVia::Underlay(_)));
+        Ok(had)
     }
 
-    async fn delete_owned_routes(&self, _: u32) -> Result<()> {
-        unreachable!("the loop never deletes routes wholesale")
+    async fn delete_owned_routes(&self, underlay_index: u32) -> Result<()> {
+        assert_eq!(underlay_index, UNDERLAY);
+        self.record(Call::DeleteOwnedRoutes);
+        self.0.lock().unwrap().overlay.routes.clear();
+        Ok(())
     }
 
     async fn delete_masquerade(&self) -> Result<()> {
-        unreachable!("the loop never deletes the masquerade table")
+        self.record(Call::DeleteMasq);
+        self.0.lock().unwrap().masq = None;
+        Ok(())
     }
 }
 
@@ -418,6 +435,14 @@ async fn quiet_feeds_for_minutes_remove_nothing() {
     );
     assert_eq!(h.kernel(), programmed(&[2, 3]));
     assert_eq!(h.world.lock().unwrap().masq, masq);
+    assert!(
+        !h.calls().iter().any(|c| matches!(
+            c,
+            Call::DeleteLink(_) | Call::DeleteOwnedRoutes | Call::DeleteMasq
+        )),
+        "{:?}",
+        h.calls()
+    );
     assert_eq!(
         h.calls()
             .iter()
@@ -630,4 +655,44 @@ async fn the_programmed_peer_set_is_published_with_its_conflicts() {
     h.settle().await;
     assert_eq!(h.peers.borrow().peers.len(), 1);
     assert!(h.peers.borrow().conflicts.is_empty());
+}
+
+#[tokio::test]
+async fn teardown_removes_device_routes_and_masquerade_and_says_what_failed() {
+    let world: Shared = Arc::default();
+    {
+        let mut w = world.lock().unwrap();
+        w.vxlan = Some(VxlanSpec {
+            name: device_name(1),
+            vni: 1,
+            port: 8472,
+            local: Ipv4Addr::new(192, 168, 1, 1),
+            underlay_index: UNDERLAY,
+            mtu: 1450,
+            mac: mac(1),
+        });
+        w.overlay = programmed(&[2, 3]);
+        w.overlay.routes.insert(
+            "10.244.4.0/24".parse().unwrap(),
+            RouteVia::Underlay(Ipv4Addr::new(192, 168, 1, 4)),
+        );
+        w.masq = Some("table ip tartan_masq".into());
+    }
+    let k = FakeKernel(world.clone());
+    teardown_with(&k, "eth0", 1).await.unwrap();
+    {
+        let w = world.lock().unwrap();
+        assert!(w.vxlan.is_none() && w.masq.is_none());
+        assert_eq!(w.overlay, OverlayState::default(), "direct routes too");
+        assert!(
+            w.calls
+                .iter()
+                .any(|(c, _)| *c == Call::DeleteLink("tartan.1".into()))
+        );
+    }
+    // A missing underlay stops nothing else, and the error names it.
+    world.lock().unwrap().masq = Some("table ip tartan_masq".into());
+    let e = teardown_with(&k, "eth9", 1).await.unwrap_err();
+    assert!(format!("{e:#}").contains("eth9"), "{e:#}");
+    assert!(world.lock().unwrap().masq.is_none());
 }
