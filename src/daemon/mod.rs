@@ -259,7 +259,8 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     };
     info!(subnet = %own.subnet, reservation = own.etcd_lease == 0, "holding subnet");
     let (own_tx, own_rx) = watch::channel(Some(own.clone()));
-    status.set_own(own_rx.clone(), subnets.clone(), nodes.clone(), cfg.clone());
+    let (peers_tx, peers_rx) = watch::channel(Arc::default());
+    status.set_own(own_rx.clone(), peers_rx, cfg.clone());
 
     let persist = |o: &OwnLease| {
         let st = NodeState {
@@ -349,7 +350,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         );
         async move {
             let r = crate::overlay::reconciler::run(
-                settings, metrics, own_rx, subnets, nodes, ready_tx,
+                settings, metrics, own_rx, subnets, nodes, ready_tx, peers_tx,
             )
             .await;
             if let Err(e) = &r {

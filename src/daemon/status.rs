@@ -8,10 +8,8 @@ use crate::api::status::{BackendReport, PeerStatus, ServiceReport, StatusReport}
 use tokio::sync::watch;
 
 use crate::model::netconf::NetworkConfig;
-use crate::node::liveness::live_claims;
-use crate::overlay::plan::peers_from_items;
+use crate::overlay::plan::PeerSet;
 use crate::proxy::run::ProxyStatus;
-use crate::store::etcd::PrefixView;
 
 /// Where status requests for the service proxy go.
 pub type ProxyRequests = tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<ProxyStatus>>;
@@ -20,8 +18,8 @@ use crate::proxy::rules::FAMILY;
 
 struct Inner {
     own: Option<watch::Receiver<Option<OwnLease>>>,
-    subnets: Option<watch::Receiver<Arc<PrefixView>>>,
-    nodes: Option<watch::Receiver<Arc<PrefixView>>>,
+    /// What the overlay reconciler last programmed.
+    peers: Option<watch::Receiver<Arc<PeerSet>>>,
     cfg: Option<NetworkConfig>,
     proxy: Option<ProxyRequests>,
 }
@@ -39,26 +37,24 @@ impl DaemonStatus {
             node: node.to_string(),
             inner: Mutex::new(Inner {
                 own: None,
-                subnets: None,
-                nodes: None,
+                peers: None,
                 cfg: None,
                 proxy: None,
             }),
         }
     }
 
-    /// Attaches the overlay sources.
+    /// Attaches the overlay sources: the own lease, the peer set the reconciler publishes
+    /// after each programmed pass, the network config.
     pub fn set_own(
         &self,
         own: watch::Receiver<Option<OwnLease>>,
-        subnets: watch::Receiver<Arc<PrefixView>>,
-        nodes: watch::Receiver<Arc<PrefixView>>,
+        peers: watch::Receiver<Arc<PeerSet>>,
         cfg: NetworkConfig,
     ) {
         if let Ok(mut i) = self.inner.lock() {
             i.own = Some(own);
-            i.subnets = Some(subnets);
-            i.nodes = Some(nodes);
+            i.peers = Some(peers);
             i.cfg = Some(cfg);
         }
     }
@@ -82,18 +78,12 @@ impl DaemonStatus {
             r.network = i.cfg.as_ref().map(|c| c.network.to_string());
             r.subnet = own.as_ref().map(|o| o.subnet.to_string());
             r.reservation = own.as_ref().is_some_and(|o| o.etcd_lease == 0);
-            if let (Some(cfg), Some(view), Some(nodes)) = (&i.cfg, &i.subnets, &i.nodes) {
-                let view = view.borrow().clone();
-                let live = live_claims(nodes.borrow().items.values());
-                let set = peers_from_items(
-                    view.items.values(),
-                    cfg,
-                    own.as_ref().map(|o| o.subnet),
-                    &live,
-                );
-                r.peers = set
+            if let Some(peers) = &i.peers {
+                // The peers as programmed: no lease is decoded per request.
+                r.peers = peers
+                    .borrow()
                     .peers
-                    .into_iter()
+                    .iter()
                     .map(|p| PeerStatus {
                         subnet: p.subnet.to_string(),
                         public_ip: p.public_ip.to_string(),
@@ -232,4 +222,51 @@ async fn read_counters(table: &str) -> HashMap<(&'static str, String), u64> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::subnet_lease::MacAddr;
+    use crate::overlay::plan::{LeaseConflict, Peer};
+
+    #[tokio::test]
+    async fn peers_come_from_what_the_reconciler_published() {
+        let status = DaemonStatus::new("n1");
+        let cfg = NetworkConfig::parse(br#"{"Network":"10.244.0.0/16"}"#).unwrap();
+        let (_own_tx, own_rx) = watch::channel(Some(OwnLease {
+            subnet: "10.244.1.0/24".parse().unwrap(),
+            etcd_lease: 7,
+        }));
+        let (peers_tx, peers_rx) = watch::channel(Arc::<PeerSet>::default());
+        status.set_own(own_rx, peers_rx, cfg);
+        let r = status.report().await;
+        assert_eq!(r.subnet.as_deref(), Some("10.244.1.0/24"));
+        assert!(r.peers.is_empty(), "nothing programmed yet");
+        peers_tx.send_replace(Arc::new(PeerSet {
+            peers: vec![Peer {
+                subnet: "10.244.2.0/24".parse().unwrap(),
+                public_ip: "192.168.1.2".parse().unwrap(),
+                vtep_mac: MacAddr([2, 0, 0, 0, 0, 2]),
+            }],
+            skipped: vec!["garbage".into()],
+            conflicts: vec![LeaseConflict {
+                key: "/coreos.com/network/subnets/10.244.8.0-24".into(),
+                subnet: "10.244.8.0/24".parse().unwrap(),
+                reason: "stray".into(),
+            }],
+        }));
+        let r = status.report().await;
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            json["peers"],
+            serde_json::json!([{
+                "subnet": "10.244.2.0/24",
+                "publicIp": "192.168.1.2",
+                "vtepMac": "02:00:00:00:00:02",
+            }])
+        );
+        assert_eq!(json["network"], "10.244.0.0/16");
+        assert_eq!(json["reservation"], false);
+    }
 }

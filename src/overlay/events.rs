@@ -1,5 +1,8 @@
 //! Routing notifications the overlay reconciler listens to (link, neighbour, address and
-//! route changes), filtered in the kernel to what it acts on.
+//! route changes), filtered in the kernel to what it acts on, behind the [`KernelEvents`]
+//! seam (tests feed the reconciler hand-made changes instead).
+
+use std::future::Future;
 
 use anyhow::{Context, Result};
 use futures::StreamExt;
@@ -19,6 +22,36 @@ pub struct NetlinkEvents {
     )>,
     /// The subscribed socket (a duplicate descriptor), for [`NetlinkEvents::focus`].
     sock: std::os::fd::OwnedFd,
+    /// The groups subscribed to (for [`KernelEvents::resubscribe`]).
+    groups: u32,
+}
+
+/// Where the overlay reconciler hears of kernel changes. Implemented by [`NetlinkEvents`]
+/// and, in tests, by a channel of hand-made changes.
+pub trait KernelEvents: Send {
+    /// Waits for the next change; `None` when the source has ended (then
+    /// [`KernelEvents::resubscribe`]). Cancel-safe: nothing is lost when the wait is dropped.
+    fn next(&mut self) -> impl Future<Output = Option<KernelChange>> + Send;
+    /// Lets the source drop changes about interfaces other than `indexes` (and additions)
+    /// before they are delivered; a hint, the reconciler still checks each change.
+    fn focus(&mut self, indexes: &[u32]) -> Result<()>;
+    /// Starts over after the source ended (unfiltered again).
+    fn resubscribe(&mut self) -> Result<()>;
+}
+
+impl KernelEvents for NetlinkEvents {
+    async fn next(&mut self) -> Option<KernelChange> {
+        NetlinkEvents::next(self).await
+    }
+
+    fn focus(&mut self, indexes: &[u32]) -> Result<()> {
+        NetlinkEvents::focus(self, indexes)
+    }
+
+    fn resubscribe(&mut self) -> Result<()> {
+        *self = NetlinkEvents::subscribe(self.groups)?;
+        Ok(())
+    }
 }
 
 const RTM_NEWLINK: u16 = 16;
@@ -95,7 +128,7 @@ impl NetlinkEvents {
             .try_clone_to_owned()
             .context("duplicating the netlink event socket")?;
         tokio::spawn(conn);
-        Ok(NetlinkEvents { rx, sock })
+        Ok(NetlinkEvents { rx, sock, groups })
     }
 
     /// Lets the kernel drop, before they are queued, the notifications the reconciler would

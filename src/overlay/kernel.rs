@@ -1,6 +1,10 @@
-//! The overlay's kernel side: the VXLAN device, and the routes, neighbours and FDB entries
-//! tartan owns, read and changed over rtnetlink.
+//! The overlay's kernel side: the [`OverlayKernel`] seam the reconciler drives, and
+//! [`HostKernel`], which implements it with the VXLAN device, routes, neighbours and FDB
+//! entries tartan owns (read and changed over rtnetlink), the masquerade table (`nft -f`)
+//! and IPv4 forwarding. Tests drive the reconciler through an in-memory fake instead
+//! (`overlay::reconciler` tests).
 
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -17,14 +21,133 @@ use netlink_packet_route::route::{
 use rtnetlink::{LinkUnspec, LinkVxlan, RouteMessageBuilder};
 
 use crate::kernel::netlink::{
-    Netlink, is_not_found, link_kind, link_mac, link_mtu, mac_of, vxlan_info,
+    Iface, Netlink, is_not_found, link_kind, link_mac, link_mtu, mac_of, vxlan_info,
 };
+use crate::kernel::nft_cmd;
 use crate::model::subnet_lease::MacAddr;
+use crate::overlay::masquerade;
 use crate::overlay::plan::{OverlayDiff, OverlayState, RouteVia};
 
 /// Routing protocol number tartan stamps on the routes it owns (`ip route ... proto 157`).
 pub const ROUTE_PROTO: u8 = 157;
 
+/// What the overlay reconciler (and its teardown) asks of the kernel. Implemented by
+/// [`HostKernel`] and, in tests, by an in-memory fake.
+pub trait OverlayKernel: Send + Sync {
+    /// Facts about the interface `name` (the underlay): index, MTU, IPv4 addresses.
+    fn iface(&self, name: &str) -> impl Future<Output = Result<Iface>> + Send;
+    /// Makes the VXLAN device match `spec` (see [`Netlink::ensure_vxlan`]); returns its
+    /// index and what had to change.
+    fn ensure_vxlan(
+        &self,
+        spec: &VxlanSpec,
+    ) -> impl Future<Output = Result<(u32, DeviceChange)>> + Send;
+    /// Makes `addr` the only IPv4 address of interface `index`; true when something changed.
+    fn ensure_only_addr(
+        &self,
+        index: u32,
+        addr: Ipv4Network,
+    ) -> impl Future<Output = Result<bool>> + Send;
+    /// The overlay state tartan owns (see [`Netlink::read_overlay`]).
+    fn read_overlay(
+        &self,
+        vx_index: u32,
+        underlay_index: u32,
+    ) -> impl Future<Output = Result<OverlayState>> + Send;
+    /// Applies an overlay diff, trying every operation before failing.
+    fn apply_overlay(
+        &self,
+        vx_index: u32,
+        underlay_index: u32,
+        d: &OverlayDiff,
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// The masquerade table as the kernel lists it; `None` when it does not exist.
+    fn masquerade_listing(&self) -> impl Future<Output = Result<Option<String>>> + Send;
+    /// Applies a masquerade script ([`masquerade::script`]) atomically.
+    fn apply_masquerade(&self, script: &str) -> impl Future<Output = Result<()>> + Send;
+    /// Enables IPv4 forwarding (pods are routed through the node).
+    fn ensure_ip_forward(&self) -> Result<()>;
+    /// Deletes the link `name`; true when it existed.
+    fn delete_link(&self, name: &str) -> impl Future<Output = Result<bool>> + Send;
+    /// Deletes every route tartan owns through `underlay_index`.
+    fn delete_owned_routes(&self, underlay_index: u32) -> impl Future<Output = Result<()>> + Send;
+    /// Deletes the masquerade table (absent is fine).
+    fn delete_masquerade(&self) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// The overlay's kernel side on this host: rtnetlink, `nft` and `/proc/sys`.
+pub struct HostKernel {
+    nl: Netlink,
+}
+
+impl HostKernel {
+    /// Opens a routing netlink socket in the current network namespace.
+    pub fn connect() -> Result<HostKernel> {
+        Ok(HostKernel {
+            nl: Netlink::connect()?,
+        })
+    }
+}
+
+impl OverlayKernel for HostKernel {
+    async fn iface(&self, name: &str) -> Result<Iface> {
+        self.nl.iface(name).await
+    }
+
+    async fn ensure_vxlan(&self, spec: &VxlanSpec) -> Result<(u32, DeviceChange)> {
+        self.nl.ensure_vxlan(spec).await
+    }
+
+    async fn ensure_only_addr(&self, index: u32, addr: Ipv4Network) -> Result<bool> {
+        self.nl.ensure_only_addr(index, addr).await
+    }
+
+    async fn read_overlay(&self, vx_index: u32, underlay_index: u32) -> Result<OverlayState> {
+        self.nl.read_overlay(vx_index, underlay_index).await
+    }
+
+    async fn apply_overlay(
+        &self,
+        vx_index: u32,
+        underlay_index: u32,
+        d: &OverlayDiff,
+    ) -> Result<()> {
+        self.nl.apply_overlay(vx_index, underlay_index, d).await
+    }
+
+    async fn masquerade_listing(&self) -> Result<Option<String>> {
+        nft_cmd::list_table(masquerade::FAMILY, masquerade::TABLE).await
+    }
+
+    async fn apply_masquerade(&self, script: &str) -> Result<()> {
+        nft_cmd::apply(script).await
+    }
+
+    fn ensure_ip_forward(&self) -> Result<()> {
+        let p = "/proc/sys/net/ipv4/ip_forward";
+        if std::fs::read_to_string(p)
+            .map(|s| s.trim() == "1")
+            .unwrap_or(false)
+        {
+            return Ok(());
+        }
+        std::fs::write(p, b"1").with_context(|| format!("enabling {p}"))
+    }
+
+    async fn delete_link(&self, name: &str) -> Result<bool> {
+        self.nl.delete_link(name).await
+    }
+
+    async fn delete_owned_routes(&self, underlay_index: u32) -> Result<()> {
+        self.nl.delete_owned_routes(underlay_index).await
+    }
+
+    async fn delete_masquerade(&self) -> Result<()> {
+        nft_cmd::delete_table(masquerade::FAMILY, masquerade::TABLE).await
+    }
+}
+
+/// The VXLAN device the overlay wants.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VxlanSpec {
     /// Device name, e.g. `tartan.1`.

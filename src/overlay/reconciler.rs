@@ -2,6 +2,10 @@
 //! and repairs the difference. Runs on every lease change, on kernel notifications that
 //! something was removed (debounced), and on a periodic tick. Never acts before the first
 //! complete listing of the leases, so an unreachable etcd never removes anything.
+//!
+//! The loop ([`reconcile_loop`]) takes its inputs (own lease, subnet and node mirrors,
+//! kernel notifications) and the kernel ([`OverlayKernel`]) as arguments; [`run`] wires the
+//! real ones.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,16 +14,15 @@ use anyhow::{Context, Result, bail};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
-use crate::kernel::netlink::Netlink;
 use crate::metrics::Metrics;
 use crate::model::netconf::NetworkConfig;
 use crate::model::subnet_lease::MacAddr;
 use crate::node::liveness::live_claims;
 use crate::node::subnet_keeper::OwnLease;
-use crate::overlay::events::{KernelChange, NetlinkEvents, RTMGRP_OVERLAY};
-use crate::overlay::kernel::{DeviceChange, VxlanSpec};
+use crate::overlay::events::{KernelChange, KernelEvents, NetlinkEvents, RTMGRP_OVERLAY};
+use crate::overlay::kernel::{DeviceChange, HostKernel, OverlayKernel, VxlanSpec};
 use crate::overlay::plan::{
-    LeaseConflict, LocalNode, OverlayState, desired_state, diff, peers_from_items,
+    LeaseConflict, LocalNode, OverlayState, PeerSet, desired_state, diff, peers_from_items,
 };
 use crate::store::etcd::PrefixView;
 
@@ -57,12 +60,13 @@ pub fn overlay_mtu(underlay_mtu: u32) -> Result<u32> {
     Ok(underlay_mtu - VXLAN_OVERHEAD)
 }
 
-struct Reconciler {
-    nl: Netlink,
+struct Reconciler<K> {
+    kernel: K,
     s: OverlaySettings,
     metrics: Arc<Metrics>,
     masq_applied: Option<(String, String)>,
-    desired_cache: Option<(DesiredKey, Arc<OverlayState>)>,
+    /// The desired state and the peer set it was computed from, with their inputs.
+    desired_cache: Option<(DesiredKey, Arc<OverlayState>, Arc<PeerSet>)>,
     /// Interfaces the overlay lives on (VXLAN device, underlay) as of the last pass; kernel
     /// notifications about other interfaces (pod veths, bridges) cannot need a repair.
     owned: Option<(u32, u32)>,
@@ -79,7 +83,7 @@ type DesiredKey = (
     Vec<ipnetwork::Ipv4Network>,
 );
 
-impl Reconciler {
+impl<K: OverlayKernel> Reconciler<K> {
     /// One pass; returns the number of kernel operations it issued.
     async fn reconcile(
         &mut self,
@@ -88,7 +92,7 @@ impl Reconciler {
         nodes: &PrefixView,
     ) -> Result<usize> {
         let t0 = Instant::now();
-        let iface = self.nl.iface(&self.s.iface).await?;
+        let iface = self.kernel.iface(&self.s.iface).await?;
         let spec = VxlanSpec {
             name: device_name(self.s.cfg.backend.vni),
             vni: self.s.cfg.backend.vni,
@@ -98,7 +102,7 @@ impl Reconciler {
             mtu: overlay_mtu(iface.mtu)?,
             mac: self.s.vtep_mac,
         };
-        let (vx, change) = self.nl.ensure_vxlan(&spec).await?;
+        let (vx, change) = self.kernel.ensure_vxlan(&spec).await?;
         self.owned = Some((vx, iface.index));
         let mut ops = usize::from(change != DeviceChange::Unchanged);
         if change == DeviceChange::Created {
@@ -106,7 +110,7 @@ impl Reconciler {
         }
         let addr =
             ipnetwork::Ipv4Network::new(own.subnet.network(), 32).context("device address")?;
-        if self.nl.ensure_only_addr(vx, addr).await? {
+        if self.kernel.ensure_only_addr(vx, addr).await? {
             ops += 1;
         }
         let local = LocalNode {
@@ -126,7 +130,7 @@ impl Reconciler {
             local.underlay_networks.clone(),
         );
         let desired = match &self.desired_cache {
-            Some((k, d)) if *k == cache_key => d.clone(),
+            Some((k, d, _)) if *k == cache_key => d.clone(),
             _ => {
                 let live = live_claims(nodes.items.values());
                 let set =
@@ -141,12 +145,12 @@ impl Reconciler {
                 }
                 self.report_conflicts(&set.conflicts);
                 let d = Arc::new(desired_state(&local, &set.peers));
-                self.desired_cache = Some((cache_key, d.clone()));
+                self.desired_cache = Some((cache_key, d.clone(), Arc::new(set)));
                 d
             }
         };
         let t1 = Instant::now();
-        let actual = self.nl.read_overlay(vx, iface.index).await?;
+        let actual = self.kernel.read_overlay(vx, iface.index).await?;
         let t2 = Instant::now();
         let d = diff(&desired, &actual);
         if !d.is_empty() {
@@ -160,13 +164,13 @@ impl Reconciler {
                 "applying overlay changes"
             );
             ops += d.len();
-            self.nl.apply_overlay(vx, iface.index, &d).await?;
+            self.kernel.apply_overlay(vx, iface.index, &d).await?;
         }
         self.metrics.peers.set(desired.routes.len() as i64);
         if self.s.ip_masq {
             ops += self.ensure_masq(own).await?;
         }
-        ensure_ip_forward()?;
+        self.kernel.ensure_ip_forward()?;
         debug!(
             prepare = ?(t1 - t0),
             read = ?(t2 - t1),
@@ -192,11 +196,7 @@ impl Reconciler {
     /// Applies the masquerade table when it is missing or differs from what was applied.
     async fn ensure_masq(&mut self, own: &OwnLease) -> Result<usize> {
         let body = crate::overlay::masquerade::table_body(self.s.cfg.network, own.subnet);
-        let current = crate::kernel::nft_cmd::list_table(
-            crate::overlay::masquerade::FAMILY,
-            crate::overlay::masquerade::TABLE,
-        )
-        .await?;
+        let current = self.kernel.masquerade_listing().await?;
         if let (Some((b, listed)), Some(cur)) = (&self.masq_applied, &current)
             && *b == body
             && listed == cur
@@ -206,49 +206,94 @@ impl Reconciler {
         if current.is_some() && self.masq_applied.is_some() {
             warn!("masquerade table changed behind our back; restoring it");
         }
-        crate::kernel::nft_cmd::apply(&crate::overlay::masquerade::script(
-            self.s.cfg.network,
-            own.subnet,
-        ))
-        .await?;
-        let listed = crate::kernel::nft_cmd::list_table(
-            crate::overlay::masquerade::FAMILY,
-            crate::overlay::masquerade::TABLE,
-        )
-        .await?
-        .unwrap_or_default();
+        self.kernel
+            .apply_masquerade(&crate::overlay::masquerade::script(
+                self.s.cfg.network,
+                own.subnet,
+            ))
+            .await?;
+        let listed = self.kernel.masquerade_listing().await?.unwrap_or_default();
         self.masq_applied = Some((body, listed));
         Ok(1)
     }
 }
 
-/// Enables IPv4 forwarding in this network namespace (pods are routed through the node).
-pub fn ensure_ip_forward() -> Result<()> {
-    let p = "/proc/sys/net/ipv4/ip_forward";
-    if std::fs::read_to_string(p)
-        .map(|s| s.trim() == "1")
-        .unwrap_or(false)
-    {
-        return Ok(());
-    }
-    std::fs::write(p, b"1").with_context(|| format!("enabling {p}"))
-}
-
-/// Runs the reconcile loop forever. `ready_tx` gets the node's subnet once the overlay has
-/// been programmed for it (the device, the peers known so far, masquerading).
+/// Runs the reconcile loop forever on this host's kernel. `ready_tx` gets the node's subnet
+/// once the overlay has been programmed for it (the device, the peers known so far,
+/// masquerading); `peers_tx` the peer set each successful pass programmed.
 pub async fn run(
     settings: OverlaySettings,
     metrics: Arc<Metrics>,
-    mut own_rx: watch::Receiver<Option<OwnLease>>,
-    mut subnets_rx: watch::Receiver<Arc<PrefixView>>,
-    mut nodes_rx: watch::Receiver<Arc<PrefixView>>,
+    own_rx: watch::Receiver<Option<OwnLease>>,
+    subnets_rx: watch::Receiver<Arc<PrefixView>>,
+    nodes_rx: watch::Receiver<Arc<PrefixView>>,
     ready_tx: watch::Sender<Option<ipnetwork::Ipv4Network>>,
+    peers_tx: watch::Sender<Arc<PeerSet>>,
 ) -> Result<()> {
-    let nl = Netlink::connect()?;
-    let mut events = NetlinkEvents::subscribe(RTMGRP_OVERLAY)?;
+    let kernel = HostKernel::connect()?;
+    let events = NetlinkEvents::subscribe(RTMGRP_OVERLAY)?;
+    let inputs = OverlayInputs {
+        own: own_rx,
+        subnets: subnets_rx,
+        nodes: nodes_rx,
+    };
+    let outputs = OverlayOutputs {
+        ready: ready_tx,
+        peers: peers_tx,
+    };
+    reconcile_loop(settings, kernel, events, inputs, metrics, outputs).await
+}
+
+/// What the reconcile loop follows: this node's lease and the two etcd mirrors.
+pub struct OverlayInputs {
+    /// This node's subnet lease (`None` until it holds one).
+    pub own: watch::Receiver<Option<OwnLease>>,
+    /// The subnet leases (`<prefix>/subnets/`).
+    pub subnets: watch::Receiver<Arc<PrefixView>>,
+    /// The node records (`/tartan/nodes/`), for resolving lease conflicts.
+    pub nodes: watch::Receiver<Arc<PrefixView>>,
+}
+
+/// What the reconcile loop tells the rest of the daemon.
+pub struct OverlayOutputs {
+    /// The node's subnet, once the overlay has been programmed for it (the device, the
+    /// peers known so far, masquerading): subnet.env may be written.
+    pub ready: watch::Sender<Option<ipnetwork::Ipv4Network>>,
+    /// The peer set the last successful pass programmed (peers, skipped records, lease
+    /// conflicts), for `/status`; empty until then, unchanged by failed passes.
+    pub peers: watch::Sender<Arc<PeerSet>>,
+}
+
+/// How long after a failed pass the next one runs (unless an input change comes first).
+pub const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// How long kernel removal notifications are let settle before one repair pass.
+pub const DEBOUNCE: Duration = Duration::from_millis(50);
+
+/// The reconcile loop: a pass on every input change, on kernel removal notifications about
+/// the overlay's interfaces (debounced by [`DEBOUNCE`]), every `settings.resync`, and
+/// [`RETRY_AFTER`] a failed pass. Nothing is read from or done to the kernel before the
+/// node holds a subnet and both mirrors were listed. Returns when an input closes, or with
+/// an error when the notifications cannot be resubscribed.
+pub async fn reconcile_loop<K: OverlayKernel, E: KernelEvents>(
+    settings: OverlaySettings,
+    kernel: K,
+    mut events: E,
+    inputs: OverlayInputs,
+    metrics: Arc<Metrics>,
+    outputs: OverlayOutputs,
+) -> Result<()> {
+    let OverlayOutputs {
+        ready: ready_tx,
+        peers: peers_tx,
+    } = outputs;
+    let OverlayInputs {
+        own: mut own_rx,
+        subnets: mut subnets_rx,
+        nodes: mut nodes_rx,
+    } = inputs;
     let resync = settings.resync;
     let mut r = Reconciler {
-        nl,
+        kernel,
         s: settings,
         metrics: metrics.clone(),
         masq_applied: None,
@@ -292,12 +337,12 @@ pub async fn run(
                     }
                     Some(KernelChange::Removal(_)) => {
                         // Debounce: let a burst of notifications settle, then repair once.
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        tokio::time::sleep(DEBOUNCE).await;
                         while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(1), events.next()).await {}
                     }
                     Some(KernelChange::Addition) => continue,
                     None => {
-                        events = NetlinkEvents::subscribe(RTMGRP_OVERLAY)?;
+                        events.resubscribe()?;
                         focused = None;
                         continue;
                     }
@@ -316,6 +361,15 @@ pub async fn run(
         match r.reconcile(&own, &view, &nodes).await {
             Ok(ops) => {
                 metrics.reconcile_operations.inc_by(ops as u64);
+                if let Some((_, _, set)) = &r.desired_cache {
+                    peers_tx.send_if_modified(|p| {
+                        let new = !Arc::ptr_eq(p, set);
+                        if new {
+                            *p = set.clone();
+                        }
+                        new
+                    });
+                }
                 ready_tx.send_if_modified(|r| {
                     let first = *r != Some(own.subnet);
                     *r = Some(own.subnet);
@@ -341,7 +395,7 @@ pub async fn run(
                 failing = true;
                 error!("overlay reconcile failed (will retry): {e:#}");
                 // Retry soon rather than waiting for the next tick.
-                tick.reset_after(Duration::from_secs(1));
+                tick.reset_after(RETRY_AFTER);
             }
         }
     }
@@ -350,25 +404,24 @@ pub async fn run(
 /// Removes the overlay from this node: the VXLAN device (with its neighbours, FDB entries and
 /// routes), tartan's direct routes on the underlay, and the masquerade table.
 pub async fn teardown(iface: &str, vni: u32) -> Result<()> {
-    let nl = Netlink::connect()?;
+    teardown_with(&HostKernel::connect()?, iface, vni).await
+}
+
+/// [`teardown`] on the given kernel: every step is tried; the error lists those that failed.
+pub async fn teardown_with<K: OverlayKernel>(kernel: &K, iface: &str, vni: u32) -> Result<()> {
     let mut errors = Vec::new();
-    if let Err(e) = nl.delete_link(&device_name(vni)).await {
+    if let Err(e) = kernel.delete_link(&device_name(vni)).await {
         errors.push(format!("{e:#}"));
     }
-    match nl.iface(iface).await {
+    match kernel.iface(iface).await {
         Ok(i) => {
-            if let Err(e) = nl.delete_owned_routes(i.index).await {
+            if let Err(e) = kernel.delete_owned_routes(i.index).await {
                 errors.push(format!("{e:#}"));
             }
         }
         Err(e) => errors.push(format!("{e:#}")),
     }
-    if let Err(e) = crate::kernel::nft_cmd::delete_table(
-        crate::overlay::masquerade::FAMILY,
-        crate::overlay::masquerade::TABLE,
-    )
-    .await
-    {
+    if let Err(e) = kernel.delete_masquerade().await {
         errors.push(format!("{e:#}"));
     }
     if errors.is_empty() {
@@ -377,3 +430,6 @@ pub async fn teardown(iface: &str, vni: u32) -> Result<()> {
         bail!("teardown incomplete: {}", errors.join("; "))
     }
 }
+
+#[cfg(test)]
+mod tests;
