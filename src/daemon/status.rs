@@ -2,6 +2,7 @@
 //! and every service with its backends and packet counters, for `tartanctl explain`.
 
 use std::collections::HashMap;
+use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 
 use crate::api::status::{BackendReport, PeerStatus, ServiceReport, StatusReport};
@@ -13,8 +14,8 @@ use crate::proxy::run::ProxyStatus;
 
 /// Where status requests for the service proxy go.
 pub type ProxyRequests = tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<ProxyStatus>>;
+use crate::kernel::nft_elements::{KeyBuilder, NFPROTO_IPV4, NftSocket};
 use crate::node::subnet_keeper::OwnLease;
-use crate::proxy::rules::FAMILY;
 
 struct Inner {
     own: Option<watch::Receiver<Option<OwnLease>>>,
@@ -107,30 +108,23 @@ impl DaemonStatus {
         r.rejected_total = ps.rejected_total;
         let counters = match &ps.table {
             Some(t) => read_counters(t).await,
-            None => HashMap::new(),
+            None => Counters::default(),
         };
         for s in ps.services {
             let svc = &s.service;
             let mut connections = 0;
             let mut refused = 0;
-            let mut per_backend: HashMap<String, u64> = HashMap::new();
+            let mut per_backend: HashMap<Ipv4Addr, u64> = HashMap::new();
             for p in &svc.ports {
-                let key = format!("{} . {} . {}", svc.cluster_ip, p.protocol, p.port);
-                connections += counters
-                    .get(&("service_ips", key.clone()))
-                    .copied()
-                    .unwrap_or(0);
-                refused += counters
-                    .get(&("no_endpoints", key.clone()))
-                    .copied()
-                    .unwrap_or(0);
-                for (k, v) in &counters {
-                    if k.0 == "backends"
-                        && let Some(rest) = k.1.strip_prefix(&format!("{key} . "))
-                        && let Some((_, ep)) = rest.split_once(" -> ")
-                    {
-                        let ip = ep.split(" . ").next().unwrap_or_default().to_string();
-                        *per_backend.entry(ip).or_default() += v;
+                let key = KeyBuilder::new()
+                    .ipv4(svc.cluster_ip)
+                    .proto(p.protocol.number())
+                    .port(p.port)
+                    .build();
+                refused += counters.refused.get(&key).copied().unwrap_or(0);
+                for (ip, _) in &s.backends {
+                    if let Some(v) = counters.balanced.get(&(key.clone(), *ip)) {
+                        *per_backend.entry(*ip).or_default() += v;
                         connections += v;
                     }
                 }
@@ -173,7 +167,7 @@ impl DaemonStatus {
                     .map(|(ip, node)| BackendReport {
                         ip: ip.to_string(),
                         node: node.clone(),
-                        connections: per_backend.get(&ip.to_string()).copied().unwrap_or(0),
+                        connections: per_backend.get(ip).copied().unwrap_or(0),
                     })
                     .collect(),
                 connections,
@@ -188,40 +182,60 @@ impl DaemonStatus {
     }
 }
 
-/// Packet counters of the service table's maps, keyed by (set, element text). For `backends`
-/// the element text is `key -> value`.
-async fn read_counters(table: &str) -> HashMap<(&'static str, String), u64> {
-    let mut out = HashMap::new();
-    // Verdict maps cannot carry counters (the kernel refuses element expressions there), so
-    // connections are counted where they are balanced: in `backends`.
-    for set in ["no_endpoints", "backends"] {
-        let kind = if set == "no_endpoints" { "set" } else { "map" };
-        let Ok(o) = tokio::process::Command::new("nft")
-            .args(["list", kind, FAMILY, table, set])
-            .output()
-            .await
-        else {
-            continue;
-        };
-        let text = String::from_utf8_lossy(&o.stdout);
-        // Elements look like `10.96.0.10 . tcp . 80 counter packets 3 bytes 180 : goto svc_2`.
-        let body = text.split("elements = {").nth(1).unwrap_or_default();
-        for raw in body.split(',') {
-            let e = raw.trim().trim_end_matches('}').trim();
-            let Some((key, rest)) = e.split_once(" counter packets ") else {
-                continue;
-            };
-            let mut it = rest.split_whitespace();
-            let packets: u64 = it.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-            let value = rest.split_once(" : ").map(|(_, v)| v.trim().to_string());
-            let k = match (set, value) {
-                ("backends", Some(v)) => format!("{} -> {v}", key.trim()),
-                _ => key.trim().to_string(),
-            };
-            out.insert((set, k), packets);
+/// Packet counters of the service table, from the kernel's set elements.
+#[derive(Debug, Default)]
+struct Counters {
+    /// `no_endpoints` key (cluster IP . proto . port) → connections refused.
+    refused: HashMap<Vec<u8>, u64>,
+    /// (`backends` key without its slot, endpoint address) → connections over its slots.
+    balanced: HashMap<(Vec<u8>, Ipv4Addr), u64>,
+}
+
+/// Length of a `backends` key without its slot (cluster IP . proto . port, 4 bytes each).
+const PORT_KEY_LEN: usize = 12;
+
+/// Reads the counters of `no_endpoints` and `backends` with one netlink dump each. Verdict
+/// maps cannot carry counters (the kernel refuses element expressions there), so connections
+/// are counted where they are balanced; services big enough for the uncounted `big_backends`
+/// are not counted at all. A failure leaves the counts at zero (logged).
+async fn read_counters(table: &str) -> Counters {
+    let table = table.to_string();
+    let dumped = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let mut sock = NftSocket::open()?;
+        Ok((
+            sock.dump_elements(NFPROTO_IPV4, &table, "no_endpoints")?,
+            sock.dump_elements(NFPROTO_IPV4, &table, "backends")?,
+        ))
+    })
+    .await;
+    let (refused, balanced) = match dumped {
+        Ok(Ok(d)) => d,
+        Ok(Err(e)) => {
+            tracing::warn!("reading the service table's counters: {e:#}");
+            return Counters::default();
+        }
+        Err(e) => {
+            tracing::warn!("reading the service table's counters: {e}");
+            return Counters::default();
+        }
+    };
+    let mut c = Counters::default();
+    for e in refused {
+        if let Some((packets, _)) = e.counter {
+            *c.refused.entry(e.key).or_default() += packets;
         }
     }
-    out
+    for e in balanced {
+        let (Some((packets, _)), Some(d)) = (e.counter, e.data.as_deref()) else {
+            continue;
+        };
+        let (Some(port_key), Some(ip)) = (e.key.get(..PORT_KEY_LEN), d.get(..4)) else {
+            continue;
+        };
+        let ip = Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]);
+        *c.balanced.entry((port_key.to_vec(), ip)).or_default() += packets;
+    }
+    c
 }
 
 #[cfg(test)]

@@ -9,6 +9,10 @@
 //! Keys and data are given as the raw register bytes the rules compare against: every
 //! component of a concatenation occupies a multiple of 4 bytes (see [`KeyBuilder`]).
 
+mod dump;
+
+pub use dump::{DumpProgress, DumpedElement, parse_dump};
+
 use std::os::fd::AsFd;
 use std::time::Duration;
 

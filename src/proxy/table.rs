@@ -7,11 +7,11 @@ use std::collections::BTreeSet;
 use std::future::Future;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use tracing::{debug, info, warn};
 
 use crate::kernel::nft_cmd;
-use crate::kernel::nft_elements::{KeyBuilder, NFPROTO_IPV4, NftSocket, SetOp};
+use crate::kernel::nft_elements::{NFPROTO_IPV4, NftSocket, SetOp};
 use crate::model::service::Protocol;
 use crate::proxy::rules::{
     ACTIVE_MARKER_CHAIN, DynChain, FAMILY, NodeContext, Structure, TABLES, activate_script,
@@ -354,85 +354,53 @@ async fn run_conntrack(args: &[String]) {
     }
 }
 
-/// Deletes client-IP affinity entries pointing at any of `targets`.
+/// Deletes client-IP affinity entries pointing at any of `targets` (read with one netlink
+/// dump of the `affinity` map: key client . service address . proto . port, data endpoint
+/// address . port).
 async fn drop_affinity_entries(
     targets: &BTreeSet<(std::net::Ipv4Addr, u16)>,
-    table: &str,
+    table: &'static str,
 ) -> Result<()> {
-    let out = tokio::process::Command::new("nft")
-        .args(["-j", "list", "map", FAMILY, table, "affinity"])
-        .output()
-        .await
-        .context("listing the affinity map")?;
-    if !out.status.success() {
-        bail!(
-            "nft list map affinity: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let mut keys = Vec::new();
-    for obj in v["nftables"].as_array().into_iter().flatten() {
-        for e in obj["map"]["elem"].as_array().into_iter().flatten() {
-            // Each element: [ {"elem": {"val": {"concat": [...]}, ...}} | {"concat": [...]}, {"concat": [ip, port]} ]
-            let Some(pair) = e.as_array() else { continue };
-            let (Some(k), Some(d)) = (pair.first(), pair.get(1)) else {
-                continue;
-            };
-            let dconcat = d["concat"].as_array();
-            let Some(dc) = dconcat else { continue };
-            let ip = dc
-                .first()
-                .and_then(|x| x.as_str())
-                .and_then(|s| s.parse().ok());
-            let port = dc.get(1).and_then(|x| x.as_u64()).map(|p| p as u16);
-            let (Some(ip), Some(port)) = (ip, port) else {
-                continue;
-            };
-            if !targets.contains(&(ip, port)) {
-                continue;
-            }
-            let kc = k["elem"]["val"]["concat"]
-                .as_array()
-                .or_else(|| k["concat"].as_array());
-            let Some(kc) = kc else { continue };
-            let parts: Vec<&serde_json::Value> = kc.iter().collect();
-            if parts.len() != 4 {
-                continue;
-            }
-            let saddr = parts[0].as_str().and_then(|s| s.parse().ok());
-            let daddr = parts[1].as_str().and_then(|s| s.parse().ok());
-            let proto = match parts[2].as_str() {
-                Some("tcp") => Some(6),
-                Some("udp") => Some(17),
-                _ => None,
-            };
-            let dport = parts[3].as_u64().map(|p| p as u16);
-            if let (Some(s), Some(d), Some(pr), Some(dp)) = (saddr, daddr, proto, dport) {
-                keys.push(KeyBuilder::new().ipv4(s).ipv4(d).proto(pr).port(dp).build());
+    let targets = targets.clone();
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        let mut s = NftSocket::open()?;
+        let entries = s
+            .dump_elements(NFPROTO_IPV4, table, "affinity")
+            .context("listing the affinity map")?;
+        let keys: Vec<Vec<u8>> = entries
+            .into_iter()
+            .filter(|e| {
+                e.data
+                    .as_deref()
+                    .is_some_and(|d| match (d.get(..4), d.get(4..6)) {
+                        (Some(ip), Some(port)) => targets.contains(&(
+                            std::net::Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]),
+                            u16::from_be_bytes([port[0], port[1]]),
+                        )),
+                        _ => false,
+                    })
+            })
+            .map(|e| e.key)
+            .collect();
+        let n = keys.len();
+        // Entries may expire meanwhile; delete one by one so a vanished entry fails alone.
+        let mut failed = 0;
+        for k in keys {
+            if s.apply(
+                NFPROTO_IPV4,
+                table,
+                &[("affinity".to_string(), SetOp::Delete(vec![k]))],
+            )
+            .is_err()
+            {
+                failed += 1;
             }
         }
-    }
-    if keys.is_empty() {
-        return Ok(());
-    }
-    let n = keys.len();
-    let mut s = NftSocket::open()?;
-    // Entries may expire meanwhile; delete one by one so a vanished entry fails alone.
-    let mut failed = 0;
-    for k in keys {
-        if s.apply(
-            NFPROTO_IPV4,
-            table,
-            &[("affinity".to_string(), SetOp::Delete(vec![k]))],
-        )
-        .is_err()
-        {
-            failed += 1;
-        }
-    }
-    debug!(n, failed, "affinity entries cleared");
-    Ok(())
+        debug!(n, failed, "affinity entries cleared");
+        Ok(())
+    })
+    .await
+    .context("clearing affinity entries")?
 }
 
 /// Removes the service tables (node leave).
