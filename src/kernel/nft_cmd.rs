@@ -36,11 +36,6 @@ pub async fn list_table(family: &str, name: &str) -> Result<Option<String>> {
     run_list(&["list", "table", family, name]).await
 }
 
-/// Lists one table in nft's JSON form; `None` when it does not exist.
-pub async fn list_table_json(family: &str, name: &str) -> Result<Option<String>> {
-    run_list(&["-j", "list", "table", family, name]).await
-}
-
 async fn run_list(args: &[&str]) -> Result<Option<String>> {
     let out = Command::new("nft")
         .args(args)
