@@ -166,46 +166,27 @@ async fn wait_for_config(store: &Store, keys: &EtcdArgs) -> NetworkConfig {
 }
 
 /// Runs the daemon until SIGTERM/SIGINT (dataplane left in place) or a leave.
+/// Who this node is, from its flags, its underlay interface and its state file.
+struct Identity {
+    node: NodeIdentity,
+    iface: crate::kernel::netlink::Iface,
+    /// The VXLAN device's MTU.
+    mtu: u32,
+    state_file: PathBuf,
+    /// The subnet the state file remembers.
+    preferred: Option<Ipv4Network>,
+}
+
+/// Runs the daemon until shutdown or a leave: [`identify`] the node, connect to etcd, wait for
+/// the network config and a subnet, [`spawn_dataplane`], then [`supervise`].
 pub async fn run(args: DaemonArgs) -> Result<()> {
     let name = node_name(&args)?;
     // First of all, before etcd or the kernel: one daemon per node. Held until exit (the
     // kernel releases it if the process dies).
     let _lock = crate::node::lock::lock_paths(&args.owned_paths())?;
-    let nl = Netlink::connect()?;
-    let iface = nl
-        .iface(&args.iface)
-        .await
-        .with_context(|| format!("--iface {}", args.iface))?;
-    let public_ip = match args.public_ip {
-        Some(ip) => ip,
-        None => iface.addrs.first().map(|a| a.ip()).ok_or_else(|| {
-            anyhow!(
-                "--iface {} has no IPv4 address; give --public-ip",
-                args.iface
-            )
-        })?,
-    };
-    let mtu = overlay_mtu(iface.mtu)?;
-    let state_file = state_path(&args.state_dir, &name);
-    let state = match NodeState::load(&state_file) {
-        Ok(s) => s,
-        Err(e) => {
-            warn!("{e:#}; starting without remembered state");
-            None
-        }
-    };
-    let vtep_mac = state
-        .as_ref()
-        .filter(|s| s.node_name == name && s.vtep_mac.is_valid_unicast())
-        .map(|s| s.vtep_mac)
-        .unwrap_or_else(|| vtep_mac_for(&name));
-    let preferred = state.as_ref().and_then(|s| s.subnet);
-    let node = NodeIdentity {
-        name: name.clone(),
-        public_ip,
-        vtep_mac,
-    };
-    info!(node = %name, %public_ip, %vtep_mac, iface = %args.iface, "starting");
+    let id = identify(&args, &name).await?;
+    let node = id.node.clone();
+    info!(node = %name, public_ip = %node.public_ip, vtep_mac = %node.vtep_mac, iface = %args.iface, "starting");
 
     let store = Store::connect(&args.etcd).await?;
     let metrics = Metrics::new();
@@ -217,7 +198,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     }
     let etcd_addrs = args.etcd.endpoint_addrs();
     let range_ctx = RangeContext {
-        underlay: iface.addrs.clone(),
+        underlay: id.iface.addrs.clone(),
         etcd: etcd_addrs.iter().map(|a| *a.ip()).collect(),
     };
     check_service_cidr(args.service_cidr, None, &range_ctx)
@@ -246,12 +227,12 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         metrics.clone(),
     );
     let own = tokio::select! {
-        o = manager.acquire(preferred) => o,
+        o = manager.acquire(id.preferred) => o,
         _ = &mut shutdown => return Ok(()),
     };
     let Some(own) = own else {
         info!("a leave was requested before this node held a subnet; removing local state");
-        teardown_local(&args, &cfg, &state_file).await;
+        teardown_local(&args, &cfg, &id.state_file).await;
         let _ = store
             .delete(&crate::store::keys::leave_key(&args.etcd, &name))
             .await;
@@ -261,38 +242,128 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     let (own_tx, own_rx) = watch::channel(Some(own.clone()));
     let (peers_tx, peers_rx) = watch::channel(Arc::default());
     status.set_own(own_rx.clone(), peers_rx, cfg.clone());
+    id.persist(&own);
+    let dataplane = spawn_dataplane(
+        &args,
+        &store,
+        &id,
+        &cfg,
+        Feeds {
+            own: own_rx.clone(),
+            subnets: subnets.clone(),
+            nodes,
+            peers_tx,
+        },
+        etcd_addrs,
+        &metrics,
+        &status,
+    );
+    let keep = async {
+        manager
+            .keep(own, &own_tx, subnets, renew_interval(args.subnet_lease_ttl))
+            .await
+    };
+    supervise(&args, &store, &id, &cfg, own_rx, dataplane, keep, shutdown).await
+}
 
-    let persist = |o: &OwnLease| {
+impl Identity {
+    /// Remembers `o` (and the VTEP MAC) in the state file, for the next start.
+    fn persist(&self, o: &OwnLease) {
         let st = NodeState {
-            node_name: name.clone(),
+            node_name: self.node.name.clone(),
             subnet: Some(o.subnet),
-            vtep_mac,
+            vtep_mac: self.node.vtep_mac,
         };
-        if let Err(e) = st.save(&state_file) {
+        if let Err(e) = st.save(&self.state_file) {
             warn!("saving node state: {e:#}");
         }
+    }
+}
+
+/// The node's identity: underlay interface and address, overlay MTU, VTEP MAC (remembered,
+/// else derived from the name) and the subnet it held before.
+async fn identify(args: &DaemonArgs, name: &str) -> Result<Identity> {
+    let nl = Netlink::connect()?;
+    let iface = nl
+        .iface(&args.iface)
+        .await
+        .with_context(|| format!("--iface {}", args.iface))?;
+    let public_ip = match args.public_ip {
+        Some(ip) => ip,
+        None => iface.addrs.first().map(|a| a.ip()).ok_or_else(|| {
+            anyhow!(
+                "--iface {} has no IPv4 address; give --public-ip",
+                args.iface
+            )
+        })?,
     };
-    persist(&own);
-    // subnet.env is the node's readiness for CNI (and flannel's contract): written once the
-    // overlay is programmed for the subnet, as flannel writes it after its backend is up.
-    let write_env = |subnet| {
-        let env = SubnetEnv {
-            network: cfg.network,
-            subnet,
-            mtu,
-            ipmasq: args.ip_masq,
-        };
-        if let Err(e) = env.write_atomic(&args.subnet_file) {
-            error!("writing {}: {e:#}", args.subnet_file.display());
+    let mtu = overlay_mtu(iface.mtu)?;
+    let state_file = state_path(&args.state_dir, name);
+    let state = match NodeState::load(&state_file) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!("{e:#}; starting without remembered state");
+            None
         }
     };
-    let (ready_tx, mut ready_rx) = watch::channel(None);
+    let vtep_mac = state
+        .as_ref()
+        .filter(|s| s.node_name == name && s.vtep_mac.is_valid_unicast())
+        .map(|s| s.vtep_mac)
+        .unwrap_or_else(|| vtep_mac_for(name));
+    let preferred = state.as_ref().and_then(|s| s.subnet);
+    Ok(Identity {
+        node: NodeIdentity {
+            name: name.to_string(),
+            public_ip,
+            vtep_mac,
+        },
+        iface,
+        mtu,
+        state_file,
+        preferred,
+    })
+}
+
+/// The inputs the dataplane tasks share.
+struct Feeds {
+    own: watch::Receiver<Option<OwnLease>>,
+    subnets: watch::Receiver<Arc<crate::store::etcd::PrefixView>>,
+    nodes: watch::Receiver<Arc<crate::store::etcd::PrefixView>>,
+    peers_tx: watch::Sender<Arc<crate::overlay::plan::PeerSet>>,
+}
+
+/// The running dataplane tasks.
+struct Dataplane {
+    overlay: tokio::task::JoinHandle<Result<()>>,
+    proxy: tokio::task::JoinHandle<Result<()>>,
+    /// The subnet the overlay is programmed for (subnet.env is written from it).
+    ready: watch::Receiver<Option<Ipv4Network>>,
+}
+
+/// Starts the liveness record, the pod registrar, the service proxy and the overlay
+/// reconciler.
+#[allow(clippy::too_many_arguments)]
+fn spawn_dataplane(
+    args: &DaemonArgs,
+    store: &Store,
+    id: &Identity,
+    cfg: &NetworkConfig,
+    feeds: Feeds,
+    etcd_addrs: Vec<std::net::SocketAddrV4>,
+    metrics: &Arc<Metrics>,
+    status: &DaemonStatus,
+) -> Dataplane {
+    let name = id.node.name.clone();
+    let (public_ip, vtep_mac) = (id.node.public_ip, id.node.vtep_mac);
+    let own_rx = feeds.own;
+    let (ready_tx, ready_rx) = watch::channel(None);
 
     let (lease_tx, lease_rx) = watch::channel(None);
     tokio::spawn(crate::node::liveness::run(
         store.clone(),
         args.etcd.clone(),
-        node.clone(),
+        id.node.clone(),
         own_rx.clone(),
         args.liveness_ttl,
         lease_tx,
@@ -315,7 +386,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         service_cidr: args.service_cidr,
         balancing: args.load_balancing,
     };
-    let mut node_ips: Vec<Ipv4Addr> = iface.addrs.iter().map(|a| a.ip()).collect();
+    let mut node_ips: Vec<Ipv4Addr> = id.iface.addrs.iter().map(|a| a.ip()).collect();
     node_ips.push(public_ip);
     let guard = AddressGuard {
         service_cidr: args.service_cidr,
@@ -342,11 +413,12 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         resync: Duration::from_secs(args.resync_secs),
     };
     let overlay = tokio::spawn({
-        let (metrics, own_rx, subnets, nodes) = (
+        let (metrics, own_rx, subnets, nodes, peers_tx) = (
             metrics.clone(),
             own_rx.clone(),
-            subnets.clone(),
-            nodes.clone(),
+            feeds.subnets,
+            feeds.nodes,
+            feeds.peers_tx,
         );
         async move {
             let r = crate::overlay::reconciler::run(
@@ -359,19 +431,48 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
             r
         }
     });
-    let mut overlay_running = true;
+    Dataplane {
+        overlay,
+        proxy,
+        ready: ready_rx,
+    }
+}
 
-    let mut own_watch = own_rx.clone();
-    let keep = async {
-        manager
-            .keep(
-                own,
-                &own_tx,
-                subnets.clone(),
-                renew_interval(args.subnet_lease_ttl),
-            )
-            .await
+/// Waits for shutdown or a leave request while the subnet is kept: keeps the state file and
+/// subnet.env current; on a leave, stops the dataplane and removes this node's traces. On
+/// shutdown the dataplane stays in place.
+#[allow(clippy::too_many_arguments)]
+async fn supervise(
+    args: &DaemonArgs,
+    store: &Store,
+    id: &Identity,
+    cfg: &NetworkConfig,
+    own_rx: watch::Receiver<Option<OwnLease>>,
+    dataplane: Dataplane,
+    keep: impl std::future::Future<Output = KeepOutcome>,
+    mut shutdown: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+) -> Result<()> {
+    let name = &id.node.name;
+    let Dataplane {
+        overlay,
+        proxy,
+        ready: mut ready_rx,
+    } = dataplane;
+    // subnet.env is the node's readiness for CNI (and flannel's contract): written once the
+    // overlay is programmed for the subnet, as flannel writes it after its backend is up.
+    let write_env = |subnet| {
+        let env = SubnetEnv {
+            network: cfg.network,
+            subnet,
+            mtu: id.mtu,
+            ipmasq: args.ip_masq,
+        };
+        if let Err(e) = env.write_atomic(&args.subnet_file) {
+            error!("writing {}: {e:#}", args.subnet_file.display());
+        }
     };
+    let mut overlay_running = true;
+    let mut own_watch = own_rx.clone();
     tokio::pin!(keep);
     loop {
         tokio::select! {
@@ -385,9 +486,9 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
                         overlay.abort();
                         proxy.abort();
                         let cur = own_rx.borrow().clone();
-                        teardown_local(&args, &cfg, &state_file).await;
-                        let _ = store.delete(&crate::store::keys::leave_key(&args.etcd, &name)).await;
-                        let _ = store.delete(&crate::store::keys::node_key(&args.etcd, &name)).await;
+                        teardown_local(args, cfg, &id.state_file).await;
+                        let _ = store.delete(&crate::store::keys::leave_key(&args.etcd, name)).await;
+                        let _ = store.delete(&crate::store::keys::node_key(&args.etcd, name)).await;
                         info!(subnet = ?cur.map(|c| c.subnet), "left the cluster");
                         return Ok(());
                     }
@@ -395,7 +496,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
             }
             c = own_watch.changed() => {
                 if c.is_ok() && let Some(o) = own_watch.borrow_and_update().clone() {
-                    persist(&o);
+                    id.persist(&o);
                 }
             }
             r = ready_rx.changed(), if overlay_running => {
