@@ -10,6 +10,7 @@ use std::str::FromStr;
 use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
 
+use crate::model::DecodeError;
 use crate::model::pod::PodRecord;
 
 /// Transport protocol of a service port.
@@ -182,60 +183,80 @@ pub fn valid_name(s: &str) -> bool {
 
 impl Service {
     /// Decodes and validates a service record.
-    pub fn parse(bytes: &[u8]) -> Result<Service, String> {
+    pub fn parse(bytes: &[u8]) -> Result<Service, DecodeError> {
         let s: Service = crate::util::json_decode::from_slice(bytes)
-            .map_err(|e| format!("service does not decode: {e}"))?;
+            .map_err(|e| DecodeError::json("service does not decode", e))?;
         s.validate()?;
         Ok(s)
     }
 
     /// Checks the invariants a well-formed service holds.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), DecodeError> {
+        let not_a_name = |field: &str, v: &str| {
+            DecodeError::value(field, format!("{v:?}"), "is not a valid name")
+        };
         if !valid_name(&self.namespace) {
-            return Err(format!(
-                "namespace {:?} is not a valid name",
-                self.namespace
-            ));
+            return Err(not_a_name("namespace", &self.namespace));
         }
         if !valid_name(&self.name) {
-            return Err(format!("name {:?} is not a valid name", self.name));
+            return Err(not_a_name("name", &self.name));
         }
         if self.ports.is_empty() {
-            return Err("ports: a service needs at least one port".into());
+            return Err(DecodeError::invalid(
+                "ports",
+                "a service needs at least one port",
+            ));
         }
         let mut seen = std::collections::HashSet::new();
-        for p in &self.ports {
-            if p.port == 0 || p.target_port == 0 {
-                return Err("ports: port and targetPort must be 1-65535".into());
+        for (i, p) in self.ports.iter().enumerate() {
+            for (field, v) in [("port", p.port), ("targetPort", p.target_port)] {
+                if v == 0 {
+                    return Err(DecodeError::out_of_range(
+                        format!("ports[{i}].{field}"),
+                        0,
+                        1,
+                        65535,
+                    ));
+                }
             }
             if !seen.insert((p.port, p.protocol)) {
-                return Err(format!(
-                    "ports: port {}/{} is listed twice",
-                    p.port, p.protocol
+                return Err(DecodeError::invalid(
+                    "ports",
+                    format!("port {}/{} is listed twice", p.port, p.protocol),
                 ));
             }
             if let Some(np) = p.node_port
                 && !(NODE_PORT_MIN..=NODE_PORT_MAX).contains(&np)
             {
-                return Err(format!(
-                    "ports: nodePort {np} is outside {NODE_PORT_MIN}-{NODE_PORT_MAX}"
+                return Err(DecodeError::out_of_range(
+                    format!("ports[{i}].nodePort"),
+                    np.into(),
+                    NODE_PORT_MIN.into(),
+                    NODE_PORT_MAX.into(),
                 ));
             }
         }
         if let Some(sel) = &self.selector {
             if sel.is_empty() {
-                return Err(
-                    "selector: an empty selector would select every pod; omit it for explicit endpoints"
-                        .into(),
-                );
+                return Err(DecodeError::invalid(
+                    "selector",
+                    "an empty selector would select every pod; omit it for explicit endpoints",
+                ));
             }
             for (k, v) in sel {
-                check_label_key(k).map_err(|e| format!("selector: {e}"))?;
-                check_label_value(v).map_err(|e| format!("selector: {e}"))?;
+                check_label_key(k).map_err(|e| DecodeError::invalid("selector", e))?;
+                check_label_value(v).map_err(|e| DecodeError::invalid("selector", e))?;
             }
         }
-        if self.session_affinity_timeout == 0 || self.session_affinity_timeout > 86400 {
-            return Err("sessionAffinityTimeout must be 1-86400 seconds".into());
+        let t = self.session_affinity_timeout;
+        if t == 0 || t > 86400 {
+            return Err(DecodeError::OutOfRange {
+                field: "sessionAffinityTimeout".into(),
+                value: t.into(),
+                min: 1,
+                max: 86400,
+                unit: " seconds",
+            });
         }
         Ok(())
     }
@@ -286,9 +307,9 @@ pub struct EndpointAddress {
 
 impl ExplicitEndpoints {
     /// Decodes an endpoints record.
-    pub fn parse(bytes: &[u8]) -> Result<ExplicitEndpoints, String> {
+    pub fn parse(bytes: &[u8]) -> Result<ExplicitEndpoints, DecodeError> {
         crate::util::json_decode::from_slice(bytes)
-            .map_err(|e| format!("endpoints record is not valid: {e}"))
+            .map_err(|e| DecodeError::json("endpoints record is not valid", e))
     }
 }
 

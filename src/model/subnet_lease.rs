@@ -11,6 +11,8 @@ use std::str::FromStr;
 use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
 
+use crate::model::DecodeError;
+
 /// A MAC address (used for VTEP MACs).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct MacAddr(pub [u8; 6]);
@@ -78,20 +80,26 @@ pub fn subnet_to_key(subnet: Ipv4Network) -> String {
 }
 
 /// Parses flannel's key suffix `10.244.3.0-24` (the last path component of a subnet key).
-pub fn subnet_from_key(key_suffix: &str) -> Result<Ipv4Network, String> {
-    let (ip, len) = key_suffix
-        .rsplit_once('-')
-        .ok_or_else(|| format!("subnet key {key_suffix:?} is not of the form a.b.c.d-NN"))?;
+pub fn subnet_from_key(key_suffix: &str) -> Result<Ipv4Network, DecodeError> {
+    let quoted = || format!("{key_suffix:?}");
+    let part = |why: String| DecodeError::invalid(format!("subnet key {key_suffix:?}"), why);
+    let (ip, len) = key_suffix.rsplit_once('-').ok_or_else(|| {
+        DecodeError::value("subnet key", quoted(), "is not of the form a.b.c.d-NN")
+    })?;
     let ip: Ipv4Addr = ip
         .parse()
-        .map_err(|_| format!("subnet key {key_suffix:?}: {ip:?} is not an IPv4 address"))?;
+        .map_err(|_| part(format!("{ip:?} is not an IPv4 address")))?;
     let len: u8 = len
         .parse()
-        .map_err(|_| format!("subnet key {key_suffix:?}: {len:?} is not a prefix length"))?;
-    let net = Ipv4Network::new(ip, len)
-        .map_err(|_| format!("subnet key {key_suffix:?}: /{len} is not a prefix length"))?;
+        .map_err(|_| part(format!("{len:?} is not a prefix length")))?;
+    let net =
+        Ipv4Network::new(ip, len).map_err(|_| part(format!("/{len} is not a prefix length")))?;
     if net.network() != ip {
-        return Err(format!("subnet key {key_suffix:?} has host bits set"));
+        return Err(DecodeError::value(
+            "subnet key",
+            quoted(),
+            "has host bits set",
+        ));
     }
     Ok(net)
 }
@@ -140,24 +148,32 @@ impl LeaseValue {
     }
 
     /// Parses a lease value, rejecting anything that is not a JSON object with a PublicIP.
-    pub fn parse(bytes: &[u8]) -> Result<Self, String> {
+    pub fn parse(bytes: &[u8]) -> Result<Self, DecodeError> {
         crate::util::json_decode::from_slice(bytes)
-            .map_err(|e| format!("lease value is not valid: {e}"))
+            .map_err(|e| DecodeError::json("lease value is not valid", e))
     }
 
     /// The VXLAN backend data, if present and well-formed.
-    pub fn vxlan_data(&self) -> Result<VxlanBackendData, String> {
+    pub fn vxlan_data(&self) -> Result<VxlanBackendData, DecodeError> {
         if self.backend_type != "vxlan" {
-            return Err(format!("BackendType {:?} is not vxlan", self.backend_type));
+            return Err(DecodeError::value(
+                "BackendType",
+                format!("{:?}", self.backend_type),
+                "is not vxlan",
+            ));
         }
         let data = self
             .backend_data
             .as_ref()
-            .ok_or_else(|| "BackendData is missing".to_string())?;
+            .ok_or_else(|| DecodeError::missing("BackendData"))?;
         let d: VxlanBackendData = crate::util::json_decode::from_value(data)
-            .map_err(|e| format!("BackendData is not valid: {e}"))?;
+            .map_err(|e| DecodeError::json("BackendData is not valid", e))?;
         if !d.vtep_mac.is_valid_unicast() {
-            return Err(format!("VtepMAC {} is not a unicast MAC", d.vtep_mac));
+            return Err(DecodeError::value(
+                "VtepMAC",
+                d.vtep_mac.to_string(),
+                "is not a unicast MAC",
+            ));
         }
         Ok(d)
     }
