@@ -351,17 +351,17 @@ pub async fn run(
 /// routes), tartan's direct routes on the underlay, and the masquerade table.
 pub async fn teardown(iface: &str, vni: u32) -> Result<()> {
     let nl = Netlink::connect()?;
-    let mut errors = Vec::new();
+    let mut errors = crate::util::errors::ErrorList::new();
     if let Err(e) = nl.delete_link(&device_name(vni)).await {
-        errors.push(format!("{e:#}"));
+        errors.push(format_args!("{e:#}"));
     }
     match nl.iface(iface).await {
         Ok(i) => {
             if let Err(e) = nl.delete_owned_routes(i.index).await {
-                errors.push(format!("{e:#}"));
+                errors.push(format_args!("{e:#}"));
             }
         }
-        Err(e) => errors.push(format!("{e:#}")),
+        Err(e) => errors.push(format_args!("{e:#}")),
     }
     if let Err(e) = crate::kernel::nft_cmd::delete_table(
         crate::overlay::masquerade::FAMILY,
@@ -369,11 +369,11 @@ pub async fn teardown(iface: &str, vni: u32) -> Result<()> {
     )
     .await
     {
-        errors.push(format!("{e:#}"));
+        errors.push(format_args!("{e:#}"));
     }
     if errors.is_empty() {
         Ok(())
     } else {
-        bail!("teardown incomplete: {}", errors.join("; "))
+        bail!("teardown incomplete: {errors}")
     }
 }
