@@ -722,17 +722,51 @@ mod tests {
         let mut s = svc();
         s.ports.push(s.ports[0].clone());
         assert!(s.validate().is_err());
+        assert_eq!(
+            s.validate().unwrap_err().to_string(),
+            format!("ports: port {}/tcp is listed twice", s.ports[0].port)
+        );
         let mut s = svc();
         s.ports[0].node_port = Some(80);
-        assert!(s.validate().is_err());
+        assert_eq!(
+            s.validate().unwrap_err().to_string(),
+            "ports[0].nodePort 80 is outside 30000-32767"
+        );
+        let mut s = svc();
+        s.ports[0].target_port = 0;
+        assert_eq!(
+            s.validate().unwrap_err(),
+            DecodeError::out_of_range("ports[0].targetPort", 0, 1, 65535)
+        );
         let mut s = svc();
         s.selector = Some(BTreeMap::new());
-        assert!(s.validate().is_err());
+        assert!(
+            s.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("selector: ")
+        );
         let mut s = svc();
         s.name = "Web".into();
-        assert!(s.validate().is_err());
-        assert!(Service::parse(b"{not json").is_err());
-        assert!(Service::parse(br#"{"namespace":"a"}"#).is_err());
+        assert_eq!(
+            s.validate().unwrap_err().to_string(),
+            "name \"Web\" is not a valid name"
+        );
+        let mut s = svc();
+        s.session_affinity_timeout = 0;
+        assert_eq!(
+            s.validate().unwrap_err().to_string(),
+            "sessionAffinityTimeout 0 is outside 1-86400 seconds"
+        );
+        assert!(matches!(
+            Service::parse(b"{not json"),
+            Err(DecodeError::Json { .. })
+        ));
+        let e = Service::parse(br#"{"namespace":"a"}"#).unwrap_err();
+        assert!(
+            e.to_string().starts_with("service does not decode: "),
+            "{e}"
+        );
     }
 
     #[test]
