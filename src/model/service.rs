@@ -43,12 +43,16 @@ impl fmt::Display for Protocol {
 }
 
 impl FromStr for Protocol {
-    type Err = String;
+    type Err = DecodeError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.to_ascii_lowercase().as_str() {
             "tcp" => Ok(Protocol::Tcp),
             "udp" => Ok(Protocol::Udp),
-            _ => Err(format!("protocol {s:?} is not tcp or udp")),
+            _ => Err(DecodeError::value(
+                "protocol",
+                format!("{s:?}"),
+                "is not tcp or udp",
+            )),
         }
     }
 }
@@ -72,7 +76,7 @@ pub struct ServicePort {
 }
 
 impl FromStr for ServicePort {
-    type Err = String;
+    type Err = DecodeError;
     /// Parses `[NAME=]PORT[:TARGET][/PROTO]`, e.g. `http=80:8080/tcp`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (name, rest) = match s.split_once('=') {
@@ -87,22 +91,28 @@ impl FromStr for ServicePort {
             Some((p, t)) => (p, Some(t)),
             None => (ports, None),
         };
-        let parse_port = |v: &str| -> Result<u16, String> {
+        let parse_port = |field: &str, v: &str| -> Result<u16, DecodeError> {
             match v.parse::<u16>() {
                 Ok(p) if p > 0 => Ok(p),
-                _ => Err(format!("{v:?} in {s:?} is not a port 1-65535")),
+                _ => Err(DecodeError::value(
+                    field,
+                    format!("{v:?} in {s:?}"),
+                    "is not a port 1-65535",
+                )),
             }
         };
-        let port = parse_port(port)?;
+        let port = parse_port("port", port)?;
         let target_port = match target {
-            Some(t) => parse_port(t)?,
+            Some(t) => parse_port("target port", t)?,
             None => port,
         };
         if let Some(n) = &name
             && !valid_name(n)
         {
-            return Err(format!(
-                "port name {n:?} must be lowercase letters, digits and '-'"
+            return Err(DecodeError::value(
+                "port name",
+                format!("{n:?}"),
+                "must be lowercase letters, digits and '-'",
             ));
         }
         Ok(ServicePort {
@@ -703,6 +713,20 @@ mod tests {
         for bad in ["0", "70000", "80:x", "80/sctp", "Bad=80", "", ":80"] {
             assert!(bad.parse::<ServicePort>().is_err(), "{bad} should fail");
         }
+        let e = |s: &str| s.parse::<ServicePort>().unwrap_err().to_string();
+        assert_eq!(e("80/sctp"), "protocol \"sctp\" is not tcp or udp");
+        assert_eq!(
+            e("http=0"),
+            "port \"0\" in \"http=0\" is not a port 1-65535"
+        );
+        assert_eq!(
+            e("80:x"),
+            "target port \"x\" in \"80:x\" is not a port 1-65535"
+        );
+        assert_eq!(
+            e("Bad=80"),
+            "port name \"Bad\" must be lowercase letters, digits and '-'"
+        );
     }
 
     #[test]

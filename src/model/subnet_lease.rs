@@ -34,21 +34,26 @@ impl fmt::Debug for MacAddr {
     }
 }
 
+/// Text that is not a MAC address `xx:xx:xx:xx:xx:xx` (the text, as given).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a MAC address")]
+pub struct MacParseError(pub String);
+
 impl FromStr for MacAddr {
-    type Err = String;
+    type Err = MacParseError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || MacParseError(s.to_string());
         let mut out = [0u8; 6];
         let mut n = 0;
         for part in s.split(':') {
             if n == 6 || part.len() != 2 {
-                return Err(format!("{s:?} is not a MAC address"));
+                return Err(bad());
             }
-            out[n] =
-                u8::from_str_radix(part, 16).map_err(|_| format!("{s:?} is not a MAC address"))?;
+            out[n] = u8::from_str_radix(part, 16).map_err(|_| bad())?;
             n += 1;
         }
         if n != 6 {
-            return Err(format!("{s:?} is not a MAC address"));
+            return Err(bad());
         }
         Ok(MacAddr(out))
     }
@@ -217,7 +222,13 @@ mod tests {
         assert_eq!(m.to_string(), "0a:1b:2c:3d:4e:5f");
         assert!("0a:1b:2c:3d:4e".parse::<MacAddr>().is_err());
         assert!("0a:1b:2c:3d:4e:5f:00".parse::<MacAddr>().is_err());
-        assert!("zz:1b:2c:3d:4e:5f".parse::<MacAddr>().is_err());
+        assert_eq!(
+            "zz:1b:2c:3d:4e:5f"
+                .parse::<MacAddr>()
+                .unwrap_err()
+                .to_string(),
+            "\"zz:1b:2c:3d:4e:5f\" is not a MAC address"
+        );
         assert!(
             !"01:00:00:00:00:00"
                 .parse::<MacAddr>()

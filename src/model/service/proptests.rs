@@ -207,7 +207,10 @@ proptest! {
                 prop_assert!(p.port > 0 && p.target_port > 0 && p.node_port.is_none());
                 prop_assert_eq!(port_spec(&p).parse::<ServicePort>(), Ok(p));
             }
-            Err(e) => prop_assert!(!e.is_empty() && !e.contains('\n'), "{e:?}"),
+            Err(e) => {
+                let e = e.to_string();
+                prop_assert!(!e.is_empty() && !e.contains('\n'), "{e:?}");
+            }
         }
     }
 
