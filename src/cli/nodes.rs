@@ -69,7 +69,7 @@ pub async fn run(etcd: &EtcdArgs, output: OutputFormat) -> Result<()> {
                     conflicts.get(&it.key).cloned(),
                 )
             }
-            Err(e) => (None, None, None, Some(e)),
+            Err(e) => (None, None, None, Some(e.to_string())),
         };
         rows.push(Row {
             alive: node.as_ref().is_some_and(|n| alive.contains(n)),

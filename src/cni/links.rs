@@ -26,29 +26,19 @@ use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, L
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
 };
+use nix::errno::Errno;
 use nix::sched::{CloneFlags, setns};
 use rtnetlink::{LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 use super::bounded_read::read_regular_file;
 use super::error::{CniError, code};
-use crate::kernel::netlink::{Netlink, link_kind};
-
-const EEXIST: i32 = 17;
-const ENODEV: i32 = 19;
-const ENOENT: i32 = 2;
+use crate::kernel::netlink::{Netlink, errno_of, link_kind};
 
 /// Link group of detached host veth ends waiting to be reaped ("ttdd").
 pub const DETACHED_GROUP: u32 = 0x7474_6464;
 
-fn raw_code(e: &rtnetlink::Error) -> Option<i32> {
-    match e {
-        rtnetlink::Error::NetlinkError(m) => Some(-m.raw_code()),
-        _ => None,
-    }
-}
-
 fn is_exists(e: &rtnetlink::Error) -> bool {
-    raw_code(e) == Some(EEXIST)
+    errno_of(e) == Some(Errno::EEXIST)
 }
 
 fn kernel(what: impl std::fmt::Display, e: impl std::fmt::Display) -> CniError {
@@ -419,7 +409,7 @@ pub async fn detach_host_veth(nl: &Netlink, name: &str) -> Result<bool, CniError
         .build();
     match nl.handle().link().change(msg).execute().await {
         Ok(()) => Ok(true),
-        Err(e) if matches!(raw_code(&e), Some(ENODEV) | Some(ENOENT)) => Ok(false),
+        Err(e) if matches!(errno_of(&e), Some(Errno::ENODEV | Errno::ENOENT)) => Ok(false),
         Err(e) => Err(kernel(format!("detaching {name}"), e)),
     }
 }
@@ -432,7 +422,7 @@ pub async fn reap_detached(nl: &Netlink) -> Result<usize, CniError> {
     msg.attributes.push(LinkAttribute::Group(DETACHED_GROUP));
     match nl.handle().link().del_with_message(msg).execute().await {
         Ok(()) => Ok(1),
-        Err(e) if matches!(raw_code(&e), Some(ENODEV) | Some(ENOENT)) => Ok(0),
+        Err(e) if matches!(errno_of(&e), Some(Errno::ENODEV | Errno::ENOENT)) => Ok(0),
         Err(e) => Err(kernel("reaping detached veths", e)),
     }
 }

@@ -22,6 +22,7 @@ use super::spec::{
 };
 use crate::kernel::netlink::Netlink;
 use crate::model::subnet_env::SubnetEnv;
+use crate::util::errors::ErrorList;
 
 /// Runs one CNI call; returns what to print on stdout (nothing for DEL, STATUS, GC).
 pub fn run(env: &CniEnv, stdin: &[u8]) -> Result<Option<String>, CniError> {
@@ -492,7 +493,7 @@ fn gc(conf: &NetConf) -> Result<(), CniError> {
     let rt = runtime()?;
     let nl = host_netlink(&rt)?;
     rt.block_on(async {
-        let mut errors = Vec::new();
+        let mut errors = ErrorList::new();
         let mut doomed: Vec<String> = freed
             .iter()
             .map(|r| links::host_veth_name(&r.container_id, &r.ifname))
@@ -520,7 +521,7 @@ fn gc(conf: &NetConf) -> Result<(), CniError> {
         } else {
             Err(
                 CniError::kernel(format!("GC could not remove {} interfaces", errors.len()))
-                    .details(errors.join("; ")),
+                    .details(errors.to_string()),
             )
         }
     })?;

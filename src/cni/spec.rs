@@ -268,24 +268,40 @@ fn name_problem(s: &str, max: usize) -> Option<&'static str> {
     None
 }
 
+/// Why a string is not a Linux interface name (the caller prefixes the field, e.g.
+/// `CNI_IFNAME` or `bridge`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IfnameError {
+    /// The name is empty.
+    #[error("interface name is empty")]
+    Empty,
+    /// The name is longer than the kernel's 15 bytes.
+    #[error("interface name {0:?} is longer than 15 bytes")]
+    TooLong(String),
+    /// The name is `.` or `..`.
+    #[error("interface name {0:?} is not allowed")]
+    Reserved(String),
+    /// The name holds '/', ':', whitespace or NUL.
+    #[error("interface name {0:?} contains '/', ':', whitespace or NUL")]
+    BadCharacter(String),
+}
+
 /// A Linux interface name: 1–15 bytes, not `.`/`..`, no `/`, `:`, whitespace or NUL.
-pub fn validate_ifname(name: &str) -> Result<(), String> {
+pub fn validate_ifname(name: &str) -> Result<(), IfnameError> {
     if name.is_empty() {
-        return Err("interface name is empty".into());
+        return Err(IfnameError::Empty);
     }
     if name.len() > 15 {
-        return Err(format!("interface name {name:?} is longer than 15 bytes"));
+        return Err(IfnameError::TooLong(name.to_string()));
     }
     if name == "." || name == ".." {
-        return Err(format!("interface name {name:?} is not allowed"));
+        return Err(IfnameError::Reserved(name.to_string()));
     }
     if name
         .chars()
         .any(|c| c == '/' || c == ':' || c.is_whitespace() || c == '\0')
     {
-        return Err(format!(
-            "interface name {name:?} contains '/', ':', whitespace or NUL"
-        ));
+        return Err(IfnameError::BadCharacter(name.to_string()));
     }
     Ok(())
 }

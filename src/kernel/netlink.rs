@@ -11,6 +11,7 @@ use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{
     InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage,
 };
+use nix::errno::Errno;
 use rtnetlink::Handle;
 
 use crate::model::subnet_lease::MacAddr;
@@ -34,12 +35,22 @@ pub struct Iface {
     pub addrs: Vec<Ipv4Network>,
 }
 
-pub(crate) fn is_not_found(e: &rtnetlink::Error) -> bool {
-    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -libc_enodev() || m.raw_code() == -2 || m.raw_code() == -3)
+/// The errno the kernel answered a netlink request with, if it answered with an error.
+pub(crate) fn errno_of(e: &rtnetlink::Error) -> Option<Errno> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) if m.code.is_some() => {
+            Some(Errno::from_raw(-m.raw_code()))
+        }
+        _ => None,
+    }
 }
 
-pub(crate) const fn libc_enodev() -> i32 {
-    19
+/// Whether a request failed because its object does not exist (ENODEV, ENOENT, ESRCH).
+pub(crate) fn is_not_found(e: &rtnetlink::Error) -> bool {
+    matches!(
+        errno_of(e),
+        Some(Errno::ENODEV | Errno::ENOENT | Errno::ESRCH)
+    )
 }
 
 pub(crate) fn mac_of(bytes: &[u8]) -> Option<MacAddr> {
@@ -232,5 +243,28 @@ impl Netlink {
             .execute()
             .await
             .with_context(|| format!("adding address {addr}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nack(errno: Errno) -> rtnetlink::Error {
+        let mut m = netlink_packet_core::ErrorMessage::default();
+        m.code = std::num::NonZeroI32::new(-(errno as i32));
+        rtnetlink::Error::NetlinkError(m)
+    }
+
+    #[test]
+    fn errno_of_a_nack() {
+        assert_eq!(errno_of(&nack(Errno::EEXIST)), Some(Errno::EEXIST));
+        for gone in [Errno::ENODEV, Errno::ENOENT, Errno::ESRCH] {
+            assert!(is_not_found(&nack(gone)), "{gone}");
+        }
+        assert!(!is_not_found(&nack(Errno::EPERM)));
+        let ack = rtnetlink::Error::NetlinkError(netlink_packet_core::ErrorMessage::default());
+        assert_eq!(errno_of(&ack), None);
+        assert!(!is_not_found(&ack));
     }
 }

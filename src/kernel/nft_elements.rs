@@ -415,7 +415,7 @@ impl NftSocket {
                         bail!(
                             "the kernel rejected nftables batch message {} of {n}: {}",
                             idx + 1,
-                            std::io::Error::from_raw_os_error(-code)
+                            nix::errno::Errno::from_raw(-code)
                         );
                     }
                     pending -= 1;

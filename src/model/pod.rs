@@ -7,6 +7,8 @@ use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::DecodeError;
+
 /// One pod interface with an address in a node's subnet.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -30,9 +32,9 @@ pub struct PodRecord {
 
 impl PodRecord {
     /// Decodes a record; garbage yields an error for the caller to log and skip.
-    pub fn parse(bytes: &[u8]) -> Result<PodRecord, String> {
+    pub fn parse(bytes: &[u8]) -> Result<PodRecord, DecodeError> {
         crate::util::json_decode::from_slice(bytes)
-            .map_err(|e| format!("pod record is not valid: {e}"))
+            .map_err(|e| DecodeError::json("pod record is not valid", e))
     }
 
     /// Encodes a record.

@@ -10,6 +10,7 @@ use std::str::FromStr;
 use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
 
+use crate::model::DecodeError;
 use crate::model::pod::PodRecord;
 
 /// Transport protocol of a service port.
@@ -42,12 +43,16 @@ impl fmt::Display for Protocol {
 }
 
 impl FromStr for Protocol {
-    type Err = String;
+    type Err = DecodeError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.to_ascii_lowercase().as_str() {
             "tcp" => Ok(Protocol::Tcp),
             "udp" => Ok(Protocol::Udp),
-            _ => Err(format!("protocol {s:?} is not tcp or udp")),
+            _ => Err(DecodeError::value(
+                "protocol",
+                format!("{s:?}"),
+                "is not tcp or udp",
+            )),
         }
     }
 }
@@ -71,7 +76,7 @@ pub struct ServicePort {
 }
 
 impl FromStr for ServicePort {
-    type Err = String;
+    type Err = DecodeError;
     /// Parses `[NAME=]PORT[:TARGET][/PROTO]`, e.g. `http=80:8080/tcp`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (name, rest) = match s.split_once('=') {
@@ -86,22 +91,28 @@ impl FromStr for ServicePort {
             Some((p, t)) => (p, Some(t)),
             None => (ports, None),
         };
-        let parse_port = |v: &str| -> Result<u16, String> {
+        let parse_port = |field: &str, v: &str| -> Result<u16, DecodeError> {
             match v.parse::<u16>() {
                 Ok(p) if p > 0 => Ok(p),
-                _ => Err(format!("{v:?} in {s:?} is not a port 1-65535")),
+                _ => Err(DecodeError::value(
+                    field,
+                    format!("{v:?} in {s:?}"),
+                    "is not a port 1-65535",
+                )),
             }
         };
-        let port = parse_port(port)?;
+        let port = parse_port("port", port)?;
         let target_port = match target {
-            Some(t) => parse_port(t)?,
+            Some(t) => parse_port("target port", t)?,
             None => port,
         };
         if let Some(n) = &name
             && !valid_name(n)
         {
-            return Err(format!(
-                "port name {n:?} must be lowercase letters, digits and '-'"
+            return Err(DecodeError::value(
+                "port name",
+                format!("{n:?}"),
+                "must be lowercase letters, digits and '-'",
             ));
         }
         Ok(ServicePort {
@@ -182,60 +193,80 @@ pub fn valid_name(s: &str) -> bool {
 
 impl Service {
     /// Decodes and validates a service record.
-    pub fn parse(bytes: &[u8]) -> Result<Service, String> {
+    pub fn parse(bytes: &[u8]) -> Result<Service, DecodeError> {
         let s: Service = crate::util::json_decode::from_slice(bytes)
-            .map_err(|e| format!("service does not decode: {e}"))?;
+            .map_err(|e| DecodeError::json("service does not decode", e))?;
         s.validate()?;
         Ok(s)
     }
 
     /// Checks the invariants a well-formed service holds.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), DecodeError> {
+        let not_a_name = |field: &str, v: &str| {
+            DecodeError::value(field, format!("{v:?}"), "is not a valid name")
+        };
         if !valid_name(&self.namespace) {
-            return Err(format!(
-                "namespace {:?} is not a valid name",
-                self.namespace
-            ));
+            return Err(not_a_name("namespace", &self.namespace));
         }
         if !valid_name(&self.name) {
-            return Err(format!("name {:?} is not a valid name", self.name));
+            return Err(not_a_name("name", &self.name));
         }
         if self.ports.is_empty() {
-            return Err("ports: a service needs at least one port".into());
+            return Err(DecodeError::invalid(
+                "ports",
+                "a service needs at least one port",
+            ));
         }
         let mut seen = std::collections::HashSet::new();
-        for p in &self.ports {
-            if p.port == 0 || p.target_port == 0 {
-                return Err("ports: port and targetPort must be 1-65535".into());
+        for (i, p) in self.ports.iter().enumerate() {
+            for (field, v) in [("port", p.port), ("targetPort", p.target_port)] {
+                if v == 0 {
+                    return Err(DecodeError::out_of_range(
+                        format!("ports[{i}].{field}"),
+                        0,
+                        1,
+                        65535,
+                    ));
+                }
             }
             if !seen.insert((p.port, p.protocol)) {
-                return Err(format!(
-                    "ports: port {}/{} is listed twice",
-                    p.port, p.protocol
+                return Err(DecodeError::invalid(
+                    "ports",
+                    format!("port {}/{} is listed twice", p.port, p.protocol),
                 ));
             }
             if let Some(np) = p.node_port
                 && !(NODE_PORT_MIN..=NODE_PORT_MAX).contains(&np)
             {
-                return Err(format!(
-                    "ports: nodePort {np} is outside {NODE_PORT_MIN}-{NODE_PORT_MAX}"
+                return Err(DecodeError::out_of_range(
+                    format!("ports[{i}].nodePort"),
+                    np.into(),
+                    NODE_PORT_MIN.into(),
+                    NODE_PORT_MAX.into(),
                 ));
             }
         }
         if let Some(sel) = &self.selector {
             if sel.is_empty() {
-                return Err(
-                    "selector: an empty selector would select every pod; omit it for explicit endpoints"
-                        .into(),
-                );
+                return Err(DecodeError::invalid(
+                    "selector",
+                    "an empty selector would select every pod; omit it for explicit endpoints",
+                ));
             }
             for (k, v) in sel {
-                check_label_key(k).map_err(|e| format!("selector: {e}"))?;
-                check_label_value(v).map_err(|e| format!("selector: {e}"))?;
+                check_label_key(k).map_err(|e| DecodeError::invalid("selector", e))?;
+                check_label_value(v).map_err(|e| DecodeError::invalid("selector", e))?;
             }
         }
-        if self.session_affinity_timeout == 0 || self.session_affinity_timeout > 86400 {
-            return Err("sessionAffinityTimeout must be 1-86400 seconds".into());
+        let t = self.session_affinity_timeout;
+        if t == 0 || t > 86400 {
+            return Err(DecodeError::OutOfRange {
+                field: "sessionAffinityTimeout".into(),
+                value: t.into(),
+                min: 1,
+                max: 86400,
+                unit: " seconds",
+            });
         }
         Ok(())
     }
@@ -286,9 +317,9 @@ pub struct EndpointAddress {
 
 impl ExplicitEndpoints {
     /// Decodes an endpoints record.
-    pub fn parse(bytes: &[u8]) -> Result<ExplicitEndpoints, String> {
+    pub fn parse(bytes: &[u8]) -> Result<ExplicitEndpoints, DecodeError> {
         crate::util::json_decode::from_slice(bytes)
-            .map_err(|e| format!("endpoints record is not valid: {e}"))
+            .map_err(|e| DecodeError::json("endpoints record is not valid", e))
     }
 }
 
@@ -682,6 +713,20 @@ mod tests {
         for bad in ["0", "70000", "80:x", "80/sctp", "Bad=80", "", ":80"] {
             assert!(bad.parse::<ServicePort>().is_err(), "{bad} should fail");
         }
+        let e = |s: &str| s.parse::<ServicePort>().unwrap_err().to_string();
+        assert_eq!(e("80/sctp"), "protocol \"sctp\" is not tcp or udp");
+        assert_eq!(
+            e("http=0"),
+            "port \"0\" in \"http=0\" is not a port 1-65535"
+        );
+        assert_eq!(
+            e("80:x"),
+            "target port \"x\" in \"80:x\" is not a port 1-65535"
+        );
+        assert_eq!(
+            e("Bad=80"),
+            "port name \"Bad\" must be lowercase letters, digits and '-'"
+        );
     }
 
     #[test]
@@ -701,17 +746,51 @@ mod tests {
         let mut s = svc();
         s.ports.push(s.ports[0].clone());
         assert!(s.validate().is_err());
+        assert_eq!(
+            s.validate().unwrap_err().to_string(),
+            format!("ports: port {}/tcp is listed twice", s.ports[0].port)
+        );
         let mut s = svc();
         s.ports[0].node_port = Some(80);
-        assert!(s.validate().is_err());
+        assert_eq!(
+            s.validate().unwrap_err().to_string(),
+            "ports[0].nodePort 80 is outside 30000-32767"
+        );
+        let mut s = svc();
+        s.ports[0].target_port = 0;
+        assert_eq!(
+            s.validate().unwrap_err(),
+            DecodeError::out_of_range("ports[0].targetPort", 0, 1, 65535)
+        );
         let mut s = svc();
         s.selector = Some(BTreeMap::new());
-        assert!(s.validate().is_err());
+        assert!(
+            s.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("selector: ")
+        );
         let mut s = svc();
         s.name = "Web".into();
-        assert!(s.validate().is_err());
-        assert!(Service::parse(b"{not json").is_err());
-        assert!(Service::parse(br#"{"namespace":"a"}"#).is_err());
+        assert_eq!(
+            s.validate().unwrap_err().to_string(),
+            "name \"Web\" is not a valid name"
+        );
+        let mut s = svc();
+        s.session_affinity_timeout = 0;
+        assert_eq!(
+            s.validate().unwrap_err().to_string(),
+            "sessionAffinityTimeout 0 is outside 1-86400 seconds"
+        );
+        assert!(matches!(
+            Service::parse(b"{not json"),
+            Err(DecodeError::Json { .. })
+        ));
+        let e = Service::parse(br#"{"namespace":"a"}"#).unwrap_err();
+        assert!(
+            e.to_string().starts_with("service does not decode: "),
+            "{e}"
+        );
     }
 
     #[test]

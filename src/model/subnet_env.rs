@@ -7,6 +7,8 @@ use std::path::Path;
 use anyhow::{Context, Result, anyhow};
 use ipnetwork::Ipv4Network;
 
+use crate::model::DecodeError;
+
 /// The facts `subnet.env` carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubnetEnv {
@@ -44,7 +46,8 @@ impl SubnetEnv {
     }
 
     /// Parses the file contents; unknown keys are ignored.
-    pub fn parse(text: &str) -> Result<SubnetEnv> {
+    pub fn parse(text: &str) -> Result<SubnetEnv, DecodeError> {
+        let bad = |key: &str, v: &str, why: &str| DecodeError::invalid(key, format!("{v:?} {why}"));
         let mut network = None;
         let mut subnet = None;
         let mut mtu = None;
@@ -58,24 +61,24 @@ impl SubnetEnv {
                     network = Some(
                         v.trim()
                             .parse::<Ipv4Network>()
-                            .map_err(|_| anyhow!("FLANNEL_NETWORK={v:?} is not an IPv4 CIDR"))?,
+                            .map_err(|_| bad("FLANNEL_NETWORK", v, "is not an IPv4 CIDR"))?,
                     )
                 }
                 "FLANNEL_SUBNET" => {
                     let n: Ipv4Network = v
                         .trim()
                         .parse()
-                        .map_err(|_| anyhow!("FLANNEL_SUBNET={v:?} is not an IPv4 CIDR"))?;
+                        .map_err(|_| bad("FLANNEL_SUBNET", v, "is not an IPv4 CIDR"))?;
                     subnet = Some(
                         Ipv4Network::new(n.network(), n.prefix())
-                            .map_err(|_| anyhow!("FLANNEL_SUBNET={v:?} is invalid"))?,
+                            .map_err(|_| bad("FLANNEL_SUBNET", v, "is invalid"))?,
                     );
                 }
                 "FLANNEL_MTU" => {
                     mtu = Some(
                         v.trim()
                             .parse::<u32>()
-                            .map_err(|_| anyhow!("FLANNEL_MTU={v:?} is not a number"))?,
+                            .map_err(|_| bad("FLANNEL_MTU", v, "is not a number"))?,
                     )
                 }
                 "FLANNEL_IPMASQ" => ipmasq = v.trim() == "true",
@@ -83,9 +86,9 @@ impl SubnetEnv {
             }
         }
         Ok(SubnetEnv {
-            network: network.ok_or_else(|| anyhow!("FLANNEL_NETWORK is missing"))?,
-            subnet: subnet.ok_or_else(|| anyhow!("FLANNEL_SUBNET is missing"))?,
-            mtu: mtu.ok_or_else(|| anyhow!("FLANNEL_MTU is missing"))?,
+            network: network.ok_or_else(|| DecodeError::missing("FLANNEL_NETWORK"))?,
+            subnet: subnet.ok_or_else(|| DecodeError::missing("FLANNEL_SUBNET"))?,
+            mtu: mtu.ok_or_else(|| DecodeError::missing("FLANNEL_MTU"))?,
             ipmasq,
         })
     }

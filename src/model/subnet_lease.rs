@@ -11,6 +11,8 @@ use std::str::FromStr;
 use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
 
+use crate::model::DecodeError;
+
 /// A MAC address (used for VTEP MACs).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct MacAddr(pub [u8; 6]);
@@ -32,21 +34,26 @@ impl fmt::Debug for MacAddr {
     }
 }
 
+/// Text that is not a MAC address `xx:xx:xx:xx:xx:xx` (the text, as given).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a MAC address")]
+pub struct MacParseError(pub String);
+
 impl FromStr for MacAddr {
-    type Err = String;
+    type Err = MacParseError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || MacParseError(s.to_string());
         let mut out = [0u8; 6];
         let mut n = 0;
         for part in s.split(':') {
             if n == 6 || part.len() != 2 {
-                return Err(format!("{s:?} is not a MAC address"));
+                return Err(bad());
             }
-            out[n] =
-                u8::from_str_radix(part, 16).map_err(|_| format!("{s:?} is not a MAC address"))?;
+            out[n] = u8::from_str_radix(part, 16).map_err(|_| bad())?;
             n += 1;
         }
         if n != 6 {
-            return Err(format!("{s:?} is not a MAC address"));
+            return Err(bad());
         }
         Ok(MacAddr(out))
     }
@@ -78,20 +85,26 @@ pub fn subnet_to_key(subnet: Ipv4Network) -> String {
 }
 
 /// Parses flannel's key suffix `10.244.3.0-24` (the last path component of a subnet key).
-pub fn subnet_from_key(key_suffix: &str) -> Result<Ipv4Network, String> {
-    let (ip, len) = key_suffix
-        .rsplit_once('-')
-        .ok_or_else(|| format!("subnet key {key_suffix:?} is not of the form a.b.c.d-NN"))?;
+pub fn subnet_from_key(key_suffix: &str) -> Result<Ipv4Network, DecodeError> {
+    let quoted = || format!("{key_suffix:?}");
+    let part = |why: String| DecodeError::invalid(format!("subnet key {key_suffix:?}"), why);
+    let (ip, len) = key_suffix.rsplit_once('-').ok_or_else(|| {
+        DecodeError::value("subnet key", quoted(), "is not of the form a.b.c.d-NN")
+    })?;
     let ip: Ipv4Addr = ip
         .parse()
-        .map_err(|_| format!("subnet key {key_suffix:?}: {ip:?} is not an IPv4 address"))?;
+        .map_err(|_| part(format!("{ip:?} is not an IPv4 address")))?;
     let len: u8 = len
         .parse()
-        .map_err(|_| format!("subnet key {key_suffix:?}: {len:?} is not a prefix length"))?;
-    let net = Ipv4Network::new(ip, len)
-        .map_err(|_| format!("subnet key {key_suffix:?}: /{len} is not a prefix length"))?;
+        .map_err(|_| part(format!("{len:?} is not a prefix length")))?;
+    let net =
+        Ipv4Network::new(ip, len).map_err(|_| part(format!("/{len} is not a prefix length")))?;
     if net.network() != ip {
-        return Err(format!("subnet key {key_suffix:?} has host bits set"));
+        return Err(DecodeError::value(
+            "subnet key",
+            quoted(),
+            "has host bits set",
+        ));
     }
     Ok(net)
 }
@@ -140,24 +153,32 @@ impl LeaseValue {
     }
 
     /// Parses a lease value, rejecting anything that is not a JSON object with a PublicIP.
-    pub fn parse(bytes: &[u8]) -> Result<Self, String> {
+    pub fn parse(bytes: &[u8]) -> Result<Self, DecodeError> {
         crate::util::json_decode::from_slice(bytes)
-            .map_err(|e| format!("lease value is not valid: {e}"))
+            .map_err(|e| DecodeError::json("lease value is not valid", e))
     }
 
     /// The VXLAN backend data, if present and well-formed.
-    pub fn vxlan_data(&self) -> Result<VxlanBackendData, String> {
+    pub fn vxlan_data(&self) -> Result<VxlanBackendData, DecodeError> {
         if self.backend_type != "vxlan" {
-            return Err(format!("BackendType {:?} is not vxlan", self.backend_type));
+            return Err(DecodeError::value(
+                "BackendType",
+                format!("{:?}", self.backend_type),
+                "is not vxlan",
+            ));
         }
         let data = self
             .backend_data
             .as_ref()
-            .ok_or_else(|| "BackendData is missing".to_string())?;
+            .ok_or_else(|| DecodeError::missing("BackendData"))?;
         let d: VxlanBackendData = crate::util::json_decode::from_value(data)
-            .map_err(|e| format!("BackendData is not valid: {e}"))?;
+            .map_err(|e| DecodeError::json("BackendData is not valid", e))?;
         if !d.vtep_mac.is_valid_unicast() {
-            return Err(format!("VtepMAC {} is not a unicast MAC", d.vtep_mac));
+            return Err(DecodeError::value(
+                "VtepMAC",
+                d.vtep_mac.to_string(),
+                "is not a unicast MAC",
+            ));
         }
         Ok(d)
     }
@@ -186,7 +207,10 @@ mod tests {
         let n: Ipv4Network = "10.244.3.0/24".parse().unwrap();
         assert_eq!(subnet_to_key(n), "10.244.3.0-24");
         assert_eq!(subnet_from_key("10.244.3.0-24").unwrap(), n);
-        assert!(subnet_from_key("10.244.3.1-24").is_err());
+        assert_eq!(
+            subnet_from_key("10.244.3.1-24").unwrap_err().to_string(),
+            "subnet key \"10.244.3.1-24\" has host bits set"
+        );
         assert!(subnet_from_key("10.244.3.0").is_err());
         assert!(subnet_from_key("x-24").is_err());
         assert!(subnet_from_key("10.244.3.0-33").is_err());
@@ -198,7 +222,13 @@ mod tests {
         assert_eq!(m.to_string(), "0a:1b:2c:3d:4e:5f");
         assert!("0a:1b:2c:3d:4e".parse::<MacAddr>().is_err());
         assert!("0a:1b:2c:3d:4e:5f:00".parse::<MacAddr>().is_err());
-        assert!("zz:1b:2c:3d:4e:5f".parse::<MacAddr>().is_err());
+        assert_eq!(
+            "zz:1b:2c:3d:4e:5f"
+                .parse::<MacAddr>()
+                .unwrap_err()
+                .to_string(),
+            "\"zz:1b:2c:3d:4e:5f\" is not a MAC address"
+        );
         assert!(
             !"01:00:00:00:00:00"
                 .parse::<MacAddr>()
@@ -239,12 +269,16 @@ mod tests {
         assert!(LeaseValue::parse(b"garbage").is_err());
         assert!(LeaseValue::parse(b"{}").is_err());
         let v = LeaseValue::parse(br#"{"PublicIP":"1.2.3.4","BackendType":"udp"}"#).unwrap();
-        assert!(v.vxlan_data().is_err());
+        assert_eq!(
+            v.vxlan_data().unwrap_err().to_string(),
+            "BackendType \"udp\" is not vxlan"
+        );
         let v = LeaseValue::parse(
             br#"{"PublicIP":"1.2.3.4","BackendType":"vxlan","BackendData":{"VtepMAC":"nope"}}"#,
         )
         .unwrap();
-        assert!(v.vxlan_data().is_err());
+        let e = v.vxlan_data().unwrap_err().to_string();
+        assert!(e.starts_with("BackendData is not valid: VtepMAC: "), "{e}");
     }
 }
 

@@ -378,7 +378,7 @@ impl Netlink {
     /// FDB; requests within a stage run concurrently. Every failure is collected; the call
     /// fails only after trying everything.
     pub async fn apply_overlay(&self, vx: u32, underlay: u32, d: &OverlayDiff) -> Result<()> {
-        let mut errors: Vec<String> = Vec::new();
+        let mut errors = crate::util::errors::ErrorList::new();
         // Deletes first, so a route moving between devices never has two entries.
         run_stage(
             &mut errors,
@@ -477,9 +477,7 @@ impl Netlink {
         if errors.is_empty() {
             Ok(())
         } else {
-            let n = errors.len();
-            errors.truncate(5);
-            bail!("{n} overlay operations failed: {}", errors.join("; "))
+            bail!("{} overlay operations failed: {errors}", errors.len())
         }
     }
 
@@ -495,8 +493,10 @@ impl Netlink {
 }
 
 /// Runs one stage of netlink requests, at most 64 in flight, adding each failure to `errors`.
-async fn run_stage<F>(errors: &mut Vec<String>, requests: impl Iterator<Item = F>)
-where
+async fn run_stage<F>(
+    errors: &mut crate::util::errors::ErrorList,
+    requests: impl Iterator<Item = F>,
+) where
     F: std::future::Future<Output = std::result::Result<(), String>>,
 {
     const IN_FLIGHT: usize = 64;

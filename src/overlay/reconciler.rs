@@ -409,25 +409,25 @@ pub async fn teardown(iface: &str, vni: u32) -> Result<()> {
 
 /// [`teardown`] on the given kernel: every step is tried; the error lists those that failed.
 pub async fn teardown_with<K: OverlayKernel>(kernel: &K, iface: &str, vni: u32) -> Result<()> {
-    let mut errors = Vec::new();
+    let mut errors = crate::util::errors::ErrorList::new();
     if let Err(e) = kernel.delete_link(&device_name(vni)).await {
-        errors.push(format!("{e:#}"));
+        errors.push(format_args!("{e:#}"));
     }
     match kernel.iface(iface).await {
         Ok(i) => {
             if let Err(e) = kernel.delete_owned_routes(i.index).await {
-                errors.push(format!("{e:#}"));
+                errors.push(format_args!("{e:#}"));
             }
         }
-        Err(e) => errors.push(format!("{e:#}")),
+        Err(e) => errors.push(format_args!("{e:#}")),
     }
     if let Err(e) = kernel.delete_masquerade().await {
-        errors.push(format!("{e:#}"));
+        errors.push(format_args!("{e:#}"));
     }
     if errors.is_empty() {
         Ok(())
     } else {
-        bail!("teardown incomplete: {}", errors.join("; "))
+        bail!("teardown incomplete: {errors}")
     }
 }
 

@@ -12,6 +12,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tracing::{debug, error, info, warn};
 
 use crate::metrics::Metrics;
+use crate::model::DecodeError;
 use crate::model::pod::PodRecord;
 use crate::model::service::{AddressGuard, ExplicitEndpoints, Service};
 use crate::proxy::rules::NodeContext;
@@ -58,13 +59,17 @@ pub struct ServiceStatus {
     pub problems: Vec<String>,
 }
 
-fn decode(prefix_kind: Kind, item: &KvItem, keys: &EtcdArgs) -> Result<ModelChange, String> {
+fn decode(prefix_kind: Kind, item: &KvItem, keys: &EtcdArgs) -> Result<ModelChange, DecodeError> {
     match prefix_kind {
         Kind::Services => {
             let s = Service::parse(&item.value)?;
             let want = service_key(keys, &s.namespace, &s.name);
             if want != item.key {
-                return Err(format!("service {} is stored under the wrong key", s.id()));
+                return Err(DecodeError::value(
+                    "service",
+                    s.id(),
+                    "is stored under the wrong key",
+                ));
             }
             Ok(ModelChange::PutService(item.key.clone(), s))
         }
@@ -77,7 +82,13 @@ fn decode(prefix_kind: Kind, item: &KvItem, keys: &EtcdArgs) -> Result<ModelChan
                 .key
                 .strip_prefix(&endpoints_prefix(keys))
                 .filter(|r| r.split('/').count() == 2)
-                .ok_or_else(|| "endpoints key is not <namespace>/<name>".to_string())?
+                .ok_or_else(|| {
+                    DecodeError::value(
+                        "endpoints key",
+                        format!("{:?}", item.key),
+                        "is not <namespace>/<name>",
+                    )
+                })?
                 .to_string();
             Ok(ModelChange::PutEndpoints(
                 id,
@@ -449,7 +460,7 @@ fn put(
         Err(e) => {
             metrics.malformed_records.inc();
             warn!(key = %it.key, "skipping record: {e}");
-            rejected.insert(it.key.clone(), e);
+            rejected.insert(it.key.clone(), e.to_string());
         }
     }
 }

@@ -381,9 +381,7 @@ impl<'a> ServiceStore<'a> {
             .await?
         {
             None => Ok(None),
-            Some(kv) => Ok(Some(
-                ExplicitEndpoints::parse(&kv.value).map_err(|e| anyhow::anyhow!(e))?,
-            )),
+            Some(kv) => Ok(Some(ExplicitEndpoints::parse(&kv.value)?)),
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Helpers with no tartan dependencies: retry backoff, logging set-up, shutdown signals,
-//! JSON decoding with field paths, and test support.
+//! JSON decoding with field paths, a list of collected failures, and test support.
 
 pub mod backoff;
+pub mod errors;
 pub mod json_decode;
 pub mod logging;
 #[cfg(test)]
