@@ -1,0 +1,297 @@
+//! Unit tests of `model::service`.
+
+use super::*;
+
+fn pod(ns: &str, labels: &[(&str, &str)]) -> PodRecord {
+    PodRecord {
+        container_id: "c".into(),
+        ifname: "eth0".into(),
+        node: "n1".into(),
+        ip: Ipv4Addr::new(10, 244, 1, 2),
+        namespace: ns.into(),
+        name: "p".into(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    }
+}
+
+fn svc() -> Service {
+    Service {
+        namespace: "default".into(),
+        name: "web".into(),
+        cluster_ip: Ipv4Addr::new(10, 96, 0, 10),
+        ports: vec!["http=80:8080/tcp".parse().unwrap()],
+        selector: Some([("app".to_string(), "web".to_string())].into()),
+        session_affinity: SessionAffinity::None,
+        session_affinity_timeout: DEFAULT_AFFINITY_TIMEOUT,
+        external_traffic_policy: TrafficPolicy::Cluster,
+    }
+}
+
+#[test]
+fn port_syntax() {
+    let p: ServicePort = "dns=53:5353/udp".parse().unwrap();
+    assert_eq!(p.name.as_deref(), Some("dns"));
+    assert_eq!(
+        (p.port, p.target_port, p.protocol),
+        (53, 5353, Protocol::Udp)
+    );
+    let p: ServicePort = "80".parse().unwrap();
+    assert_eq!((p.port, p.target_port, p.protocol), (80, 80, Protocol::Tcp));
+    for bad in ["0", "70000", "80:x", "80/sctp", "Bad=80", "", ":80"] {
+        assert!(bad.parse::<ServicePort>().is_err(), "{bad} should fail");
+    }
+    let e = |s: &str| s.parse::<ServicePort>().unwrap_err().to_string();
+    assert_eq!(e("80/sctp"), "protocol \"sctp\" is not tcp or udp");
+    assert_eq!(
+        e("http=0"),
+        "port \"0\" in \"http=0\" is not a port 1-65535"
+    );
+    assert_eq!(
+        e("80:x"),
+        "target port \"x\" in \"80:x\" is not a port 1-65535"
+    );
+    assert_eq!(
+        e("Bad=80"),
+        "port name \"Bad\" must be lowercase letters, digits and '-'"
+    );
+}
+
+#[test]
+fn selection_is_per_namespace_and_all_labels() {
+    let s = svc();
+    assert!(s.selects(&pod("default", &[("app", "web"), ("tier", "x")])));
+    assert!(!s.selects(&pod("other", &[("app", "web")])));
+    assert!(!s.selects(&pod("default", &[("app", "db")])));
+    let mut explicit = svc();
+    explicit.selector = None;
+    assert!(!explicit.selects(&pod("default", &[("app", "web")])));
+}
+
+#[test]
+fn validation() {
+    assert!(svc().validate().is_ok());
+    let mut s = svc();
+    s.ports.push(s.ports[0].clone());
+    assert!(s.validate().is_err());
+    assert_eq!(
+        s.validate().unwrap_err().to_string(),
+        format!("ports: port {}/tcp is listed twice", s.ports[0].port)
+    );
+    let mut s = svc();
+    s.ports[0].node_port = Some(80);
+    assert_eq!(
+        s.validate().unwrap_err().to_string(),
+        "ports[0].nodePort 80 is outside 30000-32767"
+    );
+    let mut s = svc();
+    s.ports[0].target_port = 0;
+    assert_eq!(
+        s.validate().unwrap_err(),
+        DecodeError::out_of_range("ports[0].targetPort", 0, 1, 65535)
+    );
+    let mut s = svc();
+    s.selector = Some(BTreeMap::new());
+    assert!(
+        s.validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("selector: ")
+    );
+    let mut s = svc();
+    s.name = "Web".into();
+    assert_eq!(
+        s.validate().unwrap_err().to_string(),
+        "name \"Web\" is not a valid name"
+    );
+    let mut s = svc();
+    s.session_affinity_timeout = 0;
+    assert_eq!(
+        s.validate().unwrap_err().to_string(),
+        "sessionAffinityTimeout 0 is outside 1-86400 seconds"
+    );
+    assert!(matches!(
+        Service::parse(b"{not json"),
+        Err(DecodeError::Json { .. })
+    ));
+    let e = Service::parse(br#"{"namespace":"a"}"#).unwrap_err();
+    assert!(
+        e.to_string().starts_with("service does not decode: "),
+        "{e}"
+    );
+}
+
+#[test]
+fn json_roundtrip() {
+    let s = svc();
+    let back = Service::parse(&s.to_bytes()).unwrap();
+    assert_eq!(s, back);
+    let text = String::from_utf8(s.to_bytes()).unwrap();
+    assert!(text.contains("\"clusterIP\":\"10.96.0.10\""), "{text}");
+    assert!(text.contains("\"targetPort\":8080"), "{text}");
+}
+
+fn guard() -> AddressGuard {
+    AddressGuard {
+        service_cidr: "10.96.0.0/12".parse().unwrap(),
+        cluster_network: Some("10.244.0.0/16".parse().unwrap()),
+        node_ips: vec![Ipv4Addr::new(192, 168, 77, 2)],
+        etcd: vec!["192.168.170.2:2379".parse().unwrap()],
+    }
+}
+
+#[test]
+fn cluster_ips_table() {
+    let g = guard();
+    for (ip, want) in [
+        ("10.96.0.10", None),
+        ("10.111.255.254", None),
+        ("10.96.0.0", Some("network or broadcast")),
+        ("10.111.255.255", Some("network or broadcast")),
+        ("192.168.170.2", Some("etcd endpoint")),
+        ("192.168.77.2", Some("node's own")),
+        ("10.200.0.1", Some("outside the service CIDR")),
+        ("127.0.0.1", Some("loopback")),
+        ("0.0.0.0", Some("unspecified")),
+        ("224.0.0.1", Some("multicast")),
+        ("255.255.255.255", Some("broadcast")),
+        ("240.1.2.3", Some("reserved")),
+    ] {
+        let r = g.cluster_ip(ip.parse().unwrap());
+        match want {
+            None => assert!(r.is_ok(), "{ip}: {r:?}"),
+            Some(w) => assert!(r.as_ref().is_err_and(|e| e.contains(w)), "{ip}: {r:?}"),
+        }
+    }
+    // A cluster IP in the pod network (only possible with overlapping ranges) is refused.
+    let mut g = guard();
+    g.cluster_network = Some("10.96.0.0/16".parse().unwrap());
+    assert!(g.cluster_ip("10.96.1.1".parse().unwrap()).is_err());
+}
+
+#[test]
+fn endpoints_table() {
+    let g = guard();
+    for (ip, ok) in [
+        ("10.244.1.5", true),
+        ("192.168.1.20", true),
+        ("0.0.0.0", false),
+        ("127.0.0.1", false),
+        ("255.255.255.255", false),
+        ("239.1.1.1", false),
+        ("192.168.170.2", false),
+        ("192.168.77.2", false),
+        ("10.96.0.10", false),
+    ] {
+        assert_eq!(g.endpoint(ip.parse().unwrap()).is_ok(), ok, "{ip}");
+    }
+    let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let e = ExplicitEndpoints::from_args(&args(&["10.1.1.1", "10.1.1.2@n1"]), &g).unwrap();
+    assert_eq!(e.addresses[1].node.as_deref(), Some("n1"));
+    for bad in [
+        &["10.1.1.1", "10.1.1.1"][..],
+        &["127.0.0.1"],
+        &["x"],
+        &["10.1.1.1@"],
+        &["10.1.1.1@a b"],
+    ] {
+        let r = ExplicitEndpoints::from_args(&args(bad), &g);
+        assert!(r.is_err(), "{bad:?}");
+    }
+}
+
+#[test]
+fn node_ports_table() {
+    let mut g = guard();
+    assert!(g.node_port(30080).is_ok());
+    assert!(g.node_port(2379).is_err());
+    g.etcd.push("10.0.0.5:32379".parse().unwrap());
+    assert!(g.node_port(32379).unwrap_err().contains("etcd"));
+}
+
+#[test]
+fn service_cidr_table() {
+    let ctx = RangeContext {
+        underlay: vec!["192.168.77.0/24".parse().unwrap()],
+        etcd: vec![Ipv4Addr::new(192, 168, 170, 2)],
+    };
+    let net = Some("10.244.0.0/16".parse().unwrap());
+    for (c, want) in [
+        ("10.96.0.0/12", None),
+        ("0.0.0.0/0", Some("every address")),
+        ("10.244.0.0/16", Some("cluster network")),
+        ("10.0.0.0/8", Some("cluster network")),
+        ("192.168.77.0/28", Some("underlay network 192.168.77.0/24")),
+        ("192.168.170.2/32", Some("etcd endpoint 192.168.170.2")),
+        ("127.0.0.0/16", Some("loopback")),
+        ("169.254.0.0/24", Some("link-local")),
+        ("224.0.0.0/8", Some("multicast")),
+        ("10.96.0.0/31", Some("too small")),
+    ] {
+        let r = check_service_cidr(c.parse().unwrap(), net, &ctx);
+        match want {
+            None => assert!(r.is_ok(), "{c}: {r:?}"),
+            Some(w) => assert!(r.as_ref().is_err_and(|e| e.contains(w)), "{c}: {r:?}"),
+        }
+    }
+    let svc = Some("10.96.0.0/12".parse().unwrap());
+    for (n, ok) in [
+        ("10.244.0.0/16", true),
+        ("10.64.0.0/10", false),
+        ("0.0.0.0/0", false),
+        ("127.0.0.0/8", false),
+        ("192.168.170.0/24", false),
+    ] {
+        assert_eq!(
+            check_cluster_network(n.parse().unwrap(), svc, &ctx).is_ok(),
+            ok,
+            "{n}"
+        );
+    }
+}
+
+#[test]
+fn selector_table() {
+    let ok = [
+        ("app=web", vec![("app", "web")]),
+        ("app=web,tier=fe", vec![("app", "web"), ("tier", "fe")]),
+        ("example.com/app=web", vec![("example.com/app", "web")]),
+        ("app=", vec![("app", "")]),
+        ("App_1.x=V-2", vec![("App_1.x", "V-2")]),
+    ];
+    for (s, want) in ok {
+        let got = parse_selector(s).unwrap_or_else(|e| panic!("{s}: {e}"));
+        let want: BTreeMap<String, String> = want
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(got, want, "{s}");
+    }
+    let long = "a".repeat(64);
+    let bad = [
+        ("", "empty"),
+        ("app=web,,", "empty"),
+        (",app=web", "empty"),
+        ("a=b=c", "more than one '='"),
+        ("app=web;x=y", "app=web;x=y"),
+        ("app=web,app=db", "given twice"),
+        ("app = web", "app = web"),
+        ("app=we b", "we b"),
+        ("app", "not key=value"),
+        ("=web", "empty name"),
+        ("-app=web", "begin and end"),
+        ("app=web-", "begin and end"),
+        ("Example.com/app=web", "prefix"),
+        ("/app=web", "prefix"),
+    ];
+    for (s, want) in bad {
+        let e = parse_selector(s).expect_err(s);
+        assert!(e.contains(want), "{s}: {e}");
+    }
+    let e = parse_selector(&format!("{long}=x")).unwrap_err();
+    assert!(e.contains("63"), "{e}");
+    let e = parse_selector(&format!("a={long}")).unwrap_err();
+    assert!(e.contains("63"), "{e}");
+}

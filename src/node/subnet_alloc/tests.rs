@@ -1,0 +1,213 @@
+//! Unit tests of `node::subnet_alloc`.
+
+use super::*;
+use crate::model::subnet_lease::MacAddr;
+use rand::SeedableRng;
+
+fn cfg(json: &str) -> NetworkConfig {
+    NetworkConfig::parse(json.as_bytes()).unwrap()
+}
+
+fn lease(subnet: &str, node: Option<&str>, ip: [u8; 4], etcd_lease: i64) -> ExistingSubnet {
+    let mac: MacAddr = "02:00:00:00:00:01".parse().unwrap();
+    let mut v = LeaseValue::vxlan(Ipv4Addr::from(ip), 1, mac, node.unwrap_or(""));
+    v.node_name = node.map(str::to_string);
+    ExistingSubnet {
+        subnet: subnet.parse().unwrap(),
+        value: Some(v),
+        etcd_lease,
+        mod_revision: 5,
+    }
+}
+
+fn rng() -> rand::rngs::StdRng {
+    rand::rngs::StdRng::seed_from_u64(7)
+}
+
+#[test]
+fn picks_free_subnet_in_range() {
+    let c = cfg(r#"{"Network":"10.1.0.0/22","SubnetLen":24}"#);
+    // 10.1.0.0 skipped, 10.1.1.0 and 10.1.2.0 taken: only 10.1.3.0 is free.
+    let ex = vec![
+        lease("10.1.1.0/24", Some("a"), [1, 1, 1, 1], 9),
+        lease("10.1.2.0/24", Some("b"), [1, 1, 1, 2], 9),
+    ];
+    for _ in 0..10 {
+        assert_eq!(
+            decide(&c, &ex, "c", Ipv4Addr::new(1, 1, 1, 3), None, &mut rng()),
+            Decision::Create {
+                subnet: "10.1.3.0/24".parse().unwrap()
+            }
+        );
+    }
+}
+
+#[test]
+fn exhausted() {
+    let c = cfg(r#"{"Network":"10.1.0.0/23","SubnetLen":25}"#);
+    let ex = vec![
+        lease("10.1.0.128/25", Some("a"), [1, 1, 1, 1], 9),
+        lease("10.1.1.0/25", Some("b"), [1, 1, 1, 2], 9),
+        lease("10.1.1.128/25", Some("c"), [1, 1, 1, 3], 9),
+    ];
+    assert_eq!(
+        decide(&c, &ex, "d", Ipv4Addr::new(1, 1, 1, 4), None, &mut rng()),
+        Decision::Exhausted
+    );
+}
+
+#[test]
+fn garbage_keys_count_as_taken() {
+    let c = cfg(r#"{"Network":"10.1.0.0/23","SubnetLen":25}"#);
+    let mut g = lease("10.1.0.128/25", None, [0, 0, 0, 0], 9);
+    g.value = None;
+    let ex = vec![g, lease("10.1.1.0/25", Some("b"), [1, 1, 1, 2], 9)];
+    assert_eq!(
+        decide(&c, &ex, "d", Ipv4Addr::new(1, 1, 1, 4), None, &mut rng()),
+        Decision::Create {
+            subnet: "10.1.1.128/25".parse().unwrap()
+        }
+    );
+}
+
+#[test]
+fn reuses_own_lease_by_name_then_ip() {
+    let c = cfg(r#"{"Network":"10.1.0.0/16"}"#);
+    let ex = vec![
+        lease("10.1.5.0/24", Some("me"), [9, 9, 9, 9], 77),
+        lease("10.1.6.0/24", Some("other"), [1, 1, 1, 1], 78),
+    ];
+    // Same name, new address: still ours.
+    assert_eq!(
+        decide(&c, &ex, "me", Ipv4Addr::new(1, 1, 1, 1), None, &mut rng()),
+        Decision::Reuse {
+            subnet: "10.1.5.0/24".parse().unwrap(),
+            etcd_lease: 77,
+            mod_revision: 5
+        }
+    );
+    // A flannel lease (no NodeName) is matched by PublicIP.
+    let ex = vec![lease("10.1.7.0/24", None, [2, 2, 2, 2], 79)];
+    assert!(matches!(
+        decide(&c, &ex, "x", Ipv4Addr::new(2, 2, 2, 2), None, &mut rng()),
+        Decision::Reuse { etcd_lease: 79, .. }
+    ));
+}
+
+#[test]
+fn reservation_wins_and_stays_leaseless() {
+    let c = cfg(r#"{"Network":"10.1.0.0/16"}"#);
+    let ex = vec![
+        lease("10.1.5.0/24", Some("me"), [1, 1, 1, 1], 77),
+        lease("10.1.9.0/24", None, [1, 1, 1, 1], 0),
+    ];
+    assert_eq!(
+        decide(&c, &ex, "me", Ipv4Addr::new(1, 1, 1, 1), None, &mut rng()),
+        Decision::Reuse {
+            subnet: "10.1.9.0/24".parse().unwrap(),
+            etcd_lease: 0,
+            mod_revision: 5
+        }
+    );
+}
+
+#[test]
+fn preferred_subnet_from_state_file() {
+    let c = cfg(r#"{"Network":"10.1.0.0/16"}"#);
+    let p: Ipv4Network = "10.1.42.0/24".parse().unwrap();
+    assert_eq!(
+        decide(
+            &c,
+            &[],
+            "me",
+            Ipv4Addr::new(1, 1, 1, 1),
+            Some(p),
+            &mut rng()
+        ),
+        Decision::Create { subnet: p }
+    );
+    // Taken by someone else: pick another.
+    let ex = vec![lease("10.1.42.0/24", Some("other"), [3, 3, 3, 3], 5)];
+    match decide(
+        &c,
+        &ex,
+        "me",
+        Ipv4Addr::new(1, 1, 1, 1),
+        Some(p),
+        &mut rng(),
+    ) {
+        Decision::Create { subnet } => assert_ne!(subnet, p),
+        d => panic!("{d:?}"),
+    }
+    // Not leasable any more (config changed): ignored.
+    let bad: Ipv4Network = "10.2.0.0/24".parse().unwrap();
+    match decide(
+        &c,
+        &[],
+        "me",
+        Ipv4Addr::new(1, 1, 1, 1),
+        Some(bad),
+        &mut rng(),
+    ) {
+        Decision::Create { subnet } => assert!(c.is_leasable(subnet)),
+        d => panic!("{d:?}"),
+    }
+}
+
+#[test]
+fn huge_network_probes() {
+    let c = cfg(r#"{"Network":"10.0.0.0/8","SubnetLen":30}"#);
+    match decide(&c, &[], "me", Ipv4Addr::new(1, 1, 1, 1), None, &mut rng()) {
+        Decision::Create { subnet } => assert!(c.is_leasable(subnet)),
+        d => panic!("{d:?}"),
+    }
+}
+
+#[test]
+fn random_spread() {
+    let c = cfg(r#"{"Network":"10.1.0.0/16"}"#);
+    let mut r = rng();
+    let picks: HashSet<_> = (0..50)
+        .map(|_| decide(&c, &[], "me", Ipv4Addr::new(1, 1, 1, 1), None, &mut r))
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|d| format!("{d:?}"))
+        .collect();
+    assert!(
+        picks.len() > 30,
+        "random choice should spread, got {}",
+        picks.len()
+    );
+}
+
+#[test]
+fn leases_left_by_an_earlier_config_are_released_and_reservations_kept() {
+    let v = |node: Option<&str>| {
+        LeaseValue {
+            node_name: node.map(str::to_string),
+            ..LeaseValue::parse(
+                br#"{"PublicIP":"192.168.1.1","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:01"}}"#,
+            )
+            .unwrap()
+        }
+    };
+    let e = |s: &str, node: Option<&str>, lease: i64| ExistingSubnet {
+        subnet: s.parse().unwrap(),
+        value: Some(v(node)),
+        etcd_lease: lease,
+        mod_revision: 1,
+    };
+    let existing = vec![
+        e("10.245.3.0/24", Some("n1"), 5),  // ours, old network: released
+        e("10.244.9.0/24", Some("n1"), 6),  // ours, kept
+        e("10.244.10.0/24", Some("n1"), 7), // ours, a second lease: released
+        e("10.245.4.0/24", Some("n1"), 0),  // our reservation: kept
+        e("10.245.5.0/24", None, 8),        // flannel's (matched by IP only): left alone
+        e("10.245.6.0/24", Some("n2"), 9),  // another node's
+    ];
+    let stale: Vec<String> = stale_own(&existing, "n1", "10.244.9.0/24".parse().unwrap())
+        .iter()
+        .map(|e| e.subnet.to_string())
+        .collect();
+    assert_eq!(stale, ["10.245.3.0/24", "10.244.10.0/24"]);
+}
