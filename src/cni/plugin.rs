@@ -3,6 +3,7 @@
 //! GC; nothing for VERSION and STATUS).
 
 use std::collections::HashSet;
+use std::fs::File;
 use std::io::ErrorKind;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
@@ -15,7 +16,7 @@ use super::bounded_read::{self, FileReadError, SUBNET_ENV_LIMIT};
 use super::daemon_link::{self, DaemonLink};
 use super::error::{CniError, code};
 use super::ipam::{self, AllocationRecord, AllocationRequest, IpamStore};
-use super::links::{self, MAC_KIND_HOST, MAC_KIND_POD, VethSpec};
+use super::links::{self, Bridge, MAC_KIND_HOST, MAC_KIND_POD, PodIface, VethSpec};
 use super::spec::{
     CniEnv, CniResult, CniVersion, Command, Interface, IpConfig, NetConf, Route,
     find_container_interface, peek_version, version_info,
@@ -93,8 +94,92 @@ fn attachment(env: &CniEnv) -> Result<(&str, &str), CniError> {
     }
 }
 
+/// What ADD works with once its checks have passed: the attachment, the pod's namespace, the
+/// open link to tartand and what subnet.env and the config give (gateway, MTU, host end name).
+struct AddPlan<'a> {
+    cid: &'a str,
+    ifname: &'a str,
+    netns_path: &'a Path,
+    netns: File,
+    daemon: DaemonLink,
+    subnet: Ipv4Network,
+    gw: Ipv4Addr,
+    gw_net: Ipv4Network,
+    mtu: u32,
+    host: String,
+}
+
+/// The kernel side of ADD: both netlink sockets and what the links are built from.
+struct AddKernel<'a> {
+    nl: &'a Netlink,
+    pod_nl: &'a Netlink,
+    conf: &'a NetConf,
+    plan: &'a AddPlan<'a>,
+    store: &'a IpamStore,
+    addr: Ipv4Network,
+}
+
 fn add(env: &CniEnv, conf: &NetConf) -> Result<String, CniError> {
     let mut tl = Timeline::new();
+    let plan = add_checks(env, conf)?;
+    tl.mark("checks");
+
+    // Netlink in the node and in the pod (this also proves CNI_NETNS is a network namespace,
+    // before anything is allocated).
+    let rt = runtime()?;
+    let (nl, pod_nl) = {
+        let _g = rt.enter();
+        let nl = Netlink::connect().map_err(|e| CniError::kernel(format!("netlink: {e:#}")))?;
+        (nl, links::netlink_in(&plan.netns)?)
+    };
+    tl.mark("netlink");
+
+    let store = IpamStore::open(&conf.data_dir, &conf.name)?;
+    let rec = add_allocate(env, conf, &plan, &store)?;
+    tl.mark("ipam");
+    let addr = Ipv4Network::new(rec.ip, plan.subnet.prefix())
+        .map_err(|e| CniError::kernel(format!("address {}: {e}", rec.ip)))?;
+    let mut spec = VethSpec {
+        host: plan.host.clone(),
+        host_mac: links::mac_for(MAC_KIND_HOST, rec.ip),
+        pod: plan.ifname.to_string(),
+        pod_mac: links::mac_for(MAC_KIND_POD, rec.ip),
+        mtu: plan.mtu,
+        bridge: 0,
+    };
+    let hint = links::read_bridge_hint(store.dir(), &conf.bridge);
+    let kernel = AddKernel {
+        nl: &nl,
+        pod_nl: &pod_nl,
+        conf,
+        plan: &plan,
+        store: &store,
+        addr,
+    };
+    let outcome = rt.block_on(add_links(&kernel, &mut spec, hint, &mut tl));
+    tl.mark("kernel");
+    let bridge = match outcome {
+        Ok(br) => br,
+        Err(e) => {
+            rollback(&rt, &nl, &store, plan.cid, plan.ifname, &plan.host);
+            return Err(e);
+        }
+    };
+
+    let result = add_result(conf, &plan, &bridge, &spec, addr);
+    if let Err(e) = plan.daemon.sync() {
+        // The pod is set up; tartand's directory check registers it within a second.
+        log(&format!("ADD {}: nudging tartand failed: {e}", plan.cid));
+    }
+    tl.mark("nudge");
+    tl.log("ADD", plan.cid);
+    Ok(result.render(conf.cni_version).to_string())
+}
+
+/// ADD's checks, before anything is touched: the attachment and CNI_NETNS are given,
+/// subnet.env is readable, tartand answers and the namespace opens; derives the gateway, the
+/// MTU and the host end's name.
+fn add_checks<'a>(env: &'a CniEnv, conf: &NetConf) -> Result<AddPlan<'a>, CniError> {
     let (cid, ifname) = attachment(env)?;
     let netns_path = env
         .netns
@@ -109,131 +194,157 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<String, CniError> {
         .map_err(|e| CniError::kernel(format!("gateway of {subnet}: {e}")))?;
     let mtu = conf.mtu.unwrap_or(senv.mtu);
     let host = links::host_veth_name(cid, ifname);
-    tl.mark("checks");
+    Ok(AddPlan {
+        cid,
+        ifname,
+        netns_path,
+        netns,
+        daemon,
+        subnet,
+        gw,
+        gw_net,
+        mtu,
+        host,
+    })
+}
 
-    // Netlink in the node and in the pod (this also proves CNI_NETNS is a network namespace,
-    // before anything is allocated).
-    let rt = runtime()?;
-    let (nl, pod_nl) = {
-        let _g = rt.enter();
-        let nl = Netlink::connect().map_err(|e| CniError::kernel(format!("netlink: {e:#}")))?;
-        (nl, links::netlink_in(&netns)?)
-    };
-    tl.mark("netlink");
-
-    let store = IpamStore::open(&conf.data_dir, &conf.name)?;
-    let rec = store.allocate(
+/// Allocates the pod's address in the network's IPAM store.
+fn add_allocate(
+    env: &CniEnv,
+    conf: &NetConf,
+    plan: &AddPlan<'_>,
+    store: &IpamStore,
+) -> Result<AllocationRecord, CniError> {
+    store.allocate(
         &AllocationRequest {
-            container_id: cid.to_string(),
-            ifname: ifname.to_string(),
+            container_id: plan.cid.to_string(),
+            ifname: plan.ifname.to_string(),
             namespace: env.pod_namespace(),
             name: env.pod_name(),
             labels: conf.labels.clone(),
-            netns: netns_path.to_string_lossy().into_owned(),
+            netns: plan.netns_path.to_string_lossy().into_owned(),
         },
-        subnet,
-    )?;
-    tl.mark("ipam");
-    let addr = Ipv4Network::new(rec.ip, subnet.prefix())
-        .map_err(|e| CniError::kernel(format!("address {}: {e}", rec.ip)))?;
-    let mut spec = VethSpec {
-        host: host.clone(),
-        host_mac: links::mac_for(MAC_KIND_HOST, rec.ip),
-        pod: ifname.to_string(),
-        pod_mac: links::mac_for(MAC_KIND_POD, rec.ip),
-        mtu,
-        bridge: 0,
-    };
-    let hint = links::read_bridge_hint(store.dir(), &conf.bridge);
-    let outcome = rt.block_on(async {
-        // With a remembered bridge, the veth is created on it in the same pipeline as the
-        // check that the index is still that bridge (queued first, so the new port cannot
-        // disturb it); a stale hint costs the veth (deleted at once) and the look-up the
-        // hint saves. The creation's echo gives the pod end's index (no look-up in the pod).
-        let mut found = None;
-        let mut pod_index = None;
-        if let Some(h) = &hint {
-            spec.bridge = h.index;
-            let (at, v) = futures::join!(
-                links::bridge_at(&nl, h.index, &conf.bridge),
-                links::add_veth(&nl, &spec, &netns)
-            );
-            match at? {
-                Some((br, up)) => {
-                    pod_index = v?;
-                    if !up {
-                        links::set_up(&nl, br.index, &conf.bridge).await?;
-                    }
-                    found = Some(br);
-                }
-                None => {
-                    if v.is_ok() {
-                        links::delete_host_veth(&nl, &host).await?;
-                    }
-                }
-            }
-        }
-        tl.mark("bridge");
-        let br = match found {
-            Some(br) => {
-                links::ensure_gateway(&nl, &br, gw_net).await?;
-                br
-            }
-            None => {
-                let br = links::ensure_bridge(&nl, &conf.bridge, gw_net, mtu).await?;
-                links::write_bridge_hint(store.dir(), &conf.bridge, &br);
-                spec.bridge = br.index;
-                let (g, v) = futures::join!(
-                    links::ensure_gateway(&nl, &br, gw_net),
-                    links::add_veth(&nl, &spec, &netns)
-                );
-                g?;
-                pod_index = v?;
-                br
-            }
-        };
-        tl.mark("veth");
-        let hairpin = async {
-            if conf.hairpin_mode {
-                links::set_hairpin(&nl, &host).await
-            } else {
-                Ok(())
-            }
-        };
-        let pod = links::configure_pod_iface(&pod_nl, ifname, pod_index, addr, gw);
-        let (h, p) = futures::join!(hairpin, pod);
-        h.and(p).map(|()| br)
-    });
-    tl.mark("kernel");
-    let bridge = match outcome {
-        Ok(br) => br,
-        Err(e) => {
-            rollback(&rt, &nl, &store, cid, ifname, &host);
-            return Err(e);
-        }
-    };
+        plan.subnet,
+    )
+}
 
+/// The kernel part of ADD: the bridge (remembered or found/created), the veth pair on it,
+/// then hairpin mode and the pod end's address and routes. Returns the bridge.
+async fn add_links(
+    k: &AddKernel<'_>,
+    spec: &mut VethSpec,
+    hint: Option<Bridge>,
+    tl: &mut Timeline,
+) -> Result<Bridge, CniError> {
+    let (found, mut pod_index) = veth_on_hinted_bridge(k, spec, hint.as_ref()).await?;
+    tl.mark("bridge");
+    let br = match found {
+        Some(br) => {
+            links::ensure_gateway(k.nl, &br, k.plan.gw_net).await?;
+            br
+        }
+        None => {
+            let (br, index) = veth_on_new_bridge(k, spec).await?;
+            pod_index = index;
+            br
+        }
+    };
+    tl.mark("veth");
+    let hairpin = async {
+        if k.conf.hairpin_mode {
+            links::set_hairpin(k.nl, &k.plan.host).await
+        } else {
+            Ok(())
+        }
+    };
+    let pod = links::configure_pod_iface(k.pod_nl, k.plan.ifname, pod_index, k.addr, k.plan.gw);
+    let (h, p) = futures::join!(hairpin, pod);
+    h.and(p).map(|()| br)
+}
+
+/// With a remembered bridge, the veth is created on it in the same pipeline as the check that
+/// the index is still that bridge (queued first, so the new port cannot disturb it); a stale
+/// hint costs the veth (deleted at once) and the look-up the hint saves. The creation's echo
+/// gives the pod end's index (no look-up in the pod). Returns the bridge (none without a hint
+/// or with a stale one) and the pod end's index.
+async fn veth_on_hinted_bridge(
+    k: &AddKernel<'_>,
+    spec: &mut VethSpec,
+    hint: Option<&Bridge>,
+) -> Result<(Option<Bridge>, Option<u32>), CniError> {
+    let Some(h) = hint else {
+        return Ok((None, None));
+    };
+    spec.bridge = h.index;
+    let (at, v) = futures::join!(
+        links::bridge_at(k.nl, h.index, &k.conf.bridge),
+        links::add_veth(k.nl, spec, &k.plan.netns)
+    );
+    match at? {
+        Some((br, up)) => {
+            let pod_index = v?;
+            if !up {
+                links::set_up(k.nl, br.index, &k.conf.bridge).await?;
+            }
+            Ok((Some(br), pod_index))
+        }
+        None => {
+            if v.is_ok() {
+                links::delete_host_veth(k.nl, &k.plan.host).await?;
+            }
+            Ok((None, None))
+        }
+    }
+}
+
+/// Without a usable hint: finds or creates the bridge, remembers it, then gives it the
+/// gateway and creates the veth on it together. Returns the bridge and the pod end's index.
+async fn veth_on_new_bridge(
+    k: &AddKernel<'_>,
+    spec: &mut VethSpec,
+) -> Result<(Bridge, Option<u32>), CniError> {
+    let br = links::ensure_bridge(k.nl, &k.conf.bridge, k.plan.gw_net, k.plan.mtu).await?;
+    links::write_bridge_hint(k.store.dir(), &k.conf.bridge, &br);
+    spec.bridge = br.index;
+    let (g, v) = futures::join!(
+        links::ensure_gateway(k.nl, &br, k.plan.gw_net),
+        links::add_veth(k.nl, spec, &k.plan.netns)
+    );
+    g?;
+    Ok((br, v?))
+}
+
+/// The CNI result of ADD: the bridge, the host end and the pod end, the pod's address and its
+/// default route, appended to prevResult when there is one.
+fn add_result(
+    conf: &NetConf,
+    plan: &AddPlan<'_>,
+    bridge: &Bridge,
+    spec: &VethSpec,
+    addr: Ipv4Network,
+) -> CniResult {
+    let gw = plan.gw;
     let ours = CniResult {
         interfaces: vec![
             Interface {
                 name: conf.bridge.clone(),
-                mac: Some(bridge.mac),
+                mac: Some(bridge.mac.clone()),
                 mtu: None,
                 sandbox: None,
                 extra: Map::new(),
             },
             Interface {
-                name: host.clone(),
+                name: plan.host.clone(),
                 mac: Some(links::format_mac(&spec.host_mac)),
-                mtu: Some(mtu),
+                mtu: Some(plan.mtu),
                 sandbox: None,
                 extra: Map::new(),
             },
             Interface {
-                name: ifname.to_string(),
+                name: plan.ifname.to_string(),
                 mac: Some(links::format_mac(&spec.pod_mac)),
-                mtu: Some(mtu),
-                sandbox: Some(netns_path.to_string_lossy().into_owned()),
+                mtu: Some(plan.mtu),
+                sandbox: Some(plan.netns_path.to_string_lossy().into_owned()),
                 extra: Map::new(),
             },
         ],
@@ -250,20 +361,13 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<String, CniError> {
         }],
         dns: Value::Object(Map::new()),
     };
-    let result = match conf.prev_result.clone() {
+    match conf.prev_result.clone() {
         Some(mut prev) => {
             prev.append(ours);
             prev
         }
         None => ours,
-    };
-    if let Err(e) = daemon.sync() {
-        // The pod is set up; tartand's directory check registers it within a second.
-        log(&format!("ADD {cid}: nudging tartand failed: {e}"));
     }
-    tl.mark("nudge");
-    tl.log("ADD", cid);
-    Ok(result.render(conf.cni_version).to_string())
 }
 
 /// Undoes a failed ADD: the veth pair and the allocation (errors are secondary to the
@@ -313,6 +417,14 @@ fn check_failed(msg: impl Into<String>) -> CniError {
     CniError::new(code::CHECK_FAILED, msg)
 }
 
+/// What CHECK expects of the pod end, from prevResult: its MAC, its address and the routes
+/// through it.
+struct CheckWants {
+    mac: Option<String>,
+    addr: Ipv4Network,
+    routes: Vec<(Ipv4Network, Option<Ipv4Addr>)>,
+}
+
 fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
     if conf.cni_version < CniVersion::V0_4_0 {
         return Err(CniError::new(
@@ -338,6 +450,37 @@ fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
     let rec = store
         .get(cid, ifname)?
         .ok_or_else(|| check_failed(format!("no address is allocated to {cid}/{ifname}")))?;
+    let wants = check_wants(prev, rec.ip, ifname, netns_path)?;
+
+    let host = links::host_veth_name(cid, ifname);
+    let rt = runtime()?;
+    let nl = host_netlink(&rt)?;
+    rt.block_on(check_host_end(&nl, conf, &host))?;
+    let iface = {
+        let pod_nl = {
+            let _g = rt.enter();
+            links::netlink_in(&netns)?
+        };
+        rt.block_on(links::read_pod_iface(&pod_nl, ifname))?
+    };
+    let Some(iface) = iface else {
+        return Err(check_failed(format!(
+            "{ifname} is missing in {}",
+            netns_path.display()
+        )));
+    };
+    check_pod_iface(&iface, ifname, &rec, wants)
+}
+
+/// Reads CHECK's expectations from prevResult: the interface `ifname` in `netns_path`, the
+/// address `ip` given to it, and the routes that go through it (via our gateway or our
+/// subnet).
+fn check_wants(
+    prev: &CniResult,
+    ip: Ipv4Addr,
+    ifname: &str,
+    netns_path: &Path,
+) -> Result<CheckWants, CniError> {
     let idx = find_container_interface(prev, ifname, netns_path).ok_or_else(|| {
         check_failed(format!(
             "prevResult has no interface {ifname} in {}",
@@ -348,8 +491,8 @@ fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
     let ipc = prev
         .ips
         .iter()
-        .find(|ip| ip.interface == Some(idx) && ip.address.ip() == IpAddr::V4(rec.ip))
-        .ok_or_else(|| check_failed(format!("prevResult does not give {} to {ifname}", rec.ip)))?;
+        .find(|ip_c| ip_c.interface == Some(idx) && ip_c.address.ip() == IpAddr::V4(ip))
+        .ok_or_else(|| check_failed(format!("prevResult does not give {ip} to {ifname}")))?;
     let IpNetwork::V4(addr) = ipc.address else {
         return Err(check_failed("prevResult address is not IPv4"));
     };
@@ -373,42 +516,42 @@ fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
             gw.is_none_or(|g| our_net.contains(g)).then_some((dst, gw))
         })
         .collect();
+    Ok(CheckWants {
+        mac: want_mac,
+        addr,
+        routes: want_routes,
+    })
+}
 
-    let host = links::host_veth_name(cid, ifname);
-    let rt = runtime()?;
-    let nl = host_netlink(&rt)?;
-    rt.block_on(async {
-        let br = nl
-            .link_by_name(&conf.bridge)
-            .await
-            .map_err(|e| CniError::kernel(format!("{e:#}")))?
-            .ok_or_else(|| check_failed(format!("bridge {} is missing", conf.bridge)))?;
-        match links::port_master(&nl, &host).await? {
-            None => Err(check_failed(format!("host interface {host} is missing"))),
-            Some(m) if m != Some(br.header.index) => Err(check_failed(format!(
-                "host interface {host} is not on bridge {}",
-                conf.bridge
-            ))),
-            Some(_) => Ok(()),
-        }
-    })?;
-    let iface = {
-        let pod_nl = {
-            let _g = rt.enter();
-            links::netlink_in(&netns)?
-        };
-        rt.block_on(links::read_pod_iface(&pod_nl, ifname))?
-    };
-    let Some(iface) = iface else {
-        return Err(check_failed(format!(
-            "{ifname} is missing in {}",
-            netns_path.display()
-        )));
-    };
+/// CHECK in the node: the bridge exists and the host end is one of its ports.
+async fn check_host_end(nl: &Netlink, conf: &NetConf, host: &str) -> Result<(), CniError> {
+    let br = nl
+        .link_by_name(&conf.bridge)
+        .await
+        .map_err(|e| CniError::kernel(format!("{e:#}")))?
+        .ok_or_else(|| check_failed(format!("bridge {} is missing", conf.bridge)))?;
+    match links::port_master(nl, host).await? {
+        None => Err(check_failed(format!("host interface {host} is missing"))),
+        Some(m) if m != Some(br.header.index) => Err(check_failed(format!(
+            "host interface {host} is not on bridge {}",
+            conf.bridge
+        ))),
+        Some(_) => Ok(()),
+    }
+}
+
+/// CHECK in the pod: the interface is up, has the expected MAC, holds the allocated address
+/// and has every expected route.
+fn check_pod_iface(
+    iface: &PodIface,
+    ifname: &str,
+    rec: &AllocationRecord,
+    wants: CheckWants,
+) -> Result<(), CniError> {
     if !iface.up {
         return Err(check_failed(format!("{ifname} is down")));
     }
-    if let Some(m) = want_mac
+    if let Some(m) = wants.mac
         && !m.eq_ignore_ascii_case(&iface.mac)
     {
         return Err(check_failed(format!(
@@ -416,14 +559,14 @@ fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
             iface.mac
         )));
     }
-    let want_addr = Ipv4Network::new(rec.ip, rec.prefix).unwrap_or(addr);
+    let want_addr = Ipv4Network::new(rec.ip, rec.prefix).unwrap_or(wants.addr);
     if !iface.addrs.contains(&want_addr) {
         return Err(check_failed(format!(
             "{ifname} does not hold {want_addr} (has {:?})",
             iface.addrs
         )));
     }
-    for (dst, gw) in want_routes {
+    for (dst, gw) in wants.routes {
         let found = iface
             .routes
             .iter()

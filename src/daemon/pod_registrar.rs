@@ -413,6 +413,47 @@ pub async fn run(
     let notify = Arc::new(Notify::new());
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
     // The socket first: once the conflist is installed, runtimes call the plugin at once.
+    listen(&settings, &notify, &mut backoff).await;
+    install(&settings);
+
+    let reaper = spawn_reaper();
+    backoff.reset();
+    let mut tick = tokio::time::interval(RESCAN);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut check = tokio::time::interval(CHANGE_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let prefix = node_pods_prefix(&keys, &node);
+    let mut reg = Registrar {
+        store,
+        keys,
+        node,
+        settings,
+        own_rx,
+        prefix,
+        backoff,
+        registered: BTreeMap::new(),
+        current: None,
+        sweep: true,
+        retry: false,
+        last_scan: None,
+    };
+    loop {
+        let Some(cause) = reg
+            .next_cause(&notify, &mut tick, &mut check, &mut lease_rx)
+            .await
+        else {
+            return;
+        };
+        let _ = reaper.try_send(());
+        let Some(lease) = *lease_rx.borrow() else {
+            continue;
+        };
+        reg.pass(lease, cause).await;
+    }
+}
+
+/// Binds the CNI socket (retrying with `backoff` until it works) and serves it.
+async fn listen(settings: &CniSettings, notify: &Arc<Notify>, backoff: &mut Backoff) {
     loop {
         match bind_socket(&settings.socket) {
             Ok(l) => {
@@ -426,6 +467,10 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Installs the plugin binary and the conflist where `settings` asks (errors are logged).
+fn install(settings: &CniSettings) {
     if let Some(dir) = &settings.bin_dir {
         match install_binary(dir) {
             Ok(true) => info!(dir = %dir.display(), "installed {PLUGIN_BINARY}"),
@@ -437,138 +482,182 @@ pub async fn run(
         }
     }
     if let Some(dir) = &settings.conf_dir {
-        match install_conflist(dir, &settings) {
+        match install_conflist(dir, settings) {
             Ok(true) => info!(dir = %dir.display(), "installed {CONFLIST_NAME}"),
             Ok(false) => {}
             Err(e) => error!("installing {CONFLIST_NAME}: {e:#}"),
         }
     }
+}
 
-    let reaper = spawn_reaper();
-    let mut registered: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-    let mut current: Option<i64> = None;
-    let mut sweep = true;
-    let mut retry = false;
-    backoff.reset();
-    let mut tick = tokio::time::interval(RESCAN);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut check = tokio::time::interval(CHANGE_CHECK);
-    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_scan: Option<ScanStamp> = None;
-    let prefix = node_pods_prefix(&keys, &node);
-    loop {
-        let retry_in = if retry {
-            backoff.next_delay()
-        } else {
-            Duration::from_secs(3600)
-        };
-        let cause = tokio::select! {
-            _ = notify.notified() => {
-                // Let the plugin that nudged finish first (and merge the nudges of pods
-                // started together): on a small node the rescan would otherwise compete with
-                // the runtime's call for a CPU.
-                tokio::time::sleep(NUDGE_SETTLE).await;
-                "nudge"
-            }
-            _ = check.tick() => {
-                // A readdir and a stat per network, no scan, unless something changed
-                // since the last scan (a lost nudge, or a change the nudged scan raced with).
-                if !needs_rescan(last_scan.as_ref(), &dir_stamp(&settings.data_dir)) {
-                    continue;
+/// The registration loop: where the records go, and what it keeps between passes.
+struct Registrar {
+    store: Store,
+    keys: EtcdArgs,
+    node: String,
+    settings: CniSettings,
+    own_rx: watch::Receiver<Option<OwnLease>>,
+    /// This node's pod records in etcd.
+    prefix: String,
+    backoff: Backoff,
+    /// What this loop has written (or found to delete) under the current lease.
+    registered: BTreeMap<String, Vec<u8>>,
+    /// The lease `registered` belongs to.
+    current: Option<i64>,
+    /// Whether etcd is still to be listed for records no allocation backs.
+    sweep: bool,
+    /// Whether the last pass failed (then a retry comes after the backoff's delay).
+    retry: bool,
+    last_scan: Option<ScanStamp>,
+}
+
+impl Registrar {
+    /// Waits for the next reason to scan: a nudge (after [`NUDGE_SETTLE`]), a changed
+    /// directory stamp, the periodic rescan, a lease change or a retry. None when the lease
+    /// channel is closed.
+    async fn next_cause(
+        &mut self,
+        notify: &Notify,
+        tick: &mut tokio::time::Interval,
+        check: &mut tokio::time::Interval,
+        lease_rx: &mut watch::Receiver<Option<i64>>,
+    ) -> Option<&'static str> {
+        loop {
+            let retry_in = if self.retry {
+                self.backoff.next_delay()
+            } else {
+                Duration::from_secs(3600)
+            };
+            let cause = tokio::select! {
+                _ = notify.notified() => {
+                    // Let the plugin that nudged finish first (and merge the nudges of pods
+                    // started together): on a small node the rescan would otherwise compete
+                    // with the runtime's call for a CPU.
+                    tokio::time::sleep(NUDGE_SETTLE).await;
+                    "nudge"
                 }
-                "directory changed"
-            }
-            _ = tick.tick() => "periodic",
-            r = lease_rx.changed() => {
-                if r.is_err() {
-                    return;
+                _ = check.tick() => {
+                    // A readdir and a stat per network, no scan, unless something changed
+                    // since the last scan (a lost nudge, or a change the nudged scan raced
+                    // with).
+                    if !needs_rescan(self.last_scan.as_ref(), &dir_stamp(&self.settings.data_dir)) {
+                        continue;
+                    }
+                    "directory changed"
                 }
-                "lease"
-            }
-            _ = tokio::time::sleep(retry_in) => "retry",
-        };
-        let _ = reaper.try_send(());
-        let Some(lease) = *lease_rx.borrow() else {
-            continue;
-        };
-        if current != Some(lease) {
-            registered.clear();
-            current = Some(lease);
-            sweep = true;
+                _ = tick.tick() => "periodic",
+                r = lease_rx.changed() => {
+                    if r.is_err() {
+                        return None;
+                    }
+                    "lease"
+                }
+                _ = tokio::time::sleep(retry_in) => "retry",
+            };
+            return Some(cause);
         }
-        let subnet = own_rx.borrow().as_ref().map(|o| o.subnet);
-        let dir = settings.data_dir.clone();
+    }
+
+    /// One pass under `lease`: scans the IPAM directory, sweeps etcd once per lease, then
+    /// writes and deletes what differs from what is registered.
+    async fn pass(&mut self, lease: i64, cause: &'static str) {
+        if self.current != Some(lease) {
+            self.registered.clear();
+            self.current = Some(lease);
+            self.sweep = true;
+        }
+        let subnet = self.own_rx.borrow().as_ref().map(|o| o.subnet);
+        let Some(allocs) = self.scan().await else {
+            return;
+        };
+        let desired = desired_records(&allocs, &self.keys, &self.node, subnet);
+        if self.sweep && !self.sweep_stale(&desired).await {
+            return;
+        }
+        let p = plan(&desired, &self.registered);
+        if p.puts.is_empty() && p.deletes.is_empty() {
+            self.retry = false;
+            self.backoff.reset();
+            return;
+        }
+        self.update(lease, p, cause).await;
+    }
+
+    /// Scans the IPAM directory on a blocking thread, remembering its stamp; None (and a
+    /// retry) when it cannot be read.
+    async fn scan(&mut self) -> Option<Vec<AllocationRecord>> {
+        let dir = self.settings.data_dir.clone();
         let scanned = tokio::task::spawn_blocking(move || {
             let stamp = ScanStamp::take(&dir);
             scan_all(&dir).map(|a| (stamp, a))
         })
         .await;
-        let allocs = match scanned {
+        match scanned {
             Ok(Ok((stamp, a))) => {
-                last_scan = Some(stamp);
-                a
+                self.last_scan = Some(stamp);
+                Some(a)
             }
             Ok(Err(e)) => {
-                warn!("scanning {}: {e}", settings.data_dir.display());
-                retry = true;
-                continue;
+                warn!("scanning {}: {e}", self.settings.data_dir.display());
+                self.retry = true;
+                None
             }
             Err(e) => {
                 warn!("scanning the IPAM directory: {e}");
-                retry = true;
-                continue;
+                self.retry = true;
+                None
             }
-        };
-        let desired = desired_records(&allocs, &keys, &node, subnet);
-        if sweep {
-            // Records a previous run left that no allocation backs any more.
-            match store.list(&prefix).await {
-                Ok((_, items)) => {
-                    for it in items {
-                        if !desired.contains_key(&it.key) {
-                            registered.insert(it.key, it.value);
-                        }
+        }
+    }
+
+    /// Counts the records a previous run left that no allocation backs any more as
+    /// registered (so the plan deletes them). False (and a retry) when etcd cannot list them.
+    async fn sweep_stale(&mut self, desired: &BTreeMap<String, Vec<u8>>) -> bool {
+        match self.store.list(&self.prefix).await {
+            Ok((_, items)) => {
+                for it in items {
+                    if !desired.contains_key(&it.key) {
+                        self.registered.insert(it.key, it.value);
                     }
-                    sweep = false;
                 }
-                Err(e) => {
-                    warn!("listing pod records: {e:#}");
-                    retry = true;
-                    continue;
-                }
+                self.sweep = false;
+                true
+            }
+            Err(e) => {
+                warn!("listing pod records: {e:#}");
+                self.retry = true;
+                false
             }
         }
-        let p = plan(&desired, &registered);
-        if p.puts.is_empty() && p.deletes.is_empty() {
-            retry = false;
-            backoff.reset();
-            continue;
-        }
+    }
+
+    /// Applies plan `p` and records what succeeded; a failure asks for a retry.
+    async fn update(&mut self, lease: i64, p: RegistrationPlan, cause: &'static str) {
         let (n_put, n_del) = (p.puts.len(), p.deletes.len());
-        let (puts, dels, err) = apply(&store, lease, p).await;
+        let (puts, dels, err) = apply(&self.store, lease, p).await;
         for (k, v) in puts {
             debug!(key = %k, "pod registered");
-            registered.insert(k, v);
+            self.registered.insert(k, v);
         }
         for k in dels {
             debug!(key = %k, "pod record removed");
-            registered.remove(&k);
+            self.registered.remove(&k);
         }
         match err {
             None => {
                 info!(
                     registered = n_put,
                     removed = n_del,
-                    pods = registered.len(),
+                    pods = self.registered.len(),
                     cause,
                     "pod records updated"
                 );
-                retry = false;
-                backoff.reset();
+                self.retry = false;
+                self.backoff.reset();
             }
             Some(e) => {
                 warn!("updating pod records: {e:#}; retrying");
-                retry = true;
+                self.retry = true;
             }
         }
     }

@@ -110,6 +110,131 @@ fn subnet_size(len: u8) -> u32 {
     1u32 << (32 - u32::from(len))
 }
 
+/// `Network`: present, an IPv4 CIDR, no host bits.
+fn parse_network(net_s: Option<&str>) -> Result<Ipv4Network, ConfigError> {
+    let net_s = net_s.ok_or_else(|| field_err("Network", "missing"))?;
+    let network: Ipv4Network = net_s
+        .parse()
+        .map_err(|_| field_err("Network", format!("{net_s:?} is not an IPv4 CIDR")))?;
+    if network.ip() != network.network() {
+        return Err(field_err(
+            "Network",
+            format!(
+                "{net_s} has host bits set (did you mean {}/{}?)",
+                network.network(),
+                network.prefix()
+            ),
+        ));
+    }
+    Ok(network)
+}
+
+/// `SubnetLen` in a network of prefix `plen`: at most 30 and leaving room for four subnets;
+/// unset (or 0), 24 for networks of /22 or wider and `plen + 2` for smaller ones (at most
+/// /28).
+fn parse_subnet_len(raw: Option<u32>, plen: u8) -> Result<u8, ConfigError> {
+    match raw {
+        Some(0) | None => {
+            if plen > 28 {
+                Err(field_err(
+                    "Network",
+                    format!("/{plen} is too small, the smallest useful network is /28"),
+                ))
+            } else if plen <= 22 {
+                Ok(24)
+            } else {
+                Ok(plen + 2)
+            }
+        }
+        Some(l) => {
+            if l > 30 {
+                return Err(field_err(
+                    "SubnetLen",
+                    format!("{l} is out of range: must be at most 30"),
+                ));
+            }
+            let l = l as u8;
+            if l < plen + 2 {
+                return Err(field_err(
+                    "SubnetLen",
+                    format!(
+                        "{l} is out of range: Network /{plen} must hold at least four subnets, so SubnetLen must be at least {}",
+                        plen + 2
+                    ),
+                ));
+            }
+            Ok(l)
+        }
+    }
+}
+
+/// `SubnetMin` or `SubnetMax` (`field`): `default` when unset or empty, otherwise an address
+/// inside `network` on a `/subnet_len` boundary.
+fn parse_subnet_bound(
+    field: &'static str,
+    raw: Option<&str>,
+    default: Ipv4Addr,
+    network: Ipv4Network,
+    subnet_len: u8,
+) -> Result<Ipv4Addr, ConfigError> {
+    let mask = u32::MAX << (32 - u32::from(subnet_len));
+    match raw {
+        None | Some("") => Ok(default),
+        Some(s) => {
+            let a = parse_v4(field, s)?;
+            if !network.contains(a) {
+                return Err(field_err(
+                    field,
+                    format!("{a} is outside the Network {network}"),
+                ));
+            }
+            if u32::from(a) & mask != u32::from(a) {
+                return Err(field_err(
+                    field,
+                    format!("{a} is not on a /{subnet_len} boundary"),
+                ));
+            }
+            Ok(a)
+        }
+    }
+}
+
+/// `Backend`: type `vxlan` (or unset), the VNI (1..16777215, unset or 0 the default) and the
+/// UDP port (unset or 0 the default), DirectRouting off unless set.
+fn parse_backend(rb: RawBackend) -> Result<BackendConfig, ConfigError> {
+    match rb.kind.as_deref() {
+        None | Some("vxlan") => {}
+        Some(other) => {
+            return Err(field_err(
+                "Backend.Type",
+                format!("{other:?} is not supported: tartan implements \"vxlan\""),
+            ));
+        }
+    }
+    let vni = match rb.vni {
+        None | Some(0) => DEFAULT_VNI,
+        Some(v) if v < (1 << 24) => v as u32,
+        Some(v) => {
+            return Err(field_err(
+                "Backend.VNI",
+                format!("{v} is out of range 1..16777215"),
+            ));
+        }
+    };
+    let port = match rb.port {
+        None | Some(0) => DEFAULT_VXLAN_PORT,
+        Some(p) if p <= 65535 => p as u16,
+        Some(p) => {
+            return Err(field_err("Backend.Port", format!("{p} is not a UDP port")));
+        }
+    };
+    Ok(BackendConfig {
+        vni,
+        port,
+        direct_routing: rb.direct_routing.unwrap_or(false),
+    })
+}
+
 impl NetworkConfig {
     /// Parses and validates a flannel network config JSON document.
     pub fn parse(json: &[u8]) -> Result<Self, ConfigError> {
@@ -122,142 +247,38 @@ impl NetworkConfig {
         if raw.enable_ipv6 == Some(true) {
             return Err(field_err("EnableIPv6", "IPv6 is not supported by tartan"));
         }
-        let net_s = raw
-            .network
-            .as_deref()
-            .ok_or_else(|| field_err("Network", "missing"))?;
-        let network: Ipv4Network = net_s
-            .parse()
-            .map_err(|_| field_err("Network", format!("{net_s:?} is not an IPv4 CIDR")))?;
-        if network.ip() != network.network() {
-            return Err(field_err(
-                "Network",
-                format!(
-                    "{net_s} has host bits set (did you mean {}/{}?)",
-                    network.network(),
-                    network.prefix()
-                ),
-            ));
-        }
-        let plen = network.prefix();
-        let subnet_len: u8 = match raw.subnet_len {
-            Some(0) | None => {
-                if plen > 28 {
-                    return Err(field_err(
-                        "Network",
-                        format!("/{plen} is too small, the smallest useful network is /28"),
-                    ));
-                } else if plen <= 22 {
-                    24
-                } else {
-                    plen + 2
-                }
-            }
-            Some(l) => {
-                if l > 30 {
-                    return Err(field_err(
-                        "SubnetLen",
-                        format!("{l} is out of range: must be at most 30"),
-                    ));
-                }
-                let l = l as u8;
-                if l < plen + 2 {
-                    return Err(field_err(
-                        "SubnetLen",
-                        format!(
-                            "{l} is out of range: Network /{plen} must hold at least four subnets, so SubnetLen must be at least {}",
-                            plen + 2
-                        ),
-                    ));
-                }
-                l
-            }
-        };
+        let network = parse_network(raw.network.as_deref())?;
+        let subnet_len = parse_subnet_len(raw.subnet_len, network.prefix())?;
         let size = subnet_size(subnet_len);
-        let mask = u32::MAX << (32 - u32::from(subnet_len));
         let net_first = u32::from(network.network());
         let net_last = u32::from(network.broadcast());
-        let subnet_min = match raw.subnet_min.as_deref() {
-            None | Some("") => Ipv4Addr::from(net_first + size),
-            Some(s) => {
-                let a = parse_v4("SubnetMin", s)?;
-                if !network.contains(a) {
-                    return Err(field_err(
-                        "SubnetMin",
-                        format!("{a} is outside the Network {network}"),
-                    ));
-                }
-                if u32::from(a) & mask != u32::from(a) {
-                    return Err(field_err(
-                        "SubnetMin",
-                        format!("{a} is not on a /{subnet_len} boundary"),
-                    ));
-                }
-                a
-            }
-        };
-        let subnet_max = match raw.subnet_max.as_deref() {
-            None | Some("") => Ipv4Addr::from(net_last - size + 1),
-            Some(s) => {
-                let a = parse_v4("SubnetMax", s)?;
-                if !network.contains(a) {
-                    return Err(field_err(
-                        "SubnetMax",
-                        format!("{a} is outside the Network {network}"),
-                    ));
-                }
-                if u32::from(a) & mask != u32::from(a) {
-                    return Err(field_err(
-                        "SubnetMax",
-                        format!("{a} is not on a /{subnet_len} boundary"),
-                    ));
-                }
-                a
-            }
-        };
+        let subnet_min = parse_subnet_bound(
+            "SubnetMin",
+            raw.subnet_min.as_deref(),
+            Ipv4Addr::from(net_first + size),
+            network,
+            subnet_len,
+        )?;
+        let subnet_max = parse_subnet_bound(
+            "SubnetMax",
+            raw.subnet_max.as_deref(),
+            Ipv4Addr::from(net_last - size + 1),
+            network,
+            subnet_len,
+        )?;
         if u32::from(subnet_min) > u32::from(subnet_max) {
             return Err(field_err(
                 "SubnetMin",
                 format!("{subnet_min} is above SubnetMax {subnet_max}"),
             ));
         }
-        let rb = raw.backend.unwrap_or_default();
-        match rb.kind.as_deref() {
-            None | Some("vxlan") => {}
-            Some(other) => {
-                return Err(field_err(
-                    "Backend.Type",
-                    format!("{other:?} is not supported: tartan implements \"vxlan\""),
-                ));
-            }
-        }
-        let vni = match rb.vni {
-            None | Some(0) => DEFAULT_VNI,
-            Some(v) if v < (1 << 24) => v as u32,
-            Some(v) => {
-                return Err(field_err(
-                    "Backend.VNI",
-                    format!("{v} is out of range 1..16777215"),
-                ));
-            }
-        };
-        let port = match rb.port {
-            None | Some(0) => DEFAULT_VXLAN_PORT,
-            Some(p) if p <= 65535 => p as u16,
-            Some(p) => {
-                return Err(field_err("Backend.Port", format!("{p} is not a UDP port")));
-            }
-        };
+        let backend = parse_backend(raw.backend.unwrap_or_default())?;
         Ok(NetworkConfig {
             network,
             subnet_len,
             subnet_min,
             subnet_max,
-            backend: BackendConfig {
-                vni,
-                port,
-                direct_routing: rb.direct_routing.unwrap_or(false),
-            },
+            backend,
         })
     }
 

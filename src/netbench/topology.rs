@@ -230,11 +230,70 @@ fn flannel_pod(lab: &mut Lab, node_ns: &str, k: u8, n: u8) -> Result<LabPod> {
     Ok(LabPod { ns, ip: pod_ip })
 }
 
+/// The tartan pods the paths use: `pod-a` and `pod-a2` on node 1, `pod-b` on node 2, `pod-c`
+/// and `pod-d` on the two DirectRouting nodes.
+struct TartanPods {
+    a: LabPod,
+    a2: LabPod,
+    b: LabPod,
+    c: LabPod,
+    d: LabPod,
+}
+
+/// The flannel reference: its first node's namespace and its pods (`fa`, `fa2` on the first
+/// node, `fb` on the second).
+struct FlannelPods {
+    node1: String,
+    fa: LabPod,
+    fa2: LabPod,
+    fb: LabPod,
+}
+
 /// Builds the bench cluster with `nodes` tartan VXLAN nodes (at least 2).
 pub fn build(mut lab: Lab, nodes: usize, progress: &dyn Fn(&str)) -> Result<Topology> {
     if nodes < 2 {
         bail!("--nodes: at least 2");
     }
+    start_cluster(&mut lab, nodes, progress)?;
+    progress("pods (tartan-cni)");
+    let pods = tartan_pods(&mut lab, nodes)?;
+    progress("flannel reference");
+    let flannel = flannel_reference(&mut lab, nodes)?;
+    progress("servers");
+    for ns in [
+        &pods.a.ns,
+        &pods.a2.ns,
+        &pods.b.ns,
+        &pods.d.ns,
+        &lab.nodes[0].ns,
+        &lab.nodes[1].ns,
+        &flannel.fa2.ns,
+        &flannel.fb.ns,
+    ] {
+        bench_servers(ns)?;
+    }
+    progress("service");
+    let (cluster_ip, np) = create_service(&lab)?;
+    let gw1 = Ipv4Addr::from(u32::from(lab.wait_subnet(0)?.network()) + 1);
+    let mut paths = floor_paths(&lab, &pods);
+    paths.extend(pod_paths(&lab, &pods, gw1));
+    paths.extend(service_paths(&lab, &pods, cluster_ip, np));
+    paths.extend(flannel_paths(&flannel));
+    progress("checking every path");
+    check_paths(&paths)?;
+    Ok(Topology {
+        lab,
+        paths,
+        cluster_ip,
+        client_pod: pods.a,
+        server_pod: pods.b,
+    })
+}
+
+/// Namespaces, underlay and control plane: etcd with both networks (VXLAN and DirectRouting),
+/// `nodes + 4` nodes (tartan VXLAN, then 2 DirectRouting, then 2 flannel), tartand on the
+/// tartan ones, and their subnets leased.
+fn start_cluster(lab: &mut Lab, nodes: usize, progress: &dyn Fn(&str)) -> Result<()> {
     progress("etcd");
     lab.start_etcd()?;
     lab.init_network(&["--network", "10.244.0.0/16"])?;
@@ -269,7 +328,12 @@ pub fn build(mut lab: Lab, nodes: usize, progress: &dyn Fn(&str)) -> Result<Topo
     for i in 0..nodes + 2 {
         lab.wait_subnet(i)?;
     }
-    progress("pods (tartan-cni)");
+    Ok(())
+}
+
+/// The tartan pods, started through `tartan-cni` (one `bench-extra` pod on each node past the
+/// second).
+fn tartan_pods(lab: &mut Lab, nodes: usize) -> Result<TartanPods> {
     let a = lab.add_cni_pod(0, "pod-a", &[("app", "client")])?;
     let a2 = lab.add_cni_pod(0, "pod-a2", &[("app", "peer")])?;
     let b = lab.add_cni_pod(1, "pod-b", &[("app", "bench")])?;
@@ -278,7 +342,12 @@ pub fn build(mut lab: Lab, nodes: usize, progress: &dyn Fn(&str)) -> Result<Topo
     }
     let c = lab.add_cni_pod(nodes, "pod-c", &[])?;
     let d = lab.add_cni_pod(nodes + 1, "pod-d", &[])?;
-    progress("flannel reference");
+    Ok(TartanPods { a, a2, b, c, d })
+}
+
+/// The hand-built flannel pair on the last two nodes: both nodes, each the other's peer, and
+/// their pods.
+fn flannel_reference(lab: &mut Lab, nodes: usize) -> Result<FlannelPods> {
     let (f1, f2) = (
         lab.nodes[nodes + 2].ns.clone(),
         lab.nodes[nodes + 3].ns.clone(),
@@ -288,23 +357,20 @@ pub fn build(mut lab: Lab, nodes: usize, progress: &dyn Fn(&str)) -> Result<Topo
     let s2 = flannel_node(&f2, 2, f2ip)?;
     flannel_peer(&f1, s2, &mac_of(&f2, "flannel.1")?, f2ip)?;
     flannel_peer(&f2, s1, &mac_of(&f1, "flannel.1")?, f1ip)?;
-    let fa = flannel_pod(&mut lab, &f1, 1, 1)?;
-    let fa2 = flannel_pod(&mut lab, &f1, 1, 2)?;
-    let fb = flannel_pod(&mut lab, &f2, 2, 1)?;
-    progress("servers");
-    for ns in [
-        &a.ns,
-        &a2.ns,
-        &b.ns,
-        &d.ns,
-        &lab.nodes[0].ns,
-        &lab.nodes[1].ns,
-        &fa2.ns,
-        &fb.ns,
-    ] {
-        bench_servers(ns)?;
-    }
-    progress("service");
+    let fa = flannel_pod(lab, &f1, 1, 1)?;
+    let fa2 = flannel_pod(lab, &f1, 1, 2)?;
+    let fb = flannel_pod(lab, &f2, 2, 1)?;
+    Ok(FlannelPods {
+        node1: f1,
+        fa,
+        fa2,
+        fb,
+    })
+}
+
+/// Creates the `bench` service (selector `app=bench`, 4 ports, each with a node port): its
+/// cluster IP and node ports.
+fn create_service(lab: &Lab) -> Result<(Ipv4Addr, [u16; 4])> {
     let out = lab.tartanctl(&[
         "service",
         "create",
@@ -337,15 +403,18 @@ pub fn build(mut lab: Lab, nodes: usize, progress: &dyn Fn(&str)) -> Result<Topo
     let np: [u16; 4] = nps
         .try_into()
         .map_err(|v: Vec<u16>| anyhow::anyhow!("expected 4 node ports, got {v:?}"))?;
-    let gw1 = Ipv4Addr::from(u32::from(lab.wait_subnet(0)?.network()) + 1);
-    let node1 = lab.nodes[0].ns.clone();
-    let paths = vec![
+    Ok((cluster_ip, np))
+}
+
+/// The floors: a pod to itself over loopback, and host to host over the underlay.
+fn floor_paths(lab: &Lab, pods: &TartanPods) -> Vec<PathSpec> {
+    vec![
         PathSpec {
             id: "loopback",
             label: "pod -> itself (loopback, the stack floor)",
             dataplane: Dataplane::Underlay,
             reference: None,
-            client: a.ns.clone(),
+            client: pods.a.ns.clone(),
             dst: Ipv4Addr::LOCALHOST,
             ports: STD,
         },
@@ -354,16 +423,24 @@ pub fn build(mut lab: Lab, nodes: usize, progress: &dyn Fn(&str)) -> Result<Topo
             label: "host -> host (underlay)",
             dataplane: Dataplane::Underlay,
             reference: None,
-            client: node1.clone(),
+            client: lab.nodes[0].ns.clone(),
             dst: lab.nodes[1].ip,
             ports: STD,
         },
+    ]
+}
+
+/// tartan's pod paths: to the node (via `gw1`, node 1's gateway), same node, other node with
+/// DirectRouting and with VXLAN, and host to a remote pod.
+fn pod_paths(lab: &Lab, pods: &TartanPods, gw1: Ipv4Addr) -> Vec<PathSpec> {
+    let node1 = lab.nodes[0].ns.clone();
+    vec![
         PathSpec {
             id: "pod-node",
             label: "pod -> its node (veth + bridge)",
             dataplane: Dataplane::Tartan,
             reference: None,
-            client: a.ns.clone(),
+            client: pods.a.ns.clone(),
             dst: gw1,
             ports: STD,
         },
@@ -372,8 +449,8 @@ pub fn build(mut lab: Lab, nodes: usize, progress: &dyn Fn(&str)) -> Result<Topo
             label: "pod -> pod, same node",
             dataplane: Dataplane::Tartan,
             reference: Some("flannel-pod-same-node"),
-            client: a.ns.clone(),
-            dst: a2.ip,
+            client: pods.a.ns.clone(),
+            dst: pods.a2.ip,
             ports: STD,
         },
         PathSpec {
@@ -381,8 +458,8 @@ pub fn build(mut lab: Lab, nodes: usize, progress: &dyn Fn(&str)) -> Result<Topo
             label: "pod -> pod, other node, DirectRouting",
             dataplane: Dataplane::Tartan,
             reference: None,
-            client: c.ns.clone(),
-            dst: d.ip,
+            client: pods.c.ns.clone(),
+            dst: pods.d.ip,
             ports: STD,
         },
         PathSpec {
@@ -390,8 +467,8 @@ pub fn build(mut lab: Lab, nodes: usize, progress: &dyn Fn(&str)) -> Result<Topo
             label: "pod -> pod, other node, VXLAN",
             dataplane: Dataplane::Tartan,
             reference: Some("flannel-pod-cross"),
-            client: a.ns.clone(),
-            dst: b.ip,
+            client: pods.a.ns.clone(),
+            dst: pods.b.ip,
             ports: STD,
         },
         PathSpec {
@@ -399,16 +476,27 @@ pub fn build(mut lab: Lab, nodes: usize, progress: &dyn Fn(&str)) -> Result<Topo
             label: "host -> pod on other node",
             dataplane: Dataplane::Tartan,
             reference: Some("flannel-host-remote-pod"),
-            client: node1.clone(),
-            dst: b.ip,
+            client: node1,
+            dst: pods.b.ip,
             ports: STD,
         },
+    ]
+}
+
+/// The service paths: a pod to the cluster IP, and the external client to a node port.
+fn service_paths(
+    lab: &Lab,
+    pods: &TartanPods,
+    cluster_ip: Ipv4Addr,
+    np: [u16; 4],
+) -> Vec<PathSpec> {
+    vec![
         PathSpec {
             id: "pod-clusterip",
             label: "pod -> ClusterIP -> pod, other node",
             dataplane: Dataplane::Tartan,
             reference: None,
-            client: a.ns.clone(),
+            client: pods.a.ns.clone(),
             dst: cluster_ip,
             ports: STD,
         },
@@ -421,13 +509,19 @@ pub fn build(mut lab: Lab, nodes: usize, progress: &dyn Fn(&str)) -> Result<Topo
             dst: lab.nodes[1].ip,
             ports: np,
         },
+    ]
+}
+
+/// The flannel references the tartan paths are compared with.
+fn flannel_paths(flannel: &FlannelPods) -> Vec<PathSpec> {
+    vec![
         PathSpec {
             id: "flannel-pod-same-node",
             label: "flannel: pod -> pod, same node",
             dataplane: Dataplane::Flannel,
             reference: None,
-            client: fa.ns.clone(),
-            dst: fa2.ip,
+            client: flannel.fa.ns.clone(),
+            dst: flannel.fa2.ip,
             ports: STD,
         },
         PathSpec {
@@ -435,8 +529,8 @@ pub fn build(mut lab: Lab, nodes: usize, progress: &dyn Fn(&str)) -> Result<Topo
             label: "flannel: pod -> pod, other node",
             dataplane: Dataplane::Flannel,
             reference: None,
-            client: fa.ns.clone(),
-            dst: fb.ip,
+            client: flannel.fa.ns.clone(),
+            dst: flannel.fb.ip,
             ports: STD,
         },
         PathSpec {
@@ -444,13 +538,16 @@ pub fn build(mut lab: Lab, nodes: usize, progress: &dyn Fn(&str)) -> Result<Topo
             label: "flannel: host -> pod on other node",
             dataplane: Dataplane::Flannel,
             reference: None,
-            client: f1.clone(),
-            dst: fb.ip,
+            client: flannel.node1.clone(),
+            dst: flannel.fb.ip,
             ports: STD,
         },
-    ];
-    progress("checking every path");
-    for p in &paths {
+    ]
+}
+
+/// Waits (up to 30 s each) for every path to answer one TCP round trip.
+fn check_paths(paths: &[PathSpec]) -> Result<()> {
+    for p in paths {
         let (c, d, port) = (p.client.clone(), p.dst, p.ports[0]);
         wait_for(
             &format!("path {} to answer", p.id),
@@ -459,11 +556,5 @@ pub fn build(mut lab: Lab, nodes: usize, progress: &dyn Fn(&str)) -> Result<Topo
         )
         .with_context(|| format!("path {} ({} -> {d})", p.id, p.client))?;
     }
-    Ok(Topology {
-        lab,
-        paths,
-        cluster_ip,
-        client_pod: a,
-        server_pod: b,
-    })
+    Ok(())
 }

@@ -8,6 +8,7 @@
 use crate::store::keys::{
     cluster_ip_alloc_key, endpoints_key, node_port_alloc_key, service_key, services_prefix,
 };
+use std::collections::HashSet;
 use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result, bail};
@@ -29,6 +30,17 @@ pub enum NodePortRequest {
     Auto,
     /// This node port.
     Port(u16),
+}
+
+/// Why a create transaction failed, when it is not an error to report.
+enum CreateConflict {
+    /// The service holds exactly what this attempt wrote: an earlier send of it went through.
+    OwnWrite,
+    /// The drawn cluster IP was taken meanwhile: draw another.
+    ClusterIp,
+    /// Something else (a drawn node port taken meanwhile): try again, a bounded number of
+    /// times.
+    Other,
 }
 
 /// Access to services in etcd.
@@ -79,6 +91,47 @@ impl<'a> ServiceStore<'a> {
         explicit_ip: Option<Ipv4Addr>,
         node_ports: &[NodePortRequest],
     ) -> Result<Service> {
+        let explicit_ports = self.check_create_request(&svc, explicit_ip, node_ports)?;
+        let key = service_key(self.keys, &svc.namespace, &svc.name);
+        for attempt in 0..200 {
+            if !self.assign_addresses(&mut svc, explicit_ip, node_ports, &explicit_ports) {
+                continue;
+            }
+            svc.validate()
+                .map_err(|e| anyhow::anyhow!("invalid service: {e}"))?;
+            if self
+                .store
+                .txn_resendable(self.create_txn(&key, &svc))
+                .await?
+            {
+                return Ok(svc);
+            }
+            match self
+                .create_conflict(&key, &svc, explicit_ip, node_ports)
+                .await?
+            {
+                CreateConflict::OwnWrite => return Ok(svc),
+                CreateConflict::ClusterIp => continue,
+                CreateConflict::Other => {}
+            }
+            if attempt > 100 {
+                break;
+            }
+        }
+        bail!(
+            "could not allocate a free cluster IP / node port after many attempts (range exhausted?)"
+        )
+    }
+
+    /// Checks what `create` was asked for before anything is drawn: no more node ports than
+    /// service ports, the explicit cluster IP and node ports allowed by the guard, no explicit
+    /// node port twice. Returns the explicit node ports.
+    fn check_create_request(
+        &self,
+        svc: &Service,
+        explicit_ip: Option<Ipv4Addr>,
+        node_ports: &[NodePortRequest],
+    ) -> Result<HashSet<(Protocol, u16)>> {
         if node_ports.len() > svc.ports.len() {
             bail!(
                 "{} node ports given for {} service ports",
@@ -91,7 +144,7 @@ impl<'a> ServiceStore<'a> {
                 .cluster_ip(ip)
                 .map_err(|e| anyhow::anyhow!("--cluster-ip: {e}"))?;
         }
-        let mut explicit_ports = std::collections::HashSet::new();
+        let mut explicit_ports = HashSet::new();
         for (i, req) in node_ports.iter().enumerate() {
             if let NodePortRequest::Port(p) = req {
                 self.guard
@@ -105,113 +158,128 @@ impl<'a> ServiceStore<'a> {
                 }
             }
         }
-        let key = service_key(self.keys, &svc.namespace, &svc.name);
-        for attempt in 0..200 {
-            svc.cluster_ip = match explicit_ip {
-                Some(ip) => ip,
-                None => {
-                    let ip = self.random_ip();
-                    if self.guard.cluster_ip(ip).is_err() {
-                        continue;
-                    }
-                    ip
+        Ok(explicit_ports)
+    }
+
+    /// One attempt's addresses: the cluster IP (explicit or drawn) and the node ports
+    /// (explicit, or drawn distinct from the others and allowed by the guard). False when
+    /// the drawn cluster IP is one the guard refuses (then nothing else is assigned).
+    fn assign_addresses(
+        &self,
+        svc: &mut Service,
+        explicit_ip: Option<Ipv4Addr>,
+        node_ports: &[NodePortRequest],
+        explicit_ports: &HashSet<(Protocol, u16)>,
+    ) -> bool {
+        svc.cluster_ip = match explicit_ip {
+            Some(ip) => ip,
+            None => {
+                let ip = self.random_ip();
+                if self.guard.cluster_ip(ip).is_err() {
+                    return false;
                 }
+                ip
+            }
+        };
+        let mut taken = explicit_ports.clone();
+        for (i, req) in node_ports.iter().enumerate() {
+            let proto = svc.ports[i].protocol;
+            svc.ports[i].node_port = match req {
+                NodePortRequest::None => None,
+                NodePortRequest::Auto => {
+                    // Distinct from the other ports of this service (one transaction may
+                    // not write a key twice) and from what the guard refuses.
+                    let mut p = Self::random_node_port();
+                    while taken.contains(&(proto, p)) || self.guard.node_port(p).is_err() {
+                        p = Self::random_node_port();
+                    }
+                    taken.insert((proto, p));
+                    Some(p)
+                }
+                NodePortRequest::Port(p) => Some(*p),
             };
-            let mut taken = explicit_ports.clone();
-            for (i, req) in node_ports.iter().enumerate() {
-                let proto = svc.ports[i].protocol;
-                svc.ports[i].node_port = match req {
-                    NodePortRequest::None => None,
-                    NodePortRequest::Auto => {
-                        // Distinct from the other ports of this service (one transaction may
-                        // not write a key twice) and from what the guard refuses.
-                        let mut p = Self::random_node_port();
-                        while taken.contains(&(proto, p)) || self.guard.node_port(p).is_err() {
-                            p = Self::random_node_port();
-                        }
-                        taken.insert((proto, p));
-                        Some(p)
-                    }
-                    NodePortRequest::Port(p) => Some(*p),
-                };
-            }
-            svc.validate()
-                .map_err(|e| anyhow::anyhow!("invalid service: {e}"))?;
-            let id = svc.id();
-            let mut cmp = vec![
-                Compare::create_revision(key.clone(), CompareOp::Equal, 0),
-                Compare::create_revision(
-                    cluster_ip_alloc_key(self.keys, svc.cluster_ip),
-                    CompareOp::Equal,
-                    0,
-                ),
-            ];
-            let mut ops = vec![
-                TxnOp::put(key.clone(), svc.to_bytes(), None),
-                TxnOp::put(
-                    cluster_ip_alloc_key(self.keys, svc.cluster_ip),
-                    id.clone(),
-                    None,
-                ),
-            ];
-            for p in &svc.ports {
-                if let Some(np) = p.node_port {
-                    let k = node_port_alloc_key(self.keys, p.protocol, np);
-                    cmp.push(Compare::create_revision(k.clone(), CompareOp::Equal, 0));
-                    ops.push(TxnOp::put(k, id.clone(), None));
-                }
-            }
-            if self
-                .store
-                .txn_resendable(Txn::new().when(cmp).and_then(ops))
-                .await?
-            {
-                return Ok(svc);
-            }
-            // Find out which comparison failed.
-            if let Some(kv) = self.store.get(&key).await? {
-                // An attempt sent again after no answer may find its own earlier write.
-                if kv.value == svc.to_bytes() {
-                    return Ok(svc);
-                }
-                bail!("service {id} already exists");
-            }
-            if let Some(owner) = self
-                .store
-                .get(&cluster_ip_alloc_key(self.keys, svc.cluster_ip))
-                .await?
-            {
-                if explicit_ip.is_some() {
-                    bail!(
-                        "cluster IP {} is already taken by service {}",
-                        svc.cluster_ip,
-                        String::from_utf8_lossy(&owner.value)
-                    );
-                }
-                continue;
-            }
-            for (i, p) in svc.ports.iter().enumerate() {
-                let Some(np) = p.node_port else { continue };
-                if let Some(owner) = self
-                    .store
-                    .get(&node_port_alloc_key(self.keys, p.protocol, np))
-                    .await?
-                    && matches!(node_ports.get(i), Some(NodePortRequest::Port(_)))
-                {
-                    bail!(
-                        "node port {np}/{} is already taken by service {}",
-                        p.protocol,
-                        String::from_utf8_lossy(&owner.value)
-                    );
-                }
-            }
-            if attempt > 100 {
-                break;
+        }
+        true
+    }
+
+    /// The create transaction: if the service key, its cluster IP and its node ports are all
+    /// free, writes the service and the allocations.
+    fn create_txn(&self, key: &str, svc: &Service) -> Txn {
+        let id = svc.id();
+        let mut cmp = vec![
+            Compare::create_revision(key.to_string(), CompareOp::Equal, 0),
+            Compare::create_revision(
+                cluster_ip_alloc_key(self.keys, svc.cluster_ip),
+                CompareOp::Equal,
+                0,
+            ),
+        ];
+        let mut ops = vec![
+            TxnOp::put(key.to_string(), svc.to_bytes(), None),
+            TxnOp::put(
+                cluster_ip_alloc_key(self.keys, svc.cluster_ip),
+                id.clone(),
+                None,
+            ),
+        ];
+        for p in &svc.ports {
+            if let Some(np) = p.node_port {
+                let k = node_port_alloc_key(self.keys, p.protocol, np);
+                cmp.push(Compare::create_revision(k.clone(), CompareOp::Equal, 0));
+                ops.push(TxnOp::put(k, id.clone(), None));
             }
         }
-        bail!(
-            "could not allocate a free cluster IP / node port after many attempts (range exhausted?)"
-        )
+        Txn::new().when(cmp).and_then(ops)
+    }
+
+    /// Finds out which comparison of a failed create transaction failed: errors for the
+    /// service existing and for an explicit cluster IP or node port taken; otherwise what to
+    /// do next.
+    async fn create_conflict(
+        &self,
+        key: &str,
+        svc: &Service,
+        explicit_ip: Option<Ipv4Addr>,
+        node_ports: &[NodePortRequest],
+    ) -> Result<CreateConflict> {
+        let id = svc.id();
+        if let Some(kv) = self.store.get(key).await? {
+            // An attempt sent again after no answer may find its own earlier write.
+            if kv.value == svc.to_bytes() {
+                return Ok(CreateConflict::OwnWrite);
+            }
+            bail!("service {id} already exists");
+        }
+        if let Some(owner) = self
+            .store
+            .get(&cluster_ip_alloc_key(self.keys, svc.cluster_ip))
+            .await?
+        {
+            if explicit_ip.is_some() {
+                bail!(
+                    "cluster IP {} is already taken by service {}",
+                    svc.cluster_ip,
+                    String::from_utf8_lossy(&owner.value)
+                );
+            }
+            return Ok(CreateConflict::ClusterIp);
+        }
+        for (i, p) in svc.ports.iter().enumerate() {
+            let Some(np) = p.node_port else { continue };
+            if let Some(owner) = self
+                .store
+                .get(&node_port_alloc_key(self.keys, p.protocol, np))
+                .await?
+                && matches!(node_ports.get(i), Some(NodePortRequest::Port(_)))
+            {
+                bail!(
+                    "node port {np}/{} is already taken by service {}",
+                    p.protocol,
+                    String::from_utf8_lossy(&owner.value)
+                );
+            }
+        }
+        Ok(CreateConflict::Other)
     }
 
     /// Reads one service.
