@@ -18,6 +18,25 @@ fn netns(tag: &str) -> Result<Ns> {
     Ok(Ns(name))
 }
 
+/// Loads `script` with `nft -f` in `ns`.
+fn load(ns: &Ns, script: &str) -> Result<()> {
+    let tf = std::env::temp_dir().join(format!("{}.nft", ns.0));
+    std::fs::write(&tf, script)?;
+    let r = ns_run(&ns.0, "nft", &["-f", &tf.to_string_lossy()]);
+    let _ = std::fs::remove_file(&tf);
+    r.map(|_| ())
+}
+
+/// The key of slot `s` of 10.96.0.10:80/tcp in a backends map.
+fn slot_key(s: u32) -> Vec<u8> {
+    KeyBuilder::new()
+        .ipv4(std::net::Ipv4Addr::new(10, 96, 0, 10))
+        .proto(6)
+        .port(80)
+        .u32_host(s)
+        .build()
+}
+
 const TABLE: &str = r#"table ip t {
   map vm { typeof ip daddr . meta l4proto . th dport : verdict; }
   map be { typeof ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport; }
@@ -197,26 +216,15 @@ fn slot_table_kernel_cost_probe() -> Result<()> {
         return Ok(());
     }
     let ns = netns("nftslot")?;
-    let tf = std::env::temp_dir().join(format!("{}.nft", ns.0));
-    std::fs::write(
-        &tf,
+    load(
+        &ns,
         r#"table ip t {
   map be { typeof ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport; counter; }
   map be2 { typeof ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport; }
 }
 "#,
     )?;
-    ns_run(&ns.0, "nft", &["-f", &tf.to_string_lossy()])?;
-    let _ = std::fs::remove_file(&tf);
-    let vip: std::net::Ipv4Addr = "10.96.0.10".parse()?;
-    let key = |s: u32| {
-        KeyBuilder::new()
-            .ipv4(vip)
-            .proto(6)
-            .port(80)
-            .u32_host(s)
-            .build()
-    };
+    let key = slot_key;
     let val = |i: u32| {
         ElemData::Value(
             KeyBuilder::new()
@@ -265,26 +273,16 @@ fn elements_and_counters_dump_back_over_netlink() -> Result<()> {
         return Ok(());
     }
     let ns = netns("nftdump")?;
-    let tf = std::env::temp_dir().join(format!("{}.nft", ns.0));
-    std::fs::write(
-        &tf,
+    load(
+        &ns,
         r#"table ip t {
   map be { typeof ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport; counter; }
   set refused { typeof ip daddr . meta l4proto . th dport; counter; }
 }
 "#,
     )?;
-    ns_run(&ns.0, "nft", &["-f", &tf.to_string_lossy()])?;
-    let _ = std::fs::remove_file(&tf);
     let vip: std::net::Ipv4Addr = "10.96.0.10".parse()?;
-    let key = |s: u32| {
-        KeyBuilder::new()
-            .ipv4(vip)
-            .proto(6)
-            .port(80)
-            .u32_host(s)
-            .build()
-    };
+    let key = slot_key;
     let data = |s: u32| {
         KeyBuilder::new()
             .ipv4(std::net::Ipv4Addr::from(0x0af4_0100 + s))
