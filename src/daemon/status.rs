@@ -122,9 +122,9 @@ impl DaemonStatus {
                     .port(p.port)
                     .build();
                 refused += counters.refused.get(&key).copied().unwrap_or(0);
-                for (ip, _) in &s.backends {
-                    if let Some(v) = counters.balanced.get(&(key.clone(), *ip)) {
-                        *per_backend.entry(*ip).or_default() += v;
+                for b in &s.backends {
+                    if let Some(v) = counters.balanced.get(&(key.clone(), b.ip)) {
+                        *per_backend.entry(b.ip).or_default() += v;
                         connections += v;
                     }
                 }
@@ -164,10 +164,10 @@ impl DaemonStatus {
                 backends: s
                     .backends
                     .iter()
-                    .map(|(ip, node)| BackendReport {
-                        ip: ip.to_string(),
-                        node: node.clone(),
-                        connections: per_backend.get(ip).copied().unwrap_or(0),
+                    .map(|b| BackendReport {
+                        ip: b.ip.to_string(),
+                        node: b.node.clone(),
+                        connections: per_backend.get(&b.ip).copied().unwrap_or(0),
                     })
                     .collect(),
                 connections,

@@ -16,7 +16,7 @@ use crate::model::DecodeError;
 use crate::model::pod::PodRecord;
 use crate::model::service::{AddressGuard, ExplicitEndpoints, Service};
 use crate::proxy::rules::NodeContext;
-use crate::proxy::state::{ModelChange, ServiceState};
+use crate::proxy::state::{ModelChange, ServiceState, SyncPlan};
 use crate::proxy::table::{ApplyError, NftTable, ServiceTable};
 use crate::store::etcd::{Change, EtcdArgs, KvItem, ReflectorEvent, Store};
 use crate::util::backoff::Backoff;
@@ -53,10 +53,19 @@ pub struct ServiceStatus {
     pub id: String,
     /// The service record.
     pub service: Service,
-    /// Backend addresses with their node.
-    pub backends: Vec<(std::net::Ipv4Addr, Option<String>)>,
+    /// Its backends as programmed.
+    pub backends: Vec<BackendStatus>,
     /// What of the service was not programmed, and why.
     pub problems: Vec<String>,
+}
+
+/// One backend as programmed.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BackendStatus {
+    /// The endpoint's address.
+    pub ip: std::net::Ipv4Addr,
+    /// The node it runs on, when known.
+    pub node: Option<String>,
 }
 
 fn decode(prefix_kind: Kind, item: &KvItem, keys: &EtcdArgs) -> Result<ModelChange, DecodeError> {
@@ -235,64 +244,10 @@ pub async fn sync_loop<T: ServiceTable>(
         if !sources.iter().all(|s| s.listed) {
             continue;
         }
-        let t0 = Instant::now();
         let result = if need_full {
-            let plan = state.plan_full();
-            debug!(
-                plan_ms = t0.elapsed().as_millis() as u64,
-                "full plan computed"
-            );
-            for w in &plan.warnings {
-                warn!("{w}");
-            }
-            let r: Result<(), ApplyError> = async {
-                applier.discover().await?;
-                applier.apply_full(&plan).await?;
-                Ok(())
-            }
-            .await;
-            if r.is_ok() {
-                metrics
-                    .service_sync_full
-                    .observe(t0.elapsed().as_secs_f64());
-                info!(
-                    services = state.service_count(),
-                    elements = state.element_count(),
-                    elapsed_ms = t0.elapsed().as_millis() as u64,
-                    "service table fully synced"
-                );
-            }
-            r.map(|_| plan)
+            sync_full(&mut applier, &mut state, metrics).await
         } else {
-            // Big services wait for at most one small batch (never starved by a stream of
-            // small changes).
-            let plan = if deferred.is_some() {
-                state.plan()
-            } else {
-                state.plan_small_first()
-            };
-            let plan_us = t0.elapsed().as_micros() as u64;
-            for w in &plan.warnings {
-                warn!("{w}");
-            }
-            if plan.is_empty() {
-                Ok(plan)
-            } else {
-                let r = applier.apply_incremental(&plan).await;
-                if r.is_ok() {
-                    metrics
-                        .service_sync_partial
-                        .observe(t0.elapsed().as_secs_f64());
-                    debug!(
-                        recomputed = plan.recomputed,
-                        changes = plan.element_changes,
-                        plan_us,
-                        elapsed_us = t0.elapsed().as_micros() as u64,
-                        "service table updated"
-                    );
-                }
-                r.map(|_| plan)
-            }
+            sync_incremental(&mut applier, &mut state, metrics, deferred.is_none()).await
         };
         match result {
             Ok(plan) => {
@@ -335,6 +290,80 @@ pub async fn sync_loop<T: ServiceTable>(
     }
 }
 
+/// A full sync: plans the whole table and applies it (in place or by a rebuild).
+async fn sync_full<T: ServiceTable>(
+    applier: &mut T,
+    state: &mut ServiceState,
+    metrics: &Metrics,
+) -> Result<SyncPlan, ApplyError> {
+    let t0 = Instant::now();
+    let plan = state.plan_full();
+    debug!(
+        plan_ms = t0.elapsed().as_millis() as u64,
+        "full plan computed"
+    );
+    for w in &plan.warnings {
+        warn!("{w}");
+    }
+    let r: Result<(), ApplyError> = async {
+        applier.discover().await?;
+        applier.apply_full(&plan).await?;
+        Ok(())
+    }
+    .await;
+    if r.is_ok() {
+        metrics
+            .service_sync_full
+            .observe(t0.elapsed().as_secs_f64());
+        info!(
+            services = state.service_count(),
+            elements = state.element_count(),
+            elapsed_ms = t0.elapsed().as_millis() as u64,
+            "service table fully synced"
+        );
+    }
+    r.map(|_| plan)
+}
+
+/// An incremental sync of what changed; with `small_first`, big services that changed with
+/// others wait for the next call (big services wait for at most one small batch, so they are
+/// never starved by a stream of small changes).
+async fn sync_incremental<T: ServiceTable>(
+    applier: &mut T,
+    state: &mut ServiceState,
+    metrics: &Metrics,
+    small_first: bool,
+) -> Result<SyncPlan, ApplyError> {
+    let t0 = Instant::now();
+    let plan = if small_first {
+        state.plan_small_first()
+    } else {
+        state.plan()
+    };
+    let plan_us = t0.elapsed().as_micros() as u64;
+    for w in &plan.warnings {
+        warn!("{w}");
+    }
+    if plan.is_empty() {
+        Ok(plan)
+    } else {
+        let r = applier.apply_incremental(&plan).await;
+        if r.is_ok() {
+            metrics
+                .service_sync_partial
+                .observe(t0.elapsed().as_secs_f64());
+            debug!(
+                recomputed = plan.recomputed,
+                changes = plan.element_changes,
+                plan_us,
+                elapsed_us = t0.elapsed().as_micros() as u64,
+                "service table updated"
+            );
+        }
+        r.map(|_| plan)
+    }
+}
+
 fn build_status<T: ServiceTable>(
     state: &ServiceState,
     applier: &T,
@@ -362,7 +391,10 @@ fn build_status<T: ServiceTable>(
                 service: svc.clone(),
                 backends: b
                     .iter()
-                    .map(|b| (b.ip, b.node.as_deref().map(str::to_string)))
+                    .map(|b| BackendStatus {
+                        ip: b.ip,
+                        node: b.node.as_deref().map(str::to_string),
+                    })
                     .collect(),
                 problems: state.problems(&svc.id()).to_vec(),
             })

@@ -557,45 +557,51 @@ impl ServiceState {
             }
             None => (Vec::new(), Vec::new()),
         };
-        if new_backends.len() > MAX_SLOTS as usize {
-            plan.warnings.push(format!(
-                "service {id} has {} endpoints; only the first {MAX_SLOTS} get slots",
-                new_backends.len()
-            ));
-        }
-        if let Some(s) = svc.as_ref()
-            && old_backends.is_empty()
-            && !new_backends.is_empty()
-        {
-            for p in s.ports.iter().filter(|p| p.protocol == Protocol::Udp) {
-                plan.revived.push(RevivedPort {
-                    cluster_ip: s.cluster_ip,
-                    port: p.port,
-                    node_port: p.node_port,
-                });
+        note_backend_changes(&id, svc.as_ref(), &old_backends, &new_backends, plan);
+        let kept_rules = self.diff_elements(
+            &id,
+            svc.as_ref(),
+            &old_rules,
+            new_rules,
+            &mut problems,
+            plan,
+            acc,
+        );
+        for r in &old_rules {
+            for c in &r.chains {
+                *acc.chain_delta.entry(*c).or_default() -= 1;
             }
         }
-        if let Some(s) = svc.as_ref() {
-            // Both lists are sorted by address: a merge finds the ones that left.
-            let mut rest = new_backends.iter().map(|b| b.ip).peekable();
-            let left = old_backends.iter().filter(|b| {
-                while rest.next_if(|ip| *ip < b.ip).is_some() {}
-                rest.peek() != Some(&b.ip)
-            });
-            for b in left {
-                for p in &s.ports {
-                    plan.removed.push(RemovedBackend {
-                        cluster_ip: s.cluster_ip,
-                        port: p.port,
-                        node_port: p.node_port,
-                        protocol: p.protocol,
-                        ip: b.ip,
-                        target_port: p.target_port,
-                        affinity: s.session_affinity == SessionAffinity::ClientIp,
-                    });
-                }
-            }
+        if known && !problems.is_empty() {
+            self.problems.insert(id.clone(), problems);
+        } else {
+            self.problems.remove(&id);
         }
+        let old_blocks: Vec<&SlotBlock> = old_rules.iter().flat_map(|r| r.blocks.iter()).collect();
+        let new_blocks: Vec<&SlotBlock> = kept_rules.iter().flat_map(|r| r.blocks.iter()).collect();
+        diff_blocks(&old_blocks, &new_blocks, &mut acc.dels, &mut acc.adds);
+        let slots = |v: &[&SlotBlock]| v.iter().map(|b| b.len()).sum::<usize>();
+        self.slot_elements = self.slot_elements + slots(&new_blocks) - slots(&old_blocks);
+        if svc.is_some() {
+            self.applied_rules.insert(id.clone(), kept_rules);
+            self.backends.insert(id, new_backends);
+        }
+    }
+
+    /// Queues the element changes from `old_rules` to `new_rules` for service `id`, element by
+    /// element: an element another service holds is skipped (and waited for), one it no longer
+    /// wants is deleted and passed to a waiting service. Returns the rules it now holds.
+    #[allow(clippy::too_many_arguments)]
+    fn diff_elements(
+        &mut self,
+        id: &Sym,
+        svc: Option<&Service>,
+        old_rules: &[PortRules],
+        new_rules: Vec<PortRules>,
+        problems: &mut Vec<String>,
+        plan: &mut SyncPlan,
+        acc: &mut PendingOps,
+    ) -> Vec<PortRules> {
         let old_elems: HashMap<ElemKey, Data> = if old_rules.is_empty() {
             HashMap::default()
         } else {
@@ -613,12 +619,10 @@ impl ServiceState {
             for e in r.elements {
                 let k = (e.set, e.key);
                 if let Some((_, owner)) = self.applied.get(&k)
-                    && *owner != id
+                    && *owner != *id
                 {
                     self.waiting.entry(k).or_default().insert(id.clone());
-                    let what = svc
-                        .as_ref()
-                        .map_or_else(String::new, |s| describe(e.set, s, pi));
+                    let what = svc.map_or_else(String::new, |s| describe(e.set, s, pi));
                     let text = format!("{what} is held by service {owner}; skipped");
                     plan.warnings.push(format!("service {id}: {text}"));
                     if !problems.contains(&text) {
@@ -669,11 +673,11 @@ impl ServiceState {
         }
         for (k, _) in old_elems {
             if !new_keys.contains(&k) {
-                if self.applied.get(&k).is_some_and(|(_, o)| *o == id) {
+                if self.applied.get(&k).is_some_and(|(_, o)| *o == *id) {
                     self.applied.remove(&k);
                 }
                 if let Some(w) = self.waiting.remove(&k) {
-                    self.dirty.extend(w.into_iter().filter(|w| *w != id));
+                    self.dirty.extend(w.into_iter().filter(|w| w != id));
                 }
                 acc.dels
                     .entry(k.0)
@@ -681,25 +685,7 @@ impl ServiceState {
                     .push(k.1.as_slice().to_vec());
             }
         }
-        for r in &old_rules {
-            for c in &r.chains {
-                *acc.chain_delta.entry(*c).or_default() -= 1;
-            }
-        }
-        if known && !problems.is_empty() {
-            self.problems.insert(id.clone(), problems);
-        } else {
-            self.problems.remove(&id);
-        }
-        let old_blocks: Vec<&SlotBlock> = old_rules.iter().flat_map(|r| r.blocks.iter()).collect();
-        let new_blocks: Vec<&SlotBlock> = kept_rules.iter().flat_map(|r| r.blocks.iter()).collect();
-        diff_blocks(&old_blocks, &new_blocks, &mut acc.dels, &mut acc.adds);
-        let slots = |v: &[&SlotBlock]| v.iter().map(|b| b.len()).sum::<usize>();
-        self.slot_elements = self.slot_elements + slots(&new_blocks) - slots(&old_blocks);
-        if svc.is_some() {
-            self.applied_rules.insert(id.clone(), kept_rules);
-            self.backends.insert(id, new_backends);
-        }
+        kept_rules
     }
 
     /// Queues the hairpin pairs for this node's pods, if they changed.
@@ -784,6 +770,57 @@ impl ServiceState {
         plan.removed.clear();
         plan.revived.clear();
         plan
+    }
+}
+
+/// Records in `plan` what the backend change of service `id` means beyond the table: UDP ports
+/// that got their first endpoint (refused flows to clear) and endpoints that left (their
+/// conntrack and affinity entries), and warns when a service exceeds the slot limit.
+fn note_backend_changes(
+    id: &Sym,
+    svc: Option<&Service>,
+    old_backends: &[Backend],
+    new_backends: &[Backend],
+    plan: &mut SyncPlan,
+) {
+    if new_backends.len() > MAX_SLOTS as usize {
+        plan.warnings.push(format!(
+            "service {id} has {} endpoints; only the first {MAX_SLOTS} get slots",
+            new_backends.len()
+        ));
+    }
+    if let Some(s) = svc
+        && old_backends.is_empty()
+        && !new_backends.is_empty()
+    {
+        for p in s.ports.iter().filter(|p| p.protocol == Protocol::Udp) {
+            plan.revived.push(RevivedPort {
+                cluster_ip: s.cluster_ip,
+                port: p.port,
+                node_port: p.node_port,
+            });
+        }
+    }
+    if let Some(s) = svc {
+        // Both lists are sorted by address: a merge finds the ones that left.
+        let mut rest = new_backends.iter().map(|b| b.ip).peekable();
+        let left = old_backends.iter().filter(|b| {
+            while rest.next_if(|ip| *ip < b.ip).is_some() {}
+            rest.peek() != Some(&b.ip)
+        });
+        for b in left {
+            for p in &s.ports {
+                plan.removed.push(RemovedBackend {
+                    cluster_ip: s.cluster_ip,
+                    port: p.port,
+                    node_port: p.node_port,
+                    protocol: p.protocol,
+                    ip: b.ip,
+                    target_port: p.target_port,
+                    affinity: s.session_affinity == SessionAffinity::ClientIp,
+                });
+            }
+        }
     }
 }
 
