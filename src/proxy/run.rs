@@ -257,7 +257,9 @@ pub async fn sync_loop<T: ServiceTable>(
                         .observe(first_event_at.elapsed().as_secs_f64());
                 }
                 need_full = false;
-                if state.has_dirty() {
+                // Only a deferral brings the loop straight back (not services left dirty by
+                // contention, which wait for the next event as before).
+                if plan.deferred {
                     deferred_since = Some(first_event_at);
                 }
                 backoff.reset();

@@ -71,6 +71,8 @@ pub struct RevivedPort {
 /// Everything one sync must do, in order.
 #[derive(Debug, Clone, Default)]
 pub struct SyncPlan {
+    /// Big services were left dirty for the next plan ([`ServiceState::plan_small_first`]).
+    pub deferred: bool,
     /// Chains the new elements reference that no element referenced before.
     pub add_chains: BTreeSet<DynChain>,
     /// Chains no element references any more (removed after the element batch).
@@ -496,8 +498,9 @@ impl ServiceState {
         for id in &big {
             self.dirty.remove(id);
         }
-        let plan = self.plan();
+        let mut plan = self.plan();
         self.dirty.extend(big);
+        plan.deferred = true;
         plan
     }
 

@@ -436,3 +436,57 @@ async fn one_pod_change_is_one_small_batch_and_a_leaving_endpoint_is_cleaned_up(
     assert!(h.calls().contains(&Call::Cleanup), "{:?}", h.calls());
     assert_eq!(h.applies().len(), 3);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_small_service_changing_with_a_big_one_goes_first_and_the_big_one_follows_at_once() {
+    let h = start();
+    let mut big = web();
+    big.name = "big".into();
+    big.cluster_ip = Ipv4Addr::new(10, 96, 0, 20);
+    big.selector = Some([("app".to_string(), "big".to_string())].into());
+    let big_pod = |n: u32| PodRecord {
+        container_id: format!("b{n}"),
+        name: format!("big{n}"),
+        ip: Ipv4Addr::from(0x0ac8_0000 + n),
+        labels: [("app".to_string(), "big".to_string())].into(),
+        ..web_pod(0)
+    };
+    let services = [web(), big]
+        .iter()
+        .map(|s| item(service_key(&h.keys, &s.namespace, &s.name), s.to_bytes()))
+        .collect();
+    h.list(&h.services, services);
+    let pods = (0..600)
+        .map(big_pod)
+        .chain([web_pod(2)])
+        .map(|p| item(pod_key(&h.keys, &p), p.to_bytes()))
+        .collect();
+    h.list(&h.pods, pods);
+    h.list(&h.endpoints, Vec::new());
+    h.settle().await;
+    assert_eq!(h.applies().len(), 1, "{:?}", h.calls());
+    // One event changes both: a big pod and the small service's second endpoint.
+    let changes = [big_pod(600), web_pod(3)]
+        .iter()
+        .map(|p| Change::Put(item(pod_key(&h.keys, p), p.to_bytes())))
+        .collect();
+    h.pods
+        .send(ReflectorEvent::Changes {
+            revision: 2,
+            changes,
+        })
+        .unwrap();
+    h.settle().await;
+    let a = h.applies();
+    assert_eq!(a.len(), 3, "two batches for one event: {:?}", h.calls());
+    let (Call::Incremental { adds: small, .. }, Call::Incremental { adds: large, .. }) =
+        (&a[1].0, &a[2].0)
+    else {
+        panic!("{a:?}");
+    };
+    assert!(
+        small < large,
+        "the small service's batch first: {small} then {large}"
+    );
+    assert_eq!(a[1].1, a[2].1, "the big one follows without waiting");
+}
