@@ -243,31 +243,32 @@ async fn first_change(seen: &Mutex<Vec<Instant>>, round: u32) -> Result<Instant>
     }
 }
 
-fn endpoint_change(lab: &Lab) -> Result<()> {
-    println!("endpoint_change: one endpoint added or removed, 10,000 services present");
-    let ns = lab.nodes[0].ns.clone();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    nft_monitor(&ns, seen.clone())?;
-    let seen2 = seen.clone();
-    let lat: Vec<(f64, f64)> = block_on_in_netns(&lab.infra, move || async move {
+/// 200 rounds of one endpoint change: round `r` puts `pod(r)` (even `r`) or deletes it (odd
+/// `r`, so `pod` gives the same pod for `2k` and `2k + 1`), then waits for the first nftables
+/// notification in `seen`. Per round: ms from the put sent, and from its acknowledgement.
+fn pod_churn(
+    lab: &Lab,
+    seen: &Arc<Mutex<Vec<Instant>>>,
+    pod: impl Fn(u32) -> PodRecord + Send + 'static,
+) -> Result<Vec<(f64, f64)>> {
+    let seen = seen.clone();
+    block_on_in_netns(&lab.infra, move || async move {
         let args = etcd_args();
         let store = Store::connect(&args).await?;
         let mut out = Vec::new();
         for round in 0..200u32 {
-            let i = (round * 37) % 10000;
-            let p = bulk_pod(i, 7, "elsewhere");
-            if let Ok(mut v) = seen2.lock() {
+            let p = pod(round);
+            if let Ok(mut v) = seen.lock() {
                 v.clear();
             }
             let t0 = Instant::now();
             if round % 2 == 0 {
                 store.put(&pod_key(&args, &p), p.to_bytes(), 0).await?;
             } else {
-                let p = bulk_pod((round - 1) * 37 % 10000, 7, "elsewhere");
                 store.delete(&pod_key(&args, &p)).await?;
             }
             let acked = t0.elapsed();
-            let t1 = first_change(&seen2, round).await?;
+            let t1 = first_change(&seen, round).await?;
             out.push((
                 t1.duration_since(t0).as_secs_f64() * 1000.0,
                 t1.saturating_duration_since(t0 + acked).as_secs_f64() * 1000.0,
@@ -275,7 +276,18 @@ fn endpoint_change(lab: &Lab) -> Result<()> {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         anyhow::Ok(out)
-    })??;
+    })?
+}
+
+fn endpoint_change(lab: &Lab) -> Result<()> {
+    println!("endpoint_change: one endpoint added or removed, 10,000 services present");
+    let ns = lab.nodes[0].ns.clone();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    nft_monitor(&ns, seen.clone())?;
+    // Round 2k adds pod k (every 37th of the 10,000), round 2k + 1 removes it again.
+    let lat = pod_churn(lab, &seen, |r| {
+        bulk_pod((r - r % 2) * 37 % 10000, 7, "elsewhere")
+    })?;
     let mut from_put: Vec<f64> = lat.iter().map(|l| l.0).collect();
     let mut from_ack: Vec<f64> = lat.iter().map(|l| l.1).collect();
     from_put.sort_by(f64::total_cmp);
@@ -895,28 +907,10 @@ fn big_service() -> Result<()> {
             }
         }
     })?;
-    let seen2 = seen.clone();
-    let lat: Vec<f64> = block_on_in_netns(&lab.infra, move || async move {
-        let args = etcd_args();
-        let store = Store::connect(&args).await?;
-        let mut out = Vec::new();
-        for round in 0..200u32 {
-            let p = big_pod(N + round / 2, "big");
-            if let Ok(mut v) = seen2.lock() {
-                v.clear();
-            }
-            let t0 = Instant::now();
-            if round % 2 == 0 {
-                store.put(&pod_key(&args, &p), p.to_bytes(), 0).await?;
-            } else {
-                store.delete(&pod_key(&args, &p)).await?;
-            }
-            let t1 = first_change(&seen2, round).await?;
-            out.push(t1.duration_since(t0).as_secs_f64() * 1000.0);
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        anyhow::Ok(out)
-    })??;
+    let lat: Vec<f64> = pod_churn(&lab, &seen, |r| big_pod(N + r / 2, "big"))?
+        .into_iter()
+        .map(|l| l.0)
+        .collect();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut lat = lat;
     lat.sort_by(f64::total_cmp);

@@ -201,13 +201,7 @@ impl Netlink {
         let have = self.ipv4_addrs(index).await?;
         let mut changed = false;
         if !have.contains(&addr) {
-            self.handle
-                .address()
-                .add(index, IpAddr::V4(addr.ip()), addr.prefix())
-                .replace()
-                .execute()
-                .await
-                .with_context(|| format!("adding address {addr}"))?;
+            self.add_addr(index, addr).await?;
             changed = true;
         }
         for other in have.into_iter().filter(|a| *a != addr) {

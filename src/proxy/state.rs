@@ -473,6 +473,7 @@ impl ServiceState {
     }
 
     /// Whether some service waits to be recomputed (see [`ServiceState::plan_small_first`]).
+    #[cfg(test)]
     pub fn has_dirty(&self) -> bool {
         !self.dirty.is_empty()
     }
