@@ -13,6 +13,7 @@ pub mod api;
 pub mod cli;
 pub mod cni;
 pub mod daemon;
+pub mod dns;
 pub mod kernel;
 #[cfg(feature = "lab")]
 pub mod lab;

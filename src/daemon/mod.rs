@@ -395,7 +395,7 @@ fn spawn_dataplane(
         etcd: etcd_addrs,
     };
     let proxy = tokio::spawn(crate::proxy::run::run(
-        store.clone(),
+        crate::store::records::Feeds::watch(&store, &args.etcd),
         args.etcd.clone(),
         ctx,
         guard,

@@ -3,7 +3,7 @@
 //! `nft -f`, elements in one netlink transaction per sync. Never acts before every prefix was
 //! listed, so an unreachable etcd leaves every rule in place.
 
-use crate::store::keys::{endpoints_prefix, pods_prefix, service_key, services_prefix};
+use crate::store::keys::endpoints_prefix;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,13 +12,13 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tracing::{debug, error, info, warn};
 
 use crate::metrics::Metrics;
-use crate::model::DecodeError;
-use crate::model::pod::PodRecord;
-use crate::model::service::{AddressGuard, ExplicitEndpoints, Service};
+use crate::model::service::{AddressGuard, Service};
 use crate::proxy::rules::NodeContext;
 use crate::proxy::state::{ModelChange, ServiceState, SyncPlan};
 use crate::proxy::table::{ApplyError, NftTable, ServiceTable};
-use crate::store::etcd::{Change, EtcdArgs, KvItem, ReflectorEvent, Store};
+use crate::store::etcd::{Change, EtcdArgs, KvItem, ReflectorEvent};
+pub use crate::store::records::Feeds;
+use crate::store::records::{RecordKind, decode, deletion};
 use crate::util::backoff::Backoff;
 
 /// What `tartanctl explain` can ask the daemon about services.
@@ -68,64 +68,8 @@ pub struct BackendStatus {
     pub node: Option<String>,
 }
 
-fn decode(prefix_kind: Kind, item: &KvItem, keys: &EtcdArgs) -> Result<ModelChange, DecodeError> {
-    match prefix_kind {
-        Kind::Services => {
-            let s = Service::parse(&item.value)?;
-            let want = service_key(keys, &s.namespace, &s.name);
-            if want != item.key {
-                return Err(DecodeError::value(
-                    "service",
-                    s.id(),
-                    "is stored under the wrong key",
-                ));
-            }
-            Ok(ModelChange::PutService(item.key.clone(), s))
-        }
-        Kind::Pods => Ok(ModelChange::PutPod(
-            item.key.clone(),
-            PodRecord::parse(&item.value)?,
-        )),
-        Kind::Endpoints => {
-            let id = item
-                .key
-                .strip_prefix(&endpoints_prefix(keys))
-                .filter(|r| r.split('/').count() == 2)
-                .ok_or_else(|| {
-                    DecodeError::value(
-                        "endpoints key",
-                        format!("{:?}", item.key),
-                        "is not <namespace>/<name>",
-                    )
-                })?
-                .to_string();
-            Ok(ModelChange::PutEndpoints(
-                id,
-                ExplicitEndpoints::parse(&item.value)?,
-            ))
-        }
-    }
-}
-
-fn deletion(kind: Kind, key: &str, keys: &EtcdArgs) -> Option<ModelChange> {
-    match kind {
-        Kind::Services => Some(ModelChange::DeleteService(key.to_string())),
-        Kind::Pods => Some(ModelChange::DeletePod(key.to_string())),
-        Kind::Endpoints => key
-            .strip_prefix(&endpoints_prefix(keys))
-            .map(|id| ModelChange::DeleteEndpoints(id.to_string())),
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Services,
-    Pods,
-    Endpoints,
-}
-
 struct Source {
-    kind: Kind,
+    kind: RecordKind,
     rx: UnboundedReceiver<ReflectorEvent>,
     listed: bool,
 }
@@ -135,34 +79,19 @@ pub type StatusRequests = tokio::sync::mpsc::Receiver<tokio::sync::oneshot::Send
 
 /// Runs the service proxy forever, programming only what `guard` admits.
 pub async fn run(
-    store: Store,
+    feeds: Feeds,
     keys: EtcdArgs,
     ctx: NodeContext,
     guard: AddressGuard,
     metrics: Arc<Metrics>,
     status_requests: StatusRequests,
 ) -> Result<()> {
-    let feeds = Feeds {
-        services: store.reflect(&services_prefix(&keys)),
-        pods: store.reflect(&pods_prefix(&keys)),
-        endpoints: store.reflect(&endpoints_prefix(&keys)),
-    };
     // Hold the refusal port (bound, never listening) so no other process can take it: new
     // connections no service takes are redirected there and must find nothing.
     let _refuse_port = reserve_refuse_port();
     let table = NftTable::open(ctx.clone())?;
     let state = ServiceState::with_guard(ctx, guard);
     sync_loop(feeds, table, state, &keys, &metrics, status_requests).await
-}
-
-/// The three record streams the proxy mirrors (reflectors of their etcd prefixes).
-pub struct Feeds {
-    /// `/tartan/services/`.
-    pub services: UnboundedReceiver<ReflectorEvent>,
-    /// `/tartan/pods/`.
-    pub pods: UnboundedReceiver<ReflectorEvent>,
-    /// `/tartan/endpoints/`.
-    pub endpoints: UnboundedReceiver<ReflectorEvent>,
 }
 
 /// How long the loop waits between checks that the table is still there, and how it backs
@@ -185,17 +114,17 @@ pub async fn sync_loop<T: ServiceTable>(
 ) -> Result<()> {
     let mut sources = vec![
         Source {
-            kind: Kind::Services,
+            kind: RecordKind::Services,
             rx: feeds.services,
             listed: false,
         },
         Source {
-            kind: Kind::Pods,
+            kind: RecordKind::Pods,
             rx: feeds.pods,
             listed: false,
         },
         Source {
-            kind: Kind::Endpoints,
+            kind: RecordKind::Endpoints,
             rx: feeds.endpoints,
             listed: false,
         },
@@ -423,11 +352,7 @@ fn absorb(
 ) {
     match ev {
         ReflectorEvent::Reset { items, .. } => {
-            let prefix = match src.kind {
-                Kind::Services => services_prefix(keys),
-                Kind::Pods => pods_prefix(keys),
-                Kind::Endpoints => endpoints_prefix(keys),
-            };
+            let prefix = src.kind.prefix(keys);
             rejected.retain(|k, _| !k.starts_with(&prefix));
             // A (re)listing replaces this kind of record: whatever the model holds that the
             // listing lacks was deleted meanwhile.
@@ -435,17 +360,17 @@ fn absorb(
             let fresh: std::collections::HashSet<&str> =
                 items.iter().map(|i| i.key.as_str()).collect();
             let gone: Vec<ModelChange> = match src.kind {
-                Kind::Services => services
+                RecordKind::Services => services
                     .into_iter()
                     .filter(|k| !fresh.contains(k.as_str()))
                     .map(ModelChange::DeleteService)
                     .collect(),
-                Kind::Pods => pods
+                RecordKind::Pods => pods
                     .into_iter()
                     .filter(|k| !fresh.contains(k.as_str()))
                     .map(ModelChange::DeletePod)
                     .collect(),
-                Kind::Endpoints => {
+                RecordKind::Endpoints => {
                     let prefix = endpoints_prefix(keys);
                     endpoints
                         .into_iter()

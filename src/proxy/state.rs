@@ -12,6 +12,7 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use crate::kernel::nft_elements::{ElemData, SetOp};
+#[cfg(test)]
 use crate::model::pod::PodRecord;
 use crate::model::service::{
     AddressGuard, Backend, ExplicitEndpoints, Protocol, Service, SessionAffinity,
@@ -21,22 +22,7 @@ use crate::proxy::rules::{
     port_rules,
 };
 
-/// A change seen in etcd, already decoded.
-#[derive(Debug, Clone)]
-pub enum ModelChange {
-    /// A service was created or updated (`key` is its etcd key).
-    PutService(String, Service),
-    /// A service was deleted.
-    DeleteService(String),
-    /// A pod record was created or updated.
-    PutPod(String, PodRecord),
-    /// A pod record was deleted.
-    DeletePod(String),
-    /// Explicit endpoints of `namespace/name` were set.
-    PutEndpoints(String, ExplicitEndpoints),
-    /// Explicit endpoints of `namespace/name` were removed.
-    DeleteEndpoints(String),
-}
+pub use crate::store::records::ModelChange;
 
 /// A backend that left a service, for connection-tracking and affinity cleanup.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

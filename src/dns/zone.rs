@@ -1,0 +1,276 @@
+//! The names the cluster DNS answers with authority: a concurrent map from lowercased owner
+//! name to its records. One writer (the catalog, `dns::catalog`) applies record additions and
+//! removals as etcd changes; every server thread reads it without waiting for the writer
+//! except on the one shard it touches.
+//!
+//! Empty non-terminals (`svc.cluster.local`, `shop.svc.cluster.local`,
+//! `_tcp.web.shop.svc.cluster.local`) exist as entries with no records and a count of names
+//! below them, so a query for them is NODATA, not NXDOMAIN (RFC 8020).
+
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use dashmap::DashMap;
+use hickory_proto::rr::{LowerName, Name};
+
+/// The data of one record the zone holds.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Rdata {
+    /// An IPv4 address.
+    A(Ipv4Addr),
+    /// A service location (RFC 2782).
+    Srv {
+        /// Priority (lower first).
+        priority: u16,
+        /// Weight among equal priorities.
+        weight: u16,
+        /// Port.
+        port: u16,
+        /// Target host.
+        target: Name,
+    },
+    /// A reverse pointer.
+    Ptr(Name),
+}
+
+/// Which kind of record a name was made from (`tartanctl dns lookup` shows it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// A service's cluster IP, port or name.
+    Service,
+    /// A ready endpoint of a headless service.
+    Endpoint,
+    /// A pod record.
+    Pod,
+    /// The DNS server itself (`ns.dns.<zone>`).
+    Server,
+}
+
+/// The records of one owner name.
+#[derive(Debug, Default, Clone)]
+pub struct Entry {
+    /// The records, with where each came from (a multiset: two sources may give the same).
+    pub records: Vec<(Rdata, Origin)>,
+    /// Names directly or indirectly below this one.
+    pub children: u32,
+}
+
+/// The authoritative names, shared by the catalog (writer) and the server threads (readers).
+#[derive(Debug)]
+pub struct Zone {
+    /// Zones served with authority (the cluster domain and reverse zones), lowercased.
+    apexes: Vec<LowerName>,
+    names: DashMap<LowerName, Entry, ahash::RandomState>,
+    /// Bumped on every change (answer caches key on it).
+    generation: AtomicU64,
+    /// Set once every record prefix was listed; before that, answers would be incomplete.
+    ready: AtomicBool,
+}
+
+impl Zone {
+    /// An empty zone with authority over `apexes`.
+    pub fn new(apexes: Vec<Name>) -> Self {
+        Zone {
+            apexes: apexes.iter().map(LowerName::new).collect(),
+            names: DashMap::with_hasher(ahash::RandomState::new()),
+            generation: AtomicU64::new(0),
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    /// The apex of the served zone that holds `name`, if any.
+    pub fn apex_of(&self, name: &LowerName) -> Option<&LowerName> {
+        self.apexes.iter().find(|a| a.zone_of(name))
+    }
+
+    /// Whether every record prefix was listed.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Marks the zone complete.
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+    }
+
+    /// A counter that changes whenever a record is added or removed.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Number of owner names (including empty non-terminals).
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    /// Whether the zone holds no names.
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
+    /// Calls `f` with the entry of `name` (None when the name does not exist).
+    pub fn with_entry<T>(&self, name: &LowerName, f: impl FnOnce(Option<&Entry>) -> T) -> T {
+        match self.names.get(name) {
+            Some(e) => f(Some(e.value())),
+            None => f(None),
+        }
+    }
+
+    /// Adds one record. Names outside every apex are ignored (returns false).
+    pub fn add(&self, name: &LowerName, data: Rdata, origin: Origin) -> bool {
+        let Some(apex) = self.apex_of(name).cloned() else {
+            return false;
+        };
+        let created = {
+            let mut created = false;
+            let mut e = self.names.entry(name.clone()).or_insert_with(|| {
+                created = true;
+                Entry::default()
+            });
+            e.records.push((data, origin));
+            created
+        };
+        if created {
+            self.adjust_ancestors(name, &apex, true);
+        }
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        true
+    }
+
+    /// Removes one record equal to `data` from `origin` (a no-op when absent); a name left
+    /// with no records and no children disappears, and so do ancestors it leaves empty.
+    pub fn remove(&self, name: &LowerName, data: &Rdata, origin: Origin) {
+        let Some(apex) = self.apex_of(name).cloned() else {
+            return;
+        };
+        let gone = {
+            let Some(mut e) = self.names.get_mut(name) else {
+                return;
+            };
+            if let Some(i) = e
+                .records
+                .iter()
+                .position(|(d, o)| d == data && *o == origin)
+            {
+                e.records.swap_remove(i);
+            }
+            e.records.is_empty() && e.children == 0
+        };
+        if gone {
+            self.names
+                .remove_if(name, |_, e| e.records.is_empty() && e.children == 0);
+            self.adjust_ancestors(name, &apex, false);
+        }
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn adjust_ancestors(&self, name: &LowerName, apex: &LowerName, up: bool) {
+        let mut cur = name.base_name();
+        while cur.num_labels() > apex.num_labels() {
+            if up {
+                self.names.entry(cur.clone()).or_default().children += 1;
+            } else {
+                let empty = match self.names.get_mut(&cur) {
+                    Some(mut e) => {
+                        e.children = e.children.saturating_sub(1);
+                        e.records.is_empty() && e.children == 0
+                    }
+                    None => false,
+                };
+                if empty {
+                    self.names
+                        .remove_if(&cur, |_, e| e.records.is_empty() && e.children == 0);
+                }
+            }
+            cur = cur.base_name();
+        }
+    }
+}
+
+/// The reverse name (`d.c.b.a.in-addr.arpa.`) of an address.
+pub fn reverse_name(ip: Ipv4Addr) -> Name {
+    let o = ip.octets();
+    // Four numeric labels under in-addr.arpa always make a valid name.
+    Name::from_ascii(format!("{}.{}.{}.{}.in-addr.arpa.", o[3], o[2], o[1], o[0]))
+        .unwrap_or_else(|_| Name::root())
+}
+
+/// The reverse zone apex covering `net` at an octet boundary (10.96.0.0/12 →
+/// `10.in-addr.arpa.`).
+pub fn reverse_apex(net: ipnetwork::Ipv4Network) -> Name {
+    let o = net.network().octets();
+    let whole = usize::from(net.prefix() / 8);
+    let labels: Vec<String> = o[..whole].iter().rev().map(u8::to_string).collect();
+    let mut s = labels.join(".");
+    if !s.is_empty() {
+        s.push('.');
+    }
+    s.push_str("in-addr.arpa.");
+    Name::from_ascii(s).unwrap_or_else(|_| Name::root())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(s: &str) -> LowerName {
+        LowerName::new(&Name::from_ascii(s).unwrap())
+    }
+
+    fn zone() -> Zone {
+        Zone::new(vec![Name::from_ascii("cluster.local.").unwrap()])
+    }
+
+    #[test]
+    fn empty_non_terminals_exist_while_a_name_below_them_does() {
+        let z = zone();
+        let name = n("_http._tcp.web.shop.svc.cluster.local.");
+        let a = Rdata::A(Ipv4Addr::new(10, 96, 0, 5));
+        assert!(z.add(&name, a.clone(), Origin::Service));
+        for ent in [
+            "_tcp.web.shop.svc.cluster.local.",
+            "web.shop.svc.cluster.local.",
+            "shop.svc.cluster.local.",
+            "svc.cluster.local.",
+        ] {
+            z.with_entry(&n(ent), |e| {
+                let e = e.unwrap_or_else(|| panic!("{ent} missing"));
+                assert!(e.records.is_empty());
+                assert_eq!(e.children, 1, "{ent}");
+            });
+        }
+        assert_eq!(z.len(), 5);
+        z.remove(&name, &a, Origin::Service);
+        assert!(z.is_empty(), "every empty ancestor goes with the last name");
+    }
+
+    #[test]
+    fn records_are_a_multiset_and_names_are_case_insensitive() {
+        let z = zone();
+        let a = Rdata::A(Ipv4Addr::new(10, 244, 1, 2));
+        z.add(&n("web.default.svc.cluster.local."), a.clone(), Origin::Endpoint);
+        z.add(&n("WEB.default.svc.cluster.local."), a.clone(), Origin::Endpoint);
+        z.remove(&n("web.default.svc.cluster.local."), &a, Origin::Endpoint);
+        z.with_entry(&n("Web.Default.Svc.Cluster.Local."), |e| {
+            assert_eq!(e.map(|e| e.records.len()), Some(1));
+        });
+        assert!(!z.add(&n("web.example.com."), a, Origin::Pod));
+    }
+
+    #[test]
+    fn reverse_names_and_apexes() {
+        assert_eq!(
+            reverse_name(Ipv4Addr::new(10, 96, 0, 10)).to_ascii(),
+            "10.0.96.10.in-addr.arpa."
+        );
+        assert_eq!(
+            reverse_apex("10.96.0.0/12".parse().unwrap()).to_ascii(),
+            "10.in-addr.arpa."
+        );
+        assert_eq!(
+            reverse_apex("10.244.0.0/16".parse().unwrap()).to_ascii(),
+            "244.10.in-addr.arpa."
+        );
+    }
+}
