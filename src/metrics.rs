@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
@@ -51,6 +52,113 @@ pub struct Metrics {
     pub service_records_rejected: Gauge,
     /// Peak resident memory of the daemon (bytes).
     pub peak_rss: Gauge,
+    /// The cluster DNS server's metrics.
+    pub dns: DnsMetrics,
+}
+
+/// Query types counted one by one (others are `other`).
+pub const DNS_TYPES: [&str; 8] = ["A", "AAAA", "SRV", "PTR", "SOA", "NS", "ANY", "other"];
+/// Response codes counted one by one (others are `other`).
+pub const DNS_RCODES: [&str; 7] = [
+    "NOERROR", "NXDOMAIN", "SERVFAIL", "FORMERR", "REFUSED", "NOTIMP", "other",
+];
+
+/// The cluster DNS server's metrics, named after CoreDNS's where they mean the same.
+/// Counters are created up front per label value, so a query costs atomic increments only.
+#[derive(Clone)]
+pub struct DnsMetrics {
+    /// `dns_requests_total{proto, type}`: `[udp, tcp][DNS_TYPES index]`.
+    pub requests: [[Counter; DNS_TYPES.len()]; 2],
+    /// `dns_responses_total{rcode}` by [`DNS_RCODES`] index.
+    pub responses: [Counter; DNS_RCODES.len()],
+    /// `dns_request_duration_seconds{server}`: one histogram per server thread (no shared lock).
+    pub request_duration: Family<[(&'static str, String); 1], Histogram, fn() -> Histogram>,
+    /// `dns_cache_hits_total` (forwarded names answered from the cache).
+    pub cache_hits: Counter,
+    /// `dns_cache_misses_total`.
+    pub cache_misses: Counter,
+    /// `dns_cache_entries`.
+    pub cache_entries: Gauge,
+    /// `dns_forward_request_duration_seconds`: upstream round trips.
+    pub forward_duration: Histogram,
+    /// `dns_forward_failures_total`: queries no upstream answered in time.
+    pub forward_failures: Counter,
+    /// `dns_dropped_total`: queries refused with SERVFAIL or dropped because the server was
+    /// saturated (forward queue, in-flight or TCP connection limits).
+    pub overload: Counter,
+    /// `dns_zone_names`: owner names in the cluster zone.
+    pub zone_names: Gauge,
+    /// `dns_change_seconds`: from a record change seen in etcd to the zone answering it.
+    pub change_seconds: Histogram,
+}
+
+fn dns_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_005, 2.0, 20))
+}
+
+impl DnsMetrics {
+    fn register(registry: &mut Registry) -> DnsMetrics {
+        let requests = Family::<[(&'static str, &'static str); 2], Counter>::default();
+        let responses = Family::<[(&'static str, &'static str); 1], Counter>::default();
+        // Clones of a family's counters share its atomics: the fast path never looks labels up.
+        let m = DnsMetrics {
+            requests: std::array::from_fn(|p| {
+                std::array::from_fn(|t| {
+                    let proto = ["udp", "tcp"][p];
+                    let labels = [("proto", proto), ("type", DNS_TYPES[t])];
+                    requests.get_or_create(&labels).clone()
+                })
+            }),
+            responses: std::array::from_fn(|r| {
+                responses.get_or_create(&[("rcode", DNS_RCODES[r])]).clone()
+            }),
+            request_duration: Family::new_with_constructor(dns_histogram),
+            cache_hits: Counter::default(),
+            cache_misses: Counter::default(),
+            cache_entries: Gauge::default(),
+            forward_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            forward_failures: Counter::default(),
+            overload: Counter::default(),
+            zone_names: Gauge::default(),
+            change_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+        };
+        registry.register(
+            "dns_requests",
+            "DNS queries received, by transport and type",
+            requests,
+        );
+        registry.register("dns_responses", "DNS responses sent, by rcode", responses);
+        registry.register(
+            "dns_request_duration_seconds",
+            "Seconds from receiving a DNS query to sending its answer (per server thread)",
+            m.request_duration.clone(),
+        );
+        registry.register("dns_cache_hits", "Forwarded names answered from the cache", m.cache_hits.clone());
+        registry.register("dns_cache_misses", "Forwarded names not in the cache", m.cache_misses.clone());
+        registry.register("dns_cache_entries", "Entries in the forward cache", m.cache_entries.clone());
+        registry.register(
+            "dns_forward_request_duration_seconds",
+            "Round trips to the upstream resolvers",
+            m.forward_duration.clone(),
+        );
+        registry.register(
+            "dns_forward_failures",
+            "Forwarded queries no upstream answered in time",
+            m.forward_failures.clone(),
+        );
+        registry.register(
+            "dns_overload",
+            "DNS queries answered SERVFAIL or dropped because a queue or connection limit was reached",
+            m.overload.clone(),
+        );
+        registry.register("dns_zone_names", "Owner names in the cluster zone", m.zone_names.clone());
+        registry.register(
+            "dns_change_seconds",
+            "Seconds from a service, endpoint or pod change seen in etcd to the zone answering it",
+            m.change_seconds.clone(),
+        );
+        m
+    }
 }
 
 /// VmHWM of this process in kB.
@@ -89,6 +197,7 @@ impl Metrics {
             service_skipped: Gauge::default(),
             service_records_rejected: Gauge::default(),
             peak_rss: Gauge::default(),
+            dns: DnsMetrics::register(&mut registry),
             registry: Registry::default(),
         };
         registry.register(

@@ -11,7 +11,8 @@ use super::{OutputFormat, join_capped, render_table};
 use crate::model::netconf::NetworkConfig;
 use crate::model::pod::PodRecord;
 use crate::model::service::{
-    AddressGuard, DEFAULT_AFFINITY_TIMEOUT, ExplicitEndpoints, RangeContext, Service, ServicePort,
+    AddressGuard, DEFAULT_AFFINITY_TIMEOUT, ExplicitEndpoints, HEADLESS, RangeContext, Service,
+    ServicePort,
     SessionAffinity, TrafficPolicy, check_service_cidr,
 };
 use crate::store::etcd::{EtcdArgs, Store};
@@ -129,6 +130,28 @@ pub enum PolicyArg {
     Local,
 }
 
+/// `--cluster-ip`: an address, or `none` (any case) for a headless service.
+fn parse_cluster_ip(s: &str) -> Result<Ipv4Addr, String> {
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(HEADLESS);
+    }
+    match s.parse::<Ipv4Addr>() {
+        Ok(ip) if ip != HEADLESS => Ok(ip),
+        _ => Err(format!(
+            "{s:?} is neither an IPv4 address nor \"none\" (headless)"
+        )),
+    }
+}
+
+/// The cluster IP as `service get/list` show it.
+pub fn cluster_ip_text(s: &Service) -> String {
+    if s.is_headless() {
+        "None".into()
+    } else {
+        s.cluster_ip.to_string()
+    }
+}
+
 /// Flags of `service create`.
 #[derive(clap::Args, Debug)]
 pub struct CreateArgs {
@@ -143,8 +166,9 @@ pub struct CreateArgs {
     /// Label selector `k=v[,k=v]`; omit for explicit endpoints (`tartanctl endpoints set`).
     #[arg(long)]
     pub selector: Option<String>,
-    /// A specific cluster IP instead of a random free one.
-    #[arg(long)]
+    /// A specific cluster IP instead of a random free one, or `none` for a headless service
+    /// (no virtual IP; its DNS name resolves to its endpoints).
+    #[arg(long, value_parser = parse_cluster_ip)]
     pub cluster_ip: Option<Ipv4Addr>,
     /// Node port for the i-th `--port` (30000-32767, or `auto`), repeatable.
     #[arg(long = "node-port")]
@@ -257,7 +281,7 @@ pub async fn run(etcd: &EtcdArgs, range: &ServiceRange, cmd: ServiceCmd) -> Resu
             println!(
                 "service {} created: cluster IP {}, ports {}",
                 created.id(),
-                created.cluster_ip,
+                cluster_ip_text(&created),
                 ports_text(&created)
             );
             Ok(())
@@ -317,7 +341,7 @@ async fn print_services(
                     vec![
                         s.namespace.clone(),
                         s.name.clone(),
-                        s.cluster_ip.to_string(),
+                        cluster_ip_text(s),
                         ports_text(s),
                         selector_text(s),
                         n.to_string(),

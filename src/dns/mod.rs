@@ -8,3 +8,8 @@
 //! with a bounded cache).
 
 pub mod zone;
+pub mod answer;
+pub mod catalog;
+pub mod forward;
+pub mod server;
+pub mod run;

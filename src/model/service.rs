@@ -158,8 +158,9 @@ pub struct Service {
     pub namespace: String,
     /// Name.
     pub name: String,
-    /// The virtual IP.
-    #[serde(rename = "clusterIP")]
+    /// The virtual IP; [`HEADLESS`] (stored as `"None"`, as Kubernetes does) for a headless
+    /// service, which has no virtual IP and whose name resolves to its endpoints.
+    #[serde(rename = "clusterIP", with = "cluster_ip_format")]
     pub cluster_ip: Ipv4Addr,
     /// Ports.
     pub ports: Vec<ServicePort>,
@@ -175,6 +176,37 @@ pub struct Service {
     /// Node-port traffic policy.
     #[serde(default)]
     pub external_traffic_policy: TrafficPolicy,
+}
+
+/// The `cluster_ip` of a headless service (stored as `"None"`).
+pub const HEADLESS: Ipv4Addr = Ipv4Addr::UNSPECIFIED;
+
+/// `clusterIP` as Kubernetes writes it: an address, or `"None"` for a headless service.
+mod cluster_ip_format {
+    use std::net::Ipv4Addr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(ip: &Ipv4Addr, s: S) -> Result<S::Ok, S::Error> {
+        if *ip == super::HEADLESS {
+            s.serialize_str("None")
+        } else {
+            s.collect_str(ip)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Ipv4Addr, D::Error> {
+        let v = String::deserialize(d)?;
+        if v == "None" {
+            return Ok(super::HEADLESS);
+        }
+        match v.parse::<Ipv4Addr>() {
+            Ok(ip) if ip != super::HEADLESS => Ok(ip),
+            _ => Err(serde::de::Error::custom(format!(
+                "{v:?} is neither an IPv4 address nor \"None\" (headless)"
+            ))),
+        }
+    }
 }
 
 fn default_timeout() -> u32 {
@@ -219,6 +251,12 @@ impl Service {
         }
         let mut seen = std::collections::HashSet::new();
         for (i, p) in self.ports.iter().enumerate() {
+            if self.is_headless() && p.node_port.is_some() {
+                return Err(DecodeError::invalid(
+                    format!("ports[{i}].nodePort"),
+                    "a headless service has no node ports",
+                ));
+            }
             for (field, v) in [("port", p.port), ("targetPort", p.target_port)] {
                 if v == 0 {
                     return Err(DecodeError::out_of_range(
@@ -285,6 +323,11 @@ impl Service {
                     && sel.iter().all(|(k, v)| pod.labels.get(k) == Some(v))
             }
         }
+    }
+
+    /// Whether the service is headless (no cluster IP; its name resolves to its endpoints).
+    pub fn is_headless(&self) -> bool {
+        self.cluster_ip == HEADLESS
     }
 
     /// `namespace/name`.
@@ -521,6 +564,12 @@ pub fn check_cluster_network(
     Ok(())
 }
 
+/// The cluster DNS address of a service CIDR: its 10th address (10.96.0.10 in 10.96.0.0/12),
+/// as Kubernetes places kube-dns; never given to a service. None for ranges of fewer than 16.
+pub fn cluster_dns_ip(service_cidr: Ipv4Network) -> Option<Ipv4Addr> {
+    (service_cidr.prefix() <= 28).then(|| Ipv4Addr::from(u32::from(service_cidr.network()) + 10))
+}
+
 /// The one place that decides which addresses and ports a service may use, shared by
 /// `tartanctl` (refuses them up front) and `tartand` (skips and reports them).
 #[derive(Debug, Clone)]
@@ -578,6 +627,11 @@ impl AddressGuard {
             && n.contains(ip)
         {
             return Err(format!("cluster IP {ip} is in the cluster network {n}"));
+        }
+        if Some(ip) == cluster_dns_ip(c) {
+            return Err(format!(
+                "cluster IP {ip} is reserved for the cluster DNS (the 10th address of {c})"
+            ));
         }
         Ok(())
     }

@@ -21,7 +21,7 @@ use crate::overlay::masquerade::MASQ_MARK;
 /// nftables family of the service table.
 pub const FAMILY: &str = "ip";
 /// Version of the structure; bumped when the base ruleset changes shape.
-pub const STRUCTURE_VERSION: u32 = 6;
+pub const STRUCTURE_VERSION: u32 = 7;
 
 /// The sets and maps of the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -848,6 +848,11 @@ pub fn build_script(table: &str, ctx: &NodeContext, st: &Structure) -> String {
         ctx.service_cidr.prefix()
     );
     let numgen = ctx.balancing.numgen();
+    // The cluster DNS address is a local address of every node, answered by tartand, not
+    // a service: never refused.
+    let dns_exempt = crate::model::service::cluster_dns_ip(ctx.service_cidr)
+        .map(|ip| format!("\n\t\tip daddr {ip} return"))
+        .unwrap_or_default();
     let mut s = format!(
         r#"table {FAMILY} {table}
 delete table {FAMILY} {table}
@@ -868,7 +873,7 @@ table {FAMILY} {table} {{
 	chain {marker} {{
 	}}
 	chain services {{
-		ip daddr . meta l4proto . th dport vmap @service_ips
+		ip daddr . meta l4proto . th dport vmap @service_ips{dns_exempt}
 		ip daddr {svc_cidr} goto cluster_ip_refused
 		ip daddr != 127.0.0.0/8 fib daddr type local meta l4proto . th dport vmap @service_nodeports
 		ip daddr != 127.0.0.0/8 fib daddr type local meta l4proto . th dport @no_endpoint_nodeports goto refuse

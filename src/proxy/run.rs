@@ -3,7 +3,6 @@
 //! `nft -f`, elements in one netlink transaction per sync. Never acts before every prefix was
 //! listed, so an unreachable etcd leaves every rule in place.
 
-use crate::store::keys::endpoints_prefix;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,11 +13,11 @@ use tracing::{debug, error, info, warn};
 use crate::metrics::Metrics;
 use crate::model::service::{AddressGuard, Service};
 use crate::proxy::rules::NodeContext;
-use crate::proxy::state::{ModelChange, ServiceState, SyncPlan};
+use crate::proxy::state::{ServiceState, SyncPlan};
 use crate::proxy::table::{ApplyError, NftTable, ServiceTable};
 use crate::store::etcd::{Change, EtcdArgs, KvItem, ReflectorEvent};
 pub use crate::store::records::Feeds;
-use crate::store::records::{RecordKind, decode, deletion};
+use crate::store::records::{RecordKind, decode, deletion, gone_after_listing};
 use crate::util::backoff::Backoff;
 
 /// What `tartanctl explain` can ask the daemon about services.
@@ -356,29 +355,7 @@ fn absorb(
             rejected.retain(|k, _| !k.starts_with(&prefix));
             // A (re)listing replaces this kind of record: whatever the model holds that the
             // listing lacks was deleted meanwhile.
-            let (services, pods, endpoints) = state.keys();
-            let fresh: std::collections::HashSet<&str> =
-                items.iter().map(|i| i.key.as_str()).collect();
-            let gone: Vec<ModelChange> = match src.kind {
-                RecordKind::Services => services
-                    .into_iter()
-                    .filter(|k| !fresh.contains(k.as_str()))
-                    .map(ModelChange::DeleteService)
-                    .collect(),
-                RecordKind::Pods => pods
-                    .into_iter()
-                    .filter(|k| !fresh.contains(k.as_str()))
-                    .map(ModelChange::DeletePod)
-                    .collect(),
-                RecordKind::Endpoints => {
-                    let prefix = endpoints_prefix(keys);
-                    endpoints
-                        .into_iter()
-                        .filter(|id| !fresh.contains(format!("{prefix}{id}").as_str()))
-                        .map(ModelChange::DeleteEndpoints)
-                        .collect()
-                }
-            };
+            let gone = gone_after_listing(src.kind, &items, state.keys(), keys);
             for c in gone {
                 state.change(c);
             }

@@ -239,9 +239,13 @@ impl ServiceState {
         self.problems.values().map(Vec::len).sum()
     }
 
-    /// Skips what of `s` the guard refuses: the whole service for a refused cluster IP
-    /// (returns false), single node ports otherwise. Reasons go to `problems`.
+    /// Skips what of `s` the guard refuses: the whole service for a refused cluster IP or a
+    /// headless service (returns false), single node ports otherwise. Reasons go to `problems`.
     fn admit(&self, s: &mut Service, problems: &mut Vec<String>) -> bool {
+        if s.is_headless() {
+            // No virtual IP, nothing to program: its name resolves to its endpoints.
+            return false;
+        }
         if let Err(e) = self.guard.cluster_ip(s.cluster_ip) {
             problems.push(format!("not programmed: {e}"));
             return false;

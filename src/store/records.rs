@@ -100,6 +100,38 @@ pub fn deletion(kind: RecordKind, key: &str, keys: &EtcdArgs) -> Option<ModelCha
     }
 }
 
+/// What a (re)listing of `kind` means for a consumer holding `held` (the service keys, pod
+/// keys and endpoint ids it knows): deletions of everything the listing lacks.
+pub fn gone_after_listing(
+    kind: RecordKind,
+    items: &[KvItem],
+    held: (Vec<String>, Vec<String>, Vec<String>),
+    keys: &EtcdArgs,
+) -> Vec<ModelChange> {
+    let fresh: std::collections::HashSet<&str> = items.iter().map(|i| i.key.as_str()).collect();
+    let (services, pods, endpoints) = held;
+    match kind {
+        RecordKind::Services => services
+            .into_iter()
+            .filter(|k| !fresh.contains(k.as_str()))
+            .map(ModelChange::DeleteService)
+            .collect(),
+        RecordKind::Pods => pods
+            .into_iter()
+            .filter(|k| !fresh.contains(k.as_str()))
+            .map(ModelChange::DeletePod)
+            .collect(),
+        RecordKind::Endpoints => {
+            let prefix = endpoints_prefix(keys);
+            endpoints
+                .into_iter()
+                .filter(|id| !fresh.contains(format!("{prefix}{id}").as_str()))
+                .map(ModelChange::DeleteEndpoints)
+                .collect()
+        }
+    }
+}
+
 /// The three record streams (reflectors of their etcd prefixes).
 pub struct Feeds {
     /// `/tartan/services/`.

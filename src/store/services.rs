@@ -17,7 +17,8 @@ use ipnetwork::Ipv4Network;
 use rand::RngExt;
 
 use crate::model::service::{
-    AddressGuard, ExplicitEndpoints, NODE_PORT_MAX, NODE_PORT_MIN, Protocol, Service, valid_name,
+    AddressGuard, ExplicitEndpoints, HEADLESS, NODE_PORT_MAX, NODE_PORT_MIN, Protocol, Service,
+    valid_name,
 };
 use crate::store::etcd::{EtcdArgs, Store};
 
@@ -84,7 +85,8 @@ impl<'a> ServiceStore<'a> {
     }
 
     /// Creates `svc` (its `cluster_ip` is ignored unless `explicit_ip`), allocating a cluster
-    /// IP and the requested node ports. Returns the stored service.
+    /// IP and the requested node ports; `explicit_ip` [`HEADLESS`] makes a headless service
+    /// (no cluster IP, no node ports). Returns the stored service.
     pub async fn create(
         &self,
         mut svc: Service,
@@ -139,7 +141,11 @@ impl<'a> ServiceStore<'a> {
                 svc.ports.len()
             );
         }
-        if let Some(ip) = explicit_ip {
+        if explicit_ip == Some(HEADLESS) {
+            if node_ports.iter().any(|r| !matches!(r, NodePortRequest::None)) {
+                bail!("a headless service (--cluster-ip none) has no node ports");
+            }
+        } else if let Some(ip) = explicit_ip {
             self.guard
                 .cluster_ip(ip)
                 .map_err(|e| anyhow::anyhow!("--cluster-ip: {e}"))?;
@@ -206,22 +212,17 @@ impl<'a> ServiceStore<'a> {
     /// free, writes the service and the allocations.
     fn create_txn(&self, key: &str, svc: &Service) -> Txn {
         let id = svc.id();
-        let mut cmp = vec![
-            Compare::create_revision(key.to_string(), CompareOp::Equal, 0),
-            Compare::create_revision(
-                cluster_ip_alloc_key(self.keys, svc.cluster_ip),
-                CompareOp::Equal,
-                0,
-            ),
-        ];
-        let mut ops = vec![
-            TxnOp::put(key.to_string(), svc.to_bytes(), None),
-            TxnOp::put(
-                cluster_ip_alloc_key(self.keys, svc.cluster_ip),
-                id.clone(),
-                None,
-            ),
-        ];
+        let mut cmp = vec![Compare::create_revision(
+            key.to_string(),
+            CompareOp::Equal,
+            0,
+        )];
+        let mut ops = vec![TxnOp::put(key.to_string(), svc.to_bytes(), None)];
+        if !svc.is_headless() {
+            let alloc = cluster_ip_alloc_key(self.keys, svc.cluster_ip);
+            cmp.push(Compare::create_revision(alloc.clone(), CompareOp::Equal, 0));
+            ops.push(TxnOp::put(alloc, id.clone(), None));
+        }
         for p in &svc.ports {
             if let Some(np) = p.node_port {
                 let k = node_port_alloc_key(self.keys, p.protocol, np);
@@ -250,10 +251,11 @@ impl<'a> ServiceStore<'a> {
             }
             bail!("service {id} already exists");
         }
-        if let Some(owner) = self
-            .store
-            .get(&cluster_ip_alloc_key(self.keys, svc.cluster_ip))
-            .await?
+        if !svc.is_headless()
+            && let Some(owner) = self
+                .store
+                .get(&cluster_ip_alloc_key(self.keys, svc.cluster_ip))
+                .await?
         {
             if explicit_ip.is_some() {
                 bail!(
@@ -374,10 +376,12 @@ impl<'a> ServiceStore<'a> {
             TxnOp::delete(endpoints_key(self.keys, namespace, name), None),
         ];
         if let Ok(s) = Service::parse(&kv.value) {
-            ops.push(TxnOp::delete(
-                cluster_ip_alloc_key(self.keys, s.cluster_ip),
-                None,
-            ));
+            if !s.is_headless() {
+                ops.push(TxnOp::delete(
+                    cluster_ip_alloc_key(self.keys, s.cluster_ip),
+                    None,
+                ));
+            }
             for p in &s.ports {
                 if let Some(np) = p.node_port {
                     ops.push(TxnOp::delete(

@@ -5,6 +5,7 @@ pub mod backoff;
 pub mod errors;
 pub mod json_decode;
 pub mod logging;
+pub mod rate_limited;
 #[cfg(test)]
 pub(crate) mod proptest_support;
 pub mod shutdown;

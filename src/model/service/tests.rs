@@ -130,6 +130,15 @@ fn json_roundtrip() {
     assert_eq!(s, back);
     let text = String::from_utf8(s.to_bytes()).unwrap();
     assert!(text.contains("\"clusterIP\":\"10.96.0.10\""), "{text}");
+    // A headless service is stored as Kubernetes writes it, and cannot have node ports.
+    let mut h = s.clone();
+    h.cluster_ip = HEADLESS;
+    let text = String::from_utf8(h.to_bytes()).unwrap();
+    assert!(text.contains("\"clusterIP\":\"None\""), "{text}");
+    assert!(Service::parse(text.as_bytes()).unwrap().is_headless());
+    assert!(Service::parse(&text.replace("\"None\"", "\"0.0.0.0\"").into_bytes()).is_err());
+    h.ports[0].node_port = Some(30080);
+    assert!(h.validate().is_err());
     assert!(text.contains("\"targetPort\":8080"), "{text}");
 }
 
@@ -146,7 +155,8 @@ fn guard() -> AddressGuard {
 fn cluster_ips_table() {
     let g = guard();
     for (ip, want) in [
-        ("10.96.0.10", None),
+        ("10.96.0.9", None),
+        ("10.96.0.10", Some("reserved for the cluster DNS")),
         ("10.111.255.254", None),
         ("10.96.0.0", Some("network or broadcast")),
         ("10.111.255.255", Some("network or broadcast")),

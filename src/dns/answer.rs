@@ -1,0 +1,390 @@
+//! One query in, one response out: the authoritative answers of the cluster zone, decided
+//! from the [`Zone`] alone (no I/O), or the verdict that the query goes to the upstream
+//! resolvers. Wire format by hickory-proto.
+//!
+//! Semantics: names are matched case-insensitively and the question is echoed as asked; an
+//! existing name without records of the asked type is NODATA (NOERROR, SOA in authority),
+//! a missing one NXDOMAIN (with the SOA, whose minimum is the negative-caching TTL); the
+//! apex has SOA and NS (`ns.dns.<zone>`, with its address); SRV answers carry their
+//! targets' addresses as additional records; there are no wildcard records (a `*` label is
+//! an ordinary label and names nothing); `ANY` over UDP gets the RFC 8482 HINFO; EDNS0 is
+//! answered with our payload size (1232) and a response larger than the client's limit is
+//! truncated (TC) so the client asks again over TCP, where the full answer is given.
+
+use std::net::Ipv4Addr;
+
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::rdata::{A, HINFO, NS, PTR, SOA, SRV};
+use hickory_proto::rr::{DNSClass, LowerName, Name, RData, Record, RecordType};
+use ipnetwork::Ipv4Network;
+
+use crate::dns::zone::{Origin, Rdata, Zone};
+
+/// The EDNS payload size we announce and accept (the DNS flag day 2020 value).
+pub const EDNS_PAYLOAD: u16 = 1232;
+/// The largest UDP response without EDNS.
+const PLAIN_UDP_MAX: usize = 512;
+
+/// What the server is authoritative for, and how it answers.
+#[derive(Debug, Clone)]
+pub struct Authority {
+    /// The cluster domain, e.g. `cluster.local.`.
+    pub domain: Name,
+    /// The cluster DNS address (the NS's A record).
+    pub dns_ip: Ipv4Addr,
+    /// TTL of every record (CoreDNS's default: 5 s); also the SOA minimum.
+    pub ttl: u32,
+    /// Ranges whose reverse names are ours (service CIDR, cluster network): a PTR query in
+    /// them that names nothing is NXDOMAIN; other reverse names are forwarded.
+    pub reverse: Vec<Ipv4Network>,
+}
+
+/// How a query came in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// UDP: the response must fit the client's size or be truncated.
+    Udp,
+    /// TCP: no size limit but 65,535.
+    Tcp,
+}
+
+/// What to do with a query.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Send this response.
+    Reply(Reply),
+    /// Not ours: forward the query (parsed) to the upstream resolvers.
+    Forward(Box<Message>),
+    /// Send nothing (not a query, or too short to answer).
+    Drop,
+}
+
+/// A response with what it says, for metrics and `tartanctl dns lookup`.
+#[derive(Debug)]
+pub struct Reply {
+    /// The encoded response.
+    pub bytes: Vec<u8>,
+    /// Its response code.
+    pub rcode: ResponseCode,
+    /// The asked type (None when the question could not be read).
+    pub qtype: Option<RecordType>,
+    /// Where the answer records came from (empty for negative answers).
+    pub origins: Vec<Origin>,
+    /// Whether it was truncated to fit UDP.
+    pub truncated: bool,
+}
+
+/// Answers `query` from `zone`.
+pub fn answer(zone: &Zone, auth: &Authority, query: &[u8], transport: Transport) -> Outcome {
+    if query.len() < 12 {
+        return Outcome::Drop;
+    }
+    let msg = match Message::from_vec(query) {
+        Ok(m) => m,
+        Err(_) => {
+            // A response bit set means a stray response (never answer those, no loops).
+            if query[2] & 0x80 != 0 {
+                return Outcome::Drop;
+            }
+            let id = u16::from_be_bytes([query[0], query[1]]);
+            return Outcome::Reply(bare(id, ResponseCode::FormErr, None));
+        }
+    };
+    if msg.metadata.message_type != MessageType::Query {
+        return Outcome::Drop;
+    }
+    let id = msg.metadata.id;
+    if msg.metadata.op_code != OpCode::Query {
+        return Outcome::Reply(bare(id, ResponseCode::NotImp, None));
+    }
+    if msg.queries.len() != 1 {
+        return Outcome::Reply(bare(id, ResponseCode::FormErr, None));
+    }
+    let q = msg.queries[0].clone();
+    let qname = LowerName::new(q.name());
+    let ours = auth.domain_lower().zone_of(&qname);
+    if !ours && !reverse_is_ours(auth, &qname, zone) {
+        return Outcome::Forward(Box::new(msg));
+    }
+    if let Some(e) = &msg.edns
+        && e.version() > 0
+    {
+        // hickory splits the extended code into the header and the OPT record.
+        let r = response(&msg, ResponseCode::BADVERS);
+        return Outcome::Reply(encode(r, &msg, transport, Vec::new()));
+    }
+    if q.query_class() != DNSClass::IN {
+        return Outcome::Reply(encode(
+            response(&msg, ResponseCode::Refused),
+            &msg,
+            transport,
+            Vec::new(),
+        ));
+    }
+    if !zone.is_ready() {
+        // Not every record was read yet: an answer now could deny a name that exists.
+        return Outcome::Reply(encode(
+            response(&msg, ResponseCode::ServFail),
+            &msg,
+            transport,
+            Vec::new(),
+        ));
+    }
+    let mut r = response(&msg, ResponseCode::NoError);
+    r.metadata.authoritative = true;
+    let origins = authoritative(zone, auth, &q, &qname, transport, &mut r);
+    Outcome::Reply(encode(r, &msg, transport, origins))
+}
+
+impl Authority {
+    fn domain_lower(&self) -> LowerName {
+        LowerName::new(&self.domain)
+    }
+
+    fn soa(&self, apex: &Name) -> Record {
+        let mname = Name::from_ascii("ns.dns")
+            .and_then(|n| n.append_domain(&self.domain))
+            .unwrap_or_else(|_| self.domain.clone());
+        let rname = Name::from_ascii("hostmaster")
+            .and_then(|n| n.append_domain(&self.domain))
+            .unwrap_or_else(|_| self.domain.clone());
+        // CoreDNS's values; the serial changes nothing for clients (no zone transfers).
+        let soa = SOA::new(mname, rname, 1, 7200, 1800, 86400, self.ttl);
+        Record::from_rdata(apex.clone(), self.ttl, RData::SOA(soa))
+    }
+}
+
+/// Whether `qname` is a reverse name of one of our ranges (or names a record we hold).
+fn reverse_is_ours(auth: &Authority, qname: &LowerName, zone: &Zone) -> bool {
+    let Ok(arpa) = LowerName::from_str_lossy("in-addr.arpa.") else {
+        return false;
+    };
+    if !arpa.zone_of(qname) {
+        return false;
+    }
+    if let Some(ip) = reverse_ip(qname) {
+        return auth.reverse.iter().any(|n| n.contains(ip))
+            || zone.with_entry(qname, |e| e.is_some());
+    }
+    false
+}
+
+/// The address of a full `d.c.b.a.in-addr.arpa.` name.
+fn reverse_ip(qname: &LowerName) -> Option<Ipv4Addr> {
+    let s = Name::from(qname.clone()).to_ascii();
+    let rest = s.strip_suffix(".in-addr.arpa.")?;
+    let parts: Vec<u8> = rest
+        .split('.')
+        .map(|p| p.parse::<u8>().ok())
+        .collect::<Option<Vec<u8>>>()?;
+    match parts[..] {
+        [d, c, b, a] => Some(Ipv4Addr::new(a, b, c, d)),
+        _ => None,
+    }
+}
+
+trait LossyLower: Sized {
+    fn from_str_lossy(s: &str) -> Result<Self, ()>;
+}
+
+impl LossyLower for LowerName {
+    fn from_str_lossy(s: &str) -> Result<Self, ()> {
+        Name::from_ascii(s)
+            .map(|n| LowerName::new(&n))
+            .map_err(|_| ())
+    }
+}
+
+/// Fills `r` with the authoritative answer; returns where the answers came from.
+fn authoritative(
+    zone: &Zone,
+    auth: &Authority,
+    q: &Query,
+    qname: &LowerName,
+    transport: Transport,
+    r: &mut Message,
+) -> Vec<Origin> {
+    let qtype = q.query_type();
+    let owner = q.name().clone();
+    let apex = zone
+        .apex_of(qname)
+        .map(|a| Name::from(a.clone()))
+        .unwrap_or_else(|| auth.domain.clone());
+    let at_apex = LowerName::new(&apex) == *qname;
+    // Copy the records out: no lock is held while encoding or looking up SRV targets.
+    let found: Option<Vec<(Rdata, Origin)>> = zone.with_entry(qname, |e| e.map(|e| e.records.clone()));
+    if at_apex {
+        let ns_name = Name::from_ascii("ns.dns")
+            .and_then(|n| n.append_domain(&auth.domain))
+            .unwrap_or_else(|_| auth.domain.clone());
+        let want_soa = matches!(qtype, RecordType::SOA | RecordType::ANY);
+        let want_ns = matches!(qtype, RecordType::NS | RecordType::ANY) && apex == auth.domain;
+        if want_soa {
+            r.add_answer(auth.soa(&owner));
+        }
+        if want_ns {
+            r.add_answer(Record::from_rdata(
+                owner.clone(),
+                auth.ttl,
+                RData::NS(NS(ns_name.clone())),
+            ));
+            r.add_additional(Record::from_rdata(
+                ns_name,
+                auth.ttl,
+                RData::A(A(auth.dns_ip)),
+            ));
+        }
+        if want_soa || want_ns {
+            return vec![Origin::Server];
+        }
+    }
+    let Some(records) = found else {
+        if at_apex {
+            r.add_authority(auth.soa(&apex));
+            return Vec::new();
+        }
+        r.metadata.response_code = ResponseCode::NXDomain;
+        r.add_authority(auth.soa(&apex));
+        return Vec::new();
+    };
+    if qtype == RecordType::ANY && transport == Transport::Udp && !records.is_empty() {
+        // RFC 8482: a small answer instead of everything (no amplification over UDP).
+        r.add_answer(Record::from_rdata(
+            owner,
+            auth.ttl,
+            RData::HINFO(HINFO::new("RFC8482".into(), String::new())),
+        ));
+        return vec![Origin::Server];
+    }
+    let mut origins = Vec::new();
+    let mut targets = Vec::new();
+    for (data, origin) in &records {
+        let rdata = match (data, qtype) {
+            (Rdata::A(ip), RecordType::A | RecordType::ANY) => RData::A(A(*ip)),
+            (Rdata::Ptr(n), RecordType::PTR | RecordType::ANY) => RData::PTR(PTR(n.clone())),
+            (
+                Rdata::Srv {
+                    priority,
+                    weight,
+                    port,
+                    target,
+                },
+                RecordType::SRV | RecordType::ANY,
+            ) => {
+                targets.push(target.clone());
+                RData::SRV(SRV::new(*priority, *weight, *port, target.clone()))
+            }
+            _ => continue,
+        };
+        r.add_answer(Record::from_rdata(owner.clone(), auth.ttl, rdata));
+        if !origins.contains(origin) {
+            origins.push(*origin);
+        }
+    }
+    if origins.is_empty() {
+        // The name exists (records of other types, or names below it): NODATA.
+        r.add_authority(auth.soa(&apex));
+        return origins;
+    }
+    targets.sort();
+    targets.dedup();
+    for t in targets {
+        let ips: Vec<Ipv4Addr> = zone.with_entry(&LowerName::new(&t), |e| {
+            e.map(|e| {
+                e.records
+                    .iter()
+                    .filter_map(|(d, _)| match d {
+                        Rdata::A(ip) => Some(*ip),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+        });
+        for ip in ips {
+            r.add_additional(Record::from_rdata(t.clone(), auth.ttl, RData::A(A(ip))));
+        }
+    }
+    origins
+}
+
+/// A response to `msg` with its question, flags and EDNS.
+fn response(msg: &Message, rcode: ResponseCode) -> Message {
+    let mut r = Message::response(msg.metadata.id, msg.metadata.op_code);
+    r.metadata.recursion_desired = msg.metadata.recursion_desired;
+    r.metadata.checking_disabled = msg.metadata.checking_disabled;
+    r.metadata.recursion_available = true;
+    r.metadata.response_code = rcode;
+    r.add_queries(msg.queries.iter().cloned());
+    if msg.edns.is_some() {
+        let mut e = Edns::new();
+        e.set_max_payload(EDNS_PAYLOAD);
+        r.set_edns(e);
+    }
+    r
+}
+
+/// The largest response `msg`'s sender takes over `transport`.
+pub fn size_limit(msg: &Message, transport: Transport) -> usize {
+    match transport {
+        Transport::Tcp => usize::from(u16::MAX),
+        Transport::Udp => match &msg.edns {
+            Some(e) => usize::from(e.max_payload().clamp(512, EDNS_PAYLOAD)),
+            None => PLAIN_UDP_MAX,
+        },
+    }
+}
+
+/// Encodes `r`, truncating it (TC, question and OPT only) when it exceeds the limit.
+fn encode(r: Message, query: &Message, transport: Transport, origins: Vec<Origin>) -> Reply {
+    let rcode = r.metadata.response_code;
+    let qtype = query.queries.first().map(Query::query_type);
+    let limit = size_limit(query, transport);
+    match r.to_vec() {
+        Ok(bytes) if bytes.len() <= limit => Reply {
+            bytes,
+            rcode,
+            qtype,
+            origins,
+            truncated: false,
+        },
+        Ok(_) => {
+            let t = r.truncate();
+            let bytes = t.to_vec().unwrap_or_default();
+            Reply {
+                bytes,
+                rcode,
+                qtype,
+                origins,
+                truncated: true,
+            }
+        }
+        Err(_) => bare(query.metadata.id, ResponseCode::ServFail, qtype),
+    }
+}
+
+/// A response with only a header (for queries whose question cannot be read).
+fn bare(id: u16, rcode: ResponseCode, qtype: Option<RecordType>) -> Reply {
+    let mut m = Message::response(id, OpCode::Query);
+    m.metadata.response_code = rcode;
+    Reply {
+        bytes: m.to_vec().unwrap_or_default(),
+        rcode,
+        qtype,
+        origins: Vec::new(),
+        truncated: false,
+    }
+}
+
+/// A SERVFAIL for `msg` (upstream failed or overloaded).
+pub fn servfail(msg: &Message, transport: Transport) -> Reply {
+    encode(
+        response(msg, ResponseCode::ServFail),
+        msg,
+        transport,
+        Vec::new(),
+    )
+}
+
+#[cfg(test)]
+mod tests;

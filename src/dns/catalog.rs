@@ -1,0 +1,341 @@
+//! From model objects to owner names and records, with CoreDNS's kubernetes-plugin names:
+//!
+//! - a service with a cluster IP: `<svc>.<ns>.svc.<zone>` A → cluster IP, PTR back, and SRV
+//!   `_<port>._<proto>.<svc>.<ns>.svc.<zone>` → (port, the service name) per named port;
+//! - a headless service: `<svc>.<ns>.svc.<zone>` A → every ready endpoint, and per endpoint
+//!   `<host>.<svc>.<ns>.svc.<zone>` A, where `<host>` is the pod's name when it is a DNS
+//!   label and the dashed address (`10-244-1-5`) otherwise; SRV per named port and endpoint
+//!   → (target port, that host name);
+//! - a pod: `<a-b-c-d>.<ns>.pod.<zone>` A and the PTR of its address back to it (only for
+//!   pods that exist: CoreDNS's `pods verified`).
+//!
+//! The catalog remembers what each object contributed, so a change replaces exactly that
+//! object's records in the [`Zone`].
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use hickory_proto::rr::{LowerName, Name};
+
+use crate::dns::zone::{Origin, Rdata, Zone, reverse_name};
+use crate::model::pod::PodRecord;
+use crate::model::service::{ExplicitEndpoints, Service, valid_name};
+use crate::store::records::ModelChange;
+
+/// Who contributed a record.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Owner {
+    /// A service, by `namespace/name`.
+    Service(String),
+    /// A pod record, by etcd key.
+    Pod(String),
+}
+
+type Contribution = Vec<(LowerName, Rdata, Origin)>;
+
+/// The model the DNS names are made from, and what each object put into the zone.
+pub struct Catalog {
+    zone: Arc<Zone>,
+    domain: Name,
+    services: HashMap<String, Service>,
+    key_of_id: HashMap<String, String>,
+    endpoints: HashMap<String, ExplicitEndpoints>,
+    pods: HashMap<String, PodRecord>,
+    pods_by_ns: HashMap<String, BTreeSet<String>>,
+    headless_by_ns: HashMap<String, BTreeSet<String>>,
+    contributed: HashMap<Owner, Contribution>,
+    /// Names that could not be formed (too long), skipped.
+    pub skipped: u64,
+}
+
+impl Catalog {
+    /// An empty catalog writing into `zone` for the cluster domain `domain` (e.g.
+    /// `cluster.local.`), with the server's own name `ns.dns.<zone>` → `dns_ip`.
+    pub fn new(zone: Arc<Zone>, domain: Name, dns_ip: Ipv4Addr) -> Self {
+        if let Ok(ns) = Name::from_ascii("ns.dns").and_then(|n| n.append_domain(&domain)) {
+            zone.add(&LowerName::new(&ns), Rdata::A(dns_ip), Origin::Server);
+        }
+        Catalog {
+            zone,
+            domain,
+            services: HashMap::new(),
+            key_of_id: HashMap::new(),
+            endpoints: HashMap::new(),
+            pods: HashMap::new(),
+            pods_by_ns: HashMap::new(),
+            headless_by_ns: HashMap::new(),
+            contributed: HashMap::new(),
+            skipped: 0,
+        }
+    }
+
+    /// The etcd keys of the services, pods and the ids of the explicit endpoints held.
+    pub fn keys(&self) -> (Vec<String>, Vec<String>, Vec<String>) {
+        (
+            self.services.keys().cloned().collect(),
+            self.pods.keys().cloned().collect(),
+            self.endpoints.keys().cloned().collect(),
+        )
+    }
+
+    /// Applies one record change to the zone.
+    pub fn change(&mut self, c: ModelChange) {
+        match c {
+            ModelChange::PutService(key, s) => {
+                let id = s.id();
+                if let Some(old) = self.services.insert(key.clone(), s) {
+                    self.unindex_headless(&old);
+                }
+                if let Some(s) = self.services.get(&key) {
+                    if s.is_headless() && s.selector.is_some() {
+                        self.headless_by_ns
+                            .entry(s.namespace.clone())
+                            .or_default()
+                            .insert(id.clone());
+                    }
+                }
+                self.key_of_id.insert(id.clone(), key);
+                self.refresh_service(&id);
+            }
+            ModelChange::DeleteService(key) => {
+                if let Some(old) = self.services.remove(&key) {
+                    self.unindex_headless(&old);
+                    let id = old.id();
+                    self.key_of_id.remove(&id);
+                    self.refresh_service(&id);
+                }
+            }
+            ModelChange::PutEndpoints(id, e) => {
+                self.endpoints.insert(id.clone(), e);
+                self.refresh_service(&id);
+            }
+            ModelChange::DeleteEndpoints(id) => {
+                if self.endpoints.remove(&id).is_some() {
+                    self.refresh_service(&id);
+                }
+            }
+            ModelChange::PutPod(key, p) => {
+                let old = self.pods.insert(key.clone(), p.clone());
+                if let Some(o) = &old {
+                    self.unindex_pod(&key, o);
+                }
+                self.pods_by_ns
+                    .entry(p.namespace.clone())
+                    .or_default()
+                    .insert(key.clone());
+                self.refresh_pod(&key);
+                self.refresh_selecting(old.as_ref(), Some(&p));
+            }
+            ModelChange::DeletePod(key) => {
+                if let Some(old) = self.pods.remove(&key) {
+                    self.unindex_pod(&key, &old);
+                    self.refresh_pod(&key);
+                    self.refresh_selecting(Some(&old), None);
+                }
+            }
+        }
+    }
+
+    fn unindex_headless(&mut self, s: &Service) {
+        if let Some(set) = self.headless_by_ns.get_mut(&s.namespace) {
+            set.remove(&s.id());
+            if set.is_empty() {
+                self.headless_by_ns.remove(&s.namespace);
+            }
+        }
+    }
+
+    fn unindex_pod(&mut self, key: &str, p: &PodRecord) {
+        if let Some(set) = self.pods_by_ns.get_mut(&p.namespace) {
+            set.remove(key);
+            if set.is_empty() {
+                self.pods_by_ns.remove(&p.namespace);
+            }
+        }
+    }
+
+    /// Recomputes the headless services that select `old` or `new`.
+    fn refresh_selecting(&mut self, old: Option<&PodRecord>, new: Option<&PodRecord>) {
+        let mut ids = BTreeSet::new();
+        for p in [old, new].into_iter().flatten() {
+            for id in self.headless_by_ns.get(&p.namespace).into_iter().flatten() {
+                let selects = self
+                    .key_of_id
+                    .get(id)
+                    .and_then(|k| self.services.get(k))
+                    .is_some_and(|s| s.selects(p));
+                if selects {
+                    ids.insert(id.clone());
+                }
+            }
+        }
+        for id in ids {
+            self.refresh_service(&id);
+        }
+    }
+
+    fn refresh_service(&mut self, id: &str) {
+        let recs = self.service_records(id);
+        self.replace(Owner::Service(id.to_string()), recs);
+    }
+
+    fn refresh_pod(&mut self, key: &str) {
+        let recs = match self.pods.get(key).cloned() {
+            Some(p) => self.pod_records(&p),
+            None => Vec::new(),
+        };
+        self.replace(Owner::Pod(key.to_string()), recs);
+    }
+
+    /// Swaps `owner`'s records for `new`, touching only those that differ.
+    fn replace(&mut self, owner: Owner, new: Contribution) {
+        let old = self.contributed.remove(&owner).unwrap_or_default();
+        let old_set: HashSet<&(LowerName, Rdata, Origin)> = old.iter().collect();
+        let new_set: HashSet<&(LowerName, Rdata, Origin)> = new.iter().collect();
+        for r in old.iter().filter(|r| !new_set.contains(r)) {
+            self.zone.remove(&r.0, &r.1, r.2);
+        }
+        for r in new.iter().filter(|r| !old_set.contains(r)) {
+            self.zone.add(&r.0, r.1.clone(), r.2);
+        }
+        if !new.is_empty() {
+            self.contributed.insert(owner, new);
+        }
+    }
+
+    fn name(&mut self, relative: &str) -> Option<Name> {
+        match Name::from_ascii(relative).and_then(|n| n.append_domain(&self.domain)) {
+            Ok(n) => Some(n),
+            Err(_) => {
+                self.skipped += 1;
+                None
+            }
+        }
+    }
+
+    fn service_records(&mut self, id: &str) -> Contribution {
+        let Some(s) = self.key_of_id.get(id).and_then(|k| self.services.get(k)) else {
+            return Vec::new();
+        };
+        let s = s.clone();
+        let Some(name) = self.name(&format!("{}.{}.svc", s.name, s.namespace)) else {
+            return Vec::new();
+        };
+        let lname = LowerName::new(&name);
+        let mut out = Vec::new();
+        let named: Vec<_> = s.ports.iter().filter(|p| p.name.is_some()).collect();
+        let srv_name = |p: &crate::model::service::ServicePort| -> Option<LowerName> {
+            let pn = p.name.as_deref()?;
+            let proto = p.protocol.to_string().to_ascii_lowercase();
+            Name::from_ascii(format!("_{pn}._{proto}"))
+                .and_then(|n| n.append_domain(&name))
+                .ok()
+                .map(|n| LowerName::new(&n))
+        };
+        if !s.is_headless() {
+            out.push((lname.clone(), Rdata::A(s.cluster_ip), Origin::Service));
+            out.push((
+                LowerName::new(&reverse_name(s.cluster_ip)),
+                Rdata::Ptr(name.clone()),
+                Origin::Service,
+            ));
+            for p in &named {
+                if let Some(sn) = srv_name(p) {
+                    let target = name.clone();
+                    out.push((sn, srv(0, 100, p.port, target), Origin::Service));
+                }
+            }
+            return out;
+        }
+        let eps = self.headless_endpoints(&s);
+        let weight = u16::try_from((100 / eps.len().max(1)).max(1)).unwrap_or(1);
+        for (ip, host) in &eps {
+            out.push((lname.clone(), Rdata::A(*ip), Origin::Endpoint));
+            let Ok(host_name) = Name::from_ascii(host).and_then(|h| h.append_domain(&name))
+            else {
+                self.skipped += 1;
+                continue;
+            };
+            out.push((
+                LowerName::new(&host_name),
+                Rdata::A(*ip),
+                Origin::Endpoint,
+            ));
+            for p in &named {
+                if let Some(sn) = srv_name(p) {
+                    let r = srv(0, weight, p.target_port, host_name.clone());
+                    out.push((sn, r, Origin::Endpoint));
+                }
+            }
+        }
+        out
+    }
+
+    /// A headless service's ready endpoints with their host labels, sorted by address.
+    fn headless_endpoints(&self, s: &Service) -> Vec<(Ipv4Addr, String)> {
+        let mut eps: Vec<(Ipv4Addr, String)> = match &s.selector {
+            None => self
+                .endpoints
+                .get(&s.id())
+                .map(|e| {
+                    e.addresses
+                        .iter()
+                        .map(|a| (a.ip, dashed(a.ip)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            Some(_) => self
+                .pods_by_ns
+                .get(&s.namespace)
+                .into_iter()
+                .flatten()
+                .filter_map(|k| self.pods.get(k))
+                .filter(|p| s.selects(p))
+                .map(|p| {
+                    let host = if valid_name(&p.name) {
+                        p.name.clone()
+                    } else {
+                        dashed(p.ip)
+                    };
+                    (p.ip, host)
+                })
+                .collect(),
+        };
+        eps.sort();
+        eps.dedup_by_key(|e| e.0);
+        eps
+    }
+
+    fn pod_records(&mut self, p: &PodRecord) -> Contribution {
+        let Some(name) = self.name(&format!("{}.{}.pod", dashed(p.ip), p.namespace)) else {
+            return Vec::new();
+        };
+        vec![
+            (LowerName::new(&name), Rdata::A(p.ip), Origin::Pod),
+            (
+                LowerName::new(&reverse_name(p.ip)),
+                Rdata::Ptr(name),
+                Origin::Pod,
+            ),
+        ]
+    }
+}
+
+fn srv(priority: u16, weight: u16, port: u16, target: Name) -> Rdata {
+    Rdata::Srv {
+        priority,
+        weight,
+        port,
+        target,
+    }
+}
+
+/// `10.244.1.5` → `10-244-1-5`.
+pub fn dashed(ip: Ipv4Addr) -> String {
+    let o = ip.octets();
+    format!("{}-{}-{}-{}", o[0], o[1], o[2], o[3])
+}
+
+#[cfg(test)]
+mod tests;
