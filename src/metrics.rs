@@ -63,6 +63,9 @@ pub const DNS_RCODES: [&str; 7] = [
     "NOERROR", "NXDOMAIN", "SERVFAIL", "FORMERR", "REFUSED", "NOTIMP", "other",
 ];
 
+/// Histograms by one `server` label.
+pub type HistogramFamily = Family<[(&'static str, String); 1], Histogram, fn() -> Histogram>;
+
 /// The cluster DNS server's metrics, named after CoreDNS's where they mean the same.
 /// Counters are created up front per label value, so a query costs atomic increments only.
 #[derive(Clone)]
@@ -72,7 +75,7 @@ pub struct DnsMetrics {
     /// `dns_responses_total{rcode}` by [`DNS_RCODES`] index.
     pub responses: [Counter; DNS_RCODES.len()],
     /// `dns_request_duration_seconds{server}`: one histogram per server thread (no shared lock).
-    pub request_duration: Family<[(&'static str, String); 1], Histogram, fn() -> Histogram>,
+    pub request_duration: HistogramFamily,
     /// `dns_cache_hits_total` (forwarded names answered from the cache).
     pub cache_hits: Counter,
     /// `dns_cache_misses_total`.
@@ -133,9 +136,21 @@ impl DnsMetrics {
             "Seconds from receiving a DNS query to sending its answer (per server thread)",
             m.request_duration.clone(),
         );
-        registry.register("dns_cache_hits", "Forwarded names answered from the cache", m.cache_hits.clone());
-        registry.register("dns_cache_misses", "Forwarded names not in the cache", m.cache_misses.clone());
-        registry.register("dns_cache_entries", "Entries in the forward cache", m.cache_entries.clone());
+        registry.register(
+            "dns_cache_hits",
+            "Forwarded names answered from the cache",
+            m.cache_hits.clone(),
+        );
+        registry.register(
+            "dns_cache_misses",
+            "Forwarded names not in the cache",
+            m.cache_misses.clone(),
+        );
+        registry.register(
+            "dns_cache_entries",
+            "Entries in the forward cache",
+            m.cache_entries.clone(),
+        );
         registry.register(
             "dns_forward_request_duration_seconds",
             "Round trips to the upstream resolvers",
@@ -151,7 +166,11 @@ impl DnsMetrics {
             "DNS queries answered SERVFAIL or dropped because a queue or connection limit was reached",
             m.overload.clone(),
         );
-        registry.register("dns_zone_names", "Owner names in the cluster zone", m.zone_names.clone());
+        registry.register(
+            "dns_zone_names",
+            "Owner names in the cluster zone",
+            m.zone_names.clone(),
+        );
         registry.register(
             "dns_change_seconds",
             "Seconds from a service, endpoint or pod change seen in etcd to the zone answering it",

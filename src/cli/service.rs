@@ -12,8 +12,7 @@ use crate::model::netconf::NetworkConfig;
 use crate::model::pod::PodRecord;
 use crate::model::service::{
     AddressGuard, DEFAULT_AFFINITY_TIMEOUT, ExplicitEndpoints, HEADLESS, RangeContext, Service,
-    ServicePort,
-    SessionAffinity, TrafficPolicy, check_service_cidr,
+    ServicePort, SessionAffinity, TrafficPolicy, check_service_cidr,
 };
 use crate::store::etcd::{EtcdArgs, Store};
 use crate::store::services::{NodePortRequest, ServiceStore, split_id};

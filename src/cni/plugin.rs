@@ -107,6 +107,8 @@ struct AddPlan<'a> {
     gw_net: Ipv4Network,
     mtu: u32,
     host: String,
+    /// The result's `dns` (the cluster DNS, with the pod namespace's search list).
+    dns: Value,
 }
 
 /// The kernel side of ADD: both netlink sockets and what the links are built from.
@@ -194,6 +196,12 @@ fn add_checks<'a>(env: &'a CniEnv, conf: &NetConf) -> Result<AddPlan<'a>, CniErr
         .map_err(|e| CniError::kernel(format!("gateway of {subnet}: {e}")))?;
     let mtu = conf.mtu.unwrap_or(senv.mtu);
     let host = links::host_veth_name(cid, ifname);
+    let dns = senv
+        .cluster_dns
+        .as_ref()
+        .map_or(Value::Object(Map::new()), |d| {
+            result_dns(d, &env.pod_namespace())
+        });
     Ok(AddPlan {
         cid,
         ifname,
@@ -205,6 +213,18 @@ fn add_checks<'a>(env: &'a CniEnv, conf: &NetConf) -> Result<AddPlan<'a>, CniErr
         gw_net,
         mtu,
         host,
+        dns,
+    })
+}
+
+/// The CNI result's `dns` for a pod of `namespace`: the cluster DNS as nameserver, search
+/// `<ns>.svc.<zone> svc.<zone> <zone>` and `ndots:5`, as the kubelet writes resolv.conf.
+fn result_dns(d: &crate::model::subnet_env::ClusterDns, namespace: &str) -> Value {
+    let zone = &d.domain;
+    serde_json::json!({
+        "nameservers": [d.ip.to_string()],
+        "search": [format!("{namespace}.svc.{zone}"), format!("svc.{zone}"), zone.clone()],
+        "options": ["ndots:5"],
     })
 }
 
@@ -359,7 +379,7 @@ fn add_result(
             gw: Some(IpAddr::V4(gw)),
             extra: Map::new(),
         }],
-        dns: Value::Object(Map::new()),
+        dns: plan.dns.clone(),
     };
     match conf.prev_result.clone() {
         Some(mut prev) => {

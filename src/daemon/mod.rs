@@ -77,6 +77,23 @@ pub struct DaemonArgs {
     /// notifications; the resync is the safety net).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub resync_secs: u64,
+    /// Serve the cluster DNS on this node (for its pods and itself).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub dns: bool,
+    /// The cluster DNS address, local on every node (default: the 10th address of the
+    /// service CIDR, 10.96.0.10, as Kubernetes places kube-dns; or an address outside it).
+    #[arg(long)]
+    pub cluster_dns: Option<Ipv4Addr>,
+    /// The cluster domain the DNS serves.
+    #[arg(long, default_value = "cluster.local")]
+    pub cluster_domain: String,
+    /// Upstream resolver for names outside the cluster (`IP` or `IP:PORT`, repeatable;
+    /// default: the nameservers of --dns-resolv-conf).
+    #[arg(long = "dns-upstream")]
+    pub dns_upstreams: Vec<String>,
+    /// Where the node's upstream resolvers are read from.
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    pub dns_resolv_conf: PathBuf,
     /// Release this node's subnet, remove its device and rules, and exit.
     #[arg(long)]
     pub leave: bool,
@@ -394,8 +411,26 @@ fn spawn_dataplane(
         node_ips,
         etcd: etcd_addrs,
     };
+    let record_feeds = crate::store::records::Feeds::watch(store, &args.etcd);
+    let proxy_feeds = match dns_settings(args, cfg) {
+        Ok(Some(settings)) => {
+            let (proxy_feeds, dns_feeds) = record_feeds.tee();
+            tokio::spawn(run_dns(
+                dns_feeds,
+                args.etcd.clone(),
+                settings,
+                metrics.clone(),
+            ));
+            proxy_feeds
+        }
+        Ok(None) => record_feeds,
+        Err(e) => {
+            error!("cluster DNS not started: {e:#}");
+            record_feeds
+        }
+    };
     let proxy = tokio::spawn(crate::proxy::run::run(
-        crate::store::records::Feeds::watch(&store, &args.etcd),
+        proxy_feeds,
         args.etcd.clone(),
         ctx,
         guard,
@@ -460,12 +495,17 @@ async fn supervise(
     } = dataplane;
     // subnet.env is the node's readiness for CNI (and flannel's contract): written once the
     // overlay is programmed for the subnet, as flannel writes it after its backend is up.
+    let dns = dns_settings(args, cfg).ok().flatten();
     let write_env = |subnet| {
         let env = SubnetEnv {
             network: cfg.network,
             subnet,
             mtu: id.mtu,
             ipmasq: args.ip_masq,
+            cluster_dns: dns.as_ref().map(|d| crate::model::subnet_env::ClusterDns {
+                ip: d.dns_ip,
+                domain: d.domain.to_ascii().trim_end_matches('.').to_string(),
+            }),
         };
         if let Err(e) = env.write_atomic(&args.subnet_file) {
             error!("writing {}: {e:#}", args.subnet_file.display());
@@ -526,12 +566,105 @@ async fn teardown_local(args: &DaemonArgs, cfg: &NetworkConfig, state_file: &std
     if let Err(e) = crate::proxy::table::teardown().await {
         error!("removing the service table: {e:#}");
     }
+    if let Err(e) = crate::dns::device::remove_dns_device().await {
+        error!("removing the cluster DNS device: {e:#}");
+    }
     for p in [&args.subnet_file, &state_file.to_path_buf()] {
         if let Err(e) = std::fs::remove_file(p)
             && e.kind() != std::io::ErrorKind::NotFound
         {
             warn!("removing {}: {e}", p.display());
         }
+    }
+}
+
+/// The cluster DNS settings from the flags (None with `--dns false`).
+pub fn dns_settings(
+    args: &DaemonArgs,
+    cfg: &NetworkConfig,
+) -> Result<Option<crate::dns::run::DnsSettings>> {
+    if !args.dns {
+        return Ok(None);
+    }
+    let reserved = crate::model::service::cluster_dns_ip(args.service_cidr);
+    let dns_ip = match (args.cluster_dns, reserved) {
+        (Some(ip), r) if args.service_cidr.contains(ip) && Some(ip) != r => bail!(
+            "--cluster-dns {ip} is inside the service CIDR {} but is not its reserved 10th address {}: a service could be given it",
+            args.service_cidr,
+            r.map_or("(none)".to_string(), |r| r.to_string())
+        ),
+        (Some(ip), _) => ip,
+        (None, Some(r)) => r,
+        (None, None) => bail!(
+            "the service CIDR {} is too small for a cluster DNS address; pass --cluster-dns",
+            args.service_cidr
+        ),
+    };
+    let domain = hickory_proto::rr::Name::from_ascii(format!(
+        "{}.",
+        args.cluster_domain.trim_end_matches('.')
+    ))
+    .ok()
+    .filter(|n| n.num_labels() > 0)
+    .with_context(|| {
+        format!(
+            "--cluster-domain {:?} is not a domain name",
+            args.cluster_domain
+        )
+    })?
+    .to_lowercase();
+    let upstreams = if args.dns_upstreams.is_empty() {
+        match std::fs::read_to_string(&args.dns_resolv_conf) {
+            Ok(t) => crate::dns::forward::resolv_conf_upstreams(&t),
+            Err(e) => {
+                warn!(
+                    "cannot read {}: {e}; names outside the cluster get REFUSED",
+                    args.dns_resolv_conf.display()
+                );
+                Vec::new()
+            }
+        }
+    } else {
+        args.dns_upstreams
+            .iter()
+            .map(|u| {
+                u.parse::<SocketAddr>()
+                    .or_else(|_| {
+                        u.parse::<std::net::IpAddr>()
+                            .map(|ip| SocketAddr::new(ip, 53))
+                    })
+                    .map_err(|_| anyhow!("--dns-upstream {u:?} is not IP or IP:PORT"))
+            })
+            .collect::<Result<Vec<_>>>()?
+    };
+    Ok(Some(crate::dns::run::DnsSettings {
+        domain,
+        dns_ip,
+        port: 53,
+        upstreams,
+        ttl: 5,
+        service_cidr: args.service_cidr,
+        cluster_network: cfg.network,
+    }))
+}
+
+/// Puts the cluster DNS address on the node and serves it; a failure is logged and leaves
+/// the rest of the daemon running.
+async fn run_dns(
+    feeds: crate::store::records::Feeds,
+    keys: EtcdArgs,
+    settings: crate::dns::run::DnsSettings,
+    metrics: Arc<Metrics>,
+) {
+    let r = async {
+        let nl = Netlink::connect()?;
+        crate::dns::device::ensure_dns_address(&nl, settings.dns_ip).await?;
+        let zone = settings.new_zone();
+        crate::dns::run::run(feeds, keys, settings, zone, metrics).await
+    }
+    .await;
+    if let Err(e) = r {
+        error!("cluster DNS stopped: {e:#}");
     }
 }
 

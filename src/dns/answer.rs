@@ -212,7 +212,8 @@ fn authoritative(
         .unwrap_or_else(|| auth.domain.clone());
     let at_apex = LowerName::new(&apex) == *qname;
     // Copy the records out: no lock is held while encoding or looking up SRV targets.
-    let found: Option<Vec<(Rdata, Origin)>> = zone.with_entry(qname, |e| e.map(|e| e.records.clone()));
+    let found: Option<Vec<(Rdata, Origin)>> =
+        zone.with_entry(qname, |e| e.map(|e| e.records.clone()));
     if at_apex {
         let ns_name = Name::from_ascii("ns.dns")
             .and_then(|n| n.append_domain(&auth.domain))

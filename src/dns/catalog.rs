@@ -87,13 +87,14 @@ impl Catalog {
                 if let Some(old) = self.services.insert(key.clone(), s) {
                     self.unindex_headless(&old);
                 }
-                if let Some(s) = self.services.get(&key) {
-                    if s.is_headless() && s.selector.is_some() {
-                        self.headless_by_ns
-                            .entry(s.namespace.clone())
-                            .or_default()
-                            .insert(id.clone());
-                    }
+                if let Some(s) = self.services.get(&key)
+                    && s.is_headless()
+                    && s.selector.is_some()
+                {
+                    self.headless_by_ns
+                        .entry(s.namespace.clone())
+                        .or_default()
+                        .insert(id.clone());
                 }
                 self.key_of_id.insert(id.clone(), key);
                 self.refresh_service(&id);
@@ -252,16 +253,11 @@ impl Catalog {
         let weight = u16::try_from((100 / eps.len().max(1)).max(1)).unwrap_or(1);
         for (ip, host) in &eps {
             out.push((lname.clone(), Rdata::A(*ip), Origin::Endpoint));
-            let Ok(host_name) = Name::from_ascii(host).and_then(|h| h.append_domain(&name))
-            else {
+            let Ok(host_name) = Name::from_ascii(host).and_then(|h| h.append_domain(&name)) else {
                 self.skipped += 1;
                 continue;
             };
-            out.push((
-                LowerName::new(&host_name),
-                Rdata::A(*ip),
-                Origin::Endpoint,
-            ));
+            out.push((LowerName::new(&host_name), Rdata::A(*ip), Origin::Endpoint));
             for p in &named {
                 if let Some(sn) = srv_name(p) {
                     let r = srv(0, weight, p.target_port, host_name.clone());
@@ -278,12 +274,7 @@ impl Catalog {
             None => self
                 .endpoints
                 .get(&s.id())
-                .map(|e| {
-                    e.addresses
-                        .iter()
-                        .map(|a| (a.ip, dashed(a.ip)))
-                        .collect()
-                })
+                .map(|e| e.addresses.iter().map(|a| (a.ip, dashed(a.ip))).collect())
                 .unwrap_or_default(),
             Some(_) => self
                 .pods_by_ns
@@ -338,4 +329,10 @@ pub fn dashed(ip: Ipv4Addr) -> String {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
+
+/// Fixtures other test modules of the room share.
+#[cfg(test)]
+pub(crate) mod tests_support {
+    pub(crate) use super::tests::{catalog, pod, svc};
+}

@@ -209,7 +209,11 @@ impl ForwarderTask {
         }
         if st.upstreams.is_empty() {
             drop(st);
-            let mut r = response_for(&job.msg, &empty_response(ResponseCode::Refused), job.transport);
+            let mut r = response_for(
+                &job.msg,
+                &empty_response(ResponseCode::Refused),
+                job.transport,
+            );
             if r.is_empty() {
                 r = crate::dns::answer::servfail(&job.msg, job.transport).bytes;
             }

@@ -7,9 +7,10 @@
 //! threads of their own) and, for names outside the zone, [`forward`] (upstream resolvers
 //! with a bounded cache).
 
-pub mod zone;
 pub mod answer;
 pub mod catalog;
+pub mod device;
 pub mod forward;
-pub mod server;
 pub mod run;
+pub mod server;
+pub mod zone;

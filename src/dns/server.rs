@@ -185,7 +185,8 @@ impl Shared {
         self.metrics.requests[p][type_index(reply.qtype)].inc();
         self.metrics.responses[rcode_index(reply.rcode)].inc();
         if reply.rcode == ResponseCode::FormErr {
-            self.log.warn("answered FORMERR to a query that does not decode");
+            self.log
+                .warn("answered FORMERR to a query that does not decode");
         }
     }
 }
@@ -276,7 +277,9 @@ fn run_async_side(
                     };
                     let Ok(permit) = limit.clone().try_acquire_owned() else {
                         shared.metrics.overload.inc();
-                        shared.log.warn("DNS TCP connection limit reached; closing new connections");
+                        shared
+                            .log
+                            .warn("DNS TCP connection limit reached; closing new connections");
                         continue;
                     };
                     let (shared, fwd) = (shared.clone(), fwd.clone());
@@ -292,7 +295,12 @@ fn run_async_side(
 }
 
 /// Answers length-prefixed queries on one connection, in order, until it goes idle.
-async fn tcp_conn(mut conn: tokio::net::TcpStream, shared: &Shared, fwd: &Forwarder, idle: Duration) {
+async fn tcp_conn(
+    mut conn: tokio::net::TcpStream,
+    shared: &Shared,
+    fwd: &Forwarder,
+    idle: Duration,
+) {
     let hist = shared
         .metrics
         .request_duration

@@ -52,7 +52,7 @@ pub enum Origin {
 pub struct Entry {
     /// The records, with where each came from (a multiset: two sources may give the same).
     pub records: Vec<(Rdata, Origin)>,
-    /// Names directly or indirectly below this one.
+    /// Names directly below this one (one label longer).
     pub children: u32,
 }
 
@@ -165,11 +165,24 @@ impl Zone {
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// Keeps the direct-child counts: a created name counts in its parent, creating the
+    /// parent (an empty non-terminal) when missing, and so on up to the apex; a removed name
+    /// is uncounted, removing each ancestor it leaves with neither records nor children.
     fn adjust_ancestors(&self, name: &LowerName, apex: &LowerName, up: bool) {
         let mut cur = name.base_name();
         while cur.num_labels() > apex.num_labels() {
             if up {
-                self.names.entry(cur.clone()).or_default().children += 1;
+                let mut existed = true;
+                self.names
+                    .entry(cur.clone())
+                    .or_insert_with(|| {
+                        existed = false;
+                        Entry::default()
+                    })
+                    .children += 1;
+                if existed {
+                    return;
+                }
             } else {
                 let empty = match self.names.get_mut(&cur) {
                     Some(mut e) => {
@@ -178,10 +191,11 @@ impl Zone {
                     }
                     None => false,
                 };
-                if empty {
-                    self.names
-                        .remove_if(&cur, |_, e| e.records.is_empty() && e.children == 0);
+                if !empty {
+                    return;
                 }
+                self.names
+                    .remove_if(&cur, |_, e| e.records.is_empty() && e.children == 0);
             }
             cur = cur.base_name();
         }
@@ -249,8 +263,16 @@ mod tests {
     fn records_are_a_multiset_and_names_are_case_insensitive() {
         let z = zone();
         let a = Rdata::A(Ipv4Addr::new(10, 244, 1, 2));
-        z.add(&n("web.default.svc.cluster.local."), a.clone(), Origin::Endpoint);
-        z.add(&n("WEB.default.svc.cluster.local."), a.clone(), Origin::Endpoint);
+        z.add(
+            &n("web.default.svc.cluster.local."),
+            a.clone(),
+            Origin::Endpoint,
+        );
+        z.add(
+            &n("WEB.default.svc.cluster.local."),
+            a.clone(),
+            Origin::Endpoint,
+        );
         z.remove(&n("web.default.svc.cluster.local."), &a, Origin::Endpoint);
         z.with_entry(&n("Web.Default.Svc.Cluster.Local."), |e| {
             assert_eq!(e.map(|e| e.records.len()), Some(1));

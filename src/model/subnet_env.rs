@@ -21,6 +21,18 @@ pub struct SubnetEnv {
     pub mtu: u32,
     /// `FLANNEL_IPMASQ`.
     pub ipmasq: bool,
+    /// `TARTAN_CLUSTER_DNS` and `TARTAN_CLUSTER_DOMAIN`: the cluster DNS the CNI result
+    /// hands to pods (tartan's own keys; flannel's readers ignore them).
+    pub cluster_dns: Option<ClusterDns>,
+}
+
+/// The cluster DNS pods are told about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterDns {
+    /// The nameserver address.
+    pub ip: std::net::Ipv4Addr,
+    /// The cluster domain, without the trailing dot (`cluster.local`).
+    pub domain: String,
 }
 
 impl SubnetEnv {
@@ -34,7 +46,7 @@ impl SubnetEnv {
         } else {
             net
         };
-        format!(
+        let mut s = format!(
             "FLANNEL_NETWORK={}/{}\nFLANNEL_SUBNET={}/{}\nFLANNEL_MTU={}\nFLANNEL_IPMASQ={}\n",
             self.network.network(),
             self.network.prefix(),
@@ -42,7 +54,14 @@ impl SubnetEnv {
             self.subnet.prefix(),
             self.mtu,
             self.ipmasq
-        )
+        );
+        if let Some(d) = &self.cluster_dns {
+            s.push_str(&format!(
+                "TARTAN_CLUSTER_DNS={}\nTARTAN_CLUSTER_DOMAIN={}\n",
+                d.ip, d.domain
+            ));
+        }
+        s
     }
 
     /// Parses the file contents; unknown keys are ignored.
@@ -52,6 +71,7 @@ impl SubnetEnv {
         let mut subnet = None;
         let mut mtu = None;
         let mut ipmasq = false;
+        let (mut dns_ip, mut domain) = (None, None);
         for line in text.lines() {
             let Some((k, v)) = line.trim().split_once('=') else {
                 continue;
@@ -82,6 +102,27 @@ impl SubnetEnv {
                     )
                 }
                 "FLANNEL_IPMASQ" => ipmasq = v.trim() == "true",
+                "TARTAN_CLUSTER_DNS" => {
+                    dns_ip = Some(
+                        v.trim()
+                            .parse::<std::net::Ipv4Addr>()
+                            .map_err(|_| bad("TARTAN_CLUSTER_DNS", v, "is not an IPv4 address"))?,
+                    )
+                }
+                "TARTAN_CLUSTER_DOMAIN" => {
+                    let d = v.trim().trim_end_matches('.');
+                    let ok = !d.is_empty()
+                        && d.len() <= 253
+                        && d.split('.').all(|l| {
+                            !l.is_empty()
+                                && l.len() <= 63
+                                && l.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
+                        });
+                    if !ok {
+                        return Err(bad("TARTAN_CLUSTER_DOMAIN", v, "is not a domain name"));
+                    }
+                    domain = Some(d.to_ascii_lowercase());
+                }
                 _ => {}
             }
         }
@@ -90,6 +131,10 @@ impl SubnetEnv {
             subnet: subnet.ok_or_else(|| DecodeError::missing("FLANNEL_SUBNET"))?,
             mtu: mtu.ok_or_else(|| DecodeError::missing("FLANNEL_MTU"))?,
             ipmasq,
+            cluster_dns: dns_ip.map(|ip| ClusterDns {
+                ip,
+                domain: domain.unwrap_or_else(|| "cluster.local".into()),
+            }),
         })
     }
 
@@ -134,12 +179,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn cluster_dns_keys_round_trip_and_are_checked() {
+        let e = SubnetEnv {
+            network: "10.244.0.0/16".parse().unwrap(),
+            subnet: "10.244.3.0/24".parse().unwrap(),
+            mtu: 1450,
+            ipmasq: true,
+            cluster_dns: Some(ClusterDns {
+                ip: "10.96.0.10".parse().unwrap(),
+                domain: "cluster.local".into(),
+            }),
+        };
+        assert_eq!(SubnetEnv::parse(&e.render()).unwrap(), e);
+        let bad = e.render().replace("cluster.local", "bad..domain");
+        let err = SubnetEnv::parse(&bad).unwrap_err().to_string();
+        assert!(err.contains("TARTAN_CLUSTER_DOMAIN"), "{err}");
+    }
+
+    #[test]
     fn flannel_format_roundtrip() {
         let e = SubnetEnv {
             network: "10.244.0.0/16".parse().unwrap(),
             subnet: "10.244.3.0/24".parse().unwrap(),
             mtu: 1450,
             ipmasq: true,
+            cluster_dns: None,
         };
         let t = e.render();
         assert_eq!(
@@ -161,6 +225,7 @@ mod tests {
                 subnet: s.parse().unwrap(),
                 mtu: 0,
                 ipmasq: false,
+                cluster_dns: None,
             };
             assert_eq!(SubnetEnv::parse(&e.render()).unwrap(), e, "{s}");
         }
@@ -175,6 +240,7 @@ mod tests {
             subnet: "10.1.0.0/24".parse().unwrap(),
             mtu: 1400,
             ipmasq: false,
+            cluster_dns: None,
         };
         e.write_atomic(&p).unwrap();
         assert_eq!(

@@ -50,7 +50,11 @@ impl RecordKind {
 }
 
 /// Decodes one put under the prefix of `kind`.
-pub fn decode(kind: RecordKind, item: &KvItem, keys: &EtcdArgs) -> Result<ModelChange, DecodeError> {
+pub fn decode(
+    kind: RecordKind,
+    item: &KvItem,
+    keys: &EtcdArgs,
+) -> Result<ModelChange, DecodeError> {
     match kind {
         RecordKind::Services => {
             let s = Service::parse(&item.value)?;
@@ -176,7 +180,10 @@ impl Feeds {
 /// Copies every event of `rx` to two receivers; ends when the source ends or both are gone.
 pub fn tee(
     mut rx: UnboundedReceiver<ReflectorEvent>,
-) -> (UnboundedReceiver<ReflectorEvent>, UnboundedReceiver<ReflectorEvent>) {
+) -> (
+    UnboundedReceiver<ReflectorEvent>,
+    UnboundedReceiver<ReflectorEvent>,
+) {
     let (a_tx, a_rx) = unbounded_channel();
     let (b_tx, b_rx) = unbounded_channel();
     tokio::spawn(async move {

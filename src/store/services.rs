@@ -142,7 +142,10 @@ impl<'a> ServiceStore<'a> {
             );
         }
         if explicit_ip == Some(HEADLESS) {
-            if node_ports.iter().any(|r| !matches!(r, NodePortRequest::None)) {
+            if node_ports
+                .iter()
+                .any(|r| !matches!(r, NodePortRequest::None))
+            {
                 bail!("a headless service (--cluster-ip none) has no node ports");
             }
         } else if let Some(ip) = explicit_ip {

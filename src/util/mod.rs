@@ -5,9 +5,9 @@ pub mod backoff;
 pub mod errors;
 pub mod json_decode;
 pub mod logging;
-pub mod rate_limited;
 #[cfg(test)]
 pub(crate) mod proptest_support;
+pub mod rate_limited;
 pub mod shutdown;
 #[cfg(test)]
 pub(crate) mod test_tmp;

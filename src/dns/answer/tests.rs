@@ -1,0 +1,363 @@
+use std::sync::Arc;
+
+use hickory_proto::op::Message;
+use hickory_proto::rr::{Name, RData, RecordType};
+use proptest::prelude::*;
+
+use super::*;
+use crate::dns::catalog::Catalog;
+use crate::dns::catalog::tests_support::{catalog, pod, svc};
+use crate::model::service::HEADLESS;
+use crate::store::records::ModelChange;
+
+fn auth() -> Authority {
+    Authority {
+        domain: Name::from_ascii("cluster.local.").unwrap(),
+        dns_ip: Ipv4Addr::new(10, 96, 0, 10),
+        ttl: 5,
+        reverse: vec![
+            "10.96.0.0/12".parse().unwrap(),
+            "10.244.0.0/16".parse().unwrap(),
+        ],
+    }
+}
+
+fn loaded() -> (Arc<Zone>, Catalog) {
+    let (zone, mut c) = catalog();
+    c.change(ModelChange::PutService(
+        "/k/shop/web".into(),
+        svc("web", Ipv4Addr::new(10, 96, 0, 7), Some("web")),
+    ));
+    c.change(ModelChange::PutService(
+        "/k/shop/db".into(),
+        svc("db", HEADLESS, Some("db")),
+    ));
+    for i in 0..60u8 {
+        c.change(ModelChange::PutPod(
+            format!("/p/{i}"),
+            pod(&format!("db-{i}"), [10, 244, 1, i + 1], "db"),
+        ));
+    }
+    zone.set_ready();
+    (zone, c)
+}
+
+fn query(name: &str, t: RecordType, edns: Option<u16>) -> Vec<u8> {
+    let mut m = Message::query();
+    m.metadata.id = 0x1234;
+    m.metadata.recursion_desired = true;
+    m.add_query(Query::query(Name::from_ascii(name).unwrap(), t));
+    if let Some(p) = edns {
+        let mut e = Edns::new();
+        e.set_max_payload(p);
+        m.set_edns(e);
+    }
+    m.to_vec().unwrap()
+}
+
+fn ask(zone: &Zone, name: &str, t: RecordType, edns: Option<u16>, tr: Transport) -> Message {
+    match answer(zone, &auth(), &query(name, t, edns), tr) {
+        Outcome::Reply(r) => Message::from_vec(&r.bytes).unwrap(),
+        o => panic!("{name}: {o:?}"),
+    }
+}
+
+#[test]
+fn a_service_name_answers_with_its_cluster_ip_in_any_case() {
+    let (zone, _c) = loaded();
+    let m = ask(
+        &zone,
+        "WEB.Shop.svc.cluster.local.",
+        RecordType::A,
+        None,
+        Transport::Udp,
+    );
+    assert_eq!(m.metadata.id, 0x1234);
+    assert!(m.metadata.authoritative);
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(
+        m.queries[0].name().to_ascii(),
+        "WEB.Shop.svc.cluster.local.",
+        "question as asked"
+    );
+    assert_eq!(m.answers.len(), 1);
+    assert_eq!(m.answers[0].data, RData::A(A::new(10, 96, 0, 7)));
+    assert_eq!(m.answers[0].ttl, 5);
+}
+
+#[test]
+fn nxdomain_and_nodata_carry_the_soa() {
+    let (zone, _c) = loaded();
+    let m = ask(
+        &zone,
+        "nope.shop.svc.cluster.local.",
+        RecordType::A,
+        None,
+        Transport::Udp,
+    );
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+    assert!(matches!(m.authorities[0].data, RData::SOA(_)));
+    for (name, t) in [
+        ("web.shop.svc.cluster.local.", RecordType::AAAA),
+        ("shop.svc.cluster.local.", RecordType::A),
+        ("_tcp.web.shop.svc.cluster.local.", RecordType::SRV),
+    ] {
+        let m = ask(&zone, name, t, None, Transport::Udp);
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError, "{name}");
+        assert!(m.answers.is_empty(), "{name}");
+        assert!(matches!(m.authorities[0].data, RData::SOA(_)), "{name}");
+    }
+    // No wildcards: `*` is a label like any other.
+    let m = ask(
+        &zone,
+        "*.shop.svc.cluster.local.",
+        RecordType::A,
+        None,
+        Transport::Udp,
+    );
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+}
+
+#[test]
+fn the_apex_has_soa_and_ns_with_its_address() {
+    let (zone, _c) = loaded();
+    let m = ask(
+        &zone,
+        "cluster.local.",
+        RecordType::NS,
+        None,
+        Transport::Udp,
+    );
+    assert!(matches!(m.answers[0].data, RData::NS(_)));
+    assert_eq!(m.additionals[0].data, RData::A(A::new(10, 96, 0, 10)));
+    let m = ask(
+        &zone,
+        "cluster.local.",
+        RecordType::SOA,
+        None,
+        Transport::Udp,
+    );
+    assert!(matches!(m.answers[0].data, RData::SOA(_)));
+    let m = ask(
+        &zone,
+        "ns.dns.cluster.local.",
+        RecordType::A,
+        None,
+        Transport::Udp,
+    );
+    assert_eq!(m.answers[0].data, RData::A(A::new(10, 96, 0, 10)));
+}
+
+#[test]
+fn srv_answers_carry_target_addresses() {
+    let (zone, _c) = loaded();
+    let m = ask(
+        &zone,
+        "_http._tcp.web.shop.svc.cluster.local.",
+        RecordType::SRV,
+        Some(1232),
+        Transport::Udp,
+    );
+    assert_eq!(m.answers.len(), 1);
+    let RData::SRV(srv) = &m.answers[0].data else {
+        panic!()
+    };
+    assert_eq!(srv.port, 80);
+    assert!(
+        m.additionals
+            .iter()
+            .any(|r| r.data == RData::A(A::new(10, 96, 0, 7)))
+    );
+}
+
+#[test]
+fn ptr_for_cluster_ips_and_pods_and_nxdomain_inside_our_ranges_only() {
+    let (zone, _c) = loaded();
+    let m = ask(
+        &zone,
+        "7.0.96.10.in-addr.arpa.",
+        RecordType::PTR,
+        None,
+        Transport::Udp,
+    );
+    assert_eq!(
+        m.answers[0].data,
+        RData::PTR(PTR(Name::from_ascii("web.shop.svc.cluster.local.").unwrap()))
+    );
+    let m = ask(
+        &zone,
+        "3.1.244.10.in-addr.arpa.",
+        RecordType::PTR,
+        None,
+        Transport::Udp,
+    );
+    assert_eq!(
+        m.answers[0].data.to_string(),
+        "10-244-1-3.shop.pod.cluster.local."
+    );
+    let m = ask(
+        &zone,
+        "99.99.96.10.in-addr.arpa.",
+        RecordType::PTR,
+        None,
+        Transport::Udp,
+    );
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+    let out = answer(
+        &zone,
+        &auth(),
+        &query("1.2.0.192.in-addr.arpa.", RecordType::PTR, None),
+        Transport::Udp,
+    );
+    assert!(
+        matches!(out, Outcome::Forward(_)),
+        "outside our ranges: forwarded"
+    );
+    let out = answer(
+        &zone,
+        &auth(),
+        &query("example.com.", RecordType::A, None),
+        Transport::Udp,
+    );
+    assert!(matches!(out, Outcome::Forward(_)));
+}
+
+#[test]
+fn a_big_answer_is_truncated_over_udp_and_whole_over_tcp() {
+    let (zone, _c) = loaded();
+    let m = ask(
+        &zone,
+        "db.shop.svc.cluster.local.",
+        RecordType::A,
+        None,
+        Transport::Udp,
+    );
+    assert!(m.metadata.truncation, "60 A records do not fit 512 bytes");
+    assert!(m.answers.is_empty());
+    let m = ask(
+        &zone,
+        "db.shop.svc.cluster.local.",
+        RecordType::A,
+        Some(4096),
+        Transport::Udp,
+    );
+    assert!(!m.metadata.truncation, "they fit our 1232-byte EDNS limit");
+    assert_eq!(m.answers.len(), 60);
+    assert_eq!(m.edns.as_ref().map(|e| e.max_payload()), Some(EDNS_PAYLOAD));
+    let m = ask(
+        &zone,
+        "db.shop.svc.cluster.local.",
+        RecordType::A,
+        None,
+        Transport::Tcp,
+    );
+    assert_eq!(m.answers.len(), 60);
+}
+
+#[test]
+fn any_over_udp_gets_rfc8482() {
+    let (zone, _c) = loaded();
+    let m = ask(
+        &zone,
+        "web.shop.svc.cluster.local.",
+        RecordType::ANY,
+        None,
+        Transport::Udp,
+    );
+    assert!(matches!(m.answers[0].data, RData::HINFO(_)));
+    let m = ask(
+        &zone,
+        "web.shop.svc.cluster.local.",
+        RecordType::ANY,
+        None,
+        Transport::Tcp,
+    );
+    assert_eq!(m.answers[0].data, RData::A(A::new(10, 96, 0, 7)));
+}
+
+#[test]
+fn bad_queries_get_formerr_notimp_badvers_or_nothing() {
+    let (zone, _c) = loaded();
+    let a = auth();
+    assert!(matches!(
+        answer(&zone, &a, &[1, 2, 3], Transport::Udp),
+        Outcome::Drop
+    ));
+    let mut garbage = vec![0xab, 0xcd, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    garbage.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1]); // a compression pointer to itself
+    match answer(&zone, &a, &garbage, Transport::Udp) {
+        Outcome::Reply(r) => {
+            assert_eq!(r.rcode, ResponseCode::FormErr);
+            assert_eq!(&r.bytes[..2], &[0xab, 0xcd]);
+        }
+        o => panic!("{o:?}"),
+    }
+    let mut resp = query("web.shop.svc.cluster.local.", RecordType::A, None);
+    resp[2] |= 0x80;
+    assert!(
+        matches!(answer(&zone, &a, &resp, Transport::Udp), Outcome::Drop),
+        "never answer a response"
+    );
+    let mut m =
+        Message::from_vec(&query("web.shop.svc.cluster.local.", RecordType::A, None)).unwrap();
+    m.metadata.op_code = hickory_proto::op::OpCode::Update;
+    match answer(&zone, &a, &m.to_vec().unwrap(), Transport::Udp) {
+        Outcome::Reply(r) => assert_eq!(r.rcode, ResponseCode::NotImp),
+        o => panic!("{o:?}"),
+    }
+    let mut m = Message::from_vec(&query(
+        "web.shop.svc.cluster.local.",
+        RecordType::A,
+        Some(1232),
+    ))
+    .unwrap();
+    if let Some(e) = m.edns.as_mut() {
+        e.set_version(1);
+    }
+    match answer(&zone, &a, &m.to_vec().unwrap(), Transport::Udp) {
+        Outcome::Reply(r) => assert_eq!(r.rcode, ResponseCode::BADVERS),
+        o => panic!("{o:?}"),
+    }
+}
+
+#[test]
+fn before_the_zone_is_loaded_answers_are_servfail_not_denials() {
+    let (zone, _c) = catalog();
+    let m = ask(
+        &zone,
+        "web.shop.svc.cluster.local.",
+        RecordType::A,
+        None,
+        Transport::Udp,
+    );
+    assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+}
+
+/// One loaded zone for every proptest case.
+static SHARED: std::sync::LazyLock<Arc<Zone>> = std::sync::LazyLock::new(|| loaded().0);
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+
+    /// Any bytes at all: no panic, and a reply is never bigger than the UDP limit.
+    #[test]
+    fn any_bytes_are_answered_or_dropped_without_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+        let zone = SHARED.clone();
+        if let Outcome::Reply(r) = answer(&zone, &auth(), &bytes, Transport::Udp) {
+            prop_assert!(r.bytes.len() <= usize::from(EDNS_PAYLOAD));
+        }
+    }
+
+    /// Mutated valid queries (the decoder's interesting paths): no panic.
+    #[test]
+    fn mutated_queries_do_not_panic(flips in proptest::collection::vec((0usize..64, any::<u8>()), 1..6), t in 0u16..300) {
+        let zone = SHARED.clone();
+        let mut q = query("_http._tcp.web.shop.svc.cluster.local.", RecordType::from(t), Some(1232));
+        for (i, b) in flips {
+            let n = q.len();
+            q[i % n] = b;
+        }
+        let _ = answer(&zone, &auth(), &q, Transport::Udp);
+        let _ = answer(&zone, &auth(), &q, Transport::Tcp);
+    }
+}

@@ -31,6 +31,7 @@ fn arb_env() -> impl Strategy<Value = SubnetEnv> {
             subnet,
             mtu,
             ipmasq,
+            cluster_dns: None,
         },
     )
 }

@@ -10,10 +10,12 @@ use tokio::time::Instant as TokioInstant;
 
 use super::*;
 use crate::kernel::nft_elements::SetOp;
+use crate::model::pod::PodRecord;
 use crate::model::service::{DEFAULT_AFFINITY_TIMEOUT, SessionAffinity, TrafficPolicy};
 use crate::proxy::state::{RemovedBackend, RevivedPort, SyncPlan};
 use crate::store::etcd::{Change, KvItem};
 use crate::store::keys::pod_key;
+use crate::store::keys::service_key;
 
 /// What the loop asked of the table.
 #[derive(Debug, Clone, PartialEq, Eq)]
