@@ -33,6 +33,9 @@ pub struct StatusReport {
     /// How many records are skipped as malformed in all.
     #[serde(default)]
     pub rejected_total: usize,
+    /// The node's cluster DNS (None when off or not started).
+    #[serde(default)]
+    pub dns: Option<DnsReport>,
 }
 
 /// One peer.
@@ -85,4 +88,59 @@ pub struct BackendReport {
     pub node: Option<String>,
     /// Connections sent to it.
     pub connections: u64,
+}
+
+/// The node's cluster DNS, in `/status`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DnsReport {
+    /// Where it answers (`10.96.0.10:53`).
+    pub address: String,
+    /// The cluster domain.
+    pub domain: String,
+    /// Whether every record was read (before that, zone answers are SERVFAIL).
+    pub ready: bool,
+    /// Owner names in the zone.
+    pub names: usize,
+    /// Upstream resolvers in use.
+    pub upstreams: Vec<String>,
+    /// Queries received, by type.
+    pub requests: std::collections::BTreeMap<String, u64>,
+    /// Responses sent, by rcode.
+    pub responses: std::collections::BTreeMap<String, u64>,
+    /// Forwarded names answered from the cache / not.
+    pub cache_hits: u64,
+    /// Forwarded names not in the cache.
+    pub cache_misses: u64,
+    /// Forwarded queries no upstream answered.
+    pub forward_failures: u64,
+    /// Queries refused because a limit was reached.
+    pub overload: u64,
+}
+
+/// `/dns?name=..&type=..`: one name looked up on the node's cluster DNS.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DnsLookupReport {
+    /// The node that answered.
+    pub node: String,
+    /// The server asked.
+    pub server: String,
+    /// The name as asked.
+    pub name: String,
+    /// The type asked.
+    pub qtype: String,
+    /// Response code.
+    pub rcode: String,
+    /// Answer records, one per line (`name ttl IN type data`).
+    pub answers: Vec<String>,
+    /// Authority records (the SOA of a negative answer).
+    pub authority: Vec<String>,
+    /// Additional records.
+    pub additional: Vec<String>,
+    /// Where the answer came from: `service`, `endpoint`, `pod`, `server` (zone records),
+    /// `forwarded` or `cached` (names outside the zone).
+    pub source: Vec<String>,
+    /// Whether the UDP answer was truncated (the records then come from TCP).
+    pub truncated: bool,
 }

@@ -75,6 +75,7 @@ pub struct Forwarder {
     tx: mpsc::Sender<Job>,
     metrics: DnsMetrics,
     log: Arc<RateLimited>,
+    state: Arc<Mutex<State>>,
 }
 
 type Key = (LowerName, RecordType, DNSClass);
@@ -132,6 +133,7 @@ impl Forwarder {
                 tx,
                 metrics: metrics.clone(),
                 log: log.clone(),
+                state: state.clone(),
             },
             ForwarderTask {
                 rx,
@@ -141,6 +143,20 @@ impl Forwarder {
                 log,
             },
         )
+    }
+
+    /// Whether an unexpired answer to `q` is cached (`tartanctl dns lookup` says so).
+    pub fn is_cached(&self, q: &Query) -> bool {
+        let key: Key = (LowerName::new(q.name()), q.query_type(), q.query_class());
+        lock(&self.state)
+            .cache
+            .peek(&key)
+            .is_some_and(|c| c.stored.elapsed().as_secs() < u64::from(c.ttl))
+    }
+
+    /// The upstreams in use (after the loop checks).
+    pub fn upstreams(&self) -> Vec<SocketAddr> {
+        lock(&self.state).upstreams.clone()
     }
 
     /// Queues a query; when the queue is full, answers SERVFAIL at once.

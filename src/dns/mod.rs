@@ -11,6 +11,7 @@ pub mod answer;
 pub mod catalog;
 pub mod device;
 pub mod forward;
+pub mod lookup;
 pub mod run;
 pub mod server;
 pub mod zone;

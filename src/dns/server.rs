@@ -54,9 +54,17 @@ impl ServerConfig {
 
 /// A running server; dropping it stops every thread (within about half a second).
 pub struct DnsServer {
+    forwarder: Forwarder,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     rt_stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl DnsServer {
+    /// The forwarder (its cache and upstreams, for status and lookups).
+    pub fn forwarder(&self) -> &Forwarder {
+        &self.forwarder
+    }
 }
 
 impl Drop for DnsServer {
@@ -127,6 +135,7 @@ pub fn start(
         );
     }
     Ok(DnsServer {
+        forwarder: fwd,
         stop,
         threads,
         rt_stop: Some(rt_stop),
