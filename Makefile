@@ -9,8 +9,9 @@ SHELL := /bin/bash
 CARGO ?= cargo
 # Debian packages the build, the tests and the demo need (libprotobuf-dev: etcd-client's build
 # runs protoc, which needs google/protobuf/descriptor.proto; protobuf-compiler does not bring
-# it with --no-install-recommends). `make deps` asks dpkg about the whole list, so a package
-# added here is installed on machines that already have the others.
+# it with --no-install-recommends; conntrack: only netns-tests/conntrack.rs checks with
+# `conntrack -L`, tartand deletes entries over netlink). `make deps` asks dpkg about the
+# whole list, so a package added here is installed on machines that already have the others.
 DEB_PACKAGES := etcd-server etcd-client nftables iproute2 iptables protobuf-compiler \
 	libprotobuf-dev conntrack containernetworking-plugins podman runc busybox-static \
 	openssl util-linux procps ca-certificates musl-tools

@@ -313,6 +313,56 @@ impl Batch {
     }
 }
 
+/// One nfnetlink batch, encoded: begin, the element messages, end.
+#[derive(Debug, Clone)]
+pub struct EncodedBatch {
+    /// The bytes, as one send.
+    pub buf: Vec<u8>,
+    /// Sequence number of the first element message (acknowledgements are matched by it).
+    pub first_seq: u32,
+    /// Element messages (between begin and end).
+    pub messages: u32,
+    /// Elements added plus deleted.
+    pub elements: usize,
+}
+
+/// Encodes `ops` on `family`/`table` as one batch whose begin message has sequence number
+/// `seq` (see [`NftSocket::apply`] for the order of operations).
+pub fn encode_batch(family: u8, table: &str, ops: &[(String, SetOp)], seq: u32) -> EncodedBatch {
+    let mut batch = Batch::new(family, table, seq);
+    let mut elements = 0usize;
+    for (set, op) in ops {
+        match op {
+            SetOp::Flush => batch.flush(set),
+            SetOp::Delete(keys) => {
+                elements += keys.len();
+                batch.elements(
+                    set,
+                    NFT_MSG_DELSETELEM,
+                    0,
+                    keys.iter().map(|k| elem_bytes(k, &ElemData::None)),
+                )
+            }
+            SetOp::Add(elems) => {
+                elements += elems.len();
+                batch.elements(
+                    set,
+                    NFT_MSG_NEWSETELEM,
+                    NLM_F_CREATE,
+                    elems.iter().map(|(k, d)| elem_bytes(k, d)),
+                )
+            }
+        }
+    }
+    let (buf, first_seq, messages) = batch.finish();
+    EncodedBatch {
+        buf,
+        first_seq,
+        messages,
+        elements,
+    }
+}
+
 /// A netfilter netlink socket in the current network namespace.
 pub struct NftSocket {
     sock: Socket,
@@ -347,41 +397,21 @@ impl NftSocket {
     /// run in order (flush, deletes, adds as given). Fails, changing nothing, when any of them
     /// is rejected (for instance deleting an element that is not there).
     pub fn apply(&mut self, family: u8, table: &str, ops: &[(String, SetOp)]) -> Result<usize> {
-        let mut batch = Batch::new(family, table, self.seq);
-        let mut count = 0usize;
-        for (set, op) in ops {
-            match op {
-                SetOp::Flush => batch.flush(set),
-                SetOp::Delete(keys) => {
-                    count += keys.len();
-                    batch.elements(
-                        set,
-                        NFT_MSG_DELSETELEM,
-                        0,
-                        keys.iter().map(|k| elem_bytes(k, &ElemData::None)),
-                    )
-                }
-                SetOp::Add(elems) => {
-                    count += elems.len();
-                    batch.elements(
-                        set,
-                        NFT_MSG_NEWSETELEM,
-                        NLM_F_CREATE,
-                        elems.iter().map(|(k, d)| elem_bytes(k, d)),
-                    )
-                }
-            }
-        }
+        let batch = encode_batch(family, table, ops, self.seq);
         if batch.messages == 0 {
             return Ok(0);
         }
-        let (buf, first, n) = batch.finish();
-        self.seq = first + n + 2;
+        self.seq = batch.first_seq + batch.messages + 2;
+        self.send_batch(&batch)?;
+        Ok(batch.elements)
+    }
+
+    /// Sends an encoded batch and waits until the kernel acknowledged every message of it.
+    pub fn send_batch(&mut self, batch: &EncodedBatch) -> Result<()> {
         self.sock
-            .send(&buf, 0)
-            .with_context(|| format!("sending a {} byte nftables batch", buf.len()))?;
-        self.wait_acks(first, n)?;
-        Ok(count)
+            .send(&batch.buf, 0)
+            .with_context(|| format!("sending a {} byte nftables batch", batch.buf.len()))?;
+        self.wait_acks(batch.first_seq, batch.messages)
     }
 
     /// Reads acknowledgements until every message of the batch is answered or one failed.

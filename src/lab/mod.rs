@@ -230,6 +230,47 @@ pub fn sweep_stale() {
     }
 }
 
+/// One network namespace of its own for a test, named `tt<pid>x<n>s-<tag>` (so
+/// [`sweep_stale`] removes it once the process is gone; the `s` keeps it apart from lab
+/// names), with `lo` up; deleted on drop, also when the test fails.
+#[derive(Debug)]
+pub struct ScratchNs(String);
+
+impl ScratchNs {
+    /// Creates the namespace.
+    pub fn new(tag: &str) -> Result<ScratchNs> {
+        let name = format!(
+            "tt{}x{}s-{tag}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        ip(&["netns", "add", &name])?;
+        let ns = ScratchNs(name);
+        ip(&["-n", &ns.0, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// Its name (for `ip -n`, [`ns_run`], [`in_netns`]).
+    pub fn name(&self) -> &str {
+        &self.0
+    }
+
+    /// Loads `script` with `nft -f` inside the namespace.
+    pub fn nft_load(&self, script: &str) -> Result<()> {
+        let tf = std::env::temp_dir().join(format!("{}.nft", self.0));
+        std::fs::write(&tf, script).with_context(|| format!("writing {}", tf.display()))?;
+        let r = ns_run(&self.0, "nft", &["-f", &tf.to_string_lossy()]);
+        let _ = std::fs::remove_file(&tf);
+        r.map(|_| ())
+    }
+}
+
+impl Drop for ScratchNs {
+    fn drop(&mut self) {
+        delete_ns(&self.0);
+    }
+}
+
 /// A node of the lab.
 #[derive(Debug)]
 pub struct LabNode {

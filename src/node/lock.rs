@@ -12,7 +12,7 @@
 //! (the socket file itself is removed and re-created at every start, so it cannot carry the
 //! lock). Each file holds the holder's PID (informational: the lock is the `flock`, which the
 //! kernel releases when the holder dies, so a file left by a dead daemon is simply taken over).
-//! The descriptors are close-on-exec, so the `nft`/`conntrack` children never inherit them.
+//! The descriptors are close-on-exec, so the `nft` children never inherit them.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};

@@ -10,6 +10,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use tracing::{debug, info, warn};
 
+use crate::kernel::conntrack::{ConntrackSocket, CtFilter};
 use crate::kernel::nft_cmd;
 use crate::kernel::nft_elements::{NFPROTO_IPV4, NftSocket, SetOp};
 use crate::model::service::Protocol;
@@ -279,6 +280,27 @@ pub async fn build_and_switch(
     Ok((new, st))
 }
 
+/// The conntrack entries that would keep UDP clients on a dead path: flows refused while a
+/// port had no endpoint (to the cluster IP and port, or to the node port) and flows DNATed to
+/// a backend that left (the same, answered by that backend).
+fn stale_udp_flows(removed: &[RemovedBackend], revived: &[RevivedPort]) -> Vec<CtFilter> {
+    let mut filters = Vec::new();
+    for r in revived {
+        filters.push(CtFilter::udp().orig_dst(r.cluster_ip).orig_dst_port(r.port));
+        if let Some(np) = r.node_port {
+            filters.push(CtFilter::udp().orig_dst_port(np));
+        }
+    }
+    for r in removed.iter().filter(|r| r.protocol == Protocol::Udp) {
+        let to_backend = CtFilter::udp().reply_src(r.ip);
+        filters.push(to_backend.orig_dst(r.cluster_ip).orig_dst_port(r.port));
+        if let Some(np) = r.node_port {
+            filters.push(to_backend.orig_dst_port(np));
+        }
+    }
+    filters
+}
+
 /// Clears state that would keep sending clients to backends that left: UDP conntrack entries
 /// (so UDP clients move to live endpoints) and client-IP affinity entries.
 async fn cleanup_removed(
@@ -286,71 +308,27 @@ async fn cleanup_removed(
     revived: Vec<RevivedPort>,
     table: &'static str,
 ) {
-    for r in &revived {
-        let mut ports = vec![(Some(r.cluster_ip), r.port)];
-        if let Some(np) = r.node_port {
-            ports.push((None, np));
-        }
-        for (ip, port) in ports {
-            let mut args = vec!["-D".to_string(), "-p".into(), "udp".into()];
-            if let Some(ip) = ip {
-                args.extend(["--orig-dst".into(), ip.to_string()]);
-            }
-            args.extend(["--orig-port-dst".into(), port.to_string()]);
-            run_conntrack(&args).await;
+    let filters = stale_udp_flows(&removed, &revived);
+    if !filters.is_empty() {
+        let n = filters.len();
+        let r =
+            tokio::task::spawn_blocking(move || ConntrackSocket::open()?.delete_matching(&filters))
+                .await
+                .context("clearing stale UDP conntrack entries");
+        match r.and_then(|r| r) {
+            Ok(deleted) => debug!(filters = n, deleted, "stale UDP conntrack entries cleared"),
+            Err(e) => warn!("clearing stale UDP conntrack entries: {e:#}"),
         }
     }
-    let mut affinity_ips = BTreeSet::new();
-    for r in &removed {
-        if r.affinity {
-            affinity_ips.insert((r.ip, r.target_port));
-        }
-        if r.protocol != Protocol::Udp {
-            continue;
-        }
-        let mut cmds = vec![vec![
-            "-D".to_string(),
-            "-p".into(),
-            "udp".into(),
-            "--orig-dst".into(),
-            r.cluster_ip.to_string(),
-            "--orig-port-dst".into(),
-            r.port.to_string(),
-            "--reply-src".into(),
-            r.ip.to_string(),
-        ]];
-        if let Some(np) = r.node_port {
-            cmds.push(vec![
-                "-D".into(),
-                "-p".into(),
-                "udp".into(),
-                "--orig-port-dst".into(),
-                np.to_string(),
-                "--reply-src".into(),
-                r.ip.to_string(),
-            ]);
-        }
-        for args in cmds {
-            run_conntrack(&args).await;
-        }
-    }
+    let affinity_ips: BTreeSet<_> = removed
+        .iter()
+        .filter(|r| r.affinity)
+        .map(|r| (r.ip, r.target_port))
+        .collect();
     if !affinity_ips.is_empty()
         && let Err(e) = drop_affinity_entries(&affinity_ips, table).await
     {
         warn!("clearing affinity entries: {e:#}");
-    }
-}
-
-/// Runs `conntrack ARGS` (a delete finding nothing exits non-zero, which is fine).
-async fn run_conntrack(args: &[String]) {
-    if let Err(e) = tokio::process::Command::new("conntrack")
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .await
-    {
-        warn!("running conntrack to clear UDP flows: {e}");
     }
 }
 
@@ -409,4 +387,48 @@ pub async fn teardown() -> Result<()> {
         nft_cmd::delete_table(FAMILY, t).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(protocol: Protocol, node_port: Option<u16>) -> RemovedBackend {
+        RemovedBackend {
+            cluster_ip: "10.96.0.10".parse().unwrap(),
+            port: 53,
+            node_port,
+            protocol,
+            ip: "10.244.1.7".parse().unwrap(),
+            target_port: 5353,
+            affinity: false,
+        }
+    }
+
+    #[test]
+    fn stale_udp_flows_are_the_conntrack_d_filters() {
+        let revived = [RevivedPort {
+            cluster_ip: "10.96.0.11".parse().unwrap(),
+            port: 53,
+            node_port: Some(30053),
+        }];
+        let removed = [
+            backend(Protocol::Udp, Some(30054)),
+            backend(Protocol::Tcp, Some(30055)),
+        ];
+        let got: Vec<String> = stale_udp_flows(&removed, &revived)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "-p udp --orig-dst 10.96.0.11 --orig-port-dst 53",
+                "-p udp --orig-port-dst 30053",
+                "-p udp --orig-dst 10.96.0.10 --orig-port-dst 53 --reply-src 10.244.1.7",
+                "-p udp --orig-port-dst 30054 --reply-src 10.244.1.7",
+            ]
+        );
+        assert!(stale_udp_flows(&[backend(Protocol::Tcp, None)], &[]).is_empty());
+    }
 }
