@@ -41,6 +41,9 @@ enum Cmd {
         #[command(subcommand)]
         cmd: cli::service::EndpointsCmd,
     },
+    /// The cluster DNS of a node.
+    #[command(subcommand)]
+    Dns(cli::dns::DnsCmd),
     /// What a node programmed, in words: peers, routes, services, backends, counters.
     Explain {
         /// Check that the daemon answering is this node.
@@ -86,6 +89,7 @@ fn main() -> std::process::ExitCode {
             Cmd::Endpoints { range, cmd } => {
                 cli::service::run_endpoints(&cli.etcd, &range, cmd).await
             }
+            Cmd::Dns(c) => cli::dns::run(c).await,
             Cmd::Explain {
                 node,
                 status_addr,

@@ -17,43 +17,50 @@ const MAX_STATUS_BYTES: usize = 256 << 20;
 /// Fetches `/status` from a tartand (usually on this node's loopback) over HTTP/1.1,
 /// checking the status code.
 pub async fn fetch(addr: SocketAddr) -> Result<StatusReport> {
-    let hint = "run explain on the node, or give --status-addr";
+    get_json(addr, "/status").await
+}
+
+/// GETs `path` from a tartand's admin endpoint and decodes its JSON, checking the status
+/// code (an error status comes back as an error with the body's first line).
+pub async fn get_json<T: serde::de::DeserializeOwned>(addr: SocketAddr, path: &str) -> Result<T> {
+    let hint = "run this on the node, or give --status-addr";
     let stream = tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(addr))
         .await
         .map_err(|_| {
             anyhow::anyhow!("connecting to tartand's status endpoint {addr} timed out ({hint})")
         })?
         .with_context(|| format!("connecting to tartand's status endpoint {addr} ({hint})"))?;
+    let what = path.split('?').next().unwrap_or(path).to_string();
     let exchange = async {
         let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .context("HTTP handshake with tartand")?;
         tokio::spawn(conn);
-        let req = hyper::Request::get("/status")
+        let req = hyper::Request::get(path)
             .header(hyper::header::HOST, "tartand")
             .body(Empty::<Bytes>::new())
-            .context("building the /status request")?;
+            .with_context(|| format!("building the {what} request"))?;
         let resp = tx
             .send_request(req)
             .await
-            .context("asking tartand for /status")?;
+            .with_context(|| format!("asking tartand for {what}"))?;
         let status = resp.status();
         let body = Limited::new(resp.into_body(), MAX_STATUS_BYTES)
             .collect()
             .await
-            .map_err(|e| anyhow::anyhow!("reading /status: {e}"))?
+            .map_err(|e| anyhow::anyhow!("reading {what}: {e}"))?
             .to_bytes();
         if !status.is_success() {
             bail!(
-                "tartand at {addr} answered /status with {status}: {}",
+                "tartand at {addr} answered {what} with {status}: {}",
                 cap_text(String::from_utf8_lossy(&body).trim(), 200)
             );
         }
-        serde_json::from_slice(&body).context("decoding /status")
+        serde_json::from_slice(&body).with_context(|| format!("decoding {what}"))
     };
     tokio::time::timeout(Duration::from_secs(30), exchange)
         .await
-        .map_err(|_| anyhow::anyhow!("tartand at {addr} did not answer /status within 30 s"))?
+        .map_err(|_| anyhow::anyhow!("tartand at {addr} did not answer {what} within 30 s"))?
 }
 
 /// Renders a report as sentences.
@@ -160,6 +167,7 @@ pub fn render(r: &StatusReport) -> String {
             ));
         }
     }
+    render_dns(r, &mut o);
     if r.rejected_total > 0 {
         o.push_str(&format!(
             "{} records are skipped as malformed:\n",
@@ -176,6 +184,45 @@ pub fn render(r: &StatusReport) -> String {
         }
     }
     o
+}
+
+/// The cluster DNS part of the report.
+fn render_dns(r: &StatusReport, o: &mut String) {
+    let Some(d) = &r.dns else {
+        o.push_str("The cluster DNS is not running on this node.\n");
+        return;
+    };
+    let counts = |m: &std::collections::BTreeMap<String, u64>| {
+        if m.is_empty() {
+            "none".to_string()
+        } else {
+            m.iter()
+                .map(|(k, v)| format!("{v} {k}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    };
+    o.push_str(&format!(
+        "The cluster DNS answers at {} for {} ({} names{}); other names go to {}.\n",
+        d.address,
+        d.domain,
+        d.names,
+        if d.ready { "" } else { ", still loading" },
+        if d.upstreams.is_empty() {
+            "no upstream (REFUSED)".to_string()
+        } else {
+            d.upstreams.join(", ")
+        }
+    ));
+    o.push_str(&format!(
+        "  queries: {}; responses: {}; forward cache {} hits, {} misses; {} upstream failures; {} refused for overload\n",
+        counts(&d.requests),
+        counts(&d.responses),
+        d.cache_hits,
+        d.cache_misses,
+        d.forward_failures,
+        d.overload
+    ));
 }
 
 /// Endpoints, problems and records listed per section; the rest are counted.

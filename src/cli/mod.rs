@@ -1,5 +1,6 @@
 //! `tartanctl` subcommands, one file each.
 
+pub mod dns;
 pub mod explain;
 pub mod network;
 pub mod node;

@@ -28,6 +28,14 @@ pub struct ServiceRange {
         global = true
     )]
     pub service_cidr: Ipv4Network,
+    /// The cluster domain (for the DNS names `service list` shows).
+    #[arg(
+        long,
+        env = "TARTAN_CLUSTER_DOMAIN",
+        default_value = "cluster.local",
+        global = true
+    )]
+    pub cluster_domain: String,
 }
 
 /// Public IPs of the nodes holding subnet leases (flannel's lease values).
@@ -300,7 +308,9 @@ pub async fn run(etcd: &EtcdArgs, range: &ServiceRange, cmd: ServiceCmd) -> Resu
                     println!("{}", serde_json::to_string_pretty(&s)?);
                     Ok(())
                 }
-                OutputFormat::Table => print_services(&store, etcd, &[s], output).await,
+                OutputFormat::Table => {
+                    print_services(&store, etcd, &[s], output, &range.cluster_domain).await
+                }
             }
         }
         ServiceCmd::List { namespace, output } => {
@@ -308,7 +318,7 @@ pub async fn run(etcd: &EtcdArgs, range: &ServiceRange, cmd: ServiceCmd) -> Resu
             for b in bad {
                 eprintln!("skipping malformed service record {b}");
             }
-            print_services(&store, etcd, &svcs, output).await
+            print_services(&store, etcd, &svcs, output, &range.cluster_domain).await
         }
         ServiceCmd::Delete { name, namespace } => {
             let (ns, name) = split_id(&name, &namespace)?;
@@ -324,6 +334,7 @@ async fn print_services(
     etcd: &EtcdArgs,
     svcs: &[Service],
     output: OutputFormat,
+    domain: &str,
 ) -> Result<()> {
     match output {
         // kubectl's List shape: `{"kind":"List","items":[...]}`.
@@ -340,6 +351,12 @@ async fn print_services(
                     vec![
                         s.namespace.clone(),
                         s.name.clone(),
+                        format!(
+                            "{}.{}.svc.{}",
+                            s.name,
+                            s.namespace,
+                            domain.trim_end_matches('.')
+                        ),
                         cluster_ip_text(s),
                         ports_text(s),
                         selector_text(s),
@@ -363,6 +380,7 @@ async fn print_services(
                     &[
                         "NAMESPACE",
                         "NAME",
+                        "DNS",
                         "CLUSTER-IP",
                         "PORTS",
                         "SELECTOR",

@@ -41,7 +41,13 @@ pub async fn serve(
                     let m = m.clone();
                     let st = st.clone();
                     async move {
-                        if req.uri().path() == "/status" {
+                        if req.uri().path() == "/dns" {
+                            let (code, body) = dns_lookup(&st, req.uri().query()).await;
+                            Response::builder()
+                                .status(code)
+                                .header("content-type", "application/json")
+                                .body(Full::new(Bytes::from(body)))
+                        } else if req.uri().path() == "/status" {
                             let body = serde_json::to_string_pretty(&st.report().await)
                                 .unwrap_or_default();
                             Response::builder()
@@ -71,4 +77,37 @@ pub async fn serve(
         }
     });
     Ok(())
+}
+
+/// `/dns?name=NAME&type=TYPE`: the lookup as JSON, or an error status with a one-line reason.
+async fn dns_lookup(st: &DaemonStatus, query: Option<&str>) -> (StatusCode, String) {
+    let mut name = None;
+    let mut qtype = hickory_proto::rr::RecordType::A;
+    for (k, v) in query
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+    {
+        match k {
+            "name" => name = Some(v.to_string()),
+            "type" => match v.to_ascii_uppercase().parse() {
+                Ok(t) => qtype = t,
+                Err(_) => return (StatusCode::BAD_REQUEST, format!("unknown type {v:?}\n")),
+            },
+            _ => {}
+        }
+    }
+    let Some(name) = name.filter(|n| !n.is_empty() && n.len() <= 255) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "give ?name=NAME[&type=TYPE]\n".into(),
+        );
+    };
+    match st.dns_lookup(&name, qtype).await {
+        Ok(r) => (
+            StatusCode::OK,
+            serde_json::to_string_pretty(&r).unwrap_or_default(),
+        ),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}\n")),
+    }
 }

@@ -369,7 +369,7 @@ fn spawn_dataplane(
     feeds: Feeds,
     etcd_addrs: Vec<std::net::SocketAddrV4>,
     metrics: &Arc<Metrics>,
-    status: &DaemonStatus,
+    status: &Arc<DaemonStatus>,
 ) -> Dataplane {
     let name = id.node.name.clone();
     let (public_ip, vtep_mac) = (id.node.public_ip, id.node.vtep_mac);
@@ -420,6 +420,7 @@ fn spawn_dataplane(
                 args.etcd.clone(),
                 settings,
                 metrics.clone(),
+                status.clone(),
             ));
             proxy_feeds
         }
@@ -655,12 +656,13 @@ async fn run_dns(
     keys: EtcdArgs,
     settings: crate::dns::run::DnsSettings,
     metrics: Arc<Metrics>,
+    status: Arc<DaemonStatus>,
 ) {
     let r = async {
         let nl = Netlink::connect()?;
         crate::dns::device::ensure_dns_address(&nl, settings.dns_ip).await?;
         let zone = settings.new_zone();
-        crate::dns::run::run(feeds, keys, settings, zone, metrics).await
+        crate::dns::run::run(feeds, keys, settings, zone, metrics, |h| status.set_dns(h)).await
     }
     .await;
     if let Err(e) = r {

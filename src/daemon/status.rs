@@ -23,6 +23,7 @@ struct Inner {
     peers: Option<watch::Receiver<Arc<PeerSet>>>,
     cfg: Option<NetworkConfig>,
     proxy: Option<ProxyRequests>,
+    dns: Option<crate::dns::lookup::DnsHandle>,
 }
 
 /// Live sources of the status report.
@@ -41,6 +42,7 @@ impl DaemonStatus {
                 peers: None,
                 cfg: None,
                 proxy: None,
+                dns: None,
             }),
         }
     }
@@ -67,6 +69,28 @@ impl DaemonStatus {
         }
     }
 
+    /// Attaches the running cluster DNS.
+    pub fn set_dns(&self, h: crate::dns::lookup::DnsHandle) {
+        if let Ok(mut i) = self.inner.lock() {
+            i.dns = Some(h);
+        }
+    }
+
+    /// Looks a name up on this node's cluster DNS (`/dns`).
+    pub async fn dns_lookup(
+        &self,
+        name: &str,
+        qtype: hickory_proto::rr::RecordType,
+    ) -> anyhow::Result<crate::api::status::DnsLookupReport> {
+        let h = self
+            .inner
+            .lock()
+            .ok()
+            .and_then(|i| i.dns.clone())
+            .ok_or_else(|| anyhow::anyhow!("the cluster DNS is not running on this node"))?;
+        h.lookup(&self.node, name, qtype).await
+    }
+
     /// Builds the report, reading packet counters from the kernel.
     pub async fn report(&self) -> StatusReport {
         let mut r = StatusReport {
@@ -77,6 +101,7 @@ impl DaemonStatus {
             let Ok(i) = self.inner.lock() else { return r };
             let own = i.own.as_ref().and_then(|o| o.borrow().clone());
             r.network = i.cfg.as_ref().map(|c| c.network.to_string());
+            r.dns = i.dns.as_ref().map(|d| d.report());
             r.subnet = own.as_ref().map(|o| o.subnet.to_string());
             r.reservation = own.as_ref().is_some_and(|o| o.etcd_lease == 0);
             if let Some(peers) = &i.peers {

@@ -15,6 +15,7 @@ use tracing::{debug, info};
 
 use crate::dns::answer::Authority;
 use crate::dns::catalog::Catalog;
+use crate::dns::lookup::DnsHandle;
 use crate::dns::server::{DnsServer, ServerConfig};
 use crate::dns::zone::{Zone, reverse_apex};
 use crate::metrics::Metrics;
@@ -68,13 +69,15 @@ impl DnsSettings {
     }
 }
 
-/// Starts the server on `zone` and keeps the zone current from `feeds` until they close.
+/// Starts the server on `zone`, hands its [`DnsHandle`] to `on_start`, and keeps the zone
+/// current from `feeds` until they close.
 pub async fn run(
     feeds: Feeds,
     keys: EtcdArgs,
     settings: DnsSettings,
     zone: Arc<Zone>,
     metrics: Arc<Metrics>,
+    on_start: impl FnOnce(DnsHandle),
 ) -> Result<()> {
     let server: DnsServer = crate::dns::server::start(
         zone.clone(),
@@ -83,6 +86,13 @@ pub async fn run(
         metrics.dns.clone(),
     )
     .context("cannot start the cluster DNS")?;
+    on_start(DnsHandle {
+        zone: zone.clone(),
+        auth: settings.authority(),
+        forwarder: server.forwarder().clone(),
+        server: SocketAddr::from((settings.dns_ip, settings.port)),
+        metrics: metrics.dns.clone(),
+    });
     info!(
         address = %settings.dns_ip,
         domain = %settings.domain,
