@@ -394,6 +394,137 @@ fn create_to_reachable() -> Result<()> {
     Ok(())
 }
 
+/// Polls node `ns`'s cluster DNS for `name` until `done` holds for its answer; the time
+/// since `t0`.
+fn dns_until(
+    ns: &str,
+    name: String,
+    t0: Instant,
+    done: fn(&tartan::netbench::probe::DnsAnswer, std::net::Ipv4Addr) -> bool,
+    ip: std::net::Ipv4Addr,
+) -> std::thread::JoinHandle<Result<Duration>> {
+    let ns = ns.to_string();
+    std::thread::spawn(move || -> Result<Duration> {
+        let node = ns.clone();
+        in_netns(&node, move || -> Result<Duration> {
+            let server: std::net::SocketAddr = "10.96.0.10:53".parse()?;
+            loop {
+                if let Some(a) =
+                    tartan::netbench::probe::dns_a_here(server, &name, Duration::from_millis(200))?
+                    && done(&a, ip)
+                {
+                    return Ok(t0.elapsed());
+                }
+                if t0.elapsed() > Duration::from_secs(10) {
+                    bail!("{name}: no matching answer from the cluster DNS of {ns} after 10 s");
+                }
+                std::thread::sleep(Duration::from_micros(500));
+            }
+        })?
+    })
+}
+
+fn dns_change() -> Result<()> {
+    println!(
+        "dns_change: service/pod put or delete in etcd -> every one of 5 nodes' cluster DNS answers it"
+    );
+    let mut lab = Lab::new(5, bins())?;
+    lab.start_etcd()?;
+    lab.init_network(&["--network", "10.244.0.0/16"])?;
+    for i in 0..5 {
+        lab.start_daemon(i, &[])?;
+    }
+    for i in 0..5 {
+        lab.wait_subnet(i)?;
+    }
+    let nodes: Vec<String> = lab.nodes.iter().map(|n| n.ns.clone()).collect();
+    let has = |a: &tartan::netbench::probe::DnsAnswer, ip| a.addrs.contains(&ip);
+    let gone = |a: &tartan::netbench::probe::DnsAnswer, _| a.rcode == "NXDOMAIN";
+    // Warm-up: every node's DNS answers (zone loaded).
+    let warm = "ns.dns.cluster.local.".to_string();
+    for ns in &nodes {
+        dns_until(ns, warm.clone(), Instant::now(), has, "10.96.0.10".parse()?)
+            .join()
+            .map_err(|_| anyhow::anyhow!("poller panicked"))??;
+    }
+    let (mut created, mut deleted, mut pods) = (Vec::new(), Vec::new(), Vec::new());
+    let join_all =
+        |hs: Vec<std::thread::JoinHandle<Result<Duration>>>, out: &mut Vec<f64>| -> Result<()> {
+            for h in hs {
+                let d = h.join().map_err(|_| anyhow::anyhow!("poller panicked"))??;
+                out.push(d.as_secs_f64() * 1000.0);
+            }
+            Ok(())
+        };
+    for round in 0..60u32 {
+        let name = format!("d{round}");
+        let fqdn = format!("{name}.default.svc.cluster.local.");
+        let st_name = name.clone();
+        let t0 = Instant::now();
+        let svc = block_on_in_netns(&lab.infra, move || async move {
+            let args = etcd_args();
+            let store = Store::connect(&args).await?;
+            let st =
+                tartan::store::services::ServiceStore::new(&store, &args, "10.96.0.0/12".parse()?);
+            let mut s = bulk_service(0);
+            s.namespace = "default".into();
+            s.name = st_name;
+            st.create(s, None, &[]).await
+        })??;
+        let hs = nodes
+            .iter()
+            .map(|ns| dns_until(ns, fqdn.clone(), t0, has, svc.cluster_ip))
+            .collect();
+        join_all(hs, &mut created)?;
+        let t0 = Instant::now();
+        lab.tartanctl(&["service", "delete", &name])?;
+        let hs = nodes
+            .iter()
+            .map(|ns| dns_until(ns, fqdn.clone(), t0, gone, svc.cluster_ip))
+            .collect();
+        join_all(hs, &mut deleted)?;
+        let ip = std::net::Ipv4Addr::new(10, 244, 200, (round % 250) as u8 + 1);
+        let rec = PodRecord {
+            container_id: format!("dnspod{round}"),
+            ifname: "eth0".into(),
+            node: lab.nodes[0].name.clone(),
+            ip,
+            namespace: "default".into(),
+            name: format!("dnspod{round}"),
+            labels: Default::default(),
+        };
+        let key = format!("/tartan/pods/{}/dnspod{round}/eth0", lab.nodes[0].name);
+        let t0 = Instant::now();
+        lab.etcdctl(&["put", &key, &String::from_utf8(rec.to_bytes())?])?;
+        let o = ip.octets();
+        let pod_name = format!(
+            "{}-{}-{}-{}.default.pod.cluster.local.",
+            o[0], o[1], o[2], o[3]
+        );
+        let hs = nodes
+            .iter()
+            .map(|ns| dns_until(ns, pod_name.clone(), t0, has, ip))
+            .collect();
+        join_all(hs, &mut pods)?;
+        lab.etcdctl(&["del", &key])?;
+    }
+    for (what, v) in [
+        ("service create -> answered", &mut created),
+        ("service delete -> NXDOMAIN", &mut deleted),
+        ("pod record put -> answered", &mut pods),
+    ] {
+        v.sort_by(f64::total_cmp);
+        println!(
+            "  {what} on each of 5 nodes ({} samples): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            v.len(),
+            pct(v, 50.0),
+            pct(v, 99.0),
+            v.last().copied().unwrap_or(f64::NAN)
+        );
+    }
+    Ok(())
+}
+
 fn first_packet() -> Result<()> {
     println!("first_packet: new-connection latency through a cluster IP (connect -> first byte)");
     let sizes = [1u32, 10_000, 30_000];
@@ -978,6 +1109,10 @@ fn main() -> Result<()> {
     if want("create_to_reachable") {
         wait_quiet();
         create_to_reachable()?;
+    }
+    if want("dns_change") {
+        wait_quiet();
+        dns_change()?;
     }
     if want("first_packet") {
         first_packet()?;

@@ -432,3 +432,57 @@ pub fn throughput(ns: &str, dst: Ipv4Addr, port: u16, secs: f64) -> Result<f64> 
         Ok(bytes as f64 * 8.0 / el / 1e9)
     })?
 }
+
+/// What one DNS query over UDP got: the response code and the A records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsAnswer {
+    /// Response code (`NOERROR`, `NXDOMAIN`, ...).
+    pub rcode: String,
+    /// Addresses in the answer section.
+    pub addrs: Vec<Ipv4Addr>,
+}
+
+/// Asks `server` (from the calling thread's namespace) for the A records of `name`; None
+/// when no answer came within `timeout`.
+pub fn dns_a_here(server: SocketAddr, name: &str, timeout: Duration) -> Result<Option<DnsAnswer>> {
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::{Name, RData, RecordType};
+    let mut m = Message::query();
+    let id: u16 = rand::random();
+    m.metadata.id = id;
+    m.metadata.recursion_desired = true;
+    m.add_query(Query::query(
+        Name::from_ascii(name).context("query name")?,
+        RecordType::A,
+    ));
+    let wire = m.to_vec().context("encoding a query")?;
+    let sock = std::net::UdpSocket::bind(("0.0.0.0", 0)).context("binding a UDP socket")?;
+    sock.set_read_timeout(Some(timeout))?;
+    sock.send_to(&wire, server).context("sending a query")?;
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        let Ok(n) = sock.recv(&mut buf) else {
+            return Ok(None);
+        };
+        let Ok(r) = Message::from_vec(&buf[..n]) else {
+            continue;
+        };
+        if r.metadata.id != id {
+            continue;
+        }
+        let addrs = r
+            .answers
+            .iter()
+            .filter_map(|rec| match &rec.data {
+                RData::A(a) => Some(a.0),
+                _ => None,
+            })
+            .collect();
+        return Ok(Some(DnsAnswer {
+            rcode: r.metadata.response_code.to_str().to_string(),
+            addrs,
+        }));
+    }
+    Ok(None)
+}
