@@ -567,8 +567,10 @@ async fn teardown_local(args: &DaemonArgs, cfg: &NetworkConfig, state_file: &std
     if let Err(e) = crate::proxy::table::teardown().await {
         error!("removing the service table: {e:#}");
     }
-    if let Err(e) = crate::dns::device::remove_dns_device().await {
-        error!("removing the cluster DNS device: {e:#}");
+    if let Ok(Some(d)) = dns_settings(args, cfg)
+        && let Err(e) = crate::dns::device::remove_dns_address(d.dns_ip).await
+    {
+        error!("removing the cluster DNS address: {e:#}");
     }
     for p in [&args.subnet_file, &state_file.to_path_buf()] {
         if let Err(e) = std::fs::remove_file(p)
@@ -709,6 +711,14 @@ async fn leave(args: &DaemonArgs, store: &Store, node: &NodeIdentity) -> Result<
     }
     if let Err(e) = crate::proxy::table::teardown().await {
         error!("removing the service table: {e:#}");
+    }
+    let dns_ip = args
+        .cluster_dns
+        .or_else(|| crate::model::service::cluster_dns_ip(args.service_cidr));
+    if let Some(ip) = dns_ip
+        && let Err(e) = crate::dns::device::remove_dns_address(ip).await
+    {
+        error!("removing the cluster DNS address: {e:#}");
     }
     let state_file = state_path(&args.state_dir, &node.name);
     for p in [&args.subnet_file, &state_file] {

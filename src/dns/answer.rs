@@ -377,6 +377,20 @@ fn bare(id: u16, rcode: ResponseCode, qtype: Option<RecordType>) -> Reply {
     }
 }
 
+/// The mnemonic of a response code (`NXDOMAIN`), as dig prints it.
+pub fn rcode_name(r: ResponseCode) -> String {
+    match u16::from(r) {
+        0 => "NOERROR".into(),
+        1 => "FORMERR".into(),
+        2 => "SERVFAIL".into(),
+        3 => "NXDOMAIN".into(),
+        4 => "NOTIMP".into(),
+        5 => "REFUSED".into(),
+        16 => "BADVERS".into(),
+        n => format!("RCODE{n}"),
+    }
+}
+
 /// A SERVFAIL for `msg` (upstream failed or overloaded).
 pub fn servfail(msg: &Message, transport: Transport) -> Reply {
     encode(

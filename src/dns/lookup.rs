@@ -122,7 +122,7 @@ impl DnsHandle {
             }
             Outcome::Drop => bail!("the query was dropped"),
         };
-        report.rcode = resp.metadata.response_code.to_str().to_string();
+        report.rcode = crate::dns::answer::rcode_name(resp.metadata.response_code);
         report.truncated = resp.metadata.truncation;
         report.answers = lines(&resp.answers);
         report.authority = lines(&resp.authorities);

@@ -480,7 +480,7 @@ pub fn dns_a_here(server: SocketAddr, name: &str, timeout: Duration) -> Result<O
             })
             .collect();
         return Ok(Some(DnsAnswer {
-            rcode: r.metadata.response_code.to_str().to_string(),
+            rcode: crate::dns::answer::rcode_name(r.metadata.response_code),
             addrs,
         }));
     }
