@@ -117,6 +117,23 @@ impl Zone {
         }
     }
 
+    /// The apexes served with authority.
+    pub fn apexes(&self) -> &[LowerName] {
+        &self.apexes
+    }
+
+    /// A copy of every record, by owner name (unordered; empty non-terminals are left out):
+    /// what the DNS benchmark writes into the zone files of the servers it compares with.
+    pub fn records(&self) -> Vec<(LowerName, Rdata)> {
+        let mut out = Vec::with_capacity(self.names.len());
+        for e in self.names.iter() {
+            for (d, _) in &e.value().records {
+                out.push((e.key().clone(), d.clone()));
+            }
+        }
+        out
+    }
+
     /// Adds one record. Names outside every apex are ignored (returns false).
     pub fn add(&self, name: &LowerName, data: Rdata, origin: Origin) -> bool {
         let Some(apex) = self.apex_of(name).cloned() else {
@@ -246,11 +263,42 @@ mod tests {
     }
 
     #[test]
+    fn records_lists_every_record_but_no_empty_non_terminal() {
+        let z = zone();
+        let a = Rdata::A(Ipv4Addr::new(10, 96, 0, 5));
+        z.add(
+            &n("web.shop.svc.cluster.local."),
+            a.clone(),
+            Origin::Service,
+        );
+        z.add(
+            &n("web.shop.svc.cluster.local."),
+            a.clone(),
+            Origin::Endpoint,
+        );
+        z.add(&n("outside.example."), a.clone(), Origin::Service);
+        let got = z.records();
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(
+            got.iter()
+                .all(|(name, d)| *name == n("web.shop.svc.cluster.local.") && *d == a)
+        );
+    }
+
+    #[test]
     fn records_are_a_multiset_and_names_are_case_insensitive() {
         let z = zone();
         let a = Rdata::A(Ipv4Addr::new(10, 244, 1, 2));
-        z.add(&n("web.default.svc.cluster.local."), a.clone(), Origin::Endpoint);
-        z.add(&n("WEB.default.svc.cluster.local."), a.clone(), Origin::Endpoint);
+        z.add(
+            &n("web.default.svc.cluster.local."),
+            a.clone(),
+            Origin::Endpoint,
+        );
+        z.add(
+            &n("WEB.default.svc.cluster.local."),
+            a.clone(),
+            Origin::Endpoint,
+        );
         z.remove(&n("web.default.svc.cluster.local."), &a, Origin::Endpoint);
         z.with_entry(&n("Web.Default.Svc.Cluster.Local."), |e| {
             assert_eq!(e.map(|e| e.records.len()), Some(1));
