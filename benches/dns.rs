@@ -669,6 +669,18 @@ fn main() -> Result<()> {
     for round in 0..cfg.rounds {
         let mut order = kinds.clone();
         order.rotate_left(round % kinds.len().max(1));
+        // Other work on the machine (builds) takes the cores the servers and dnsperf share.
+        let idle = wait_quiet();
+        if idle <= 0.9 {
+            println!(
+                "round {}: the machine did not go idle within 60 s ({:.0} % idle); load {}",
+                round + 1,
+                idle * 100.0,
+                std::fs::read_to_string("/proc/loadavg")
+                    .unwrap_or_default()
+                    .trim()
+            );
+        }
         for (si, (label, file)) in sets.iter().enumerate() {
             for k in &order {
                 let sat = dnsperf(&client, &dnsperf_args(k.addr(), file, cfg.secs, None))?;
