@@ -12,9 +12,12 @@ CARGO ?= cargo
 # it with --no-install-recommends; conntrack: only netns-tests/conntrack.rs checks with
 # `conntrack -L`, tartand deletes entries over netlink). `make deps` asks dpkg about the
 # whole list, so a package added here is installed on machines that already have the others.
+# nsd, dnsmasq-base and dnsperf are the cluster DNS benchmark's references and client
+# (benches/dns.rs starts its own NSD in a lab namespace: the Debian service NSD's package
+# starts is stopped and disabled); dnsutils (dig) is what the DNS tests ask with.
 DEB_PACKAGES := etcd-server etcd-client nftables iproute2 iptables protobuf-compiler \
 	libprotobuf-dev conntrack containernetworking-plugins podman runc busybox-static \
-	openssl util-linux procps ca-certificates musl-tools
+	openssl util-linux procps ca-certificates musl-tools nsd dnsmasq-base dnsperf dnsutils
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 TARGET_DIR := $(abspath $(or $(CARGO_TARGET_DIR),target))
 
@@ -30,6 +33,9 @@ deps:
 	  echo "installing Debian packages: $$missing"; \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  if [[ " $$missing " == *" nsd "* ]] && [ -d /run/systemd/system ]; then \
+	    $(SUDO) systemctl disable --now nsd.service >/dev/null 2>&1 || true; \
+	  fi; \
 	fi
 	@command -v $(CARGO) >/dev/null || { echo "cargo is missing: install Rust (https://rustup.rs)"; exit 1; }
 

@@ -56,33 +56,6 @@ fn sorted_us(v: &[Duration]) -> Vec<f64> {
     v
 }
 
-/// Waits (up to 60 s) until the machine is nearly idle: tearing down a namespace that held
-/// hundreds of thousands of set elements keeps kernel workers busy for seconds after it is
-/// gone, and a measurement taken meanwhile measures that.
-fn wait_quiet() {
-    fn sample() -> Option<(u64, u64)> {
-        let s = std::fs::read_to_string("/proc/stat").ok()?;
-        let cpu: Vec<u64> = s
-            .lines()
-            .next()?
-            .split_whitespace()
-            .skip(1)
-            .filter_map(|v| v.parse().ok())
-            .collect();
-        let idle = cpu.get(3)? + cpu.get(4).copied().unwrap_or(0);
-        Some((idle, cpu.iter().sum()))
-    }
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(60) {
-        let Some((i0, t0)) = sample() else { return };
-        std::thread::sleep(Duration::from_millis(500));
-        let Some((i1, t1)) = sample() else { return };
-        if t1 > t0 && (i1 - i0) as f64 / (t1 - t0) as f64 > 0.9 {
-            return;
-        }
-    }
-}
-
 fn metric(ns: &str, name: &str) -> Option<f64> {
     let name = name.to_string();
     in_netns(ns, move || -> Option<f64> {

@@ -72,3 +72,38 @@ impl Sections {
         self.0.is_empty() || self.0.iter().any(|w| name.contains(w.as_str()))
     }
 }
+
+/// The idle and total jiffies of all CPUs (`/proc/stat`).
+fn cpu_jiffies() -> Option<(u64, u64)> {
+    let s = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu: Vec<u64> = s
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let idle = cpu.get(3)? + cpu.get(4).copied().unwrap_or(0);
+    Some((idle, cpu.iter().sum()))
+}
+
+/// Waits (up to 60 s) until the machine is nearly idle: tearing down a namespace that held
+/// hundreds of thousands of set elements keeps kernel workers busy for seconds after it is
+/// gone, and a measurement taken meanwhile measures that (so do other builds on the machine).
+/// Returns the idle share of the last half second (> 0.9 unless the wait gave up).
+pub fn wait_quiet() -> f64 {
+    let start = std::time::Instant::now();
+    let mut share = f64::NAN;
+    while start.elapsed() < std::time::Duration::from_secs(60) {
+        let Some((i0, t0)) = cpu_jiffies() else { break };
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let Some((i1, t1)) = cpu_jiffies() else { break };
+        if t1 > t0 {
+            share = (i1 - i0) as f64 / (t1 - t0) as f64;
+            if share > 0.9 {
+                break;
+            }
+        }
+    }
+    share
+}

@@ -117,6 +117,23 @@ impl Zone {
         }
     }
 
+    /// The apexes served with authority.
+    pub fn apexes(&self) -> &[LowerName] {
+        &self.apexes
+    }
+
+    /// A copy of every record, by owner name (unordered; empty non-terminals are left out):
+    /// what the DNS benchmark writes into the zone files of the servers it compares with.
+    pub fn records(&self) -> Vec<(LowerName, Rdata)> {
+        let mut out = Vec::with_capacity(self.names.len());
+        for e in self.names.iter() {
+            for (d, _) in &e.value().records {
+                out.push((e.key().clone(), d.clone()));
+            }
+        }
+        out
+    }
+
     /// Adds one record. Names outside every apex are ignored (returns false).
     pub fn add(&self, name: &LowerName, data: Rdata, origin: Origin) -> bool {
         let Some(apex) = self.apex_of(name).cloned() else {
@@ -257,6 +274,29 @@ mod tests {
         assert_eq!(z.len(), 5);
         z.remove(&name, &a, Origin::Service);
         assert!(z.is_empty(), "every empty ancestor goes with the last name");
+    }
+
+    #[test]
+    fn records_lists_every_record_but_no_empty_non_terminal() {
+        let z = zone();
+        let a = Rdata::A(Ipv4Addr::new(10, 96, 0, 5));
+        z.add(
+            &n("web.shop.svc.cluster.local."),
+            a.clone(),
+            Origin::Service,
+        );
+        z.add(
+            &n("web.shop.svc.cluster.local."),
+            a.clone(),
+            Origin::Endpoint,
+        );
+        z.add(&n("outside.example."), a.clone(), Origin::Service);
+        let got = z.records();
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(
+            got.iter()
+                .all(|(name, d)| *name == n("web.shop.svc.cluster.local.") && *d == a)
+        );
     }
 
     #[test]
