@@ -13,8 +13,9 @@ CARGO ?= cargo
 # `conntrack -L`, tartand deletes entries over netlink). `make deps` asks dpkg about the
 # whole list, so a package added here is installed on machines that already have the others.
 # nsd, dnsmasq-base and dnsperf are the cluster DNS benchmark's references and client
-# (benches/dns.rs starts its own NSD in a lab namespace: the Debian service NSD's package
-# starts is stopped and disabled); dnsutils (dig) is what the DNS tests ask with.
+# (benches/dns.rs starts its own NSD in a lab namespace); dnsutils (dig) is what the DNS
+# tests ask with. Packages are installed with a policy-rc.d that keeps their services (etcd,
+# NSD) from starting in the root namespace: every test and bench starts its own in a lab.
 DEB_PACKAGES := etcd-server etcd-client nftables iproute2 iptables protobuf-compiler \
 	libprotobuf-dev conntrack containernetworking-plugins podman runc busybox-static \
 	openssl util-linux procps ca-certificates musl-tools nsd dnsmasq-base dnsperf dnsutils
@@ -31,11 +32,16 @@ deps:
 	    for (i = 1; i <= n; i++) if (!(p[i] in ok)) printf "%s ", p[i] }'); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages: $$missing"; \
+	  policy=; if [ ! -e /usr/sbin/policy-rc.d ]; then policy=1; \
+	    printf '#!/bin/sh\nexit 101\n' | $(SUDO) tee /usr/sbin/policy-rc.d >/dev/null; \
+	    $(SUDO) chmod 755 /usr/sbin/policy-rc.d; fi; \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  rc=$$?; [ -z "$$policy" ] || $(SUDO) rm -f /usr/sbin/policy-rc.d; \
 	  if [[ " $$missing " == *" nsd "* ]] && [ -d /run/systemd/system ]; then \
 	    $(SUDO) systemctl disable --now nsd.service >/dev/null 2>&1 || true; \
 	  fi; \
+	  [ $$rc = 0 ] || exit $$rc; \
 	fi
 	@command -v $(CARGO) >/dev/null || { echo "cargo is missing: install Rust (https://rustup.rs)"; exit 1; }
 
