@@ -37,6 +37,54 @@ pub struct Authority {
     /// Ranges whose reverse names are ours (service CIDR, cluster network): a PTR query in
     /// them that names nothing is NXDOMAIN; other reverse names are forwarded.
     pub reverse: Vec<Ipv4Network>,
+    /// Made once, used by every answer.
+    fixed: Fixed,
+}
+
+/// Names and records every answer would otherwise build again.
+#[derive(Debug, Clone)]
+struct Fixed {
+    domain: LowerName,
+    arpa: LowerName,
+    ns_name: Name,
+    soa: SOA,
+}
+
+impl Authority {
+    /// How `domain` is answered, with `ttl` on every record and the SOA minimum.
+    pub fn new(domain: Name, dns_ip: Ipv4Addr, ttl: u32, reverse: Vec<Ipv4Network>) -> Self {
+        let under = |label: &str| {
+            Name::from_ascii(label)
+                .and_then(|n| n.append_domain(&domain))
+                .unwrap_or_else(|_| domain.clone())
+        };
+        let ns_name = under("ns.dns");
+        // CoreDNS's values; the serial changes nothing for clients (no zone transfers).
+        let soa = SOA::new(
+            ns_name.clone(),
+            under("hostmaster"),
+            1,
+            7200,
+            1800,
+            86400,
+            ttl,
+        );
+        let fixed = Fixed {
+            domain: LowerName::new(&domain),
+            arpa: Name::from_ascii("in-addr.arpa.")
+                .map(|n| LowerName::new(&n))
+                .unwrap_or_else(|_| LowerName::new(&Name::root())),
+            ns_name,
+            soa,
+        };
+        Authority {
+            domain,
+            dns_ip,
+            ttl,
+            reverse,
+            fixed,
+        }
+    }
 }
 
 /// How a query came in.
@@ -137,29 +185,18 @@ pub fn answer(zone: &Zone, auth: &Authority, query: &[u8], transport: Transport)
 }
 
 impl Authority {
-    fn domain_lower(&self) -> LowerName {
-        LowerName::new(&self.domain)
+    fn domain_lower(&self) -> &LowerName {
+        &self.fixed.domain
     }
 
     fn soa(&self, apex: &Name) -> Record {
-        let mname = Name::from_ascii("ns.dns")
-            .and_then(|n| n.append_domain(&self.domain))
-            .unwrap_or_else(|_| self.domain.clone());
-        let rname = Name::from_ascii("hostmaster")
-            .and_then(|n| n.append_domain(&self.domain))
-            .unwrap_or_else(|_| self.domain.clone());
-        // CoreDNS's values; the serial changes nothing for clients (no zone transfers).
-        let soa = SOA::new(mname, rname, 1, 7200, 1800, 86400, self.ttl);
-        Record::from_rdata(apex.clone(), self.ttl, RData::SOA(soa))
+        Record::from_rdata(apex.clone(), self.ttl, RData::SOA(self.fixed.soa.clone()))
     }
 }
 
 /// Whether `qname` is a reverse name of one of our ranges (or names a record we hold).
 fn reverse_is_ours(auth: &Authority, qname: &LowerName, zone: &Zone) -> bool {
-    let Ok(arpa) = LowerName::from_str_lossy("in-addr.arpa.") else {
-        return false;
-    };
-    if !arpa.zone_of(qname) {
+    if !auth.fixed.arpa.zone_of(qname) {
         return false;
     }
     if let Some(ip) = reverse_ip(qname) {
@@ -183,18 +220,6 @@ fn reverse_ip(qname: &LowerName) -> Option<Ipv4Addr> {
     }
 }
 
-trait LossyLower: Sized {
-    fn from_str_lossy(s: &str) -> Result<Self, ()>;
-}
-
-impl LossyLower for LowerName {
-    fn from_str_lossy(s: &str) -> Result<Self, ()> {
-        Name::from_ascii(s)
-            .map(|n| LowerName::new(&n))
-            .map_err(|_| ())
-    }
-}
-
 /// Fills `r` with the authoritative answer; returns where the answers came from.
 fn authoritative(
     zone: &Zone,
@@ -206,20 +231,14 @@ fn authoritative(
 ) -> Vec<Origin> {
     let qtype = q.query_type();
     let owner = q.name().clone();
-    let apex = zone
-        .apex_of(qname)
-        .map(|a| Name::from(a.clone()))
-        .unwrap_or_else(|| auth.domain.clone());
-    let at_apex = LowerName::new(&apex) == *qname;
-    // Copy the records out: no lock is held while encoding or looking up SRV targets.
-    let found: Option<Vec<(Rdata, Origin)>> =
-        zone.with_entry(qname, |e| e.map(|e| e.records.clone()));
+    let apex_lower = zone.apex_of(qname).unwrap_or(&auth.fixed.domain);
+    let at_apex = apex_lower == qname;
+    let apex = || Name::from(apex_lower.clone());
     if at_apex {
-        let ns_name = Name::from_ascii("ns.dns")
-            .and_then(|n| n.append_domain(&auth.domain))
-            .unwrap_or_else(|_| auth.domain.clone());
+        let ns_name = auth.fixed.ns_name.clone();
         let want_soa = matches!(qtype, RecordType::SOA | RecordType::ANY);
-        let want_ns = matches!(qtype, RecordType::NS | RecordType::ANY) && apex == auth.domain;
+        let want_ns =
+            matches!(qtype, RecordType::NS | RecordType::ANY) && *apex_lower == auth.fixed.domain;
         if want_soa {
             r.add_answer(auth.soa(&owner));
         }
@@ -239,52 +258,58 @@ fn authoritative(
             return vec![Origin::Server];
         }
     }
-    let Some(records) = found else {
-        if at_apex {
-            r.add_authority(auth.soa(&apex));
-            return Vec::new();
-        }
-        r.metadata.response_code = ResponseCode::NXDomain;
-        r.add_authority(auth.soa(&apex));
-        return Vec::new();
-    };
-    if qtype == RecordType::ANY && transport == Transport::Udp && !records.is_empty() {
-        // RFC 8482: a small answer instead of everything (no amplification over UDP).
-        r.add_answer(Record::from_rdata(
-            owner,
-            auth.ttl,
-            RData::HINFO(HINFO::new("RFC8482".into(), String::new())),
-        ));
-        return vec![Origin::Server];
-    }
     let mut origins = Vec::new();
     let mut targets = Vec::new();
-    for (data, origin) in &records {
-        let rdata = match (data, qtype) {
-            (Rdata::A(ip), RecordType::A | RecordType::ANY) => RData::A(A(*ip)),
-            (Rdata::Ptr(n), RecordType::PTR | RecordType::ANY) => RData::PTR(PTR(n.clone())),
-            (
-                Rdata::Srv {
-                    priority,
-                    weight,
-                    port,
-                    target,
-                },
-                RecordType::SRV | RecordType::ANY,
-            ) => {
-                targets.push(target.clone());
-                RData::SRV(SRV::new(*priority, *weight, *port, target.clone()))
-            }
-            _ => continue,
-        };
-        r.add_answer(Record::from_rdata(owner.clone(), auth.ttl, rdata));
-        if !origins.contains(origin) {
-            origins.push(*origin);
+    let any_udp = qtype == RecordType::ANY && transport == Transport::Udp;
+    // The answer records are made under the shard's read lock (no copy of the entry); SRV
+    // targets are looked up after it is released.
+    let exists = zone.with_entry(qname, |e| {
+        let e = e?;
+        if any_udp && !e.records.is_empty() {
+            // RFC 8482: a small answer instead of everything (no amplification over UDP).
+            r.add_answer(Record::from_rdata(
+                owner.clone(),
+                auth.ttl,
+                RData::HINFO(HINFO::new("RFC8482".into(), String::new())),
+            ));
+            origins.push(Origin::Server);
+            return Some(());
         }
+        for (data, origin) in &e.records {
+            let rdata = match (data, qtype) {
+                (Rdata::A(ip), RecordType::A | RecordType::ANY) => RData::A(A(*ip)),
+                (Rdata::Ptr(n), RecordType::PTR | RecordType::ANY) => RData::PTR(PTR(n.clone())),
+                (
+                    Rdata::Srv {
+                        priority,
+                        weight,
+                        port,
+                        target,
+                    },
+                    RecordType::SRV | RecordType::ANY,
+                ) => {
+                    targets.push(target.clone());
+                    RData::SRV(SRV::new(*priority, *weight, *port, target.clone()))
+                }
+                _ => continue,
+            };
+            r.add_answer(Record::from_rdata(owner.clone(), auth.ttl, rdata));
+            if !origins.contains(origin) {
+                origins.push(*origin);
+            }
+        }
+        Some(())
+    });
+    if exists.is_none() {
+        if !at_apex {
+            r.metadata.response_code = ResponseCode::NXDomain;
+        }
+        r.add_authority(auth.soa(&apex()));
+        return Vec::new();
     }
     if origins.is_empty() {
         // The name exists (records of other types, or names below it): NODATA.
-        r.add_authority(auth.soa(&apex));
+        r.add_authority(auth.soa(&apex()));
         return origins;
     }
     targets.sort();

@@ -9,8 +9,9 @@
 //! - a pod: `<a-b-c-d>.<ns>.pod.<zone>` A and the PTR of its address back to it (only for
 //!   pods that exist: CoreDNS's `pods verified`).
 //!
-//! The catalog remembers what each object contributed, so a change replaces exactly that
-//! object's records in the [`Zone`].
+//! A change replaces exactly that object's records in the [`Zone`]: the old ones are
+//! recomputed from the object it replaces (only headless services, whose records depend on
+//! their pods, are remembered), so the catalog holds no second copy of the zone.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::Ipv4Addr;
@@ -23,16 +24,8 @@ use crate::model::pod::PodRecord;
 use crate::model::service::{ExplicitEndpoints, Service, valid_name};
 use crate::store::records::ModelChange;
 
-/// Who contributed a record.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum Owner {
-    /// A service, by `namespace/name`.
-    Service(String),
-    /// A pod record, by etcd key.
-    Pod(String),
-}
-
-type Contribution = Vec<(LowerName, Rdata, Origin)>;
+/// One record as the catalog hands it to the zone.
+type Record = (LowerName, Rdata, Origin);
 
 /// The model the DNS names are made from, and what each object put into the zone.
 pub struct Catalog {
@@ -44,7 +37,8 @@ pub struct Catalog {
     pods: HashMap<String, PodRecord>,
     pods_by_ns: HashMap<String, BTreeSet<String>>,
     headless_by_ns: HashMap<String, BTreeSet<String>>,
-    contributed: HashMap<Owner, Contribution>,
+    /// What each headless service put into the zone (other objects' records are recomputed).
+    headless_records: HashMap<String, Vec<Record>>,
     /// Names that could not be formed (too long), skipped.
     pub skipped: u64,
 }
@@ -65,7 +59,7 @@ impl Catalog {
             pods: HashMap::new(),
             pods_by_ns: HashMap::new(),
             headless_by_ns: HashMap::new(),
-            contributed: HashMap::new(),
+            headless_records: HashMap::new(),
             skipped: 0,
         }
     }
@@ -84,8 +78,9 @@ impl Catalog {
         match c {
             ModelChange::PutService(key, s) => {
                 let id = s.id();
-                if let Some(old) = self.services.insert(key.clone(), s) {
-                    self.unindex_headless(&old);
+                let old = self.services.insert(key.clone(), s);
+                if let Some(old) = &old {
+                    self.unindex_headless(old);
                 }
                 if let Some(s) = self.services.get(&key)
                     && s.is_headless()
@@ -97,23 +92,23 @@ impl Catalog {
                         .insert(id.clone());
                 }
                 self.key_of_id.insert(id.clone(), key);
-                self.refresh_service(&id);
+                self.refresh_service(&id, old.as_ref());
             }
             ModelChange::DeleteService(key) => {
                 if let Some(old) = self.services.remove(&key) {
                     self.unindex_headless(&old);
                     let id = old.id();
                     self.key_of_id.remove(&id);
-                    self.refresh_service(&id);
+                    self.refresh_service(&id, Some(&old));
                 }
             }
             ModelChange::PutEndpoints(id, e) => {
                 self.endpoints.insert(id.clone(), e);
-                self.refresh_service(&id);
+                self.refresh_headless(&id);
             }
             ModelChange::DeleteEndpoints(id) => {
                 if self.endpoints.remove(&id).is_some() {
-                    self.refresh_service(&id);
+                    self.refresh_headless(&id);
                 }
             }
             ModelChange::PutPod(key, p) => {
@@ -125,13 +120,19 @@ impl Catalog {
                     .entry(p.namespace.clone())
                     .or_default()
                     .insert(key.clone());
-                self.refresh_pod(&key);
+                let before = old
+                    .as_ref()
+                    .map(|o| self.pod_records(o))
+                    .unwrap_or_default();
+                let after = self.pod_records(&p);
+                self.swap(&before, &after);
                 self.refresh_selecting(old.as_ref(), Some(&p));
             }
             ModelChange::DeletePod(key) => {
                 if let Some(old) = self.pods.remove(&key) {
                     self.unindex_pod(&key, &old);
-                    self.refresh_pod(&key);
+                    let before = self.pod_records(&old);
+                    self.swap(&before, &[]);
                     self.refresh_selecting(Some(&old), None);
                 }
             }
@@ -172,85 +173,112 @@ impl Catalog {
             }
         }
         for id in ids {
-            self.refresh_service(&id);
+            self.refresh_headless(&id);
         }
     }
 
-    fn refresh_service(&mut self, id: &str) {
-        let recs = self.service_records(id);
-        self.replace(Owner::Service(id.to_string()), recs);
-    }
-
-    fn refresh_pod(&mut self, key: &str) {
-        let recs = match self.pods.get(key).cloned() {
-            Some(p) => self.pod_records(&p),
+    /// Replaces service `id`'s records. A service with a cluster IP is recomputed from `old`
+    /// (its records depend on the service alone); a headless one's records (which depend on
+    /// its pods) are remembered, and only those.
+    fn refresh_service(&mut self, id: &str, old: Option<&Service>) {
+        let before = match old {
+            Some(o) if !o.is_headless() => self.cluster_ip_records(o),
+            _ => self.headless_records.remove(id).unwrap_or_default(),
+        };
+        let current = self
+            .key_of_id
+            .get(id)
+            .and_then(|k| self.services.get(k))
+            .cloned();
+        let after = match &current {
+            Some(s) if !s.is_headless() => self.cluster_ip_records(s),
+            Some(s) => self.headless_service_records(s),
             None => Vec::new(),
         };
-        self.replace(Owner::Pod(key.to_string()), recs);
+        self.swap(&before, &after);
+        if current.is_some_and(|s| s.is_headless()) && !after.is_empty() {
+            self.headless_records.insert(id.to_string(), after);
+        }
     }
 
-    /// Swaps `owner`'s records for `new`, touching only those that differ.
-    fn replace(&mut self, owner: Owner, new: Contribution) {
-        let old = self.contributed.remove(&owner).unwrap_or_default();
-        let old_set: HashSet<&(LowerName, Rdata, Origin)> = old.iter().collect();
-        let new_set: HashSet<&(LowerName, Rdata, Origin)> = new.iter().collect();
-        for r in old.iter().filter(|r| !new_set.contains(r)) {
+    /// Recomputes service `id` when it is headless (its endpoints or pods changed).
+    fn refresh_headless(&mut self, id: &str) {
+        let headless = self
+            .key_of_id
+            .get(id)
+            .and_then(|k| self.services.get(k))
+            .is_some_and(Service::is_headless);
+        if headless || self.headless_records.contains_key(id) {
+            self.refresh_service(id, None);
+        }
+    }
+
+    /// Removes `before` and adds `after`, touching only the records that differ.
+    fn swap(&self, before: &[Record], after: &[Record]) {
+        let old_set: HashSet<&Record> = before.iter().collect();
+        let new_set: HashSet<&Record> = after.iter().collect();
+        for r in before.iter().filter(|r| !new_set.contains(r)) {
             self.zone.remove(&r.0, &r.1, r.2);
         }
-        for r in new.iter().filter(|r| !old_set.contains(r)) {
+        for r in after.iter().filter(|r| !old_set.contains(r)) {
             self.zone.add(&r.0, r.1.clone(), r.2);
         }
-        if !new.is_empty() {
-            self.contributed.insert(owner, new);
-        }
     }
 
-    fn name(&mut self, relative: &str) -> Option<Name> {
-        match Name::from_ascii(relative).and_then(|n| n.append_domain(&self.domain)) {
-            Ok(n) => Some(n),
-            Err(_) => {
-                self.skipped += 1;
-                None
-            }
-        }
+    /// `<svc>.<ns>.svc.<zone>` and the SRV names of its named ports.
+    fn service_names(&self, s: &Service) -> Option<(Name, Vec<(LowerName, u16, u16)>)> {
+        let name = Name::from_ascii(format!("{}.{}.svc", s.name, s.namespace))
+            .and_then(|n| n.append_domain(&self.domain))
+            .ok()?;
+        let srv = s
+            .ports
+            .iter()
+            .filter_map(|p| {
+                let pn = p.name.as_deref()?;
+                let proto = p.protocol.to_string().to_ascii_lowercase();
+                let n = Name::from_ascii(format!("_{pn}._{proto}"))
+                    .and_then(|n| n.append_domain(&name))
+                    .ok()?;
+                Some((LowerName::new(&n), p.port, p.target_port))
+            })
+            .collect();
+        Some((name, srv))
     }
 
-    fn service_records(&mut self, id: &str) -> Contribution {
-        let Some(s) = self.key_of_id.get(id).and_then(|k| self.services.get(k)) else {
+    /// A service with a cluster IP: A, PTR back, SRV per named port.
+    fn cluster_ip_records(&self, s: &Service) -> Vec<Record> {
+        let Some((name, srv)) = self.service_names(s) else {
             return Vec::new();
         };
-        let s = s.clone();
-        let Some(name) = self.name(&format!("{}.{}.svc", s.name, s.namespace)) else {
-            return Vec::new();
-        };
-        let lname = LowerName::new(&name);
-        let mut out = Vec::new();
-        let named: Vec<_> = s.ports.iter().filter(|p| p.name.is_some()).collect();
-        let srv_name = |p: &crate::model::service::ServicePort| -> Option<LowerName> {
-            let pn = p.name.as_deref()?;
-            let proto = p.protocol.to_string().to_ascii_lowercase();
-            Name::from_ascii(format!("_{pn}._{proto}"))
-                .and_then(|n| n.append_domain(&name))
-                .ok()
-                .map(|n| LowerName::new(&n))
-        };
-        if !s.is_headless() {
-            out.push((lname.clone(), Rdata::A(s.cluster_ip), Origin::Service));
-            out.push((
+        let mut out = vec![
+            (
+                LowerName::new(&name),
+                Rdata::A(s.cluster_ip),
+                Origin::Service,
+            ),
+            (
                 LowerName::new(&reverse_name(s.cluster_ip)),
                 Rdata::Ptr(name.clone()),
                 Origin::Service,
-            ));
-            for p in &named {
-                if let Some(sn) = srv_name(p) {
-                    let target = name.clone();
-                    out.push((sn, srv(0, 100, p.port, target), Origin::Service));
-                }
-            }
-            return out;
+            ),
+        ];
+        for (sn, port, _) in srv {
+            out.push((sn, srv_data(0, 100, port, name.clone()), Origin::Service));
         }
-        let eps = self.headless_endpoints(&s);
+        out
+    }
+
+    /// A headless service: A per endpoint on its name and on each endpoint's host name, SRV
+    /// per named port and endpoint.
+    fn headless_service_records(&mut self, s: &Service) -> Vec<Record> {
+        let Some((name, srv)) = self.service_names(s) else {
+            self.skipped += 1;
+            return Vec::new();
+        };
+        let lname = LowerName::new(&name);
+        let eps = self.headless_endpoints(s);
         let weight = u16::try_from((100 / eps.len().max(1)).max(1)).unwrap_or(1);
+        let mut out = Vec::new();
         for (ip, host) in &eps {
             out.push((lname.clone(), Rdata::A(*ip), Origin::Endpoint));
             let Ok(host_name) = Name::from_ascii(host).and_then(|h| h.append_domain(&name)) else {
@@ -258,11 +286,9 @@ impl Catalog {
                 continue;
             };
             out.push((LowerName::new(&host_name), Rdata::A(*ip), Origin::Endpoint));
-            for p in &named {
-                if let Some(sn) = srv_name(p) {
-                    let r = srv(0, weight, p.target_port, host_name.clone());
-                    out.push((sn, r, Origin::Endpoint));
-                }
+            for (sn, _, target_port) in &srv {
+                let r = srv_data(0, weight, *target_port, host_name.clone());
+                out.push((sn.clone(), r, Origin::Endpoint));
             }
         }
         out
@@ -298,8 +324,10 @@ impl Catalog {
         eps
     }
 
-    fn pod_records(&mut self, p: &PodRecord) -> Contribution {
-        let Some(name) = self.name(&format!("{}.{}.pod", dashed(p.ip), p.namespace)) else {
+    fn pod_records(&self, p: &PodRecord) -> Vec<Record> {
+        let Ok(name) = Name::from_ascii(format!("{}.{}.pod", dashed(p.ip), p.namespace))
+            .and_then(|n| n.append_domain(&self.domain))
+        else {
             return Vec::new();
         };
         vec![
@@ -313,7 +341,7 @@ impl Catalog {
     }
 }
 
-fn srv(priority: u16, weight: u16, port: u16, target: Name) -> Rdata {
+fn srv_data(priority: u16, weight: u16, port: u16, target: Name) -> Rdata {
     Rdata::Srv {
         priority,
         weight,

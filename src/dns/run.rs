@@ -54,12 +54,12 @@ impl DnsSettings {
 
     /// How the answers are made.
     pub fn authority(&self) -> Authority {
-        Authority {
-            domain: self.domain.clone(),
-            dns_ip: self.dns_ip,
-            ttl: self.ttl,
-            reverse: vec![self.service_cidr, self.cluster_network],
-        }
+        Authority::new(
+            self.domain.clone(),
+            self.dns_ip,
+            self.ttl,
+            vec![self.service_cidr, self.cluster_network],
+        )
     }
 
     /// The server configuration.

@@ -50,8 +50,9 @@ pub enum Origin {
 /// The records of one owner name.
 #[derive(Debug, Default, Clone)]
 pub struct Entry {
-    /// The records, with where each came from (a multiset: two sources may give the same).
-    pub records: Vec<(Rdata, Origin)>,
+    /// The records, with where each came from (a multiset: two sources may give the same);
+    /// most names hold one record, kept inline (no allocation of its own).
+    pub records: smallvec::SmallVec<[(Rdata, Origin); 1]>,
     /// Names directly below this one (one label longer).
     pub children: u32,
 }

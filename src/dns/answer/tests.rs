@@ -11,15 +11,15 @@ use crate::model::service::HEADLESS;
 use crate::store::records::ModelChange;
 
 fn auth() -> Authority {
-    Authority {
-        domain: Name::from_ascii("cluster.local.").unwrap(),
-        dns_ip: Ipv4Addr::new(10, 96, 0, 10),
-        ttl: 5,
-        reverse: vec![
+    Authority::new(
+        Name::from_ascii("cluster.local.").unwrap(),
+        Ipv4Addr::new(10, 96, 0, 10),
+        5,
+        vec![
             "10.96.0.0/12".parse().unwrap(),
             "10.244.0.0/16".parse().unwrap(),
         ],
-    }
+    )
 }
 
 fn loaded() -> (Arc<Zone>, Catalog) {
