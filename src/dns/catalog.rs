@@ -24,6 +24,13 @@ use crate::model::pod::PodRecord;
 use crate::model::service::{ExplicitEndpoints, Service, valid_name};
 use crate::store::records::ModelChange;
 
+/// The SRV owner name of one named port.
+struct SrvName {
+    name: LowerName,
+    port: u16,
+    target_port: u16,
+}
+
 /// One record as the catalog hands it to the zone.
 type Record = (LowerName, Rdata, Origin);
 
@@ -226,7 +233,7 @@ impl Catalog {
     }
 
     /// `<svc>.<ns>.svc.<zone>` and the SRV names of its named ports.
-    fn service_names(&self, s: &Service) -> Option<(Name, Vec<(LowerName, u16, u16)>)> {
+    fn service_names(&self, s: &Service) -> Option<(Name, Vec<SrvName>)> {
         let name = Name::from_ascii(format!("{}.{}.svc", s.name, s.namespace))
             .and_then(|n| n.append_domain(&self.domain))
             .ok()?;
@@ -239,7 +246,11 @@ impl Catalog {
                 let n = Name::from_ascii(format!("_{pn}._{proto}"))
                     .and_then(|n| n.append_domain(&name))
                     .ok()?;
-                Some((LowerName::new(&n), p.port, p.target_port))
+                Some(SrvName {
+                    name: LowerName::new(&n),
+                    port: p.port,
+                    target_port: p.target_port,
+                })
             })
             .collect();
         Some((name, srv))
@@ -262,8 +273,12 @@ impl Catalog {
                 Origin::Service,
             ),
         ];
-        for (sn, port, _) in srv {
-            out.push((sn, srv_data(0, 100, port, name.clone()), Origin::Service));
+        for sn in srv {
+            out.push((
+                sn.name,
+                srv_data(0, 100, sn.port, name.clone()),
+                Origin::Service,
+            ));
         }
         out
     }
@@ -286,9 +301,9 @@ impl Catalog {
                 continue;
             };
             out.push((LowerName::new(&host_name), Rdata::A(*ip), Origin::Endpoint));
-            for (sn, _, target_port) in &srv {
-                let r = srv_data(0, weight, *target_port, host_name.clone());
-                out.push((sn.clone(), r, Origin::Endpoint));
+            for sn in &srv {
+                let r = srv_data(0, weight, sn.target_port, host_name.clone());
+                out.push((sn.name.clone(), r, Origin::Endpoint));
             }
         }
         out
