@@ -8,6 +8,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tartan::lab::{Binaries, Lab, in_netns};
 
+pub mod podman;
+
 /// The binaries cargo built for this test run.
 pub fn bins() -> Binaries {
     tartan::built_binaries!()

@@ -703,6 +703,19 @@ impl Lab {
             .create(true)
             .append(true)
             .open(n.log_file())?;
+        // The cluster DNS forwards to the host's resolvers unless told otherwise: in the lab
+        // it gets none (names outside the zone are REFUSED), so no query leaves for an
+        // address outside the lab; a test that wants an upstream passes its own flag.
+        let mut dns = Vec::new();
+        if !extra
+            .iter()
+            .any(|a| a.starts_with("--dns-upstream") || a.starts_with("--dns-resolv-conf"))
+        {
+            let resolv = n.dir.join("resolv.conf");
+            std::fs::write(&resolv, "# the lab's nodes have no upstream resolver\n")?;
+            dns.push("--dns-resolv-conf".to_string());
+            dns.push(resolv.to_string_lossy().into_owned());
+        }
         let child = ns_command(&n.ns, &tartand)
             .env(
                 "RUST_LOG",
@@ -729,6 +742,7 @@ impl Lab {
                 &n.cni_socket().to_string_lossy(),
             ])
             .args(&tls)
+            .args(&dns)
             .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
