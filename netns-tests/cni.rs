@@ -12,7 +12,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use common::podman::{Podman, busybox_rootfs, start_daemons_for_podman};
+use common::podman::{Podman, start_daemons_for_podman};
 use common::*;
 use serde_json::{Value, json};
 use tartan::cni::ipam::scan_all;
@@ -1401,31 +1401,8 @@ fn podman_containers_on_two_nodes_reach_each_other() -> Result<()> {
     let mut ids = Vec::new();
     for i in 0..2 {
         let pm = Podman::new(&lab, i, &lab.nodes[i].cni_dir().join("bin"))?;
-        let rootfs = pm.dir.join("rootfs");
-        busybox_rootfs(&rootfs, &format!("hello from node{}\n", i + 1))?;
         let name = format!("{}-c{}", lab.id, i + 1);
-        let rootfs_s = rootfs.to_string_lossy().into_owned();
-        let id = pm.run(&[
-            "run",
-            "-d",
-            "--name",
-            &name,
-            "--network",
-            "tartan",
-            "--ulimit",
-            "nofile=20000:20000",
-            "--ulimit",
-            "nproc=1000:1000",
-            "--rootfs",
-            &rootfs_s,
-            "/bin/busybox",
-            "httpd",
-            "-f",
-            "-p",
-            "8080",
-            "-h",
-            "/www",
-        ]);
+        let id = pm.run_busybox(&name, &format!("hello from node{}\n", i + 1), &[]);
         // Keep the guard even when `run` failed half-way, so it cleans up.
         podmans.push(pm);
         let id = id?;

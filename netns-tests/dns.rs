@@ -10,7 +10,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use common::podman::{Podman, busybox_rootfs, start_daemons_for_podman};
+use common::podman::{Podman, start_daemons_for_podman};
 use common::*;
 use tartan::lab::{INFRA_IP, Lab, ns_command, ns_run, wait_for};
 
@@ -154,19 +154,7 @@ fn set(items: &[String]) -> BTreeSet<String> {
 
 /// `tartanctl service create ARGS`; the cluster IP it printed (None for a headless one).
 fn create(lab: &Lab, args: &[&str]) -> Result<Option<Ipv4Addr>> {
-    let mut full = vec!["service", "create"];
-    full.extend_from_slice(args);
-    let out = lab.tartanctl(&full)?;
-    let ip = out
-        .split("cluster IP ")
-        .nth(1)
-        .and_then(|r| r.split(',').next())
-        .with_context(|| format!("no cluster IP in {out:?}"))?
-        .trim();
-    if ip == "None" {
-        return Ok(None);
-    }
-    Ok(Some(ip.parse()?))
+    create_service(lab, args).map(|(ip, _)| ip)
 }
 
 /// A lab of `n` nodes with tartand on each (`extra(i)` flags for node `i`).
@@ -427,10 +415,10 @@ fn created_and_deleted_services_and_pods_are_answered_on_other_nodes() -> Result
     let pod = lab.add_cni_pod(0, "late-a", &[("app", "late")])?;
     let ip = pod.ip.to_string();
     wait_answer(&node2, &[hl], deadline, |r| {
-        r.data("A") == set(&[ip.clone()])
+        r.data("A") == set(std::slice::from_ref(&ip))
     })?;
     wait_answer(&node2, &[&pod_name(pod.ip)], deadline, |r| {
-        r.data("A") == set(&[ip.clone()])
+        r.data("A") == set(std::slice::from_ref(&ip))
     })?;
     lab.del_cni_pod(0, "late-a", &pod)?;
     wait_answer(&node2, &[hl], deadline, |r| {
@@ -593,7 +581,7 @@ fn other_names_go_upstream_are_cached_and_a_silent_upstream_fails_fast() -> Resu
         let r = dig(&client2.ns, &["web.default.svc.cluster.local"])?;
         ensure!(r.data("A") == set(&[vip.to_string()]), "{}", r.text);
         ensure!(
-            t.elapsed() < Duration::from_millis(500),
+            t.elapsed() < Duration::from_secs(1),
             "in-zone answer took {:?} while upstream queries hang",
             t.elapsed()
         );
@@ -647,40 +635,6 @@ fn wait_exec(pm: &Podman, id: &str, script: &str, want: &[String]) -> Result<Str
     .with_context(|| format!("last output:\n{last}"))
 }
 
-/// Starts a busybox httpd container named `name` with podman `pm` on the tartan network,
-/// in a fresh rootfs whose page is `page`, with `extra` flags for `podman run`; its id.
-fn run_busybox(pm: &Podman, name: &str, page: &str, extra: &[&str]) -> Result<String> {
-    let rootfs = pm.dir.join(format!("rootfs-{name}"));
-    busybox_rootfs(&rootfs, page)?;
-    let rootfs_s = rootfs.to_string_lossy().into_owned();
-    let mut args = vec![
-        "run",
-        "-d",
-        "--name",
-        name,
-        "--network",
-        "tartan",
-        // As the CNI test: podman's default limits exceed what the lab may set.
-        "--ulimit",
-        "nofile=20000:20000",
-        "--ulimit",
-        "nproc=1000:1000",
-    ];
-    args.extend_from_slice(extra);
-    args.extend([
-        "--rootfs",
-        &rootfs_s,
-        "/bin/busybox",
-        "httpd",
-        "-f",
-        "-p",
-        "8080",
-        "-h",
-        "/www",
-    ]);
-    pm.run(&args)
-}
-
 /// The flags that give a container the cluster DNS settings without relying on the CNI
 /// result: only the cluster DNS, the search list of namespace `default`, `ndots:5`.
 const DNS_FLAGS: &[&str] = &[
@@ -709,9 +663,9 @@ fn podman_containers_find_services_and_pods_by_name() -> Result<()> {
     let (pm1, pm2) = (&podmans[0], &podmans[1]);
     // The server on node 2; on node 1 one client with what podman makes of the CNI result's
     // `dns` alone, and one given the settings with podman's flags.
-    let server = run_busybox(pm2, &format!("{}-srv", lab.id), "hello from node2\n", &[])?;
-    let plain = run_busybox(pm1, &format!("{}-plain", lab.id), "plain\n", &[])?;
-    let flagged = run_busybox(pm1, &format!("{}-flags", lab.id), "flags\n", DNS_FLAGS)?;
+    let server = pm2.run_busybox(&format!("{}-srv", lab.id), "hello from node2\n", &[])?;
+    let plain = pm1.run_busybox(&format!("{}-plain", lab.id), "plain\n", &[])?;
+    let flagged = pm1.run_busybox(&format!("{}-flags", lab.id), "flags\n", DNS_FLAGS)?;
     let server_ip = pm2.container_ip(&server)?;
     // The service `web`: the container on node 2 behind port 80.
     let vip = create(&lab, &["web", "--port", "http=80:8080/tcp"])?.context("cluster IP")?;

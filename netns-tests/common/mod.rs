@@ -43,6 +43,30 @@ pub fn lab_with_etcd_members(
     Ok(Some(lab))
 }
 
+/// `tartanctl service create ARGS`: the cluster IP it printed (None for a headless service)
+/// and the node ports.
+pub fn create_service(lab: &Lab, args: &[&str]) -> Result<(Option<Ipv4Addr>, Vec<u16>)> {
+    let mut full = vec!["service", "create"];
+    full.extend_from_slice(args);
+    let out = lab.tartanctl(&full)?;
+    let ip = out
+        .split("cluster IP ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .with_context(|| format!("no cluster IP in {out:?}"))?
+        .trim();
+    let ip = match ip {
+        "None" => None,
+        ip => Some(ip.parse()?),
+    };
+    let nps = out
+        .split("(node ")
+        .skip(1)
+        .filter_map(|r| r.split(')').next()?.parse().ok())
+        .collect();
+    Ok((ip, nps))
+}
+
 /// Starts a TCP echo server in `ns` on `port` that serves forever (until the namespace goes).
 #[allow(unused_imports)]
 pub use tartan::netbench::probe::tcp_echo_server as echo_server;

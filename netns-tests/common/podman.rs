@@ -121,6 +121,40 @@ impl Podman {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
+    /// Starts a busybox httpd container (port 8080) named `name` on the tartan network, in a
+    /// fresh rootfs whose page is `page`, with `extra` flags for `podman run`; its id.
+    pub fn run_busybox(&self, name: &str, page: &str, extra: &[&str]) -> Result<String> {
+        let rootfs = self.dir.join(format!("rootfs-{name}"));
+        busybox_rootfs(&rootfs, page)?;
+        let rootfs_s = rootfs.to_string_lossy().into_owned();
+        let mut args = vec![
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            "tartan",
+            // podman's default limits exceed what the lab may set.
+            "--ulimit",
+            "nofile=20000:20000",
+            "--ulimit",
+            "nproc=1000:1000",
+        ];
+        args.extend_from_slice(extra);
+        args.extend([
+            "--rootfs",
+            &rootfs_s,
+            "/bin/busybox",
+            "httpd",
+            "-f",
+            "-p",
+            "8080",
+            "-h",
+            "/www",
+        ]);
+        self.run(&args)
+    }
+
     /// The address tartan-cni gave the container (from the IPAM directory).
     pub fn container_ip(&self, id: &str) -> Result<Ipv4Addr> {
         scan_all(&self.data_dir)?
