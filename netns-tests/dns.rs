@@ -366,6 +366,15 @@ fn services_headless_services_and_pods_by_name_from_pods_and_nodes() -> Result<(
         // As a client does it: dig retries over TCP by itself.
         let r = dig(ns, &["big.default.svc.cluster.local"])?;
         ensure!(r.data("A") == set(&big), "{}", r.text);
+        // ANY: the RFC 8482 answer over UDP, the records over TCP (dig's default for ANY).
+        let r = dig(ns, &["+notcp", web, "ANY"])?;
+        ensure!(
+            r.data("HINFO") == set(&["\"RFC8482\" \"\"".to_string()]),
+            "{}",
+            r.text
+        );
+        let r = dig(ns, &[web, "ANY"])?;
+        ensure!(r.data("A") == set(&[vip.to_string()]), "{}", r.text);
         // Outside the zone with no upstream (the lab gives its nodes none): REFUSED.
         let r = dig(ns, &["example.com"])?;
         ensure!(r.is("REFUSED"), "{}", r.text);
@@ -426,7 +435,52 @@ fn created_and_deleted_services_and_pods_are_answered_on_other_nodes() -> Result
     })?;
     wait_answer(&node2, &[&pod_name(pod.ip)], deadline, |r| r.is("NXDOMAIN"))?;
     wait_answer(&node2, &["-x", &ip], deadline, |r| r.is("NXDOMAIN"))?;
+    // A restarted daemon serves again on the address it left in place; `--leave` removes it.
+    let vip = create(&lab, &["again", "--port", "80"])?.context("cluster IP")?;
+    lab.stop_daemon(1)?;
+    ensure!(dns_address_on(&lab, 1)?, "the address went with the daemon");
+    lab.start_daemon(1, &[])?;
+    wait_answer(
+        &node2,
+        &["again.default.svc.cluster.local"],
+        Duration::from_secs(30),
+        |r| r.data("A") == set(&[vip.to_string()]),
+    )
+    .with_context(|| lab.log_tail(1, 30))?;
+    lab.stop_daemon(1)?;
+    let node = &lab.nodes[1];
+    let out = ns_command(&node.ns, &lab.bins.tartand)
+        .args([
+            "--etcd-endpoints",
+            &lab.etcd_endpoint(),
+            "--node-name",
+            &node.name,
+            "--iface",
+            "eth0",
+            "--subnet-file",
+            &node.subnet_file().to_string_lossy(),
+            "--state-dir",
+            &node.dir.join("state").to_string_lossy(),
+            "--leave",
+        ])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        !dns_address_on(&lab, 1)?,
+        "the cluster DNS address outlived --leave"
+    );
     Ok(())
+}
+
+/// Whether node `i` holds the cluster DNS address (on `tartan-dns`, or on `lo` where the
+/// kernel has no dummy devices).
+fn dns_address_on(lab: &Lab, i: usize) -> Result<bool> {
+    let out = tartan::lab::ip(&["-n", &lab.nodes[i].ns, "-o", "-4", "addr", "show"])?;
+    Ok(out.contains(&format!("inet {DNS_IP}/32")))
 }
 
 /// A process killed (and reaped) when dropped.
