@@ -157,20 +157,27 @@ fn create(lab: &Lab, args: &[&str]) -> Result<Option<Ipv4Addr>> {
     create_service(lab, args).map(|(ip, _)| ip)
 }
 
-/// A lab of `n` nodes with tartand on each (`extra(i)` flags for node `i`).
-fn cluster(n: usize, extra: impl Fn(usize) -> Vec<String>) -> Result<Option<Lab>> {
+/// A lab of `n` nodes with tartand on each.
+fn cluster(n: usize) -> Result<Option<Lab>> {
     let Some(mut lab) = lab(n, NET16)? else {
         return Ok(None);
     };
-    for i in 0..n {
+    start_nodes(&mut lab, |_| Vec::new())?;
+    Ok(Some(lab))
+}
+
+/// Starts tartand on every node of `lab` (`extra(i)` flags for node `i`) and waits for
+/// their subnets.
+fn start_nodes(lab: &mut Lab, extra: impl Fn(usize) -> Vec<String>) -> Result<()> {
+    for i in 0..lab.nodes.len() {
         let args = extra(i);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         lab.start_daemon(i, &args)?;
     }
-    for i in 0..n {
+    for i in 0..lab.nodes.len() {
         lab.wait_subnet(i)?;
     }
-    Ok(Some(lab))
+    Ok(())
 }
 
 /// `10.244.1.5` → `10-244-1-5.default.pod.cluster.local.`
@@ -195,7 +202,7 @@ fn wait_zone(lab: &Lab, i: usize) -> Result<()> {
 
 #[test]
 fn services_headless_services_and_pods_by_name_from_pods_and_nodes() -> Result<()> {
-    let Some(mut lab) = cluster(2, |_| Vec::new())? else {
+    let Some(mut lab) = cluster(2)? else {
         return Ok(());
     };
     let a = lab.add_cni_pod(0, "web-a", &[("app", "web")])?;
@@ -203,9 +210,18 @@ fn services_headless_services_and_pods_by_name_from_pods_and_nodes() -> Result<(
     let client = lab.add_cni_pod(0, "client", &[])?;
     let vip = create(
         &lab,
-        &["web", "--port", "http=80:8080/tcp", "--selector", "app=web"],
+        &[
+            "web",
+            "--port",
+            "http=80:8080/tcp",
+            "--port",
+            "dns=53:5353/udp",
+            "--selector",
+            "app=web",
+        ],
     )?
     .context("web has a cluster IP")?;
+    let api = create(&lab, &["shop/api", "--port", "80"])?.context("api has a cluster IP")?;
     let headless = create(
         &lab,
         &[
@@ -278,6 +294,17 @@ fn services_headless_services_and_pods_by_name_from_pods_and_nodes() -> Result<(
             "no address of the SRV target: {}",
             r.text
         );
+        let r = dig(ns, &["_dns._udp.web.default.svc.cluster.local", "SRV"])?;
+        ensure!(
+            r.data("SRV") == set(&[format!("0 100 53 {web}")]),
+            "{}",
+            r.text
+        );
+        // Another namespace: its own name only.
+        let r = dig(ns, &["api.shop.svc.cluster.local"])?;
+        ensure!(r.data("A") == set(&[api.to_string()]), "{}", r.text);
+        let r = dig(ns, &["api.default.svc.cluster.local"])?;
+        ensure!(r.is("NXDOMAIN"), "{}", r.text);
         // Headless SRV: one per endpoint, the target port and the pod's own name.
         let r = dig(ns, &["_http._tcp.hl.default.svc.cluster.local", "SRV"])?;
         let targets: BTreeSet<(String, String)> = r
@@ -312,7 +339,7 @@ fn services_headless_services_and_pods_by_name_from_pods_and_nodes() -> Result<(
                 r.text
             );
         }
-        for name in [web, "svc.cluster.local", "default.svc.cluster.local"] {
+        for name in [web, "svc.cluster.local", "shop.svc.cluster.local"] {
             let r = dig(ns, &[name, "AAAA"])?;
             ensure!(
                 r.is("NOERROR") && r.answer.is_empty() && r.soa_of("cluster.local."),
@@ -388,7 +415,7 @@ fn set_of(rrs: &[Rr]) -> BTreeSet<Rr> {
 
 #[test]
 fn created_and_deleted_services_and_pods_are_answered_on_other_nodes() -> Result<()> {
-    let Some(mut lab) = cluster(2, |_| Vec::new())? else {
+    let Some(mut lab) = cluster(2)? else {
         return Ok(());
     };
     let deadline = Duration::from_secs(10);
@@ -493,10 +520,10 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// dnsmasq in the infra namespace on `INFRA_IP:53`, answering `example.test` (and names
-/// below it) with 192.0.2.7 for 30 s and refusing everything else.
-fn dnsmasq(lab: &Lab) -> Result<KillOnDrop> {
-    let log = std::fs::File::create(lab.dir.join("dnsmasq.log"))?;
+/// dnsmasq in the infra namespace on `INFRA_IP:port`, with `args` as its only source of
+/// names (answers for them live 30 s); killed on drop; returns once it answers.
+fn dnsmasq(lab: &Lab, port: u16, args: &[String]) -> Result<KillOnDrop> {
+    let log = std::fs::File::create(lab.dir.join(format!("dnsmasq-{port}.log")))?;
     let child = ns_command(&lab.infra, "dnsmasq")
         .args([
             "--keep-in-foreground",
@@ -509,9 +536,10 @@ fn dnsmasq(lab: &Lab) -> Result<KillOnDrop> {
             "--log-queries",
             "--log-facility=-",
             "--local-ttl=30",
-            "--address=/example.test/192.0.2.7",
         ])
         .arg(format!("--listen-address={INFRA_IP}"))
+        .arg(format!("--port={port}"))
+        .args(args)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -519,52 +547,75 @@ fn dnsmasq(lab: &Lab) -> Result<KillOnDrop> {
         .context("starting dnsmasq (install dnsmasq-base: make deps)")?;
     let guard = KillOnDrop(child);
     let infra = lab.infra.clone();
+    let (server, port) = (format!("@{INFRA_IP}"), port.to_string());
     wait_for("dnsmasq to answer", Duration::from_secs(10), || {
         let out = ns_run(
             &infra,
             "dig",
             &[
-                &format!("@{INFRA_IP}"),
+                &server,
+                "-p",
+                &port,
                 "+short",
                 "+time=1",
                 "+tries=1",
-                "example.test",
+                "-c",
+                "CH",
+                "-t",
+                "TXT",
+                "version.bind",
             ],
         )
         .ok()?;
-        (out.trim() == "192.0.2.7").then_some(())
+        out.contains("dnsmasq").then_some(())
     })?;
     Ok(guard)
 }
 
 /// Port on the infra address where every packet is dropped: an upstream that never answers.
 const BLACK_HOLE: u16 = 5454;
+/// Port of the dnsmasq that forwards everything to the cluster DNS.
+const LOOP_PORT: u16 = 5300;
 
 #[test]
 fn other_names_go_upstream_are_cached_and_a_silent_upstream_fails_fast() -> Result<()> {
-    // Node 1 forwards to dnsmasq; node 2 to itself (a loop, refused) and to a black hole.
-    let Some(mut lab) = cluster(2, |i| match i {
-        0 => vec!["--dns-upstream".into(), INFRA_IP.to_string()],
-        _ => vec![
-            "--dns-upstream".into(),
-            DNS_IP.into(),
-            "--dns-upstream".into(),
-            format!("{INFRA_IP}:{BLACK_HOLE}"),
-        ],
-    })?
-    else {
+    let Some(mut lab) = lab(3, NET16)? else {
         return Ok(());
     };
+    // The upstreams: dnsmasq with example.test and 120 addresses for many.test (more than
+    // one UDP response holds); a black hole; and a dnsmasq that sends everything back to the
+    // cluster DNS of node 3 (a forwarding loop through another resolver).
     let script = format!(
         "table inet tartan_lab_black_hole {{ chain input {{ type filter hook input priority -10; \
          udp dport {BLACK_HOLE} drop; tcp dport {BLACK_HOLE} drop; }}; }}"
     );
     ns_run(&lab.infra, "nft", &[&script])?;
-    let upstream = dnsmasq(&lab)?;
+    let mut names = vec!["--address=/example.test/192.0.2.7".to_string()];
+    let many: Vec<String> = (1..=120).map(|k| format!("192.0.2.{k}")).collect();
+    names.extend(
+        many.iter()
+            .map(|ip| format!("--host-record=many.test,{ip}")),
+    );
+    let upstream = dnsmasq(&lab, 53, &names)?;
+    let _looping = dnsmasq(&lab, LOOP_PORT, &[format!("--server={DNS_IP}")])?;
+    let node3 = lab.nodes[2].ip.to_string();
+    tartan::lab::ip(&["-n", &lab.infra, "route", "add", DNS_IP, "via", &node3])?;
+    // Node 1 forwards to dnsmasq; node 2 to itself (refused at once) and to the black hole;
+    // node 3 to the looping dnsmasq.
+    start_nodes(&mut lab, |i| match i {
+        0 => vec!["--dns-upstream".into(), INFRA_IP.to_string()],
+        1 => vec![
+            "--dns-upstream".into(),
+            DNS_IP.into(),
+            "--dns-upstream".into(),
+            format!("{INFRA_IP}:{BLACK_HOLE}"),
+        ],
+        _ => vec!["--dns-upstream".into(), format!("{INFRA_IP}:{LOOP_PORT}")],
+    })?;
     let vip = create(&lab, &["web", "--port", "80"])?.context("web has a cluster IP")?;
     let client = lab.add_cni_pod(0, "client", &[])?;
     let client2 = lab.add_cni_pod(1, "client2", &[])?;
-    for i in 0..2 {
+    for i in 0..3 {
         wait_zone(&lab, i)?;
     }
     // Forwarded (not authoritative), over UDP and TCP, with the upstream's TTL.
@@ -586,6 +637,14 @@ fn other_names_go_upstream_are_cached_and_a_silent_upstream_fails_fast() -> Resu
     }
     let r = dig(&lab.nodes[0].ns, &["www.example.test"])?;
     ensure!(r.data("A") == set(&["192.0.2.7".to_string()]), "{}", r.text);
+    // An upstream answer too large for UDP: fetched over TCP, truncated to the client over
+    // UDP, complete over TCP (and as dig asks by itself).
+    let r = dig(&client.ns, &["+ignore", "many.test"])?;
+    ensure!(r.flags.contains("tc"), "{}", r.text);
+    for args in [vec!["+tcp", "many.test"], vec!["many.test"]] {
+        let r = dig(&client.ns, &args)?;
+        ensure!(r.data("A") == set(&many), "{}", r.text);
+    }
     // What dnsmasq refuses comes back refused.
     let r = dig(&client.ns, &["example.org"])?;
     ensure!(r.is("REFUSED"), "{}", r.text);
@@ -647,6 +706,24 @@ fn other_names_go_upstream_are_cached_and_a_silent_upstream_fails_fast() -> Resu
         ensure!(r.is("SERVFAIL"), "{}", r.text);
         ensure!(took < Duration::from_secs(5), "SERVFAIL after {took:?}");
     }
+    // Node 3: the loop is found at start and that upstream dropped; forwarded names are then
+    // refused at once (no upstream left) and the zone answers.
+    let logged = wait_for("node 3 to find the loop", Duration::from_secs(10), || {
+        lab.log_tail(2, 200)
+            .contains("sends cluster DNS queries back here")
+            .then_some(())
+    });
+    logged.with_context(|| lab.log_tail(2, 40))?;
+    let t = Instant::now();
+    let r = dig(&lab.nodes[2].ns, &["example.test"])?;
+    ensure!(
+        r.is("REFUSED") && t.elapsed() < Duration::from_secs(1),
+        "{:?}: {}",
+        t.elapsed(),
+        r.text
+    );
+    let r = dig(&lab.nodes[2].ns, &["web.default.svc.cluster.local"])?;
+    ensure!(r.data("A") == set(&[vip.to_string()]), "{}", r.text);
     let t = Instant::now();
     let r = dig(&lab.nodes[1].ns, &["+time=8", "+tcp", "silent.example"])?;
     ensure!(r.is("SERVFAIL"), "{}", r.text);
