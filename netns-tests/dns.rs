@@ -475,27 +475,7 @@ fn created_and_deleted_services_and_pods_are_answered_on_other_nodes() -> Result
     )
     .with_context(|| lab.log_tail(1, 30))?;
     lab.stop_daemon(1)?;
-    let node = &lab.nodes[1];
-    let out = ns_command(&node.ns, &lab.bins.tartand)
-        .args([
-            "--etcd-endpoints",
-            &lab.etcd_endpoint(),
-            "--node-name",
-            &node.name,
-            "--iface",
-            "eth0",
-            "--subnet-file",
-            &node.subnet_file().to_string_lossy(),
-            "--state-dir",
-            &node.dir.join("state").to_string_lossy(),
-            "--leave",
-        ])
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    lab.leave(1)?;
     ensure!(
         !dns_address_on(&lab, 1)?,
         "the cluster DNS address outlived --leave"

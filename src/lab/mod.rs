@@ -690,10 +690,31 @@ impl Lab {
         self.tartanctl(&full).map(|_| ())
     }
 
+    /// The flags that tell tartand which node of the lab it is: etcd (with TLS when on),
+    /// node name, interface, subnet.env and state directory.
+    fn node_args(&self, i: usize) -> Vec<String> {
+        let n = &self.nodes[i];
+        let mut args: Vec<String> = [
+            "--etcd-endpoints",
+            &self.etcd_endpoint(),
+            "--node-name",
+            &n.name,
+            "--iface",
+            "eth0",
+            "--subnet-file",
+            &n.subnet_file().to_string_lossy(),
+            "--state-dir",
+            &n.dir.join("state").to_string_lossy(),
+        ]
+        .map(String::from)
+        .into();
+        args.extend(self.tls_client_args(true));
+        args
+    }
+
     /// Starts tartand on node `i` with the lab defaults plus `extra` flags.
     pub fn start_daemon(&mut self, i: usize, extra: &[&str]) -> Result<()> {
-        let endpoint = self.etcd_endpoint();
-        let tls = self.tls_client_args(true);
+        let node_args = self.node_args(i);
         let tartand = self.bins.tartand.clone();
         let n = &mut self.nodes[i];
         if n.daemon.is_some() {
@@ -721,17 +742,8 @@ impl Lab {
                 "RUST_LOG",
                 std::env::var("TARTAN_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .args(&node_args)
             .args([
-                "--etcd-endpoints",
-                &endpoint,
-                "--node-name",
-                &n.name,
-                "--iface",
-                "eth0",
-                "--subnet-file",
-                &n.subnet_file().to_string_lossy(),
-                "--state-dir",
-                &n.dir.join("state").to_string_lossy(),
                 "--resync-secs",
                 "5",
                 "--cni-conf-dir",
@@ -741,7 +753,6 @@ impl Lab {
                 "--cni-socket",
                 &n.cni_socket().to_string_lossy(),
             ])
-            .args(&tls)
             .args(&dns)
             .args(extra)
             .stdin(Stdio::null())
@@ -775,6 +786,15 @@ impl Lab {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Runs `tartand --leave` on node `i` (its daemon stopped) with the lab's paths for it;
+    /// fails with its stderr.
+    pub fn leave(&self, i: usize) -> Result<()> {
+        run(ns_command(&self.nodes[i].ns, &self.bins.tartand)
+            .args(self.node_args(i))
+            .arg("--leave"))
+        .map(|_| ())
     }
 
     /// Kills tartand on node `i` with SIGKILL, as a crash or the OOM killer would, and reaps it.
