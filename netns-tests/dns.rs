@@ -483,8 +483,7 @@ fn created_and_deleted_services_and_pods_are_answered_on_other_nodes() -> Result
     Ok(())
 }
 
-/// Whether node `i` holds the cluster DNS address (on `tartan-dns`, or on `lo` where the
-/// kernel has no dummy devices).
+/// Whether node `i` holds the cluster DNS address (tartand puts it on `lo`).
 fn dns_address_on(lab: &Lab, i: usize) -> Result<bool> {
     let out = tartan::lab::ip(&["-n", &lab.nodes[i].ns, "-o", "-4", "addr", "show"])?;
     Ok(out.contains(&format!("inet {DNS_IP}/32")))
