@@ -568,27 +568,8 @@ fn node_leave_releases_subnet_and_removes_dataplane() -> Result<()> {
     // `tartand --leave` on a node whose daemon is stopped does the same locally.
     lab.stop_daemon(1)?;
     let s2 = lab.wait_subnet(1)?;
+    lab.leave(1)?;
     let node = &lab.nodes[1];
-    let out = tartan::lab::ns_command(&node.ns, &lab.bins.tartand)
-        .args([
-            "--etcd-endpoints",
-            &lab.etcd_endpoint(),
-            "--node-name",
-            &node.name,
-            "--iface",
-            "eth0",
-            "--subnet-file",
-            &node.subnet_file().to_string_lossy(),
-            "--state-dir",
-            &node.dir.join("state").to_string_lossy(),
-            "--leave",
-        ])
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     ensure!(ip(&["-n", &node.ns, "link", "show", "tartan.1"]).is_err());
     let v = lab.etcdctl(&["get", "--print-value-only", &subnet_key(s2)])?;
     ensure!(v.trim().is_empty(), "subnet key still there: {v}");

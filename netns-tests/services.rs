@@ -43,22 +43,8 @@ fn pod(lab: &mut Lab, i: usize, k: u8, labels: &[(&str, &str)]) -> Result<(LabPo
 
 /// `tartanctl service create ARGS`; returns the cluster IP and the node ports it printed.
 fn create(lab: &Lab, args: &[&str]) -> Result<(Ipv4Addr, Vec<u16>)> {
-    let mut full = vec!["service", "create"];
-    full.extend_from_slice(args);
-    let out = lab.tartanctl(&full)?;
-    let ip = out
-        .split("cluster IP ")
-        .nth(1)
-        .and_then(|r| r.split(',').next())
-        .context("no cluster IP in output")?
-        .trim()
-        .parse()?;
-    let nps = out
-        .split("(node ")
-        .skip(1)
-        .filter_map(|r| r.split(')').next()?.parse().ok())
-        .collect();
-    Ok((ip, nps))
+    let (ip, nps) = create_service(lab, args)?;
+    Ok((ip.context("the service is headless")?, nps))
 }
 
 /// Waits until `ns` reaches `ip:port` and gets an answer.

@@ -8,6 +8,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tartan::lab::{Binaries, Lab, in_netns};
 
+pub mod podman;
+
 /// The binaries cargo built for this test run.
 pub fn bins() -> Binaries {
     tartan::built_binaries!()
@@ -39,6 +41,30 @@ pub fn lab_with_etcd_members(
     lab.start_etcd()?;
     lab.init_network(network_args)?;
     Ok(Some(lab))
+}
+
+/// `tartanctl service create ARGS`: the cluster IP it printed (None for a headless service)
+/// and the node ports.
+pub fn create_service(lab: &Lab, args: &[&str]) -> Result<(Option<Ipv4Addr>, Vec<u16>)> {
+    let mut full = vec!["service", "create"];
+    full.extend_from_slice(args);
+    let out = lab.tartanctl(&full)?;
+    let ip = out
+        .split("cluster IP ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .with_context(|| format!("no cluster IP in {out:?}"))?
+        .trim();
+    let ip = match ip {
+        "None" => None,
+        ip => Some(ip.parse()?),
+    };
+    let nps = out
+        .split("(node ")
+        .skip(1)
+        .filter_map(|r| r.split(')').next()?.parse().ok())
+        .collect();
+    Ok((ip, nps))
 }
 
 /// Starts a TCP echo server in `ns` on `port` that serves forever (until the namespace goes).

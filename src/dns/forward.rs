@@ -330,6 +330,8 @@ fn response_for(query: &Message, up: &Message, transport: Transport) -> Vec<u8> 
     r.metadata.id = query.metadata.id;
     r.metadata.recursion_desired = query.metadata.recursion_desired;
     r.metadata.recursion_available = true;
+    // We are no authority for what we forward (nor for what we answer from the cache).
+    r.metadata.authoritative = false;
     r.metadata.truncation = up.metadata.truncation;
     r.queries = query.queries.clone();
     r.edns = query.edns.as_ref().map(|_| {
@@ -532,6 +534,22 @@ mod tests {
                 "[2001:db8::1]:53".parse().unwrap()
             ]
         );
+    }
+
+    #[test]
+    fn forwarded_answers_are_never_authoritative() {
+        let mut q = Message::query();
+        q.metadata.id = 7;
+        q.add_query(Query::query(
+            Name::from_ascii("example.test.").unwrap(),
+            RecordType::A,
+        ));
+        let mut up = empty_response(ResponseCode::NoError);
+        up.metadata.authoritative = true;
+        let r = Message::from_vec(&response_for(&q, &up, Transport::Udp)).unwrap();
+        assert_eq!(r.metadata.id, 7);
+        assert!(!r.metadata.authoritative);
+        assert!(r.metadata.recursion_available);
     }
 
     #[test]

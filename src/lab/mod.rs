@@ -690,10 +690,31 @@ impl Lab {
         self.tartanctl(&full).map(|_| ())
     }
 
+    /// The flags that tell tartand which node of the lab it is: etcd (with TLS when on),
+    /// node name, interface, subnet.env and state directory.
+    fn node_args(&self, i: usize) -> Vec<String> {
+        let n = &self.nodes[i];
+        let mut args: Vec<String> = [
+            "--etcd-endpoints",
+            &self.etcd_endpoint(),
+            "--node-name",
+            &n.name,
+            "--iface",
+            "eth0",
+            "--subnet-file",
+            &n.subnet_file().to_string_lossy(),
+            "--state-dir",
+            &n.dir.join("state").to_string_lossy(),
+        ]
+        .map(String::from)
+        .into();
+        args.extend(self.tls_client_args(true));
+        args
+    }
+
     /// Starts tartand on node `i` with the lab defaults plus `extra` flags.
     pub fn start_daemon(&mut self, i: usize, extra: &[&str]) -> Result<()> {
-        let endpoint = self.etcd_endpoint();
-        let tls = self.tls_client_args(true);
+        let node_args = self.node_args(i);
         let tartand = self.bins.tartand.clone();
         let n = &mut self.nodes[i];
         if n.daemon.is_some() {
@@ -703,22 +724,26 @@ impl Lab {
             .create(true)
             .append(true)
             .open(n.log_file())?;
+        // The cluster DNS forwards to the host's resolvers unless told otherwise: in the lab
+        // it gets none (names outside the zone are REFUSED), so no query leaves for an
+        // address outside the lab; a test that wants an upstream passes its own flag.
+        let mut dns = Vec::new();
+        if !extra
+            .iter()
+            .any(|a| a.starts_with("--dns-upstream") || a.starts_with("--dns-resolv-conf"))
+        {
+            let resolv = n.dir.join("resolv.conf");
+            std::fs::write(&resolv, "# the lab's nodes have no upstream resolver\n")?;
+            dns.push("--dns-resolv-conf".to_string());
+            dns.push(resolv.to_string_lossy().into_owned());
+        }
         let child = ns_command(&n.ns, &tartand)
             .env(
                 "RUST_LOG",
                 std::env::var("TARTAN_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .args(&node_args)
             .args([
-                "--etcd-endpoints",
-                &endpoint,
-                "--node-name",
-                &n.name,
-                "--iface",
-                "eth0",
-                "--subnet-file",
-                &n.subnet_file().to_string_lossy(),
-                "--state-dir",
-                &n.dir.join("state").to_string_lossy(),
                 "--resync-secs",
                 "5",
                 "--cni-conf-dir",
@@ -728,7 +753,7 @@ impl Lab {
                 "--cni-socket",
                 &n.cni_socket().to_string_lossy(),
             ])
-            .args(&tls)
+            .args(&dns)
             .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -761,6 +786,15 @@ impl Lab {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Runs `tartand --leave` on node `i` (its daemon stopped) with the lab's paths for it;
+    /// fails with its stderr.
+    pub fn leave(&self, i: usize) -> Result<()> {
+        run(ns_command(&self.nodes[i].ns, &self.bins.tartand)
+            .args(self.node_args(i))
+            .arg("--leave"))
+        .map(|_| ())
     }
 
     /// Kills tartand on node `i` with SIGKILL, as a crash or the OOM killer would, and reaps it.

@@ -201,7 +201,7 @@ fn web() -> Service {
     Service {
         namespace: "default".into(),
         name: "web".into(),
-        cluster_ip: Ipv4Addr::new(10, 96, 0, 10),
+        cluster_ip: Ipv4Addr::new(10, 96, 0, 100),
         ports: vec!["80:8080/tcp".parse().unwrap()],
         selector: Some([("app".to_string(), "web".to_string())].into()),
         session_affinity: SessionAffinity::None,

@@ -67,7 +67,7 @@ fn service_then_pods_then_removal() {
     let mut st = ServiceState::new(ctx());
     st.change(ModelChange::PutService(
         "/s/web".into(),
-        svc("web", [10, 96, 0, 10], "web"),
+        svc("web", [10, 96, 0, 100], "web"),
     ));
     let p = st.plan();
     assert_eq!(adds(&p, SetName::NoEndpoints), 1);
@@ -153,12 +153,12 @@ fn conflicting_cluster_ip_is_skipped_with_a_warning() {
     let mut st = ServiceState::new(ctx());
     st.change(ModelChange::PutService(
         "/s/a".into(),
-        svc("a", [10, 96, 0, 10], "a"),
+        svc("a", [10, 96, 0, 100], "a"),
     ));
     st.plan();
     st.change(ModelChange::PutService(
         "/s/b".into(),
-        svc("b", [10, 96, 0, 10], "b"),
+        svc("b", [10, 96, 0, 100], "b"),
     ));
     let p = st.plan();
     assert_eq!(p.warnings.len(), 1);
@@ -176,7 +176,7 @@ fn full_plan_flushes_then_adds() {
     let mut st = ServiceState::new(ctx());
     st.change(ModelChange::PutService(
         "/s/web".into(),
-        svc("web", [10, 96, 0, 10], "web"),
+        svc("web", [10, 96, 0, 100], "web"),
     ));
     let (k, p) = pod("a", [10, 244, 1, 2], "n1", "web");
     st.change(ModelChange::PutPod(k, p));
@@ -291,7 +291,7 @@ fn refused_addresses_are_skipped_and_reported() {
 #[test]
 fn node_port_conflict_is_named_in_words() {
     let mut st = ServiceState::new(ctx());
-    let mut a = svc("a", [10, 96, 0, 10], "a");
+    let mut a = svc("a", [10, 96, 0, 100], "a");
     a.ports[0].node_port = Some(30001);
     let mut b = svc("b", [10, 96, 0, 11], "b");
     b.ports[0].node_port = Some(30001);
@@ -326,7 +326,7 @@ fn big_service_endpoint_change_touches_only_its_share() {
     let mut st = ServiceState::new(ctx());
     st.change(ModelChange::PutService(
         "/s/big".into(),
-        svc("big", [10, 96, 0, 10], "big"),
+        svc("big", [10, 96, 0, 100], "big"),
     ));
     big(&mut st, "big", 1000);
     let p = st.plan();
