@@ -406,6 +406,33 @@ fn services_headless_services_and_pods_by_name_from_pods_and_nodes() -> Result<(
         let r = dig(ns, &["example.com"])?;
         ensure!(r.is("REFUSED"), "{}", r.text);
     }
+    // tartanctl on node 1: the lookup names its source, explain the DNS and its counters.
+    let node = lab.nodes[0].ns.clone();
+    let ctl = lab.bins.tartanctl.clone();
+    let out = tartan::lab::ns_run(&node, &ctl, &["dns", "lookup", "web", "--node", "node1"])?;
+    ensure!(
+        out.contains("NOERROR") && out.contains("from service") && out.contains(&vip.to_string()),
+        "dns lookup web:\n{out}"
+    );
+    let out = tartan::lab::ns_run(&node, &ctl, &["dns", "lookup", "nope"])?;
+    ensure!(
+        out.contains("NXDOMAIN") && out.contains("authority:"),
+        "dns lookup nope:\n{out}"
+    );
+    let out = tartan::lab::ns_run(&node, &ctl, &["dns", "lookup", &pod_name(b.ip)])?;
+    ensure!(out.contains("from pod"), "dns lookup of a pod:\n{out}");
+    let out = tartan::lab::ns_run(&node, &ctl, &["explain"])?;
+    ensure!(
+        out.contains("The cluster DNS answers at 10.96.0.10:53 for cluster.local.")
+            && out.contains("NOERROR")
+            && out.contains("NXDOMAIN"),
+        "explain:\n{out}"
+    );
+    let out = lab.tartanctl(&["service", "list"])?;
+    ensure!(
+        out.contains("web.default.svc.cluster.local") && out.contains("None"),
+        "service list:\n{out}"
+    );
     Ok(())
 }
 
