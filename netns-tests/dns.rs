@@ -408,7 +408,7 @@ fn services_headless_services_and_pods_by_name_from_pods_and_nodes() -> Result<(
     }
     // tartanctl on node 1: the lookup names its source, explain the DNS and its counters.
     let node = lab.nodes[0].ns.clone();
-    let ctl = lab.bins.tartanctl.clone();
+    let ctl = lab.bins.tartanctl.to_string_lossy().into_owned();
     let out = tartan::lab::ns_run(&node, &ctl, &["dns", "lookup", "web", "--node", "node1"])?;
     ensure!(
         out.contains("NOERROR") && out.contains("from service") && out.contains(&vip.to_string()),
