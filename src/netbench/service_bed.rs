@@ -68,9 +68,10 @@ impl NatKind {
     }
 }
 
-/// The cluster IP of service number `i` (0-based) in a bench table.
+/// The cluster IP of service number `i` (0-based) in a bench table: from 10.96.0.16 up,
+/// past the address the guard reserves for the cluster DNS (10.96.0.10).
 pub fn vip(i: u32) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + 10 + i)
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + 16 + i)
 }
 
 /// One variant: namespaces and the measured service's address.
