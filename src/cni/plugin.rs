@@ -746,3 +746,27 @@ pub fn log(line: &str) {
         let _ = f.write_all(line.as_bytes());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_result_dns_names_the_cluster_dns_and_the_namespace_search_list() {
+        let d = crate::model::subnet_env::ClusterDns {
+            ip: Ipv4Addr::new(10, 96, 0, 10),
+            domain: "cluster.local".into(),
+        };
+        let v = result_dns(&d, "shop");
+        assert_eq!(v["nameservers"], serde_json::json!(["10.96.0.10"]));
+        assert_eq!(
+            v["search"],
+            serde_json::json!([
+                "shop.svc.cluster.local",
+                "svc.cluster.local",
+                "cluster.local"
+            ])
+        );
+        assert_eq!(v["options"], serde_json::json!(["ndots:5"]));
+    }
+}
