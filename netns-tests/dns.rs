@@ -774,18 +774,9 @@ fn wait_exec(pm: &Podman, id: &str, script: &str, want: &[String]) -> Result<Str
 
 /// The flags that give a container the cluster DNS settings without relying on the CNI
 /// result: only the cluster DNS, the search list of namespace `default`, `ndots:5`.
-const DNS_FLAGS: &[&str] = &[
-    "--dns",
-    DNS_IP,
-    "--dns-search",
-    "default.svc.cluster.local",
-    "--dns-search",
-    "svc.cluster.local",
-    "--dns-search",
-    "cluster.local",
-    "--dns-option",
-    "ndots:5",
-];
+/// The resolv.conf a pod of namespace `default` should have (what the CNI result's `dns` and
+/// the kubelet say).
+const CLUSTER_RESOLV_CONF: &str = "nameserver 10.96.0.10\nsearch default.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n";
 
 #[test]
 fn podman_containers_find_services_and_pods_by_name() -> Result<()> {
@@ -802,7 +793,14 @@ fn podman_containers_find_services_and_pods_by_name() -> Result<()> {
     // `dns` alone, and one given the settings with podman's flags.
     let server = pm2.run_busybox(&format!("{}-srv", lab.id), "hello from node2\n", &[])?;
     let plain = pm1.run_busybox(&format!("{}-plain", lab.id), "plain\n", &[])?;
-    let flagged = pm1.run_busybox(&format!("{}-flags", lab.id), "flags\n", DNS_FLAGS)?;
+    // podman's own handling of resolv.conf (from the result, or from --dns flags) differs
+    // between machines: on a freshly installed Debian 12 root, with --rootfs, it wrote the
+    // host's file whatever it was told. So the settings go in as a bind mount, the way a
+    // runtime that writes resolv.conf itself (the kubelet) hands them to a container.
+    let resolv_path = lab.dir.join("cluster-resolv.conf");
+    std::fs::write(&resolv_path, CLUSTER_RESOLV_CONF)?;
+    let mount = format!("{}:/etc/resolv.conf:ro", resolv_path.display());
+    let flagged = pm1.run_busybox(&format!("{}-flags", lab.id), "flags\n", &["-v", &mount])?;
     let server_ip = pm2.container_ip(&server)?;
     // The service `web`: the container on node 2 behind port 80.
     let vip = create(&lab, &["web", "--port", "http=80:8080/tcp"])?.context("cluster IP")?;
@@ -832,7 +830,7 @@ fn podman_containers_find_services_and_pods_by_name() -> Result<()> {
         if applied { "applied" } else { "not applied" }
     );
     let resolv = resolv_conf(pm1, &flagged)?;
-    eprintln!("podman's /etc/resolv.conf with {DNS_FLAGS:?}:\n{resolv}");
+    eprintln!("podman's /etc/resolv.conf with the bind mount:\n{resolv}");
     let lines: BTreeSet<&str> = resolv.lines().map(str::trim).collect();
     ensure!(
         lines
