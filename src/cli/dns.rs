@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use anyhow::{Result, bail};
 
 use crate::api::status::DnsLookupReport;
-use crate::cli::explain::get_json;
+use crate::cli::explain::{check_node, get_json, print_report};
 
 /// `tartanctl dns ...`.
 #[derive(clap::Subcommand, Debug)]
@@ -94,20 +94,8 @@ pub async fn run(cmd: DnsCmd) -> Result<()> {
     let full = qualify(&name, &namespace, &cluster_domain);
     let path = format!("/dns?name={}&type={t}", encode_query(&full));
     let r: DnsLookupReport = get_json(status_addr, &path).await?;
-    if let Some(n) = node
-        && n != r.node
-    {
-        bail!(
-            "the daemon at {status_addr} is node {:?}, not {n:?}; run this on {n} or point --status-addr at it",
-            r.node
-        );
-    }
-    if json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
-    } else {
-        print!("{}", render(&r));
-    }
-    Ok(())
+    check_node(node.as_deref(), &r.node, status_addr)?;
+    print_report(&r, json, render)
 }
 
 /// Percent-encodes what a query string value cannot carry as is.

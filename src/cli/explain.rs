@@ -231,18 +231,28 @@ const MAX_LISTED: usize = 50;
 /// Runs `explain`.
 pub async fn run(node: Option<&str>, addr: SocketAddr, json: bool) -> Result<()> {
     let r = fetch(addr).await?;
-    if let Some(n) = node
-        && n != r.node
+    check_node(node, &r.node, addr)?;
+    print_report(&r, json, render)
+}
+
+/// Fails when `--node` names another node than the daemon at `addr` is.
+pub fn check_node(want: Option<&str>, is: &str, addr: SocketAddr) -> Result<()> {
+    if let Some(n) = want
+        && n != is
     {
         bail!(
-            "the daemon at {addr} is node {:?}, not {n:?}; run explain on {n} or point --status-addr at it",
-            r.node
+            "the daemon at {addr} is node {is:?}, not {n:?}; run this on {n} or point --status-addr at it"
         );
     }
+    Ok(())
+}
+
+/// Prints `r` as JSON or in words.
+pub fn print_report<T: serde::Serialize>(r: &T, json: bool, words: fn(&T) -> String) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        println!("{}", serde_json::to_string_pretty(r)?);
     } else {
-        print!("{}", render(&r));
+        print!("{}", words(r));
     }
     Ok(())
 }

@@ -172,12 +172,14 @@ impl Forwarder {
             self.metrics.overload.inc();
             self.log
                 .warn("DNS forward queue full; answering SERVFAIL to forwarded names");
-            send(
-                job.reply,
-                crate::dns::answer::servfail(&job.msg, job.transport).bytes,
-            );
+            fail(&job.msg, job.transport, job.reply);
         }
     }
+}
+
+/// Answers SERVFAIL to a query that will not be forwarded.
+fn fail(msg: &Message, transport: Transport, to: ReplyTo) {
+    send(to, crate::dns::answer::servfail(msg, transport).bytes);
 }
 
 fn send(to: ReplyTo, bytes: Vec<u8>) {
@@ -217,10 +219,7 @@ impl ForwarderTask {
         {
             *seen = true;
             drop(st);
-            send(
-                job.reply,
-                crate::dns::answer::servfail(&job.msg, job.transport).bytes,
-            );
+            fail(&job.msg, job.transport, job.reply);
             return;
         }
         if st.upstreams.is_empty() {
@@ -256,10 +255,7 @@ impl ForwarderTask {
             }
             drop(st);
             self.metrics.overload.inc();
-            send(
-                job.reply,
-                crate::dns::answer::servfail(&job.msg, job.transport).bytes,
-            );
+            fail(&job.msg, job.transport, job.reply);
             return;
         }
         if st.inflight.len() >= self.cfg.max_inflight {
@@ -267,10 +263,7 @@ impl ForwarderTask {
             self.metrics.overload.inc();
             self.log
                 .warn("too many DNS questions in flight upstream; answering SERVFAIL");
-            send(
-                job.reply,
-                crate::dns::answer::servfail(&job.msg, job.transport).bytes,
-            );
+            fail(&job.msg, job.transport, job.reply);
             return;
         }
         let start = st.next;
