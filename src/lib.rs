@@ -4,9 +4,9 @@
 //! `util` (no tartan dependencies) · `model` (records: parse and validate) · `store` (etcd,
 //! reflector) · `kernel` (netlink, nftables) · `metrics` · `node` (this node's subnet and
 //! liveness) · `overlay` (peers → VXLAN neighbours, FDB, routes) · `proxy` (services → the
-//! nftables service table) · `cni` (the plugin) · `api` (what the daemon tells the CLI) ·
-//! `daemon` (wiring) · `cli` (tartanctl) · `lab` and `netbench` (network-namespace clusters for
-//! tests and benchmarks, behind the `lab` feature).
+//! nftables service table) · `ingress` (HTTP routes by host and path) · `cni` (the plugin) ·
+//! `api` (what the daemon tells the CLI) · `daemon` (wiring) · `cli` (tartanctl) · `lab` and
+//! `netbench` (network-namespace clusters for tests and benchmarks, behind the `lab` feature).
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -14,6 +14,7 @@ pub mod cli;
 pub mod cni;
 pub mod daemon;
 pub mod dns;
+pub mod ingress;
 pub mod kernel;
 #[cfg(feature = "lab")]
 pub mod lab;
