@@ -1,7 +1,7 @@
 //! Every etcd key and prefix tartan reads or writes, in one place. flannel's keys live under
 //! `--etcd-prefix` (`/coreos.com/network`: `config`, `subnets/<a-b-c-d-len>`); tartan's own
 //! under `--tartan-prefix` (`/tartan`: nodes, pods, services, endpoints, allocations, leave
-//! requests).
+//! requests, ingress routes and certificates).
 
 use std::net::Ipv4Addr;
 
@@ -100,4 +100,24 @@ pub fn cluster_ip_alloc_key(keys: &EtcdArgs, ip: Ipv4Addr) -> String {
 /// The allocation record of a node port.
 pub fn node_port_alloc_key(keys: &EtcdArgs, proto: Protocol, port: u16) -> String {
     keys.tartan_key(&format!("alloc/nodeport/{proto}/{port}"))
+}
+
+/// The etcd prefix of ingress routes.
+pub fn ingress_routes_prefix(keys: &EtcdArgs) -> String {
+    keys.tartan_key("ingress/routes/")
+}
+
+/// The key of an ingress route.
+pub fn ingress_route_key(keys: &EtcdArgs, name: &str) -> String {
+    format!("{}{name}", ingress_routes_prefix(keys))
+}
+
+/// The etcd prefix of ingress TLS certificates.
+pub fn ingress_certs_prefix(keys: &EtcdArgs) -> String {
+    keys.tartan_key("ingress/certs/")
+}
+
+/// The key of an ingress TLS certificate.
+pub fn ingress_cert_key(keys: &EtcdArgs, name: &str) -> String {
+    format!("{}{name}", ingress_certs_prefix(keys))
 }
