@@ -41,6 +41,9 @@ enum Cmd {
         #[command(subcommand)]
         cmd: cli::service::EndpointsCmd,
     },
+    /// HTTP ingress: routes by host and path to services, and TLS certificates.
+    #[command(subcommand)]
+    Ingress(cli::ingress::IngressCmd),
     /// The cluster DNS of a node.
     #[command(subcommand)]
     Dns(cli::dns::DnsCmd),
@@ -89,6 +92,7 @@ fn main() -> std::process::ExitCode {
             Cmd::Endpoints { range, cmd } => {
                 cli::service::run_endpoints(&cli.etcd, &range, cmd).await
             }
+            Cmd::Ingress(c) => cli::ingress::run(&cli.etcd, c).await,
             Cmd::Dns(c) => cli::dns::run(c).await,
             Cmd::Explain {
                 node,

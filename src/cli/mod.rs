@@ -2,6 +2,7 @@
 
 pub mod dns;
 pub mod explain;
+pub mod ingress;
 pub mod network;
 pub mod node;
 pub mod nodes;
