@@ -651,6 +651,7 @@ fn main() -> Result<()> {
         );
     }
     let sets = query_files(&lab.dir)?;
+    let rss_started = vm_rss_kb();
     println!(
         "saturation: dnsperf {}",
         dnsperf_args(Ipv4Addr::UNSPECIFIED, Path::new("FILE"), cfg.secs, None).join(" ")
@@ -711,6 +712,14 @@ fn main() -> Result<()> {
         }
     }
     report(&results, &sets, &cfg);
+    if _tartan.is_some() {
+        println!(
+            "memory: VmRSS +{:.1} MiB over the runs (tartan's UDP answer caches fill; bounded \
+             at {} entries of at most 812 bytes)",
+            vm_rss_kb().saturating_sub(rss_started) as f64 / 1024.0,
+            s.server_config().answer_cache,
+        );
+    }
     drop(daemons);
     drop(_tartan);
     drop(lab);

@@ -896,3 +896,174 @@ fn podman_containers_find_services_and_pods_by_name() -> Result<()> {
     }
     Ok(())
 }
+
+/// tartand's resident memory (KiB) and open file descriptors on node `i`.
+fn daemon_footprint(lab: &mut Lab, i: usize) -> Result<(u64, usize)> {
+    let pid = lab.nodes[i]
+        .daemon
+        .as_ref()
+        .context("tartand is not running")?
+        .id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS")?;
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
+    Ok((rss, fds))
+}
+
+/// `dnsperf` in `ns` against the cluster DNS in the background; its report on wait.
+fn dnsperf_flood(ns: &str, file: &std::path::Path, args: &[&str]) -> Result<Child> {
+    ns_command(ns, "dnsperf")
+        .args(["-s", DNS_IP, "-d"])
+        .arg(file)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting dnsperf (install dnsperf: make deps)")
+}
+
+/// "Queries completed: N" from a dnsperf report.
+fn completed(report: &str) -> Option<u64> {
+    report
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Queries completed:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+#[test]
+fn a_query_flood_starves_neither_the_zone_nor_the_proxy_nor_the_overlay() -> Result<()> {
+    let Some(mut lab) = lab(3, NET16)? else {
+        return Ok(());
+    };
+    // Node 1 forwards to an upstream that never answers; nodes 1 and 2 run, node 3 joins
+    // during the flood.
+    let script = format!(
+        "table inet tartan_lab_black_hole {{ chain input {{ type filter hook input priority -10; \
+         udp dport {BLACK_HOLE} drop; tcp dport {BLACK_HOLE} drop; }}; }}"
+    );
+    ns_run(&lab.infra, "nft", &[&script])?;
+    let silent = format!("{INFRA_IP}:{BLACK_HOLE}");
+    for i in 0..2 {
+        lab.start_daemon(i, &["--dns-upstream", &silent])?;
+    }
+    for i in 0..2 {
+        lab.wait_subnet(i)?;
+    }
+    let vip = create(&lab, &["web", "--port", "80"])?.context("web has a cluster IP")?;
+    let client = lab.add_cni_pod(0, "client", &[])?;
+    wait_zone(&lab, 0)?;
+    let (rss0, fds0) = daemon_footprint(&mut lab, 0)?;
+
+    // Two floods from node 1's own namespace, 25 s each: 50,000 distinct names that go
+    // upstream (far more than the 1,024 questions allowed in flight and the 4,096-query
+    // queue), and the zone's names as fast as dnsperf sends them.
+    let mut upstream_names = String::new();
+    for k in 0..50_000 {
+        upstream_names.push_str(&format!("f{k}.flood.example A\n"));
+    }
+    let upstream_file = lab.dir.join("flood-upstream");
+    std::fs::write(&upstream_file, upstream_names)?;
+    let zone_file = lab.dir.join("flood-zone");
+    std::fs::write(
+        &zone_file,
+        "web.default.svc.cluster.local A\ncluster.local SOA\nnx.default.svc.cluster.local A\n",
+    )?;
+    let node1 = lab.nodes[0].ns.clone();
+    let flood_up = dnsperf_flood(
+        &node1,
+        &upstream_file,
+        &["-c", "4", "-q", "10000", "-t", "1", "-l", "25"],
+    )?;
+    let flood_zone = dnsperf_flood(&node1, &zone_file, &["-c", "2", "-q", "500", "-l", "25"])?;
+    let flood_start = Instant::now();
+    std::thread::sleep(Duration::from_secs(3)); // let the floods reach their peak
+
+    // During the flood: zone answers keep coming (dig retries what the full socket drops).
+    for _ in 0..5 {
+        wait_answer(
+            &client.ns,
+            &["+time=1", "+tries=3", "web.default.svc.cluster.local"],
+            Duration::from_secs(10),
+            |a| a.data("A") == set(&[vip.to_string()]),
+        )?;
+    }
+    // The proxy loop programs a new service with a backend on node 2, reached from node 1.
+    let backend = lab.add_cni_pod(1, "late1", &[("app", "late")])?;
+    echo_server(&backend.ns, 9000)?;
+    let late = create(&lab, &["late", "--port", "9000", "--selector", "app=late"])?
+        .context("late has a cluster IP")?;
+    wait_tcp_echo(&client.ns, late, 9000, Duration::from_secs(30))?;
+    // The catalog answers the new name.
+    wait_answer(
+        &client.ns,
+        &["+time=1", "+tries=3", "late.default.svc.cluster.local"],
+        Duration::from_secs(10),
+        |a| a.data("A") == set(&[late.to_string()]),
+    )?;
+    // The overlay loop adds a node that joins now.
+    lab.start_daemon(2, &["--dns-upstream", &silent])?;
+    let subnet3 = lab.wait_subnet(2)?;
+    let needle = format!("{subnet3} via");
+    wait_for(
+        "node 1 to route to node 3's subnet",
+        Duration::from_secs(30),
+        || {
+            let r = tartan::lab::ip(&["-n", &node1, "route", "show", "proto", "157"]).ok()?;
+            r.contains(&needle).then_some(())
+        },
+    )?;
+    let during = flood_start.elapsed();
+
+    let up = flood_up.wait_with_output()?;
+    let zone = flood_zone.wait_with_output()?;
+    let (up, zone) = (
+        String::from_utf8_lossy(&up.stdout).into_owned(),
+        String::from_utf8_lossy(&zone.stdout).into_owned(),
+    );
+    ensure!(
+        during < Duration::from_secs(25),
+        "the checks took {during:?}, longer than the flood; they did not run under it"
+    );
+    // The zone flood was answered (thousands per second), the upstream flood was refused
+    // fast (SERVFAIL from the full queue) rather than piling up.
+    let answered = completed(&zone).context("no dnsperf report for the zone flood")?;
+    ensure!(
+        answered > 25_000,
+        "zone flood: only {answered} answered:\n{zone}"
+    );
+    ensure!(
+        completed(&up).unwrap_or(0) > 0 && up.contains("SERVFAIL"),
+        "upstream flood:\n{up}"
+    );
+    let overload = metric(&node1, "tartan_dns_overload_total").unwrap_or(0.0);
+    ensure!(overload > 0.0, "the queue limits were never reached");
+    // Bounded: memory and descriptors, and a log line per 10 s, not per query.
+    let (rss, fds) = daemon_footprint(&mut lab, 0)?;
+    ensure!(
+        rss < rss0 + 100 * 1024,
+        "tartand grew from {rss0} KiB to {rss} KiB under the flood"
+    );
+    ensure!(
+        fds < fds0 + 32,
+        "tartand went from {fds0} to {fds} open descriptors"
+    );
+    let log = lab.log_tail(0, 2000);
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("SERVFAIL") && l.contains("WARN"))
+        .count();
+    ensure!(
+        (1..=12).contains(&lines),
+        "{lines} overload warnings in the log (want a few, rate-limited):\n{}",
+        lab.log_tail(0, 40)
+    );
+    // Afterwards everything answers at once again.
+    let r = dig(&client.ns, &["web.default.svc.cluster.local"])?;
+    ensure!(r.data("A") == set(&[vip.to_string()]), "{}", r.text);
+    Ok(())
+}

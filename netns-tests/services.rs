@@ -1163,27 +1163,6 @@ fn a_lost_nudge_still_registers_the_pod_within_the_change_check_bound() -> Resul
     Ok(())
 }
 
-/// One sample of `name` from tartand's `/metrics` in `ns` (its default loopback listener).
-fn metric(ns: &str, name: &str) -> Option<f64> {
-    let name = name.to_string();
-    in_netns(ns, move || -> Option<f64> {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect_timeout(
-            &std::net::SocketAddr::from(([127, 0, 0, 1], 9402)),
-            Duration::from_secs(2),
-        )
-        .ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(s, "GET /metrics HTTP/1.0\r\n\r\n").ok()?;
-        let mut body = String::new();
-        s.read_to_string(&mut body).ok()?;
-        body.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok())
-    })
-    .ok()
-    .flatten()
-}
-
 #[test]
 fn cluster_ips_on_etcd_or_outside_the_service_cidr_are_skipped_and_reported() -> Result<()> {
     let Some(mut lab) = cluster(1)? else {

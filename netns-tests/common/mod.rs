@@ -284,3 +284,24 @@ pub fn wait_table_matches(
     }
     Ok(())
 }
+
+/// One sample of `name` from tartand's `/metrics` in `ns` (its default loopback listener).
+#[allow(dead_code)]
+pub fn metric(ns: &str, name: &str) -> Option<f64> {
+    let name = name.to_string();
+    in_netns(ns, move || -> Option<f64> {
+        let mut s = TcpStream::connect_timeout(
+            &SocketAddr::from(([127, 0, 0, 1], 9402)),
+            Duration::from_secs(2),
+        )
+        .ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(s, "GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).ok()?;
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok())
+    })
+    .ok()
+    .flatten()
+}

@@ -83,13 +83,9 @@ pub async fn serve(
 async fn dns_lookup(st: &DaemonStatus, query: Option<&str>) -> (StatusCode, String) {
     let mut name = None;
     let mut qtype = hickory_proto::rr::RecordType::A;
-    for (k, v) in query
-        .unwrap_or("")
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-    {
-        match k {
-            "name" => name = Some(v.to_string()),
+    for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match &*k {
+            "name" => name = Some(v.into_owned()),
             "type" => match v.to_ascii_uppercase().parse() {
                 Ok(t) => qtype = t,
                 Err(_) => return (StatusCode::BAD_REQUEST, format!("unknown type {v:?}\n")),

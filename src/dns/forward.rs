@@ -460,21 +460,37 @@ async fn exchange_tcp(
     q: &Query,
     timeout: Duration,
 ) -> Option<Message> {
-    let fut = async {
-        let mut c = tokio::net::TcpStream::connect(up).await.ok()?;
-        let len = u16::try_from(wire.len()).ok()?;
-        let mut out = len.to_be_bytes().to_vec();
-        out.extend_from_slice(wire);
-        c.write_all(&out).await.ok()?;
-        let mut l = [0u8; 2];
-        c.read_exact(&mut l).await.ok()?;
-        let mut buf = vec![0u8; usize::from(u16::from_be_bytes(l))];
-        c.read_exact(&mut buf).await.ok()?;
-        Message::from_vec(&buf)
-            .ok()
-            .filter(|m| matches_question(m, id, q))
-    };
-    tokio::time::timeout(timeout, fut).await.ok()?
+    let buf = tokio::time::timeout(timeout, tcp_exchange(up, wire))
+        .await
+        .ok()?
+        .ok()?;
+    Message::from_vec(&buf)
+        .ok()
+        .filter(|m| matches_question(m, id, q))
+}
+
+/// One DNS message over TCP to `server` (2-byte length prefix each way); the response's
+/// bytes. No timeout of its own: callers bound it.
+pub async fn tcp_exchange(server: SocketAddr, wire: &[u8]) -> anyhow::Result<Vec<u8>> {
+    use anyhow::Context;
+    let mut c = tokio::net::TcpStream::connect(server)
+        .await
+        .with_context(|| format!("connecting to {server}"))?;
+    let len = u16::try_from(wire.len()).context("query too long for TCP")?;
+    let mut out = len.to_be_bytes().to_vec();
+    out.extend_from_slice(wire);
+    c.write_all(&out)
+        .await
+        .with_context(|| format!("sending to {server}"))?;
+    let mut l = [0u8; 2];
+    c.read_exact(&mut l)
+        .await
+        .with_context(|| format!("reading the answer's length from {server}"))?;
+    let mut buf = vec![0u8; usize::from(u16::from_be_bytes(l))];
+    c.read_exact(&mut buf)
+        .await
+        .with_context(|| format!("reading the answer from {server}"))?;
+    Ok(buf)
 }
 
 /// Sends a random name to each upstream; one whose probe arrives back here is dropped.

@@ -9,11 +9,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use hickory_proto::op::{Message, Query};
 use hickory_proto::rr::{Name, Record, RecordType};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::api::status::{DnsLookupReport, DnsReport};
 use crate::dns::answer::{Authority, Outcome, Transport, answer};
-use crate::dns::forward::Forwarder;
+use crate::dns::forward::{Forwarder, tcp_exchange};
 use crate::dns::zone::{Origin, Zone};
 use crate::metrics::{DNS_RCODES, DNS_TYPES, DnsMetrics};
 
@@ -133,21 +132,9 @@ impl DnsHandle {
 
 /// One query over TCP to `server`.
 async fn ask_tcp(server: SocketAddr, wire: &[u8]) -> Result<Message> {
-    let fut = async {
-        let mut c = tokio::net::TcpStream::connect(server)
-            .await
-            .with_context(|| format!("connecting to the cluster DNS at {server}"))?;
-        let len = u16::try_from(wire.len()).context("query too long")?;
-        let mut out = len.to_be_bytes().to_vec();
-        out.extend_from_slice(wire);
-        c.write_all(&out).await?;
-        let mut l = [0u8; 2];
-        c.read_exact(&mut l).await?;
-        let mut buf = vec![0u8; usize::from(u16::from_be_bytes(l))];
-        c.read_exact(&mut buf).await?;
-        Message::from_vec(&buf).context("decoding the answer")
-    };
-    tokio::time::timeout(Duration::from_secs(6), fut)
+    let buf = tokio::time::timeout(Duration::from_secs(6), tcp_exchange(server, wire))
         .await
         .with_context(|| format!("the cluster DNS at {server} did not answer within 6 s"))?
+        .context("asking the cluster DNS")?;
+    Message::from_vec(&buf).context("decoding the answer")
 }

@@ -8,6 +8,7 @@
 //! with a bounded cache).
 
 pub mod answer;
+pub mod answer_cache;
 pub mod catalog;
 pub mod device;
 pub mod forward;

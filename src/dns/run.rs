@@ -10,7 +10,6 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use hickory_proto::rr::Name;
 use ipnetwork::Ipv4Network;
-use tokio::sync::mpsc::UnboundedReceiver;
 use tracing::{debug, info};
 
 use crate::dns::answer::Authority;
@@ -19,8 +18,8 @@ use crate::dns::lookup::DnsHandle;
 use crate::dns::server::{DnsServer, ServerConfig};
 use crate::dns::zone::{Zone, reverse_apex};
 use crate::metrics::Metrics;
-use crate::store::etcd::{Change, EtcdArgs, ReflectorEvent};
-use crate::store::records::{Feeds, RecordKind, decode, deletion, gone_after_listing};
+use crate::store::etcd::EtcdArgs;
+use crate::store::records::{Feeds, ModelChange, RecordSink, apply_feeds};
 
 /// What the node's cluster DNS serves and where.
 #[derive(Debug, Clone)]
@@ -109,94 +108,48 @@ pub async fn run(
 pub async fn feed_loop(
     feeds: Feeds,
     keys: &EtcdArgs,
-    mut catalog: Catalog,
+    catalog: Catalog,
     zone: &Zone,
     metrics: &Metrics,
 ) {
-    let mut sources = [
-        (RecordKind::Services, feeds.services, false),
-        (RecordKind::Pods, feeds.pods, false),
-        (RecordKind::Endpoints, feeds.endpoints, false),
-    ];
-    loop {
-        let got = {
-            let futs = sources
-                .iter_mut()
-                .enumerate()
-                .map(|(i, s)| Box::pin(async move { s.1.recv().await.map(|e| (i, e)) }));
-            futures::future::select_all(futs).await.0
-        };
-        let Some((i, ev)) = got else { return };
-        let t0 = Instant::now();
-        absorb(sources[i].0, ev, &mut catalog, keys, metrics);
-        sources[i].2 = true;
-        drain(&mut sources, &mut catalog, keys, metrics);
-        if sources.iter().all(|s| s.2) && !zone.is_ready() {
-            zone.set_ready();
-            info!(names = zone.len(), "cluster DNS zone loaded");
+    let mut sink = ZoneSink {
+        catalog,
+        zone,
+        metrics,
+    };
+    apply_feeds(feeds, keys, &mut sink).await;
+}
+
+/// The catalog, with what a settled batch updates.
+struct ZoneSink<'a> {
+    catalog: Catalog,
+    zone: &'a Zone,
+    metrics: &'a Metrics,
+}
+
+impl RecordSink for ZoneSink<'_> {
+    fn change(&mut self, c: ModelChange) {
+        self.catalog.change(c);
+    }
+
+    fn held(&self) -> (Vec<String>, Vec<String>, Vec<String>) {
+        self.catalog.keys()
+    }
+
+    fn skipped(&mut self, key: &str, e: &crate::model::DecodeError) {
+        // The proxy counts and reports malformed records; here they only name nothing.
+        debug!(%key, "cluster DNS skips record: {e}");
+    }
+
+    fn settled(&mut self, listed: bool, started: Instant) {
+        if listed && !self.zone.is_ready() {
+            self.zone.set_ready();
+            info!(names = self.zone.len(), "cluster DNS zone loaded");
         }
-        metrics.dns.zone_names.set(zone.len() as i64);
-        metrics
+        self.metrics.dns.zone_names.set(self.zone.len() as i64);
+        self.metrics
             .dns
             .change_seconds
-            .observe(t0.elapsed().as_secs_f64());
-    }
-}
-
-type Source = (RecordKind, UnboundedReceiver<ReflectorEvent>, bool);
-
-fn drain(sources: &mut [Source], catalog: &mut Catalog, keys: &EtcdArgs, metrics: &Metrics) {
-    for s in sources.iter_mut() {
-        while let Ok(ev) = s.1.try_recv() {
-            absorb(s.0, ev, catalog, keys, metrics);
-            s.2 = true;
-        }
-    }
-}
-
-fn absorb(
-    kind: RecordKind,
-    ev: ReflectorEvent,
-    catalog: &mut Catalog,
-    keys: &EtcdArgs,
-    metrics: &Metrics,
-) {
-    match ev {
-        ReflectorEvent::Reset { items, .. } => {
-            // A (re)listing replaces this kind: what the catalog holds that it lacks is gone.
-            let gone = gone_after_listing(kind, &items, catalog.keys(), keys);
-            for c in gone {
-                catalog.change(c);
-            }
-            for it in &items {
-                put(kind, it, catalog, keys, metrics);
-            }
-        }
-        ReflectorEvent::Changes { changes, .. } => {
-            for c in changes {
-                match c {
-                    Change::Put(it) => put(kind, &it, catalog, keys, metrics),
-                    Change::Delete(k) => {
-                        if let Some(c) = deletion(kind, &k, keys) {
-                            catalog.change(c);
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-fn put(
-    kind: RecordKind,
-    it: &crate::store::etcd::KvItem,
-    catalog: &mut Catalog,
-    keys: &EtcdArgs,
-    _metrics: &Metrics,
-) {
-    match decode(kind, it, keys) {
-        Ok(c) => catalog.change(c),
-        // The proxy counts and reports malformed records; here they only name nothing.
-        Err(e) => debug!(key = %it.key, "cluster DNS skips record: {e}"),
+            .observe(started.elapsed().as_secs_f64());
     }
 }

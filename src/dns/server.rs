@@ -19,6 +19,7 @@ use tokio::sync::Semaphore;
 use tracing::warn;
 
 use crate::dns::answer::{Authority, Outcome, Reply, Transport, answer};
+use crate::dns::answer_cache::AnswerCache;
 use crate::dns::forward::{Forwarder, ForwarderConfig, ReplyTo};
 use crate::dns::zone::Zone;
 use crate::metrics::{DNS_RCODES, DNS_TYPES, DnsMetrics};
@@ -35,6 +36,8 @@ pub struct ServerConfig {
     pub max_tcp: usize,
     /// A TCP connection idle this long is closed.
     pub tcp_idle: Duration,
+    /// Zone answers kept encoded, over all UDP workers (`dns::answer_cache`; 0 = off).
+    pub answer_cache: usize,
     /// The forwarder's settings.
     pub forward: ForwarderConfig,
 }
@@ -47,6 +50,9 @@ impl ServerConfig {
             udp_threads: std::thread::available_parallelism().map_or(2, |n| n.get().min(4)),
             max_tcp: 256,
             tcp_idle: Duration::from_secs(10),
+            // About 200 bytes each: at most ~13 MiB, enough for every distinct question of a
+            // busy cluster between two changes.
+            answer_cache: 65_536,
             forward: ForwarderConfig::new(upstreams),
         }
     }
@@ -85,6 +91,8 @@ struct Shared {
     auth: Authority,
     metrics: DnsMetrics,
     log: RateLimited,
+    /// Entries of each UDP worker's answer cache.
+    answer_cache_entries: usize,
 }
 
 /// Binds every socket (errors name the address), then starts the threads.
@@ -99,6 +107,7 @@ pub fn start(
         auth,
         metrics,
         log: RateLimited::new(Duration::from_secs(10)),
+        answer_cache_entries: cfg.answer_cache / cfg.udp_threads.max(1) / cfg.listen.len().max(1),
     });
     let mut udp = Vec::new();
     let mut tcp = Vec::new();
@@ -190,10 +199,14 @@ pub fn rcode_index(r: ResponseCode) -> usize {
 
 impl Shared {
     fn count(&self, transport: Transport, reply: &Reply) {
+        self.count_parts(transport, reply.qtype, reply.rcode);
+    }
+
+    fn count_parts(&self, transport: Transport, qtype: Option<RecordType>, rcode: ResponseCode) {
         let p = usize::from(transport == Transport::Tcp);
-        self.metrics.requests[p][type_index(reply.qtype)].inc();
-        self.metrics.responses[rcode_index(reply.rcode)].inc();
-        if reply.rcode == ResponseCode::FormErr {
+        self.metrics.requests[p][type_index(qtype)].inc();
+        self.metrics.responses[rcode_index(rcode)].inc();
+        if rcode == ResponseCode::FormErr {
             self.log
                 .warn("answered FORMERR to a query that does not decode");
         }
@@ -228,7 +241,10 @@ fn udp_worker(
     let mut rx_headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
     let mut tx_headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
     let mut got: Vec<(usize, SockaddrStorage)> = Vec::with_capacity(BATCH);
-    let mut replies: Vec<(Vec<u8>, SockaddrStorage)> = Vec::with_capacity(BATCH);
+    // Response buffers are kept from batch to batch (no allocation for a cached answer).
+    let mut outs: Vec<Vec<u8>> = (0..BATCH).map(|_| Vec::with_capacity(512)).collect();
+    let mut dests: Vec<Option<SockaddrStorage>> = Vec::with_capacity(BATCH);
+    let mut cache = AnswerCache::new(shared.answer_cache_entries);
     while !stop.load(Ordering::Acquire) {
         got.clear();
         {
@@ -259,13 +275,24 @@ fn udp_worker(
             }
         }
         let t0 = Instant::now();
-        replies.clear();
+        // Read before answering: an answer made from a newer zone is stored under an older
+        // generation and is only ever a miss.
+        let generation = shared.zone.generation();
+        dests.clear();
         for (k, (n, addr)) in got.iter().enumerate() {
             let query = &bufs[k][..(*n).min(QUERY_MAX)];
+            let out = &mut outs[dests.len()];
+            if let Some(hit) = cache.get(query, generation, out) {
+                shared.count_parts(Transport::Udp, Some(hit.qtype), hit.rcode);
+                dests.push(Some(*addr));
+                continue;
+            }
             match answer(&shared.zone, &shared.auth, query, Transport::Udp) {
                 Outcome::Reply(r) => {
                     shared.count(Transport::Udp, &r);
-                    replies.push((r.bytes, *addr));
+                    cache.put(query, generation, &r.bytes, r.rcode, r.qtype, r.truncated);
+                    *out = r.bytes;
+                    dests.push(Some(*addr));
                 }
                 Outcome::Forward(msg) => {
                     let qtype = msg.queries.first().map(|q| q.query_type());
@@ -284,22 +311,22 @@ fn udp_worker(
                 Outcome::Drop => {}
             }
         }
-        if !replies.is_empty() {
-            let slices: Vec<[IoSlice<'_>; 1]> =
-                replies.iter().map(|(b, _)| [IoSlice::new(b)]).collect();
-            let addrs: Vec<Option<SockaddrStorage>> =
-                replies.iter().map(|(_, a)| Some(*a)).collect();
+        if !dests.is_empty() {
+            let slices: Vec<[IoSlice<'_>; 1]> = outs[..dests.len()]
+                .iter()
+                .map(|b| [IoSlice::new(b)])
+                .collect();
             let _ = sendmmsg(
                 fd,
                 &mut tx_headers,
                 slices.iter(),
-                addrs,
+                &dests,
                 [],
                 MsgFlags::empty(),
             );
             // One duration per batch: the time its answers took, recorded for each of them.
             let secs = t0.elapsed().as_secs_f64();
-            for _ in 0..replies.len() {
+            for _ in 0..dests.len() {
                 hist.observe(secs);
             }
         }

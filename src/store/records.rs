@@ -2,12 +2,14 @@
 //! every consumer of these records (the service proxy and the cluster DNS read the same
 //! watches through [`tee`]).
 
+use std::time::Instant;
+
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use crate::model::DecodeError;
 use crate::model::pod::PodRecord;
 use crate::model::service::{ExplicitEndpoints, Service};
-use crate::store::etcd::{EtcdArgs, KvItem, ReflectorEvent, Store};
+use crate::store::etcd::{Change, EtcdArgs, KvItem, ReflectorEvent, Store};
 use crate::store::keys::{endpoints_prefix, pods_prefix, service_key, services_prefix};
 
 /// A change seen in etcd, already decoded.
@@ -196,4 +198,81 @@ pub fn tee(
         }
     });
     (a_rx, b_rx)
+}
+
+/// A consumer of the decoded record streams (the cluster DNS catalog, the ingress's
+/// backends): what [`apply_feeds`] feeds.
+pub trait RecordSink {
+    /// Applies one change.
+    fn change(&mut self, c: ModelChange);
+    /// The service keys, pod keys and endpoint ids held (what a relisting may delete).
+    fn held(&self) -> (Vec<String>, Vec<String>, Vec<String>);
+    /// A record that does not decode (the proxy counts and reports those; other readers
+    /// only skip them).
+    fn skipped(&mut self, key: &str, e: &DecodeError) {
+        tracing::debug!(%key, "record skipped: {e}");
+    }
+    /// After each batch of events: `listed` once every prefix was listed at least once;
+    /// `started` is when the batch's first event arrived.
+    fn settled(&mut self, listed: bool, started: Instant);
+}
+
+/// Applies every event of `feeds` to `sink` until the feeds close: a (re)listing replaces
+/// what the sink holds of that kind, changes apply one by one, and whatever else is already
+/// queued is taken in the same batch.
+pub async fn apply_feeds(feeds: Feeds, keys: &EtcdArgs, sink: &mut impl RecordSink) {
+    let mut sources = [
+        (RecordKind::Services, feeds.services, false),
+        (RecordKind::Pods, feeds.pods, false),
+        (RecordKind::Endpoints, feeds.endpoints, false),
+    ];
+    loop {
+        let got = {
+            let futs = sources
+                .iter_mut()
+                .enumerate()
+                .map(|(i, s)| Box::pin(async move { s.1.recv().await.map(|e| (i, e)) }));
+            futures::future::select_all(futs).await.0
+        };
+        let Some((i, ev)) = got else { return };
+        let t0 = Instant::now();
+        absorb(sources[i].0, ev, sink, keys);
+        sources[i].2 = true;
+        for s in sources.iter_mut() {
+            while let Ok(ev) = s.1.try_recv() {
+                absorb(s.0, ev, sink, keys);
+                s.2 = true;
+            }
+        }
+        sink.settled(sources.iter().all(|s| s.2), t0);
+    }
+}
+
+fn absorb(kind: RecordKind, ev: ReflectorEvent, sink: &mut impl RecordSink, keys: &EtcdArgs) {
+    let put = |sink: &mut _, it: &KvItem| match decode(kind, it, keys) {
+        Ok(c) => RecordSink::change(sink, c),
+        Err(e) => RecordSink::skipped(sink, &it.key, &e),
+    };
+    match ev {
+        ReflectorEvent::Reset { items, .. } => {
+            for c in gone_after_listing(kind, &items, sink.held(), keys) {
+                sink.change(c);
+            }
+            for it in &items {
+                put(&mut *sink, it);
+            }
+        }
+        ReflectorEvent::Changes { changes, .. } => {
+            for c in changes {
+                match c {
+                    Change::Put(it) => put(&mut *sink, &it),
+                    Change::Delete(k) => {
+                        if let Some(c) = deletion(kind, &k, keys) {
+                            sink.change(c);
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
