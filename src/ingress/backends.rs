@@ -137,6 +137,14 @@ impl Targets {
     pub fn is_empty(&self) -> bool {
         self.by_id.is_empty()
     }
+
+    /// Every endpoint address of every service (to forget state of endpoints gone).
+    pub fn all_addrs(&self) -> std::collections::HashSet<std::net::Ipv4Addr> {
+        self.by_id
+            .iter()
+            .flat_map(|t| t.value().addrs.clone())
+            .collect()
+    }
 }
 
 /// The services, pods and explicit endpoints the [`Targets`] are computed from; a
