@@ -9,6 +9,8 @@
 //! Nothing is ever added to the root namespace.
 
 pub mod ingress;
+pub mod http_backend;
+
 use std::fs::File;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
