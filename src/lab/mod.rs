@@ -8,8 +8,8 @@
 //! panics; labs left behind by killed processes are swept when the next lab starts.
 //! Nothing is ever added to the root namespace.
 
-pub mod ingress;
 pub mod http_backend;
+pub mod ingress;
 
 use std::fs::File;
 use std::net::Ipv4Addr;
