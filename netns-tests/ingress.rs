@@ -255,6 +255,19 @@ fn routes_by_host_wildcard_and_path_from_curl_and_a_browser() -> Result<()> {
         "{g:?}"
     );
     ensure!(field(&g.body, "path") == Some("/echo/blog/x"), "{}", g.body);
+    // tartanctl says why: the host chosen, each candidate, the backend and its endpoints.
+    let explain = lab.tartanctl(&["ingress", "explain", "shop.test/echo/blog/x"])?;
+    for want in [
+        "shop-api",
+        "chosen",
+        "default/blog:80",
+        "Target port: 8080",
+        ":8080",
+    ] {
+        ensure!(explain.contains(want), "explain lacks {want:?}:\n{explain}");
+    }
+    let explain = lab.tartanctl(&["ingress", "explain", "nosvc.apps.test/"])?;
+    ensure!(explain.contains("does not exist"), "{explain}");
     // ... on segment boundaries only.
     let g = curl(&lab, &ing, &["http://shop.test/echo/blogger"])?;
     ensure!(

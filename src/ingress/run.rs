@@ -151,17 +151,29 @@ pub async fn run(args: IngressArgs) -> Result<()> {
     let ready = Readiness::default();
     // The records every reader decodes the same way.
     {
+        // On a thread of its own: a pod that joins a thousand services recomputes each of
+        // them, which must not hold up the request workers.
         let feeds = Feeds::watch(&store, &args.etcd);
         let (etcd, proxy, ready) = (args.etcd.clone(), proxy.clone(), ready.clone());
-        tokio::spawn(async move {
-            let mut sink = BackendSink {
-                backends,
-                proxy,
-                ready,
-                last_gc: Instant::now(),
-            };
-            apply_feeds(feeds, &etcd, &mut sink).await;
-        });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the records thread's runtime")?;
+        std::thread::Builder::new()
+            .name("ingress-records".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    let mut sink = BackendSink {
+                        backends,
+                        proxy,
+                        ready,
+                        last_gc: Instant::now(),
+                    };
+                    apply_feeds(feeds, &etcd, &mut sink).await;
+                    error!("the service record feeds ended; endpoints stay as they were");
+                })
+            })
+            .context("cannot start the records thread")?;
     }
     {
         let rx = store.reflect(&ingress_routes_prefix(&args.etcd));
