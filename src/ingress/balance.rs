@@ -152,7 +152,11 @@ impl Balancer {
 
     /// Counts a request to `addr` as in flight until the guard drops.
     pub fn start(&self, addr: SocketAddr) -> InFlight {
-        let c = self.inflight.entry(addr).or_default().clone();
+        // A read lock of the shard on the hot path; the write lock only for a new endpoint.
+        let c = match self.inflight.get(&addr) {
+            Some(c) => c.clone(),
+            None => self.inflight.entry(addr).or_default().clone(),
+        };
         c.fetch_add(1, Ordering::Relaxed);
         InFlight(c)
     }
