@@ -8,6 +8,8 @@
 //! panics; labs left behind by killed processes are swept when the next lab starts.
 //! Nothing is ever added to the root namespace.
 
+pub mod http_backend;
+
 use std::fs::File;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
