@@ -14,11 +14,14 @@ CARGO ?= cargo
 # whole list, so a package added here is installed on machines that already have the others.
 # nsd, dnsmasq-base and dnsperf are the cluster DNS benchmark's references and client
 # (benches/dns.rs starts its own NSD in a lab namespace); dnsutils (dig) is what the DNS
-# tests ask with, and dnsmasq their upstream resolver. Packages are installed with a policy-rc.d that keeps their services (etcd,
+# tests ask with, and dnsmasq their upstream resolver. nginx-light and wrk are the ingress
+# benchmark's reference and client; curl and chromium (headless) the ingress tests' clients.
+# Packages are installed with a policy-rc.d that keeps their services (etcd,
 # NSD) from starting in the root namespace: every test and bench starts its own in a lab.
 DEB_PACKAGES := etcd-server etcd-client nftables iproute2 iptables protobuf-compiler \
 	libprotobuf-dev conntrack containernetworking-plugins podman runc busybox-static \
-	openssl util-linux procps ca-certificates musl-tools nsd dnsmasq-base dnsperf dnsutils
+	openssl util-linux procps ca-certificates musl-tools nsd dnsmasq-base dnsperf dnsutils \
+	curl nginx-light wrk chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 TARGET_DIR := $(abspath $(or $(CARGO_TARGET_DIR),target))
 

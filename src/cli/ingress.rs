@@ -1,4 +1,5 @@
-//! `tartanctl ingress create|get|list|delete` (routes by host and path to services) and
+//! `tartanctl ingress create|get|list|delete` (routes by host and path to services),
+//! `tartanctl ingress explain` (where a request goes, and why: `explain`) and
 //! `tartanctl ingress cert put|list|delete` (TLS certificates for the ingress).
 
 use std::path::{Path, PathBuf};
@@ -14,6 +15,8 @@ use crate::model::ingress::{
 use crate::model::service::valid_name;
 use crate::store::etcd::{EtcdArgs, Store};
 use crate::store::ingress::IngressStore;
+
+pub mod explain;
 
 /// `tartanctl ingress ...`
 #[derive(clap::Subcommand, Debug)]
@@ -39,6 +42,15 @@ pub enum IngressCmd {
     Delete {
         /// Route name.
         name: String,
+    },
+    /// Where a request goes and why: the host chosen, each candidate route's verdict, the
+    /// backend, its target port and endpoints (read from etcd once).
+    Explain {
+        /// `HOST[/PATH]` (`shop.example.com/api/x?y=1`), or a URL (`http://HOST/PATH`).
+        request: String,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
     },
     /// TLS certificates for the ingress.
     #[command(subcommand)]
@@ -289,6 +301,7 @@ pub async fn run(etcd: &EtcdArgs, cmd: IngressCmd) -> Result<()> {
             IngressStore::new(&store, etcd).delete_route(&name).await?;
             println!("ingress route {name} deleted");
         }
+        IngressCmd::Explain { request, output } => explain::run(etcd, &request, output).await?,
         IngressCmd::Cert(c) => run_cert(etcd, c).await?,
     }
     Ok(())

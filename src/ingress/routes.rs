@@ -4,13 +4,16 @@
 //! does not allocate), or by a person ([`RouteTable::explain`]: what was considered and why
 //! the winner won).
 //!
-//! The rules are `model::ingress`'s (see its module doc): among the routes whose host and
-//! path both match, an exact host beats a wildcard beats `*`, then the longest path wins,
-//! then the smaller name. The index follows them: one bucket per exact host, one per
-//! wildcard suffix, one for `*`, each sorted by path length (longest first) and name, so a
-//! lookup is at most two hash lookups and three short scans: the request host's bucket, the
-//! bucket of the host without its first label (a wildcard matches exactly one label), and
-//! `*`'s; the first route in them whose path matches wins.
+//! The rules are `model::ingress`'s (see its module doc), host first, as nginx and
+//! ingress-nginx match: the most specific host that has any route is chosen (an exact host,
+//! else the wildcard, else none), then the longest matching path among that host's routes,
+//! then the smaller name; when none of its paths matches, the request goes to the default
+//! backend (the `*` routes, path-matched the same way) or matches nothing. The index follows
+//! the rules: one bucket per exact host, one per wildcard suffix, one for `*`, each sorted by
+//! path length (longest first) and name, so a lookup is at most two hash lookups and two
+//! short scans: the bucket of the request host, else of the host without its first label (a
+//! wildcard matches exactly one label); then, if no path in it matched, `*`'s. A bucket that
+//! exists is never empty, so its existence is what "the host has a route" means.
 
 use std::cmp::Reverse;
 use std::collections::HashMap;
@@ -149,23 +152,29 @@ impl RouteTable {
         Some(route)
     }
 
+    /// The bucket of the most specific host pattern with routes that matches a normalized
+    /// request host: its exact host's, else its wildcard's; `None` when only `*` is left.
+    fn host_bucket(&self, host: Option<&str>) -> Option<(&Vec<IngressRoute>, HostRank)> {
+        let h = host?;
+        if let Some(b) = self.exact.get(h) {
+            return Some((b, HostRank::Exact));
+        }
+        let (_, suffix) = h.split_once('.')?;
+        self.wildcard.get(suffix).map(|b| (b, HostRank::Wildcard))
+    }
+
     /// The route a request for `host` (its `Host` header or `:authority`, any case, with or
     /// without a port) and `path` (the request target; its query is ignored) goes to, and its
-    /// backend. `None` when no route matches. Allocates nothing.
+    /// backend: the longest matching path of the most specific host that has routes, else of
+    /// the default backend (`*`). `None` when neither has a matching path (a 404).
+    /// Allocates nothing.
     pub fn lookup(&self, host: &str, path: &str) -> Option<RouteMatch<'_>> {
         let mut buf = [0u8; MAX_HOST_LEN];
         let host = normalize_request_host(host, &mut buf);
         let path = request_path(path);
-        let (route, rank) = host
-            .and_then(|h| {
-                first_match(self.exact.get(h), path)
-                    .map(|r| (r, HostRank::Exact))
-                    .or_else(|| {
-                        let (_, suffix) = h.split_once('.')?;
-                        first_match(self.wildcard.get(suffix), path)
-                            .map(|r| (r, HostRank::Wildcard))
-                    })
-            })
+        let (route, rank) = self
+            .host_bucket(host)
+            .and_then(|(bucket, rank)| first_match(Some(bucket), path).map(|r| (r, rank)))
             .or_else(|| first_match(Some(&self.any), path).map(|r| (r, HostRank::Default)))?;
         let service = match (&route.service, host) {
             (Some(s), _) => ServiceName::Route(s),
@@ -181,9 +190,10 @@ impl RouteTable {
         })
     }
 
-    /// Why a request for `host` and `path` goes where [`RouteTable::lookup`] sends it: every
-    /// route whose host matches (best first) with what became of it, wildcards that came
-    /// close, and the outcome. For people (`tartanctl ingress explain`), not the hot path.
+    /// Why a request for `host` and `path` goes where [`RouteTable::lookup`] sends it: the
+    /// host chosen, every route whose host matches (best first) with what became of it,
+    /// wildcards that came close, and the outcome. For people (`tartanctl ingress explain`),
+    /// not the hot path.
     pub fn explain(&self, host: &str, path: &str) -> Explanation {
         let mut buf = [0u8; MAX_HOST_LEN];
         let norm = normalize_request_host(host, &mut buf);
@@ -206,6 +216,10 @@ impl RouteTable {
         }
         considered.sort_by(|(ra, a), (rb, b)| (ra, bucket_key(a)).cmp(&(rb, bucket_key(b))));
         near_misses.sort_by(|a: &NearMiss, b| a.route.cmp(&b.route));
+        let chosen = self
+            .host_bucket(norm)
+            .and_then(|(bucket, rank)| Some((bucket.first()?.host.to_string(), rank)));
+        let chosen_rank = chosen.as_ref().map(|c| c.1);
         let found = self.lookup(host, path);
         let winner = found.as_ref().map(|m| (m.rank, m.route));
         let candidates = considered
@@ -215,12 +229,13 @@ impl RouteTable {
                 host: r.host.to_string(),
                 path: r.path.clone(),
                 rank,
-                verdict: verdict(rank, r, rpath, winner),
+                verdict: verdict(rank, r, rpath, chosen_rank, winner),
             })
             .collect();
         let outcome = match &found {
             Some(m) => Outcome::Matched {
                 route: m.route.name.clone(),
+                rank: m.rank,
                 backend: BackendRef {
                     namespace: m.namespace().to_string(),
                     service: m.service().to_string(),
@@ -232,12 +247,17 @@ impl RouteTable {
                 Outcome::NoMatch(NoMatchReason::HostNotAName)
             }
             None if considered.is_empty() => Outcome::NoMatch(NoMatchReason::NoHostMatches),
-            None => Outcome::NoMatch(NoMatchReason::NoPathMatches),
+            None => Outcome::NoMatch(NoMatchReason::NoPathMatches {
+                host: chosen
+                    .as_ref()
+                    .map_or_else(|| "*".to_string(), |c| c.0.clone()),
+            }),
         };
         Explanation {
             request_host: host.to_string(),
             host: norm.map(str::to_string),
             path: rpath.to_string(),
+            chosen_host: chosen.map(|c| c.0),
             candidates,
             near_misses,
             outcome,
@@ -268,22 +288,30 @@ fn near_miss(pattern: &HostPattern, host: Option<&str>) -> Option<NearMissReason
         .then_some(NearMissReason::MoreThanOneLabel)
 }
 
-/// What became of a considered route, given the winner.
+/// What became of a considered route of host kind `rank`, given the rank of the host chosen
+/// (`None`: only `*` routes were in play) and the winner.
 fn verdict(
     rank: HostRank,
     r: &IngressRoute,
     path: &str,
+    chosen: Option<HostRank>,
     winner: Option<(HostRank, &IngressRoute)>,
 ) -> Verdict {
+    if winner.is_some_and(|(_, w)| w.name == r.name) {
+        return Verdict::Chosen;
+    }
+    if rank != HostRank::Default && chosen.is_some_and(|c| c < rank) {
+        return Verdict::HostNotChosen;
+    }
     if !path_matches(&r.path, path) {
         return Verdict::PathDoesNotMatch;
     }
     match winner {
-        Some((_, w)) if w.name == r.name => Verdict::Chosen,
-        Some((wrank, _)) if wrank < rank => Verdict::LessSpecificHost,
+        Some((wrank, _)) if wrank < rank => Verdict::DefaultNotNeeded,
         Some((_, w)) if w.path.len() > r.path.len() => Verdict::ShorterPath,
         Some(_) => Verdict::SameHostAndPath,
-        // Unreachable: a candidate whose path matches makes lookup find a winner.
+        // Unreachable: a candidate of the chosen host or `*` whose path matches makes lookup
+        // find a winner.
         None => Verdict::PathDoesNotMatch,
     }
 }
@@ -412,6 +440,9 @@ pub struct Explanation {
     pub host: Option<String>,
     /// The path as matched (query and fragment removed).
     pub path: String,
+    /// The host pattern whose routes are matched by path (the exact host, else the wildcard
+    /// that matches it); `None` when no route but `*` matches the host.
+    pub chosen_host: Option<String>,
     /// Every route whose host matches, in the order they compete: exact, wildcard, `*`; then
     /// longest path; then name.
     pub candidates: Vec<Candidate>,
@@ -443,11 +474,15 @@ pub struct Candidate {
 pub enum Verdict {
     /// It won.
     Chosen,
-    /// Its path prefix does not match the request's path.
+    /// Its host was in play (the chosen host, or `*`), but its path prefix does not match
+    /// the request's path.
     PathDoesNotMatch,
-    /// Its path matches, but the winner's host is more specific (exact over wildcard over
-    /// `*`).
-    LessSpecificHost,
+    /// Its host matches, but a more specific one has routes and was chosen, so this host's
+    /// routes are not looked at, whatever their paths (a wildcard's, under an exact host).
+    HostNotChosen,
+    /// A default-backend (`*`) route whose path matches, not needed: a route of the chosen
+    /// host matched the path.
+    DefaultNotNeeded,
     /// Its host is as specific as the winner's, but the winner's path is longer.
     ShorterPath,
     /// Same kind of host and path length as the winner, whose name sorts first.
@@ -486,6 +521,9 @@ pub enum Outcome {
     Matched {
         /// The route.
         route: String,
+        /// How its host matched (`default`: no path of the chosen host matched, or no host
+        /// but `*` has routes, and the default backend took the request).
+        rank: HostRank,
         /// Its backend for this request.
         backend: BackendRef,
     },
@@ -494,7 +532,7 @@ pub enum Outcome {
 }
 
 /// Why no route matched.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub enum NoMatchReason {
     /// The table is empty.
@@ -504,8 +542,11 @@ pub enum NoMatchReason {
     HostNotAName,
     /// No route's host matches, and there is no `*` route.
     NoHostMatches,
-    /// Routes for the host exist, but none of their paths matches.
-    NoPathMatches,
+    /// A host was chosen, but none of its routes' paths matches, nor any `*` route's.
+    NoPathMatches {
+        /// The host pattern chosen (`*` when only default-backend routes match the host).
+        host: String,
+    },
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 //! Nothing is ever added to the root namespace.
 
 pub mod http_backend;
+pub mod ingress;
 
 use std::fs::File;
 use std::net::Ipv4Addr;
@@ -40,6 +41,7 @@ macro_rules! built_binaries {
             tartand: env!("CARGO_BIN_EXE_tartand").into(),
             tartanctl: env!("CARGO_BIN_EXE_tartanctl").into(),
             tartan_cni: env!("CARGO_BIN_EXE_tartan-cni").into(),
+            tartan_ingress: env!("CARGO_BIN_EXE_tartan-ingress").into(),
         }
     };
 }
@@ -53,6 +55,8 @@ pub struct Binaries {
     pub tartanctl: PathBuf,
     /// `tartan-cni` (may not exist for overlay-only labs).
     pub tartan_cni: PathBuf,
+    /// `tartan-ingress`.
+    pub tartan_ingress: PathBuf,
 }
 
 impl Binaries {
@@ -62,6 +66,7 @@ impl Binaries {
             tartand: dir.join("tartand"),
             tartanctl: dir.join("tartanctl"),
             tartan_cni: dir.join("tartan-cni"),
+            tartan_ingress: dir.join("tartan-ingress"),
         }
     }
 }

@@ -13,12 +13,14 @@
 //! - **Path.** Kubernetes `Prefix` semantics on segment boundaries ([`path_matches`]): `/api`
 //!   matches `/api`, `/api/` and `/api/x`, not `/apix`; `/` matches everything. The query
 //!   string and fragment are ignored ([`request_path`]). Nothing is rewritten.
-//! - **Precedence.** Among the routes whose host and path both match, an exact host beats a
-//!   wildcard, a wildcard beats `*` (so a request falls through to the next kind of host
-//!   when no path of a more specific one matches); within a kind the longest path wins, and
-//!   two routes with the same host and path are ordered by name. A wildcard with a longer
-//!   suffix beats a shorter one; since a wildcard matches exactly one label, at most one
-//!   wildcard suffix can match a given host.
+//! - **Precedence, host first** (as nginx and ingress-nginx do). The most specific host
+//!   pattern that has any route and matches is chosen: the exact host, else the wildcard
+//!   (since a wildcard matches exactly one label, at most one wildcard suffix can match a
+//!   given host; a longer suffix is thus more specific by construction). Among that host's
+//!   routes the longest matching path wins, and two routes with the same host and path are
+//!   ordered by name. When none of its paths matches, the request does not fall through to a
+//!   less specific host: it goes to the default backend (the `*` routes, path-matched the
+//!   same way) or matches nothing (404). A host no other pattern matches goes to `*` too.
 //! - **Backend.** The route's service, or, for a wildcard route without one, the first
 //!   label of the request host; the route's namespace and port.
 

@@ -111,7 +111,57 @@ fn user_checks(topo: &super::topology::Topology) -> Result<()> {
     show_in_pod(&a.ns, &ping, |o| o.contains(" 0% packet loss"))?;
     println!("\n# ... and the service by its cluster IP");
     let wget = ["wget", "-q", "-O", "-", &format!("http://{web_ip}/")].map(str::to_string);
-    show_in_pod(&a.ns, &wget, |o| o.contains("hello from pod-b"))
+    show_in_pod(&a.ns, &wget, |o| o.contains("hello from pod-b"))?;
+    ingress_check(&topo.lab)
+}
+
+/// From outside the cluster, by subdomain: `tartan-ingress` on node 1, one wildcard route
+/// (`*.apps.demo` → the service named by the first label), and curl from the underlay.
+fn ingress_check(lab: &crate::lab::Lab) -> Result<()> {
+    let ing = lab.start_ingress(0, &["--http-listen", "0.0.0.0:80", "--workers", "1"])?;
+    let args = [
+        "ingress",
+        "create",
+        "apps",
+        "--host",
+        "*.apps.demo",
+        "--port",
+        "http",
+    ];
+    println!("\n$ tartanctl {}", args.join(" "));
+    print!("{}", lab.tartanctl(&args)?);
+    println!(
+        "\n# from outside the cluster (the underlay), through the ingress on node1 ({}), by subdomain",
+        ing.node_ip
+    );
+    let resolve = format!("web.apps.demo:80:{}", ing.node_ip);
+    println!("$ curl --resolve {resolve} http://web.apps.demo/");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = crate::lab::ns_command(&lab.infra, "curl")
+            .args([
+                "-s",
+                "--max-time",
+                "5",
+                "--resolve",
+                &resolve,
+                "http://web.apps.demo/",
+            ])
+            .output()
+            .context("running curl")?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.contains("hello from pod-b") {
+            print!("{text}");
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!(
+                "no answer through the ingress within 10 s: {text}\n{}",
+                ing.log_tail(10)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// The port of the demo's web page inside `pod-b`.

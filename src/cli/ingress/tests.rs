@@ -119,3 +119,15 @@ fn list_rows_show_the_backend() {
         .to_vec()]
     );
 }
+
+#[test]
+fn explain_takes_one_request_and_an_output_format() {
+    match parse("explain shop.example.com/api?x=1 -o json") {
+        Ok(IngressCmd::Explain { request, output }) => {
+            assert_eq!(request, "shop.example.com/api?x=1");
+            assert_eq!(output, OutputFormat::Json);
+        }
+        other => panic!("not an explain: {other:?}"),
+    }
+    assert!(parse("explain").is_err(), "the request is required");
+}

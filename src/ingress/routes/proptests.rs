@@ -1,5 +1,6 @@
 //! Property test of the route table: after any sequence of upserts and removes, `lookup`
-//! (and `explain`'s outcome) equal a brute-force linear matcher over the routes that are left.
+//! (and `explain`'s outcome and chosen host) equal a brute-force linear matcher over the
+//! routes that are left.
 
 use std::cmp::Reverse;
 use std::collections::BTreeMap;
@@ -7,7 +8,7 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 use proptest::sample::select;
 
-use super::{Outcome, RouteTable};
+use super::{Outcome, RouteTable, Verdict};
 use crate::model::ingress::{
     HostKind, HostPattern, IngressRoute, MAX_HOST_LEN, PortRef, normalize_request_host,
     path_matches, request_path,
@@ -94,8 +95,19 @@ fn arb_op() -> impl Strategy<Value = Op> {
     ]
 }
 
-/// The winner by the rules read literally: every route whose host and path match, ranked by
-/// (exact < wildcard < `*`, longest path, name); the backend as `ns/service:port`.
+/// How specific a route's host is: exact 0, wildcard 1, `*` 2.
+fn rank(r: &IngressRoute) -> u8 {
+    match r.host.kind() {
+        HostKind::Exact(_) => 0,
+        HostKind::Wildcard(_) => 1,
+        HostKind::Any => 2,
+    }
+}
+
+/// The winner by the rules read literally: the most specific host pattern other than `*`
+/// among the routes whose host matches is chosen; the route of that pattern with the longest
+/// matching path (then the smaller name) wins; failing that, the `*` route so chosen; the
+/// backend as `ns/service:port`.
 fn brute_force(
     routes: &BTreeMap<String, IngressRoute>,
     host: &str,
@@ -104,17 +116,19 @@ fn brute_force(
     let mut buf = [0u8; MAX_HOST_LEN];
     let host = normalize_request_host(host, &mut buf);
     let path = request_path(path);
-    let best = routes
-        .values()
-        .filter(|r| r.host.matches(host) && path_matches(&r.path, path))
-        .min_by_key(|r| {
-            let rank = match r.host.kind() {
-                HostKind::Exact(_) => 0,
-                HostKind::Wildcard(_) => 1,
-                HostKind::Any => 2,
-            };
-            (rank, Reverse(r.path.len()), r.name.clone())
-        })?;
+    let matching = || routes.values().filter(|r| r.host.matches(host));
+    let chosen = matching()
+        .filter(|r| !r.host.is_any())
+        .min_by_key(|r| rank(r))
+        .map(|r| r.host.clone());
+    let best_of = |pattern: &HostPattern| {
+        matching()
+            .filter(|r| &r.host == pattern && path_matches(&r.path, path))
+            .min_by_key(|r| (Reverse(r.path.len()), r.name.clone()))
+    };
+    let best = chosen
+        .and_then(|h| best_of(&h))
+        .or_else(|| best_of(&HostPattern::any()))?;
     let service = match &best.service {
         Some(s) => s.clone(),
         None => host?.split('.').next()?.to_string(),
@@ -152,11 +166,18 @@ proptest! {
                     .lookup(h, p)
                     .map(|m| (m.route().name.clone(), m.backend().to_string()));
                 prop_assert_eq!(&got, &want, "{} {}", h, p);
-                let explained = match table.explain(h, p).outcome {
-                    Outcome::Matched { route, .. } => Some(route),
+                let e = table.explain(h, p);
+                let explained = match &e.outcome {
+                    Outcome::Matched { route, .. } => Some(route.clone()),
                     Outcome::NoMatch(_) => None,
                 };
                 prop_assert_eq!(explained, want.map(|(n, _)| n));
+                let chosen = e.candidates.iter().find(|c| c.host != "*").map(|c| c.host.clone());
+                prop_assert_eq!(e.chosen_host, chosen);
+                prop_assert_eq!(
+                    e.candidates.iter().filter(|c| c.verdict == Verdict::Chosen).count(),
+                    usize::from(matches!(e.outcome, Outcome::Matched { .. }))
+                );
             }
         }
     }

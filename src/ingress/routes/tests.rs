@@ -120,15 +120,39 @@ fn the_query_string_is_ignored() {
 }
 
 #[test]
-fn a_host_without_a_matching_path_falls_through_to_the_next_kind() {
+fn the_most_specific_host_with_routes_is_chosen_before_any_path() {
     let t = table(&[
         ("exact-api", "shop.example.com", "/api", Some("api")),
         ("wild", "*.example.com", "/static", Some("static")),
+        ("wild-root", "*.example.com", "/", Some("wild-root")),
         ("default", "*", "/", Some("fallback")),
     ]);
     assert_eq!(winner(&t, "shop.example.com", "/api/x"), "exact-api");
-    assert_eq!(winner(&t, "shop.example.com", "/static/a.css"), "wild");
+    // The exact host has routes, so its wildcard is never looked at: no path of the exact
+    // host matches, and the default backend takes the request.
+    assert_eq!(winner(&t, "shop.example.com", "/static/a.css"), "default");
     assert_eq!(winner(&t, "shop.example.com", "/"), "default");
+    // Another host under the wildcard: the wildcard is chosen.
+    assert_eq!(winner(&t, "blog.example.com", "/static/a.css"), "wild");
+    assert_eq!(winner(&t, "blog.example.com", "/api"), "wild-root");
+}
+
+#[test]
+fn no_path_of_the_chosen_host_and_no_default_is_no_match() {
+    let t = table(&[
+        ("exact-api", "shop.example.com", "/api", Some("api")),
+        ("wild", "*.example.com", "/", Some("wild")),
+        ("default-img", "*", "/img", Some("img")),
+    ]);
+    assert_eq!(winner(&t, "shop.example.com", "/"), "-");
+    // The default backend's routes are path-matched too.
+    assert_eq!(winner(&t, "shop.example.com", "/img/a.png"), "default-img");
+    let t = table(&[
+        ("wild-api", "*.example.com", "/api", Some("api")),
+        ("other", "shop.example.com", "/", Some("shop")),
+    ]);
+    assert_eq!(winner(&t, "blog.example.com", "/"), "-");
+    assert_eq!(winner(&t, "blog.example.com", "/api/v1"), "wild-api");
 }
 
 #[test]
@@ -221,10 +245,19 @@ fn an_invalid_upsert_leaves_the_table_as_it_was() {
     assert_eq!(t.len(), 1);
 }
 
+/// The candidates of an explanation as (route, verdict).
+fn verdicts(e: &Explanation) -> Vec<(&str, Verdict)> {
+    e.candidates
+        .iter()
+        .map(|c| (c.route.as_str(), c.verdict))
+        .collect()
+}
+
 #[test]
 fn explain_says_who_won_and_why_the_others_lost() {
     let t = table(&[
         ("exact", "shop.example.com", "/api", Some("shop")),
+        ("exact-v2", "shop.example.com", "/api/v2", Some("shop-v2")),
         ("wild", "*.example.com", "/", None),
         ("wild2", "*.example.com", "/", None),
         ("wild-long", "*.example.com", "/api/v1", None),
@@ -232,48 +265,83 @@ fn explain_says_who_won_and_why_the_others_lost() {
         ("deep", "*.x.shop.example.com", "/", None),
         ("other", "other.example.com", "/", Some("other")),
     ]);
+    // The exact host has routes: the wildcards are not looked at, and since no path of the
+    // exact host matches `/`, the default backend takes the request.
     let e = t.explain("Shop.Example.com:443", "/?q=1");
     assert_eq!(e.host.as_deref(), Some("shop.example.com"));
+    assert_eq!(e.chosen_host.as_deref(), Some("shop.example.com"));
     assert_eq!(e.path, "/");
-    let got: Vec<(&str, Verdict)> = e
-        .candidates
-        .iter()
-        .map(|c| (c.route.as_str(), c.verdict))
-        .collect();
     assert_eq!(
-        got,
+        verdicts(&e),
         [
+            ("exact-v2", Verdict::PathDoesNotMatch),
             ("exact", Verdict::PathDoesNotMatch),
-            ("wild-long", Verdict::PathDoesNotMatch),
-            ("wild", Verdict::Chosen),
-            ("wild2", Verdict::SameHostAndPath),
-            ("default", Verdict::LessSpecificHost),
+            ("wild-long", Verdict::HostNotChosen),
+            ("wild", Verdict::HostNotChosen),
+            ("wild2", Verdict::HostNotChosen),
+            ("default", Verdict::Chosen),
         ]
     );
     assert_eq!(
         e.outcome,
         Outcome::Matched {
-            route: "wild".into(),
+            route: "default".into(),
+            rank: HostRank::Default,
             backend: BackendRef {
                 namespace: "default".into(),
-                service: "shop".into(),
+                service: "fallback".into(),
                 port: PortRef::Name("http".into()),
             },
         }
     );
-    let e = t.explain("shop.example.com", "/api/v1/x");
-    let v: Vec<Verdict> = e.candidates.iter().map(|c| c.verdict).collect();
+    let e = t.explain("shop.example.com", "/api/x");
     assert_eq!(
-        v,
+        verdicts(&e),
         [
-            Verdict::Chosen,
-            Verdict::LessSpecificHost,
-            Verdict::LessSpecificHost,
-            Verdict::LessSpecificHost,
-            Verdict::LessSpecificHost,
+            ("exact-v2", Verdict::PathDoesNotMatch),
+            ("exact", Verdict::Chosen),
+            ("wild-long", Verdict::HostNotChosen),
+            ("wild", Verdict::HostNotChosen),
+            ("wild2", Verdict::HostNotChosen),
+            ("default", Verdict::DefaultNotNeeded),
         ]
     );
+    let e = t.explain("shop.example.com", "/api/v2/x");
+    assert_eq!(
+        verdicts(&e)[..2],
+        [
+            ("exact-v2", Verdict::Chosen),
+            ("exact", Verdict::ShorterPath)
+        ]
+    );
+    // A host only the wildcard matches: its routes compete by path.
+    let e = t.explain("blog.example.com", "/api/v1/x");
+    assert_eq!(e.chosen_host.as_deref(), Some("*.example.com"));
+    assert_eq!(
+        verdicts(&e),
+        [
+            ("wild-long", Verdict::Chosen),
+            ("wild", Verdict::ShorterPath),
+            ("wild2", Verdict::ShorterPath),
+            ("default", Verdict::DefaultNotNeeded),
+        ]
+    );
+    let e = t.explain("blog.example.com", "/");
+    assert_eq!(
+        verdicts(&e),
+        [
+            ("wild-long", Verdict::PathDoesNotMatch),
+            ("wild", Verdict::Chosen),
+            ("wild2", Verdict::SameHostAndPath),
+            ("default", Verdict::DefaultNotNeeded),
+        ]
+    );
+    assert!(matches!(
+        &e.outcome,
+        Outcome::Matched { backend, rank: HostRank::Wildcard, .. } if backend.service == "blog"
+    ));
     let e = t.explain("a.b.example.com", "/");
+    assert_eq!(e.chosen_host, None);
     assert_eq!(
         e.near_misses,
         [
@@ -317,9 +385,23 @@ fn explain_says_why_nothing_matched() {
     );
     assert_eq!(
         reason(&t, "a.example.com", "/apix"),
-        Some(NoMatchReason::NoPathMatches)
+        Some(NoMatchReason::NoPathMatches {
+            host: "a.example.com".into()
+        })
     );
     assert_eq!(reason(&t, "a.example.com", "/api"), None);
     let json = serde_json::to_string(&t.explain("a.example.com", "/x")).unwrap();
-    assert!(json.contains("\"noMatch\":\"noPathMatches\""), "{json}");
+    assert!(
+        json.contains("\"noMatch\":{\"noPathMatches\":{\"host\":\"a.example.com\"}}"),
+        "{json}"
+    );
+    // Only default-backend routes match the host, and none of their paths.
+    let t = table(&[
+        ("a", "a.example.com", "/", Some("a")),
+        ("d", "*", "/img", Some("d")),
+    ]);
+    assert_eq!(
+        reason(&t, "b.example.com", "/"),
+        Some(NoMatchReason::NoPathMatches { host: "*".into() })
+    );
 }

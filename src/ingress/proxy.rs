@@ -1,0 +1,658 @@
+//! The HTTP(S) entry point: accepts client connections (HTTP/1.1 with keep-alive, HTTP/2
+//! over TLS by ALPN or in cleartext by prior knowledge), finds each request's route by host
+//! and path, and forwards it straight to one of the service's ready endpoints (pod
+//! addresses) over a per-endpoint keep-alive pool; `Upgrade`s (WebSocket) are passed
+//! through as byte streams; gRPC (HTTP/2 with `application/grpc`) goes to the endpoint over
+//! HTTP/2.
+//!
+//! Safe by default: a request whose host no route names is answered 404 and never sent
+//! anywhere taken from the request; header size and count, body size, header read time
+//! (slowloris; also the idle time of a kept-alive HTTP/1 connection), connections and
+//! requests in flight per route are bounded; retries happen only before a request was sent
+//! (a failed connect) or, for idempotent requests without a body, after a failed exchange.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use dashmap::DashMap;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full, Limited};
+use hyper::body::{Body, Bytes, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use ipnetwork::IpNetwork;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tracing::info;
+
+use crate::ingress::backends::Targets;
+use crate::ingress::balance::{Balancer, Policy};
+use crate::ingress::headers::{
+    Hop, is_trusted, requested_upgrade, set_forwarded, strip_hop_by_hop,
+};
+use crate::ingress::metrics::IngressMetrics;
+use crate::ingress::routes::RouteTable;
+use crate::util::rate_limited::RateLimited;
+
+/// An error inside a body.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Every body the proxy sends (requests to endpoints, responses to clients).
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+
+/// Limits and timeouts of the proxy.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Peers whose `X-Forwarded-*`/`Forwarded` headers are kept and extended.
+    pub trusted_proxies: Vec<IpNetwork>,
+    /// Largest request head (bytes; at least 8 KiB).
+    pub max_header_bytes: usize,
+    /// Most request headers.
+    pub max_headers: usize,
+    /// Largest request body (bytes); larger is 413.
+    pub max_body_bytes: u64,
+    /// Time for a client to send a request head (and for an idle HTTP/1 connection to send
+    /// its next one).
+    pub header_timeout: Duration,
+    /// Client connections open at once; more are closed at accept.
+    pub max_connections: usize,
+    /// Requests in flight per route; more get 503 (one flooded host cannot take every
+    /// connection to the endpoints from the others).
+    pub max_inflight_per_route: usize,
+    /// Connect timeout to an endpoint.
+    pub connect_timeout: Duration,
+    /// Time for an endpoint to answer with its response head.
+    pub upstream_timeout: Duration,
+    /// How long a failing endpoint is left out.
+    pub eject_for: Duration,
+    /// How endpoints are chosen.
+    pub policy: Policy,
+    /// Access log lines per second before sampling starts.
+    pub access_log_per_sec: u64,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            trusted_proxies: Vec::new(),
+            max_header_bytes: 32 * 1024,
+            max_headers: 100,
+            max_body_bytes: 16 << 20,
+            header_timeout: Duration::from_secs(10),
+            max_connections: 16_384,
+            max_inflight_per_route: 4096,
+            connect_timeout: Duration::from_secs(2),
+            upstream_timeout: Duration::from_secs(60),
+            eject_for: Duration::from_secs(10),
+            policy: Policy::RoundRobin,
+            access_log_per_sec: 50,
+        }
+    }
+}
+
+/// What every request reads: routes, targets, balancer, clients, metrics.
+pub struct Proxy {
+    /// The route table (a change takes the write lock for one route).
+    pub routes: RwLock<RouteTable>,
+    /// Each service's ready endpoints.
+    pub targets: Arc<Targets>,
+    /// Endpoint choice and passive health.
+    pub balancer: Balancer,
+    /// The metrics.
+    pub metrics: Arc<IngressMetrics>,
+    cfg: ProxyConfig,
+    http1: Client<HttpConnector, ProxyBody>,
+    http2: Client<HttpConnector, ProxyBody>,
+    conns: Arc<Semaphore>,
+    inflight: DashMap<String, Arc<AtomicUsize>, ahash::RandomState>,
+    log: AccessLog,
+    warn: RateLimited,
+    ready: AtomicBool,
+}
+
+/// Who a connection came from.
+#[derive(Debug, Clone, Copy)]
+struct Peer {
+    addr: SocketAddr,
+    tls: bool,
+    trusted: bool,
+}
+
+impl Proxy {
+    /// A proxy over `targets` with an empty route table.
+    pub fn new(cfg: ProxyConfig, targets: Arc<Targets>, metrics: Arc<IngressMetrics>) -> Self {
+        let mut conn = HttpConnector::new();
+        conn.set_connect_timeout(Some(cfg.connect_timeout));
+        conn.set_nodelay(true);
+        conn.enforce_http(true);
+        let http1 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(1024)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(conn.clone());
+        let http2 = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(conn);
+        Proxy {
+            routes: RwLock::new(RouteTable::new()),
+            targets,
+            balancer: Balancer::new(cfg.policy, cfg.eject_for),
+            metrics,
+            conns: Arc::new(Semaphore::new(cfg.max_connections)),
+            log: AccessLog::new(cfg.access_log_per_sec),
+            http1,
+            http2,
+            inflight: DashMap::with_hasher(ahash::RandomState::new()),
+            warn: RateLimited::new(Duration::from_secs(10)),
+            ready: AtomicBool::new(false),
+            cfg,
+        }
+    }
+
+    /// Opens the proxy: routes and endpoints were listed (until then every request gets
+    /// 503, never a 404 that would be wrong).
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+    }
+
+    /// Accepts connections on `listener` until the process ends; with `tls`, each is a TLS
+    /// connection first (handshake within the header timeout).
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.cfg.header_timeout)
+            .max_buf_size(self.cfg.max_header_bytes.max(8192))
+            .max_headers(self.cfg.max_headers)
+            .keep_alive(true);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(256)
+            .max_header_list_size(u32::try_from(self.cfg.max_header_bytes).unwrap_or(u32::MAX))
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10));
+        let builder = Arc::new(builder);
+        loop {
+            let (stream, addr) = match listener.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    // Out of descriptors and the like: wait instead of spinning.
+                    self.warn.warn(&format!("ingress accept failed: {e}"));
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = self.conns.clone().try_acquire_owned() else {
+                self.metrics.refused.inc();
+                self.warn
+                    .warn("ingress connection limit reached; closing new connections");
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let peer = Peer {
+                addr,
+                tls: tls.is_some(),
+                trusted: is_trusted(addr.ip(), &self.cfg.trusted_proxies),
+            };
+            let (me, builder, tls) = (self.clone(), builder.clone(), tls.clone());
+            tokio::spawn(async move {
+                me.metrics.active.inc();
+                let svc_me = me.clone();
+                let svc = hyper::service::service_fn(move |req| {
+                    let me = svc_me.clone();
+                    async move { Ok::<_, Infallible>(me.handle(req, peer).await) }
+                });
+                match tls {
+                    None => {
+                        let _ = builder
+                            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                            .await;
+                    }
+                    Some(acc) => {
+                        let hs = tokio::time::timeout(me.cfg.header_timeout, acc.accept(stream));
+                        if let Ok(Ok(s)) = hs.await {
+                            let _ = builder
+                                .serve_connection_with_upgrades(TokioIo::new(s), svc)
+                                .await;
+                        }
+                    }
+                }
+                me.metrics.active.dec();
+                drop(permit);
+            });
+        }
+    }
+
+    /// One request: route, pick, forward, answer.
+    async fn handle(&self, req: Request<Incoming>, peer: Peer) -> Response<ProxyBody> {
+        let t0 = Instant::now();
+        let host = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            });
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        let line = LogLine {
+            method: req.method().clone(),
+            host: host.clone(),
+            path: req.uri().path().to_string(),
+        };
+        if !self.ready.load(Ordering::Acquire) {
+            let resp = short(StatusCode::SERVICE_UNAVAILABLE, "starting");
+            return self.finish(t0, &peer, &line, None, resp);
+        }
+        let Some(host) = host else {
+            return self.finish(
+                t0,
+                &peer,
+                &line,
+                None,
+                short(StatusCode::BAD_REQUEST, "no Host"),
+            );
+        };
+        let found = {
+            let table = self.routes.read().unwrap_or_else(|e| e.into_inner());
+            table.lookup(&host, &path).map(|m| Routed {
+                route: m.route().name.clone(),
+                host: m.route().host.as_str().to_string(),
+                namespace: m.namespace().to_string(),
+                service: m.service().to_string(),
+                port: m.port().clone(),
+            })
+        };
+        let Some(r) = found else {
+            return self.finish(
+                t0,
+                &peer,
+                &line,
+                None,
+                short(StatusCode::NOT_FOUND, "no route"),
+            );
+        };
+        let resp = self.forward(req, &r, &host, peer).await;
+        self.finish(t0, &peer, &line, Some(&r), resp)
+    }
+
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        r: &Routed,
+        host: &str,
+        peer: Peer,
+    ) -> Response<ProxyBody> {
+        let Some(t) = self.targets.get(&r.namespace, &r.service) else {
+            return short(StatusCode::SERVICE_UNAVAILABLE, "no such service");
+        };
+        let port = match t.target_port(&r.port) {
+            Ok(p) => p,
+            Err(e) => {
+                self.warn.warn(&format!("ingress route {}: {e}", r.route));
+                return short(StatusCode::SERVICE_UNAVAILABLE, "no such service port");
+            }
+        };
+        let addrs: Vec<SocketAddr> = t
+            .addrs
+            .iter()
+            .map(|ip| SocketAddr::from((*ip, port)))
+            .collect();
+        if addrs.is_empty() {
+            return short(StatusCode::SERVICE_UNAVAILABLE, "no ready endpoints");
+        }
+        if let Some(len) = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            && len > self.cfg.max_body_bytes
+        {
+            return short(StatusCode::PAYLOAD_TOO_LARGE, "body too large");
+        }
+        let _slot = match self.route_slot(&r.route) {
+            Some(s) => s,
+            None => return short(StatusCode::SERVICE_UNAVAILABLE, "route overloaded"),
+        };
+        let upgrade = (req.version() == Version::HTTP_11)
+            .then(|| requested_upgrade(req.headers()))
+            .flatten();
+        let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+        let grpc = req.version() == Version::HTTP_2
+            && req
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with("application/grpc"));
+        let (parts, body) = req.into_parts();
+        let mut headers = parts.headers;
+        strip_hop_by_hop(&mut headers, upgrade.as_ref());
+        if !headers.contains_key(header::HOST)
+            && let Ok(v) = HeaderValue::from_str(host)
+        {
+            headers.insert(header::HOST, v);
+        }
+        set_forwarded(
+            &mut headers,
+            Hop {
+                peer: canonical(peer.addr.ip()),
+                proto: if peer.tls { "https" } else { "http" },
+                host: Some(host),
+                trusted: peer.trusted,
+            },
+        );
+        let method = parts.method;
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        let bodiless = body.is_end_stream();
+        let idempotent = matches!(
+            method,
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::TRACE
+                | Method::PUT
+                | Method::DELETE
+        );
+        let limit = usize::try_from(self.cfg.max_body_bytes).unwrap_or(usize::MAX);
+        let mut body = Some(
+            Limited::new(body, limit)
+                .map_err(|e| -> BoxError { e })
+                .boxed(),
+        );
+        let (client, version) = if grpc {
+            (&self.http2, Version::HTTP_2)
+        } else {
+            (&self.http1, Version::HTTP_11)
+        };
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut last = short(StatusCode::BAD_GATEWAY, "no endpoint answered");
+        while tried.len() < 3 {
+            let Some(addr) = self.balancer.pick(&addrs, &tried, Instant::now()) else {
+                break;
+            };
+            if !tried.is_empty() {
+                self.metrics.retries.inc();
+            }
+            tried.push(addr);
+            let Ok(uri) = format!("http://{addr}{pq}").parse::<Uri>() else {
+                return short(StatusCode::BAD_REQUEST, "bad request target");
+            };
+            let b = match body.take() {
+                Some(b) => b,
+                None => Empty::new().map_err(|e| match e {}).boxed(),
+            };
+            let mut up = Request::new(b);
+            *up.method_mut() = method.clone();
+            *up.uri_mut() = uri;
+            *up.version_mut() = version;
+            *up.headers_mut() = headers.clone();
+            let _in_flight = self.balancer.start(addr);
+            let sent = Instant::now();
+            let res = tokio::time::timeout(self.cfg.upstream_timeout, client.request(up)).await;
+            match res {
+                Err(_) => {
+                    self.metrics.upstream_failures.inc();
+                    return short(StatusCode::GATEWAY_TIMEOUT, "endpoint timed out");
+                }
+                Ok(Ok(mut resp)) => {
+                    self.balancer.succeeded(addr);
+                    self.metrics
+                        .upstream_duration
+                        .get_or_create(&[("route", r.route.clone())])
+                        .observe(sent.elapsed().as_secs_f64());
+                    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                        && let Some(client_up) = client_upgrade
+                    {
+                        let upstream_up = hyper::upgrade::on(&mut resp);
+                        tokio::spawn(async move {
+                            if let (Ok(a), Ok(b)) = tokio::join!(client_up, upstream_up) {
+                                let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
+                                let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                            }
+                        });
+                        let (mut parts, _) = resp.into_parts();
+                        let up_value = parts.headers.get(header::UPGRADE).cloned();
+                        strip_hop_by_hop(&mut parts.headers, up_value.as_ref());
+                        return Response::from_parts(parts, empty());
+                    }
+                    let (mut parts, b) = resp.into_parts();
+                    strip_hop_by_hop(&mut parts.headers, None);
+                    return Response::from_parts(
+                        parts,
+                        b.map_err(|e| -> BoxError { e.into() }).boxed(),
+                    );
+                }
+                Ok(Err(e)) => {
+                    self.metrics.upstream_failures.inc();
+                    let connect = e.is_connect();
+                    if connect {
+                        self.balancer.failed(addr, Instant::now());
+                    }
+                    self.warn
+                        .warn(&format!("ingress route {}: endpoint {addr}: {e}", r.route));
+                    last = short(StatusCode::BAD_GATEWAY, "endpoint failed");
+                    // Again only if nothing can have reached the endpoint, or it is safe to.
+                    if !(bodiless && (connect || idempotent)) {
+                        break;
+                    }
+                }
+            }
+        }
+        last
+    }
+
+    /// A slot among the route's requests in flight, or None when it has too many.
+    fn route_slot(&self, route: &str) -> Option<RouteSlot> {
+        let c = match self.inflight.get(route) {
+            Some(c) => c.clone(),
+            None => self.inflight.entry(route.to_string()).or_default().clone(),
+        };
+        if c.fetch_add(1, Ordering::AcqRel) >= self.cfg.max_inflight_per_route {
+            c.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(RouteSlot(c))
+    }
+
+    /// Counts and logs a response.
+    fn finish(
+        &self,
+        t0: Instant,
+        peer: &Peer,
+        line: &LogLine,
+        r: Option<&Routed>,
+        mut resp: Response<ProxyBody>,
+    ) -> Response<ProxyBody> {
+        let code = resp.status().as_u16();
+        let (host, route) = r.map_or(("-".to_string(), "-".to_string()), |r| {
+            (r.host.clone(), r.route.clone())
+        });
+        self.metrics
+            .requests
+            .get_or_create(&[
+                ("host", host),
+                ("route", route.clone()),
+                ("code", code.to_string()),
+            ])
+            .inc();
+        if self.log.admit() {
+            info!(
+                target: "access",
+                peer = %peer.addr,
+                method = %line.method,
+                host = line.host.as_deref().unwrap_or("-"),
+                path = %line.path,
+                route = %route,
+                status = code,
+                ms = t0.elapsed().as_secs_f64() * 1000.0,
+            );
+        } else {
+            self.metrics.log_suppressed.inc();
+        }
+        resp.headers_mut()
+            .entry(header::SERVER)
+            .or_insert(HeaderValue::from_static("tartan-ingress"));
+        resp
+    }
+
+    /// Forgets balancer state of endpoints no service has any more.
+    pub fn forget_gone_endpoints(&self) {
+        let live = self.targets.all_addrs();
+        self.balancer.retain(|a| match a.ip() {
+            IpAddr::V4(v4) => live.contains(&v4),
+            IpAddr::V6(_) => false,
+        });
+    }
+}
+
+/// A request in flight on a route, released on drop.
+struct RouteSlot(Arc<AtomicUsize>);
+
+impl Drop for RouteSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What the access log says of a request.
+struct LogLine {
+    method: Method,
+    host: Option<String>,
+    path: String,
+}
+
+/// The route a request matched, owned (the table's lock is not held while forwarding).
+struct Routed {
+    route: String,
+    host: String,
+    namespace: String,
+    service: String,
+    port: crate::model::ingress::PortRef,
+}
+
+/// An IPv4 peer seen through an IPv6 socket is reported as IPv4.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+fn empty() -> ProxyBody {
+    Empty::new().map_err(|e| match e {}).boxed()
+}
+
+/// A short plain-text answer made by the ingress itself.
+fn short(status: StatusCode, why: &str) -> Response<ProxyBody> {
+    let body = format!("{} {why}\n", status.as_u16());
+    let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed());
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(
+        header::HeaderName::from_static("x-content-type-options"),
+        HeaderValue::from_static("nosniff"),
+    );
+    r
+}
+
+/// Access log sampling: the first `per_sec` lines of each second are written, the rest
+/// counted.
+struct AccessLog {
+    per_sec: u64,
+    second: AtomicU64,
+    count: AtomicU64,
+    start: Instant,
+}
+
+impl AccessLog {
+    fn new(per_sec: u64) -> Self {
+        AccessLog {
+            per_sec,
+            second: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+            start: Instant::now(),
+        }
+    }
+
+    fn admit(&self) -> bool {
+        let now = self.start.elapsed().as_secs();
+        if self.second.swap(now, Ordering::Relaxed) != now {
+            self.count.store(0, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed) < self.per_sec
+    }
+}
+
+/// Binds a listener (errors name the address and the flag).
+pub async fn bind(addr: SocketAddr, flag: &str) -> Result<TcpListener> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())
+        .with_context(|| format!("{flag}: cannot listen on {addr}"))?;
+    s.listen(4096)?;
+    let l = TcpListener::from_std(s.into())?;
+    Ok(l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn access_log_samples_past_its_rate() {
+        let l = AccessLog::new(3);
+        let admitted = (0..10).filter(|_| l.admit()).count();
+        assert_eq!(admitted, 3);
+    }
+
+    #[test]
+    fn short_answers_are_plain_text() {
+        let r = short(StatusCode::NOT_FOUND, "no route");
+        assert_eq!(r.status(), 404);
+        assert_eq!(
+            r.headers()[header::CONTENT_TYPE],
+            "text/plain; charset=utf-8"
+        );
+    }
+
+    #[test]
+    fn mapped_peers_are_reported_as_ipv4() {
+        let ip: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        assert_eq!(canonical(ip).to_string(), "192.0.2.1");
+    }
+}
