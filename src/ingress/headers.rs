@@ -166,6 +166,76 @@ fn is_token_or_host_byte(b: u8) -> bool {
 }
 
 #[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_headers() -> impl Strategy<Value = HeaderMap> {
+        let name = prop_oneof![
+            proptest::sample::select(vec![
+                "connection",
+                "keep-alive",
+                "te",
+                "upgrade",
+                "x-forwarded-for",
+                "forwarded",
+                "x-forwarded-proto",
+                "x-forwarded-host",
+                "host",
+                "transfer-encoding",
+                "x-a",
+            ])
+            .prop_map(str::to_string),
+            "[a-z-]{1,12}",
+        ];
+        let value = prop_oneof![
+            "[ -~]{0,40}",
+            proptest::sample::select(vec!["upgrade", "close, x-a", "trailers", "websocket"])
+                .prop_map(str::to_string),
+        ];
+        proptest::collection::vec((name, value), 0..12).prop_map(|pairs| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                if let (Ok(k), Ok(v)) = (
+                    HeaderName::from_bytes(k.as_bytes()),
+                    HeaderValue::from_str(&v),
+                ) {
+                    h.append(k, v);
+                }
+            }
+            h
+        })
+    }
+
+    proptest! {
+        #![proptest_config(crate::util::proptest_support::config())]
+
+        /// Whatever a client sends: no panic, no hop-by-hop header left (unless passing an
+        /// upgrade on), the forwarding headers always set, the peer last in the chain.
+        #[test]
+        fn any_headers_come_out_clean(mut h in arb_headers(), trusted in any::<bool>(), up in any::<bool>()) {
+            let upgrade = up.then(|| requested_upgrade(&h)).flatten();
+            strip_hop_by_hop(&mut h, upgrade.as_ref());
+            for n in HOP_BY_HOP {
+                let allowed = (upgrade.is_some() && (n == "connection" || n == "upgrade"))
+                    || (n == "te" && h.get("te").is_some_and(|v| v == "trailers"));
+                prop_assert!(allowed || !h.contains_key(n), "{n} left in {h:?}");
+            }
+            set_forwarded(&mut h, Hop {
+                peer: "192.0.2.1".parse().unwrap(),
+                proto: "http",
+                host: Some("a.test"),
+                trusted,
+            });
+            let xff = h.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()).unwrap_or("");
+            prop_assert!(xff.ends_with("192.0.2.1"), "{xff}");
+            prop_assert!(trusted || xff == "192.0.2.1");
+            prop_assert!(h.contains_key(FORWARDED) && h.contains_key(X_FORWARDED_PROTO));
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

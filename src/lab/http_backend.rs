@@ -39,7 +39,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::lab::in_netns;
 
 /// The GUID RFC 6455 appends to the client's `Sec-WebSocket-Key` before hashing it.
-pub const WS_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC11B85";
+pub const WS_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
 /// Largest WebSocket frame payload the echo server and the client accept (larger: the server
 /// closes with 1009, the client fails).

@@ -1,0 +1,519 @@
+//! Ingress tests: `tartan-ingress` on a lab node, asked from outside (the underlay's infra
+//! namespace) by curl, headless Chromium, wrk and a WebSocket client, with routes,
+//! certificates and services in a real etcd and backends in pods on two nodes.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use common::*;
+use tartan::lab::http_backend::{start_http_backend, websocket_echo};
+use tartan::lab::ingress::LabIngress;
+use tartan::lab::{INFRA_IP, Lab, ns_command, wait_for};
+
+const NET16: &[&str] = &["--network", "10.244.0.0/16"];
+
+/// What curl got: body, status, HTTP version.
+#[derive(Debug)]
+struct Got {
+    body: String,
+    code: u16,
+    version: String,
+}
+
+/// curl from the infra namespace (outside the cluster) with `args`; host names resolve to
+/// the ingress node through `--resolve` entries.
+fn curl(lab: &Lab, ing: &LabIngress, args: &[&str]) -> Result<Got> {
+    let ip = ing.node_ip.to_string();
+    let mut c = ns_command(&lab.infra, "curl");
+    c.args([
+        "-s",
+        "-S",
+        "--max-time",
+        "10",
+        "-o",
+        "-",
+        "-w",
+        "\n%{http_code} %{http_version}",
+    ]);
+    for h in [
+        "shop.test",
+        "blog.apps.test",
+        "shop.apps.test",
+        "nosvc.apps.test",
+        "a.b.apps.test",
+        "unknown.test",
+    ] {
+        for port in ["80", "443"] {
+            c.arg("--resolve").arg(format!("{h}:{port}:{ip}"));
+        }
+    }
+    let out = c
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("running curl (make deps installs it)")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, tail) = text.rsplit_once('\n').unwrap_or(("", &text));
+    let mut t = tail.split_whitespace();
+    let code = t.next().and_then(|c| c.parse().ok()).unwrap_or(0);
+    let version = t.next().unwrap_or("").to_string();
+    ensure!(
+        code != 0,
+        "curl {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stderr),
+        ing.log_tail(10)
+    );
+    Ok(Got {
+        body: body.to_string(),
+        code,
+        version,
+    })
+}
+
+/// The `key=value` / `header: value` lines of a backend's `/echo` answer.
+fn field<'a>(body: &'a str, key: &str) -> Option<&'a str> {
+    body.lines().find_map(|l| {
+        l.strip_prefix(key)
+            .and_then(|r| r.strip_prefix('=').or_else(|| r.strip_prefix(": ")))
+    })
+}
+
+/// A self-signed certificate and key for `host` in `dir`.
+fn self_signed(dir: &std::path::Path, tag: &str, host: &str) -> Result<(String, String)> {
+    let cert = dir.join(format!("{tag}.pem"));
+    let key = dir.join(format!("{tag}-key.pem"));
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "2",
+        ])
+        .arg("-subj")
+        .arg(format!("/CN={host}"))
+        .arg("-addext")
+        .arg(format!("subjectAltName=DNS:{host}"))
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .context("running openssl")?;
+    ensure!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((
+        cert.to_string_lossy().into_owned(),
+        key.to_string_lossy().into_owned(),
+    ))
+}
+
+/// A lab of two nodes, a service `shop` with a pod on node 1 and `blog` with one on node 2
+/// (each pod runs the lab's HTTP backend on 8080), and the ingress on node 1.
+fn setup() -> Result<Option<(Lab, LabIngress)>> {
+    let Some(mut lab) = lab(2, NET16)? else {
+        return Ok(None);
+    };
+    for i in 0..2 {
+        lab.start_daemon(i, &[])?;
+    }
+    for i in 0..2 {
+        lab.wait_subnet(i)?;
+    }
+    for (i, name) in [(0, "shop"), (1, "blog")] {
+        let pod = lab.add_cni_pod(i, &format!("{name}-1"), &[("app", name)])?;
+        start_http_backend(&pod.ns, 8080, &format!("{name}-1"))?;
+        create_service(
+            &lab,
+            &[
+                name,
+                "--port",
+                "http=80:8080",
+                "--selector",
+                &format!("app={name}"),
+            ],
+        )?;
+    }
+    let ing = lab.start_ingress(
+        0,
+        &[
+            "--http-listen",
+            "0.0.0.0:80",
+            "--https-listen",
+            "0.0.0.0:443",
+            "--workers",
+            "2",
+        ],
+    )?;
+    Ok(Some((lab, ing)))
+}
+
+/// Waits until `args` get a response for which `ok` holds.
+fn wait_curl(lab: &Lab, ing: &LabIngress, args: &[&str], ok: impl Fn(&Got) -> bool) -> Result<Got> {
+    let mut last = String::new();
+    wait_for(&format!("curl {args:?}"), Duration::from_secs(20), || {
+        match curl(lab, ing, args) {
+            Ok(g) if ok(&g) => return Some(g),
+            Ok(g) => last = format!("{g:?}"),
+            Err(e) => last = format!("{e:#}"),
+        }
+        None
+    })
+    .with_context(|| format!("last: {last}\n{}", ing.log_tail(20)))
+}
+
+#[test]
+fn routes_by_host_wildcard_and_path_from_curl_and_a_browser() -> Result<()> {
+    let Some((lab, ing)) = setup()? else {
+        return Ok(());
+    };
+    lab.tartanctl(&[
+        "ingress",
+        "create",
+        "shop",
+        "--host",
+        "shop.test",
+        "--service",
+        "shop",
+        "--port",
+        "http",
+    ])?;
+    lab.tartanctl(&[
+        "ingress",
+        "create",
+        "shop-api",
+        "--host",
+        "shop.test",
+        "--path",
+        "/echo/blog",
+        "--service",
+        "blog",
+        "--port",
+        "80",
+    ])?;
+    lab.tartanctl(&[
+        "ingress",
+        "create",
+        "apps",
+        "--host",
+        "*.apps.test",
+        "--port",
+        "http",
+    ])?;
+
+    // Exact host: the pod on node 1, with the client's address in X-Forwarded-For (a
+    // forged one from an untrusted client replaced), Host kept, proto set.
+    let g = wait_curl(
+        &lab,
+        &ing,
+        &[
+            "-H",
+            "X-Forwarded-For: 6.6.6.6",
+            "http://shop.test/echo?x=1",
+        ],
+        |g| g.code == 200,
+    )?;
+    ensure!(field(&g.body, "name") == Some("shop-1"), "{}", g.body);
+    ensure!(field(&g.body, "path") == Some("/echo?x=1"), "{}", g.body);
+    ensure!(field(&g.body, "host") == Some("shop.test"), "{}", g.body);
+    ensure!(
+        field(&g.body, "x-forwarded-for") == Some(&INFRA_IP.to_string()),
+        "{}",
+        g.body
+    );
+    ensure!(
+        field(&g.body, "x-forwarded-proto") == Some("http"),
+        "{}",
+        g.body
+    );
+    ensure!(
+        field(&g.body, "x-forwarded-host") == Some("shop.test"),
+        "{}",
+        g.body
+    );
+    ensure!(
+        g.body
+            .contains(&format!("forwarded: for={INFRA_IP};proto=http")),
+        "{}",
+        g.body
+    );
+    // A path within the host: another service, on node 2, path untouched.
+    let g = curl(&lab, &ing, &["http://shop.test/echo/blog/x"])?;
+    ensure!(
+        g.code == 200 && field(&g.body, "name") == Some("blog-1"),
+        "{g:?}"
+    );
+    ensure!(field(&g.body, "path") == Some("/echo/blog/x"), "{}", g.body);
+    // ... on segment boundaries only.
+    let g = curl(&lab, &ing, &["http://shop.test/echo/blogger"])?;
+    ensure!(
+        g.code == 200 && field(&g.body, "name") == Some("shop-1"),
+        "{g:?}"
+    );
+    // Wildcard subdomain: the service named by the first label.
+    let g = curl(&lab, &ing, &["http://blog.apps.test/echo"])?;
+    ensure!(
+        g.code == 200 && field(&g.body, "name") == Some("blog-1"),
+        "{g:?}"
+    );
+    // HTTP/2 in cleartext (prior knowledge).
+    let g = curl(
+        &lab,
+        &ing,
+        &["--http2-prior-knowledge", "http://shop.apps.test/echo"],
+    )?;
+    ensure!(
+        g.code == 200 && g.version == "2" && field(&g.body, "name") == Some("shop-1"),
+        "{g:?}"
+    );
+    // Nothing is forwarded for hosts no route names, nor as a forward proxy; a route to a
+    // service that does not exist is 503.
+    for (args, want) in [
+        (vec!["http://unknown.test/"], 404),
+        (vec!["http://a.b.apps.test/"], 404),
+        (
+            vec![
+                "-x",
+                &format!("http://{}:80", ing.node_ip),
+                "http://example.com/",
+            ],
+            404,
+        ),
+        (vec!["http://nosvc.apps.test/"], 503),
+    ] {
+        let g = curl(&lab, &ing, &args)?;
+        ensure!(g.code == want, "{args:?}: {g:?}");
+    }
+    // The page of the case path routing breaks: its relative m.js loads through the
+    // subdomain, with curl and in a real browser.
+    let g = curl(&lab, &ing, &["http://shop.apps.test/"])?;
+    ensure!(g.code == 200 && g.body.contains("src=\"m.js\""), "{g:?}");
+    let g = curl(&lab, &ing, &["http://shop.apps.test/m.js"])?;
+    ensure!(g.code == 200 && g.body.contains("loaded"), "{g:?}");
+    let profile = lab.dir.join("chromium");
+    let out = ns_command(&lab.infra, "chromium")
+        .env("HOME", &lab.dir)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-dev-shm-usage",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(format!(
+            "--host-resolver-rules=MAP *.apps.test {}",
+            ing.node_ip
+        ))
+        .args([
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            "http://shop.apps.test/",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .context("running chromium (make deps installs it)")?;
+    let dom = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        dom.contains("<p id=\"loaded\">loaded shop-1</p>"),
+        "the browser's DOM lacks what m.js adds:\n{dom}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The access log and the metrics saw it.
+    let (code, metrics) = ing.admin_get("/metrics")?;
+    ensure!(
+        code == 200
+            && metrics.contains(
+                "tartan_ingress_requests_total{host=\"shop.test\",route=\"shop\",code=\"200\"}"
+            ),
+        "{metrics}"
+    );
+    ensure!(
+        ing.log_tail(50).contains("status=404"),
+        "{}",
+        ing.log_tail(20)
+    );
+    Ok(())
+}
+
+#[test]
+fn tls_by_sni_websockets_and_changes_under_load() -> Result<()> {
+    let Some((mut lab, ing)) = setup()? else {
+        return Ok(());
+    };
+    lab.tartanctl(&[
+        "ingress",
+        "create",
+        "shop",
+        "--host",
+        "shop.test",
+        "--service",
+        "shop",
+        "--port",
+        "http",
+    ])?;
+    lab.tartanctl(&[
+        "ingress",
+        "create",
+        "apps",
+        "--host",
+        "*.apps.test",
+        "--port",
+        "http",
+    ])?;
+    // Two certificates, put while the ingress runs: each SNI name gets its own.
+    let (shop_cert, shop_key) = self_signed(&lab.dir, "shop", "shop.test")?;
+    let (apps_cert, apps_key) = self_signed(&lab.dir, "apps", "*.apps.test")?;
+    lab.tartanctl(&[
+        "ingress",
+        "cert",
+        "put",
+        "shop",
+        "--host",
+        "shop.test",
+        "--cert",
+        &shop_cert,
+        "--key",
+        &shop_key,
+    ])?;
+    lab.tartanctl(&[
+        "ingress",
+        "cert",
+        "put",
+        "apps",
+        "--host",
+        "*.apps.test",
+        "--cert",
+        &apps_cert,
+        "--key",
+        &apps_key,
+    ])?;
+    let g = wait_curl(
+        &lab,
+        &ing,
+        &["--cacert", &shop_cert, "https://shop.test/echo"],
+        |g| g.code == 200,
+    )?;
+    ensure!(
+        field(&g.body, "name") == Some("shop-1") && g.version == "2",
+        "{g:?}"
+    );
+    ensure!(
+        field(&g.body, "x-forwarded-proto") == Some("https"),
+        "{}",
+        g.body
+    );
+    let g = wait_curl(
+        &lab,
+        &ing,
+        &["--cacert", &apps_cert, "https://blog.apps.test/echo"],
+        |g| g.code == 200,
+    )?;
+    ensure!(field(&g.body, "name") == Some("blog-1"), "{g:?}");
+    ensure!(
+        curl(&lab, &ing, &["--cacert", &apps_cert, "https://shop.test/"]).is_err(),
+        "shop.test was served the *.apps.test certificate"
+    );
+    // TLS 1.1 is refused.
+    ensure!(
+        curl(
+            &lab,
+            &ing,
+            &["-k", "--tls-max", "1.1", "https://shop.test/"]
+        )
+        .is_err()
+    );
+
+    // WebSocket through the ingress, to a pod on node 2.
+    let addr = SocketAddr::from((ing.node_ip, 80));
+    let back = websocket_echo(
+        &lab.infra,
+        addr,
+        "blog.apps.test",
+        "/ws",
+        "hello through tartan",
+        Duration::from_secs(10),
+    )?;
+    ensure!(back == "hello through tartan", "{back:?}");
+
+    // Under load: a second shop pod joins (endpoint change), then the shop route moves to
+    // the blog service (route change); no request fails meanwhile.
+    let pod = lab.add_cni_pod(1, "shop-2", &[("app", "shop")])?;
+    let wrk = ns_command(&lab.infra, "wrk")
+        .args(["-t1", "-c8", "-d8s", "-H", "Host: shop.test"])
+        .arg(format!("http://{}:80/echo", ing.node_ip))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running wrk (make deps installs it)")?;
+    let t0 = Instant::now();
+    start_http_backend(&pod.ns, 8080, "shop-2")?;
+    wait_curl(&lab, &ing, &["http://shop.test/echo"], |g| {
+        field(&g.body, "name") == Some("shop-2")
+    })?;
+    let moved = IngressRouteJson::moved("shop", "shop.test", "blog");
+    let key = "/tartan/ingress/routes/shop";
+    lab.etcdctl(&["put", key, &moved])?;
+    let t_put = Instant::now();
+    let g = wait_curl(&lab, &ing, &["http://shop.test/echo"], |g| {
+        field(&g.body, "name") == Some("blog-1")
+    })?;
+    let took = t_put.elapsed();
+    ensure!(g.code == 200);
+    ensure!(
+        t0.elapsed() < Duration::from_secs(8),
+        "the changes took longer than the load"
+    );
+    let out = wrk.wait_with_output()?;
+    let report = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        report.contains("requests in"),
+        "wrk: {report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        !report.contains("Non-2xx") && !report.contains("Socket errors"),
+        "requests failed during the changes:\n{report}"
+    );
+    eprintln!("route change answered after {took:?} (seen by a polling curl)\n{report}");
+    // A malformed route written behind tartanctl's back is skipped, the others stay.
+    lab.etcdctl(&["put", "/tartan/ingress/routes/bad", "{not json"])?;
+    let g = curl(&lab, &ing, &["http://shop.test/echo"])?;
+    ensure!(g.code == 200, "{g:?}");
+    // Oversized headers are refused, the ingress stays up.
+    let big = format!("X-Big: {}", "a".repeat(64 * 1024));
+    let g = curl(&lab, &ing, &["-H", &big, "http://shop.test/echo"])?;
+    ensure!(g.code == 431 || g.code == 400, "{g:?}");
+    let g = curl(&lab, &ing, &["http://shop.test/echo"])?;
+    ensure!(g.code == 200, "{g:?}");
+    Ok(())
+}
+
+/// Route JSON written straight to etcd (an update in place, as an operator's tool would).
+struct IngressRouteJson;
+
+impl IngressRouteJson {
+    fn moved(name: &str, host: &str, service: &str) -> String {
+        serde_json::json!({
+            "name": name,
+            "host": host,
+            "path": "/",
+            "namespace": "default",
+            "service": service,
+            "port": "http",
+        })
+        .to_string()
+    }
+}
