@@ -16,11 +16,11 @@ fn main() -> std::process::ExitCode {
         },
     };
     tartan::util::logging::init("info");
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = args.workers {
-        rt.worker_threads(n.max(1));
-    }
-    let rt = match rt.enable_all().build() {
+    // The watches and the admin server; requests are served on worker threads of their own.
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tartan-ingress: cannot start the runtime: {e}");

@@ -108,8 +108,6 @@ pub struct Proxy {
     /// The metrics.
     pub metrics: Arc<IngressMetrics>,
     cfg: ProxyConfig,
-    http1: Client<HttpConnector, ProxyBody>,
-    http2: Client<HttpConnector, ProxyBody>,
     conns: Arc<Semaphore>,
     inflight: DashMap<String, Arc<AtomicUsize>, ahash::RandomState>,
     log: AccessLog,
@@ -117,17 +115,16 @@ pub struct Proxy {
     ready: AtomicBool,
 }
 
-/// Who a connection came from.
-#[derive(Debug, Clone, Copy)]
-struct Peer {
-    addr: SocketAddr,
-    tls: bool,
-    trusted: bool,
+/// The connections to endpoints of one worker thread: keep-alive pools per endpoint, HTTP/1.1
+/// and HTTP/2 (each worker has its own, so a request never waits on another thread).
+pub struct Clients {
+    http1: Client<HttpConnector, ProxyBody>,
+    http2: Client<HttpConnector, ProxyBody>,
 }
 
-impl Proxy {
-    /// A proxy over `targets` with an empty route table.
-    pub fn new(cfg: ProxyConfig, targets: Arc<Targets>, metrics: Arc<IngressMetrics>) -> Self {
+impl Clients {
+    /// Pools with the connect timeout of `cfg`.
+    pub fn new(cfg: &ProxyConfig) -> Self {
         let mut conn = HttpConnector::new();
         conn.set_connect_timeout(Some(cfg.connect_timeout));
         conn.set_nodelay(true);
@@ -144,6 +141,21 @@ impl Proxy {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(conn);
+        Clients { http1, http2 }
+    }
+}
+
+/// Who a connection came from.
+#[derive(Debug, Clone, Copy)]
+struct Peer {
+    addr: SocketAddr,
+    tls: bool,
+    trusted: bool,
+}
+
+impl Proxy {
+    /// A proxy over `targets` with an empty route table.
+    pub fn new(cfg: ProxyConfig, targets: Arc<Targets>, metrics: Arc<IngressMetrics>) -> Self {
         Proxy {
             routes: RwLock::new(RouteTable::new()),
             targets,
@@ -151,8 +163,6 @@ impl Proxy {
             metrics,
             conns: Arc::new(Semaphore::new(cfg.max_connections)),
             log: AccessLog::new(cfg.access_log_per_sec),
-            http1,
-            http2,
             inflight: DashMap::with_hasher(ahash::RandomState::new()),
             warn: RateLimited::new(Duration::from_secs(10)),
             ready: AtomicBool::new(false),
@@ -170,9 +180,17 @@ impl Proxy {
     /// connection first (handshake within the header timeout).
     pub async fn serve(
         self: Arc<Self>,
-        listener: TcpListener,
+        listener: std::net::TcpListener,
         tls: Option<tokio_rustls::TlsAcceptor>,
     ) {
+        let listener = match TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("ingress listener: {e}");
+                return;
+            }
+        };
+        let clients = Arc::new(Clients::new(&self.cfg));
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -212,12 +230,13 @@ impl Proxy {
                 trusted: is_trusted(addr.ip(), &self.cfg.trusted_proxies),
             };
             let (me, builder, tls) = (self.clone(), builder.clone(), tls.clone());
+            let clients = clients.clone();
             tokio::spawn(async move {
                 me.metrics.active.inc();
                 let svc_me = me.clone();
                 let svc = hyper::service::service_fn(move |req| {
-                    let me = svc_me.clone();
-                    async move { Ok::<_, Infallible>(me.handle(req, peer).await) }
+                    let (me, clients) = (svc_me.clone(), clients.clone());
+                    async move { Ok::<_, Infallible>(me.handle(req, peer, &clients).await) }
                 });
                 match tls {
                     None => {
@@ -241,7 +260,12 @@ impl Proxy {
     }
 
     /// One request: route, pick, forward, answer.
-    async fn handle(&self, req: Request<Incoming>, peer: Peer) -> Response<ProxyBody> {
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: Peer,
+        clients: &Clients,
+    ) -> Response<ProxyBody> {
         let t0 = Instant::now();
         let host = req
             .uri()
@@ -295,7 +319,7 @@ impl Proxy {
                 short(StatusCode::NOT_FOUND, "no route"),
             );
         };
-        let resp = self.forward(req, &r, &host, peer).await;
+        let resp = self.forward(req, &r, &host, peer, clients).await;
         self.finish(t0, &peer, &line, Some(&r), resp)
     }
 
@@ -305,6 +329,7 @@ impl Proxy {
         r: &Routed,
         host: &str,
         peer: Peer,
+        clients: &Clients,
     ) -> Response<ProxyBody> {
         let Some(t) = self.targets.get(&r.namespace, &r.service) else {
             return short(StatusCode::SERVICE_UNAVAILABLE, "no such service");
@@ -386,9 +411,9 @@ impl Proxy {
                 .boxed(),
         );
         let (client, version) = if grpc {
-            (&self.http2, Version::HTTP_2)
+            (&clients.http2, Version::HTTP_2)
         } else {
-            (&self.http1, Version::HTTP_11)
+            (&clients.http1, Version::HTTP_11)
         };
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut last = short(StatusCode::BAD_GATEWAY, "no endpoint answered");
@@ -606,27 +631,35 @@ impl AccessLog {
 
     fn admit(&self) -> bool {
         let now = self.start.elapsed().as_secs();
-        if self.second.swap(now, Ordering::Relaxed) != now {
+        // Reads only, once the second's lines are used up: no cache line shared between
+        // the workers is written per request.
+        if self.second.load(Ordering::Relaxed) != now
+            && self.second.swap(now, Ordering::Relaxed) != now
+        {
             self.count.store(0, Ordering::Relaxed);
+        }
+        if self.count.load(Ordering::Relaxed) >= self.per_sec {
+            return false;
         }
         self.count.fetch_add(1, Ordering::Relaxed) < self.per_sec
     }
 }
 
-/// Binds a listener (errors name the address and the flag).
-pub async fn bind(addr: SocketAddr, flag: &str) -> Result<TcpListener> {
+/// Binds a listener (errors name the address and the flag); `SO_REUSEPORT`, so each worker
+/// thread has its own and the kernel spreads connections over them.
+pub fn bind(addr: SocketAddr, flag: &str) -> Result<std::net::TcpListener> {
     let s = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
         Some(socket2::Protocol::TCP),
     )?;
     s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
     s.set_nonblocking(true)?;
     s.bind(&addr.into())
         .with_context(|| format!("{flag}: cannot listen on {addr}"))?;
     s.listen(4096)?;
-    let l = TcpListener::from_std(s.into())?;
-    Ok(l)
+    Ok(s.into())
 }
 
 #[cfg(test)]

@@ -95,7 +95,7 @@ pub struct IngressArgs {
     /// Access log lines per second before sampling.
     #[arg(long = "access-log-per-sec", default_value_t = 50)]
     pub access_log_per_sec: u64,
-    /// Worker threads (default: one per core).
+    /// Worker threads, each serving connections start to end (default: one per core).
     #[arg(long = "workers")]
     pub workers: Option<usize>,
 }
@@ -132,14 +132,23 @@ pub async fn run(args: IngressArgs) -> Result<()> {
             .with_context(|| format!("--tls-cert {} / --tls-key {}", c.display(), k.display()))?;
         certs.set_default(key);
     }
-    // Listeners first: a port in use is an error at once, before etcd is asked anything.
-    let mut http = Vec::new();
-    for a in &args.http_listen {
-        http.push(bind(*a, "--http-listen").await?);
-    }
-    let mut https = Vec::new();
-    for a in &args.https_listen {
-        https.push(bind(*a, "--https-listen").await?);
+    // Listeners first (one per worker and address, SO_REUSEPORT): a port another program
+    // holds is an error at once, before etcd is asked anything. (A second tartan-ingress of
+    // the same user on the same port would share it, as a second nginx with reuseport does.)
+    let workers = args
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    let mut listeners = Vec::new();
+    for _ in 0..workers {
+        let mut mine = Vec::new();
+        for a in &args.http_listen {
+            mine.push((bind(*a, "--http-listen")?, false));
+        }
+        for a in &args.https_listen {
+            mine.push((bind(*a, "--https-listen")?, true));
+        }
+        listeners.push(mine);
     }
     let store = Store::connect(&args.etcd).await?;
     let backends = Backends::new();
@@ -187,19 +196,39 @@ pub async fn run(args: IngressArgs) -> Result<()> {
         let (certs, metrics) = (certs.clone(), metrics.clone());
         tokio::spawn(async move { watch_certs(rx, prefix, certs, metrics).await });
     }
-    for l in http {
-        tokio::spawn(proxy.clone().serve(l, None));
-    }
-    if !https.is_empty() {
-        let acceptor = tokio_rustls::TlsAcceptor::from(server_config(certs.clone())?);
-        for l in https {
-            tokio::spawn(proxy.clone().serve(l, Some(acceptor.clone())));
-        }
+    let acceptor = if args.https_listen.is_empty() {
+        None
+    } else {
+        Some(tokio_rustls::TlsAcceptor::from(server_config(
+            certs.clone(),
+        )?))
+    };
+    // One thread per worker, each with its own runtime, listeners and endpoint pools (as
+    // nginx's worker processes): a request is served start to end on one thread.
+    for (w, mine) in listeners.into_iter().enumerate() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start a worker runtime")?;
+        let (proxy, acceptor) = (proxy.clone(), acceptor.clone());
+        std::thread::Builder::new()
+            .name(format!("ingress-{w}"))
+            .spawn(move || {
+                rt.block_on(async move {
+                    for (l, tls) in mine {
+                        let acc = if tls { acceptor.clone() } else { None };
+                        tokio::spawn(proxy.clone().serve(l, acc));
+                    }
+                    std::future::pending::<()>().await;
+                })
+            })
+            .context("cannot start a worker thread")?;
     }
     serve_admin(args.admin_addr, metrics.clone(), ready.clone()).await?;
     info!(
         http = ?args.http_listen,
         https = ?args.https_listen,
+        workers,
         "tartan-ingress serving"
     );
     crate::util::shutdown::shutdown_signal().await;
