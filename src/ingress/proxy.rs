@@ -11,6 +11,7 @@
 //! requests in flight per route are bounded; retries happen only before a request was sent
 //! (a failed connect) or, for idempotent requests without a body, after a failed exchange.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -120,6 +121,17 @@ pub struct Proxy {
 pub struct Clients {
     http1: Client<HttpConnector, ProxyBody>,
     http2: Client<HttpConnector, ProxyBody>,
+    /// This worker's handles on the per-route metrics (a request finds its counter without
+    /// building label strings; only this thread takes the lock).
+    counters: std::sync::Mutex<HashMap<String, RouteCounters>>,
+}
+
+/// One route's metric handles (shared with the registry's families).
+#[derive(Default)]
+struct RouteCounters {
+    host: String,
+    by_code: Vec<(u16, prometheus_client::metrics::counter::Counter)>,
+    upstream: Option<prometheus_client::metrics::histogram::Histogram>,
 }
 
 impl Clients {
@@ -141,7 +153,11 @@ impl Clients {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(conn);
-        Clients { http1, http2 }
+        Clients {
+            http1,
+            http2,
+            counters: std::sync::Mutex::new(HashMap::new()),
+        }
     }
 }
 
@@ -289,7 +305,7 @@ impl Proxy {
         };
         if !self.ready.load(Ordering::Acquire) {
             let resp = short(StatusCode::SERVICE_UNAVAILABLE, "starting");
-            return self.finish(t0, &peer, &line, None, resp);
+            return self.finish(t0, &peer, &line, None, resp, clients);
         }
         let Some(host) = host else {
             return self.finish(
@@ -298,6 +314,7 @@ impl Proxy {
                 &line,
                 None,
                 short(StatusCode::BAD_REQUEST, "no Host"),
+                clients,
             );
         };
         let found = {
@@ -317,10 +334,11 @@ impl Proxy {
                 &line,
                 None,
                 short(StatusCode::NOT_FOUND, "no route"),
+                clients,
             );
         };
         let resp = self.forward(req, &r, &host, peer, clients).await;
-        self.finish(t0, &peer, &line, Some(&r), resp)
+        self.finish(t0, &peer, &line, Some(&r), resp, clients)
     }
 
     async fn forward(
@@ -447,10 +465,13 @@ impl Proxy {
                 }
                 Ok(Ok(mut resp)) => {
                     self.balancer.succeeded(addr);
-                    self.metrics
-                        .upstream_duration
-                        .get_or_create(&[("route", r.route.clone())])
-                        .observe(sent.elapsed().as_secs_f64());
+                    self.count(
+                        clients,
+                        &r.host,
+                        &r.route,
+                        0,
+                        Some(sent.elapsed().as_secs_f64()),
+                    );
                     if resp.status() == StatusCode::SWITCHING_PROTOCOLS
                         && let Some(client_up) = client_upgrade
                     {
@@ -513,19 +534,11 @@ impl Proxy {
         line: &LogLine,
         r: Option<&Routed>,
         mut resp: Response<ProxyBody>,
+        clients: &Clients,
     ) -> Response<ProxyBody> {
         let code = resp.status().as_u16();
-        let (host, route) = r.map_or(("-".to_string(), "-".to_string()), |r| {
-            (r.host.clone(), r.route.clone())
-        });
-        self.metrics
-            .requests
-            .get_or_create(&[
-                ("host", host),
-                ("route", route.clone()),
-                ("code", code.to_string()),
-            ])
-            .inc();
+        let (host, route) = r.map_or(("-", "-"), |r| (r.host.as_str(), r.route.as_str()));
+        self.count(clients, host, route, code, None);
         if self.log.admit() {
             info!(
                 target: "access",
@@ -544,6 +557,55 @@ impl Proxy {
             .entry(header::SERVER)
             .or_insert(HeaderValue::from_static("tartan-ingress"));
         resp
+    }
+
+    /// Counts a response of `route` (host pattern `host`) with `code` (0: none), and its
+    /// upstream time.
+    fn count(&self, clients: &Clients, host: &str, route: &str, code: u16, upstream: Option<f64>) {
+        let mut map = clients.counters.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() > 100_000 {
+            // Routes come and go; a worker's handles are only a cache of the families.
+            map.clear();
+        }
+        let rc = match map.get_mut(route) {
+            Some(rc) => rc,
+            None => map.entry(route.to_string()).or_default(),
+        };
+        if rc.host != host {
+            *rc = RouteCounters {
+                host: host.to_string(),
+                ..Default::default()
+            };
+        }
+        match rc.by_code.iter().find(|(c, _)| *c == code) {
+            _ if code == 0 => {}
+            Some((_, counter)) => {
+                counter.inc();
+            }
+            None => {
+                let counter = self
+                    .metrics
+                    .requests
+                    .get_or_create(&[
+                        ("host", host.to_string()),
+                        ("route", route.to_string()),
+                        ("code", code.to_string()),
+                    ])
+                    .clone();
+                counter.inc();
+                rc.by_code.push((code, counter));
+            }
+        }
+        if let Some(secs) = upstream {
+            rc.upstream
+                .get_or_insert_with(|| {
+                    self.metrics
+                        .upstream_duration
+                        .get_or_create(&[("route", route.to_string())])
+                        .clone()
+                })
+                .observe(secs);
+        }
     }
 
     /// Forgets balancer state of endpoints no service has any more.
