@@ -580,6 +580,15 @@ fn dnsmasq(lab: &Lab, port: u16, args: &[String]) -> Result<KillOnDrop> {
 
 /// Port on the infra address where every packet is dropped: an upstream that never answers.
 const BLACK_HOLE: u16 = 5454;
+/// Drops every packet to [`BLACK_HOLE`] on the infra address (an upstream that never answers).
+fn black_hole(lab: &Lab) -> Result<()> {
+    let script = format!(
+        "table inet tartan_lab_black_hole {{ chain input {{ type filter hook input priority -10; \
+         udp dport {BLACK_HOLE} drop; tcp dport {BLACK_HOLE} drop; }}; }}"
+    );
+    ns_run(&lab.infra, "nft", &[&script]).map(|_| ())
+}
+
 /// Port of the dnsmasq that forwards everything to the cluster DNS.
 const LOOP_PORT: u16 = 5300;
 
@@ -591,11 +600,7 @@ fn other_names_go_upstream_are_cached_and_a_silent_upstream_fails_fast() -> Resu
     // The upstreams: dnsmasq with example.test and 120 addresses for many.test (more than
     // one UDP response holds); a black hole; and a dnsmasq that sends everything back to the
     // cluster DNS of node 3 (a forwarding loop through another resolver).
-    let script = format!(
-        "table inet tartan_lab_black_hole {{ chain input {{ type filter hook input priority -10; \
-         udp dport {BLACK_HOLE} drop; tcp dport {BLACK_HOLE} drop; }}; }}"
-    );
-    ns_run(&lab.infra, "nft", &[&script])?;
+    black_hole(&lab)?;
     let mut names = vec!["--address=/example.test/192.0.2.7".to_string()];
     let many: Vec<String> = (1..=120).map(|k| format!("192.0.2.{k}")).collect();
     names.extend(
@@ -942,11 +947,7 @@ fn a_query_flood_starves_neither_the_zone_nor_the_proxy_nor_the_overlay() -> Res
     };
     // Node 1 forwards to an upstream that never answers; nodes 1 and 2 run, node 3 joins
     // during the flood.
-    let script = format!(
-        "table inet tartan_lab_black_hole {{ chain input {{ type filter hook input priority -10; \
-         udp dport {BLACK_HOLE} drop; tcp dport {BLACK_HOLE} drop; }}; }}"
-    );
-    ns_run(&lab.infra, "nft", &[&script])?;
+    black_hole(&lab)?;
     let silent = format!("{INFRA_IP}:{BLACK_HOLE}");
     for i in 0..2 {
         lab.start_daemon(i, &["--dns-upstream", &silent])?;

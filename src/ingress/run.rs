@@ -301,6 +301,17 @@ fn name_of<'a>(key: &'a str, prefix: &str) -> Option<&'a str> {
         .filter(|n| !n.is_empty() && !n.contains('/'))
 }
 
+/// The names in `held` that a (re)listing of `prefix` no longer has.
+fn gone_after_listing(items: &[KvItem], prefix: &str, held: Vec<String>) -> Vec<String> {
+    let fresh: std::collections::HashSet<&str> = items
+        .iter()
+        .filter_map(|i| name_of(&i.key, prefix))
+        .collect();
+    held.into_iter()
+        .filter(|n| !fresh.contains(n.as_str()))
+        .collect()
+}
+
 /// Applies route records to the proxy's table one at a time.
 async fn watch_routes(
     mut rx: UnboundedReceiver<ReflectorEvent>,
@@ -321,16 +332,8 @@ async fn watch_routes(
         let mut table = proxy.routes.write().unwrap_or_else(|e| e.into_inner());
         match ev {
             ReflectorEvent::Reset { items, .. } => {
-                let fresh: std::collections::HashSet<&str> = items
-                    .iter()
-                    .filter_map(|i| name_of(&i.key, &prefix))
-                    .collect();
-                let gone: Vec<String> = table
-                    .routes()
-                    .filter(|r| !fresh.contains(r.name.as_str()))
-                    .map(|r| r.name.clone())
-                    .collect();
-                for n in gone {
+                let held: Vec<String> = table.routes().map(|r| r.name.clone()).collect();
+                for n in gone_after_listing(&items, &prefix, held) {
                     table.remove(&n);
                 }
                 for it in &items {
@@ -391,14 +394,8 @@ async fn watch_certs(
     while let Some(ev) = rx.recv().await {
         match ev {
             ReflectorEvent::Reset { items, .. } => {
-                let fresh: std::collections::HashSet<&str> = items
-                    .iter()
-                    .filter_map(|i| name_of(&i.key, &prefix))
-                    .collect();
-                for n in certs.names() {
-                    if !fresh.contains(n.as_str()) {
-                        certs.remove(&n);
-                    }
+                for n in gone_after_listing(&items, &prefix, certs.names()) {
+                    certs.remove(&n);
                 }
                 items.iter().for_each(put);
             }
