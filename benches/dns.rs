@@ -36,7 +36,7 @@ use hickory_proto::op::{Message, Query, ResponseCode};
 use hickory_proto::rr::{LowerName, Name, RData, RecordType};
 use tartan::dns::catalog::{Catalog, dashed};
 use tartan::dns::run::DnsSettings;
-use tartan::dns::server::DnsServer;
+use tartan::dns::server::{DnsServer, UdpSockets};
 use tartan::dns::zone::{Origin, Rdata, Zone};
 use tartan::lab::{Lab, in_netns, ip, require_root, spawn_in_netns, wait_for};
 use tartan::netbench::service_bed::{bulk_pod, bulk_service};
@@ -49,10 +49,14 @@ const PORT_NAME: &str = "http";
 const TARTAN_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 53);
 const NSD_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 54);
 const DNSMASQ_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 55);
+const TARTAN_RP_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 56);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Kind {
     Tartan,
+    /// tartan with one `SO_REUSEPORT` socket per worker (`UdpSockets::PerWorker`), beside the
+    /// default shared socket.
+    TartanReuseport,
     Nsd,
     Dnsmasq,
 }
@@ -61,6 +65,7 @@ impl Kind {
     fn name(self) -> &'static str {
         match self {
             Kind::Tartan => "tartan",
+            Kind::TartanReuseport => "tartan-reuseport",
             Kind::Nsd => "nsd",
             Kind::Dnsmasq => "dnsmasq",
         }
@@ -69,6 +74,7 @@ impl Kind {
     fn addr(self) -> Ipv4Addr {
         match self {
             Kind::Tartan => TARTAN_IP,
+            Kind::TartanReuseport => TARTAN_RP_IP,
             Kind::Nsd => NSD_IP,
             Kind::Dnsmasq => DNSMASQ_IP,
         }
@@ -316,9 +322,18 @@ fn start_dnsmasq(lab: &Lab, zone: &Zone) -> Result<Daemon> {
     Ok(Daemon(spawn_in_netns(&lab.infra, cmd)?))
 }
 
-fn start_tartan(lab: &Lab, zone: &Arc<Zone>, s: &DnsSettings) -> Result<(DnsServer, usize)> {
+fn start_tartan(
+    lab: &Lab,
+    zone: &Arc<Zone>,
+    s: &DnsSettings,
+    kind: Kind,
+) -> Result<(DnsServer, usize)> {
     let metrics = tartan::metrics::Metrics::new();
-    let (zone, auth, cfg) = (zone.clone(), s.authority(), s.server_config());
+    let (zone, auth, mut cfg) = (zone.clone(), s.authority(), s.server_config());
+    if kind == Kind::TartanReuseport {
+        cfg.udp_sockets = UdpSockets::PerWorker;
+        cfg.listen = vec![SocketAddr::from((TARTAN_RP_IP, s.port))];
+    }
     let workers = cfg.udp_threads;
     // The sockets are made on a thread inside the namespace, so they belong to it.
     let server = in_netns(&lab.infra, move || {
@@ -533,6 +548,8 @@ struct Cell {
     qps: Vec<f64>,
     p50: Vec<f64>,
     p99: Vec<f64>,
+    /// Every fixed-rate latency of every round: the tail over all of them.
+    all_lat: Vec<f64>,
     lost: Vec<f64>,
     nx: Vec<f64>,
 }
@@ -543,9 +560,9 @@ fn report(results: &BTreeMap<(usize, Kind), Cell>, sets: &[(&str, PathBuf)], cfg
         cfg.rounds, cfg.secs, cfg.rate
     );
     println!(
-        "| queries | server | QPS at saturation (min–max) | p50 µs | p99 µs | lost % (sat.) | NXDOMAIN % |"
+        "| queries | server | QPS at saturation (min–max) | p50 µs | p99 µs | p99 µs, all rounds | lost % (sat.) | NXDOMAIN % |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for (si, (label, _)) in sets.iter().enumerate() {
         for ((i, kind), c) in results.iter().filter(|((i, _), _)| *i == si) {
             let _ = i;
@@ -554,31 +571,43 @@ fn report(results: &BTreeMap<(usize, Kind), Cell>, sets: &[(&str, PathBuf)], cfg
                 .iter()
                 .fold((f64::MAX, 0.0f64), |(lo, hi), q| (lo.min(*q), hi.max(*q)));
             println!(
-                "| {label} | {} | {:.0} ({lo:.0}–{hi:.0}) | {:.0} | {:.0} | {:.2} | {:.1} |",
+                "| {label} | {} | {:.0} ({lo:.0}–{hi:.0}) | {:.0} | {:.0} | {:.0} | {:.2} | {:.1} |",
                 kind.name(),
                 median(&c.qps),
                 median(&c.p50),
                 median(&c.p99),
+                pooled_p99(c),
                 median(&c.lost),
                 median(&c.nx),
             );
         }
     }
-    println!("\ntartan / NSD (medians):");
-    for (si, (label, _)) in sets.iter().enumerate() {
-        let (Some(t), Some(n)) = (
-            results.get(&(si, Kind::Tartan)),
-            results.get(&(si, Kind::Nsd)),
-        ) else {
-            continue;
-        };
+    for tartan in [Kind::Tartan, Kind::TartanReuseport] {
         println!(
-            "  {label}: QPS {:.2}x, p50 {:.2}x, p99 {:.2}x",
-            median(&t.qps) / median(&n.qps),
-            median(&t.p50) / median(&n.p50),
-            median(&t.p99) / median(&n.p99),
+            "\n{} / NSD (medians; p99 also over all rounds' latencies):",
+            tartan.name()
         );
+        for (si, (label, _)) in sets.iter().enumerate() {
+            let (Some(t), Some(n)) = (results.get(&(si, tartan)), results.get(&(si, Kind::Nsd)))
+            else {
+                continue;
+            };
+            println!(
+                "  {label}: QPS {:.2}x, p50 {:.2}x, p99 {:.2}x, p99 all rounds {:.2}x",
+                median(&t.qps) / median(&n.qps),
+                median(&t.p50) / median(&n.p50),
+                median(&t.p99) / median(&n.p99),
+                pooled_p99(t) / pooled_p99(n),
+            );
+        }
     }
+}
+
+/// The 99th percentile of every fixed-rate latency of every round together.
+fn pooled_p99(c: &Cell) -> f64 {
+    let mut v = c.all_lat.clone();
+    v.sort_by(f64::total_cmp);
+    percentile(&v, 99.0)
 }
 
 fn main() -> Result<()> {
@@ -598,10 +627,15 @@ fn main() -> Result<()> {
         }
     }
     let sections = Sections::from_args();
-    let kinds: Vec<Kind> = [Kind::Tartan, Kind::Nsd, Kind::Dnsmasq]
-        .into_iter()
-        .filter(|k| sections.want(k.name()))
-        .collect();
+    let kinds: Vec<Kind> = [
+        Kind::Tartan,
+        Kind::TartanReuseport,
+        Kind::Nsd,
+        Kind::Dnsmasq,
+    ]
+    .into_iter()
+    .filter(|k| sections.want(k.name()))
+    .collect();
     let cfg = Config::from_env();
     let s = settings()?;
     let (zone, _catalog) = load_zone(&s);
@@ -620,14 +654,14 @@ fn main() -> Result<()> {
         ])?;
     }
     let client = lab.nodes[0].ns.clone();
-    let mut _tartan = None;
+    let mut _tartan = Vec::new();
     let mut daemons = Vec::new();
     for k in &kinds {
         match k {
-            Kind::Tartan => {
-                let (server, workers) = start_tartan(&lab, &zone, &s)?;
-                println!("tartan: {workers} UDP workers");
-                _tartan = Some(server);
+            Kind::Tartan | Kind::TartanReuseport => {
+                let (server, workers) = start_tartan(&lab, &zone, &s, *k)?;
+                println!("{}: {workers} UDP workers", k.name());
+                _tartan.push(server);
             }
             Kind::Nsd => {
                 let workers = s.server_config().udp_threads;
@@ -695,6 +729,7 @@ fn main() -> Result<()> {
                 c.nx.push(sat.nxdomain_pct);
                 c.p50.push(percentile(&fixed.lat_us, 50.0));
                 c.p99.push(percentile(&fixed.lat_us, 99.0));
+                c.all_lat.extend_from_slice(&fixed.lat_us);
                 println!(
                     "round {} {label:>10} {:>8}: {:>7.0} qps (lost {:.2} %, NXDOMAIN {:.1} %); at {} qps: p50 {:.0} µs, p99 {:.0} µs ({} answers, {:.2} % lost)",
                     round + 1,
@@ -712,7 +747,7 @@ fn main() -> Result<()> {
         }
     }
     report(&results, &sets, &cfg);
-    if _tartan.is_some() {
+    if !_tartan.is_empty() {
         println!(
             "memory: VmRSS +{:.1} MiB over the runs (tartan's UDP answer caches fill; bounded \
              at {} entries of at most 812 bytes)",

@@ -1,7 +1,9 @@
 //! The sockets of the cluster DNS, on threads of their own so that a query flood competes
-//! only with itself: one blocking UDP socket per worker thread (`SO_REUSEPORT`, the kernel
-//! spreads queries), and one thread with a small tokio runtime for TCP and the upstream
-//! forwarder. Every limit is fixed at start: worker count, TCP connections, forward queue,
+//! only with itself: blocking UDP worker threads, and one thread with a small tokio runtime
+//! for TCP and the upstream forwarder. By default the workers share one UDP socket per
+//! address (the kernel hands each datagram to one waiting worker, so any idle worker takes
+//! the next query); `UdpSockets::PerWorker` gives each its own `SO_REUSEPORT` socket, where
+//! the kernel pins each client address to one worker by hash. Every limit is fixed at start: worker count, TCP connections, forward queue,
 //! queries in flight upstream.
 
 use std::net::{SocketAddr, UdpSocket};
@@ -32,6 +34,8 @@ pub struct ServerConfig {
     pub listen: Vec<SocketAddr>,
     /// UDP worker threads per address.
     pub udp_threads: usize,
+    /// Whether the UDP workers of an address share its socket.
+    pub udp_sockets: UdpSockets,
     /// TCP connections open at once (more are closed at accept).
     pub max_tcp: usize,
     /// A TCP connection idle this long is closed.
@@ -48,6 +52,7 @@ impl ServerConfig {
         ServerConfig {
             listen,
             udp_threads: std::thread::available_parallelism().map_or(2, |n| n.get().min(4)),
+            udp_sockets: UdpSockets::Shared,
             max_tcp: 256,
             tcp_idle: Duration::from_secs(10),
             // About 200 bytes each: at most ~13 MiB, enough for every distinct question of a
@@ -56,6 +61,18 @@ impl ServerConfig {
             forward: ForwarderConfig::new(upstreams),
         }
     }
+}
+
+/// How the UDP workers of one address get their datagrams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UdpSockets {
+    /// One socket, read by every worker: a query waits only if all workers are busy. With few
+    /// clients (a node's pods behind one resolver library, or a benchmark's two sockets) this
+    /// keeps the tail short where hashing could put every client on one worker.
+    Shared,
+    /// One `SO_REUSEPORT` socket per worker: no shared receive queue, but each client address
+    /// always lands on the same worker.
+    PerWorker,
 }
 
 /// A running server; dropping it stops every thread (within about half a second).
@@ -112,9 +129,20 @@ pub fn start(
     let mut udp = Vec::new();
     let mut tcp = Vec::new();
     for addr in &cfg.listen {
-        for _ in 0..cfg.udp_threads.max(1) {
-            udp.push(bind_udp(*addr).with_context(|| format!("cannot bind DNS on udp {addr}"))?);
+        let bind = || -> Result<UdpSocket> {
+            bind_udp(*addr, cfg.udp_sockets == UdpSockets::PerWorker)
+                .with_context(|| format!("cannot bind DNS on udp {addr}"))
+        };
+        let first = bind()?;
+        for _ in 1..cfg.udp_threads.max(1) {
+            udp.push(match cfg.udp_sockets {
+                UdpSockets::Shared => first
+                    .try_clone()
+                    .with_context(|| format!("cannot share the DNS socket on udp {addr}"))?,
+                UdpSockets::PerWorker => bind()?,
+            });
         }
+        udp.push(first);
         tcp.push(bind_tcp(*addr).with_context(|| format!("cannot bind DNS on tcp {addr}"))?);
     }
     let stop = Arc::new(AtomicBool::new(false));
@@ -151,9 +179,9 @@ pub fn start(
     })
 }
 
-fn bind_udp(addr: SocketAddr) -> Result<UdpSocket> {
+fn bind_udp(addr: SocketAddr, reuse_port: bool) -> Result<UdpSocket> {
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    s.set_reuse_port(true)?;
+    s.set_reuse_port(reuse_port)?;
     s.set_read_timeout(Some(Duration::from_millis(500)))?;
     // Room for bursts: queries wait in the kernel, not in our memory.
     let _ = s.set_recv_buffer_size(4 << 20);
