@@ -548,8 +548,8 @@ struct Cell {
     qps: Vec<f64>,
     p50: Vec<f64>,
     p99: Vec<f64>,
-    /// Every fixed-rate latency of every round: the tail over all of them.
-    all_lat: Vec<f64>,
+    /// Every fixed-rate latency of every round (µs): the tail over all of them.
+    all_lat: Option<hdrhistogram::Histogram<u64>>,
     lost: Vec<f64>,
     nx: Vec<f64>,
 }
@@ -605,9 +605,9 @@ fn report(results: &BTreeMap<(usize, Kind), Cell>, sets: &[(&str, PathBuf)], cfg
 
 /// The 99th percentile of every fixed-rate latency of every round together.
 fn pooled_p99(c: &Cell) -> f64 {
-    let mut v = c.all_lat.clone();
-    v.sort_by(f64::total_cmp);
-    percentile(&v, 99.0)
+    c.all_lat
+        .as_ref()
+        .map_or(f64::NAN, |h| h.value_at_quantile(0.99) as f64)
 }
 
 fn main() -> Result<()> {
@@ -729,7 +729,12 @@ fn main() -> Result<()> {
                 c.nx.push(sat.nxdomain_pct);
                 c.p50.push(percentile(&fixed.lat_us, 50.0));
                 c.p99.push(percentile(&fixed.lat_us, 99.0));
-                c.all_lat.extend_from_slice(&fixed.lat_us);
+                let all = c.all_lat.get_or_insert_with(|| {
+                    hdrhistogram::Histogram::new(3).expect("3 significant figures are valid")
+                });
+                for l in &fixed.lat_us {
+                    all.saturating_record(l.round().max(1.0) as u64);
+                }
                 println!(
                     "round {} {label:>10} {:>8}: {:>7.0} qps (lost {:.2} %, NXDOMAIN {:.1} %); at {} qps: p50 {:.0} µs, p99 {:.0} µs ({} answers, {:.2} % lost)",
                     round + 1,

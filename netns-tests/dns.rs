@@ -746,27 +746,25 @@ fn other_names_go_upstream_are_cached_and_a_silent_upstream_fails_fast() -> Resu
     Ok(())
 }
 
-/// What `/etc/resolv.conf` podman wrote into a container of the tartan network.
-fn resolv_conf(pm: &Podman, id: &str) -> Result<String> {
-    pm.run(&["exec", id, "/bin/busybox", "cat", "/etc/resolv.conf"])
-}
-
-/// Runs `sh -c script` in the container until its output contains every one of `want`.
-fn wait_exec(pm: &Podman, id: &str, script: &str, want: &[String]) -> Result<String> {
+/// Runs `script` in new containers on `pm`'s node (one after another, each its own process
+/// in its own rootfs `rootfs`, with `extra` flags) until the output has every one of `want`.
+fn wait_script(
+    pm: &Podman,
+    lab: &Lab,
+    rootfs: &str,
+    extra: &[&str],
+    script: &str,
+    want: &[String],
+) -> Result<String> {
     let mut last = String::new();
+    let mut attempt = 0;
     wait_for(
-        &format!("`{script}` in {id}"),
-        Duration::from_secs(20),
+        &format!("`{script}` in a container ({rootfs})"),
+        Duration::from_secs(40),
         || {
-            let out = pm
-                .command(&["exec", id, "/bin/busybox", "sh", "-c", script])
-                .output()
-                .ok()?;
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            attempt += 1;
+            let name = format!("{}-{rootfs}-{attempt}", lab.id);
+            let text = pm.run_script(rootfs, &name, extra, script).ok()?;
             if want.iter().all(|w| text.contains(w.as_str())) {
                 return Some(text);
             }
@@ -777,8 +775,6 @@ fn wait_exec(pm: &Podman, id: &str, script: &str, want: &[String]) -> Result<Str
     .with_context(|| format!("last output:\n{last}"))
 }
 
-/// The flags that give a container the cluster DNS settings without relying on the CNI
-/// result: only the cluster DNS, the search list of namespace `default`, `ndots:5`.
 /// The resolv.conf a pod of namespace `default` should have (what the CNI result's `dns` and
 /// the kubelet say).
 const CLUSTER_RESOLV_CONF: &str = "nameserver 10.96.0.10\nsearch default.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n";
@@ -794,20 +790,9 @@ fn podman_containers_find_services_and_pods_by_name() -> Result<()> {
         podmans.push(Podman::new(&lab, i, &lab.nodes[i].cni_dir().join("bin"))?);
     }
     let (pm1, pm2) = (&podmans[0], &podmans[1]);
-    // The server on node 2; on node 1 one client with what podman makes of the CNI result's
-    // `dns` alone, and one given the settings with podman's flags.
+    // The server on node 2, behind the service `web`.
     let server = pm2.run_busybox(&format!("{}-srv", lab.id), "hello from node2\n", &[])?;
-    let plain = pm1.run_busybox(&format!("{}-plain", lab.id), "plain\n", &[])?;
-    // podman's own handling of resolv.conf (from the result, or from --dns flags) differs
-    // between machines: on a freshly installed Debian 12 root, with --rootfs, it wrote the
-    // host's file whatever it was told. So the settings go in as a bind mount, the way a
-    // runtime that writes resolv.conf itself (the kubelet) hands them to a container.
-    let resolv_path = lab.dir.join("cluster-resolv.conf");
-    std::fs::write(&resolv_path, CLUSTER_RESOLV_CONF)?;
-    let mount = format!("{}:/etc/resolv.conf:ro", resolv_path.display());
-    let flagged = pm1.run_busybox(&format!("{}-flags", lab.id), "flags\n", &["-v", &mount])?;
     let server_ip = pm2.container_ip(&server)?;
-    // The service `web`: the container on node 2 behind port 80.
     let vip = create(&lab, &["web", "--port", "http=80:8080/tcp"])?.context("cluster IP")?;
     lab.tartanctl(&[
         "endpoints",
@@ -816,89 +801,92 @@ fn podman_containers_find_services_and_pods_by_name() -> Result<()> {
         "--address",
         &format!("{server_ip}@node2"),
     ])?;
-    // What podman makes of the result's `dns` alone is podman's choice, and differs between
-    // machines: here podman 4.3 (CNI backend) took the nameservers and search list, added the
-    // host's nameservers and dropped ndots:5; on a freshly installed Debian 12 it ignored them.
-    // So the result's `dns` is checked in the plugin's unit tests, and this container is
-    // only used for lookups when podman applied it.
-    let resolv = resolv_conf(pm1, &plain)?;
-    let nameservers: Vec<&str> = resolv
-        .lines()
-        .filter_map(|l| l.strip_prefix("nameserver "))
-        .collect();
-    let applied = nameservers.first() == Some(&DNS_IP)
-        && resolv
-            .lines()
-            .any(|l| l == "search default.svc.cluster.local svc.cluster.local cluster.local");
-    eprintln!(
-        "podman's /etc/resolv.conf from the CNI result alone ({}):\n{resolv}",
-        if applied { "applied" } else { "not applied" }
-    );
-    let resolv = resolv_conf(pm1, &flagged)?;
-    eprintln!("podman's /etc/resolv.conf with the bind mount:\n{resolv}");
-    let lines: BTreeSet<&str> = resolv.lines().map(str::trim).collect();
-    let mounted = lines
-        == BTreeSet::from([
-            "search default.svc.cluster.local svc.cluster.local cluster.local",
-            "nameserver 10.96.0.10",
-            "options ndots:5",
-        ]);
-    // On a freshly debootstrapped Debian 12 root, podman showed the host's resolv.conf even
-    // through the bind mount. There the container asks the cluster DNS by address (nslookup
-    // NAME SERVER), which still fails if the DNS does, and wget by name cannot be checked:
-    // said loudly, never silently.
-    if !mounted {
+    // Two clients on node 1: one with what podman makes of the CNI result's `dns` alone, one
+    // given the settings as a bind-mounted /etc/resolv.conf (the way a runtime that writes
+    // resolv.conf itself, the kubelet, hands them to a container).
+    let resolv_path = lab.dir.join("cluster-resolv.conf");
+    std::fs::write(&resolv_path, CLUSTER_RESOLV_CONF)?;
+    let mount = format!("{}:/etc/resolv.conf:ro", resolv_path.display());
+    let clients: [(&str, Vec<&str>); 2] = [("plain", vec![]), ("mounted", vec!["-v", &mount])];
+    // What podman makes of the result's `dns` alone is podman's choice: podman 4.3 (CNI
+    // backend) takes the nameservers and search list, adds the host's nameservers and drops
+    // ndots:5. So the result's `dns` itself is checked in the plugin's unit tests, and the
+    // plain client is used for lookups only when podman applied it.
+    let mut use_clients = Vec::new();
+    for (label, extra) in &clients {
+        let resolv = pm1.run_script(
+            label,
+            &format!("{}-{label}-conf", lab.id),
+            extra,
+            "/bin/busybox cat /etc/resolv.conf",
+        )?;
+        eprintln!("/etc/resolv.conf in the {label} container:\n{resolv}");
+        let lines: BTreeSet<&str> = resolv.lines().map(str::trim).collect();
+        let applied = if *label == "mounted" {
+            ensure!(
+                lines == CLUSTER_RESOLV_CONF.lines().collect::<BTreeSet<_>>(),
+                "the bind-mounted /etc/resolv.conf is not what the container sees:\n{resolv}"
+            );
+            true
+        } else {
+            resolv
+                .lines()
+                .find_map(|l| l.strip_prefix("nameserver "))
+                .is_some_and(|n| n.trim() == DNS_IP)
+                && lines
+                    .contains("search default.svc.cluster.local svc.cluster.local cluster.local")
+        };
         eprintln!(
-            "WARNING: podman does not let this container have its own /etc/resolv.conf here \
-             (even bind-mounted it shows:\n{resolv}); looking names up with the cluster DNS \
-             given explicitly, and skipping wget by name"
+            "{label}: podman {} the cluster DNS settings",
+            if applied { "applied" } else { "did not apply" }
         );
+        if applied {
+            use_clients.push((*label, extra.clone()));
+        }
     }
     let vip_s = vip.to_string();
     let pod2 = pod_name(server_ip);
     let pod2 = pod2.trim_end_matches('.');
     let web = "web.default.svc.cluster.local";
-    let clients = if applied {
-        vec![&plain, &flagged]
-    } else {
-        vec![&flagged]
-    };
-    for c in clients {
-        let server = if mounted && (applied || c == &flagged) {
-            String::new()
-        } else {
-            format!(" {DNS_IP}")
-        };
-        for (q, name, addr) in [
-            (if server.is_empty() { "web" } else { web }, web, &vip_s),
-            (web, web, &vip_s),
-            (pod2, pod2, &server_ip.to_string()),
-        ] {
-            wait_exec(
-                pm1,
-                c,
-                &format!("/bin/busybox nslookup {q}{server}"),
-                &[format!("Name:\t{name}\nAddress: {addr}\n")],
-            )?;
-        }
-        if !server.is_empty() {
-            continue;
-        }
-        // wget by name, through the search list and the service's cluster IP. (Debian 12's
+    for (label, extra) in &use_clients {
+        // By the short name (search list), the full name, and a pod of node 2 by name; then
+        // wget by name through the search list and the service's cluster IP. (Debian 12's
         // static busybox wget crashes when given -T, at start, whatever the URL: the time
         // limit comes from busybox timeout instead.)
+        let mut script = String::new();
+        for q in ["web", web, pod2] {
+            script.push_str(&format!("/bin/busybox nslookup {q}; "));
+        }
         for url in [
             "http://web/index.html",
             "http://web.default.svc.cluster.local/index.html",
         ] {
-            wait_exec(
-                pm1,
-                c,
-                &format!("/bin/busybox timeout 5 /bin/busybox wget -q -O - {url}"),
-                &["hello from node2".to_string()],
-            )?;
+            script.push_str(&format!(
+                "echo \"wget {url}: $(/bin/busybox timeout 5 /bin/busybox wget -q -O - {url})\"; "
+            ));
         }
+        let want = vec![
+            format!("Name:\t{web}\nAddress: {vip_s}\n"),
+            format!("Name:\t{pod2}\nAddress: {server_ip}\n"),
+            "wget http://web/index.html: hello from node2".to_string(),
+            "wget http://web.default.svc.cluster.local/index.html: hello from node2".to_string(),
+        ];
+        let out = wait_script(pm1, &lab, label, extra, &script, &want)?;
+        eprintln!("the {label} container found web and the pod of node 2 by name:\n{out}");
     }
+    // The container's own process sees its own root; check what `podman exec` sees here (on
+    // a freshly debootstrapped root it was the chroot's files, not the container's).
+    let exec_view = pm2
+        .command(&["exec", &server, "/bin/busybox", "cat", "/www/index.html"])
+        .output()?;
+    eprintln!(
+        "podman exec into the server container sees {}",
+        if String::from_utf8_lossy(&exec_view.stdout).contains("hello from node2") {
+            "the container's files"
+        } else {
+            "other files than the container's (its page is missing)"
+        }
+    );
     Ok(())
 }
 

@@ -121,15 +121,18 @@ impl Podman {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
-    /// Starts a busybox httpd container (port 8080) named `name` on the tartan network, in a
-    /// fresh rootfs whose page is `page`, with `extra` flags for `podman run`; its id.
-    pub fn run_busybox(&self, name: &str, page: &str, extra: &[&str]) -> Result<String> {
-        let rootfs = self.dir.join(format!("rootfs-{name}"));
-        busybox_rootfs(&rootfs, page)?;
-        let rootfs_s = rootfs.to_string_lossy().into_owned();
+    /// `podman run` on the tartan network: `mode` (`-d` or `--rm`), named `name`, `extra`
+    /// flags, in `rootfs`, running `command`.
+    fn run_args<'a>(
+        mode: &'a str,
+        name: &'a str,
+        extra: &[&'a str],
+        rootfs: &'a str,
+        command: &[&'a str],
+    ) -> Vec<&'a str> {
         let mut args = vec![
             "run",
-            "-d",
+            mode,
             "--name",
             name,
             "--network",
@@ -141,18 +144,49 @@ impl Podman {
             "nproc=1000:1000",
         ];
         args.extend_from_slice(extra);
-        args.extend([
-            "--rootfs",
-            &rootfs_s,
-            "/bin/busybox",
-            "httpd",
-            "-f",
-            "-p",
-            "8080",
-            "-h",
-            "/www",
-        ]);
-        self.run(&args)
+        args.extend(["--rootfs", rootfs]);
+        args.extend_from_slice(command);
+        args
+    }
+
+    /// Starts a busybox httpd container (port 8080) named `name` on the tartan network, in a
+    /// fresh rootfs whose page is `page`, with `extra` flags for `podman run`; its id.
+    pub fn run_busybox(&self, name: &str, page: &str, extra: &[&str]) -> Result<String> {
+        let rootfs = self.dir.join(format!("rootfs-{name}"));
+        busybox_rootfs(&rootfs, page)?;
+        let rootfs_s = rootfs.to_string_lossy().into_owned();
+        let httpd = ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"];
+        self.run(&Self::run_args("-d", name, extra, &rootfs_s, &httpd))
+    }
+
+    /// Runs `sh -c script` as the main process of a new container on the tartan network
+    /// (removed when it exits), in the rootfs `rootfs-{rootfs}` (made on first use), with
+    /// `extra` flags for `podman run`; its output and error output together, whatever its
+    /// exit status. The container's own process rather than `podman exec`, so the files it
+    /// sees are the container's whatever `exec` does on this machine.
+    pub fn run_script(
+        &self,
+        rootfs: &str,
+        name: &str,
+        extra: &[&str],
+        script: &str,
+    ) -> Result<String> {
+        let dir = self.dir.join(format!("rootfs-{rootfs}"));
+        if !dir.join("bin/busybox").exists() {
+            busybox_rootfs(&dir, "")?;
+        }
+        let dir_s = dir.to_string_lossy().into_owned();
+        let sh = ["/bin/busybox", "sh", "-c", script];
+        let args = Self::run_args("--rm", name, extra, &dir_s, &sh);
+        let out = self
+            .command(&args)
+            .output()
+            .with_context(|| format!("podman {args:?}"))?;
+        Ok(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
     }
 
     /// The address tartan-cni gave the container (from the IPAM directory).
