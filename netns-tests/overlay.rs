@@ -1289,3 +1289,51 @@ fn an_overwritten_own_lease_is_restored_with_its_etcd_lease() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_dual_stack_config_and_flannels_dual_stack_leases_are_served_for_ipv4() -> Result<()> {
+    let Some(mut lab) = lab(2, NET16)? else {
+        return Ok(());
+    };
+    // The config flannel's dual-stack documentation shows; tartand takes its IPv4 half and
+    // says it does not serve the IPv6 one.
+    lab.etcdctl(&[
+        "put",
+        "/coreos.com/network/config",
+        r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#,
+    ])?;
+    lab.start_daemon(0, &[])?;
+    lab.wait_subnet(0)?;
+    wait_for("the dual-stack warning", Duration::from_secs(20), || {
+        let log = std::fs::read_to_string(lab.nodes[0].log_file()).ok()?;
+        log.contains("serves its IPv4 half only").then_some(())
+    })?;
+    // A lease as a dual-stack flannel node writes it (node 2's address as its underlay): the
+    // IPv4 subnet is routed over the VXLAN device like any peer's.
+    let key = "/coreos.com/network/subnets/10.244.77.0-24&fd00:10:244:77::-64";
+    let peer_ip = lab.nodes[1].ip;
+    lab.etcdctl(&[
+        "put",
+        key,
+        &format!(
+            r#"{{"PublicIP":"{peer_ip}","PublicIPv6":"fd00:77::2","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"aa:bb:cc:00:77:01"}},"BackendV6Data":{{"VNI":1,"VtepMAC":"aa:bb:cc:00:77:06"}}}}"#
+        ),
+    ])?;
+    let subnet: ipnetwork::Ipv4Network = "10.244.77.0/24".parse()?;
+    wait_for(
+        "the flannel lease's route, neighbour and FDB entry on node 1",
+        Duration::from_secs(20),
+        || {
+            let (routes, neigh, fdb) = overlay_text(&lab, 0).ok()?;
+            (routes.contains(&format!("{subnet} via 10.244.77.0 dev tartan.1 onlink"))
+                && neigh.contains("10.244.77.0 lladdr aa:bb:cc:00:77:01 PERMANENT")
+                && fdb.contains(&format!("aa:bb:cc:00:77:01 dst {peer_ip} self permanent")))
+            .then_some(())
+        },
+    )?;
+    // Deleting it removes the entries; the node's own lease is untouched.
+    lab.etcdctl(&["del", key])?;
+    wait_route(&lab, 0, subnet, false)?;
+    ensure!(lab.daemon_running(0), "{}", lab.log_tail(0, 30));
+    Ok(())
+}

@@ -229,6 +229,14 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         _ = &mut shutdown => return Ok(()),
     };
     info!(network = %cfg.network, subnet_len = cfg.subnet_len, vni = cfg.backend.vni, "network config");
+    if let Some(p) = &cfg.ipv6 {
+        warn!(
+            ipv6_network = %p.network,
+            ipv6_subnet_len = p.subnet_len,
+            "the network config is dual-stack: this tartand serves its IPv4 half only (no IPv6 \
+             subnet lease, overlay or services yet)"
+        );
+    }
     check_service_cidr(args.service_cidr, Some(cfg.network), &range_ctx)
         .map_err(|e| anyhow!("--service-cidr: {e}"))?;
 

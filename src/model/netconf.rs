@@ -2,10 +2,19 @@
 //!
 //! Parsing applies flannel's defaults (SubnetLen, SubnetMin, SubnetMax, VXLAN VNI and port)
 //! and validates every field, naming the field in the error.
+//!
+//! Dual-stack configs (`EnableIPv6` with `IPv6Network`, `IPv6SubnetLen`, `IPv6SubnetMin`,
+//! `IPv6SubnetMax`) are read and validated as flannel's `CheckNetworkConfig` does: the IPv6
+//! subnet length defaults to 64 for networks of /62 or wider and to `prefix + 2` for smaller
+//! ones (at most /124), is at most 126, and leaves room for four subnets; SubnetMin and
+//! SubnetMax default to the second and the last subnet. The IPv6 fields are ignored when
+//! `EnableIPv6` is not true, as flannel ignores them. IPv6-only configs (`EnableIPv4: false`)
+//! are refused with a clear error: flannel's lease key always starts with an IPv4 subnet,
+//! and tartan does not serve them yet.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use serde::{Deserialize, Serialize};
 
 /// Default etcd prefix for the flannel-compatible network data.
@@ -26,8 +35,23 @@ pub struct NetworkConfig {
     pub subnet_min: Ipv4Addr,
     /// Last subnet that may be leased (network address of that subnet).
     pub subnet_max: Ipv4Addr,
+    /// The IPv6 half of a dual-stack network (`EnableIPv6`), if any.
+    pub ipv6: Option<Ipv6Pool>,
     /// Overlay backend settings.
     pub backend: BackendConfig,
+}
+
+/// The IPv6 subnets of a dual-stack network: `IPv6Network` and the range nodes lease from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ipv6Pool {
+    /// The whole IPv6 cluster network, e.g. fd00:10:244::/56.
+    pub network: Ipv6Network,
+    /// Prefix length of each node's IPv6 subnet (`IPv6SubnetLen`).
+    pub subnet_len: u8,
+    /// First IPv6 subnet that may be leased (`IPv6SubnetMin`, its network address).
+    pub subnet_min: Ipv6Addr,
+    /// Last IPv6 subnet that may be leased (`IPv6SubnetMax`, its network address).
+    pub subnet_max: Ipv6Addr,
 }
 
 /// VXLAN backend settings.
@@ -76,11 +100,41 @@ struct RawConfig {
     #[serde(rename = "SubnetMax", default, skip_serializing_if = "Option::is_none")]
     subnet_max: Option<String>,
     #[serde(
+        rename = "EnableIPv4",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    enable_ipv4: Option<bool>,
+    #[serde(
         rename = "EnableIPv6",
         default,
         skip_serializing_if = "Option::is_none"
     )]
     enable_ipv6: Option<bool>,
+    #[serde(
+        rename = "IPv6Network",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    ipv6_network: Option<String>,
+    #[serde(
+        rename = "IPv6SubnetLen",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    ipv6_subnet_len: Option<u32>,
+    #[serde(
+        rename = "IPv6SubnetMin",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    ipv6_subnet_min: Option<String>,
+    #[serde(
+        rename = "IPv6SubnetMax",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    ipv6_subnet_max: Option<String>,
     #[serde(rename = "Backend", default, skip_serializing_if = "Option::is_none")]
     backend: Option<RawBackend>,
 }
@@ -199,6 +253,169 @@ fn parse_subnet_bound(
     }
 }
 
+/// `IPv6Network`: present, an IPv6 CIDR, no host bits.
+fn parse_network6(net_s: Option<&str>) -> Result<Ipv6Network, ConfigError> {
+    let net_s = net_s.ok_or_else(|| field_err("IPv6Network", "missing (EnableIPv6 is true)"))?;
+    let network: Ipv6Network = net_s
+        .parse()
+        .map_err(|_| field_err("IPv6Network", format!("{net_s:?} is not an IPv6 CIDR")))?;
+    if network.ip() != network.network() {
+        return Err(field_err(
+            "IPv6Network",
+            format!(
+                "{net_s} has host bits set (did you mean {}/{}?)",
+                network.network(),
+                network.prefix()
+            ),
+        ));
+    }
+    Ok(network)
+}
+
+/// `IPv6SubnetLen` in a network of prefix `plen`: at most 126 and leaving room for four
+/// subnets; unset (or 0), 64 for networks of /62 or wider and `plen + 2` for smaller ones (at
+/// most /124).
+fn parse_subnet_len6(raw: Option<u32>, plen: u8) -> Result<u8, ConfigError> {
+    match raw {
+        Some(0) | None => {
+            if plen > 124 {
+                Err(field_err(
+                    "IPv6Network",
+                    format!("/{plen} is too small, the smallest useful IPv6 network is /124"),
+                ))
+            } else if plen <= 62 {
+                Ok(64)
+            } else {
+                Ok(plen + 2)
+            }
+        }
+        Some(l) => {
+            if l > 126 {
+                return Err(field_err(
+                    "IPv6SubnetLen",
+                    format!("{l} is out of range: must be at most 126"),
+                ));
+            }
+            let l = l as u8;
+            if u32::from(l) < u32::from(plen) + 2 {
+                return Err(field_err(
+                    "IPv6SubnetLen",
+                    format!(
+                        "{l} is out of range: IPv6Network /{plen} must hold at least four subnets, so IPv6SubnetLen must be at least {}",
+                        plen + 2
+                    ),
+                ));
+            }
+            Ok(l)
+        }
+    }
+}
+
+fn subnet_size6(len: u8) -> u128 {
+    1u128 << (128 - u32::from(len))
+}
+
+/// `IPv6SubnetMin` or `IPv6SubnetMax` (`field`): `default` when unset or empty, otherwise an
+/// address inside `network` on a `/subnet_len` boundary.
+fn parse_subnet_bound6(
+    field: &'static str,
+    raw: Option<&str>,
+    default: Ipv6Addr,
+    network: Ipv6Network,
+    subnet_len: u8,
+) -> Result<Ipv6Addr, ConfigError> {
+    match raw {
+        None | Some("") => Ok(default),
+        Some(s) => {
+            let a: Ipv6Addr = s
+                .parse()
+                .map_err(|_| field_err(field, format!("{s:?} is not an IPv6 address")))?;
+            if !network.contains(a) {
+                return Err(field_err(
+                    field,
+                    format!("{a} is outside the IPv6Network {network}"),
+                ));
+            }
+            if u128::from(a) % subnet_size6(subnet_len) != 0 {
+                return Err(field_err(
+                    field,
+                    format!("{a} is not on a /{subnet_len} boundary"),
+                ));
+            }
+            Ok(a)
+        }
+    }
+}
+
+/// The IPv6 half of `raw` when `EnableIPv6` is true.
+fn parse_ipv6(raw: &RawConfig) -> Result<Option<Ipv6Pool>, ConfigError> {
+    if raw.enable_ipv6 != Some(true) {
+        return Ok(None);
+    }
+    let network = parse_network6(raw.ipv6_network.as_deref())?;
+    let subnet_len = parse_subnet_len6(raw.ipv6_subnet_len, network.prefix())?;
+    let size = subnet_size6(subnet_len);
+    let first = u128::from(network.network());
+    // The network's last address, then the last subnet's first (no overflow: the subnet
+    // length is at least the prefix + 2, so the network holds four subnets or more).
+    let last = first | (u128::MAX >> u32::from(network.prefix()));
+    let subnet_min = parse_subnet_bound6(
+        "IPv6SubnetMin",
+        raw.ipv6_subnet_min.as_deref(),
+        Ipv6Addr::from(first + size),
+        network,
+        subnet_len,
+    )?;
+    let subnet_max = parse_subnet_bound6(
+        "IPv6SubnetMax",
+        raw.ipv6_subnet_max.as_deref(),
+        Ipv6Addr::from(last - size + 1),
+        network,
+        subnet_len,
+    )?;
+    if u128::from(subnet_min) > u128::from(subnet_max) {
+        return Err(field_err(
+            "IPv6SubnetMin",
+            format!("{subnet_min} is above IPv6SubnetMax {subnet_max}"),
+        ));
+    }
+    Ok(Some(Ipv6Pool {
+        network,
+        subnet_len,
+        subnet_min,
+        subnet_max,
+    }))
+}
+
+impl Ipv6Pool {
+    /// Number of IPv6 subnets between SubnetMin and SubnetMax inclusive (saturating: a /48
+    /// of /64s has 65,536, a /8 of /64s more than `u64` holds).
+    pub fn subnet_count(&self) -> u64 {
+        let n = (u128::from(self.subnet_max) - u128::from(self.subnet_min))
+            / subnet_size6(self.subnet_len)
+            + 1;
+        u64::try_from(n).unwrap_or(u64::MAX)
+    }
+
+    /// The `i`th leasable IPv6 subnet (0-based from SubnetMin), if within range.
+    pub fn nth_subnet(&self, i: u64) -> Option<Ipv6Network> {
+        if i >= self.subnet_count() {
+            return None;
+        }
+        let base = u128::from(self.subnet_min) + u128::from(i) * subnet_size6(self.subnet_len);
+        Ipv6Network::new(Ipv6Addr::from(base), self.subnet_len).ok()
+    }
+
+    /// Whether `subnet` is an IPv6 subnet this pool could lease (right length, aligned, in
+    /// range).
+    pub fn is_leasable(&self, subnet: Ipv6Network) -> bool {
+        subnet.prefix() == self.subnet_len
+            && subnet.ip() == subnet.network()
+            && u128::from(subnet.ip()) >= u128::from(self.subnet_min)
+            && u128::from(subnet.ip()) <= u128::from(self.subnet_max)
+    }
+}
+
 /// `Backend`: type `vxlan` (or unset), the VNI (1..16777215, unset or 0 the default) and the
 /// UDP port (unset or 0 the default), DirectRouting off unless set.
 fn parse_backend(rb: RawBackend) -> Result<BackendConfig, ConfigError> {
@@ -244,9 +461,23 @@ impl NetworkConfig {
     }
 
     fn from_raw(raw: RawConfig) -> Result<Self, ConfigError> {
-        if raw.enable_ipv6 == Some(true) {
-            return Err(field_err("EnableIPv6", "IPv6 is not supported by tartan"));
+        match (raw.enable_ipv4, raw.enable_ipv6) {
+            (Some(false), Some(true)) => {
+                return Err(field_err(
+                    "EnableIPv4",
+                    "false (an IPv6-only network) is not supported: flannel's lease keys \
+                     always name an IPv4 subnet; set EnableIPv4 to true for dual-stack",
+                ));
+            }
+            (Some(false), _) => {
+                return Err(field_err(
+                    "EnableIPv4",
+                    "false, and EnableIPv6 is not true: the network has no address family",
+                ));
+            }
+            _ => {}
         }
+        let ipv6 = parse_ipv6(&raw)?;
         let network = parse_network(raw.network.as_deref())?;
         let subnet_len = parse_subnet_len(raw.subnet_len, network.prefix())?;
         let size = subnet_size(subnet_len);
@@ -278,6 +509,7 @@ impl NetworkConfig {
             subnet_len,
             subnet_min,
             subnet_max,
+            ipv6,
             backend,
         })
     }
@@ -289,7 +521,12 @@ impl NetworkConfig {
             subnet_len: Some(u32::from(self.subnet_len)),
             subnet_min: Some(self.subnet_min.to_string()),
             subnet_max: Some(self.subnet_max.to_string()),
-            enable_ipv6: None,
+            enable_ipv4: None,
+            enable_ipv6: self.ipv6.as_ref().map(|_| true),
+            ipv6_network: self.ipv6.as_ref().map(|p| p.network.to_string()),
+            ipv6_subnet_len: self.ipv6.as_ref().map(|p| u32::from(p.subnet_len)),
+            ipv6_subnet_min: self.ipv6.as_ref().map(|p| p.subnet_min.to_string()),
+            ipv6_subnet_max: self.ipv6.as_ref().map(|p| p.subnet_max.to_string()),
             backend: Some(RawBackend {
                 kind: Some("vxlan".into()),
                 vni: Some(u64::from(self.backend.vni)),
@@ -442,6 +679,131 @@ mod tests {
         let again = NetworkConfig::parse(c.to_json().as_bytes()).unwrap();
         assert_eq!(c, again);
         assert!(c.to_json().contains("\"Backend\":{\"Type\":\"vxlan\""));
+    }
+
+    const DUAL: &str =
+        r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56"}"#;
+
+    #[test]
+    fn dual_stack_flannel_defaults() {
+        let c = parse(DUAL).unwrap();
+        let p = c.ipv6.clone().unwrap();
+        assert_eq!(
+            p.network,
+            "fd00:10:244::/56".parse::<Ipv6Network>().unwrap()
+        );
+        assert_eq!(p.subnet_len, 64);
+        assert_eq!(p.subnet_min, "fd00:10:244:1::".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(
+            p.subnet_max,
+            "fd00:10:244:ff::".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(p.subnet_count(), 255);
+        assert_eq!(
+            p.nth_subnet(1).unwrap(),
+            "fd00:10:244:2::/64".parse::<Ipv6Network>().unwrap()
+        );
+        assert_eq!(p.nth_subnet(255), None);
+        assert!(p.is_leasable("fd00:10:244:7::/64".parse().unwrap()));
+        assert!(!p.is_leasable("fd00:10:244::/64".parse().unwrap()));
+        assert!(!p.is_leasable("fd00:10:244:7::/65".parse().unwrap()));
+        assert!(!p.is_leasable("fd00:10:245:7::/64".parse().unwrap()));
+        // The IPv4 half is as before.
+        assert_eq!(c.subnet_len, 24);
+        // Small networks: prefix + 2; a /0 of /100s is more subnets than u64 counts.
+        let c = parse(r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/120"}"#)
+            .unwrap();
+        assert_eq!(c.ipv6.unwrap().subnet_len, 122);
+        let c = parse(r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"::/0","IPv6SubnetLen":100}"#)
+            .unwrap();
+        assert_eq!(c.ipv6.unwrap().subnet_count(), u64::MAX);
+    }
+
+    #[test]
+    fn ipv6_fields_are_checked_and_named() {
+        let with = |extra: &str| {
+            parse(&format!(
+                r#"{{"Network":"10.0.0.0/16","EnableIPv6":true{extra}}}"#
+            ))
+        };
+        assert_eq!(field_of(with("")), "IPv6Network");
+        assert_eq!(
+            field_of(with(r#","IPv6Network":"10.1.0.0/16""#)),
+            "IPv6Network"
+        );
+        assert_eq!(
+            field_of(with(r#","IPv6Network":"fd00::1/64""#)),
+            "IPv6Network"
+        );
+        assert_eq!(
+            field_of(with(r#","IPv6Network":"fd00::/125""#)),
+            "IPv6Network"
+        );
+        for len in ["127", "49"] {
+            assert_eq!(
+                field_of(with(&format!(
+                    r#","IPv6Network":"fd00::/48","IPv6SubnetLen":{len}"#
+                ))),
+                "IPv6SubnetLen"
+            );
+        }
+        assert!(with(r#","IPv6Network":"fd00::/48","IPv6SubnetLen":50"#).is_ok());
+        let net = r#","IPv6Network":"fd00::/48""#;
+        for (field, value) in [
+            ("IPv6SubnetMin", "fd00:0:0:3::5"),
+            ("IPv6SubnetMin", "fd01::"),
+            ("IPv6SubnetMax", "10.0.0.0"),
+            ("IPv6SubnetMax", "fd00:1::"),
+        ] {
+            assert_eq!(
+                field_of(with(&format!(r#"{net},"{field}":"{value}""#))),
+                field,
+                "{field} {value}"
+            );
+        }
+        assert_eq!(
+            field_of(with(&format!(
+                r#"{net},"IPv6SubnetMin":"fd00:0:0:9::","IPv6SubnetMax":"fd00:0:0:8::""#
+            ))),
+            "IPv6SubnetMin"
+        );
+        assert!(matches!(
+            with(r#","IPv6Network":"fd00::/48","IPv6SubnetLen":"64""#),
+            Err(ConfigError::Json(_))
+        ));
+    }
+
+    #[test]
+    fn ipv6_fields_without_enable_ipv6_are_ignored_as_flannel_does() {
+        let c = parse(r#"{"Network":"10.0.0.0/16","IPv6Network":"bogus"}"#).unwrap();
+        assert_eq!(c.ipv6, None);
+        let c = parse(r#"{"Network":"10.0.0.0/16","EnableIPv6":false,"IPv6Network":"fd00::/48"}"#)
+            .unwrap();
+        assert_eq!(c.ipv6, None);
+    }
+
+    #[test]
+    fn ipv6_only_and_no_family_are_refused_on_enable_ipv4() {
+        assert_eq!(
+            field_of(parse(
+                r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/48"}"#
+            )),
+            "EnableIPv4"
+        );
+        assert_eq!(
+            field_of(parse(r#"{"Network":"10.0.0.0/16","EnableIPv4":false}"#)),
+            "EnableIPv4"
+        );
+        assert!(parse(r#"{"Network":"10.0.0.0/16","EnableIPv4":true}"#).is_ok());
+    }
+
+    #[test]
+    fn dual_stack_roundtrip_json() {
+        let c = parse(r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","IPv6SubnetLen":60,"IPv6SubnetMin":"fd00:10:244:20::","IPv6SubnetMax":"fd00:10:244:f0::"}"#).unwrap();
+        let again = NetworkConfig::parse(c.to_json().as_bytes()).unwrap();
+        assert_eq!(c, again);
+        assert!(c.to_json().contains(r#""EnableIPv6":true"#));
+        assert_eq!(again.ipv6.unwrap().subnet_count(), 14);
     }
 
     #[test]

@@ -1,11 +1,11 @@
 //! Property tests of the network config decoder (see `util::proptest_support` for the properties).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use proptest::prelude::*;
 
-use super::{BackendConfig, NetworkConfig};
+use super::{BackendConfig, Ipv6Pool, NetworkConfig};
 use crate::util::proptest_support::{
     Mutation, apply, arb_bytes, arb_json, arb_json_object, arb_mutation, config, names_a_field,
 };
@@ -15,7 +15,12 @@ const KEYS: &[&str] = &[
     "SubnetLen",
     "SubnetMin",
     "SubnetMax",
+    "EnableIPv4",
     "EnableIPv6",
+    "IPv6Network",
+    "IPv6SubnetLen",
+    "IPv6SubnetMin",
+    "IPv6SubnetMax",
     "Backend",
     "Type",
     "VNI",
@@ -27,7 +32,12 @@ const PATHS: &[&[&str]] = &[
     &["SubnetLen"],
     &["SubnetMin"],
     &["SubnetMax"],
+    &["EnableIPv4"],
     &["EnableIPv6"],
+    &["IPv6Network"],
+    &["IPv6SubnetLen"],
+    &["IPv6SubnetMin"],
+    &["IPv6SubnetMax"],
     &["Backend"],
     &["Backend", "Type"],
     &["Backend", "VNI"],
@@ -35,9 +45,43 @@ const PATHS: &[&[&str]] = &[
     &["Backend", "DirectRouting"],
 ];
 
+/// A valid IPv6 pool: any network /0../124, a subnet length leaving at least four subnets
+/// (at most 126), a SubnetMin..SubnetMax range inside it.
+fn arb_ipv6_pool() -> impl Strategy<Value = Ipv6Pool> {
+    (any::<u128>(), 0u8..=124)
+        .prop_flat_map(|(base, plen)| {
+            let net = Ipv6Network::new(Ipv6Addr::from(base), plen)
+                .and_then(|n| Ipv6Network::new(n.network(), plen))
+                .expect("prefix 0..=124");
+            (Just(net), (plen + 2)..=126)
+        })
+        .prop_flat_map(|(net, len)| {
+            // Subnet indices within the network (at most 2^64 of them are drawn from).
+            let bits = u32::from(len - net.prefix()).min(64);
+            let count = if bits == 64 { u64::MAX } else { 1u64 << bits };
+            (Just(net), Just(len), 0..count, 0..count)
+        })
+        .prop_map(|(network, subnet_len, i, j)| {
+            let size = 1u128 << (128 - u32::from(subnet_len));
+            let first = u128::from(network.network());
+            let at = |k: u64| Ipv6Addr::from(first + u128::from(k) * size);
+            Ipv6Pool {
+                network,
+                subnet_len,
+                subnet_min: at(i.min(j)),
+                subnet_max: at(i.max(j)),
+            }
+        })
+}
+
 /// A valid config: any network /0../28, a subnet length leaving at least four subnets, a
-/// SubnetMin..SubnetMax range inside it, any VNI and port.
+/// SubnetMin..SubnetMax range inside it, any VNI and port; IPv4 only or dual-stack.
 fn arb_config() -> impl Strategy<Value = NetworkConfig> {
+    (arb_config4(), proptest::option::of(arb_ipv6_pool()))
+        .prop_map(|(c, ipv6)| NetworkConfig { ipv6, ..c })
+}
+
+fn arb_config4() -> impl Strategy<Value = NetworkConfig> {
     (any::<u32>(), 0u8..=28)
         .prop_flat_map(|(base, plen)| {
             let net = Ipv4Network::new(Ipv4Addr::from(base), plen)
@@ -66,6 +110,7 @@ fn arb_config() -> impl Strategy<Value = NetworkConfig> {
                 subnet_len,
                 subnet_min: at(i.min(j)),
                 subnet_max: at(i.max(j)),
+                ipv6: None,
                 backend: BackendConfig {
                     vni,
                     port,
@@ -85,6 +130,16 @@ fn check_invariants(c: &NetworkConfig) -> Result<(), TestCaseError> {
     prop_assert!(c.is_leasable(first));
     prop_assert!(c.nth_subnet(c.subnet_count()).is_none());
     prop_assert!(c.backend.vni >= 1 && c.backend.vni < (1 << 24) && c.backend.port >= 1);
+    if let Some(p) = &c.ipv6 {
+        prop_assert!(p.subnet_len >= p.network.prefix() + 2 && p.subnet_len <= 126);
+        prop_assert!(p.network.contains(p.subnet_min) && p.network.contains(p.subnet_max));
+        prop_assert!(u128::from(p.subnet_min) <= u128::from(p.subnet_max));
+        let first = p.nth_subnet(0).expect("a first IPv6 subnet");
+        prop_assert!(p.is_leasable(first));
+        if p.subnet_count() < u64::MAX {
+            prop_assert!(p.nth_subnet(p.subnet_count()).is_none());
+        }
+    }
     Ok(())
 }
 

@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 use ipnetwork::Ipv4Network;
 use proptest::prelude::*;
 
-use super::{LeaseValue, MacAddr, subnet_from_key, subnet_to_key};
+use super::{LeaseValue, MacAddr, SubnetKey, subnet_from_key, subnet_to_key};
 use crate::model::DecodeError;
 use crate::util::proptest_support::{
     apply, arb_bytes, arb_json, arb_json_object, arb_mutation, arb_text, config, names_a_field,
@@ -68,6 +68,25 @@ proptest! {
         }
         let dashed = format!("{s}-{}", s.len() % 40);
         let _ = subnet_from_key(&dashed);
+    }
+
+    #[test]
+    fn dual_stack_keys_round_trip(ip in any::<u32>(), len in 0u8..=32, ip6 in any::<u128>(), len6 in 0u8..=128) {
+        let v4 = Ipv4Network::new(Ipv4Addr::from(ip), len).expect("prefix 0..=32");
+        let v4 = Ipv4Network::new(v4.network(), len).expect("prefix 0..=32");
+        let v6 = ipnetwork::Ipv6Network::new(std::net::Ipv6Addr::from(ip6), len6).expect("prefix 0..=128");
+        let v6 = ipnetwork::Ipv6Network::new(v6.network(), len6).expect("prefix 0..=128");
+        let k = SubnetKey { v4, v6: Some(v6) };
+        prop_assert_eq!(SubnetKey::parse(&k.to_string()), Ok(k));
+        prop_assert_eq!(subnet_from_key(&k.to_string()), Ok(v4));
+    }
+
+    #[test]
+    fn arbitrary_dual_stack_keys_never_panic(v4 in arb_text(), v6 in arb_text()) {
+        let key = format!("{v4}&{v6}");
+        if let Ok(k) = SubnetKey::parse(&key) {
+            prop_assert_eq!(SubnetKey::parse(&k.to_string()), Ok(k));
+        }
     }
 
     #[test]
