@@ -1069,6 +1069,56 @@ fn run_with_changes(
     Ok((r, times))
 }
 
+/// The processes whose CPU time the `changes` section reports.
+const CPU_NAMES: &[&str] = &["tartand", "tartan-ingress", "etcd", "nginx", "wrk"];
+
+/// CPU seconds used so far by the live processes of each name in `CPU_NAMES`, with their
+/// reaped children's (`/proc/PID/stat` utime + stime + cutime + cstime: tartand's `nft`
+/// runs count as tartand's). Processes that exited since (old nginx workers after a reload)
+/// are missing, so nginx's figure is a lower bound.
+fn cpu_by_name() -> BTreeMap<&'static str, f64> {
+    // USER_HZ is 100 on Linux for every architecture tartan builds for.
+    const TICKS: f64 = 100.0;
+    let mut out: BTreeMap<&'static str, f64> = CPU_NAMES.iter().map(|n| (*n, 0.0)).collect();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // "PID (COMM) STATE ...": the name is inside the last parentheses.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = &stat[open + 1..close];
+        let Some(name) = CPU_NAMES.iter().find(|n| comm == **n) else {
+            continue;
+        };
+        // Fields after the name: state is field 3, utime..cstime are fields 14..17.
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let ticks: u64 = (11..15)
+            .filter_map(|i| fields.get(i).and_then(|v| v.parse::<u64>().ok()))
+            .sum();
+        *out.entry(name).or_default() += ticks as f64 / TICKS;
+    }
+    out
+}
+
+/// What each process of `CPU_NAMES` used between `before` and `after`.
+fn cpu_used(before: &BTreeMap<&'static str, f64>, after: &BTreeMap<&'static str, f64>) -> String {
+    after
+        .iter()
+        .map(|(n, a)| {
+            format!(
+                "{n} {:.1} s",
+                (a - before.get(n).copied().unwrap_or(0.0)).max(0.0)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn changes(bed: &Bed, nginx: &Nginx, cfg: &Config) -> Result<()> {
     let mut records = Vec::new();
     for (_, ip) in &bed.pods {
@@ -1085,18 +1135,24 @@ fn changes(bed: &Bed, nginx: &Nginx, cfg: &Config) -> Result<()> {
     let mut rows = Vec::new();
     for (kind, ngx) in [(Kind::Tartan, None), (Kind::Nginx, Some(nginx))] {
         wait_quiet();
+        let cpu0 = cpu_by_name();
         let steady = wrk(
             &bed.lab.infra,
             &wrk_args(&url(bed, kind, Scheme::Http), &bed.script, cfg.change_secs),
         )?;
+        let cpu1 = cpu_by_name();
         println!("  {:>6} steady:       {}", kind.name(), describe(&steady));
+        println!("         CPU: {}", cpu_used(&cpu0, &cpu1));
         wait_quiet();
+        let cpu0 = cpu_by_name();
         let (changed, times) = run_with_changes(bed, kind, ngx, &records, cfg.change_secs)?;
+        let cpu1 = cpu_by_name();
         println!(
-            "  {:>6} with changes: {}\n         {}",
+            "  {:>6} with changes: {}\n         {}\n         CPU: {}",
             kind.name(),
             describe(&changed),
-            times.describe(cfg.change_secs)
+            times.describe(cfg.change_secs),
+            cpu_used(&cpu0, &cpu1)
         );
         rows.push((kind, steady, changed));
     }
