@@ -46,6 +46,7 @@ fn curl(lab: &Lab, ing: &LabIngress, args: &[&str]) -> Result<Got> {
         "nosvc.apps.test",
         "a.b.apps.test",
         "unknown.test",
+        "admin.test",
     ] {
         for port in ["80", "443"] {
             c.arg("--resolve").arg(format!("{h}:{port}:{ip}"));
@@ -308,6 +309,57 @@ fn routes_by_host_wildcard_and_path_from_curl_and_a_browser() -> Result<()> {
         let g = curl(&lab, &ing, &args)?;
         ensure!(g.code == want, "{args:?}: {g:?}");
     }
+    // Explicit endpoints written straight to etcd (tartanctl refuses them) at the ingress
+    // node's loopback, where its admin server listens, and at the node's own address are
+    // never sent to: the route answers 503, never the admin's metrics.
+    create_service(&lab, &["admin", "--port", "http=80:9403"])?;
+    let endpoints = tartan::store::keys::endpoints_key(
+        &tartan::store::etcd::EtcdArgs::for_endpoints(&["http://127.0.0.1:2379"]),
+        "default",
+        "admin",
+    );
+    lab.etcdctl(&[
+        "put",
+        &endpoints,
+        &format!(
+            r#"{{"addresses":[{{"ip":"127.0.0.1"}},{{"ip":"{}"}}]}}"#,
+            ing.node_ip
+        ),
+    ])?;
+    lab.tartanctl(&[
+        "ingress",
+        "create",
+        "admin",
+        "--host",
+        "admin.test",
+        "--service",
+        "admin",
+        "--port",
+        "http",
+    ])?;
+    wait_for(
+        "the ingress to skip both endpoints",
+        Duration::from_secs(20),
+        || {
+            ing.log_tail(200)
+                .contains(&format!(
+                    "explicit endpoint {} is a node's own address",
+                    ing.node_ip
+                ))
+                .then_some(())
+        },
+    )
+    .with_context(|| ing.log_tail(30))?;
+    let g = curl(&lab, &ing, &["http://admin.test/metrics"])?;
+    ensure!(
+        g.code == 503 && !g.body.contains("tartan_ingress"),
+        "a refused endpoint was sent to: {g:?}"
+    );
+    ensure!(
+        ing.log_tail(200).contains("endpoint 127.0.0.1 is"),
+        "{}",
+        ing.log_tail(30)
+    );
     // The page of the case path routing breaks: its relative m.js loads through the
     // subdomain, with curl and in a real browser.
     let g = curl(&lab, &ing, &["http://shop.apps.test/"])?;

@@ -24,7 +24,7 @@ use dashmap::DashMap;
 
 use crate::model::ingress::{MAX_LABEL_LEN, PortRef};
 use crate::model::pod::PodRecord;
-use crate::model::service::{ExplicitEndpoints, Protocol, Service, ServicePort};
+use crate::model::service::{AddressGuard, ExplicitEndpoints, Protocol, Service, ServicePort};
 use crate::store::records::{ModelChange, RecordSink};
 
 /// Longest `namespace/name` of a valid service (two DNS labels and the slash); longer ids
@@ -169,6 +169,9 @@ pub struct Backends {
     generation: u64,
     /// Whether every prefix was listed once.
     listed: bool,
+    /// Which explicit endpoint addresses may be sent to (as tartand's service table admits
+    /// them: never loopback, this host's own addresses, etcd, or a virtual address).
+    guard: Option<AddressGuard>,
 }
 
 /// Adds `item` to the set of `map[group]`.
@@ -189,9 +192,18 @@ fn unindex(map: &mut HashMap<String, BTreeSet<String>>, group: &str, item: &str)
 }
 
 impl Backends {
-    /// Nothing known yet.
+    /// Nothing known yet; explicit endpoints unchecked (tests).
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Nothing known yet; explicit endpoints the `guard` refuses are left out (and said so
+    /// in the log once per change of the service or its endpoints).
+    pub fn with_guard(guard: AddressGuard) -> Self {
+        Backends {
+            guard: Some(guard),
+            ..Self::default()
+        }
     }
 
     /// The published targets (the same map for the life of `self`, updated in place).
@@ -289,12 +301,29 @@ impl Backends {
             None => self
                 .endpoints
                 .get(&s.id())
-                .map(|e| e.addresses.iter().map(|a| a.ip).collect())
+                .map(|e| {
+                    e.addresses
+                        .iter()
+                        .map(|a| a.ip)
+                        .filter(|ip| self.admitted(s, *ip))
+                        .collect()
+                })
                 .unwrap_or_default(),
         };
         addrs.sort_unstable();
         addrs.dedup();
         addrs
+    }
+
+    /// Whether the guard admits the explicit endpoint `ip` of `s` (logged when it does not).
+    fn admitted(&self, s: &Service, ip: Ipv4Addr) -> bool {
+        match self.guard.as_ref().map(|g| g.endpoint(ip)) {
+            None | Some(Ok(())) => true,
+            Some(Err(why)) => {
+                tracing::warn!(service = %s.id(), "ingress skips an explicit {why}");
+                false
+            }
+        }
     }
 
     /// Recomputes and publishes the targets of service `id` (or withdraws them when it is

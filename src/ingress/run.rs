@@ -24,6 +24,7 @@ use crate::ingress::proxy::{Proxy, ProxyConfig, bind};
 use crate::ingress::tls::{CertStore, certified_key, server_config};
 use crate::model::DecodeError;
 use crate::model::ingress::{IngressCert, IngressRoute};
+use crate::model::service::AddressGuard;
 use crate::store::etcd::{Change, EtcdArgs, KvItem, ReflectorEvent, Store};
 use crate::store::keys::{ingress_certs_prefix, ingress_routes_prefix};
 use crate::store::records::{Feeds, ModelChange, RecordSink, apply_feeds};
@@ -98,9 +99,28 @@ pub struct IngressArgs {
     /// Worker threads, each serving connections start to end (default: one per core).
     #[arg(long = "workers")]
     pub workers: Option<usize>,
+    /// The cluster's service CIDR: explicit endpoints inside it (virtual addresses) are
+    /// never sent to, as tartand never programs them.
+    #[arg(
+        long = "service-cidr",
+        env = "TARTAN_SERVICE_CIDR",
+        default_value = "10.96.0.0/12"
+    )]
+    pub service_cidr: ipnetwork::Ipv4Network,
 }
 
 impl IngressArgs {
+    /// Which explicit endpoints may be sent to: the checks tartand applies to its service
+    /// table (never loopback, unspecified, multicast or reserved addresses, this host's own
+    /// addresses, an etcd endpoint, or an address of the service CIDR).
+    pub fn endpoint_guard(&self) -> AddressGuard {
+        AddressGuard {
+            node_ips: local_ipv4s(),
+            etcd: self.etcd.endpoint_addrs(),
+            ..AddressGuard::new(self.service_cidr)
+        }
+    }
+
     /// The proxy's limits from the flags.
     pub fn proxy_config(&self) -> ProxyConfig {
         ProxyConfig {
@@ -151,7 +171,7 @@ pub async fn run(args: IngressArgs) -> Result<()> {
         listeners.push(mine);
     }
     let store = Store::connect(&args.etcd).await?;
-    let backends = Backends::new();
+    let backends = Backends::with_guard(args.endpoint_guard());
     let proxy = Arc::new(Proxy::new(
         args.proxy_config(),
         backends.targets(),
@@ -453,4 +473,19 @@ async fn serve_admin(
         }
     });
     Ok(())
+}
+
+/// The IPv4 addresses of this host's interfaces (in the ingress's network namespace).
+fn local_ipv4s() -> Vec<std::net::Ipv4Addr> {
+    match nix::ifaddrs::getifaddrs() {
+        Ok(addrs) => addrs
+            .filter_map(|i| i.address?.as_sockaddr_in().map(|a| a.ip()))
+            .collect(),
+        Err(e) => {
+            warn!(
+                "cannot list this host's addresses (explicit endpoints are checked without them): {e}"
+            );
+            Vec::new()
+        }
+    }
 }

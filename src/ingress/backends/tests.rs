@@ -156,6 +156,31 @@ fn a_service_without_a_selector_goes_to_its_explicit_endpoints() {
 }
 
 #[test]
+fn explicit_endpoints_the_guard_refuses_are_never_targets() {
+    let guard = crate::model::service::AddressGuard {
+        node_ips: vec![Ipv4Addr::new(192, 168, 0, 7)],
+        etcd: vec!["192.168.0.8:2379".parse().unwrap()],
+        ..crate::model::service::AddressGuard::new("10.96.0.0/12".parse().unwrap())
+    };
+    let mut b = Backends::with_guard(guard);
+    let t = b.targets();
+    put_svc(&mut b, svc("shop", "ext", None));
+    b.change(ModelChange::PutEndpoints(
+        "shop/ext".into(),
+        endpoints(&[
+            [127, 0, 0, 1],
+            [192, 168, 0, 7],
+            [192, 168, 0, 8],
+            [10, 96, 0, 20],
+            [0, 0, 0, 0],
+            [224, 0, 0, 1],
+            [192, 168, 0, 2],
+        ]),
+    ));
+    assert_eq!(addrs(&t, "shop", "ext"), Some(vec!["192.168.0.2".into()]));
+}
+
+#[test]
 fn a_headless_service_has_targets() {
     let mut b = Backends::new();
     let mut s = svc("shop", "web", Some("web"));
