@@ -360,6 +360,12 @@ fn routes_by_host_wildcard_and_path_from_curl_and_a_browser() -> Result<()> {
         "{}",
         ing.log_tail(30)
     );
+    // explain leaves them out the same way.
+    let explain = lab.tartanctl(&["ingress", "explain", "admin.test/metrics"])?;
+    ensure!(
+        explain.contains("no ready endpoints → 503") && !explain.contains("127.0.0.1"),
+        "{explain}"
+    );
     // The page of the case path routing breaks: its relative m.js loads through the
     // subdomain, with curl and in a real browser.
     let g = curl(&lab, &ing, &["http://shop.apps.test/"])?;

@@ -51,6 +51,10 @@ pub enum IngressCmd {
         /// Output format.
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
+        /// The service CIDR (explicit endpoints inside it are left out, as the ingress
+        /// leaves them out).
+        #[arg(long, env = "TARTAN_SERVICE_CIDR", default_value = "10.96.0.0/12")]
+        service_cidr: ipnetwork::Ipv4Network,
     },
     /// TLS certificates for the ingress.
     #[command(subcommand)]
@@ -301,7 +305,11 @@ pub async fn run(etcd: &EtcdArgs, cmd: IngressCmd) -> Result<()> {
             IngressStore::new(&store, etcd).delete_route(&name).await?;
             println!("ingress route {name} deleted");
         }
-        IngressCmd::Explain { request, output } => explain::run(etcd, &request, output).await?,
+        IngressCmd::Explain {
+            request,
+            output,
+            service_cidr,
+        } => explain::run(etcd, &request, output, service_cidr).await?,
         IngressCmd::Cert(c) => run_cert(etcd, c).await?,
     }
     Ok(())

@@ -7,6 +7,7 @@ use std::net::Ipv4Addr;
 use std::time::Instant;
 
 use anyhow::{Result, bail};
+use ipnetwork::Ipv4Network;
 use serde::Serialize;
 
 use crate::cli::{OutputFormat, cap_text, join_capped, render_table};
@@ -15,6 +16,7 @@ use crate::ingress::routes::{
     Explanation, HostRank, NearMissReason, NoMatchReason, Outcome, RouteTable, Verdict,
 };
 use crate::model::ingress::PortRef;
+use crate::model::service::AddressGuard;
 use crate::store::etcd::{EtcdArgs, Store};
 use crate::store::ingress::IngressStore;
 use crate::store::records::{RecordKind, RecordSink, decode};
@@ -255,7 +257,10 @@ pub fn render(e: &RequestExplanation) -> String {
 }
 
 /// The route table and backends as etcd holds them now, with a line per record skipped.
-async fn load(etcd: &EtcdArgs) -> Result<(RouteTable, Backends, Vec<String>)> {
+async fn load(
+    etcd: &EtcdArgs,
+    service_cidr: Ipv4Network,
+) -> Result<(RouteTable, Backends, Vec<String>)> {
     let store = Store::connect(etcd).await?;
     let (routes, bad) = IngressStore::new(&store, etcd).list_routes().await?;
     let mut skipped: Vec<String> = bad
@@ -269,7 +274,14 @@ async fn load(etcd: &EtcdArgs) -> Result<(RouteTable, Backends, Vec<String>)> {
             skipped.push(format!("skipping ingress route {name}: {e}"));
         }
     }
-    let mut backends = Backends::new();
+    // The explicit endpoints the ingress would refuse (every node's address, as the ingress may
+    // run on any of them) are left out here too; the log says which.
+    let guard = AddressGuard {
+        node_ips: crate::cli::service::node_public_ips(&store, etcd).await?,
+        etcd: etcd.endpoint_addrs(),
+        ..AddressGuard::new(service_cidr)
+    };
+    let mut backends = Backends::with_guard(guard);
     let t0 = Instant::now();
     for kind in [
         RecordKind::Services,
@@ -289,9 +301,14 @@ async fn load(etcd: &EtcdArgs) -> Result<(RouteTable, Backends, Vec<String>)> {
 }
 
 /// Runs `ingress explain`.
-pub async fn run(etcd: &EtcdArgs, request: &str, output: OutputFormat) -> Result<()> {
+pub async fn run(
+    etcd: &EtcdArgs,
+    request: &str,
+    output: OutputFormat,
+    service_cidr: Ipv4Network,
+) -> Result<()> {
     let (host, path) = parse_request(request)?;
-    let (table, backends, skipped) = load(etcd).await?;
+    let (table, backends, skipped) = load(etcd, service_cidr).await?;
     for s in &skipped {
         eprintln!("{}", cap_text(s, 300));
     }

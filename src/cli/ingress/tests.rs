@@ -123,7 +123,9 @@ fn list_rows_show_the_backend() {
 #[test]
 fn explain_takes_one_request_and_an_output_format() {
     match parse("explain shop.example.com/api?x=1 -o json") {
-        Ok(IngressCmd::Explain { request, output }) => {
+        Ok(IngressCmd::Explain {
+            request, output, ..
+        }) => {
             assert_eq!(request, "shop.example.com/api?x=1");
             assert_eq!(output, OutputFormat::Json);
         }
