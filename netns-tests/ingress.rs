@@ -47,6 +47,7 @@ fn curl(lab: &Lab, ing: &LabIngress, args: &[&str]) -> Result<Got> {
         "a.b.apps.test",
         "unknown.test",
         "admin.test",
+        "flood.test",
     ] {
         for port in ["80", "443"] {
             c.arg("--resolve").arg(format!("{h}:{port}:{ip}"));
@@ -123,6 +124,11 @@ fn self_signed(dir: &std::path::Path, tag: &str, host: &str) -> Result<(String, 
 /// A lab of two nodes, a service `shop` with a pod on node 1 and `blog` with one on node 2
 /// (each pod runs the lab's HTTP backend on 8080), and the ingress on node 1.
 fn setup() -> Result<Option<(Lab, LabIngress)>> {
+    setup_with(&[])
+}
+
+/// `setup` with `extra` flags for the ingress.
+fn setup_with(extra: &[&str]) -> Result<Option<(Lab, LabIngress)>> {
     let Some(mut lab) = lab(2, NET16)? else {
         return Ok(None);
     };
@@ -146,17 +152,16 @@ fn setup() -> Result<Option<(Lab, LabIngress)>> {
             ],
         )?;
     }
-    let ing = lab.start_ingress(
-        0,
-        &[
-            "--http-listen",
-            "0.0.0.0:80",
-            "--https-listen",
-            "0.0.0.0:443",
-            "--workers",
-            "2",
-        ],
-    )?;
+    let mut args = vec![
+        "--http-listen",
+        "0.0.0.0:80",
+        "--https-listen",
+        "0.0.0.0:443",
+        "--workers",
+        "2",
+    ];
+    args.extend_from_slice(extra);
+    let ing = lab.start_ingress(0, &args)?;
     Ok(Some((lab, ing)))
 }
 
@@ -587,4 +592,72 @@ impl IngressRouteJson {
         })
         .to_string()
     }
+}
+
+#[test]
+fn a_flood_of_one_host_leaves_the_others_served() -> Result<()> {
+    // At most 16 requests of one route in flight; 128 connections flood `flood.test` with
+    // requests that stay 200 ms at the pod.
+    let Some((lab, ing)) = setup_with(&["--max-inflight-per-route", "16"])? else {
+        return Ok(());
+    };
+    for (name, host, service) in [
+        ("flood", "flood.test", "blog"),
+        ("shop", "shop.test", "shop"),
+    ] {
+        lab.tartanctl(&[
+            "ingress",
+            "create",
+            name,
+            "--host",
+            host,
+            "--service",
+            service,
+            "--port",
+            "http",
+        ])?;
+    }
+    wait_curl(&lab, &ing, &["http://flood.test/slow/1"], |g| g.code == 200)?;
+    wait_curl(&lab, &ing, &["http://shop.test/echo"], |g| g.code == 200)?;
+    let wrk = ns_command(&lab.infra, "wrk")
+        .args(["-t2", "-c128", "-d8s", "-H", "Host: flood.test"])
+        .arg(format!("http://{}:80/slow/200", ing.node_ip))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running wrk (make deps installs it)")?;
+    // Once the flood is over its limit (503s counted), the other host is still answered by
+    // its own pod, every time.
+    let refused = "tartan_ingress_requests_total{host=\"flood.test\",route=\"flood\",code=\"503\"}";
+    wait_for(
+        "the flood to be refused beyond its limit",
+        Duration::from_secs(20),
+        || {
+            let (_, m) = ing.admin_get("/metrics").ok()?;
+            m.contains(refused).then_some(())
+        },
+    )?;
+    let mut answered = 0;
+    while answered < 10 {
+        let g = curl(&lab, &ing, &["http://shop.test/echo"])?;
+        ensure!(
+            g.code == 200 && field(&g.body, "name") == Some("shop-1"),
+            "during the flood of another host: {g:?}"
+        );
+        answered += 1;
+    }
+    let out = wrk.wait_with_output()?;
+    let report = String::from_utf8_lossy(&out.stdout);
+    ensure!(report.contains("requests in"), "wrk: {report}");
+    // The flood itself got both: answers within its limit and 503 beyond it.
+    let (_, m) = ing.admin_get("/metrics")?;
+    let served = "tartan_ingress_requests_total{host=\"flood.test\",route=\"flood\",code=\"200\"}";
+    ensure!(m.contains(served) && m.contains(refused), "{m}");
+    ensure!(
+        report.contains("Non-2xx"),
+        "no request of the flood was refused:\n{report}"
+    );
+    eprintln!("flood:\n{report}");
+    Ok(())
 }

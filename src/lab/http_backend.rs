@@ -13,6 +13,8 @@
 //! - `/ws` (and `/ws/…`) with `Upgrade: websocket`: a WebSocket echo (text, binary and
 //!   continuation frames sent back as they came, ping answered with pong, close with close);
 //!   without the upgrade headers, `426 Upgrade Required`;
+//! - `GET /slow/MS`: `NAME\n` after MS milliseconds (at most 10,000), for requests that stay
+//!   in flight;
 //! - anything else: `200`, `NAME\n` (the benchmarks' small response).
 //!
 //! hyper's HTTP/1 server (with upgrades) on a current-thread tokio runtime on a thread of its
@@ -185,6 +187,10 @@ async fn respond(req: Request<Incoming>, pages: Arc<Pages>) -> Result<Resp, Infa
         response(StatusCode::OK, "text/html", pages.html.clone())
     } else if get && path == "/m.js" {
         response(StatusCode::OK, "application/javascript", pages.js.clone())
+    } else if let Some(ms) = path.strip_prefix("/slow/").filter(|_| get) {
+        let ms = ms.parse::<u64>().unwrap_or(0).min(10_000);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        response(StatusCode::OK, "text/plain", pages.small.clone())
     } else {
         response(StatusCode::OK, "text/plain", pages.small.clone())
     };
