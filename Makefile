@@ -21,7 +21,7 @@ CARGO ?= cargo
 DEB_PACKAGES := etcd-server etcd-client nftables iproute2 iptables protobuf-compiler \
 	libprotobuf-dev conntrack containernetworking-plugins podman runc busybox-static \
 	openssl util-linux procps ca-certificates musl-tools nsd dnsmasq-base dnsperf dnsutils \
-	curl nginx-light wrk chromium
+	curl nginx-light wrk chromium python3-grpcio
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 TARGET_DIR := $(abspath $(or $(CARGO_TARGET_DIR),target))
 
