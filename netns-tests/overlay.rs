@@ -467,7 +467,11 @@ fn garbage_in_etcd_is_skipped_without_crash_or_flush() -> Result<()> {
         "--print-value-only",
         "/coreos.com/network/subnets/10.244.200.0-24",
     ])?;
-    ensure!(g.trim() == "{garbage");
+    ensure!(
+        g.trim() == "{garbage",
+        "the garbage key now holds {g:?}; node 3's log:\n{}",
+        lab.log_tail(idx, 40)
+    );
     Ok(())
 }
 
