@@ -57,7 +57,11 @@ mod tests {
         for _ in 0..10 {
             let cap = b.current.as_millis() as u64;
             let d = b.next_delay().as_millis() as u64;
-            assert!((cap / 2..=cap).contains(&d), "{d} outside {}..={cap}", cap / 2);
+            assert!(
+                (cap / 2..=cap).contains(&d),
+                "{d} outside {}..={cap}",
+                cap / 2
+            );
             last_cap = b.current.as_millis() as u64;
         }
         assert_eq!(last_cap, 1000);
