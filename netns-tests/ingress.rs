@@ -165,6 +165,26 @@ fn setup_with(extra: &[&str]) -> Result<Option<(Lab, LabIngress)>> {
     Ok(Some((lab, ing)))
 }
 
+/// wrk with `args` from the infra namespace against the ingress's HTTP port, `Host: host`,
+/// path `path`; its report on `wait_with_output`.
+fn start_wrk(
+    lab: &Lab,
+    ing: &LabIngress,
+    args: &[&str],
+    host: &str,
+    path: &str,
+) -> Result<std::process::Child> {
+    ns_command(&lab.infra, "wrk")
+        .args(args)
+        .args(["-H", &format!("Host: {host}")])
+        .arg(format!("http://{}:80{path}", ing.node_ip))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running wrk (make deps installs it)")
+}
+
 /// Waits until `args` get a response for which `ok` holds.
 fn wait_curl(lab: &Lab, ing: &LabIngress, args: &[&str], ok: impl Fn(&Got) -> bool) -> Result<Got> {
     let mut last = String::new();
@@ -526,14 +546,7 @@ fn tls_by_sni_websockets_and_changes_under_load() -> Result<()> {
     // Under load: a second shop pod joins (endpoint change), then the shop route moves to
     // the blog service (route change); no request fails meanwhile.
     let pod = lab.add_cni_pod(1, "shop-2", &[("app", "shop")])?;
-    let wrk = ns_command(&lab.infra, "wrk")
-        .args(["-t1", "-c8", "-d8s", "-H", "Host: shop.test"])
-        .arg(format!("http://{}:80/echo", ing.node_ip))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("running wrk (make deps installs it)")?;
+    let wrk = start_wrk(&lab, &ing, &["-t1", "-c8", "-d8s"], "shop.test", "/echo")?;
     let t0 = Instant::now();
     start_http_backend(&pod.ns, 8080, "shop-2")?;
     wait_curl(&lab, &ing, &["http://shop.test/echo"], |g| {
@@ -619,14 +632,13 @@ fn a_flood_of_one_host_leaves_the_others_served() -> Result<()> {
     }
     wait_curl(&lab, &ing, &["http://flood.test/slow/1"], |g| g.code == 200)?;
     wait_curl(&lab, &ing, &["http://shop.test/echo"], |g| g.code == 200)?;
-    let wrk = ns_command(&lab.infra, "wrk")
-        .args(["-t2", "-c128", "-d8s", "-H", "Host: flood.test"])
-        .arg(format!("http://{}:80/slow/200", ing.node_ip))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("running wrk (make deps installs it)")?;
+    let wrk = start_wrk(
+        &lab,
+        &ing,
+        &["-t2", "-c128", "-d8s"],
+        "flood.test",
+        "/slow/200",
+    )?;
     // Once the flood is over its limit (503s counted), the other host is still answered by
     // its own pod, every time.
     let refused = "tartan_ingress_requests_total{host=\"flood.test\",route=\"flood\",code=\"503\"}";
