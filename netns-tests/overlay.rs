@@ -61,9 +61,29 @@ fn wait_route(lab: &Lab, i: usize, subnet: ipnetwork::Ipv4Network, present: bool
 fn wait_peer(lab: &Lab, i: usize, j: usize) -> Result<()> {
     let subnet = lab.wait_subnet(j)?;
     let mac = vtep_mac(lab, j)?;
-    let (gw, ip) = (subnet.network(), lab.nodes[j].ip);
+    wait_entries(
+        lab,
+        i,
+        subnet,
+        &mac,
+        lab.nodes[j].ip,
+        &format!("node {j}'s"),
+    )
+}
+
+/// Waits until node `i` holds a peer's route to `subnet`, its neighbour entry (`mac`) and its
+/// FDB entry (`mac` → underlay `ip`); `whose` names the peer in the error.
+fn wait_entries(
+    lab: &Lab,
+    i: usize,
+    subnet: ipnetwork::Ipv4Network,
+    mac: &str,
+    ip: std::net::Ipv4Addr,
+    whose: &str,
+) -> Result<()> {
+    let gw = subnet.network();
     wait_for(
-        &format!("node {j}'s route, neighbour and FDB entry on node {i}"),
+        &format!("{whose} route, neighbour and FDB entry on node {i}"),
         Duration::from_secs(20),
         || {
             let (routes, neigh, fdb) = overlay_text(lab, i).ok()?;
@@ -1327,16 +1347,13 @@ fn a_dual_stack_config_and_flannels_dual_stack_leases_are_served_for_ipv4() -> R
         ),
     ])?;
     let subnet: ipnetwork::Ipv4Network = "10.244.77.0/24".parse()?;
-    wait_for(
-        "the flannel lease's route, neighbour and FDB entry on node 1",
-        Duration::from_secs(20),
-        || {
-            let (routes, neigh, fdb) = overlay_text(&lab, 0).ok()?;
-            (routes.contains(&format!("{subnet} via 10.244.77.0 dev tartan.1 onlink"))
-                && neigh.contains("10.244.77.0 lladdr aa:bb:cc:00:77:01 PERMANENT")
-                && fdb.contains(&format!("aa:bb:cc:00:77:01 dst {peer_ip} self permanent")))
-            .then_some(())
-        },
+    wait_entries(
+        &lab,
+        0,
+        subnet,
+        "aa:bb:cc:00:77:01",
+        peer_ip,
+        "the flannel lease's",
     )?;
     // Deleting it removes the entries; the node's own lease is untouched.
     lab.etcdctl(&["del", key])?;

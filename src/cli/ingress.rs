@@ -51,10 +51,9 @@ pub enum IngressCmd {
         /// Output format.
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
-        /// The service CIDR (explicit endpoints inside it are left out, as the ingress
-        /// leaves them out).
-        #[arg(long, env = "TARTAN_SERVICE_CIDR", default_value = "10.96.0.0/12")]
-        service_cidr: ipnetwork::Ipv4Network,
+        /// The service range (explicit endpoints the ingress would refuse are left out).
+        #[command(flatten)]
+        range: crate::cli::service::ServiceRange,
     },
     /// TLS certificates for the ingress.
     #[command(subcommand)]
@@ -308,8 +307,8 @@ pub async fn run(etcd: &EtcdArgs, cmd: IngressCmd) -> Result<()> {
         IngressCmd::Explain {
             request,
             output,
-            service_cidr,
-        } => explain::run(etcd, &request, output, service_cidr).await?,
+            range,
+        } => explain::run(etcd, &request, output, &range).await?,
         IngressCmd::Cert(c) => run_cert(etcd, c).await?,
     }
     Ok(())

@@ -3,8 +3,8 @@
 //! for TCP and the upstream forwarder. By default the workers share one UDP socket per
 //! address (the kernel hands each datagram to one waiting worker, so any idle worker takes
 //! the next query); `UdpSockets::PerWorker` gives each its own `SO_REUSEPORT` socket, where
-//! the kernel pins each client address to one worker by hash. Every limit is fixed at start: worker count, TCP connections, forward queue,
-//! queries in flight upstream.
+//! the kernel pins each client address to one worker by hash. Every limit is fixed at
+//! start: worker count, TCP connections, forward queue, queries in flight upstream.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;

@@ -7,16 +7,15 @@ use std::net::Ipv4Addr;
 use std::time::Instant;
 
 use anyhow::{Result, bail};
-use ipnetwork::Ipv4Network;
 use serde::Serialize;
 
+use crate::cli::service::ServiceRange;
 use crate::cli::{OutputFormat, cap_text, join_capped, render_table};
 use crate::ingress::backends::{Backends, Targets};
 use crate::ingress::routes::{
     Explanation, HostRank, NearMissReason, NoMatchReason, Outcome, RouteTable, Verdict,
 };
 use crate::model::ingress::PortRef;
-use crate::model::service::AddressGuard;
 use crate::store::etcd::{EtcdArgs, Store};
 use crate::store::ingress::IngressStore;
 use crate::store::records::{RecordKind, RecordSink, decode};
@@ -259,7 +258,7 @@ pub fn render(e: &RequestExplanation) -> String {
 /// The route table and backends as etcd holds them now, with a line per record skipped.
 async fn load(
     etcd: &EtcdArgs,
-    service_cidr: Ipv4Network,
+    range: &ServiceRange,
 ) -> Result<(RouteTable, Backends, Vec<String>)> {
     let store = Store::connect(etcd).await?;
     let (routes, bad) = IngressStore::new(&store, etcd).list_routes().await?;
@@ -275,13 +274,9 @@ async fn load(
         }
     }
     // The explicit endpoints the ingress would refuse (every node's address, as the ingress may
-    // run on any of them) are left out here too; the log says which.
-    let guard = AddressGuard {
-        node_ips: crate::cli::service::node_public_ips(&store, etcd).await?,
-        etcd: etcd.endpoint_addrs(),
-        ..AddressGuard::new(service_cidr)
-    };
-    let mut backends = Backends::with_guard(guard);
+    // run on any of them) are left out here too, by the guard the service commands use; the
+    // log says which.
+    let mut backends = Backends::with_guard(range.checked_guard(&store, etcd).await?);
     let t0 = Instant::now();
     for kind in [
         RecordKind::Services,
@@ -305,10 +300,10 @@ pub async fn run(
     etcd: &EtcdArgs,
     request: &str,
     output: OutputFormat,
-    service_cidr: Ipv4Network,
+    range: &ServiceRange,
 ) -> Result<()> {
     let (host, path) = parse_request(request)?;
-    let (table, backends, skipped) = load(etcd, service_cidr).await?;
+    let (table, backends, skipped) = load(etcd, range).await?;
     for s in &skipped {
         eprintln!("{}", cap_text(s, 300));
     }
