@@ -17,20 +17,25 @@
 //!
 //! Sections (name words on the command line select them):
 //!
-//! - `saturation-http`, `saturation-https`: requests/s at saturation, latency p50/p99 *at
-//!   saturation* (wrk has no fixed-rate mode), non-2xx responses and socket errors (which must
-//!   be 0 for tartan);
-//! - `changes`: load for `TARTAN_INGRESS_BENCH_CHANGE_SECS` while 100 changes are applied
-//!   (one per `secs / 100`): route moves to another service alternating with a pod's record
-//!   deleted, then put back; failed requests and p99 against a steady run of the same length.
-//!   nginx gets the same changes by a rewritten config and `nginx -s reload`; the etcd changes
-//!   are made in both servers' runs, so tartand's work on them loads the machine alike;
+//! - `saturation-http`, `saturation-https`: requests/s at saturation, latency p50/p99 at
+//!   saturation, non-2xx responses and socket errors (which must be 0 for tartan); then, in
+//!   the same round, latency p50/p99 *at a fixed rate* (`TARTAN_INGRESS_BENCH_RATE` requests/s
+//!   over 64 keep-alive connections, the same 1,000 hosts in turn; wrk has no fixed-rate mode,
+//!   so the bench's own open-loop client `lab::fixed_rate` sends it, counting each request's
+//!   latency from when it was due);
+//! - `changes-wrk`, `changes-fixed-rate`: load for `TARTAN_INGRESS_BENCH_CHANGE_SECS` (wrk at
+//!   saturation, or the fixed rate) while 100 changes are applied (one per `secs / 100`):
+//!   route moves to another service alternating with a pod's record deleted, then put back;
+//!   failed requests and p99 against a steady run of the same length and load. nginx gets the
+//!   same changes by a rewritten config and `nginx -s reload`; the etcd changes are made in
+//!   both servers' runs, so tartand's work on them loads the machine alike;
 //! - `memory`: tartan-ingress's VmRSS with 1,000 and with 10,000 routes, nginx's (master and
 //!   workers, proportional set size) with 1,000 and 10,000 `server` blocks.
 //!
 //! Run: `cargo bench --bench ingress [-- SECTION...]`; environment:
 //! `TARTAN_INGRESS_BENCH_ROUNDS` (3), `TARTAN_INGRESS_BENCH_SECS` (10),
-//! `TARTAN_INGRESS_BENCH_CHANGE_SECS` (60).
+//! `TARTAN_INGRESS_BENCH_CHANGE_SECS` (60), `TARTAN_INGRESS_BENCH_RATE` (10000: about half
+//! of what either server reaches at saturation on a 2-core machine).
 
 mod common;
 
@@ -44,6 +49,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use rustls::pki_types::ServerName;
+use tartan::lab::fixed_rate::{FixedRate, run as fixed_rate_run, tls_client_config};
 use tartan::lab::http_backend::{start_http_backend, websocket_echo};
 use tartan::lab::ingress::{LabIngress, admin_get};
 use tartan::lab::{
@@ -66,6 +73,8 @@ const BACKEND_PORT: u16 = 8080;
 const NAMESPACE: &str = "default";
 const DOMAIN: &str = "bench.test";
 const WRK_ARGS: [&str; 2] = ["-t2", "-c64"];
+/// Connections of the fixed-rate load (as many as wrk's).
+const FIXED_CONNECTIONS: u32 = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Kind {
@@ -110,6 +119,8 @@ struct Config {
     rounds: usize,
     secs: u32,
     change_secs: u32,
+    /// Requests/s of the fixed-rate runs.
+    rate: u32,
 }
 
 impl Config {
@@ -124,6 +135,7 @@ impl Config {
             rounds: var("TARTAN_INGRESS_BENCH_ROUNDS", 3).max(1) as usize,
             secs: var("TARTAN_INGRESS_BENCH_SECS", 10).max(1),
             change_secs: var("TARTAN_INGRESS_BENCH_CHANGE_SECS", 60).max(10),
+            rate: var("TARTAN_INGRESS_BENCH_RATE", 10_000).max(100),
         }
     }
 }
@@ -682,6 +694,67 @@ fn wrk(infra: &str, args: &[String]) -> Result<WrkRun> {
     parse_wrk(&text).with_context(|| format!("reading wrk's output:\n{text}"))
 }
 
+/// The load a run puts on a server.
+#[derive(Debug, Clone, Copy)]
+enum Load {
+    /// wrk at saturation.
+    Wrk,
+    /// The bench's open-loop client at this many requests/s.
+    FixedRate(u32),
+}
+
+impl Load {
+    fn describe(self) -> String {
+        match self {
+            Load::Wrk => format!("wrk {} (saturation)", WRK_ARGS.join(" ")),
+            Load::FixedRate(r) => {
+                format!("{r} requests/s fixed rate over {FIXED_CONNECTIONS} connections")
+            }
+        }
+    }
+}
+
+/// One run of `secs` of `load` on `kind` by `scheme`, from the lab's infra namespace.
+fn load_run(bed: &Bed, kind: Kind, scheme: Scheme, secs: u32, load: Load) -> Result<WrkRun> {
+    match load {
+        Load::Wrk => wrk(
+            &bed.lab.infra,
+            &wrk_args(&url(bed, kind, scheme), &bed.script, secs),
+        ),
+        Load::FixedRate(rate) => fixed_rate(bed, kind, scheme, secs, rate),
+    }
+}
+
+/// `secs` of `rate` requests/s (`lab::fixed_rate`) rotating over the 1,000 hosts; with HTTPS
+/// the SNI name is `s0.bench.test` (the same wildcard certificate either way).
+fn fixed_rate(bed: &Bed, kind: Kind, scheme: Scheme, secs: u32, rate: u32) -> Result<WrkRun> {
+    let tls = match scheme {
+        Scheme::Http => None,
+        Scheme::Https => Some((
+            tls_client_config(&bed.cert)?,
+            ServerName::try_from(host("s0")).context("SNI name")?,
+        )),
+    };
+    let load = FixedRate {
+        addr: bed.addr(kind, scheme),
+        tls,
+        hosts: (0..ROUTES).map(|i| host(&format!("s{i}"))).collect(),
+        path: "/small".into(),
+        rate,
+        connections: FIXED_CONNECTIONS,
+        duration: Duration::from_secs(secs.into()),
+    };
+    let r = block_on_in_netns(&bed.lab.infra, move || fixed_rate_run(load))??;
+    Ok(WrkRun {
+        rps: r.rate(),
+        requests: r.requests(),
+        p50_us: r.quantile_us(0.5),
+        p99_us: r.quantile_us(0.99),
+        non2xx: r.non2xx,
+        socket_errors: r.errors,
+    })
+}
+
 /// `1.23ms` → 1230.0 (µs).
 fn duration_us(s: &str) -> Option<f64> {
     let split = s.find(|c: char| c.is_ascii_alphabetic())?;
@@ -752,6 +825,18 @@ struct Cell {
     non2xx: u64,
     socket_errors: u64,
     requests: u64,
+    /// The fixed-rate runs.
+    fixed: FixedCell,
+}
+
+/// The fixed-rate runs of one server and scheme.
+#[derive(Default)]
+struct FixedCell {
+    rps: Vec<f64>,
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+    failed: u64,
+    requests: u64,
 }
 
 fn describe(r: &WrkRun) -> String {
@@ -812,6 +897,23 @@ fn saturation(
                 c.socket_errors += r.socket_errors;
                 c.requests += r.requests;
             }
+            for k in &order {
+                let r = fixed_rate(bed, *k, *scheme, cfg.secs, cfg.rate)?;
+                println!(
+                    "round {} {:>5} {:>6}: at {} req/s: {}",
+                    round + 1,
+                    scheme.name(),
+                    k.name(),
+                    cfg.rate,
+                    describe(&r)
+                );
+                let f = &mut results.entry((*scheme, *k)).or_default().fixed;
+                f.rps.push(r.rps);
+                f.p50.push(r.p50_us);
+                f.p99.push(r.p99_us);
+                f.failed += r.failed();
+                f.requests += r.requests;
+            }
         }
     }
     Ok(results)
@@ -846,6 +948,31 @@ fn report(results: &BTreeMap<(Scheme, Kind), Cell>, cfg: &Config) {
             c.requests,
         );
     }
+    println!(
+        "\nat a fixed rate ({} requests/s, {FIXED_CONNECTIONS} connections, {} s per run, \
+         latency counted from when each request was due), medians of {} rounds:",
+        cfg.rate, cfg.secs, cfg.rounds
+    );
+    println!(
+        "| scheme | server | req/s achieved | p50 ms | p99 ms (min–max) | failed (all runs) | requests (all runs) |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for ((scheme, kind), c) in results {
+        let f = &c.fixed;
+        let (plo, phi) = min_max(&f.p99);
+        println!(
+            "| {} | {} | {:.0} | {:.2} | {:.2} ({:.2}–{:.2}) | {} | {} |",
+            scheme.name(),
+            kind.name(),
+            median(&f.rps),
+            median(&f.p50) / 1e3,
+            median(&f.p99) / 1e3,
+            plo / 1e3,
+            phi / 1e3,
+            f.failed,
+            f.requests,
+        );
+    }
     println!("\ntartan / nginx (medians):");
     for scheme in [Scheme::Http, Scheme::Https] {
         let (Some(t), Some(n)) = (
@@ -855,11 +982,15 @@ fn report(results: &BTreeMap<(Scheme, Kind), Cell>, cfg: &Config) {
             continue;
         };
         println!(
-            "  {}: req/s {:.2}x, p50 {:.2}x, p99 {:.2}x",
+            "  {}: req/s {:.2}x, p50 {:.2}x, p99 {:.2}x at saturation; at {} req/s p50 {:.2}x, \
+             p99 {:.2}x",
             scheme.name(),
             median(&t.rps) / median(&n.rps),
             median(&t.p50) / median(&n.p50),
             median(&t.p99) / median(&n.p99),
+            cfg.rate,
+            median(&t.fixed.p50) / median(&n.fixed.p50),
+            median(&t.fixed.p99) / median(&n.fixed.p99),
         );
     }
 }
@@ -1030,11 +1161,33 @@ fn run_with_changes(
     nginx: Option<&Nginx>,
     records: &PodRecords,
     secs: u32,
+    load: Load,
 ) -> Result<(WrkRun, ChangeTimes)> {
-    let args = wrk_args(&url(bed, kind, Scheme::Http), &bed.script, secs);
-    let infra = bed.lab.infra.clone();
     let began = Instant::now();
-    let load = std::thread::spawn(move || wrk(&infra, &args));
+    let (load, changed) = std::thread::scope(|scope| -> Result<_> {
+        let load = scope.spawn(move || load_run(bed, kind, Scheme::Http, secs, load));
+        let changed = apply_changes(bed, nginx, records, secs, began);
+        let load = load
+            .join()
+            .map_err(|_| anyhow::anyhow!("the load thread panicked"))?;
+        Ok((load, changed))
+    })?;
+    // Undo the changes also when the load failed, so the next run starts from setup's state.
+    undo_changes(bed, records)?;
+    if let Some(ngx) = nginx {
+        ngx.reload(bed, &NginxModel::new(bed))?;
+    }
+    Ok((load?, changed?))
+}
+
+/// The 100 changes, one every `secs / 100` from `began` on.
+fn apply_changes(
+    bed: &Bed,
+    nginx: Option<&Nginx>,
+    records: &PodRecords,
+    secs: u32,
+    began: Instant,
+) -> Result<ChangeTimes> {
     let every = Duration::from_secs_f64(f64::from(secs) / 100.0);
     let start = began + every / 2;
     let mut model = NginxModel::new(bed);
@@ -1059,14 +1212,7 @@ fn run_with_changes(
             times.in_window += 1;
         }
     }
-    let r = load
-        .join()
-        .map_err(|_| anyhow::anyhow!("the wrk thread panicked"))??;
-    undo_changes(bed, records)?;
-    if let Some(ngx) = nginx {
-        ngx.reload(bed, &NginxModel::new(bed))?;
-    }
-    Ok((r, times))
+    Ok(times)
 }
 
 /// The processes whose CPU time the `changes` section reports.
@@ -1119,33 +1265,31 @@ fn cpu_used(before: &BTreeMap<&'static str, f64>, after: &BTreeMap<&'static str,
         .join(", ")
 }
 
-fn changes(bed: &Bed, nginx: &Nginx, cfg: &Config) -> Result<()> {
+fn changes(bed: &Bed, nginx: &Nginx, cfg: &Config, load: Load) -> Result<()> {
     let mut records = Vec::new();
     for (_, ip) in &bed.pods {
         records.push(pod_record(&bed.lab, *ip)?);
     }
     println!(
-        "\nchanges: {} s of wrk load (http) while 100 changes are applied, one every {:.2} s: \
+        "\nchanges: {} s of load (http; {}) while 100 changes are applied, one every {:.2} s: \
          50 route moves to another service, 25 pod records deleted and 25 put back (each pod \
          leaves and rejoins all {ROUTES} services); nginx: the same etcd changes plus a config \
          rewrite and `nginx -s reload` each",
         cfg.change_secs,
+        load.describe(),
         f64::from(cfg.change_secs) / 100.0
     );
     let mut rows = Vec::new();
     for (kind, ngx) in [(Kind::Tartan, None), (Kind::Nginx, Some(nginx))] {
         wait_quiet();
         let cpu0 = cpu_by_name();
-        let steady = wrk(
-            &bed.lab.infra,
-            &wrk_args(&url(bed, kind, Scheme::Http), &bed.script, cfg.change_secs),
-        )?;
+        let steady = load_run(bed, kind, Scheme::Http, cfg.change_secs, load)?;
         let cpu1 = cpu_by_name();
         println!("  {:>6} steady:       {}", kind.name(), describe(&steady));
         println!("         CPU: {}", cpu_used(&cpu0, &cpu1));
         wait_quiet();
         let cpu0 = cpu_by_name();
-        let (changed, times) = run_with_changes(bed, kind, ngx, &records, cfg.change_secs)?;
+        let (changed, times) = run_with_changes(bed, kind, ngx, &records, cfg.change_secs, load)?;
         let cpu1 = cpu_by_name();
         println!(
             "  {:>6} with changes: {}\n         {}\n         CPU: {}",
@@ -1162,7 +1306,7 @@ fn changes(bed: &Bed, nginx: &Nginx, cfg: &Config) -> Result<()> {
     println!("|---|---|---|---|---|---|---|");
     for (kind, s, c) in &rows {
         println!(
-            "| {} | {} of {} | {} of {} ({} non-2xx, {} socket errors) | {:.2} | {:.2} | {:.0} | {:.0} |",
+            "| {} | {} of {} | {} of {} ({} non-2xx, {} socket errors) | {:.2} | {:.2} ({:.2}×) | {:.0} | {:.0} |",
             kind.name(),
             s.failed(),
             s.requests,
@@ -1172,6 +1316,7 @@ fn changes(bed: &Bed, nginx: &Nginx, cfg: &Config) -> Result<()> {
             c.socket_errors,
             s.p99_us / 1e3,
             c.p99_us / 1e3,
+            c.p99_us / s.p99_us,
             s.rps,
             c.rps
         );
@@ -1287,8 +1432,11 @@ fn main() -> Result<()> {
             nginx_memory(&nginx)
         );
     }
-    if sections.want("changes") {
-        changes(&bed, &nginx, &cfg)?;
+    if sections.want("changes-wrk") {
+        changes(&bed, &nginx, &cfg, Load::Wrk)?;
+    }
+    if sections.want("changes-fixed-rate") {
+        changes(&bed, &nginx, &cfg, Load::FixedRate(cfg.rate))?;
     }
     if sections.want("memory") {
         memory(&bed, &tartan, &nginx)?;

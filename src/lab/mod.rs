@@ -8,6 +8,7 @@
 //! panics; labs left behind by killed processes are swept when the next lab starts.
 //! Nothing is ever added to the root namespace.
 
+pub mod fixed_rate;
 pub mod http_backend;
 pub mod ingress;
 
