@@ -8,7 +8,8 @@
 //! - nginx: `worker_processes 2` in the same namespace (HTTP :8081, HTTPS :8443), one
 //!   `server` per route and one `upstream` per service (the four pods, `keepalive 16`),
 //!   `access_log off`, `keepalive_requests` raised so neither server closes wrk's
-//!   connections;
+//!   connections, `reuseport` on its listeners as tartan-ingress has (one socket per worker:
+//!   without it the connections opened together at a run's start can all land on one worker);
 //! - wrk (`-t2 -c64 --latency`, a Lua script rotating the Host header over the 1,000 hosts,
 //!   path `/small`: the backend's 6-byte answer) in the lab's infra namespace, towards node 1's
 //!   underlay address. For HTTPS wrk's SNI name is the URL's host, here node 1's address (wrk
@@ -241,6 +242,9 @@ fn make_cert(dir: &Path) -> Result<(PathBuf, PathBuf)> {
         &format!("/CN=*.{DOMAIN}"),
         "-addext",
         &format!("subjectAltName=DNS:*.{DOMAIN}"),
+        // A server certificate, not a CA: the fixed-rate client (rustls) trusts it as itself.
+        "-addext",
+        "basicConstraints=critical,CA:FALSE",
         "-days",
         "2",
         "-keyout",
@@ -424,7 +428,8 @@ fn nginx_conf(dir: &Path, cert: &Path, key: &Path, model: &NginxModel) -> String
          server_names_hash_max_size 65536;\n  server_names_hash_bucket_size 128;\n  \
          keepalive_requests 100000000;\n  \
          ssl_certificate {};\n  ssl_certificate_key {};\n  \
-         server {{ listen 8081 default_server; listen 8443 ssl default_server; server_name _; return 404; }}\n",
+         server {{ listen 8081 default_server reuseport; listen 8443 ssl default_server reuseport; \
+         server_name _; return 404; }}\n",
         cert.display(),
         key.display()
     );
@@ -745,6 +750,15 @@ fn fixed_rate(bed: &Bed, kind: Kind, scheme: Scheme, secs: u32, rate: u32) -> Re
         duration: Duration::from_secs(secs.into()),
     };
     let r = block_on_in_netns(&bed.lab.infra, move || fixed_rate_run(load))??;
+    if let Some(e) = &r.first_error {
+        println!(
+            "  {} {}: {} of {} requests failed on the connection, the first: {e}",
+            kind.name(),
+            scheme.name(),
+            r.errors,
+            r.requests()
+        );
+    }
     Ok(WrkRun {
         rps: r.rate(),
         requests: r.requests(),

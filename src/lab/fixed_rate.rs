@@ -53,6 +53,8 @@ pub struct FixedRateRun {
     pub non2xx: u64,
     /// Requests that failed on the connection (connect, TLS, reset, malformed answer).
     pub errors: u64,
+    /// The first connection error, with its causes.
+    pub first_error: Option<String>,
     /// From the first request due to the last answer.
     pub elapsed: Duration,
 }
@@ -115,6 +117,7 @@ pub async fn run(load: FixedRate) -> Result<FixedRateRun> {
         ok: 0,
         non2xx: 0,
         errors: 0,
+        first_error: None,
         elapsed: Duration::ZERO,
     };
     for t in tasks {
@@ -126,6 +129,7 @@ pub async fn run(load: FixedRate) -> Result<FixedRateRun> {
         total.ok += r.ok;
         total.non2xx += r.non2xx;
         total.errors += r.errors;
+        total.first_error = total.first_error.or(r.first_error);
     }
     total.elapsed = start.elapsed();
     Ok(total)
@@ -143,6 +147,7 @@ async fn connection(load: Arc<FixedRate>, i: u32, start: Instant) -> Result<Fixe
         ok: 0,
         non2xx: 0,
         errors: 0,
+        first_error: None,
         elapsed: Duration::ZERO,
     };
     let rate = f64::from(load.rate);
@@ -169,8 +174,9 @@ async fn connection(load: Arc<FixedRate>, i: u32, start: Instant) -> Result<Fixe
         match request(&load, &mut sender, host).await {
             Ok(status) if status < 400 => out.ok += 1,
             Ok(_) => out.non2xx += 1,
-            Err(_) => {
+            Err(e) => {
                 out.errors += 1;
+                out.first_error.get_or_insert_with(|| format!("{e:#}"));
                 sender = None;
             }
         }
