@@ -26,10 +26,14 @@
 //!   latency from when it was due);
 //! - `changes-wrk`, `changes-fixed-rate`: load for `TARTAN_INGRESS_BENCH_CHANGE_SECS` (wrk at
 //!   saturation, or the fixed rate) while 100 changes are applied (one per `secs / 100`):
-//!   route moves to another service alternating with a pod's record deleted, then put back;
-//!   failed requests and p99 against a steady run of the same length and load. nginx gets the
-//!   same changes by a rewritten config and `nginx -s reload`; the etcd changes are made in
-//!   both servers' runs, so tartand's work on them loads the machine alike;
+//!   route moves to another service alternating with one endpoint taken out of one service
+//!   (an explicit endpoints record rewritten), then put back; failed requests and p99 against
+//!   a steady run of the same length and load. nginx gets the same changes by a rewritten
+//!   config and `nginx -s reload`; the etcd changes are made in both servers' runs, so
+//!   tartand's work on them loads the machine alike;
+//! - `changes-pods-fixed-rate`: the same at the fixed rate, but the endpoint changes are pod
+//!   records deleted and put back: each pod leaves and rejoins all 1,000 services, and both
+//!   nodes' tartand reprogram them all on the same two cores as the load;
 //! - `memory`: tartan-ingress's VmRSS with 1,000 and with 10,000 routes, nginx's (master and
 //!   workers, proportional set size) with 1,000 and 10,000 `server` blocks.
 //!
@@ -59,10 +63,13 @@ use tartan::lab::{
 };
 use tartan::model::ingress::{HostPattern, IngressRoute, PortRef};
 use tartan::model::pod::PodRecord;
-use tartan::model::service::{DEFAULT_AFFINITY_TIMEOUT, Service, SessionAffinity, TrafficPolicy};
+use tartan::model::service::{
+    DEFAULT_AFFINITY_TIMEOUT, EndpointAddress, ExplicitEndpoints, Service, SessionAffinity,
+    TrafficPolicy,
+};
 use tartan::netbench::service_bed::{txn_batches, vip};
 use tartan::store::etcd::{EtcdArgs, Store};
-use tartan::store::keys::{ingress_route_key, pods_prefix, service_key};
+use tartan::store::keys::{endpoints_key, ingress_route_key, pods_prefix, service_key};
 
 /// Routes (and services) of the main figures.
 const ROUTES: u32 = 1_000;
@@ -70,6 +77,10 @@ const ROUTES: u32 = 1_000;
 const MANY_ROUTES: u32 = 10_000;
 /// Backend pods; pod `k` runs on node `k % 2`.
 const PODS: usize = 4;
+/// The last this many services have no selector but an explicit endpoints record listing
+/// the same four pods (Kubernetes' Endpoints of a selector-less service): the `changes`
+/// sections change one endpoint of one service through them.
+const EXPLICIT: u32 = 10;
 const BACKEND_PORT: u16 = 8080;
 const NAMESPACE: &str = "default";
 const DOMAIN: &str = "bench.test";
@@ -193,14 +204,20 @@ fn etcd_put_all(lab: &Lab, kvs: Vec<(String, Vec<u8>)>) -> Result<()> {
     })
 }
 
-/// Service `s<i>`: port `http` 80 → 8080, selecting every backend pod (`app=bench`).
+/// Whether service `s<i>` has explicit endpoints instead of a selector.
+fn explicit(i: u32) -> bool {
+    i >= ROUTES - EXPLICIT
+}
+
+/// Service `s<i>`: port `http` 80 → 8080, selecting every backend pod (`app=bench`), or,
+/// for the last [`EXPLICIT`], without a selector (its endpoints: [`endpoints_kv`]).
 fn service(i: u32) -> Result<Service> {
     Ok(Service {
         namespace: NAMESPACE.into(),
         name: format!("s{i}"),
         cluster_ip: vip(i),
         ports: vec!["http=80:8080/tcp".parse()?],
-        selector: Some([("app".to_string(), "bench".to_string())].into()),
+        selector: (!explicit(i)).then(|| [("app".to_string(), "bench".to_string())].into()),
         session_affinity: SessionAffinity::None,
         session_affinity_timeout: DEFAULT_AFFINITY_TIMEOUT,
         external_traffic_policy: TrafficPolicy::Cluster,
@@ -220,6 +237,29 @@ fn route(name: &str, service: u32) -> Result<IngressRoute> {
     r.validate()
         .with_context(|| format!("bench route {name}"))?;
     Ok(r)
+}
+
+/// The explicit endpoints record of service `s<service>`: every pod but `without`.
+fn endpoints_kv(
+    bed_pods: &[(String, Ipv4Addr)],
+    service: u32,
+    without: Option<usize>,
+) -> Result<(String, Vec<u8>)> {
+    let eps = ExplicitEndpoints {
+        addresses: bed_pods
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| Some(*k) != without)
+            .map(|(_, (_, ip))| EndpointAddress {
+                ip: *ip,
+                node: None,
+            })
+            .collect(),
+    };
+    Ok((
+        endpoints_key(&etcd_keys(), NAMESPACE, &format!("s{service}")),
+        serde_json::to_vec(&eps).context("encoding an endpoints record")?,
+    ))
 }
 
 fn route_kv(name: &str, service: u32) -> Result<(String, Vec<u8>)> {
@@ -298,10 +338,14 @@ fn setup() -> Result<Bed> {
             s.to_bytes(),
         ));
         kvs.push(route_kv(&format!("s{i}"), i)?);
+        if explicit(i) {
+            kvs.push(endpoints_kv(&pods, i, None)?);
+        }
     }
     etcd_put_all(&lab, kvs)?;
     println!(
-        "setup: 2 nodes, {PODS} backend pods ({}), {ROUTES} services and routes written to etcd in {:.1} s",
+        "setup: 2 nodes, {PODS} backend pods ({}), {ROUTES} services ({EXPLICIT} of them with \
+         explicit endpoints) and routes written to etcd in {:.1} s",
         pods.iter()
             .map(|(n, ip)| format!("{n} {ip}"))
             .collect::<Vec<_>>()
@@ -374,11 +418,13 @@ fn start_tartan(bed: &Bed) -> Result<LabIngress> {
     Ok(ing)
 }
 
-/// What nginx is told: route name → service index, and which pods are endpoints.
+/// What nginx is told: route name → service index, which pods are endpoints, and which
+/// (service, pod) endpoints are gone from one service only.
 #[derive(Clone)]
 struct NginxModel {
     routes: BTreeMap<String, u32>,
     pods: Vec<(Ipv4Addr, bool)>,
+    gone: BTreeSet<(u32, usize)>,
 }
 
 impl NginxModel {
@@ -386,6 +432,7 @@ impl NginxModel {
         NginxModel {
             routes: (0..ROUTES).map(|i| (format!("s{i}"), i)).collect(),
             pods: bed.pods.iter().map(|(_, ip)| (*ip, true)).collect(),
+            gone: BTreeSet::new(),
         }
     }
 }
@@ -436,7 +483,12 @@ fn nginx_conf(dir: &Path, cert: &Path, key: &Path, model: &NginxModel) -> String
     let used: BTreeSet<u32> = model.routes.values().copied().collect();
     for s in used {
         let _ = write!(c, "  upstream up_s{s} {{");
-        for (ip, _) in model.pods.iter().filter(|(_, on)| *on) {
+        for (_, (ip, _)) in model
+            .pods
+            .iter()
+            .enumerate()
+            .filter(|(k, (_, on))| *on && !model.gone.contains(&(s, *k)))
+        {
             let _ = write!(c, " server {ip}:{BACKEND_PORT};");
         }
         c.push_str(" keepalive 16; keepalive_requests 100000000; }\n");
@@ -1072,30 +1124,75 @@ enum Change {
     PodGone(usize),
     /// Pod `k`'s record is back.
     PodBack(usize),
+    /// Pod `pod` leaves the explicit endpoints of service `s<service>` (of that one only).
+    EndpointGone { service: u32, pod: usize },
+    /// Pod `pod` is back in them.
+    EndpointBack { service: u32, pod: usize },
+}
+
+/// What the odd changes of a `changes` section change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChangeSet {
+    /// One endpoint of one service (an explicit endpoints record rewritten): what a pod
+    /// of one service coming and going is.
+    Endpoints,
+    /// A pod record deleted and put back: the pod leaves and rejoins all 1,000 services, so
+    /// every node's tartand reprograms them all, on the same two cores.
+    Pods,
+}
+
+impl ChangeSet {
+    fn describe(self) -> String {
+        match self {
+            ChangeSet::Endpoints => format!(
+                "25 endpoints taken out of one service's endpoints record and 25 put back (the \
+                 {EXPLICIT} services with explicit endpoints in turn)"
+            ),
+            ChangeSet::Pods => format!(
+                "25 pod records deleted and 25 put back (each pod leaves and rejoins all \
+                 {ROUTES} services)"
+            ),
+        }
+    }
 }
 
 /// Change `c` of 100: even ones move a route (`s<c/2*7>` → the service 500 further on),
-/// odd ones take a pod away and bring it back in turn.
-fn change(c: u32) -> Change {
+/// odd ones take an endpoint or a pod away and bring it back in turn.
+fn change(c: u32, set: ChangeSet) -> Change {
     if c.is_multiple_of(2) {
         let route = (c / 2 * 7) % ROUTES;
-        Change::MoveRoute {
+        return Change::MoveRoute {
             route,
             service: (route + ROUTES / 2) % ROUTES,
-        }
-    } else {
-        let k = ((c / 4) as usize) % PODS;
-        if (c / 2).is_multiple_of(2) {
-            Change::PodGone(k)
-        } else {
-            Change::PodBack(k)
+        };
+    }
+    let pod = ((c / 4) as usize) % PODS;
+    let gone = (c / 2).is_multiple_of(2);
+    match set {
+        ChangeSet::Pods if gone => Change::PodGone(pod),
+        ChangeSet::Pods => Change::PodBack(pod),
+        ChangeSet::Endpoints => {
+            let service = ROUTES - EXPLICIT + (c / 4) % EXPLICIT;
+            if gone {
+                Change::EndpointGone { service, pod }
+            } else {
+                Change::EndpointBack { service, pod }
+            }
         }
     }
 }
 
 type PodRecords = Vec<(String, Vec<u8>, i64)>;
 
-fn apply_to_etcd(lab: &Lab, ch: &Change, records: &PodRecords) -> Result<()> {
+/// The changes of one `changes` section: what they change, and the pod records as setup
+/// wrote them (to delete and put back).
+struct ChangePlan {
+    set: ChangeSet,
+    records: PodRecords,
+}
+
+fn apply_to_etcd(bed: &Bed, ch: &Change, records: &PodRecords) -> Result<()> {
+    let lab = &bed.lab;
     match ch {
         Change::MoveRoute { route, service } => {
             let (k, v) = route_kv(&format!("s{route}"), *service)?;
@@ -1112,6 +1209,12 @@ fn apply_to_etcd(lab: &Lab, ch: &Change, records: &PodRecords) -> Result<()> {
             let (key, value, lease) = records[*p].clone();
             with_store(lab, move |s| async move { s.put(&key, value, lease).await })
         }
+        Change::EndpointGone { service, pod } => {
+            etcd_put_all(lab, vec![endpoints_kv(&bed.pods, *service, Some(*pod))?])
+        }
+        Change::EndpointBack { service, .. } => {
+            etcd_put_all(lab, vec![endpoints_kv(&bed.pods, *service, None)?])
+        }
     }
 }
 
@@ -1122,16 +1225,25 @@ fn apply_to_model(model: &mut NginxModel, ch: &Change) {
         }
         Change::PodGone(p) => model.pods[*p].1 = false,
         Change::PodBack(p) => model.pods[*p].1 = true,
+        Change::EndpointGone { service, pod } => {
+            model.gone.insert((*service, *pod));
+        }
+        Change::EndpointBack { service, pod } => {
+            model.gone.remove(&(*service, *pod));
+        }
     }
 }
 
-/// Puts every route and pod record back as setup wrote them.
+/// Puts every route, endpoints record and pod record back as setup wrote them.
 fn undo_changes(bed: &Bed, records: &PodRecords) -> Result<()> {
     let mut kvs = Vec::new();
     for c in 0..100 {
-        if let Change::MoveRoute { route, .. } = change(c) {
+        if let Change::MoveRoute { route, .. } = change(c, ChangeSet::Endpoints) {
             kvs.push(route_kv(&format!("s{route}"), route)?);
         }
+    }
+    for i in (0..ROUTES).filter(|i| explicit(*i)) {
+        kvs.push(endpoints_kv(&bed.pods, i, None)?);
     }
     etcd_put_all(&bed.lab, kvs)?;
     let records = records.clone();
@@ -1173,21 +1285,21 @@ fn run_with_changes(
     bed: &Bed,
     kind: Kind,
     nginx: Option<&Nginx>,
-    records: &PodRecords,
+    plan: &ChangePlan,
     secs: u32,
     load: Load,
 ) -> Result<(WrkRun, ChangeTimes)> {
     let began = Instant::now();
     let (load, changed) = std::thread::scope(|scope| -> Result<_> {
         let load = scope.spawn(move || load_run(bed, kind, Scheme::Http, secs, load));
-        let changed = apply_changes(bed, nginx, records, secs, began);
+        let changed = apply_changes(bed, nginx, plan, secs, began);
         let load = load
             .join()
             .map_err(|_| anyhow::anyhow!("the load thread panicked"))?;
         Ok((load, changed))
     })?;
     // Undo the changes also when the load failed, so the next run starts from setup's state.
-    undo_changes(bed, records)?;
+    undo_changes(bed, &plan.records)?;
     if let Some(ngx) = nginx {
         ngx.reload(bed, &NginxModel::new(bed))?;
     }
@@ -1198,7 +1310,7 @@ fn run_with_changes(
 fn apply_changes(
     bed: &Bed,
     nginx: Option<&Nginx>,
-    records: &PodRecords,
+    plan: &ChangePlan,
     secs: u32,
     began: Instant,
 ) -> Result<ChangeTimes> {
@@ -1214,8 +1326,8 @@ fn apply_changes(
         let at = start + every * c;
         std::thread::sleep(at.saturating_duration_since(Instant::now()));
         let t = Instant::now();
-        let ch = change(c);
-        apply_to_etcd(&bed.lab, &ch, records)?;
+        let ch = change(c, plan.set);
+        apply_to_etcd(bed, &ch, &plan.records)?;
         if let Some(ngx) = nginx {
             apply_to_model(&mut model, &ch);
             ngx.reload(bed, &model)?;
@@ -1279,19 +1391,20 @@ fn cpu_used(before: &BTreeMap<&'static str, f64>, after: &BTreeMap<&'static str,
         .join(", ")
 }
 
-fn changes(bed: &Bed, nginx: &Nginx, cfg: &Config, load: Load) -> Result<()> {
+fn changes(bed: &Bed, nginx: &Nginx, cfg: &Config, load: Load, set: ChangeSet) -> Result<()> {
     let mut records = Vec::new();
     for (_, ip) in &bed.pods {
         records.push(pod_record(&bed.lab, *ip)?);
     }
+    let plan = ChangePlan { set, records };
     println!(
         "\nchanges: {} s of load (http; {}) while 100 changes are applied, one every {:.2} s: \
-         50 route moves to another service, 25 pod records deleted and 25 put back (each pod \
-         leaves and rejoins all {ROUTES} services); nginx: the same etcd changes plus a config \
+         50 route moves to another service, {}; nginx: the same etcd changes plus a config \
          rewrite and `nginx -s reload` each",
         cfg.change_secs,
         load.describe(),
-        f64::from(cfg.change_secs) / 100.0
+        f64::from(cfg.change_secs) / 100.0,
+        set.describe()
     );
     let mut rows = Vec::new();
     for (kind, ngx) in [(Kind::Tartan, None), (Kind::Nginx, Some(nginx))] {
@@ -1303,7 +1416,7 @@ fn changes(bed: &Bed, nginx: &Nginx, cfg: &Config, load: Load) -> Result<()> {
         println!("         CPU: {}", cpu_used(&cpu0, &cpu1));
         wait_quiet();
         let cpu0 = cpu_by_name();
-        let (changed, times) = run_with_changes(bed, kind, ngx, &records, cfg.change_secs, load)?;
+        let (changed, times) = run_with_changes(bed, kind, ngx, &plan, cfg.change_secs, load)?;
         let cpu1 = cpu_by_name();
         println!(
             "  {:>6} with changes: {}\n         {}\n         CPU: {}",
@@ -1447,10 +1560,25 @@ fn main() -> Result<()> {
         );
     }
     if sections.want("changes-wrk") {
-        changes(&bed, &nginx, &cfg, Load::Wrk)?;
+        changes(&bed, &nginx, &cfg, Load::Wrk, ChangeSet::Endpoints)?;
     }
     if sections.want("changes-fixed-rate") {
-        changes(&bed, &nginx, &cfg, Load::FixedRate(cfg.rate))?;
+        changes(
+            &bed,
+            &nginx,
+            &cfg,
+            Load::FixedRate(cfg.rate),
+            ChangeSet::Endpoints,
+        )?;
+    }
+    if sections.want("changes-pods-fixed-rate") {
+        changes(
+            &bed,
+            &nginx,
+            &cfg,
+            Load::FixedRate(cfg.rate),
+            ChangeSet::Pods,
+        )?;
     }
     if sections.want("memory") {
         memory(&bed, &tartan, &nginx)?;

@@ -12,7 +12,7 @@ use anyhow::{Context, Result, ensure};
 use common::*;
 use tartan::lab::http_backend::{start_http_backend, websocket_echo};
 use tartan::lab::ingress::LabIngress;
-use tartan::lab::{INFRA_IP, Lab, ns_command, wait_for};
+use tartan::lab::{INFRA_IP, Lab, block_on_in_netns, ns_command, wait_for};
 
 const NET16: &[&str] = &["--network", "10.244.0.0/16"];
 
@@ -736,6 +736,70 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// An HTTP/2 connection without a request in flight is closed after `--idle-timeout-secs`
+/// (GOAWAY, then the close), while a request that takes longer than that on the same
+/// connection is answered in full.
+#[test]
+fn an_idle_http2_connection_is_closed_but_not_during_a_long_request() -> Result<()> {
+    let Some((lab, ing)) = setup_with(&["--idle-timeout-secs", "2"])? else {
+        return Ok(());
+    };
+    lab.tartanctl(&[
+        "ingress",
+        "create",
+        "shop",
+        "--host",
+        "shop.test",
+        "--service",
+        "shop",
+        "--port",
+        "http",
+    ])?;
+    wait_curl(&lab, &ing, &["http://shop.test/echo"], |g| g.code == 200)?;
+    let addr = SocketAddr::from((ing.node_ip, 80));
+    let (code, lasted, closed_after) = block_on_in_netns(&lab.infra, move || async move {
+        use http_body_util::BodyExt as _;
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .context("connecting")?;
+        let (mut tx, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .context("HTTP/2 handshake (h2c)")?;
+        let conn = tokio::spawn(conn);
+        let t = Instant::now();
+        let req = hyper::Request::get("http://shop.test/slow/3500")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .context("request")?;
+        let resp = tx.send_request(req).await.context("the long request")?;
+        let code = resp.status().as_u16();
+        resp.into_body()
+            .collect()
+            .await
+            .context("the long request's body")?;
+        let lasted = t.elapsed();
+        let t = Instant::now();
+        tokio::time::timeout(Duration::from_secs(30), conn)
+            .await
+            .context("the idle connection was still open after 30 s")?
+            .context("the connection task")?
+            .context("the connection ended with an error")?;
+        anyhow::Ok((code, lasted, t.elapsed()))
+    })??;
+    ensure!(
+        code == 200 && lasted >= Duration::from_millis(3500),
+        "the 3.5 s request on the connection: {code} after {lasted:?}\n{}",
+        ing.log_tail(20)
+    );
+    ensure!(
+        closed_after >= Duration::from_millis(1500),
+        "closed {closed_after:?} after its last request ended, before the 2 s idle timeout"
+    );
+    Ok(())
 }
 
 #[test]

@@ -7,8 +7,9 @@
 //!
 //! Safe by default: a request whose host no route names is answered 404 and never sent
 //! anywhere taken from the request; header size and count, body size, header read time
-//! (slowloris; also the idle time of a kept-alive HTTP/1 connection), connections and
-//! requests in flight per route are bounded; retries happen only before a request was sent
+//! (slowloris; also the idle time of a kept-alive HTTP/1 connection), the idle time of any
+//! connection without a request in flight (HTTP/2 gets a GOAWAY), connections and requests
+//! in flight per route are bounded; retries happen only before a request was sent
 //! (a failed connect) or, for idempotent requests without a body, after a failed exchange.
 
 use std::collections::HashMap;
@@ -48,6 +49,82 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Every body the proxy sends (requests to endpoints, responses to clients).
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
+/// A client connection's byte stream, plain or TLS (one code path serves both).
+trait ClientIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> ClientIo for T {}
+
+/// Requests in flight on one client connection, and when the last one ended: what its idle
+/// timeout is counted from.
+struct ConnActivity {
+    opened: Instant,
+    inflight: AtomicUsize,
+    /// Milliseconds from `opened` to the end of the last request.
+    last_end_ms: AtomicU64,
+}
+
+impl ConnActivity {
+    fn new() -> Self {
+        ConnActivity {
+            opened: Instant::now(),
+            inflight: AtomicUsize::new(0),
+            last_end_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts a request in flight until the guard (kept by its response body) is dropped.
+    fn begin(self: &Arc<Self>) -> InflightGuard {
+        self.inflight.fetch_add(1, Ordering::AcqRel);
+        InflightGuard(self.clone())
+    }
+
+    /// When the connection will have been idle for `idle`: `idle` after the last request
+    /// ended, or, while one is in flight, `idle` from now (checked again then).
+    fn idle_deadline(&self, idle: Duration) -> Instant {
+        if self.inflight.load(Ordering::Acquire) > 0 {
+            return Instant::now() + idle;
+        }
+        self.opened + Duration::from_millis(self.last_end_ms.load(Ordering::Acquire)) + idle
+    }
+}
+
+/// One request in flight on a client connection.
+struct InflightGuard(Arc<ConnActivity>);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        let a = &self.0;
+        let ms = u64::try_from(a.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        a.last_end_ms.fetch_max(ms, Ordering::AcqRel);
+        a.inflight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that keeps its request counted in flight until it is sent or dropped.
+struct Tracked {
+    body: ProxyBody,
+    _guard: InflightGuard,
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// Limits and timeouts of the proxy.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
@@ -62,6 +139,10 @@ pub struct ProxyConfig {
     /// Time for a client to send a request head (and for an idle HTTP/1 connection to send
     /// its next one).
     pub header_timeout: Duration,
+    /// How long a client connection may stay without a request in flight before it is closed
+    /// gracefully (HTTP/2: GOAWAY, streams already begun finish); kept-alive HTTP/1
+    /// connections are closed sooner, at `header_timeout`.
+    pub idle_timeout: Duration,
     /// Client connections open at once; more are closed at accept.
     pub max_connections: usize,
     /// Requests in flight per route; more get 503 (one flooded host cannot take every
@@ -87,6 +168,7 @@ impl Default for ProxyConfig {
             max_headers: 100,
             max_body_bytes: 16 << 20,
             header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
             max_connections: 16_384,
             max_inflight_per_route: 4096,
             connect_timeout: Duration::from_secs(2),
@@ -249,23 +331,43 @@ impl Proxy {
             let clients = clients.clone();
             tokio::spawn(async move {
                 me.metrics.active.inc();
-                let svc_me = me.clone();
-                let svc = hyper::service::service_fn(move |req| {
-                    let (me, clients) = (svc_me.clone(), clients.clone());
-                    async move { Ok::<_, Infallible>(me.handle(req, peer, &clients).await) }
-                });
-                match tls {
-                    None => {
-                        let _ = builder
-                            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                            .await;
-                    }
+                let io: Option<Box<dyn ClientIo>> = match tls {
+                    None => Some(Box::new(stream)),
                     Some(acc) => {
                         let hs = tokio::time::timeout(me.cfg.header_timeout, acc.accept(stream));
-                        if let Ok(Ok(s)) = hs.await {
-                            let _ = builder
-                                .serve_connection_with_upgrades(TokioIo::new(s), svc)
-                                .await;
+                        match hs.await {
+                            Ok(Ok(s)) => Some(Box::new(s)),
+                            _ => None,
+                        }
+                    }
+                };
+                if let Some(io) = io {
+                    let activity = Arc::new(ConnActivity::new());
+                    let (svc_me, svc_activity) = (me.clone(), activity.clone());
+                    let svc = hyper::service::service_fn(move |req| {
+                        let (me, clients) = (svc_me.clone(), clients.clone());
+                        let guard = svc_activity.begin();
+                        async move {
+                            let resp = me.handle(req, peer, &clients).await;
+                            Ok::<_, Infallible>(resp.map(|body| Tracked {
+                                body,
+                                _guard: guard,
+                            }))
+                        }
+                    });
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+                    let mut conn = std::pin::pin!(conn);
+                    let mut closing = false;
+                    loop {
+                        let idle_at = activity.idle_deadline(me.cfg.idle_timeout);
+                        tokio::select! {
+                            _ = conn.as_mut() => break,
+                            _ = tokio::time::sleep_until(idle_at.into()), if !closing => {
+                                if activity.idle_deadline(me.cfg.idle_timeout) <= Instant::now() {
+                                    conn.as_mut().graceful_shutdown();
+                                    closing = true;
+                                }
+                            }
                         }
                     }
                 }

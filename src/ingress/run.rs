@@ -75,6 +75,10 @@ pub struct IngressArgs {
     /// Seconds a client has to send a request head (also an idle HTTP/1 connection's life).
     #[arg(long = "header-timeout-secs", default_value_t = 10)]
     pub header_timeout_secs: u64,
+    /// Seconds a client connection may stay without a request in flight before it is closed
+    /// gracefully (HTTP/2: GOAWAY; kept-alive HTTP/1 connections close at the header timeout).
+    #[arg(long = "idle-timeout-secs", default_value_t = 60)]
+    pub idle_timeout_secs: u64,
     /// Client connections open at once.
     #[arg(long = "max-connections", default_value_t = 16_384)]
     pub max_connections: usize,
@@ -129,6 +133,7 @@ impl IngressArgs {
             max_headers: self.max_headers,
             max_body_bytes: self.max_body_bytes,
             header_timeout: Duration::from_secs(self.header_timeout_secs.max(1)),
+            idle_timeout: Duration::from_secs(self.idle_timeout_secs.max(1)),
             max_connections: self.max_connections.max(1),
             max_inflight_per_route: self.max_inflight_per_route.max(1),
             connect_timeout: Duration::from_millis(self.connect_timeout_ms.max(1)),

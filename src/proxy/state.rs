@@ -1073,3 +1073,76 @@ mod memory_probe {
         }
     }
 }
+
+#[cfg(test)]
+mod shared_pods_probe {
+    use super::*;
+    use crate::model::service::{DEFAULT_AFFINITY_TIMEOUT, TrafficPolicy};
+
+    /// One pod leaving and rejoining 1,000 services that all select it (the ingress bench's
+    /// `changes-pods` case): plan time and element changes (run in release with
+    /// `--ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn pod_change_with_1000_services() {
+        let ctx = NodeContext {
+            node: "n1".into(),
+            cluster_network: "10.244.0.0/16".parse().unwrap(),
+            service_cidr: "10.96.0.0/12".parse().unwrap(),
+            balancing: Default::default(),
+        };
+        let mut st = ServiceState::new(ctx);
+        for i in 0..1000u32 {
+            st.change(ModelChange::PutService(
+                format!("/tartan/services/bench/s{i}"),
+                Service {
+                    namespace: "bench".into(),
+                    name: format!("s{i}"),
+                    cluster_ip: Ipv4Addr::from(0x0a60_0000 + i),
+                    ports: vec!["80:8080/tcp".parse().unwrap()],
+                    selector: Some([("app".to_string(), "bench".to_string())].into()),
+                    session_affinity: SessionAffinity::None,
+                    session_affinity_timeout: DEFAULT_AFFINITY_TIMEOUT,
+                    external_traffic_policy: TrafficPolicy::Cluster,
+                },
+            ));
+        }
+        let pod = |k: u32| {
+            (
+                format!("/tartan/pods/n{}/c{k}/eth0", k % 2),
+                PodRecord {
+                    container_id: format!("c{k}"),
+                    ifname: "eth0".into(),
+                    node: format!("n{}", k % 2),
+                    ip: Ipv4Addr::from(0x0af4_0000 + k),
+                    namespace: "bench".into(),
+                    name: format!("p{k}"),
+                    labels: [("app".to_string(), "bench".to_string())].into(),
+                },
+            )
+        };
+        for k in 0..4 {
+            let (key, p) = pod(k);
+            st.change(ModelChange::PutPod(key, p));
+        }
+        let _ = st.plan_full();
+        for _ in 0..5 {
+            let (key, p) = pod(2);
+            let t0 = std::time::Instant::now();
+            st.change(ModelChange::DeletePod(key.clone()));
+            let pl = st.plan();
+            let t1 = std::time::Instant::now();
+            st.change(ModelChange::PutPod(key, p));
+            let pl2 = st.plan();
+            eprintln!(
+                "delete: {:?} ({} recomputed, {} element changes, {} ops), put: {:?} ({} changes)",
+                t1 - t0,
+                pl.recomputed,
+                pl.element_changes,
+                pl.ops.len(),
+                t1.elapsed(),
+                pl2.element_changes
+            );
+        }
+    }
+}
