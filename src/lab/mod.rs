@@ -691,6 +691,22 @@ impl Lab {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// `tartanctl ARGS` in the infra namespace, whatever its exit status: whether it
+    /// succeeded, stdout and stderr.
+    pub fn tartanctl_status(&self, args: &[&str]) -> Result<(bool, String, String)> {
+        let mut c = ns_command(&self.infra, &self.bins.tartanctl);
+        c.env("TARTAN_ETCD_ENDPOINTS", self.local_endpoints())
+            .args(self.tls_client_args(true))
+            .args(args)
+            .stdin(Stdio::null());
+        let out = c.output().with_context(|| format!("running {c:?}"))?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
     /// Writes the network config with `tartanctl network init`.
     pub fn init_network(&self, args: &[&str]) -> Result<()> {
         let mut full = vec!["network", "init"];

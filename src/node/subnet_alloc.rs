@@ -4,10 +4,10 @@
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use rand::RngExt;
 
-use crate::model::netconf::NetworkConfig;
+use crate::model::netconf::{Ipv6Pool, NetworkConfig};
 use crate::model::subnet_lease::LeaseValue;
 
 /// One subnet key found in etcd.
@@ -15,6 +15,8 @@ use crate::model::subnet_lease::LeaseValue;
 pub struct ExistingSubnet {
     /// The subnet named by the key.
     pub subnet: Ipv4Network,
+    /// The key's IPv6 subnet (a dual-stack lease: `10.5.34.0-24&fc00:0:0:7::-64`).
+    pub subnet6: Option<Ipv6Network>,
     /// The decoded value, or `None` when the value is garbage (the key still counts as taken).
     pub value: Option<LeaseValue>,
     /// The etcd lease the key is attached to; 0 means a reservation.
@@ -116,30 +118,72 @@ pub fn decide(
     {
         return Decision::Create { subnet: p };
     }
-    let count = cfg.subnet_count();
     let is_free = |i: u64| -> Option<Ipv4Network> {
         cfg.nth_subnet(i)
             .filter(|s| !taken.contains(&u32::from(s.network())))
     };
+    pick_free(cfg.subnet_count(), is_free, rng)
+        .map_or(Decision::Exhausted, |subnet| Decision::Create { subnet })
+}
+
+/// A random free subnet of the `count` candidates, `free(i)` giving the `i`th when it is
+/// free; `None` when none is. Enumerates small ranges, probes huge ones at random (then scans
+/// from a random start, for a nearly full one).
+fn pick_free<T>(
+    count: u64,
+    free: impl Fn(u64) -> Option<T>,
+    rng: &mut impl rand::Rng,
+) -> Option<T> {
+    if count == 0 {
+        return None;
+    }
     if count <= ENUMERATE_LIMIT {
-        let free: Vec<Ipv4Network> = (0..count).filter_map(is_free).collect();
-        if free.is_empty() {
-            return Decision::Exhausted;
+        let mut all: Vec<T> = (0..count).filter_map(&free).collect();
+        if all.is_empty() {
+            return None;
         }
-        let i = rng.random_range(0..free.len());
-        return Decision::Create { subnet: free[i] };
+        let i = rng.random_range(0..all.len());
+        return Some(all.swap_remove(i));
     }
     for _ in 0..1000 {
-        if let Some(s) = is_free(rng.random_range(0..count)) {
-            return Decision::Create { subnet: s };
+        if let Some(s) = free(rng.random_range(0..count)) {
+            return Some(s);
         }
     }
-    // Nearly full huge network: scan from a random start.
     let start = rng.random_range(0..count);
-    (0..count)
-        .map(|k| (start + k) % count)
-        .find_map(is_free)
-        .map_or(Decision::Exhausted, |subnet| Decision::Create { subnet })
+    (0..count).map(|k| (start + k) % count).find_map(free)
+}
+
+/// The IPv6 subnet a dual-stack node holds beside its IPv4 one (flannel's dual-stack leases
+/// name both in one key): `own`, the one its own key already names, when `pool` can lease
+/// it; else `preferred` (remembered across restarts) when leasable and no other key names
+/// it; else a random free one. `None`: every IPv6 subnet of the pool is taken.
+pub fn decide_v6(
+    pool: &Ipv6Pool,
+    existing: &[ExistingSubnet],
+    own: Option<Ipv6Network>,
+    preferred: Option<Ipv6Network>,
+    rng: &mut impl rand::Rng,
+) -> Option<Ipv6Network> {
+    if let Some(o) = own.filter(|o| pool.is_leasable(*o)) {
+        return Some(o);
+    }
+    let taken: HashSet<u128> = existing
+        .iter()
+        .filter_map(|e| e.subnet6)
+        .map(|s| u128::from(s.network()))
+        .collect();
+    if let Some(p) = preferred
+        && pool.is_leasable(p)
+        && !taken.contains(&u128::from(p.network()))
+    {
+        return Some(p);
+    }
+    let is_free = |i: u64| -> Option<Ipv6Network> {
+        pool.nth_subnet(i)
+            .filter(|s| !taken.contains(&u128::from(s.network())))
+    };
+    pick_free(pool.subnet_count(), is_free, rng)
 }
 
 #[cfg(test)]

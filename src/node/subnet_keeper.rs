@@ -14,7 +14,7 @@ use tracing::{error, info, warn};
 
 use crate::metrics::Metrics;
 use crate::model::netconf::NetworkConfig;
-use crate::model::subnet_lease::{LeaseValue, MacAddr, subnet_from_key};
+use crate::model::subnet_lease::{LeaseValue, MacAddr, SubnetKey};
 use crate::node::subnet_alloc::{Decision, ExistingSubnet, decide, stale_own};
 use crate::store::etcd::{EtcdArgs, KvItem, PrefixView, Store};
 use crate::util::backoff::Backoff;
@@ -140,13 +140,14 @@ impl SubnetManager {
         let mut existing = Vec::with_capacity(items.len());
         for it in &items {
             let suffix = it.key.rsplit('/').next().unwrap_or_default();
-            let Ok(subnet) = subnet_from_key(suffix) else {
+            let Ok(key) = SubnetKey::parse(suffix) else {
                 warn!(key = %it.key, "ignoring a subnet key that is not a.b.c.d-NN");
                 continue;
             };
             let value = LeaseValue::parse(&it.value).ok();
             existing.push(ExistingSubnet {
-                subnet,
+                subnet: key.v4,
+                subnet6: key.v6,
                 value,
                 etcd_lease: it.lease,
                 mod_revision: it.mod_revision,

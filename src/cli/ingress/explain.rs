@@ -86,6 +86,30 @@ pub struct BackendResolution {
     pub endpoints: Vec<String>,
 }
 
+impl RequestExplanation {
+    /// What the ingress answers instead of forwarding the request, and why; `None` when it
+    /// forwards it (then the pod answers). The same statuses as `ingress::proxy`: 404
+    /// without a route, 503 without the service, its port or a ready endpoint.
+    pub fn refusal(&self) -> Option<(u16, String)> {
+        let Some(b) = &self.backend else {
+            return Some((404, "no route matches".into()));
+        };
+        if let Some(p) = &b.problem {
+            return Some((503, p.clone()));
+        }
+        if b.endpoints.is_empty() {
+            return Some((
+                503,
+                format!(
+                    "service {}/{} has no ready endpoints",
+                    b.namespace, b.service
+                ),
+            ));
+        }
+        None
+    }
+}
+
 /// Resolves what `table` chooses for `host` and `path` against `targets`. Pure.
 pub fn explain_request(
     table: &RouteTable,
@@ -311,6 +335,11 @@ pub async fn run(
     match output {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&e)?),
         OutputFormat::Table => print!("{}", render(&e)),
+    }
+    // Like `curl -f`: a request the ingress would not forward is a failed command, so a
+    // script can check a route with the exit status alone.
+    if let Some((code, why)) = e.refusal() {
+        anyhow::bail!("{request} would be answered {code}: {why}");
     }
     Ok(())
 }

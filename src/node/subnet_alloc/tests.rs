@@ -14,6 +14,7 @@ fn lease(subnet: &str, node: Option<&str>, ip: [u8; 4], etcd_lease: i64) -> Exis
     v.node_name = node.map(str::to_string);
     ExistingSubnet {
         subnet: subnet.parse().unwrap(),
+        subnet6: None,
         value: Some(v),
         etcd_lease,
         mod_revision: 5,
@@ -193,6 +194,7 @@ fn leases_left_by_an_earlier_config_are_released_and_reservations_kept() {
     };
     let e = |s: &str, node: Option<&str>, lease: i64| ExistingSubnet {
         subnet: s.parse().unwrap(),
+        subnet6: None,
         value: Some(v(node)),
         etcd_lease: lease,
         mod_revision: 1,
@@ -210,4 +212,75 @@ fn leases_left_by_an_earlier_config_are_released_and_reservations_kept() {
         .map(|e| e.subnet.to_string())
         .collect();
     assert_eq!(stale, ["10.245.3.0/24", "10.244.10.0/24"]);
+}
+
+fn pool6() -> Ipv6Pool {
+    // A /62 in /64s: four subnets, the first never leased (flannel's SubnetMin default).
+    cfg(r#"{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fc00::/62"}"#)
+        .ipv6
+        .expect("dual-stack")
+}
+
+fn with_v6(mut e: ExistingSubnet, v6: &str) -> ExistingSubnet {
+    e.subnet6 = Some(v6.parse().unwrap());
+    e
+}
+
+#[test]
+fn an_ipv6_subnet_is_kept_then_remembered_then_picked_free() {
+    let p = pool6();
+    let net = |s: &str| -> Ipv6Network { s.parse().unwrap() };
+    let other = with_v6(
+        lease("10.1.1.0/24", Some("a"), [1, 1, 1, 1], 9),
+        "fc00:0:0:1::/64",
+    );
+    let ex = vec![other];
+    // Its own key's subnet stays, even though the remembered one differs.
+    assert_eq!(
+        decide_v6(
+            &p,
+            &ex,
+            Some(net("fc00:0:0:2::/64")),
+            Some(net("fc00:0:0:3::/64")),
+            &mut rng()
+        ),
+        Some(net("fc00:0:0:2::/64"))
+    );
+    // Not leasable (the network's first subnet, or another length): not kept.
+    for bad in ["fc00::/64", "fc00:0:0:2::/65"] {
+        let got = decide_v6(&p, &ex, Some(net(bad)), None, &mut rng()).expect("free ones");
+        assert!(
+            p.is_leasable(got) && got != net("fc00:0:0:1::/64"),
+            "{bad}: {got}"
+        );
+    }
+    // The remembered one when free, never one another key names.
+    assert_eq!(
+        decide_v6(&p, &ex, None, Some(net("fc00:0:0:3::/64")), &mut rng()),
+        Some(net("fc00:0:0:3::/64"))
+    );
+    for seed in 0..20 {
+        let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+        let got = decide_v6(&p, &ex, None, Some(net("fc00:0:0:1::/64")), &mut r);
+        assert!(
+            matches!(got, Some(g) if g == net("fc00:0:0:2::/64") || g == net("fc00:0:0:3::/64")),
+            "{got:?}"
+        );
+    }
+}
+
+#[test]
+fn no_free_ipv6_subnet_is_none() {
+    let p = pool6();
+    let ex: Vec<ExistingSubnet> = ["fc00:0:0:1::/64", "fc00:0:0:2::/64", "fc00:0:0:3::/64"]
+        .iter()
+        .enumerate()
+        .map(|(i, v6)| {
+            with_v6(
+                lease(&format!("10.1.{i}.0/24"), Some("a"), [1, 1, 1, 1], 9),
+                v6,
+            )
+        })
+        .collect();
+    assert_eq!(decide_v6(&p, &ex, None, None, &mut rng()), None);
 }

@@ -198,3 +198,28 @@ fn no_match_says_why() {
         "{text}"
     );
 }
+
+#[test]
+fn refusal_gives_the_proxys_status_and_reason() {
+    let (mut t, b) = fixture();
+    let refusal = |t: &RouteTable, host: &str, path: &str| {
+        explain_request(t, &b.targets(), host, path).refusal()
+    };
+    assert_eq!(refusal(&t, "shop.example.com", "/api/x"), None);
+    let (code, why) = refusal(&t, "shop.example.com", "/static/a.css").expect("no such port");
+    assert_eq!(code, 503);
+    assert!(why.contains("no port named \"http\""), "{why}");
+    assert_eq!(
+        refusal(&t, "blog.example.com", "/"),
+        Some((503, "service default/blog does not exist".into()))
+    );
+    assert_eq!(
+        refusal(&t, "shop.example.com", "/"),
+        Some((503, "service default/empty has no ready endpoints".into()))
+    );
+    t.remove("fallback");
+    assert_eq!(
+        refusal(&t, "shop.example.com", "/"),
+        Some((404, "no route matches".into()))
+    );
+}
