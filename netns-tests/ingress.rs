@@ -185,6 +185,22 @@ fn start_wrk(
         .context("running wrk (make deps installs it)")
 }
 
+/// `tartanctl ingress create NAME --host HOST --service SERVICE --port http`.
+fn create_route(lab: &Lab, name: &str, host: &str, service: &str) -> Result<()> {
+    lab.tartanctl(&[
+        "ingress",
+        "create",
+        name,
+        "--host",
+        host,
+        "--service",
+        service,
+        "--port",
+        "http",
+    ])
+    .map(|_| ())
+}
+
 /// Waits until `args` get a response for which `ok` holds.
 fn wait_curl(lab: &Lab, ing: &LabIngress, args: &[&str], ok: impl Fn(&Got) -> bool) -> Result<Got> {
     let mut last = String::new();
@@ -204,17 +220,7 @@ fn routes_by_host_wildcard_and_path_from_curl_and_a_browser() -> Result<()> {
     let Some((lab, ing)) = setup()? else {
         return Ok(());
     };
-    lab.tartanctl(&[
-        "ingress",
-        "create",
-        "shop",
-        "--host",
-        "shop.test",
-        "--service",
-        "shop",
-        "--port",
-        "http",
-    ])?;
+    create_route(&lab, "shop", "shop.test", "shop")?;
     lab.tartanctl(&[
         "ingress",
         "create",
@@ -455,17 +461,7 @@ fn tls_by_sni_websockets_and_changes_under_load() -> Result<()> {
     let Some((mut lab, ing)) = setup()? else {
         return Ok(());
     };
-    lab.tartanctl(&[
-        "ingress",
-        "create",
-        "shop",
-        "--host",
-        "shop.test",
-        "--service",
-        "shop",
-        "--port",
-        "http",
-    ])?;
+    create_route(&lab, "shop", "shop.test", "shop")?;
     lab.tartanctl(&[
         "ingress",
         "create",
@@ -625,17 +621,7 @@ fn a_flood_of_one_host_leaves_the_others_served() -> Result<()> {
         ("flood", "flood.test", "blog"),
         ("shop", "shop.test", "shop"),
     ] {
-        lab.tartanctl(&[
-            "ingress",
-            "create",
-            name,
-            "--host",
-            host,
-            "--service",
-            service,
-            "--port",
-            "http",
-        ])?;
+        create_route(&lab, name, host, service)?;
     }
     wait_curl(&lab, &ing, &["http://flood.test/slow/1"], |g| g.code == 200)?;
     wait_curl(&lab, &ing, &["http://shop.test/echo"], |g| g.code == 200)?;
@@ -753,17 +739,7 @@ fn an_idle_http2_connection_is_closed_but_not_during_a_long_request() -> Result<
     let Some((lab, ing)) = setup_with(&["--idle-timeout-secs", "2"])? else {
         return Ok(());
     };
-    lab.tartanctl(&[
-        "ingress",
-        "create",
-        "shop",
-        "--host",
-        "shop.test",
-        "--service",
-        "shop",
-        "--port",
-        "http",
-    ])?;
+    create_route(&lab, "shop", "shop.test", "shop")?;
     wait_curl(&lab, &ing, &["http://shop.test/echo"], |g| g.code == 200)?;
     let addr = SocketAddr::from((ing.node_ip, 80));
     let (code, lasted, closed_after) = block_on_in_netns(&lab.infra, move || async move {

@@ -60,6 +60,18 @@ pub struct FixedRateRun {
 }
 
 impl FixedRateRun {
+    fn empty() -> Result<Self> {
+        Ok(FixedRateRun {
+            latency_us: Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)
+                .context("latency histogram")?,
+            ok: 0,
+            non2xx: 0,
+            errors: 0,
+            first_error: None,
+            elapsed: Duration::ZERO,
+        })
+    }
+
     /// Requests sent.
     pub fn requests(&self) -> u64 {
         self.ok + self.non2xx + self.errors
@@ -112,14 +124,7 @@ pub async fn run(load: FixedRate) -> Result<FixedRateRun> {
     let tasks: Vec<_> = (0..load.connections)
         .map(|i| tokio::spawn(connection(load.clone(), i, start)))
         .collect();
-    let mut total = FixedRateRun {
-        latency_us: histogram()?,
-        ok: 0,
-        non2xx: 0,
-        errors: 0,
-        first_error: None,
-        elapsed: Duration::ZERO,
-    };
+    let mut total = FixedRateRun::empty()?;
     for t in tasks {
         let r = t.await.context("a load connection's task failed")??;
         total
@@ -135,21 +140,10 @@ pub async fn run(load: FixedRate) -> Result<FixedRateRun> {
     Ok(total)
 }
 
-fn histogram() -> Result<Histogram<u64>> {
-    Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).context("latency histogram")
-}
-
 /// One connection's schedule: request `k` is due at `start + i / rate + k * connections /
 /// rate`.
 async fn connection(load: Arc<FixedRate>, i: u32, start: Instant) -> Result<FixedRateRun> {
-    let mut out = FixedRateRun {
-        latency_us: histogram()?,
-        ok: 0,
-        non2xx: 0,
-        errors: 0,
-        first_error: None,
-        elapsed: Duration::ZERO,
-    };
+    let mut out = FixedRateRun::empty()?;
     let rate = f64::from(load.rate);
     let offset = f64::from(i) / rate;
     let period = f64::from(load.connections) / rate;

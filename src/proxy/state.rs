@@ -903,6 +903,15 @@ mod memory_probe {
     use super::*;
     use crate::model::service::{DEFAULT_AFFINITY_TIMEOUT, TrafficPolicy};
 
+    fn probe_ctx() -> NodeContext {
+        NodeContext {
+            node: "n1".into(),
+            cluster_network: "10.244.0.0/16".parse().unwrap(),
+            service_cidr: "10.96.0.0/12".parse().unwrap(),
+            balancing: Default::default(),
+        }
+    }
+
     fn rss() -> u64 {
         std::fs::read_to_string("/proc/self/status")
             .unwrap()
@@ -923,12 +932,7 @@ mod memory_probe {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(10_000);
-        let ctx = NodeContext {
-            node: "n1".into(),
-            cluster_network: "10.244.0.0/16".parse().unwrap(),
-            service_cidr: "10.96.0.0/12".parse().unwrap(),
-            balancing: Default::default(),
-        };
+        let ctx = probe_ctx();
         let r0 = rss();
         let mut st = ServiceState::new(ctx);
         let t0 = std::time::Instant::now();
@@ -990,12 +994,7 @@ mod memory_probe {
     #[test]
     #[ignore]
     fn big_service_probe() {
-        let ctx = NodeContext {
-            node: "n1".into(),
-            cluster_network: "10.244.0.0/16".parse().unwrap(),
-            service_cidr: "10.96.0.0/12".parse().unwrap(),
-            balancing: Default::default(),
-        };
+        let ctx = probe_ctx();
         let mut st = ServiceState::new(ctx);
         st.change(ModelChange::PutService(
             "/s/big".into(),
@@ -1072,12 +1071,6 @@ mod memory_probe {
             );
         }
     }
-}
-
-#[cfg(test)]
-mod shared_pods_probe {
-    use super::*;
-    use crate::model::service::{DEFAULT_AFFINITY_TIMEOUT, TrafficPolicy};
 
     /// One pod leaving and rejoining 1,000 services that all select it (the ingress bench's
     /// `changes-pods` case): plan time and element changes (run in release with
@@ -1085,12 +1078,7 @@ mod shared_pods_probe {
     #[test]
     #[ignore]
     fn pod_change_with_1000_services() {
-        let ctx = NodeContext {
-            node: "n1".into(),
-            cluster_network: "10.244.0.0/16".parse().unwrap(),
-            service_cidr: "10.96.0.0/12".parse().unwrap(),
-            balancing: Default::default(),
-        };
+        let ctx = probe_ctx();
         let mut st = ServiceState::new(ctx);
         for i in 0..1000u32 {
             st.change(ModelChange::PutService(
