@@ -848,6 +848,42 @@ mod tests {
     }
 
     #[test]
+    fn idle_time_counts_from_the_last_request_end_and_never_during_one() {
+        let a = Arc::new(ConnActivity::new());
+        let idle = Duration::from_secs(60);
+        // Never used: idle from the moment it opened.
+        assert_eq!(a.idle_deadline(idle), a.opened + idle);
+        let first = a.begin();
+        let second = a.begin();
+        // In flight: the deadline keeps moving (checked again later).
+        let before = Instant::now();
+        assert!(a.idle_deadline(idle) >= before + idle);
+        drop(first);
+        assert!(
+            a.idle_deadline(idle) >= before + idle,
+            "one is still in flight"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+        drop(second);
+        // Both done: idle from when the last one ended.
+        let deadline = a.idle_deadline(idle);
+        assert!(
+            deadline >= a.opened + idle + Duration::from_millis(5),
+            "{deadline:?}"
+        );
+        assert!(deadline <= Instant::now() + idle);
+        // A body dropped unsent ends its request too.
+        let body = Tracked {
+            body: empty(),
+            _guard: a.begin(),
+        };
+        let before = Instant::now();
+        assert!(a.idle_deadline(idle) >= before + idle);
+        drop(body);
+        assert_eq!(a.inflight.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
     fn mapped_peers_are_reported_as_ipv4() {
         let ip: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
         assert_eq!(canonical(ip).to_string(), "192.0.2.1");
