@@ -105,38 +105,45 @@ impl Balancer {
         tried: &[SocketAddr],
         now: Instant,
     ) -> Option<SocketAddr> {
-        let open = |a: &&SocketAddr| !tried.contains(a);
-        let healthy = |a: &&SocketAddr| !self.is_ejected(**a, now);
-        let n = addrs.len();
+        self.pick_of(addrs.len(), |i| addrs[i], tried, now)
+    }
+
+    /// [`Balancer::pick`] over `n` endpoints whose addresses `addr` gives (0..n), so a
+    /// request needs no list of its own.
+    pub fn pick_of(
+        &self,
+        n: usize,
+        addr: impl Fn(usize) -> SocketAddr,
+        tried: &[SocketAddr],
+        now: Instant,
+    ) -> Option<SocketAddr> {
+        let open = |a: &SocketAddr| !tried.contains(a);
+        let healthy = |a: &SocketAddr| !self.is_ejected(*a, now);
         if n == 0 {
             return None;
         }
         match self.policy {
             Policy::RoundRobin => {
                 let start = self.next.fetch_add(1, Ordering::Relaxed);
-                let ring = || (0..n).map(|i| &addrs[(start + i) % n]);
+                let ring = || (0..n).map(|i| addr((start + i) % n));
                 ring()
                     .filter(open)
                     .find(healthy)
                     .or_else(|| ring().find(open))
-                    .copied()
             }
             Policy::LeastRequests => {
-                let pool: Vec<&SocketAddr> = {
-                    let h: Vec<&SocketAddr> = addrs.iter().filter(open).filter(healthy).collect();
-                    if h.is_empty() {
-                        addrs.iter().filter(open).collect()
-                    } else {
-                        h
-                    }
+                let pool: Vec<SocketAddr> = {
+                    let all = || (0..n).map(&addr).filter(open);
+                    let h: Vec<SocketAddr> = all().filter(healthy).collect();
+                    if h.is_empty() { all().collect() } else { h }
                 };
                 match pool.len() {
                     0 => None,
-                    1 => Some(*pool[0]),
+                    1 => Some(pool[0]),
                     m => {
                         let i = rand::random_range(0..m);
                         let j = (i + 1 + rand::random_range(0..m - 1)) % m;
-                        let (a, b) = (*pool[i], *pool[j]);
+                        let (a, b) = (pool[i], pool[j]);
                         Some(if self.load(b) < self.load(a) { b } else { a })
                     }
                 }

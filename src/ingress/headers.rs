@@ -109,7 +109,6 @@ pub fn is_trusted(peer: IpAddr, trusted: &[IpNetwork]) -> bool {
 /// it sent is replaced; from a trusted one the peer is appended to the chain and the proto
 /// and host it reported are kept.
 pub fn set_forwarded(h: &mut HeaderMap, hop: Hop<'_>) {
-    let peer = hop.peer.to_string();
     let chain = |h: &HeaderMap, name: &HeaderName| -> Option<String> {
         let parts: Vec<&str> = h
             .get_all(name)
@@ -118,9 +117,10 @@ pub fn set_forwarded(h: &mut HeaderMap, hop: Hop<'_>) {
             .collect();
         (!parts.is_empty()).then(|| parts.join(", "))
     };
+    let peer = hop.peer;
     let xff = match hop.trusted.then(|| chain(h, &X_FORWARDED_FOR)).flatten() {
-        Some(prev) => format!("{prev}, {peer}"),
-        None => peer.clone(),
+        Some(prev) => value(format_args!("{prev}, {peer}")),
+        None => value(format_args!("{peer}")),
     };
     let keep = |h: &HeaderMap, name: &HeaderName| {
         hop.trusted
@@ -129,23 +129,31 @@ pub fn set_forwarded(h: &mut HeaderMap, hop: Hop<'_>) {
             .filter(|v| !v.is_empty())
     };
     let proto = keep(h, &X_FORWARDED_PROTO).unwrap_or(HeaderValue::from_static(hop.proto));
-    let fwd_host =
-        keep(h, &X_FORWARDED_HOST).or_else(|| hop.host.and_then(|v| HeaderValue::from_str(v).ok()));
+    // The client's own `Host` value when that is the host (shared, not copied).
+    let fwd_host = keep(h, &X_FORWARDED_HOST).or_else(|| {
+        let host = hop.host?;
+        match h.get(header::HOST) {
+            Some(v) if v.as_bytes() == host.as_bytes() => Some(v.clone()),
+            _ => HeaderValue::from_str(host).ok(),
+        }
+    });
     // RFC 7239: IPv6 addresses and anything but a token are quoted.
-    let node = match hop.peer {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    let node = NodeName(peer);
+    let host = hop.host.filter(|h| h.bytes().all(is_token_or_host_byte));
+    let forwarded = match (hop.trusted.then(|| chain(h, &FORWARDED)).flatten(), host) {
+        (Some(prev), Some(host)) => value(format_args!(
+            "{prev}, for={node};proto={};host=\"{host}\"",
+            hop.proto
+        )),
+        (Some(prev), None) => value(format_args!("{prev}, for={node};proto={}", hop.proto)),
+        (None, Some(host)) => value(format_args!(
+            "for={node};proto={};host=\"{host}\"",
+            hop.proto
+        )),
+        (None, None) => value(format_args!("for={node};proto={}", hop.proto)),
     };
-    let mut element = format!("for={node};proto={}", hop.proto);
-    if let Some(host) = hop.host.filter(|h| h.bytes().all(is_token_or_host_byte)) {
-        element.push_str(&format!(";host=\"{host}\""));
-    }
-    let forwarded = match hop.trusted.then(|| chain(h, &FORWARDED)).flatten() {
-        Some(prev) => format!("{prev}, {element}"),
-        None => element,
-    };
-    for (name, value) in [(X_FORWARDED_FOR, Some(xff)), (FORWARDED, Some(forwarded))] {
-        if let Some(v) = value.and_then(|v| HeaderValue::from_str(&v).ok()) {
+    for (name, value) in [(X_FORWARDED_FOR, xff), (FORWARDED, forwarded)] {
+        if let Some(v) = value {
             h.insert(name, v);
         }
     }
@@ -158,6 +166,44 @@ pub fn set_forwarded(h: &mut HeaderMap, hop: Hop<'_>) {
             h.remove(X_FORWARDED_HOST);
         }
     }
+}
+
+/// A peer as a `Forwarded` node: an IPv4 address as it is, an IPv6 one quoted in brackets.
+struct NodeName(IpAddr);
+
+impl std::fmt::Display for NodeName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            IpAddr::V4(v4) => write!(f, "{v4}"),
+            IpAddr::V6(v6) => write!(f, "\"[{v6}]\""),
+        }
+    }
+}
+
+/// A header value formatted on the stack (one copy into the value; a longer one through a
+/// `String`); `None` when it is not a valid value.
+fn value(args: std::fmt::Arguments<'_>) -> Option<HeaderValue> {
+    struct Buf {
+        bytes: [u8; 512],
+        len: usize,
+    }
+    impl std::fmt::Write for Buf {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            let end = self.len + s.len();
+            let dst = self.bytes.get_mut(self.len..end).ok_or(std::fmt::Error)?;
+            dst.copy_from_slice(s.as_bytes());
+            self.len = end;
+            Ok(())
+        }
+    }
+    let mut buf = Buf {
+        bytes: [0; 512],
+        len: 0,
+    };
+    if std::fmt::Write::write_fmt(&mut buf, args).is_ok() {
+        return HeaderValue::from_bytes(&buf.bytes[..buf.len]).ok();
+    }
+    HeaderValue::from_str(&args.to_string()).ok()
 }
 
 /// Bytes a `host` value may hold inside a quoted `Forwarded` parameter without escaping.

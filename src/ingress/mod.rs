@@ -3,7 +3,7 @@
 //!
 //! Data flows one way: etcd → `store::ingress` records and `store::records` feeds →
 //! [`routes`] (the route table) and [`backends`] (each service's ports and ready endpoint
-//! addresses) → [`proxy`] (per request: route, [`balance`], [`headers`], forward) over
+//! addresses) → [`proxy`] (per request: route, [`balance`], [`headers`], forward over [`upstream`]'s pools) over
 //! [`tls`] (certificates by SNI); [`run`] wires it, [`metrics`] counts it.
 
 pub mod backends;
@@ -14,3 +14,4 @@ pub mod proxy;
 pub mod routes;
 pub mod run;
 pub mod tls;
+pub mod upstream;

@@ -25,6 +25,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::body::{Body, Bytes, Incoming};
 use hyper::header::{self, HeaderValue};
+use hyper::http::uri::PathAndQuery;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -41,7 +42,8 @@ use crate::ingress::headers::{
     Hop, is_trusted, requested_upgrade, set_forwarded, strip_hop_by_hop,
 };
 use crate::ingress::metrics::IngressMetrics;
-use crate::ingress::routes::RouteTable;
+use crate::ingress::routes::{RouteHit, RouteTable};
+use crate::ingress::upstream::{Failure, Http1Pool};
 use crate::util::rate_limited::RateLimited;
 
 /// An error inside a body.
@@ -201,11 +203,11 @@ pub struct Proxy {
 /// The connections to endpoints of one worker thread: keep-alive pools per endpoint, HTTP/1.1
 /// and HTTP/2 (each worker has its own, so a request never waits on another thread).
 pub struct Clients {
-    http1: Client<HttpConnector, ProxyBody>,
+    http1: Arc<Http1Pool>,
     http2: Client<HttpConnector, ProxyBody>,
     /// This worker's handles on the per-route metrics (a request finds its counter without
     /// building label strings; only this thread takes the lock).
-    counters: std::sync::Mutex<HashMap<String, RouteCounters>>,
+    counters: std::sync::Mutex<HashMap<String, RouteCounters, ahash::RandomState>>,
 }
 
 /// One route's metric handles (shared with the registry's families).
@@ -223,12 +225,11 @@ impl Clients {
         conn.set_connect_timeout(Some(cfg.connect_timeout));
         conn.set_nodelay(true);
         conn.enforce_http(true);
-        let http1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(1024)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(conn.clone());
+        let http1 = Arc::new(Http1Pool::new(
+            cfg.connect_timeout,
+            Duration::from_secs(60),
+            1024,
+        ));
         let http2 = Client::builder(TokioExecutor::new())
             .http2_only(true)
             .pool_idle_timeout(Duration::from_secs(60))
@@ -238,7 +239,7 @@ impl Clients {
         Clients {
             http1,
             http2,
-            counters: std::sync::Mutex::new(HashMap::new()),
+            counters: std::sync::Mutex::new(HashMap::default()),
         }
     }
 }
@@ -385,31 +386,12 @@ impl Proxy {
         clients: &Clients,
     ) -> Response<ProxyBody> {
         let t0 = Instant::now();
-        let host = req
-            .uri()
-            .authority()
-            .map(|a| a.as_str().to_string())
-            .or_else(|| {
-                req.headers()
-                    .get(header::HOST)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string)
-            });
-        let path = req
-            .uri()
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_string();
-        let line = LogLine {
-            method: req.method().clone(),
-            host: host.clone(),
-            path: req.uri().path().to_string(),
-        };
+        let line = LogLine::of(&req);
         if !self.ready.load(Ordering::Acquire) {
             let resp = short(StatusCode::SERVICE_UNAVAILABLE, "starting");
             return self.finish(t0, &peer, &line, None, resp, clients);
         }
-        let Some(host) = host else {
+        let Some(host) = line.host() else {
             return self.finish(
                 t0,
                 &peer,
@@ -419,15 +401,10 @@ impl Proxy {
                 clients,
             );
         };
+        let path = line.path_and_query();
         let found = {
             let table = self.routes.read().unwrap_or_else(|e| e.into_inner());
-            table.lookup(&host, &path).map(|m| Routed {
-                route: m.route().name.clone(),
-                host: m.route().host.as_str().to_string(),
-                namespace: m.namespace().to_string(),
-                service: m.service().to_string(),
-                port: m.port().clone(),
-            })
+            table.lookup(host, path).map(|m| m.hit())
         };
         let Some(r) = found else {
             return self.finish(
@@ -439,34 +416,31 @@ impl Proxy {
                 clients,
             );
         };
-        let resp = self.forward(req, &r, &host, peer, clients).await;
+        let resp = self.forward(req, &r, host, peer, clients).await;
         self.finish(t0, &peer, &line, Some(&r), resp, clients)
     }
 
     async fn forward(
         &self,
         mut req: Request<Incoming>,
-        r: &Routed,
+        r: &RouteHit,
         host: &str,
         peer: Peer,
         clients: &Clients,
     ) -> Response<ProxyBody> {
-        let Some(t) = self.targets.get(&r.namespace, &r.service) else {
+        let route = r.route();
+        let Some(t) = self.targets.get(r.namespace(), r.service()) else {
             return short(StatusCode::SERVICE_UNAVAILABLE, "no such service");
         };
-        let port = match t.target_port(&r.port) {
+        let port = match t.target_port(r.port()) {
             Ok(p) => p,
             Err(e) => {
-                self.warn.warn(&format!("ingress route {}: {e}", r.route));
+                self.warn
+                    .warn(&format!("ingress route {}: {e}", route.name));
                 return short(StatusCode::SERVICE_UNAVAILABLE, "no such service port");
             }
         };
-        let addrs: Vec<SocketAddr> = t
-            .addrs
-            .iter()
-            .map(|ip| SocketAddr::from((*ip, port)))
-            .collect();
-        if addrs.is_empty() {
+        if t.addrs.is_empty() {
             return short(StatusCode::SERVICE_UNAVAILABLE, "no ready endpoints");
         }
         if let Some(len) = req
@@ -477,14 +451,14 @@ impl Proxy {
         {
             return short(StatusCode::PAYLOAD_TOO_LARGE, "body too large");
         }
-        let _slot = match self.route_slot(&r.route) {
+        let _slot = match self.route_slot(&route.name) {
             Some(s) => s,
             None => return short(StatusCode::SERVICE_UNAVAILABLE, "route overloaded"),
         };
         let upgrade = (req.version() == Version::HTTP_11)
             .then(|| requested_upgrade(req.headers()))
             .flatten();
-        let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+        let mut client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let grpc = req.version() == Version::HTTP_2
             && req
                 .headers()
@@ -508,15 +482,14 @@ impl Proxy {
                 trusted: peer.trusted,
             },
         );
-        let method = parts.method;
         let pq = parts
             .uri
             .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_string();
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let bodiless = body.is_end_stream();
         let idempotent = matches!(
-            method,
+            parts.method,
             Method::GET
                 | Method::HEAD
                 | Method::OPTIONS
@@ -525,94 +498,125 @@ impl Proxy {
                 | Method::DELETE
         );
         let limit = usize::try_from(self.cfg.max_body_bytes).unwrap_or(usize::MAX);
-        let mut body = Some(
-            Limited::new(body, limit)
-                .map_err(|e| -> BoxError { e })
-                .boxed(),
-        );
-        let (client, version) = if grpc {
-            (&clients.http2, Version::HTTP_2)
+        let body = Limited::new(body, limit)
+            .map_err(|e| -> BoxError { e })
+            .boxed();
+        let version = if grpc {
+            Version::HTTP_2
         } else {
-            (&clients.http1, Version::HTTP_11)
+            Version::HTTP_11
         };
-        let mut tried: Vec<SocketAddr> = Vec::new();
-        let mut last = short(StatusCode::BAD_GATEWAY, "no endpoint answered");
-        while tried.len() < 3 {
-            let Some(addr) = self.balancer.pick(&addrs, &tried, Instant::now()) else {
+        // A copy to send again after a failed exchange: only of a request that is safe to
+        // repeat. Any other request is sent again only when it never left (it comes back).
+        let again = (bodiless && idempotent).then(|| (parts.method.clone(), headers.clone()));
+        let mut next = Some(upstream_request(parts.method, headers, body, version));
+        let ips = &t.addrs;
+        let mut tried = [SocketAddr::from(([0, 0, 0, 0], 0)); MAX_ATTEMPTS];
+        let mut attempts = 0;
+        let mut failed = "no endpoint answered";
+        let mut upgraded = false;
+        while attempts < MAX_ATTEMPTS {
+            let Some(addr) = self.balancer.pick_of(
+                ips.len(),
+                |i| SocketAddr::from((ips[i], port)),
+                &tried[..attempts],
+                Instant::now(),
+            ) else {
                 break;
             };
-            if !tried.is_empty() {
+            let Some(mut up) = next.take() else {
+                break;
+            };
+            if attempts > 0 {
                 self.metrics.retries.inc();
             }
-            tried.push(addr);
-            let Ok(uri) = format!("http://{addr}{pq}").parse::<Uri>() else {
-                return short(StatusCode::BAD_REQUEST, "bad request target");
-            };
-            let b = match body.take() {
-                Some(b) => b,
-                None => Empty::new().map_err(|e| match e {}).boxed(),
-            };
-            let mut up = Request::new(b);
-            *up.method_mut() = method.clone();
-            *up.uri_mut() = uri;
-            *up.version_mut() = version;
-            *up.headers_mut() = headers.clone();
+            tried[attempts] = addr;
+            attempts += 1;
             let _in_flight = self.balancer.start(addr);
             let sent = Instant::now();
-            let res = tokio::time::timeout(self.cfg.upstream_timeout, client.request(up)).await;
+            let res = if grpc {
+                let Ok(uri) = format!("http://{addr}{pq}").parse::<Uri>() else {
+                    return short(StatusCode::BAD_REQUEST, "bad request target");
+                };
+                *up.uri_mut() = uri;
+                tokio::time::timeout(self.cfg.upstream_timeout, clients.http2.request(up))
+                    .await
+                    .map(|r| {
+                        r.map(|resp| resp.map(|b| b.map_err(|e| -> BoxError { e.into() }).boxed()))
+                            .map_err(|e| {
+                                let connect = e.is_connect();
+                                (e.to_string(), connect, None)
+                            })
+                    })
+            } else {
+                *up.uri_mut() = Uri::from(pq.clone());
+                tokio::time::timeout(self.cfg.upstream_timeout, clients.http1.send(addr, up))
+                    .await
+                    .map(|r| match r {
+                        Ok((mut resp, lease)) => {
+                            if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                                && let Some(client_up) = client_upgrade.take()
+                            {
+                                pass_upgrade(client_up, &mut resp);
+                                upgraded = true;
+                            }
+                            Ok(resp.map(|b| {
+                                lease.body(b).map_err(|e| -> BoxError { e.into() }).boxed()
+                            }))
+                        }
+                        Err(Failure::Connect(e, req)) => Err((e.to_string(), true, Some(req))),
+                        Err(Failure::NotSent(e, req)) => Err((e.to_string(), false, Some(req))),
+                        Err(f @ Failure::Exchange(_)) => Err((f.to_string(), false, None)),
+                    })
+            };
             match res {
                 Err(_) => {
                     self.metrics.upstream_failures.inc();
                     return short(StatusCode::GATEWAY_TIMEOUT, "endpoint timed out");
                 }
-                Ok(Ok(mut resp)) => {
+                Ok(Ok(resp)) => {
                     self.balancer.succeeded(addr);
                     self.count(
                         clients,
-                        &r.host,
-                        &r.route,
+                        route.host.as_str(),
+                        &route.name,
                         0,
                         Some(sent.elapsed().as_secs_f64()),
                     );
-                    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-                        && let Some(client_up) = client_upgrade
-                    {
-                        let upstream_up = hyper::upgrade::on(&mut resp);
-                        tokio::spawn(async move {
-                            if let (Ok(a), Ok(b)) = tokio::join!(client_up, upstream_up) {
-                                let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
-                                let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
-                            }
-                        });
-                        let (mut parts, _) = resp.into_parts();
+                    let (mut parts, b) = resp.into_parts();
+                    if upgraded {
                         let up_value = parts.headers.get(header::UPGRADE).cloned();
                         strip_hop_by_hop(&mut parts.headers, up_value.as_ref());
                         return Response::from_parts(parts, empty());
                     }
-                    let (mut parts, b) = resp.into_parts();
                     strip_hop_by_hop(&mut parts.headers, None);
-                    return Response::from_parts(
-                        parts,
-                        b.map_err(|e| -> BoxError { e.into() }).boxed(),
-                    );
+                    return Response::from_parts(parts, b);
                 }
-                Ok(Err(e)) => {
+                Ok(Err((why, connect, unsent))) => {
                     self.metrics.upstream_failures.inc();
-                    let connect = e.is_connect();
                     if connect {
                         self.balancer.failed(addr, Instant::now());
                     }
-                    self.warn
-                        .warn(&format!("ingress route {}: endpoint {addr}: {e}", r.route));
-                    last = short(StatusCode::BAD_GATEWAY, "endpoint failed");
-                    // Again only if nothing can have reached the endpoint, or it is safe to.
-                    if !(bodiless && (connect || idempotent)) {
-                        break;
-                    }
+                    self.warn.warn(&format!(
+                        "ingress route {}: endpoint {addr}: {why}",
+                        route.name
+                    ));
+                    failed = "endpoint failed";
+                    // Again only what never reached the endpoint, or what is safe to repeat.
+                    next = match (unsent, &again) {
+                        (Some(req), _) => Some(*req),
+                        (None, Some((method, headers))) => Some(upstream_request(
+                            method.clone(),
+                            headers.clone(),
+                            empty(),
+                            version,
+                        )),
+                        (None, None) => None,
+                    };
                 }
             }
         }
-        last
+        short(StatusCode::BAD_GATEWAY, failed)
     }
 
     /// A slot among the route's requests in flight, or None when it has too many.
@@ -634,20 +638,22 @@ impl Proxy {
         t0: Instant,
         peer: &Peer,
         line: &LogLine,
-        r: Option<&Routed>,
+        r: Option<&RouteHit>,
         mut resp: Response<ProxyBody>,
         clients: &Clients,
     ) -> Response<ProxyBody> {
         let code = resp.status().as_u16();
-        let (host, route) = r.map_or(("-", "-"), |r| (r.host.as_str(), r.route.as_str()));
+        let (host, route) = r.map_or(("-", "-"), |r| {
+            (r.route().host.as_str(), r.route().name.as_str())
+        });
         self.count(clients, host, route, code, None);
         if self.log.admit() {
             info!(
                 target: "access",
                 peer = %peer.addr,
                 method = %line.method,
-                host = line.host.as_deref().unwrap_or("-"),
-                path = %line.path,
+                host = line.host().unwrap_or("-"),
+                path = line.path(),
                 route = %route,
                 status = code,
                 ms = t0.elapsed().as_secs_f64() * 1000.0,
@@ -729,20 +735,70 @@ impl Drop for RouteSlot {
     }
 }
 
-/// What the access log says of a request.
+/// What the access log says of a request (shared with the request: nothing is copied).
 struct LogLine {
     method: Method,
-    host: Option<String>,
-    path: String,
+    /// The request's `:authority`, else its `Host` header.
+    host: Option<HeaderValue>,
+    target: Option<PathAndQuery>,
 }
 
-/// The route a request matched, owned (the table's lock is not held while forwarding).
-struct Routed {
-    route: String,
-    host: String,
-    namespace: String,
-    service: String,
-    port: crate::model::ingress::PortRef,
+impl LogLine {
+    fn of(req: &Request<Incoming>) -> Self {
+        let host = req
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            .or_else(|| req.headers().get(header::HOST).cloned());
+        LogLine {
+            method: req.method().clone(),
+            host,
+            target: req.uri().path_and_query().cloned(),
+        }
+    }
+
+    /// The host asked for, if it is text.
+    fn host(&self) -> Option<&str> {
+        self.host.as_ref().and_then(|v| v.to_str().ok())
+    }
+
+    /// The request target (path and query).
+    fn path_and_query(&self) -> &str {
+        self.target.as_ref().map_or("/", PathAndQuery::as_str)
+    }
+
+    /// The path without the query.
+    fn path(&self) -> &str {
+        self.target.as_ref().map_or("/", PathAndQuery::path)
+    }
+}
+
+/// Attempts per request (the first and at most two retries on other endpoints).
+const MAX_ATTEMPTS: usize = 3;
+
+/// A request to an endpoint (its target is set per attempt).
+fn upstream_request(
+    method: Method,
+    headers: hyper::HeaderMap,
+    body: ProxyBody,
+    version: Version,
+) -> Request<ProxyBody> {
+    let mut up = Request::new(body);
+    *up.method_mut() = method;
+    *up.version_mut() = version;
+    *up.headers_mut() = headers;
+    up
+}
+
+/// Joins the client's and the endpoint's connections once both switched protocols.
+fn pass_upgrade(client: hyper::upgrade::OnUpgrade, resp: &mut Response<Incoming>) {
+    let upstream = hyper::upgrade::on(resp);
+    tokio::spawn(async move {
+        if let (Ok(a), Ok(b)) = tokio::join!(client, upstream) {
+            let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
+            let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+        }
+    });
 }
 
 /// An IPv4 peer seen through an IPv6 socket is reported as IPv4.

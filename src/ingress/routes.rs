@@ -18,6 +18,7 @@
 use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -47,20 +48,28 @@ pub struct RouteTable {
     /// Route name → its host pattern, which says which bucket holds it.
     by_name: Map<HostPattern>,
     /// Exact host → its routes.
-    exact: Map<Vec<IngressRoute>>,
+    exact: Map<Vec<Arc<IngressRoute>>>,
     /// Wildcard suffix (without `*.`) → its routes.
-    wildcard: Map<Vec<IngressRoute>>,
+    wildcard: Map<Vec<Arc<IngressRoute>>>,
     /// The routes of host `*`.
-    any: Vec<IngressRoute>,
+    any: Vec<Arc<IngressRoute>>,
 }
 
 /// The order within a bucket: longest path first, then by name.
+/// The route itself, out of the table (a request may still hold it shared; then a copy).
+fn unshare(r: Arc<IngressRoute>) -> IngressRoute {
+    Arc::try_unwrap(r).unwrap_or_else(|shared| (*shared).clone())
+}
+
 fn bucket_key(r: &IngressRoute) -> (Reverse<usize>, &str) {
     (Reverse(r.path.len()), r.name.as_str())
 }
 
 /// The first route of a bucket whose path matches (the bucket's order makes it the best).
-fn first_match<'a>(bucket: Option<&'a Vec<IngressRoute>>, path: &str) -> Option<&'a IngressRoute> {
+fn first_match<'a>(
+    bucket: Option<&'a Vec<Arc<IngressRoute>>>,
+    path: &str,
+) -> Option<&'a Arc<IngressRoute>> {
     bucket?.iter().find(|r| path_matches(&r.path, path))
 }
 
@@ -92,15 +101,19 @@ impl RouteTable {
             .chain(self.wildcard.values())
             .flatten()
             .chain(self.any.iter())
+            .map(|r| &**r)
     }
 
     /// The route named `name`.
     pub fn get(&self, name: &str) -> Option<&IngressRoute> {
         let host = self.by_name.get(name)?;
-        self.bucket(host)?.iter().find(|r| r.name == name)
+        self.bucket(host)?
+            .iter()
+            .find(|r| r.name == name)
+            .map(|r| &**r)
     }
 
-    fn bucket(&self, host: &HostPattern) -> Option<&Vec<IngressRoute>> {
+    fn bucket(&self, host: &HostPattern) -> Option<&Vec<Arc<IngressRoute>>> {
         match host.kind() {
             HostKind::Exact(h) => self.exact.get(h),
             HostKind::Wildcard(s) => self.wildcard.get(s),
@@ -108,7 +121,7 @@ impl RouteTable {
         }
     }
 
-    fn bucket_mut(&mut self, host: &HostPattern) -> &mut Vec<IngressRoute> {
+    fn bucket_mut(&mut self, host: &HostPattern) -> &mut Vec<Arc<IngressRoute>> {
         match host.kind() {
             HostKind::Exact(h) => self.exact.entry(h.into()).or_default(),
             HostKind::Wildcard(s) => self.wildcard.entry(s.into()).or_default(),
@@ -128,7 +141,7 @@ impl RouteTable {
         let at = bucket
             .binary_search_by(|r| bucket_key(r).cmp(&bucket_key(&route)))
             .unwrap_or_else(|at| at);
-        bucket.insert(at, route);
+        bucket.insert(at, Arc::new(route));
         Ok(old)
     }
 
@@ -140,7 +153,7 @@ impl RouteTable {
             HostKind::Wildcard(s) => (&mut self.wildcard, s),
             HostKind::Any => {
                 let at = self.any.iter().position(|r| r.name == name)?;
-                return Some(self.any.remove(at));
+                return Some(unshare(self.any.remove(at)));
             }
         };
         let bucket = map.get_mut(key)?;
@@ -149,12 +162,12 @@ impl RouteTable {
         if bucket.is_empty() {
             map.remove(key);
         }
-        Some(route)
+        Some(unshare(route))
     }
 
     /// The bucket of the most specific host pattern with routes that matches a normalized
     /// request host: its exact host's, else its wildcard's; `None` when only `*` is left.
-    fn host_bucket(&self, host: Option<&str>) -> Option<(&Vec<IngressRoute>, HostRank)> {
+    fn host_bucket(&self, host: Option<&str>) -> Option<(&Vec<Arc<IngressRoute>>, HostRank)> {
         let h = host?;
         if let Some(b) = self.exact.get(h) {
             return Some((b, HostRank::Exact));
@@ -221,7 +234,7 @@ impl RouteTable {
             .and_then(|(bucket, rank)| Some((bucket.first()?.host.to_string(), rank)));
         let chosen_rank = chosen.as_ref().map(|c| c.1);
         let found = self.lookup(host, path);
-        let winner = found.as_ref().map(|m| (m.rank, m.route));
+        let winner = found.as_ref().map(|m| (m.rank, m.route()));
         let candidates = considered
             .iter()
             .map(|&(rank, r)| Candidate {
@@ -346,10 +359,45 @@ impl ServiceName<'_> {
     }
 }
 
+/// A [`RouteMatch`] that owns its route (shared with the table): what a request holds while
+/// it is forwarded.
+#[derive(Clone)]
+pub struct RouteHit {
+    route: Arc<IngressRoute>,
+    /// The service name taken from the host (a wildcard route without a service).
+    label: Option<([u8; MAX_LABEL_LEN], u8)>,
+}
+
+impl RouteHit {
+    /// The route that won.
+    pub fn route(&self) -> &IngressRoute {
+        &self.route
+    }
+
+    /// The backend's namespace.
+    pub fn namespace(&self) -> &str {
+        &self.route.namespace
+    }
+
+    /// The backend service (as [`RouteMatch::service`]).
+    pub fn service(&self) -> &str {
+        match &self.label {
+            // A label of a normalized host is ASCII.
+            Some((buf, len)) => std::str::from_utf8(&buf[..usize::from(*len)]).unwrap_or_default(),
+            None => self.route.service.as_deref().unwrap_or_default(),
+        }
+    }
+
+    /// The backend's service port.
+    pub fn port(&self) -> &PortRef {
+        &self.route.port
+    }
+}
+
 /// What [`RouteTable::lookup`] found: the route and the backend it resolved.
 #[derive(Clone, Copy)]
 pub struct RouteMatch<'a> {
-    route: &'a IngressRoute,
+    route: &'a Arc<IngressRoute>,
     rank: HostRank,
     service: ServiceName<'a>,
 }
@@ -358,6 +406,17 @@ impl<'a> RouteMatch<'a> {
     /// The route that won.
     pub fn route(&self) -> &'a IngressRoute {
         self.route
+    }
+
+    /// The match, held past the table's lock without copying the route.
+    pub fn hit(&self) -> RouteHit {
+        RouteHit {
+            route: Arc::clone(self.route),
+            label: match self.service {
+                ServiceName::Route(_) => None,
+                ServiceName::Label { buf, len } => Some((buf, len)),
+            },
+        }
     }
 
     /// How its host matched.
