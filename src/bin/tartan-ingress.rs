@@ -4,12 +4,6 @@
 use clap::Parser;
 use tartan::ingress::run::{IngressArgs, run};
 
-/// Every request allocates and frees many small objects on its worker thread (hyper's
-/// buffers, header maps, bodies); mimalloc's per-thread pages serve them without glibc's
-/// consolidation passes (docs/benchmarks.md has the figures).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> std::process::ExitCode {
     let args = match IngressArgs::try_parse() {
         Ok(a) => a,

@@ -883,6 +883,9 @@ pub fn bind(addr: SocketAddr, flag: &str) -> Result<std::net::TcpListener> {
 }
 
 #[cfg(test)]
+mod loopback_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
