@@ -294,6 +294,7 @@ mod tests {
                 subnet: "10.244.8.0/24".parse().unwrap(),
                 reason: "stray".into(),
             }],
+            ..PeerSet::default()
         }));
         let r = status.report().await;
         let json = serde_json::to_value(&r).unwrap();

@@ -22,7 +22,7 @@ use crate::node::subnet_keeper::OwnLease;
 use crate::overlay::events::{KernelChange, KernelEvents, NetlinkEvents, RTMGRP_OVERLAY};
 use crate::overlay::kernel::{DeviceChange, HostKernel, OverlayKernel, VxlanSpec};
 use crate::overlay::plan::{
-    LeaseConflict, LocalNode, OverlayState, PeerSet, desired_state, diff, peers_from_items,
+    LocalNode, OverlayState, PeerSet, desired_state, diff, peers_from_items,
 };
 use crate::store::etcd::PrefixView;
 
@@ -143,7 +143,7 @@ impl<K: OverlayKernel> Reconciler<K> {
                         warn!("skipping subnet record: {s}");
                     }
                 }
-                self.report_conflicts(&set.conflicts);
+                self.report_conflicts(&set);
                 let d = Arc::new(desired_state(&local, &set.peers));
                 self.desired_cache = Some((cache_key, d.clone(), Arc::new(set)));
                 d
@@ -180,11 +180,14 @@ impl<K: OverlayKernel> Reconciler<K> {
         Ok(ops)
     }
 
-    /// Logs each lease conflict once (while it lasts) and publishes how many there are.
-    fn report_conflicts(&mut self, conflicts: &[LeaseConflict]) {
-        let now: std::collections::BTreeSet<String> = conflicts
-            .iter()
-            .map(|c| format!("{}: {}", c.key, c.reason))
+    /// Logs each lease conflict (of either family) once while it lasts and publishes how
+    /// many there are.
+    fn report_conflicts(&mut self, set: &PeerSet) {
+        let v4 = set.conflicts.iter().map(|c| (&c.key, &c.reason));
+        let v6 = set.conflicts6.iter().map(|c| (&c.key, &c.reason));
+        let now: std::collections::BTreeSet<String> = v4
+            .chain(v6)
+            .map(|(key, reason)| format!("{key}: {reason}"))
             .collect();
         for c in now.difference(&self.reported_conflicts) {
             warn!("subnet lease left out: {c}");

@@ -189,8 +189,8 @@ fn without_live_claims_a_lease_beats_a_bare_key_and_older_beats_newer() {
 
 #[test]
 fn diff_adds_replaces_and_removes() {
-    let mut desired = OverlayState::default();
-    let mut actual = OverlayState::default();
+    let mut desired = OverlayState::<V4>::default();
+    let mut actual = OverlayState::<V4>::default();
     let a: Ipv4Network = "10.244.2.0/24".parse().unwrap();
     let b: Ipv4Network = "10.244.3.0/24".parse().unwrap();
     let c: Ipv4Network = "10.244.4.0/24".parse().unwrap();
@@ -204,4 +204,225 @@ fn diff_adds_replaces_and_removes() {
     assert_eq!(d.put_routes.len(), 2);
     assert_eq!(d.del_routes, vec![(c, RouteVia::Vxlan(c.network()))]);
     assert!(diff(&desired, &desired).is_empty());
+}
+
+fn cfg_dual() -> NetworkConfig {
+    NetworkConfig::parse(
+        br#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","IPv6SubnetLen":64}"#,
+    )
+    .unwrap()
+}
+
+fn lease_json_dual(ip: &str, mac: &str, ip6: &str, mac6: &str) -> String {
+    format!(
+        r#"{{"PublicIP":"{ip}","PublicIPv6":"{ip6}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}},"BackendV6Data":{{"VNI":1,"VtepMAC":"{mac6}"}}}}"#
+    )
+}
+
+fn subnets6(set: &PeerSet) -> Vec<String> {
+    set.peers6.iter().map(|p| p.subnet.to_string()).collect()
+}
+
+#[test]
+fn a_dual_stack_lease_gives_a_peer_per_family_with_its_own_vtep() {
+    let items = vec![
+        item(
+            "10.244.1.0-24&fd00:10:244:1::-64",
+            &lease_json_dual(
+                "192.168.1.1",
+                "02:00:00:00:00:01",
+                "fd00:1::1",
+                "02:00:00:00:06:01",
+            ),
+        ),
+        item(
+            "10.244.2.0-24&fd00:10:244:2::-64",
+            &lease_json_dual(
+                "192.168.1.2",
+                "02:00:00:00:00:02",
+                "fd00:1::2",
+                "02:00:00:00:06:02",
+            ),
+        ),
+        // A node of the same network without IPv6 yet: an IPv4 peer only.
+        item(
+            "10.244.3.0-24",
+            &lease_json("192.168.1.3", "02:00:00:00:00:03"),
+        ),
+    ];
+    let set = peers_from_items(
+        &items,
+        &cfg_dual(),
+        Some("10.244.1.0/24".parse().unwrap()),
+        &[],
+    );
+    assert!(set.skipped.is_empty(), "{:?}", set.skipped);
+    assert_eq!(subnets(&set), ["10.244.2.0/24", "10.244.3.0/24"]);
+    assert_eq!(subnets6(&set), ["fd00:10:244:2::/64"]);
+    let p = &set.peers6[0];
+    assert_eq!(p.public_ip, "fd00:1::2".parse::<Ipv6Addr>().unwrap());
+    assert_eq!(p.vtep_mac.to_string(), "02:00:00:00:06:02");
+
+    let local6 = LocalNode::<V6> {
+        subnet: "fd00:10:244:1::/64".parse().unwrap(),
+        underlay_networks: vec!["fd00:1::/64".parse().unwrap()],
+        direct_routing: false,
+    };
+    let st = desired_state(&local6, &set.peers6);
+    let gw: Ipv6Addr = "fd00:10:244:2::".parse().unwrap();
+    assert_eq!(
+        st.routes.get(&"fd00:10:244:2::/64".parse().unwrap()),
+        Some(&RouteVia::Vxlan(gw))
+    );
+    assert_eq!(st.neighbours.get(&gw), Some(&p.vtep_mac));
+    assert_eq!(st.fdb.get(&p.vtep_mac), Some(&p.public_ip));
+
+    // DirectRouting: the peer's IPv6 underlay address is on our segment.
+    let direct = LocalNode::<V6> {
+        direct_routing: true,
+        ..local6
+    };
+    let st = desired_state(&direct, &set.peers6);
+    assert_eq!(
+        st.routes.values().collect::<Vec<_>>(),
+        [&RouteVia::Underlay(p.public_ip)]
+    );
+    assert!(st.neighbours.is_empty() && st.fdb.is_empty());
+}
+
+#[test]
+fn a_bad_ipv6_half_is_reported_and_leaves_the_ipv4_peer_in_place() {
+    let items = vec![
+        // The IPv6 subnet is outside the network's IPv6 pool.
+        item(
+            "10.244.2.0-24&fd00:99::-64",
+            &lease_json_dual(
+                "192.168.1.2",
+                "02:00:00:00:00:02",
+                "fd00:1::2",
+                "02:00:00:00:06:02",
+            ),
+        ),
+        // The key is dual-stack, the value has no IPv6 fields.
+        item(
+            "10.244.3.0-24&fd00:10:244:3::-64",
+            &lease_json("192.168.1.3", "02:00:00:00:00:03"),
+        ),
+        // BackendV6Data without PublicIPv6.
+        item(
+            "10.244.4.0-24&fd00:10:244:4::-64",
+            r#"{"PublicIP":"192.168.1.4","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:04"},"BackendV6Data":{"VNI":1,"VtepMAC":"02:00:00:00:06:04"}}"#,
+        ),
+        // A multicast IPv6 VTEP MAC.
+        item(
+            "10.244.5.0-24&fd00:10:244:5::-64",
+            &lease_json_dual(
+                "192.168.1.5",
+                "02:00:00:00:00:05",
+                "fd00:1::5",
+                "01:00:5e:00:00:05",
+            ),
+        ),
+        // The key's IPv6 part is not a /64.
+        item(
+            "10.244.6.0-24&fd00:10:244:6::-80",
+            &lease_json_dual(
+                "192.168.1.6",
+                "02:00:00:00:00:06",
+                "fd00:1::6",
+                "02:00:00:00:06:06",
+            ),
+        ),
+    ];
+    let set = peers_from_items(&items, &cfg_dual(), None, &[]);
+    assert_eq!(
+        subnets(&set),
+        [
+            "10.244.2.0/24",
+            "10.244.3.0/24",
+            "10.244.4.0/24",
+            "10.244.5.0/24",
+            "10.244.6.0/24"
+        ]
+    );
+    assert!(set.peers6.is_empty(), "{:?}", set.peers6);
+    assert_eq!(set.skipped.len(), 5, "{:#?}", set.skipped);
+    for (s, what) in set.skipped.iter().zip([
+        "not a /64 inside fd00:10:244::/56",
+        "no PublicIPv6 and no BackendV6Data",
+        "PublicIPv6",
+        "VtepMAC",
+        "not a /64 inside",
+    ]) {
+        assert!(s.contains("(IPv6 half)") && s.contains(what), "{s}");
+    }
+}
+
+#[test]
+fn without_ipv6_in_the_network_a_keys_ipv6_part_is_left_alone() {
+    let items = vec![item(
+        "10.244.2.0-24&fd00:10:244:2::-64",
+        &lease_json_dual(
+            "192.168.1.2",
+            "02:00:00:00:00:02",
+            "fd00:1::2",
+            "02:00:00:00:06:02",
+        ),
+    )];
+    let set = peers_from_items(&items, &cfg(), None, &[]);
+    assert_eq!(subnets(&set), ["10.244.2.0/24"]);
+    assert!(set.peers6.is_empty() && set.skipped.is_empty());
+}
+
+#[test]
+fn ipv6_halves_conflict_on_their_own_vtep_mac_and_address() {
+    // Two leases share an IPv6 VTEP MAC (their IPv4 halves differ): the one a live node
+    // holds keeps its IPv6 peer; the IPv4 halves are both fine.
+    let mac6 = "02:00:00:00:06:07";
+    let stray = KvItem {
+        lease: 0,
+        mod_revision: 1,
+        ..item(
+            "10.244.2.0-24&fd00:10:244:2::-64",
+            &lease_json_dual("192.168.1.2", "02:00:00:00:00:02", "fd00:1::2", mac6),
+        )
+    };
+    let held = KvItem {
+        lease: 7,
+        mod_revision: 9,
+        ..item(
+            "10.244.7.0-24&fd00:10:244:7::-64",
+            &lease_json_dual("192.168.1.7", "02:00:00:00:00:07", "fd00:1::7", mac6),
+        )
+    };
+    // Same IPv6 underlay address as the held lease, another MAC.
+    let shared_ip = KvItem {
+        lease: 5,
+        mod_revision: 3,
+        ..item(
+            "10.244.8.0-24&fd00:10:244:8::-64",
+            &lease_json_dual(
+                "192.168.1.8",
+                "02:00:00:00:00:08",
+                "fd00:1::7",
+                "02:00:00:00:06:08",
+            ),
+        )
+    };
+    let live = [claim("node7", "10.244.7.0/24", "02:00:00:00:00:07")];
+    let set = peers_from_items(&[stray, held, shared_ip], &cfg_dual(), None, &live);
+    assert_eq!(
+        subnets(&set),
+        ["10.244.2.0/24", "10.244.7.0/24", "10.244.8.0/24"]
+    );
+    assert!(set.conflicts.is_empty(), "{:?}", set.conflicts);
+    assert_eq!(subnets6(&set), ["fd00:10:244:7::/64"]);
+    let reasons: Vec<_> = set.conflicts6.iter().map(|c| c.reason.as_str()).collect();
+    assert_eq!(set.conflicts6.len(), 2, "{reasons:?}");
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains(&format!("VTEP MAC {mac6}")) && r.contains("live node node7"))
+    );
+    assert!(reasons.iter().any(|r| r.contains("public IP fd00:1::7")));
 }
