@@ -1355,6 +1355,68 @@ fn a_dual_stack_config_and_flannels_dual_stack_leases_are_served_for_ipv4() -> R
         peer_ip,
         "the flannel lease's",
     )?;
+    // A lease whose IPv6 half is outside the network's IPv6 pool: its IPv4 half is a peer
+    // all the same, and `tartanctl nodes` says what was ignored.
+    let bad_key = "/coreos.com/network/subnets/10.244.78.0-24&fd00:99:0:78::-64";
+    let [a, b, c, _] = peer_ip.octets();
+    let bad_ip = std::net::Ipv4Addr::new(a, b, c, 250);
+    lab.etcdctl(&[
+        "put",
+        bad_key,
+        &format!(
+            r#"{{"PublicIP":"{bad_ip}","PublicIPv6":"fd00:78::2","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"aa:bb:cc:00:78:01"}},"BackendV6Data":{{"VNI":1,"VtepMAC":"aa:bb:cc:00:78:06"}}}}"#
+        ),
+    ])?;
+    let bad_subnet: ipnetwork::Ipv4Network = "10.244.78.0/24".parse()?;
+    wait_entries(
+        &lab,
+        0,
+        bad_subnet,
+        "aa:bb:cc:00:78:01",
+        bad_ip,
+        "the lease with a bad IPv6 half's",
+    )?;
+    // `tartanctl nodes` shows both families of each dual-stack lease.
+    let nodes = lab.tartanctl(&["nodes"])?;
+    let header = nodes.lines().next().unwrap_or_default();
+    ensure!(
+        header.contains("SUBNET6")
+            && header.contains("PUBLIC-IPV6")
+            && header.contains("VTEP-MAC6"),
+        "no IPv6 columns in tartanctl nodes:\n{nodes}"
+    );
+    let row = |subnet: &str| {
+        nodes
+            .lines()
+            .find(|l| l.contains(subnet))
+            .map(str::to_string)
+            .with_context(|| format!("no row for {subnet} in tartanctl nodes:\n{nodes}"))
+    };
+    let good = row("10.244.77.0/24")?;
+    ensure!(
+        good.contains("fd00:10:244:77::/64")
+            && good.contains("fd00:77::2")
+            && good.contains("aa:bb:cc:00:77:06"),
+        "{good}"
+    );
+    let bad = row("10.244.78.0/24")?;
+    ensure!(
+        bad.contains(
+            "IPv6 half ignored: subnet fd00:99:0:78::/64 is not a /64 inside fd00:10:244::/56"
+        ),
+        "{bad}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&lab.tartanctl(&["nodes", "-o", "json"])?)?;
+    ensure!(
+        json.as_array()
+            .is_some_and(|rows| rows
+                .iter()
+                .any(|r| r["subnet6"] == "fd00:10:244:77::/64"
+                    && r["vtep_mac6"] == "aa:bb:cc:00:77:06")),
+        "{json:#}"
+    );
+    lab.etcdctl(&["del", bad_key])?;
+    wait_route(&lab, 0, bad_subnet, false)?;
     // Deleting it removes the entries; the node's own lease is untouched.
     lab.etcdctl(&["del", key])?;
     wait_route(&lab, 0, subnet, false)?;
