@@ -1423,3 +1423,104 @@ fn a_dual_stack_config_and_flannels_dual_stack_leases_are_served_for_ipv4() -> R
     ensure!(lab.daemon_running(0), "{}", lab.log_tail(0, 30));
     Ok(())
 }
+
+/// The IPv6 half of the overlay's kernel side (flannel's `flannel-v6.<VNI>`): an IPv6 VXLAN
+/// device over an IPv6 underlay takes a peer's route (onlink via the peer's subnet address),
+/// permanent neighbour and FDB entry, a DirectRouting peer's route over the underlay, reads
+/// them back as written (and none of it as IPv4), and loses them again.
+#[test]
+fn an_ipv6_vxlan_device_takes_and_loses_its_peers_entries() -> Result<()> {
+    use tartan::kernel::netlink::Netlink;
+    use tartan::overlay::kernel::{DeviceChange, VxlanSpec};
+    use tartan::overlay::plan::{LocalNode, OverlayState, Peer, V6, desired_state, diff};
+    if !tartan::lab::require_root()? {
+        return Ok(());
+    }
+    let ns = tartan::lab::ScratchNs::new("vx6")?;
+    let n = ns.name().to_string();
+    // The underlay: one end of a veth pair (this kernel has no dummy devices).
+    ns_run(
+        &n,
+        "ip",
+        &[
+            "link", "add", "ul", "type", "veth", "peer", "name", "ul-peer",
+        ],
+    )?;
+    ns_run(&n, "ip", &["link", "set", "ul-peer", "up"])?;
+    ns_run(&n, "ip", &["link", "set", "ul", "up"])?;
+    // nodad: the VXLAN socket cannot bind a tentative address.
+    ns_run(
+        &n,
+        "ip",
+        &["-6", "addr", "add", "fd00:1::1/64", "dev", "ul", "nodad"],
+    )?;
+    let peers = vec![
+        Peer::<V6> {
+            subnet: "fd00:10:244:2::/64".parse()?,
+            public_ip: "fd00:2::2".parse()?,
+            vtep_mac: "02:00:00:00:06:02".parse()?,
+        },
+        Peer::<V6> {
+            subnet: "fd00:10:244:3::/64".parse()?,
+            public_ip: "fd00:1::3".parse()?,
+            vtep_mac: "02:00:00:00:06:03".parse()?,
+        },
+    ];
+    let local = LocalNode::<V6> {
+        subnet: "fd00:10:244:1::/64".parse()?,
+        underlay_networks: vec!["fd00:1::/64".parse()?],
+        direct_routing: true,
+    };
+    let desired = desired_state(&local, &peers);
+    let want = desired.clone();
+    let (vx, ul) = tartan::lab::block_on_in_netns(&n, move || async move {
+        let nl = Netlink::connect()?;
+        let ul = nl.iface("ul").await?;
+        let spec = VxlanSpec {
+            name: "tartan-v6.1".into(),
+            vni: 1,
+            port: 8472,
+            local: "fd00:1::1".parse()?,
+            underlay_index: ul.index,
+            mtu: 1430,
+            mac: "02:00:00:00:06:01".parse()?,
+        };
+        let (vx, change) = nl.ensure_vxlan(&spec).await?;
+        ensure!(change == DeviceChange::Created, "{change:?}");
+        // The IPv6 local address compares as such: the same spec again changes nothing.
+        let (_, again) = nl.ensure_vxlan(&spec).await?;
+        ensure!(again == DeviceChange::Unchanged, "{again:?}");
+        let before = nl.read_overlay_of::<V6>(vx, ul.index).await?;
+        nl.apply_overlay_of(vx, ul.index, &diff(&want, &before))
+            .await?;
+        let after = nl.read_overlay_of::<V6>(vx, ul.index).await?;
+        ensure!(after == want, "read back {after:#?}, wrote {want:#?}");
+        let v4 = nl.read_overlay(vx, ul.index).await?;
+        ensure!(v4 == OverlayState::default(), "IPv4 view: {v4:?}");
+        Ok((vx, ul.index))
+    })??;
+    // What `ip` shows is flannel's layout.
+    let routes = ns_run(&n, "ip", &["-6", "route", "show", "proto", "157"])?;
+    ensure!(
+        routes.contains("fd00:10:244:2::/64 via fd00:10:244:2:: dev tartan-v6.1")
+            && routes.contains("onlink")
+            && routes.contains("fd00:10:244:3::/64 via fd00:1::3 dev ul"),
+        "{routes}"
+    );
+    let neigh = ns_run(&n, "ip", &["-6", "neigh", "show", "dev", "tartan-v6.1"])?;
+    ensure!(
+        neigh.contains("fd00:10:244:2:: lladdr 02:00:00:00:06:02 PERMANENT"),
+        "{neigh}"
+    );
+    let fdb = ns_run(&n, "bridge", &["fdb", "show", "dev", "tartan-v6.1"])?;
+    ensure!(fdb.contains("02:00:00:00:06:02 dst fd00:2::2"), "{fdb}");
+    tartan::lab::block_on_in_netns(&n, move || async move {
+        let nl = Netlink::connect()?;
+        let empty = OverlayState::<V6>::default();
+        nl.apply_overlay_of(vx, ul, &diff(&empty, &desired)).await?;
+        let gone = nl.read_overlay_of::<V6>(vx, ul).await?;
+        ensure!(gone == empty, "left after deleting: {gone:#?}");
+        Ok(())
+    })??;
+    Ok(())
+}

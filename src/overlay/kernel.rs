@@ -5,11 +5,11 @@
 //! (`overlay::reconciler` tests).
 
 use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context, Result, anyhow, bail};
 use futures::{StreamExt, TryStreamExt};
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use netlink_packet_route::AddressFamily;
 use netlink_packet_route::link::{InfoKind, InfoVxlan, LinkFlags};
 use netlink_packet_route::neighbour::{
@@ -26,7 +26,7 @@ use crate::kernel::netlink::{
 use crate::kernel::nft_cmd;
 use crate::model::subnet_lease::MacAddr;
 use crate::overlay::masquerade;
-use crate::overlay::plan::{OverlayDiff, OverlayState, RouteVia};
+use crate::overlay::plan::{Family, OverlayDiff, OverlayState, RouteVia, V4, V6};
 
 /// Routing protocol number tartan stamps on the routes it owns (`ip route ... proto 157`).
 pub const ROUTE_PROTO: u8 = 157;
@@ -156,8 +156,9 @@ pub struct VxlanSpec {
     pub vni: u32,
     /// UDP destination port.
     pub port: u16,
-    /// Local tunnel endpoint address.
-    pub local: Ipv4Addr,
+    /// Local tunnel endpoint address (IPv6 for an IPv6 underlay, flannel's
+    /// `flannel-v6.<VNI>`).
+    pub local: IpAddr,
     /// Index of the underlay interface.
     pub underlay_index: u32,
     /// Device MTU.
@@ -187,14 +188,15 @@ impl Netlink {
                 && vxlan_info(&link).is_some_and(|info| {
                     let mut id = None;
                     let mut port = None;
-                    let mut local = None;
+                    let mut local: Option<IpAddr> = None;
                     let mut dev = None;
                     let mut learning = None;
                     for i in info {
                         match i {
                             InfoVxlan::Id(v) => id = Some(v),
                             InfoVxlan::Port(v) => port = Some(v),
-                            InfoVxlan::Local(v) => local = Some(v),
+                            InfoVxlan::Local(v) => local = Some(IpAddr::V4(v)),
+                            InfoVxlan::Local6(v) => local = Some(IpAddr::V6(v)),
                             InfoVxlan::Link(v) => dev = Some(v),
                             InfoVxlan::Learning(v) => learning = Some(v),
                             _ => {}
@@ -239,8 +241,12 @@ impl Netlink {
         }
         let msg = LinkVxlan::new(&spec.name, spec.vni)
             .dev(spec.underlay_index)
-            .port(spec.port)
-            .local(spec.local)
+            .port(spec.port);
+        let msg = match spec.local {
+            IpAddr::V4(a) => msg.local(a),
+            IpAddr::V6(a) => msg.local6(a),
+        };
+        let msg = msg
             .learning(false)
             .mtu(spec.mtu)
             .address(spec.mac.0.to_vec())
@@ -259,14 +265,24 @@ impl Netlink {
         Ok((link.header.index, DeviceChange::Created))
     }
 
-    /// Reads the overlay state tartan owns: routes with [`ROUTE_PROTO`] in the main table
-    /// through `vx_index` or `underlay_index`, permanent neighbours and FDB entries on `vx_index`.
+    /// Reads the IPv4 overlay state tartan owns (see [`Netlink::read_overlay_of`]).
     pub async fn read_overlay(&self, vx_index: u32, underlay_index: u32) -> Result<OverlayState> {
-        let mut st = OverlayState::default();
+        self.read_overlay_of::<V4>(vx_index, underlay_index).await
+    }
+
+    /// Reads the overlay state of family `F` tartan owns: routes with [`ROUTE_PROTO`] in the
+    /// main table through `vx_index` or `underlay_index`, permanent neighbours and FDB
+    /// entries (with a tunnel destination of the family) on `vx_index`.
+    pub async fn read_overlay_of<F: NetlinkFamily>(
+        &self,
+        vx_index: u32,
+        underlay_index: u32,
+    ) -> Result<OverlayState<F>> {
+        let mut st = OverlayState::<F>::default();
         let routes: Vec<RouteMessage> = self
             .handle
             .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .get(F::route_dump())
             .execute()
             .try_collect()
             .await
@@ -282,8 +298,8 @@ impl Netlink {
             let mut oif = None;
             for a in &r.attributes {
                 match a {
-                    RouteAttribute::Destination(RouteAddress::Inet(v)) => dst = Some(*v),
-                    RouteAttribute::Gateway(RouteAddress::Inet(v)) => gw = Some(*v),
+                    RouteAttribute::Destination(a) => dst = F::of_route(a),
+                    RouteAttribute::Gateway(a) => gw = F::of_route(a),
                     RouteAttribute::Oif(i) => oif = Some(*i),
                     _ => {}
                 }
@@ -291,7 +307,7 @@ impl Netlink {
             let (Some(dst), Some(gw), Some(oif)) = (dst, gw, oif) else {
                 continue;
             };
-            let Ok(net) = Ipv4Network::new(dst, r.header.destination_prefix_length) else {
+            let Some(net) = F::subnet(dst, r.header.destination_prefix_length) else {
                 continue;
             };
             if oif == vx_index {
@@ -304,7 +320,7 @@ impl Netlink {
             .handle
             .neighbours()
             .get()
-            .set_address_family(AddressFamily::Inet)
+            .set_address_family(F::AF)
             .execute()
             .try_collect()
             .await
@@ -317,7 +333,7 @@ impl Netlink {
             let mut mac = None;
             for a in &n.attributes {
                 match a {
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => ip = Some(*v),
+                    NeighbourAttribute::Destination(a) => ip = F::of_neighbour(a),
                     NeighbourAttribute::LinkLayerAddress(b) => mac = mac_of(b),
                     _ => {}
                 }
@@ -343,11 +359,8 @@ impl Netlink {
             let mut mac = None;
             for a in &n.attributes {
                 match a {
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => ip = Some(*v),
-                    // AF_BRIDGE messages carry the VXLAN destination as raw bytes.
-                    NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
-                        ip = <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from)
-                    }
+                    // AF_BRIDGE messages may carry the VXLAN destination as raw bytes.
+                    NeighbourAttribute::Destination(a) => ip = F::of_neighbour(a),
                     NeighbourAttribute::LinkLayerAddress(b) => mac = mac_of(b),
                     _ => {}
                 }
@@ -361,23 +374,43 @@ impl Netlink {
         Ok(st)
     }
 
-    fn route_msg(&self, net: Ipv4Network, via: RouteVia, vx: u32, underlay: u32) -> RouteMessage {
-        let b = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(net.network(), net.prefix())
+    fn route_msg<F: NetlinkFamily>(
+        &self,
+        net: F::Net,
+        via: RouteVia<F>,
+        vx: u32,
+        underlay: u32,
+    ) -> RouteMessage {
+        let (gw, oif) = match via {
+            RouteVia::Vxlan(gw) => (gw, vx),
+            RouteVia::Underlay(gw) => (gw, underlay),
+        };
+        let b = F::route_to(net, gw)
             .protocol(RouteProtocol::Other(ROUTE_PROTO))
             .scope(RouteScope::Universe)
             .kind(RouteType::Unicast)
-            .table_id(u32::from(RouteHeader::RT_TABLE_MAIN));
+            .table_id(u32::from(RouteHeader::RT_TABLE_MAIN))
+            .output_interface(oif);
         match via {
-            RouteVia::Vxlan(gw) => b.gateway(gw).output_interface(vx).onlink().build(),
-            RouteVia::Underlay(gw) => b.gateway(gw).output_interface(underlay).build(),
+            RouteVia::Vxlan(_) => b.onlink().build(),
+            RouteVia::Underlay(_) => b.build(),
         }
     }
 
-    /// Applies an overlay diff. Adds go FDB → neighbour → route, deletes route → neighbour →
-    /// FDB; requests within a stage run concurrently. Every failure is collected; the call
-    /// fails only after trying everything.
+    /// Applies an IPv4 overlay diff (see [`Netlink::apply_overlay_of`]).
     pub async fn apply_overlay(&self, vx: u32, underlay: u32, d: &OverlayDiff) -> Result<()> {
+        self.apply_overlay_of::<V4>(vx, underlay, d).await
+    }
+
+    /// Applies an overlay diff of family `F`. Adds go FDB → neighbour → route, deletes
+    /// route → neighbour → FDB; requests within a stage run concurrently. Every failure is
+    /// collected; the call fails only after trying everything.
+    pub async fn apply_overlay_of<F: NetlinkFamily>(
+        &self,
+        vx: u32,
+        underlay: u32,
+        d: &OverlayDiff<F>,
+    ) -> Result<()> {
         let mut errors = crate::util::errors::ErrorList::new();
         // Deletes first, so a route moving between devices never has two entries.
         run_stage(
@@ -386,7 +419,7 @@ impl Netlink {
                 let req = self
                     .handle
                     .route()
-                    .del(self.route_msg(*n, *v, vx, underlay));
+                    .del(self.route_msg::<F>(*n, *v, vx, underlay));
                 async move { gone_is_fine(req.execute().await, || format!("delete route {n}")) }
             }),
         )
@@ -395,10 +428,10 @@ impl Netlink {
             &mut errors,
             d.del_neighbours.iter().map(|(ip, _)| {
                 let mut msg = NeighbourMessage::default();
-                msg.header.family = AddressFamily::Inet;
+                msg.header.family = F::AF;
                 msg.header.ifindex = vx;
                 msg.attributes
-                    .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(*ip)));
+                    .push(NeighbourAttribute::Destination(F::neighbour(*ip)));
                 let req = self.handle.neighbours().del(msg);
                 async move { gone_is_fine(req.execute().await, || format!("delete neighbour {ip}")) }
             }),
@@ -414,7 +447,7 @@ impl Netlink {
                 msg.attributes
                     .push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
                 msg.attributes
-                    .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(*ip)));
+                    .push(NeighbourAttribute::Destination(F::neighbour(*ip)));
                 let req = self.handle.neighbours().del(msg);
                 async move { gone_is_fine(req.execute().await, || format!("delete fdb {mac}")) }
             }),
@@ -428,7 +461,7 @@ impl Netlink {
                     .handle
                     .neighbours()
                     .add_bridge(vx, &mac.0)
-                    .destination(IpAddr::V4(*ip))
+                    .destination(F::ip(*ip))
                     .flags(NeighbourFlags::Own)
                     .state(NeighbourState::Permanent)
                     .replace();
@@ -446,7 +479,7 @@ impl Netlink {
                 let req = self
                     .handle
                     .neighbours()
-                    .add(vx, IpAddr::V4(*ip))
+                    .add(vx, F::ip(*ip))
                     .link_layer_address(&mac.0)
                     .state(NeighbourState::Permanent)
                     .replace();
@@ -464,7 +497,7 @@ impl Netlink {
                 let req = self
                     .handle
                     .route()
-                    .add(self.route_msg(*n, *v, vx, underlay))
+                    .add(self.route_msg::<F>(*n, *v, vx, underlay))
                     .replace();
                 async move {
                     req.execute()
@@ -516,5 +549,98 @@ fn gone_is_fine(
         Ok(()) => Ok(()),
         Err(e) if is_not_found(&e) => Ok(()),
         Err(e) => Err(format!("{}: {e}", what())),
+    }
+}
+
+/// How an address family's overlay entries are spelled in rtnetlink messages.
+pub trait NetlinkFamily: Family {
+    /// The family of its routes and neighbours.
+    const AF: AddressFamily;
+    /// A request that dumps the family's routes.
+    fn route_dump() -> RouteMessage;
+    /// A route to `net` via `gw` (protocol, table and device are added by the caller).
+    fn route_to(net: Self::Net, gw: Self::Addr) -> RouteMessageBuilder<Self::Addr>;
+    /// The address in a route attribute, when it is of this family.
+    fn of_route(a: &RouteAddress) -> Option<Self::Addr>;
+    /// The address in a neighbour or FDB attribute (AF_BRIDGE ones come as raw bytes), when
+    /// it is of this family.
+    fn of_neighbour(a: &NeighbourAddress) -> Option<Self::Addr>;
+    /// The subnet `addr/prefix`, when the prefix is valid.
+    fn subnet(addr: Self::Addr, prefix: u8) -> Option<Self::Net>;
+    /// The address as an [`IpAddr`].
+    fn ip(addr: Self::Addr) -> IpAddr;
+    /// The address as a neighbour attribute.
+    fn neighbour(addr: Self::Addr) -> NeighbourAddress;
+}
+
+impl NetlinkFamily for V4 {
+    const AF: AddressFamily = AddressFamily::Inet;
+    fn route_dump() -> RouteMessage {
+        RouteMessageBuilder::<Ipv4Addr>::new().build()
+    }
+    fn route_to(net: Ipv4Network, gw: Ipv4Addr) -> RouteMessageBuilder<Ipv4Addr> {
+        RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(net.network(), net.prefix())
+            .gateway(gw)
+    }
+    fn of_route(a: &RouteAddress) -> Option<Ipv4Addr> {
+        match a {
+            RouteAddress::Inet(v) => Some(*v),
+            _ => None,
+        }
+    }
+    fn of_neighbour(a: &NeighbourAddress) -> Option<Ipv4Addr> {
+        match a {
+            NeighbourAddress::Inet(v) => Some(*v),
+            NeighbourAddress::Other(b) => {
+                <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from)
+            }
+            _ => None,
+        }
+    }
+    fn subnet(addr: Ipv4Addr, prefix: u8) -> Option<Ipv4Network> {
+        Ipv4Network::new(addr, prefix).ok()
+    }
+    fn ip(addr: Ipv4Addr) -> IpAddr {
+        IpAddr::V4(addr)
+    }
+    fn neighbour(addr: Ipv4Addr) -> NeighbourAddress {
+        NeighbourAddress::Inet(addr)
+    }
+}
+
+impl NetlinkFamily for V6 {
+    const AF: AddressFamily = AddressFamily::Inet6;
+    fn route_dump() -> RouteMessage {
+        RouteMessageBuilder::<Ipv6Addr>::new().build()
+    }
+    fn route_to(net: Ipv6Network, gw: Ipv6Addr) -> RouteMessageBuilder<Ipv6Addr> {
+        RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(net.network(), net.prefix())
+            .gateway(gw)
+    }
+    fn of_route(a: &RouteAddress) -> Option<Ipv6Addr> {
+        match a {
+            RouteAddress::Inet6(v) => Some(*v),
+            _ => None,
+        }
+    }
+    fn of_neighbour(a: &NeighbourAddress) -> Option<Ipv6Addr> {
+        match a {
+            NeighbourAddress::Inet6(v) => Some(*v),
+            NeighbourAddress::Other(b) => {
+                <[u8; 16]>::try_from(b.as_slice()).ok().map(Ipv6Addr::from)
+            }
+            _ => None,
+        }
+    }
+    fn subnet(addr: Ipv6Addr, prefix: u8) -> Option<Ipv6Network> {
+        Ipv6Network::new(addr, prefix).ok()
+    }
+    fn ip(addr: Ipv6Addr) -> IpAddr {
+        IpAddr::V6(addr)
+    }
+    fn neighbour(addr: Ipv6Addr) -> NeighbourAddress {
+        NeighbourAddress::Inet6(addr)
     }
 }

@@ -97,7 +97,7 @@ impl<K: OverlayKernel> Reconciler<K> {
             name: device_name(self.s.cfg.backend.vni),
             vni: self.s.cfg.backend.vni,
             port: self.s.cfg.backend.port,
-            local: self.s.public_ip,
+            local: self.s.public_ip.into(),
             underlay_index: iface.index,
             mtu: overlay_mtu(iface.mtu)?,
             mac: self.s.vtep_mac,

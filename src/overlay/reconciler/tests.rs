@@ -666,7 +666,7 @@ async fn teardown_removes_device_routes_and_masquerade_and_says_what_failed() {
             name: device_name(1),
             vni: 1,
             port: 8472,
-            local: Ipv4Addr::new(192, 168, 1, 1),
+            local: Ipv4Addr::new(192, 168, 1, 1).into(),
             underlay_index: UNDERLAY,
             mtu: 1450,
             mac: mac(1),
