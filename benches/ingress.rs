@@ -813,11 +813,20 @@ fn fixed_rate(bed: &Bed, kind: Kind, scheme: Scheme, secs: u32, rate: u32) -> Re
             r.requests()
         );
     }
+    let p99 = r.quantile_us(0.99);
+    let (late, windows, most) = r.late_windows(p99 as u64, 10);
+    println!(
+        "  {} {}: {late} requests at or above the p99 ({:.2} ms), in {windows} windows of 10 ms, \
+         at most {most} in one",
+        kind.name(),
+        scheme.name(),
+        p99 / 1e3
+    );
     Ok(WrkRun {
         rps: r.rate(),
         requests: r.requests(),
         p50_us: r.quantile_us(0.5),
-        p99_us: r.quantile_us(0.99),
+        p99_us: p99,
         non2xx: r.non2xx,
         socket_errors: r.errors,
     })

@@ -61,6 +61,8 @@ pub struct FixedRateRun {
     pub first_error: Option<String>,
     /// From the first request due to the last answer.
     pub elapsed: Duration,
+    /// Every request's start (ms after the first was due) and latency (µs), in no order.
+    pub timeline: Vec<(u32, u32)>,
 }
 
 impl FixedRateRun {
@@ -73,7 +75,26 @@ impl FixedRateRun {
             errors: 0,
             first_error: None,
             elapsed: Duration::ZERO,
+            timeline: Vec::new(),
         })
+    }
+
+    /// How the requests that took at least `threshold_us` cluster in time: how many there
+    /// are, how many `window_ms` windows (by their start) hold one, and the most in one
+    /// window. Late requests bunched in few windows are stalls that hit every connection at
+    /// once (the server's thread or the machine paused); spread out, they are single slow
+    /// requests.
+    pub fn late_windows(&self, threshold_us: u64, window_ms: u32) -> (usize, usize, usize) {
+        let mut per_window: std::collections::HashMap<u32, usize> = Default::default();
+        let mut late = 0;
+        for &(at_ms, us) in &self.timeline {
+            if u64::from(us) >= threshold_us {
+                late += 1;
+                *per_window.entry(at_ms / window_ms.max(1)).or_default() += 1;
+            }
+        }
+        let most = per_window.values().copied().max().unwrap_or(0);
+        (late, per_window.len(), most)
     }
 
     /// Requests sent.
@@ -153,6 +174,7 @@ pub async fn run(load: FixedRate) -> Result<FixedRateRun> {
         total.non2xx += r.non2xx;
         total.errors += r.errors;
         total.first_error = total.first_error.or(r.first_error);
+        total.timeline.extend(r.timeline);
     }
     total.elapsed = start.elapsed();
     Ok(total)
@@ -200,6 +222,11 @@ async fn connection(
         let us = now.duration_since(from).as_micros();
         out.latency_us
             .saturating_record(u64::try_from(us).unwrap_or(MAX_LATENCY_US).max(1));
+        let at_ms = from.saturating_duration_since(start).as_millis();
+        out.timeline.push((
+            u32::try_from(at_ms).unwrap_or(u32::MAX),
+            u32::try_from(us).unwrap_or(u32::MAX),
+        ));
         busy_until = now;
     }
     Ok(out)
@@ -309,6 +336,7 @@ mod tests {
             assert_eq!(r.requests(), 200, "{r:?}");
             assert_eq!((r.ok, r.non2xx, r.errors), (100, 100, 0));
             assert_eq!(r.latency_us.len(), 200);
+            assert_eq!(r.timeline.len(), 200);
         });
     }
 
@@ -335,5 +363,21 @@ mod tests {
             }))
             .unwrap();
         assert_eq!((r.ok, r.errors), (0, 20), "{r:?}");
+    }
+
+    #[test]
+    fn late_requests_are_counted_by_window() {
+        let mut r = FixedRateRun::empty().unwrap();
+        // Three late requests in the window 20–29 ms, one at 95 ms, the rest fast.
+        r.timeline = vec![
+            (1, 100),
+            (21, 5000),
+            (22, 6000),
+            (29, 5000),
+            (30, 100),
+            (95, 7000),
+        ];
+        assert_eq!(r.late_windows(5000, 10), (4, 2, 3));
+        assert_eq!(r.late_windows(8000, 10), (0, 0, 0));
     }
 }
