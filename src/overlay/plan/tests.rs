@@ -219,6 +219,24 @@ fn lease_json_dual(ip: &str, mac: &str, ip6: &str, mac6: &str) -> String {
     )
 }
 
+/// Node `n`'s dual-stack lease: `10.244.n.0/24` and `fd00:10:244:n::/64`, underlay
+/// `192.168.1.n`, IPv4 VTEP MAC `02:00:00:00:00:0n`; its IPv6 address and MAC as given.
+fn dual(n: u8, ip6: &str, mac6: &str, lease: i64, rev: i64) -> KvItem {
+    KvItem {
+        lease,
+        mod_revision: rev,
+        ..item(
+            &format!("10.244.{n}.0-24&fd00:10:244:{n}::-64"),
+            &lease_json_dual(
+                &format!("192.168.1.{n}"),
+                &format!("02:00:00:00:00:{n:02}"),
+                ip6,
+                mac6,
+            ),
+        )
+    }
+}
+
 fn subnets6(set: &PeerSet) -> Vec<String> {
     set.peers6.iter().map(|p| p.subnet.to_string()).collect()
 }
@@ -226,24 +244,8 @@ fn subnets6(set: &PeerSet) -> Vec<String> {
 #[test]
 fn a_dual_stack_lease_gives_a_peer_per_family_with_its_own_vtep() {
     let items = vec![
-        item(
-            "10.244.1.0-24&fd00:10:244:1::-64",
-            &lease_json_dual(
-                "192.168.1.1",
-                "02:00:00:00:00:01",
-                "fd00:1::1",
-                "02:00:00:00:06:01",
-            ),
-        ),
-        item(
-            "10.244.2.0-24&fd00:10:244:2::-64",
-            &lease_json_dual(
-                "192.168.1.2",
-                "02:00:00:00:00:02",
-                "fd00:1::2",
-                "02:00:00:00:06:02",
-            ),
-        ),
+        dual(1, "fd00:1::1", "02:00:00:00:06:01", 1, 1),
+        dual(2, "fd00:1::2", "02:00:00:00:06:02", 1, 1),
         // A node of the same network without IPv6 yet: an IPv4 peer only.
         item(
             "10.244.3.0-24",
@@ -379,36 +381,10 @@ fn ipv6_halves_conflict_on_their_own_vtep_mac_and_address() {
     // Two leases share an IPv6 VTEP MAC (their IPv4 halves differ): the one a live node
     // holds keeps its IPv6 peer; the IPv4 halves are both fine.
     let mac6 = "02:00:00:00:06:07";
-    let stray = KvItem {
-        lease: 0,
-        mod_revision: 1,
-        ..item(
-            "10.244.2.0-24&fd00:10:244:2::-64",
-            &lease_json_dual("192.168.1.2", "02:00:00:00:00:02", "fd00:1::2", mac6),
-        )
-    };
-    let held = KvItem {
-        lease: 7,
-        mod_revision: 9,
-        ..item(
-            "10.244.7.0-24&fd00:10:244:7::-64",
-            &lease_json_dual("192.168.1.7", "02:00:00:00:00:07", "fd00:1::7", mac6),
-        )
-    };
+    let stray = dual(2, "fd00:1::2", mac6, 0, 1);
+    let held = dual(7, "fd00:1::7", mac6, 7, 9);
     // Same IPv6 underlay address as the held lease, another MAC.
-    let shared_ip = KvItem {
-        lease: 5,
-        mod_revision: 3,
-        ..item(
-            "10.244.8.0-24&fd00:10:244:8::-64",
-            &lease_json_dual(
-                "192.168.1.8",
-                "02:00:00:00:00:08",
-                "fd00:1::7",
-                "02:00:00:00:06:08",
-            ),
-        )
-    };
+    let shared_ip = dual(8, "fd00:1::7", "02:00:00:00:06:08", 5, 3);
     let live = [claim("node7", "10.244.7.0/24", "02:00:00:00:00:07")];
     let set = peers_from_items(&[stray, held, shared_ip], &cfg_dual(), None, &live);
     assert_eq!(
