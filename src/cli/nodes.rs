@@ -156,12 +156,10 @@ fn problems_by_key(set: PeerSet) -> std::collections::HashMap<String, Vec<String
             .or_default()
             .push(format!("IPv6 half left out by every peer: {}", c.reason));
     }
-    for s in set.skipped {
-        if let Some((key, why)) = s.split_once(" (IPv6 half): ") {
-            out.entry(key.to_string())
-                .or_default()
-                .push(format!("IPv6 half ignored: {why}"));
-        }
+    for (key, why) in set.ipv6_ignored {
+        out.entry(key)
+            .or_default()
+            .push(format!("IPv6 half ignored: {why}"));
     }
     out
 }

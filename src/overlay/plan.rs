@@ -199,8 +199,11 @@ pub struct PeerSet {
     pub peers: Vec<Peer>,
     /// IPv6 peers (the IPv6 halves of dual-stack leases), when the network has IPv6.
     pub peers6: Vec<Peer<V6>>,
-    /// One message per undecodable or out-of-network key (or half of one).
+    /// One message per undecodable or out-of-network key.
     pub skipped: Vec<String>,
+    /// IPv6 halves left out (key, why) while their IPv4 half is a peer: the IPv6 subnet is
+    /// outside the network's IPv6 pool, or the value lacks or garbles its IPv6 fields.
+    pub ipv6_ignored: Vec<(String, String)>,
     /// IPv4 halves that lost a conflict (the own lease never does).
     pub conflicts: Vec<LeaseConflict>,
     /// IPv6 halves that lost a conflict.
@@ -367,7 +370,7 @@ pub fn peers_from_items<'a>(
         match ipv6_half(cfg, key, &value) {
             Ok(Some(peer)) => v6.0.push(Candidate::of(it, peer, own, claim)),
             Ok(None) => {}
-            Err(why) if !own => set.skipped.push(format!("{} (IPv6 half): {why}", it.key)),
+            Err(why) if !own => set.ipv6_ignored.push((it.key.clone(), why)),
             Err(_) => {}
         }
     }

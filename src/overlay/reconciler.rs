@@ -143,6 +143,14 @@ impl<K: OverlayKernel> Reconciler<K> {
                         warn!("skipping subnet record: {s}");
                     }
                 }
+                if !set.ipv6_ignored.is_empty() {
+                    self.metrics
+                        .malformed_records
+                        .inc_by(set.ipv6_ignored.len() as u64);
+                    for (key, why) in &set.ipv6_ignored {
+                        warn!("ignoring the IPv6 half of subnet record {key}: {why}");
+                    }
+                }
                 self.report_conflicts(&set);
                 let d = Arc::new(desired_state(&local, &set.peers));
                 self.desired_cache = Some((cache_key, d.clone(), Arc::new(set)));
