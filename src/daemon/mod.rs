@@ -21,9 +21,10 @@ use crate::metrics::Metrics;
 use crate::model::netconf::NetworkConfig;
 use crate::model::service::{AddressGuard, RangeContext, check_service_cidr};
 use crate::model::subnet_env::SubnetEnv;
+use crate::model::subnet_lease::MacAddr;
 use crate::node::lock::{OwnedPath, PathKind};
-use crate::node::state_file::{NodeState, state_path, vtep_mac_for};
-use crate::node::subnet_keeper::{KeepOutcome, NodeIdentity, OwnLease, SubnetManager};
+use crate::node::state_file::{NodeState, state_path, vtep_mac_for, vtep_mac6_for};
+use crate::node::subnet_keeper::{KeepOutcome, NodeIdentity, OwnLease, Preferred, SubnetManager};
 use crate::overlay::reconciler::{OverlaySettings, overlay_mtu};
 use crate::proxy::rules::NodeContext;
 use crate::store::etcd::{EtcdArgs, Store};
@@ -49,6 +50,10 @@ pub struct DaemonArgs {
     /// Underlay address to advertise (default: the first IPv4 address of --iface).
     #[arg(long)]
     pub public_ip: Option<Ipv4Addr>,
+    /// IPv6 underlay address to advertise in a dual-stack network (default: the first global
+    /// IPv6 address of --iface; without one the node holds no IPv6 subnet).
+    #[arg(long)]
+    pub public_ipv6: Option<std::net::Ipv6Addr>,
     /// Virtual IP range for services (new connections to unknown ports in it are refused).
     #[arg(long, default_value = "10.96.0.0/12")]
     pub service_cidr: Ipv4Network,
@@ -190,8 +195,8 @@ struct Identity {
     /// The VXLAN device's MTU.
     mtu: u32,
     state_file: PathBuf,
-    /// The subnet the state file remembers.
-    preferred: Option<Ipv4Network>,
+    /// The subnets the state file remembers.
+    preferred: Preferred,
 }
 
 /// Runs the daemon until shutdown or a leave: [`identify`] the node, connect to etcd, wait for
@@ -230,12 +235,21 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     };
     info!(network = %cfg.network, subnet_len = cfg.subnet_len, vni = cfg.backend.vni, "network config");
     if let Some(p) = &cfg.ipv6 {
-        warn!(
-            ipv6_network = %p.network,
-            ipv6_subnet_len = p.subnet_len,
-            "the network config is dual-stack: this tartand serves its IPv4 half only (no IPv6 \
-             subnet lease, overlay or services yet)"
-        );
+        match node.public_ipv6 {
+            Some(ip6) => info!(
+                ipv6_network = %p.network,
+                ipv6_subnet_len = p.subnet_len,
+                public_ipv6 = %ip6,
+                vtep_mac6 = %node.vtep_mac6,
+                "the network config is dual-stack"
+            ),
+            None => warn!(
+                ipv6_network = %p.network,
+                "the network config is dual-stack, but --iface {} has no global IPv6 address \
+                 and no --public-ipv6 was given: this node holds an IPv4 subnet only",
+                args.iface
+            ),
+        }
     }
     check_service_cidr(args.service_cidr, Some(cfg.network), &range_ctx)
         .map_err(|e| anyhow!("--service-cidr: {e}"))?;
@@ -263,7 +277,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
             .await;
         return Ok(());
     };
-    info!(subnet = %own.subnet, reservation = own.etcd_lease == 0, "holding subnet");
+    info!(subnet = %own.subnet, subnet6 = ?own.subnet6, reservation = own.etcd_lease == 0, "holding subnet");
     let (own_tx, own_rx) = watch::channel(Some(own.clone()));
     let (peers_tx, peers_rx) = watch::channel(Arc::default());
     status.set_own(own_rx.clone(), peers_rx, cfg.clone());
@@ -298,6 +312,8 @@ impl Identity {
             node_name: self.node.name.clone(),
             subnet: Some(o.subnet),
             vtep_mac: self.node.vtep_mac,
+            subnet6: o.subnet6,
+            vtep_mac6: Some(self.node.vtep_mac6),
         };
         if let Err(e) = st.save(&self.state_file) {
             warn!("saving node state: {e:#}");
@@ -322,6 +338,9 @@ async fn identify(args: &DaemonArgs, name: &str) -> Result<Identity> {
             )
         })?,
     };
+    let public_ipv6 = args
+        .public_ipv6
+        .or_else(|| iface.addrs6.first().map(|a| a.ip()));
     let mtu = overlay_mtu(iface.mtu)?;
     let state_file = state_path(&args.state_dir, name);
     let state = match NodeState::load(&state_file) {
@@ -331,17 +350,26 @@ async fn identify(args: &DaemonArgs, name: &str) -> Result<Identity> {
             None
         }
     };
-    let vtep_mac = state
-        .as_ref()
-        .filter(|s| s.node_name == name && s.vtep_mac.is_valid_unicast())
+    let mine = state.as_ref().filter(|s| s.node_name == name);
+    let vtep_mac = mine
         .map(|s| s.vtep_mac)
+        .filter(MacAddr::is_valid_unicast)
         .unwrap_or_else(|| vtep_mac_for(name));
-    let preferred = state.as_ref().and_then(|s| s.subnet);
+    let vtep_mac6 = mine
+        .and_then(|s| s.vtep_mac6)
+        .filter(MacAddr::is_valid_unicast)
+        .unwrap_or_else(|| vtep_mac6_for(name));
+    let preferred = Preferred {
+        v4: state.as_ref().and_then(|s| s.subnet),
+        v6: state.as_ref().and_then(|s| s.subnet6),
+    };
     Ok(Identity {
         node: NodeIdentity {
             name: name.to_string(),
             public_ip,
             vtep_mac,
+            public_ipv6,
+            vtep_mac6,
         },
         iface,
         mtu,
@@ -452,6 +480,8 @@ fn spawn_dataplane(
         iface: args.iface.clone(),
         public_ip,
         vtep_mac,
+        public_ipv6: id.node.public_ipv6,
+        vtep_mac6: id.node.vtep_mac6,
         cfg: cfg.clone(),
         ip_masq: args.ip_masq,
         resync: Duration::from_secs(args.resync_secs),

@@ -275,6 +275,7 @@ mod tests {
         let cfg = NetworkConfig::parse(br#"{"Network":"10.244.0.0/16"}"#).unwrap();
         let (_own_tx, own_rx) = watch::channel(Some(OwnLease {
             subnet: "10.244.1.0/24".parse().unwrap(),
+            subnet6: None,
             etcd_lease: 7,
         }));
         let (peers_tx, peers_rx) = watch::channel(Arc::<PeerSet>::default());

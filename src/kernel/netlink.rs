@@ -5,9 +5,9 @@ use std::net::IpAddr;
 
 use anyhow::{Context, Result, anyhow};
 use futures::TryStreamExt;
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use netlink_packet_route::AddressFamily;
-use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use netlink_packet_route::link::{
     InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage,
 };
@@ -33,6 +33,9 @@ pub struct Iface {
     pub mac: Option<MacAddr>,
     /// IPv4 addresses with prefix length.
     pub addrs: Vec<Ipv4Network>,
+    /// Global IPv6 addresses with prefix length (no link-local ones, none still tentative
+    /// or failed in duplicate address detection): the candidates for an IPv6 underlay.
+    pub addrs6: Vec<Ipv6Network>,
 }
 
 /// The errno the kernel answered a netlink request with, if it answered with an error.
@@ -169,7 +172,55 @@ impl Netlink {
         Ok(out)
     }
 
-    /// Index, MTU, MAC and IPv4 addresses of the interface `name`.
+    /// Global IPv6 addresses on interface `index` (see [`Iface::addrs6`]).
+    pub async fn ipv6_addrs(&self, index: u32) -> Result<Vec<Ipv6Network>> {
+        self.ipv6_addrs_of(index, true).await
+    }
+
+    /// Global IPv6 addresses on interface `index`; with `usable_only`, not those still
+    /// tentative or failed in duplicate address detection.
+    async fn ipv6_addrs_of(&self, index: u32, usable_only: bool) -> Result<Vec<Ipv6Network>> {
+        let msgs: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .context("listing addresses")?;
+        let mut out = Vec::new();
+        for m in msgs {
+            if m.header.index != index || m.header.family != AddressFamily::Inet6 {
+                continue;
+            }
+            // IFA_F_TENTATIVE (0x40) and IFA_F_DADFAILED (0x08): not usable (yet).
+            let flags = m
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    AddressAttribute::Flags(f) => Some(f.bits()),
+                    _ => None,
+                })
+                .unwrap_or(u32::from(m.header.flags.bits()));
+            if usable_only && flags & (0x40 | 0x08) != 0 {
+                continue;
+            }
+            let addr = m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(IpAddr::V6(v)) => Some(*v),
+                _ => None,
+            });
+            if let Some(a) = addr
+                && is_global6(a)
+                && let Ok(n) = Ipv6Network::new(a, m.header.prefix_len)
+            {
+                out.push(n);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Index, MTU, MAC and IPv4 and global IPv6 addresses of the interface `name`.
     pub async fn iface(&self, name: &str) -> Result<Iface> {
         let link = self
             .link_by_name(name)
@@ -181,6 +232,7 @@ impl Netlink {
             mtu: link_mtu(&link),
             mac: link_mac(&link),
             addrs: self.ipv4_addrs(index).await?,
+            addrs6: self.ipv6_addrs(index).await?,
         })
     }
 
@@ -228,6 +280,44 @@ impl Netlink {
         Ok(changed)
     }
 
+    /// Makes `addr` the only global IPv6 address on interface `index` (the link-local one
+    /// the kernel gives every device stays), added without duplicate address detection, so
+    /// it is usable at once; returns whether something changed.
+    pub async fn ensure_only_addr6(&self, index: u32, addr: Ipv6Network) -> Result<bool> {
+        let have = self.ipv6_addrs_of(index, false).await?;
+        let mut changed = false;
+        if !have.contains(&addr) {
+            let mut req = self
+                .handle
+                .address()
+                .add(index, IpAddr::V6(addr.ip()), addr.prefix())
+                .replace();
+            req.message_mut()
+                .attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+            req.execute()
+                .await
+                .with_context(|| format!("adding address {addr}"))?;
+            changed = true;
+        }
+        for other in have.into_iter().filter(|a| *a != addr) {
+            let mut m = AddressMessage::default();
+            m.header.family = AddressFamily::Inet6;
+            m.header.index = index;
+            m.header.prefix_len = other.prefix();
+            m.attributes
+                .push(AddressAttribute::Address(IpAddr::V6(other.ip())));
+            self.handle
+                .address()
+                .del(m)
+                .execute()
+                .await
+                .with_context(|| format!("removing stray address {other}"))?;
+            changed = true;
+        }
+        Ok(changed)
+    }
+
     /// Adds an address (replacing an identical one).
     pub async fn add_addr(&self, index: u32, addr: Ipv4Network) -> Result<()> {
         self.handle
@@ -240,9 +330,25 @@ impl Netlink {
     }
 }
 
+/// Whether `a` can be an underlay address: not loopback, unspecified, multicast or
+/// link-local (fe80::/10). Unique local addresses (fc00::/7) count, as in most clusters.
+pub fn is_global6(a: std::net::Ipv6Addr) -> bool {
+    !(a.is_loopback() || a.is_unspecified() || a.is_multicast() || a.is_unicast_link_local())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn underlay_ipv6_candidates() {
+        for ok in ["2001:db8::1", "fd00:1::2"] {
+            assert!(is_global6(ok.parse().unwrap()), "{ok}");
+        }
+        for not in ["::1", "::", "ff02::1", "fe80::1"] {
+            assert!(!is_global6(not.parse().unwrap()), "{not}");
+        }
+    }
 
     fn nack(errno: Errno) -> rtnetlink::Error {
         let mut m = netlink_packet_core::ErrorMessage::default();

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use serde::{Deserialize, Serialize};
 
 use crate::model::subnet_env::write_file_atomic;
@@ -14,8 +14,18 @@ use crate::model::subnet_lease::MacAddr;
 /// hash of the name
 /// (with a finalizer). Stable across restarts, reboots and re-installs.
 pub fn vtep_mac_for(node_name: &str) -> MacAddr {
+    mac_from_hash(b"tartan-vtep:", node_name)
+}
+
+/// The IPv6 VTEP's MAC for a node name (a device of its own, flannel's `flannel-v6.<VNI>`
+/// counterpart): the same derivation with another salt, so it differs from the IPv4 one.
+pub fn vtep_mac6_for(node_name: &str) -> MacAddr {
+    mac_from_hash(b"tartan-vtep6:", node_name)
+}
+
+fn mac_from_hash(salt: &[u8], node_name: &str) -> MacAddr {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in b"tartan-vtep:".iter().chain(node_name.as_bytes()) {
+    for b in salt.iter().chain(node_name.as_bytes()) {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
@@ -39,6 +49,12 @@ pub struct NodeState {
     pub subnet: Option<Ipv4Network>,
     /// The VTEP MAC in use.
     pub vtep_mac: MacAddr,
+    /// The IPv6 subnet last held (dual-stack networks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet6: Option<Ipv6Network>,
+    /// The IPv6 VTEP's MAC in use (dual-stack networks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vtep_mac6: Option<MacAddr>,
 }
 
 /// The state file for `node_name` in `dir`.
@@ -76,6 +92,10 @@ mod tests {
         assert_ne!(a, vtep_mac_for("node-2"));
         assert!(a.is_valid_unicast());
         assert_eq!(a.0[0] & 0x02, 0x02);
+        let a6 = vtep_mac6_for("node-1");
+        assert!(a6.is_valid_unicast());
+        assert_ne!(a6, a, "the IPv6 VTEP has a MAC of its own");
+        assert_eq!(a6, vtep_mac6_for("node-1"));
     }
 
     #[test]
@@ -87,8 +107,28 @@ mod tests {
             node_name: "n1".into(),
             subnet: Some("10.1.2.0/24".parse().unwrap()),
             vtep_mac: vtep_mac_for("n1"),
+            subnet6: None,
+            vtep_mac6: None,
         };
         s.save(&p).unwrap();
+        assert_eq!(NodeState::load(&p).unwrap(), Some(s.clone()));
+        // Dual-stack: both subnets and both MACs come back.
+        let dual = NodeState {
+            subnet6: Some("fd00:10:244:3::/64".parse().unwrap()),
+            vtep_mac6: Some(vtep_mac6_for("n1")),
+            ..s.clone()
+        };
+        dual.save(&p).unwrap();
+        assert_eq!(NodeState::load(&p).unwrap(), Some(dual));
+        // A file written before dual-stack still loads.
+        std::fs::write(
+            &p,
+            format!(
+                r#"{{"node_name":"n1","subnet":"10.1.2.0/24","vtep_mac":"{}"}}"#,
+                vtep_mac_for("n1")
+            ),
+        )
+        .unwrap();
         assert_eq!(NodeState::load(&p).unwrap(), Some(s));
         std::fs::write(&p, b"junk").unwrap();
         assert!(NodeState::load(&p).is_err());

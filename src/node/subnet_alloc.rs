@@ -8,7 +8,7 @@ use ipnetwork::{Ipv4Network, Ipv6Network};
 use rand::RngExt;
 
 use crate::model::netconf::{Ipv6Pool, NetworkConfig};
-use crate::model::subnet_lease::LeaseValue;
+use crate::model::subnet_lease::{LeaseValue, SubnetKey};
 
 /// One subnet key found in etcd.
 #[derive(Debug, Clone)]
@@ -49,18 +49,19 @@ pub enum Decision {
 /// Leases node `name` holds besides `kept`, which it gives back once it holds `kept`: keys
 /// attached to an etcd lease whose value names this node (`NodeName`) and that lie outside the
 /// network or its SubnetLen (left by an earlier network config: a changed config used to leak
-/// them for the lease's 24 h), or a second lease inside it. Reservations (lease-less keys)
+/// them for the lease's 24 h), or a second lease inside it, or the same IPv4 subnet under a
+/// key naming another IPv6 subnet (or none: the key before the network became dual-stack). Reservations (lease-less keys)
 /// are an operator's and never released, and a lease matched only by public IP (written by
 /// flannel) is left alone.
 pub fn stale_own<'a>(
     existing: &'a [ExistingSubnet],
     name: &str,
-    kept: Ipv4Network,
+    kept: SubnetKey,
 ) -> Vec<&'a ExistingSubnet> {
     existing
         .iter()
         .filter(|e| {
-            e.subnet != kept
+            (e.subnet, e.subnet6) != (kept.v4, kept.v6)
                 && e.etcd_lease != 0
                 && e.value
                     .as_ref()

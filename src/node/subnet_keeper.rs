@@ -2,20 +2,22 @@
 //! subnet, then a random free one; lost races retried), renews the long-lived etcd lease,
 //! keeps reservations lease-less, re-creates the key if it vanishes, restores its value and
 //! etcd lease if anything else rewrites it ([`own_key_drift`]), and notices a requested leave.
+//! In a dual-stack network the key names both subnets (`10.244.3.0-24&fd00:10:244:3::-64`,
+//! flannel's form) and the value carries the IPv6 VTEP (`PublicIPv6`, `BackendV6Data`).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::metrics::Metrics;
 use crate::model::netconf::NetworkConfig;
-use crate::model::subnet_lease::{LeaseValue, MacAddr, SubnetKey};
-use crate::node::subnet_alloc::{Decision, ExistingSubnet, decide, stale_own};
+use crate::model::subnet_lease::{LeaseValue, MacAddr, SubnetKey, VxlanBackendData};
+use crate::node::subnet_alloc::{Decision, ExistingSubnet, decide, decide_v6, stale_own};
 use crate::store::etcd::{EtcdArgs, KvItem, PrefixView, Store};
 use crate::util::backoff::Backoff;
 
@@ -24,8 +26,29 @@ use crate::util::backoff::Backoff;
 pub struct OwnLease {
     /// The pod subnet.
     pub subnet: Ipv4Network,
+    /// The IPv6 pod subnet of a dual-stack network (named in the same key).
+    pub subnet6: Option<Ipv6Network>,
     /// The etcd lease the key is attached to; 0 for a reservation.
     pub etcd_lease: i64,
+}
+
+impl OwnLease {
+    /// The subnets its key names.
+    pub fn key(&self) -> SubnetKey {
+        SubnetKey {
+            v4: self.subnet,
+            v6: self.subnet6,
+        }
+    }
+}
+
+/// The subnets a node would like to hold again (from its state file, or the lease it lost).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Preferred {
+    /// The IPv4 subnet.
+    pub v4: Option<Ipv4Network>,
+    /// The IPv6 subnet.
+    pub v6: Option<Ipv6Network>,
 }
 
 /// Everything the manager needs to know about this node.
@@ -37,6 +60,11 @@ pub struct NodeIdentity {
     pub public_ip: Ipv4Addr,
     /// VTEP MAC.
     pub vtep_mac: MacAddr,
+    /// IPv6 underlay address (the IPv6 VTEP's local address); `None` when the node has none,
+    /// and then it holds no IPv6 subnet even in a dual-stack network.
+    pub public_ipv6: Option<Ipv6Addr>,
+    /// The IPv6 VTEP's MAC.
+    pub vtep_mac6: MacAddr,
 }
 
 /// Acquires and keeps a subnet lease.
@@ -112,22 +140,70 @@ impl SubnetManager {
         }
     }
 
-    fn key_for(&self, subnet: Ipv4Network) -> String {
-        crate::store::keys::subnet_key(&self.keys, subnet)
+    fn key_for(&self, key: SubnetKey) -> String {
+        format!("{}{key}", self.keys.subnets_prefix())
+    }
+
+    /// Whether this node takes an IPv6 subnet: the network is dual-stack and the node has an
+    /// IPv6 underlay address.
+    fn dual(&self) -> bool {
+        self.cfg.ipv6.is_some() && self.node.public_ipv6.is_some()
     }
 
     fn value(&self) -> Vec<u8> {
-        LeaseValue::vxlan(
+        let mut v = LeaseValue::vxlan(
             self.node.public_ip,
             self.cfg.backend.vni,
             self.node.vtep_mac,
             &self.node.name,
-        )
-        .to_bytes()
+        );
+        if self.dual() {
+            v.public_ipv6 = self.node.public_ipv6;
+            v.backend_v6_data = serde_json::to_value(VxlanBackendData {
+                vni: self.cfg.backend.vni,
+                vtep_mac: self.node.vtep_mac6,
+            })
+            .ok();
+        }
+        v.to_bytes()
+    }
+
+    /// The IPv6 subnet to hold beside `v4`: the one the node's own key `current` names, else
+    /// the preferred one, else a free one; `None` outside dual-stack and for a reservation
+    /// that names none (an operator's key is never renamed).
+    fn pick_v6(
+        &self,
+        existing: &[ExistingSubnet],
+        current: Option<&ExistingSubnet>,
+        preferred: Option<Ipv6Network>,
+    ) -> Result<Option<Ipv6Network>> {
+        let Some(pool) = self.cfg.ipv6.as_ref().filter(|_| self.dual()) else {
+            return Ok(None);
+        };
+        if let Some(c) = current
+            && c.etcd_lease == 0
+        {
+            if c.subnet6.is_none() {
+                warn!(subnet = %c.subnet, "this node's reservation names no IPv6 subnet: the node gets none until the reservation's key names one");
+            }
+            return Ok(c.subnet6.filter(|s| pool.is_leasable(*s)));
+        }
+        let own6 = current.and_then(|c| c.subnet6);
+        let mut rng = rand::rng();
+        match decide_v6(pool, existing, own6, preferred, &mut rng) {
+            Some(s) => Ok(Some(s)),
+            None => bail!(
+                "IPv6 subnet space exhausted: all {} subnets /{} between {} and {} are taken",
+                pool.subnet_count(),
+                pool.subnet_len,
+                pool.subnet_min,
+                pool.subnet_max
+            ),
+        }
     }
 
     /// One allocation attempt.
-    async fn try_acquire(&self, preferred: Option<Ipv4Network>) -> Result<Attempt> {
+    async fn try_acquire(&self, preferred: Preferred) -> Result<Attempt> {
         if self
             .store
             .get(&crate::store::keys::leave_key(&self.keys, &self.node.name))
@@ -160,7 +236,7 @@ impl SubnetManager {
                 &existing,
                 &self.node.name,
                 self.node.public_ip,
-                preferred,
+                preferred.v4,
                 &mut rng,
             )
         };
@@ -177,12 +253,24 @@ impl SubnetManager {
                 etcd_lease,
                 mod_revision,
             } => {
-                let key = self.key_for(subnet);
+                let current = existing
+                    .iter()
+                    .find(|e| e.subnet == subnet && e.mod_revision == mod_revision);
+                let old = SubnetKey {
+                    v4: subnet,
+                    v6: current.and_then(|c| c.subnet6),
+                };
+                let want = SubnetKey {
+                    v4: subnet,
+                    v6: self.pick_v6(&existing, current, preferred.v6)?,
+                };
+                let key = self.key_for(old);
                 let value = self.value();
-                let current = items.iter().find(|i| i.key == key);
+                let held = items.iter().find(|i| i.key == key);
                 if etcd_lease == 0 {
-                    // A reservation: keep it lease-less, only bring the value up to date.
-                    if current.map(|c| c.value.as_slice()) != Some(value.as_slice())
+                    // A reservation: keep it lease-less (and its key as the operator wrote
+                    // it), only bring the value up to date.
+                    if held.map(|c| c.value.as_slice()) != Some(value.as_slice())
                         && !self
                             .store
                             .replace_if_unchanged(&key, value, 0, mod_revision)
@@ -190,9 +278,10 @@ impl SubnetManager {
                     {
                         return Ok(Attempt::Retry);
                     }
-                    info!(%subnet, "using reserved subnet");
+                    info!(%subnet, subnet6 = ?old.v6, "using reserved subnet");
                     OwnLease {
                         subnet,
+                        subnet6: old.v6,
                         etcd_lease: 0,
                     }
                 } else {
@@ -201,29 +290,50 @@ impl SubnetManager {
                     if keeper.renew().await?.is_none() {
                         return Ok(Attempt::Retry);
                     }
-                    if current.map(|c| c.value.as_slice()) != Some(value.as_slice())
+                    if want != old {
+                        // The network became dual-stack (or the IPv6 subnet left the pool):
+                        // the key is renamed, under the same etcd lease; the old key goes
+                        // with the node's other stale leases below.
+                        if !self
+                            .store
+                            .create_if_absent(&self.key_for(want), value, etcd_lease)
+                            .await?
+                        {
+                            return Ok(Attempt::Retry);
+                        }
+                        info!(%subnet, subnet6 = ?want.v6, old = %old, "kept the subnet this node held before, under a key naming its IPv6 subnet too");
+                    } else if held.map(|c| c.value.as_slice()) != Some(value.as_slice())
                         && !self
                             .store
                             .replace_if_unchanged(&key, value, etcd_lease, mod_revision)
                             .await?
                     {
                         return Ok(Attempt::Retry);
+                    } else {
+                        info!(%subnet, subnet6 = ?want.v6, "kept the subnet this node held before");
                     }
-                    info!(%subnet, "kept the subnet this node held before");
-                    OwnLease { subnet, etcd_lease }
+                    OwnLease {
+                        subnet,
+                        subnet6: want.v6,
+                        etcd_lease,
+                    }
                 }
             }
             Decision::Create { subnet } => {
+                let want = SubnetKey {
+                    v4: subnet,
+                    v6: self.pick_v6(&existing, None, preferred.v6)?,
+                };
                 let lease = self.store.grant(self.ttl).await?;
-                let key = self.key_for(subnet);
                 if self
                     .store
-                    .create_if_absent(&key, self.value(), lease)
+                    .create_if_absent(&self.key_for(want), self.value(), lease)
                     .await?
                 {
-                    info!(%subnet, "leased subnet");
+                    info!(%subnet, subnet6 = ?want.v6, "leased subnet");
                     OwnLease {
                         subnet,
+                        subnet6: want.v6,
                         etcd_lease: lease,
                     }
                 } else {
@@ -240,8 +350,11 @@ impl SubnetManager {
     /// Gives back this node's other leases (see [`stale_own`]), each only if unchanged since
     /// it was listed; failures are logged and left for the lease to expire.
     async fn release_stale(&self, existing: &[ExistingSubnet], kept: &OwnLease) {
-        for e in stale_own(existing, &self.node.name, kept.subnet) {
-            let key = self.key_for(e.subnet);
+        for e in stale_own(existing, &self.node.name, kept.key()) {
+            let key = self.key_for(SubnetKey {
+                v4: e.subnet,
+                v6: e.subnet6,
+            });
             match self.store.delete_if_unchanged(&key, e.mod_revision).await {
                 Ok(true) => {
                     info!(subnet = %e.subnet, kept = %kept.subnet, "released a lease this node no longer uses (left by an earlier network config or state)");
@@ -259,7 +372,7 @@ impl SubnetManager {
 
     /// Acquires a subnet, retrying forever: lost races at once, etcd errors and exhaustion
     /// with jittered backoff (never spinning). `None` when an operator asked this node to leave.
-    pub async fn acquire(&self, preferred: Option<Ipv4Network>) -> Option<OwnLease> {
+    pub async fn acquire(&self, preferred: Preferred) -> Option<OwnLease> {
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
         let mut races = 0u32;
         loop {
@@ -274,7 +387,7 @@ impl SubnetManager {
                         .await
                     {
                         if l.etcd_lease != 0 {
-                            let _ = self.store.delete(&self.key_for(l.subnet)).await;
+                            let _ = self.store.delete(&self.key_for(l.key())).await;
                             let _ = self.store.revoke(l.etcd_lease).await;
                         }
                         return None;
@@ -370,7 +483,7 @@ impl SubnetManager {
                         continue;
                     }
                     let view = subnets.borrow_and_update().clone();
-                    let key = self.key_for(own.subnet);
+                    let key = self.key_for(own.key());
                     if !view.listed {
                         continue;
                     }
@@ -422,7 +535,7 @@ impl SubnetManager {
     /// A key gone meanwhile is left to the deletion path; one changed again meanwhile is an
     /// error (the caller retries).
     async fn restore(&self, own: &OwnLease) -> Result<()> {
-        let key = self.key_for(own.subnet);
+        let key = self.key_for(own.key());
         let Some(cur) = self.store.get(&key).await? else {
             return Ok(());
         };
@@ -443,11 +556,16 @@ impl SubnetManager {
     }
 
     async fn reacquire(&self, old: &OwnLease) -> Option<OwnLease> {
-        let new = self.acquire(Some(old.subnet)).await?;
-        if new.subnet != old.subnet {
+        let new = self
+            .acquire(Preferred {
+                v4: Some(old.subnet),
+                v6: old.subnet6,
+            })
+            .await?;
+        if new.subnet != old.subnet || new.subnet6 != old.subnet6 {
             error!(
-                old = %old.subnet,
-                new = %new.subnet,
+                old = %old.key(),
+                new = %new.key(),
                 "this node's subnet was taken by another node; pods keep their old addresses until restarted"
             );
         }
@@ -460,7 +578,7 @@ impl SubnetManager {
             info!(subnet = %own.subnet, "keeping the reservation");
             return Ok(());
         }
-        let key = crate::store::keys::subnet_key(keys, own.subnet);
+        let key = format!("{}{}", keys.subnets_prefix(), own.key());
         store.delete(&key).await?;
         let _ = store.revoke(own.etcd_lease).await;
         Ok(())

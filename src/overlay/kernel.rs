@@ -61,7 +61,30 @@ pub trait OverlayKernel: Send + Sync {
         underlay_index: u32,
         d: &OverlayDiff,
     ) -> impl Future<Output = Result<()>> + Send;
-    /// The masquerade table as the kernel lists it; `None` when it does not exist.
+    /// Makes `addr` the only global IPv6 address of interface `index` (added without
+    /// duplicate address detection); true when something changed.
+    fn ensure_only_addr6(
+        &self,
+        index: u32,
+        addr: Ipv6Network,
+    ) -> impl Future<Output = Result<bool>> + Send;
+    /// The IPv6 overlay state tartan owns on the IPv6 VXLAN device `vx_index`.
+    fn read_overlay6(
+        &self,
+        vx_index: u32,
+        underlay_index: u32,
+    ) -> impl Future<Output = Result<OverlayState<V6>>> + Send;
+    /// Applies an IPv6 overlay diff, trying every operation before failing.
+    fn apply_overlay6(
+        &self,
+        vx_index: u32,
+        underlay_index: u32,
+        d: &OverlayDiff<V6>,
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// Enables IPv6 forwarding (dual-stack pods are routed through the node).
+    fn ensure_ip6_forward(&self) -> Result<()>;
+    /// The masquerade tables as the kernel lists them (the `ip` one, then the `ip6` one when
+    /// it exists); `None` when the `ip` one does not exist.
     fn masquerade_listing(&self) -> impl Future<Output = Result<Option<String>>> + Send;
     /// Applies a masquerade script ([`masquerade::script`]) atomically.
     fn apply_masquerade(&self, script: &str) -> impl Future<Output = Result<()>> + Send;
@@ -71,7 +94,7 @@ pub trait OverlayKernel: Send + Sync {
     fn delete_link(&self, name: &str) -> impl Future<Output = Result<bool>> + Send;
     /// Deletes every route tartan owns through `underlay_index`.
     fn delete_owned_routes(&self, underlay_index: u32) -> impl Future<Output = Result<()>> + Send;
-    /// Deletes the masquerade table (absent is fine).
+    /// Deletes the masquerade tables (absent is fine).
     fn delete_masquerade(&self) -> impl Future<Output = Result<()>> + Send;
 }
 
@@ -115,8 +138,39 @@ impl OverlayKernel for HostKernel {
         self.nl.apply_overlay(vx_index, underlay_index, d).await
     }
 
+    async fn ensure_only_addr6(&self, index: u32, addr: Ipv6Network) -> Result<bool> {
+        self.nl.ensure_only_addr6(index, addr).await
+    }
+
+    async fn read_overlay6(&self, vx_index: u32, underlay_index: u32) -> Result<OverlayState<V6>> {
+        self.nl
+            .read_overlay_of::<V6>(vx_index, underlay_index)
+            .await
+    }
+
+    async fn apply_overlay6(
+        &self,
+        vx_index: u32,
+        underlay_index: u32,
+        d: &OverlayDiff<V6>,
+    ) -> Result<()> {
+        self.nl
+            .apply_overlay_of::<V6>(vx_index, underlay_index, d)
+            .await
+    }
+
+    fn ensure_ip6_forward(&self) -> Result<()> {
+        enable_sysctl("/proc/sys/net/ipv6/conf/all/forwarding")
+    }
+
     async fn masquerade_listing(&self) -> Result<Option<String>> {
-        nft_cmd::list_table(masquerade::FAMILY, masquerade::TABLE).await
+        let Some(mut v4) = nft_cmd::list_table(masquerade::FAMILY, masquerade::TABLE).await? else {
+            return Ok(None);
+        };
+        if let Some(v6) = nft_cmd::list_table(masquerade::FAMILY6, masquerade::TABLE).await? {
+            v4.push_str(&v6);
+        }
+        Ok(Some(v4))
     }
 
     async fn apply_masquerade(&self, script: &str) -> Result<()> {
@@ -124,14 +178,7 @@ impl OverlayKernel for HostKernel {
     }
 
     fn ensure_ip_forward(&self) -> Result<()> {
-        let p = "/proc/sys/net/ipv4/ip_forward";
-        if std::fs::read_to_string(p)
-            .map(|s| s.trim() == "1")
-            .unwrap_or(false)
-        {
-            return Ok(());
-        }
-        std::fs::write(p, b"1").with_context(|| format!("enabling {p}"))
+        enable_sysctl("/proc/sys/net/ipv4/ip_forward")
     }
 
     async fn delete_link(&self, name: &str) -> Result<bool> {
@@ -143,8 +190,21 @@ impl OverlayKernel for HostKernel {
     }
 
     async fn delete_masquerade(&self) -> Result<()> {
-        nft_cmd::delete_table(masquerade::FAMILY, masquerade::TABLE).await
+        let v4 = nft_cmd::delete_table(masquerade::FAMILY, masquerade::TABLE).await;
+        nft_cmd::delete_table(masquerade::FAMILY6, masquerade::TABLE).await?;
+        v4
     }
+}
+
+/// Sets the boolean sysctl file `p` to 1 unless it is already.
+fn enable_sysctl(p: &str) -> Result<()> {
+    if std::fs::read_to_string(p)
+        .map(|s| s.trim() == "1")
+        .unwrap_or(false)
+    {
+        return Ok(());
+    }
+    std::fs::write(p, b"1").with_context(|| format!("enabling {p}"))
 }
 
 /// The VXLAN device the overlay wants.

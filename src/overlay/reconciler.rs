@@ -3,6 +3,10 @@
 //! something was removed (debounced), and on a periodic tick. Never acts before the first
 //! complete listing of the leases, so an unreachable etcd never removes anything.
 //!
+//! In a dual-stack network, when this node holds an IPv6 subnet, a second VXLAN device
+//! ([`device_name6`], flannel's `flannel-v6.<VNI>`) over the IPv6 underlay carries the IPv6
+//! peers, with the same plan, diff and repair as the IPv4 one.
+//!
 //! The loop ([`reconcile_loop`]) takes its inputs (own lease, subnet and node mirrors,
 //! kernel notifications) and the kernel ([`OverlayKernel`]) as arguments; [`run`] wires the
 //! real ones.
@@ -22,16 +26,29 @@ use crate::node::subnet_keeper::OwnLease;
 use crate::overlay::events::{KernelChange, KernelEvents, NetlinkEvents, RTMGRP_OVERLAY};
 use crate::overlay::kernel::{DeviceChange, HostKernel, OverlayKernel, VxlanSpec};
 use crate::overlay::plan::{
-    LocalNode, OverlayState, PeerSet, desired_state, diff, peers_from_items,
+    LocalNode, OverlayState, PeerSet, V6, desired_state, diff, peers_from_items,
 };
 use crate::store::etcd::PrefixView;
 
 /// VXLAN header overhead on an IPv4 underlay.
 pub const VXLAN_OVERHEAD: u32 = 50;
+/// VXLAN header overhead on an IPv6 underlay (the IPv6 header is 20 bytes longer).
+pub const VXLAN_OVERHEAD6: u32 = 70;
 
 /// The VXLAN device name for a VNI.
 pub fn device_name(vni: u32) -> String {
     format!("tartan.{vni}")
+}
+
+/// The IPv6 VXLAN device's name for a VNI: `tartan6.<VNI>`, or `tartan6x<VNI in hex>` for
+/// VNIs of eight digits (an interface name has at most 15 characters).
+pub fn device_name6(vni: u32) -> String {
+    let name = format!("tartan6.{vni}");
+    if name.len() <= 15 {
+        name
+    } else {
+        format!("tartan6x{vni:x}")
+    }
 }
 
 /// Fixed inputs of the reconciler.
@@ -43,6 +60,10 @@ pub struct OverlaySettings {
     pub public_ip: std::net::Ipv4Addr,
     /// VTEP MAC.
     pub vtep_mac: MacAddr,
+    /// This node's IPv6 underlay address (the IPv6 VXLAN device's local address), if any.
+    pub public_ipv6: Option<std::net::Ipv6Addr>,
+    /// The IPv6 VTEP's MAC.
+    pub vtep_mac6: MacAddr,
     /// Network config.
     pub cfg: NetworkConfig,
     /// Whether to install the masquerade table.
@@ -60,28 +81,61 @@ pub fn overlay_mtu(underlay_mtu: u32) -> Result<u32> {
     Ok(underlay_mtu - VXLAN_OVERHEAD)
 }
 
+/// The IPv6 VXLAN device's MTU over an IPv6 underlay (IPv6 needs at least 1280).
+pub fn overlay_mtu6(underlay_mtu: u32) -> Result<u32> {
+    if underlay_mtu < 1280 + VXLAN_OVERHEAD6 {
+        bail!("underlay MTU {underlay_mtu} is too small for VXLAN over IPv6 (IPv6 needs 1280)");
+    }
+    Ok(underlay_mtu - VXLAN_OVERHEAD6)
+}
+
+/// The interfaces the overlay lives on, as of the last pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Owned {
+    vx: u32,
+    underlay: u32,
+    vx6: Option<u32>,
+}
+
+impl Owned {
+    fn indices(&self) -> Vec<u32> {
+        [Some(self.vx), Some(self.underlay), self.vx6]
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+}
+
 struct Reconciler<K> {
     kernel: K,
     s: OverlaySettings,
     metrics: Arc<Metrics>,
     masq_applied: Option<(String, String)>,
     /// The desired state and the peer set it was computed from, with their inputs.
-    desired_cache: Option<(DesiredKey, Arc<OverlayState>, Arc<PeerSet>)>,
-    /// Interfaces the overlay lives on (VXLAN device, underlay) as of the last pass; kernel
+    desired_cache: Option<(DesiredKey, Desired, Arc<PeerSet>)>,
+    /// Interfaces the overlay lives on (VXLAN devices, underlay) as of the last pass; kernel
     /// notifications about other interfaces (pod veths, bridges) cannot need a repair.
-    owned: Option<(u32, u32)>,
+    owned: Option<Owned>,
     /// Lease conflicts already logged (each is said once while it lasts).
     reported_conflicts: std::collections::BTreeSet<String>,
 }
 
 /// What the desired overlay state was computed from: the revisions of the subnet and node
-/// views, the own subnet, the underlay networks.
+/// views, the own subnets, the underlay networks.
 type DesiredKey = (
     i64,
     i64,
     ipnetwork::Ipv4Network,
     Vec<ipnetwork::Ipv4Network>,
+    Option<(ipnetwork::Ipv6Network, Vec<ipnetwork::Ipv6Network>)>,
 );
+
+/// The desired state of each family (IPv6 only while the node holds an IPv6 subnet).
+#[derive(Clone)]
+struct Desired {
+    v4: Arc<OverlayState>,
+    v6: Option<Arc<OverlayState<V6>>>,
+}
 
 impl<K: OverlayKernel> Reconciler<K> {
     /// One pass; returns the number of kernel operations it issued.
@@ -103,7 +157,6 @@ impl<K: OverlayKernel> Reconciler<K> {
             mac: self.s.vtep_mac,
         };
         let (vx, change) = self.kernel.ensure_vxlan(&spec).await?;
-        self.owned = Some((vx, iface.index));
         let mut ops = usize::from(change != DeviceChange::Unchanged);
         if change == DeviceChange::Created {
             info!(device = %spec.name, mtu = spec.mtu, "VXLAN device created");
@@ -113,6 +166,61 @@ impl<K: OverlayKernel> Reconciler<K> {
         if self.kernel.ensure_only_addr(vx, addr).await? {
             ops += 1;
         }
+        // The IPv6 half: the node's IPv6 subnet, over its IPv6 underlay address.
+        let local6 = match (own.subnet6, self.s.public_ipv6, &self.s.cfg.ipv6) {
+            (Some(subnet), Some(_), Some(_)) => Some(LocalNode::<V6> {
+                subnet,
+                underlay_networks: iface
+                    .addrs6
+                    .iter()
+                    .map(|a| ipnetwork::Ipv6Network::new(a.network(), a.prefix()).unwrap_or(*a))
+                    .collect(),
+                direct_routing: self.s.cfg.backend.direct_routing,
+            }),
+            _ => None,
+        };
+        let vx6 = match (&local6, self.s.public_ipv6) {
+            (Some(l6), Some(ip6)) => {
+                let spec6 = VxlanSpec {
+                    name: device_name6(self.s.cfg.backend.vni),
+                    local: ip6.into(),
+                    mtu: overlay_mtu6(iface.mtu)?,
+                    mac: self.s.vtep_mac6,
+                    ..spec.clone()
+                };
+                let (vx6, change) = self.kernel.ensure_vxlan(&spec6).await?;
+                ops += usize::from(change != DeviceChange::Unchanged);
+                if change == DeviceChange::Created {
+                    info!(device = %spec6.name, mtu = spec6.mtu, "IPv6 VXLAN device created");
+                }
+                let addr6 = ipnetwork::Ipv6Network::new(l6.subnet.network(), 128)
+                    .context("IPv6 device address")?;
+                if self.kernel.ensure_only_addr6(vx6, addr6).await? {
+                    ops += 1;
+                }
+                Some(vx6)
+            }
+            _ if self.s.cfg.ipv6.is_some() => {
+                // A dual-stack network, but no IPv6 subnet (any more; or no IPv6 underlay
+                // address): no IPv6 device either.
+                if self
+                    .kernel
+                    .delete_link(&device_name6(self.s.cfg.backend.vni))
+                    .await?
+                {
+                    info!("IPv6 VXLAN device removed: this node holds no IPv6 subnet");
+                    ops += 1;
+                }
+                None
+            }
+            // An IPv4 network: nothing IPv6 is touched.
+            _ => None,
+        };
+        self.owned = Some(Owned {
+            vx,
+            underlay: iface.index,
+            vx6,
+        });
         let local = LocalNode {
             subnet: own.subnet,
             underlay_networks: iface
@@ -128,6 +236,9 @@ impl<K: OverlayKernel> Reconciler<K> {
             nodes.revision,
             own.subnet,
             local.underlay_networks.clone(),
+            local6
+                .as_ref()
+                .map(|l| (l.subnet, l.underlay_networks.clone())),
         );
         let desired = match &self.desired_cache {
             Some((k, d, _)) if *k == cache_key => d.clone(),
@@ -152,7 +263,12 @@ impl<K: OverlayKernel> Reconciler<K> {
                     }
                 }
                 self.report_conflicts(&set);
-                let d = Arc::new(desired_state(&local, &set.peers));
+                let d = Desired {
+                    v4: Arc::new(desired_state(&local, &set.peers)),
+                    v6: local6
+                        .as_ref()
+                        .map(|l| Arc::new(desired_state(l, &set.peers6))),
+                };
                 self.desired_cache = Some((cache_key, d.clone(), Arc::new(set)));
                 d
             }
@@ -160,7 +276,7 @@ impl<K: OverlayKernel> Reconciler<K> {
         let t1 = Instant::now();
         let actual = self.kernel.read_overlay(vx, iface.index).await?;
         let t2 = Instant::now();
-        let d = diff(&desired, &actual);
+        let d = diff(&desired.v4, &actual);
         if !d.is_empty() {
             debug!(
                 put_routes = d.put_routes.len(),
@@ -174,11 +290,44 @@ impl<K: OverlayKernel> Reconciler<K> {
             ops += d.len();
             self.kernel.apply_overlay(vx, iface.index, &d).await?;
         }
-        self.metrics.peers.set(desired.routes.len() as i64);
+        self.metrics.peers.set(desired.v4.routes.len() as i64);
+        // In a dual-stack network the IPv6 routes tartan owns are read also without an IPv6
+        // device (index 0 matches no device): direct routes on the underlay left from a
+        // time this node held an IPv6 subnet are removed.
+        let d6 = if self.s.cfg.ipv6.is_some() {
+            let actual6 = self
+                .kernel
+                .read_overlay6(vx6.unwrap_or(0), iface.index)
+                .await?;
+            let empty6 = OverlayState::<V6>::default();
+            diff(desired.v6.as_deref().unwrap_or(&empty6), &actual6)
+        } else {
+            Default::default()
+        };
+        if !d6.is_empty() {
+            debug!(
+                put_routes = d6.put_routes.len(),
+                del_routes = d6.del_routes.len(),
+                put_neigh = d6.put_neighbours.len(),
+                del_neigh = d6.del_neighbours.len(),
+                put_fdb = d6.put_fdb.len(),
+                del_fdb = d6.del_fdb.len(),
+                "applying IPv6 overlay changes"
+            );
+            ops += d6.len();
+            self.kernel
+                .apply_overlay6(vx6.unwrap_or(0), iface.index, &d6)
+                .await?;
+        }
         if self.s.ip_masq {
-            ops += self.ensure_masq(own).await?;
+            ops += self
+                .ensure_masq(own, local6.as_ref().map(|l| l.subnet))
+                .await?;
         }
         self.kernel.ensure_ip_forward()?;
+        if vx6.is_some() {
+            self.kernel.ensure_ip6_forward()?;
+        }
         debug!(
             prepare = ?(t1 - t0),
             read = ?(t2 - t1),
@@ -205,8 +354,19 @@ impl<K: OverlayKernel> Reconciler<K> {
     }
 
     /// Applies the masquerade table when it is missing or differs from what was applied.
-    async fn ensure_masq(&mut self, own: &OwnLease) -> Result<usize> {
-        let body = crate::overlay::masquerade::table_body(self.s.cfg.network, own.subnet);
+    async fn ensure_masq(
+        &mut self,
+        own: &OwnLease,
+        subnet6: Option<ipnetwork::Ipv6Network>,
+    ) -> Result<usize> {
+        let v6 = self
+            .s
+            .cfg
+            .ipv6
+            .as_ref()
+            .zip(subnet6)
+            .map(|(pool, s)| (pool.network, s));
+        let body = crate::overlay::masquerade::table_body(self.s.cfg.network, own.subnet, v6);
         let current = self.kernel.masquerade_listing().await?;
         if let (Some((b, listed)), Some(cur)) = (&self.masq_applied, &current)
             && *b == body
@@ -221,6 +381,7 @@ impl<K: OverlayKernel> Reconciler<K> {
             .apply_masquerade(&crate::overlay::masquerade::script(
                 self.s.cfg.network,
                 own.subnet,
+                v6,
             ))
             .await?;
         let listed = self.kernel.masquerade_listing().await?.unwrap_or_default();
@@ -317,14 +478,14 @@ pub async fn reconcile_loop<K: OverlayKernel, E: KernelEvents>(
     let mut pending_since: Option<Instant> = None;
     let mut failing = false;
     // The interfaces the kernel-side event filter currently lets through.
-    let mut focused: Option<(u32, u32)> = None;
+    let mut focused: Option<Owned> = None;
     loop {
         if r.owned != focused
-            && let Some((vx, ul)) = r.owned
+            && let Some(owned) = r.owned
         {
             // Unfiltered events only cost wake-ups (the pod-veth check below still holds):
             // said once per change of interfaces, not retried.
-            if let Err(e) = events.focus(&[vx, ul]) {
+            if let Err(e) = events.focus(&owned.indices()) {
                 warn!("netlink notifications stay unfiltered: {e:#}");
             }
             focused = r.owned;
@@ -341,7 +502,7 @@ pub async fn reconcile_loop<K: OverlayKernel, E: KernelEvents>(
             ev = events.next() => {
                 match ev {
                     Some(KernelChange::Removal(Some(i)))
-                        if r.owned.is_some_and(|(vx, ul)| i != vx && i != ul) =>
+                        if r.owned.is_some_and(|o| !o.indices().contains(&i)) =>
                     {
                         // A pod's veth, a bridge...: not the overlay's.
                         continue;
@@ -421,8 +582,10 @@ pub async fn teardown(iface: &str, vni: u32) -> Result<()> {
 /// [`teardown`] on the given kernel: every step is tried; the error lists those that failed.
 pub async fn teardown_with<K: OverlayKernel>(kernel: &K, iface: &str, vni: u32) -> Result<()> {
     let mut errors = crate::util::errors::ErrorList::new();
-    if let Err(e) = kernel.delete_link(&device_name(vni)).await {
-        errors.push(format_args!("{e:#}"));
+    for dev in [device_name(vni), device_name6(vni)] {
+        if let Err(e) = kernel.delete_link(&dev).await {
+            errors.push(format_args!("{e:#}"));
+        }
     }
     match kernel.iface(iface).await {
         Ok(i) => {

@@ -207,11 +207,31 @@ fn leases_left_by_an_earlier_config_are_released_and_reservations_kept() {
         e("10.245.5.0/24", None, 8),        // flannel's (matched by IP only): left alone
         e("10.245.6.0/24", Some("n2"), 9),  // another node's
     ];
-    let stale: Vec<String> = stale_own(&existing, "n1", "10.244.9.0/24".parse().unwrap())
+    let kept = SubnetKey::parse("10.244.9.0-24").unwrap();
+    let stale: Vec<String> = stale_own(&existing, "n1", kept)
         .iter()
         .map(|e| e.subnet.to_string())
         .collect();
     assert_eq!(stale, ["10.245.3.0/24", "10.244.10.0/24"]);
+    // The network became dual-stack: the node now holds the same IPv4 subnet under a key
+    // naming its IPv6 subnet too, and the old IPv4-only key is given back.
+    let dual = SubnetKey::parse("10.244.9.0-24&fc00:0:0:1::-64").unwrap();
+    let mut renamed = existing.clone();
+    renamed.push(with_v6(
+        e("10.244.9.0/24", Some("n1"), 6),
+        "fc00:0:0:1::/64",
+    ));
+    let stale: Vec<String> = stale_own(&renamed, "n1", dual)
+        .iter()
+        .map(|e| {
+            format!(
+                "{}{}",
+                e.subnet,
+                e.subnet6.map(|s| format!("&{s}")).unwrap_or_default()
+            )
+        })
+        .collect();
+    assert_eq!(stale, ["10.245.3.0/24", "10.244.9.0/24", "10.244.10.0/24"]);
 }
 
 fn pool6() -> Ipv6Pool {

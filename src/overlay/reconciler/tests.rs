@@ -2,11 +2,11 @@
 //! and hand-made kernel notifications, in paused tokio time (the 30 s resyncs, the 1 s retry
 //! and the 50 ms debounce pass instantly and exactly).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
 
 use anyhow::anyhow;
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tokio::time::Instant as TokioInstant;
 
@@ -19,6 +19,7 @@ use crate::store::etcd::KvItem;
 const RESYNC: Duration = Duration::from_secs(30);
 const UNDERLAY: u32 = 2;
 const VX: u32 = 7;
+const VX6: u32 = 8;
 /// A pod's veth: notifications about it never need a repair.
 const POD_VETH: u32 = 40;
 
@@ -31,6 +32,9 @@ enum Call {
     Read,
     /// An apply attempt (also a failed one) with its diff.
     Apply(OverlayDiff),
+    Read6,
+    Apply6(OverlayDiff<V6>),
+    Ip6Forward,
     MasqList,
     MasqApply,
     IpForward,
@@ -46,6 +50,9 @@ struct World {
     vxlan: Option<VxlanSpec>,
     vx_addrs: Vec<Ipv4Network>,
     overlay: OverlayState,
+    vxlan6: Option<VxlanSpec>,
+    vx6_addrs: Vec<Ipv6Network>,
+    overlay6: OverlayState<V6>,
     masq: Option<String>,
     /// Apply attempts still to fail.
     fail_apply: usize,
@@ -75,21 +82,76 @@ impl OverlayKernel for FakeKernel {
             mtu: 1500,
             mac: None,
             addrs: vec!["192.168.1.1/24".parse().unwrap()],
+            addrs6: vec![],
         })
     }
 
     async fn ensure_vxlan(&self, spec: &VxlanSpec) -> Result<(u32, DeviceChange)> {
+        let v6 = spec.name == device_name6(spec.vni);
         let change = {
             let mut w = self.0.lock().unwrap();
-            if w.vxlan.as_ref() == Some(spec) {
+            let dev = if v6 { &mut w.vxlan6 } else { &mut w.vxlan };
+            if dev.as_ref() == Some(spec) {
                 DeviceChange::Unchanged
             } else {
-                w.vxlan = Some(spec.clone());
+                *dev = Some(spec.clone());
                 DeviceChange::Created
             }
         };
         self.record(Call::EnsureVxlan(change));
-        Ok((VX, change))
+        Ok((if v6 { VX6 } else { VX }, change))
+    }
+
+    async fn ensure_only_addr6(&self, index: u32, addr: Ipv6Network) -> Result<bool> {
+        assert_eq!(index, VX6);
+        let mut w = self.0.lock().unwrap();
+        let changed = w.vx6_addrs != [addr];
+        w.vx6_addrs = vec![addr];
+        Ok(changed)
+    }
+
+    async fn read_overlay6(&self, vx_index: u32, underlay_index: u32) -> Result<OverlayState<V6>> {
+        assert_eq!(underlay_index, UNDERLAY);
+        self.record(Call::Read6);
+        let w = self.0.lock().unwrap();
+        let mut st = w.overlay6.clone();
+        if vx_index != VX6 || w.vxlan6.is_none() {
+            // Only the direct routes on the underlay are seen without the device.
+            st.neighbours.clear();
+            st.fdb.clear();
+            st.routes.retain(|_, v| matches!(v, RouteVia::Underlay(_)));
+        }
+        Ok(st)
+    }
+
+    async fn apply_overlay6(
+        &self,
+        _vx_index: u32,
+        underlay_index: u32,
+        d: &OverlayDiff<V6>,
+    ) -> Result<()> {
+        assert_eq!(underlay_index, UNDERLAY);
+        self.record(Call::Apply6(d.clone()));
+        let mut w = self.0.lock().unwrap();
+        let o = &mut w.overlay6;
+        for (n, _) in &d.del_routes {
+            o.routes.remove(n);
+        }
+        for (ip, _) in &d.del_neighbours {
+            o.neighbours.remove(ip);
+        }
+        for (mac, _) in &d.del_fdb {
+            o.fdb.remove(mac);
+        }
+        o.routes.extend(d.put_routes.iter().copied());
+        o.neighbours.extend(d.put_neighbours.iter().copied());
+        o.fdb.extend(d.put_fdb.iter().copied());
+        Ok(())
+    }
+
+    fn ensure_ip6_forward(&self) -> Result<()> {
+        self.record(Call::Ip6Forward);
+        Ok(())
     }
 
     async fn ensure_only_addr(&self, index: u32, addr: Ipv4Network) -> Result<bool> {
@@ -157,19 +219,34 @@ impl OverlayKernel for FakeKernel {
     async fn delete_link(&self, name: &str) -> Result<bool> {
         self.record(Call::DeleteLink(name.to_string()));
         let mut w = self.0.lock().unwrap();
-        let had = w.vxlan.take().is_some();
+        if w.vxlan6.as_ref().is_some_and(|d| d.name == name) {
+            w.vxlan6 = None;
+            w.vx6_addrs.clear();
+            w.overlay6.neighbours.clear();
+            w.overlay6.fdb.clear();
+            w.overlay6
+                .routes
+                .retain(|_, v| matches!(v, RouteVia::Underlay(_)));
+            return Ok(true);
+        }
+        if w.vxlan.as_ref().is_none_or(|d| d.name != name) {
+            return Ok(false);
+        }
+        w.vxlan = None;
         w.overlay.neighbours.clear();
         w.overlay.fdb.clear();
         w.overlay
             .routes
             .retain(|_, v| matches!(v, RouteVia::Underlay(_)));
-        Ok(had)
+        Ok(true)
     }
 
     async fn delete_owned_routes(&self, underlay_index: u32) -> Result<()> {
         assert_eq!(underlay_index, UNDERLAY);
         self.record(Call::DeleteOwnedRoutes);
-        self.0.lock().unwrap().overlay.routes.clear();
+        let mut w = self.0.lock().unwrap();
+        w.overlay.routes.clear();
+        w.overlay6.routes.clear();
         Ok(())
     }
 
@@ -214,6 +291,58 @@ fn cfg() -> NetworkConfig {
 
 fn mac(n: u8) -> MacAddr {
     MacAddr([2, 0, 0, 0, 0, n])
+}
+
+fn own_subnet6() -> Ipv6Network {
+    "fd00:10:244:1::/64".parse().unwrap()
+}
+
+fn cfg_dual() -> NetworkConfig {
+    NetworkConfig::parse(
+        br#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#,
+    )
+    .unwrap()
+}
+
+/// Node `n`'s IPv6 VTEP MAC.
+fn mac6(n: u8) -> MacAddr {
+    MacAddr([2, 0, 0, 0, 6, n])
+}
+
+/// Node `n`'s IPv6 underlay address.
+fn underlay6(n: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, u16::from(n))
+}
+
+/// Node `n`'s dual-stack lease: [`lease`] plus fd00:10:244:n::/64 over fd00:1::n.
+fn lease_dual(n: u8) -> KvItem {
+    let mut v = LeaseValue::vxlan(
+        Ipv4Addr::new(192, 168, 1, n),
+        1,
+        mac(n),
+        &format!("node{n}"),
+    );
+    v.public_ipv6 = Some(underlay6(n));
+    v.backend_v6_data = Some(serde_json::json!({"VNI": 1, "VtepMAC": mac6(n).to_string()}));
+    raw(
+        &format!("{}&fd00:10:244:{n:x}::-64", subnet_key(n)),
+        &v.to_bytes(),
+    )
+}
+
+/// What the IPv6 device should hold for the dual-stack peers `ns`.
+fn programmed6(ns: &[u8]) -> OverlayState<V6> {
+    let mut st = OverlayState::<V6>::default();
+    for &n in ns {
+        let gw = Ipv6Addr::new(0xfd00, 0x10, 0x244, u16::from(n), 0, 0, 0, 0);
+        st.routes.insert(
+            format!("fd00:10:244:{n:x}::/64").parse().unwrap(),
+            RouteVia::Vxlan(gw),
+        );
+        st.neighbours.insert(gw, mac6(n));
+        st.fdb.insert(mac6(n), underlay6(n));
+    }
+    st
 }
 
 fn subnet_key(n: u8) -> String {
@@ -276,11 +405,20 @@ struct Harness {
     metrics: Arc<Metrics>,
     task: tokio::task::JoinHandle<Result<()>>,
     revision: i64,
+    /// Whether this node's own lease (and [`Harness::list`]'s peers) are dual-stack.
+    dual: bool,
 }
 
 fn start() -> Harness {
+    start_with(false)
+}
+
+/// A loop for node 1; `dual`: in a dual-stack network, holding fd00:10:244:1::/64 too, over
+/// the IPv6 underlay address fd00:1::1.
+fn start_with(dual: bool) -> Harness {
     let own = OwnLease {
         subnet: own_subnet(),
+        subnet6: dual.then(own_subnet6),
         etcd_lease: 1,
     };
     let (own_tx, own_rx) = watch::channel(Some(own));
@@ -295,7 +433,9 @@ fn start() -> Harness {
         iface: "eth0".into(),
         public_ip: Ipv4Addr::new(192, 168, 1, 1),
         vtep_mac: mac(1),
-        cfg: cfg(),
+        public_ipv6: dual.then(|| underlay6(1)),
+        vtep_mac6: mac6(1),
+        cfg: if dual { cfg_dual() } else { cfg() },
         ip_masq: true,
         resync: RESYNC,
     };
@@ -328,6 +468,7 @@ fn start() -> Harness {
         metrics,
         task,
         revision: 1,
+        dual,
     }
 }
 
@@ -335,14 +476,19 @@ impl Harness {
     /// Publishes a complete subnet view: this node's lease and `items`.
     fn subnets(&mut self, items: Vec<KvItem>) {
         self.revision += 1;
-        let mut all = vec![lease(1)];
+        let mut all = vec![if self.dual { lease_dual(1) } else { lease(1) }];
         all.extend(items);
         self.subnets.send_replace(view(true, self.revision, all));
     }
 
     /// Both mirrors listed, with this node and the peers `ns`.
     fn list(&mut self, ns: &[u8]) {
-        self.subnets(ns.iter().map(|&n| lease(n)).collect());
+        let dual = self.dual;
+        self.subnets(
+            ns.iter()
+                .map(|&n| if dual { lease_dual(n) } else { lease(n) })
+                .collect(),
+        );
         self.nodes.send_replace(view(true, 1, Vec::new()));
     }
 
@@ -599,6 +745,7 @@ async fn a_changed_own_subnet_reprograms_the_device_address() {
     let moved: Ipv4Network = "10.244.9.0/24".parse().unwrap();
     h.own.send_replace(Some(OwnLease {
         subnet: moved,
+        subnet6: None,
         etcd_lease: 1,
     }));
     h.settle().await;
@@ -695,4 +842,75 @@ async fn teardown_removes_device_routes_and_masquerade_and_says_what_failed() {
     let e = teardown_with(&k, "eth9", 1).await.unwrap_err();
     assert!(format!("{e:#}").contains("eth9"), "{e:#}");
     assert!(world.lock().unwrap().masq.is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dual_stack_node_runs_an_ipv6_device_beside_the_ipv4_one() {
+    let mut h = start_with(true);
+    h.list(&[2, 3]);
+    h.settle().await;
+    assert_eq!(h.kernel(), programmed(&[2, 3]));
+    {
+        let w = h.world.lock().unwrap();
+        let spec = w.vxlan6.clone().expect("an IPv6 VXLAN device");
+        assert_eq!(
+            (spec.name.as_str(), spec.mtu, spec.vni, spec.local, spec.mac),
+            ("tartan6.1", 1430, 1, underlay6(1).into(), mac6(1)),
+            "MTU - 70 over the IPv6 underlay, its own MAC"
+        );
+        assert_eq!(
+            w.vx6_addrs,
+            ["fd00:10:244:1::/128".parse::<Ipv6Network>().unwrap()]
+        );
+        assert_eq!(w.overlay6, programmed6(&[2, 3]));
+        let masq = w.masq.clone().unwrap();
+        assert!(
+            masq.contains("table ip6 tartan_masq {")
+                && masq.contains("ip6 saddr fd00:10:244:1::/64 ip6 daddr fd00:10:244::/56 return"),
+            "{masq}"
+        );
+    }
+    assert!(h.calls().contains(&Call::Ip6Forward));
+    assert!(
+        h.world
+            .lock()
+            .unwrap()
+            .focused
+            .last()
+            .is_some_and(|f| f.contains(&VX6)),
+        "notifications about the IPv6 device are followed"
+    );
+
+    // Peer 3's IPv6 half loses its BackendV6Data: its IPv6 entries go, its IPv4 ones stay.
+    let mut bad = lease_dual(3);
+    let mut v = LeaseValue::parse(&bad.value).unwrap();
+    v.backend_v6_data = None;
+    bad.value = v.to_bytes();
+    h.subnets(vec![lease_dual(2), bad]);
+    h.settle().await;
+    assert_eq!(h.kernel(), programmed(&[2, 3]));
+    assert_eq!(h.world.lock().unwrap().overlay6, programmed6(&[2]));
+    assert_eq!(h.peers.borrow().ipv6_ignored.len(), 1);
+
+    // Someone deletes an IPv6 route: the notification about the device brings it back.
+    let n2 = "fd00:10:244:2::/64".parse().unwrap();
+    h.world.lock().unwrap().overlay6.routes.remove(&n2);
+    h.events.send(KernelChange::Removal(Some(VX6))).unwrap();
+    tokio::time::sleep(DEBOUNCE * 2).await;
+    h.settle().await;
+    assert_eq!(h.world.lock().unwrap().overlay6, programmed6(&[2]));
+
+    // The node's lease no longer names an IPv6 subnet: the IPv6 device and table go, the
+    // IPv4 overlay stays as it was.
+    h.own.send_replace(Some(OwnLease {
+        subnet: own_subnet(),
+        subnet6: None,
+        etcd_lease: 1,
+    }));
+    h.settle().await;
+    let w = h.world.lock().unwrap();
+    assert!(w.vxlan6.is_none(), "{:?}", w.vxlan6);
+    assert_eq!(w.overlay6, OverlayState::<V6>::default());
+    assert!(!w.masq.clone().unwrap().contains("ip6 saddr"));
+    assert_eq!(w.overlay, programmed(&[2, 3]));
 }
