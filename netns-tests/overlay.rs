@@ -1318,12 +1318,12 @@ fn an_overwritten_own_lease_is_restored_with_its_etcd_lease() -> Result<()> {
 }
 
 #[test]
-fn a_dual_stack_config_and_flannels_dual_stack_leases_are_served_for_ipv4() -> Result<()> {
+fn without_an_ipv6_underlay_flannels_dual_stack_leases_are_served_for_ipv4() -> Result<()> {
     let Some(mut lab) = lab(2, NET16)? else {
         return Ok(());
     };
-    // The config flannel's dual-stack documentation shows; tartand takes its IPv4 half and
-    // says it does not serve the IPv6 one.
+    // The config flannel's dual-stack documentation shows, on nodes without an IPv6 underlay
+    // address: tartand holds an IPv4 subnet and says why it holds no IPv6 one.
     lab.etcdctl(&[
         "put",
         "/coreos.com/network/config",
@@ -1333,7 +1333,7 @@ fn a_dual_stack_config_and_flannels_dual_stack_leases_are_served_for_ipv4() -> R
     lab.wait_subnet(0)?;
     wait_for("the dual-stack warning", Duration::from_secs(20), || {
         let log = std::fs::read_to_string(lab.nodes[0].log_file()).ok()?;
-        log.contains("serves its IPv4 half only").then_some(())
+        log.contains("holds an IPv4 subnet only").then_some(())
     })?;
     // A lease as a dual-stack flannel node writes it (node 2's address as its underlay): the
     // IPv4 subnet is routed over the VXLAN device like any peer's.
@@ -1522,5 +1522,194 @@ fn an_ipv6_vxlan_device_takes_and_loses_its_peers_entries() -> Result<()> {
         ensure!(gone == empty, "left after deleting: {gone:#?}");
         Ok(())
     })??;
+    Ok(())
+}
+
+const DUAL_CONFIG: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#;
+
+/// A node's dual-stack lease as etcd holds it.
+#[derive(Debug, Clone, PartialEq)]
+struct DualLease {
+    key: String,
+    subnet: ipnetwork::Ipv4Network,
+    subnet6: ipnetwork::Ipv6Network,
+    public_ipv6: String,
+    vtep_mac6: String,
+}
+
+/// Node `i`'s dual-stack lease, once it wrote one (the key naming both subnets).
+fn wait_dual_lease(lab: &Lab, i: usize) -> Result<DualLease> {
+    let name = lab.nodes[i].name.clone();
+    wait_for(
+        &format!("{name}'s dual-stack lease"),
+        Duration::from_secs(30),
+        || {
+            let out = lab
+                .etcdctl(&["get", "--prefix", "/coreos.com/network/subnets/"])
+                .ok()?;
+            let lines: Vec<&str> = out.lines().collect();
+            lines.chunks(2).find_map(|kv| {
+                let [key, value] = kv else { return None };
+                let v: serde_json::Value = serde_json::from_str(value).ok()?;
+                if v["NodeName"] != name.as_str() {
+                    return None;
+                }
+                let k =
+                    tartan::model::subnet_lease::SubnetKey::parse(key.rsplit('/').next()?).ok()?;
+                Some(DualLease {
+                    key: key.to_string(),
+                    subnet: k.v4,
+                    subnet6: k.v6?,
+                    public_ipv6: v["PublicIPv6"].as_str()?.to_string(),
+                    vtep_mac6: v["BackendV6Data"]["VtepMAC"].as_str()?.to_string(),
+                })
+            })
+        },
+    )
+}
+
+/// The IPv6 overlay entries a node holds, as `ip -6` and `bridge` print them.
+fn overlay6_text(lab: &Lab, i: usize) -> Result<(String, String, String)> {
+    let ns = &lab.nodes[i].ns;
+    let routes = ip(&["-n", ns, "-6", "route", "show", "proto", "157"])?;
+    let neigh = ip(&["-n", ns, "-6", "neigh", "show", "dev", "tartan6.1"]).unwrap_or_default();
+    let fdb = ns_run(ns, "bridge", &["fdb", "show", "dev", "tartan6.1"]).unwrap_or_default();
+    Ok((routes, neigh, fdb))
+}
+
+/// Three dual-stack nodes (IPv4 and IPv6 underlay): each holds a lease naming both subnets,
+/// with its IPv6 VTEP, runs `tartan6.1` (MTU - 70) with flannel's entries for the two other
+/// nodes' IPv6 subnets, carries TCP between nodes over IPv6, masquerades in its own ip6
+/// table; a restart keeps both subnets, the MAC and the device; a deleted lease takes both
+/// families' routes with it.
+#[test]
+fn a_dual_stack_cluster_carries_ipv6_between_three_nodes() -> Result<()> {
+    let Some(mut lab) = lab(3, NET16)? else {
+        return Ok(());
+    };
+    lab.add_ipv6_underlay()?;
+    lab.etcdctl(&["put", "/coreos.com/network/config", DUAL_CONFIG])?;
+    for i in 0..3 {
+        lab.start_daemon(i, &[])?;
+    }
+    let leases: Vec<DualLease> = (0..3)
+        .map(|i| wait_dual_lease(&lab, i))
+        .collect::<Result<_>>()?;
+    for (i, l) in leases.iter().enumerate() {
+        ensure!(
+            Some(l.public_ipv6.as_str()) == lab.nodes[i].ip6.map(|a| a.to_string()).as_deref(),
+            "{l:?}"
+        );
+        let link = ip(&[
+            "-n",
+            &lab.nodes[i].ns,
+            "-o",
+            "-d",
+            "link",
+            "show",
+            "tartan6.1",
+        ])?;
+        ensure!(
+            link.contains(&format!("link/ether {} ", l.vtep_mac6))
+                && link.contains(" mtu 1430 ")
+                && link.contains("vxlan id 1 ")
+                && link.contains(&format!("local {}", l.public_ipv6)),
+            "{link}"
+        );
+        ensure!(
+            l.vtep_mac6 != vtep_mac(&lab, i)?,
+            "the IPv6 VTEP has its own MAC"
+        );
+    }
+    let s6: Vec<_> = leases.iter().map(|l| l.subnet6).collect();
+    ensure!(s6[0] != s6[1] && s6[1] != s6[2] && s6[0] != s6[2], "{s6:?}");
+    // Flannel's entries on every node for every other node's IPv6 subnet.
+    for i in 0..3 {
+        for (j, l) in leases.iter().enumerate().filter(|(j, _)| *j != i) {
+            let gw = l.subnet6.network();
+            wait_for(
+                &format!("node {j}'s IPv6 entries on node {i}"),
+                Duration::from_secs(20),
+                || {
+                    let (routes, neigh, fdb) = overlay6_text(&lab, i).ok()?;
+                    (routes.contains(&format!("{} via {gw} dev tartan6.1", l.subnet6))
+                        && neigh.contains(&format!("{gw} lladdr {} PERMANENT", l.vtep_mac6))
+                        && fdb.contains(&format!(
+                            "{} dst {} self permanent",
+                            l.vtep_mac6, l.public_ipv6
+                        )))
+                    .then_some(())
+                },
+            )?;
+        }
+    }
+    // TCP from node 1 to node 3's IPv6 device address, through both VXLAN devices.
+    let gw3 = s6[2].network();
+    let listener = in_netns(&lab.nodes[2].ns.clone(), move || {
+        std::net::TcpListener::bind((gw3, 7006))
+    })??;
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            let mut buf = [0u8; 256];
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 || s.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    wait_tcp_echo(&lab.nodes[0].ns, gw3, 7006, Duration::from_secs(20))?;
+    // IPv6 pod traffic leaving the cluster network is masqueraded, in tartan's own table.
+    let masq = ns_run(
+        &lab.nodes[0].ns,
+        "nft",
+        &["list", "table", "ip6", "tartan_masq"],
+    )?;
+    ensure!(
+        masq.contains(&format!(
+            "ip6 saddr {} ip6 daddr fd00:10:244::/56 return",
+            s6[0]
+        )),
+        "{masq}"
+    );
+    // A restart keeps both subnets, the IPv6 VTEP's MAC and the device itself.
+    let before = ifindex(&lab, 0, "tartan6.1")?;
+    lab.stop_daemon(0)?;
+    lab.start_daemon(0, &[])?;
+    wait_for(
+        "node1 to hold its lease again after the restart",
+        Duration::from_secs(30),
+        || {
+            let log = std::fs::read_to_string(lab.nodes[0].log_file()).ok()?;
+            (log.matches("kept the subnet this node held before").count() >= 1).then_some(())
+        },
+    )?;
+    ensure!(
+        wait_dual_lease(&lab, 0)? == leases[0],
+        "the same lease after the restart"
+    );
+    ensure!(
+        ifindex(&lab, 0, "tartan6.1")? == before,
+        "tartan6.1 was re-created"
+    );
+    wait_tcp_echo(&lab.nodes[0].ns, gw3, 7006, Duration::from_secs(20))?;
+    // A dead node whose lease is deleted: both its routes go from every peer.
+    lab.stop_daemon(2)?;
+    lab.etcdctl(&["del", &leases[2].key])?;
+    for i in 0..2 {
+        wait_route(&lab, i, leases[2].subnet, false)?;
+        wait_for(
+            &format!("node 3's IPv6 route gone from node {i}"),
+            Duration::from_secs(20),
+            || {
+                let (routes, neigh, fdb) = overlay6_text(&lab, i).ok()?;
+                (!routes.contains(&s6[2].to_string())
+                    && !neigh.contains(&leases[2].vtep_mac6)
+                    && !fdb.contains(&leases[2].vtep_mac6))
+                .then_some(())
+            },
+        )?;
+    }
+    ensure!(lab.daemon_running(0), "{}", lab.log_tail(0, 30));
     Ok(())
 }

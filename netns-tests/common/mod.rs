@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -72,7 +72,8 @@ pub fn create_service(lab: &Lab, args: &[&str]) -> Result<(Option<Ipv4Addr>, Vec
 pub use tartan::netbench::probe::tcp_echo_server as echo_server;
 
 /// Connects from `ns` to `ip:port`, sends `payload` and checks it comes back unchanged.
-pub fn tcp_echo(ns: &str, ip: Ipv4Addr, port: u16, payload: &[u8]) -> Result<()> {
+pub fn tcp_echo(ns: &str, ip: impl Into<IpAddr>, port: u16, payload: &[u8]) -> Result<()> {
+    let ip = ip.into();
     let payload = payload.to_vec();
     in_netns(ns, move || -> Result<()> {
         let mut s =
@@ -88,7 +89,8 @@ pub fn tcp_echo(ns: &str, ip: Ipv4Addr, port: u16, payload: &[u8]) -> Result<()>
 }
 
 /// Retries [`tcp_echo`] until it succeeds or `deadline` passes.
-pub fn wait_tcp_echo(ns: &str, ip: Ipv4Addr, port: u16, deadline: Duration) -> Result<()> {
+pub fn wait_tcp_echo(ns: &str, ip: impl Into<IpAddr>, port: u16, deadline: Duration) -> Result<()> {
+    let ip = ip.into();
     let start = std::time::Instant::now();
     loop {
         match tcp_echo(ns, ip, port, b"tartan-payload-0123456789") {

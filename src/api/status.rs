@@ -17,6 +17,12 @@ pub struct StatusReport {
     pub reservation: bool,
     /// Peers the overlay programs.
     pub peers: Vec<PeerStatus>,
+    /// This node's IPv6 subnet (dual-stack networks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet6: Option<String>,
+    /// IPv6 peers the IPv6 VXLAN device programs (dual-stack networks).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers6: Vec<PeerStatus>,
     /// Whether the service table was synced.
     pub services_synced: bool,
     /// Last service sync error.

@@ -104,18 +104,12 @@ impl DaemonStatus {
             r.dns = i.dns.as_ref().map(|d| d.report());
             r.subnet = own.as_ref().map(|o| o.subnet.to_string());
             r.reservation = own.as_ref().is_some_and(|o| o.etcd_lease == 0);
+            r.subnet6 = own.as_ref().and_then(|o| o.subnet6).map(|s| s.to_string());
             if let Some(peers) = &i.peers {
                 // The peers as programmed: no lease is decoded per request.
-                r.peers = peers
-                    .borrow()
-                    .peers
-                    .iter()
-                    .map(|p| PeerStatus {
-                        subnet: p.subnet.to_string(),
-                        public_ip: p.public_ip.to_string(),
-                        vtep_mac: p.vtep_mac.to_string(),
-                    })
-                    .collect();
+                let set = peers.borrow();
+                r.peers = set.peers.iter().map(peer_status).collect();
+                r.peers6 = set.peers6.iter().map(peer_status).collect();
             }
             i.proxy.clone()
         };
@@ -261,6 +255,19 @@ async fn read_counters(table: &str) -> Counters {
         *c.balanced.entry((port_key.to_vec(), ip)).or_default() += packets;
     }
     c
+}
+
+/// A programmed peer of either family, for the report.
+fn peer_status<F: crate::overlay::plan::Family>(p: &crate::overlay::plan::Peer<F>) -> PeerStatus
+where
+    F::Net: std::fmt::Display,
+    F::Addr: std::fmt::Display,
+{
+    PeerStatus {
+        subnet: p.subnet.to_string(),
+        public_ip: p.public_ip.to_string(),
+        vtep_mac: p.vtep_mac.to_string(),
+    }
 }
 
 #[cfg(test)]

@@ -28,6 +28,9 @@ pub const NETNS_DIR: &str = "/var/run/netns";
 pub const UNDERLAY: [u8; 3] = [192, 168, 77];
 /// The infra namespace's underlay address (etcd listens here).
 pub const INFRA_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 1);
+/// The IPv6 underlay of [`Lab::add_ipv6_underlay`]: the infra's bridge is `fd00:77::1`, node
+/// `i` (from 1) `fd00:77::<10 + i>`, in one /64.
+pub const UNDERLAY6: [u16; 2] = [0xfd00, 0x77];
 /// The etcd client port.
 pub const ETCD_PORT: u16 = 2379;
 
@@ -288,6 +291,8 @@ pub struct LabNode {
     pub ns: String,
     /// Underlay address on `eth0`.
     pub ip: Ipv4Addr,
+    /// IPv6 underlay address on `eth0`, once [`Lab::add_ipv6_underlay`] gave one.
+    pub ip6: Option<std::net::Ipv6Addr>,
     /// Working directory (subnet.env, state, logs).
     pub dir: PathBuf,
     /// The running tartand, if any.
@@ -438,10 +443,44 @@ impl Lab {
             name: format!("node{i}"),
             ns,
             ip: node_ip,
+            ip6: None,
             dir,
             daemon: None,
         });
         Ok(i - 1)
+    }
+
+    /// Gives the underlay IPv6 too (see [`UNDERLAY6`]): every node's `eth0` and the infra's
+    /// bridge get an address in one /64, without duplicate address detection (usable at
+    /// once, as a dual-stack node's would be by the time its daemon starts).
+    pub fn add_ipv6_underlay(&mut self) -> Result<()> {
+        let [a, b] = UNDERLAY6;
+        let addr = |host: u16| std::net::Ipv6Addr::new(a, b, 0, 0, 0, 0, 0, host);
+        ip(&[
+            "-n",
+            &self.infra,
+            "addr",
+            "add",
+            &format!("{}/64", addr(1)),
+            "dev",
+            "br0",
+            "nodad",
+        ])?;
+        for (i, n) in self.nodes.iter_mut().enumerate() {
+            let a6 = addr(11 + i as u16);
+            ip(&[
+                "-n",
+                &n.ns,
+                "addr",
+                "add",
+                &format!("{a6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            n.ip6 = Some(a6);
+        }
+        Ok(())
     }
 
     /// The etcd endpoints (every member) as seen from the nodes, comma separated.
