@@ -1568,6 +1568,25 @@ fn wait_dual_lease(lab: &Lab, i: usize) -> Result<DualLease> {
     )
 }
 
+/// A TCP echo server on `addr:port` in the namespace `ns` (for the rest of the test).
+fn echo_server6(ns: &str, addr: std::net::Ipv6Addr, port: u16) -> Result<()> {
+    let listener = in_netns(ns, move || std::net::TcpListener::bind((addr, port)))?
+        .with_context(|| format!("listening on [{addr}]:{port} in {ns}"))?;
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 256];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
 /// The IPv6 overlay entries a node holds, as `ip -6` and `bridge` print them.
 fn overlay6_text(lab: &Lab, i: usize) -> Result<(String, String, String)> {
     let ns = &lab.nodes[i].ns;
@@ -1579,8 +1598,9 @@ fn overlay6_text(lab: &Lab, i: usize) -> Result<(String, String, String)> {
 
 /// Three dual-stack nodes (IPv4 and IPv6 underlay): each holds a lease naming both subnets,
 /// with its IPv6 VTEP, runs `tartan6.1` (MTU - 70) with flannel's entries for the two other
-/// nodes' IPv6 subnets, carries TCP between nodes over IPv6, masquerades in its own ip6
-/// table; a restart keeps both subnets, the MAC and the device; a deleted lease takes both
+/// nodes' IPv6 subnets, carries TCP between nodes over IPv6, writes flannel's IPv6 keys in
+/// subnet.env; pods get both addresses at once and talk across nodes per family; IPv6 is
+/// masqueraded in its own ip6 table; a restart keeps both subnets, the MAC and the device; a deleted lease takes both
 /// families' routes with it.
 #[test]
 fn a_dual_stack_cluster_carries_ipv6_between_three_nodes() -> Result<()> {
@@ -1645,20 +1665,50 @@ fn a_dual_stack_cluster_carries_ipv6_between_three_nodes() -> Result<()> {
     }
     // TCP from node 1 to node 3's IPv6 device address, through both VXLAN devices.
     let gw3 = s6[2].network();
-    let listener = in_netns(&lab.nodes[2].ns.clone(), move || {
-        std::net::TcpListener::bind((gw3, 7006))
-    })??;
-    std::thread::spawn(move || {
-        for mut s in listener.incoming().flatten() {
-            let mut buf = [0u8; 256];
-            while let Ok(n) = s.read(&mut buf) {
-                if n == 0 || s.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-        }
-    });
+    echo_server6(&lab.nodes[2].ns, gw3, 7006)?;
     wait_tcp_echo(&lab.nodes[0].ns, gw3, 7006, Duration::from_secs(20))?;
+    // subnet.env carries flannel's IPv6 keys, and one MTU both families fit in.
+    let env = std::fs::read_to_string(lab.nodes[0].subnet_file())?;
+    let first6 = std::net::Ipv6Addr::from(u128::from(s6[0].network()) + 1);
+    ensure!(
+        env.contains("FLANNEL_IPV6_NETWORK=fd00:10:244::/56\n")
+            && env.contains(&format!("FLANNEL_IPV6_SUBNET={first6}/64\n"))
+            && env.contains("FLANNEL_MTU=1430\n"),
+        "{env}"
+    );
+    // Pods get an address of each family, usable at once (no duplicate address detection),
+    // with a default route per family, and reach each other across nodes over IPv6.
+    let p1 = lab.add_cni_pod(0, "dual-a", &[])?;
+    let p3 = lab.add_cni_pod(2, "dual-b", &[])?;
+    for (p, i) in [(&p1, 0), (&p3, 2)] {
+        let ip6 = p.ip6.context("no IPv6 address in the ADD result")?;
+        ensure!(s6[i].contains(ip6), "{ip6} outside {}", s6[i]);
+        let host = u32::from(p.ip) - u32::from(leases[i].subnet.network());
+        ensure!(
+            u128::from(ip6) - u128::from(s6[i].network()) == u128::from(host),
+            "{ip6} does not pair with {}",
+            p.ip
+        );
+        let addrs = ip(&["-n", &p.ns, "-6", "addr", "show", "dev", "eth0"])?;
+        ensure!(
+            addrs.contains(&format!("inet6 {ip6}/64")) && !addrs.contains("tentative"),
+            "{addrs}"
+        );
+        let routes = ip(&["-n", &p.ns, "-6", "route", "show", "default"])?;
+        let gw = std::net::Ipv6Addr::from(u128::from(s6[i].network()) + 1);
+        ensure!(
+            routes.contains(&format!("default via {gw} dev eth0")),
+            "{routes}"
+        );
+    }
+    let (a6, b6) = (p1.ip6.context("pod a")?, p3.ip6.context("pod b")?);
+    echo_server6(&p3.ns, b6, 7007)?;
+    wait_tcp_echo(&p1.ns, b6, 7007, Duration::from_secs(20))?;
+    // The other way, and IPv4 between the same pods.
+    echo_server6(&p1.ns, a6, 7007)?;
+    wait_tcp_echo(&p3.ns, a6, 7007, Duration::from_secs(20))?;
+    echo_server(&p3.ns, 7008)?;
+    wait_tcp_echo(&p1.ns, p3.ip, 7008, Duration::from_secs(20))?;
     // IPv6 pod traffic leaving the cluster network is masqueraded, in tartan's own table.
     let masq = ns_run(
         &lab.nodes[0].ns,

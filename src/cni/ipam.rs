@@ -9,6 +9,10 @@
 //! | `ip/<address>` | the [`AllocationRecord`] (JSON) of an allocated address |
 //! | `by-id/<container-id>:<ifname>` | a hard link to the record (the fast lookup: its address); a symlink to the address in directories written before |
 //!
+//! In a dual-stack network a record holds the pod's IPv6 address too: the node's IPv6
+//! subnet with the IPv4 address's host part (`10.244.3.7` ↔ `fd00:10:244:3::7`), unique on
+//! the node because the IPv4 address is, and readable at a glance.
+//!
 //! Crash safety: a record is written to a temporary file, linked into the index, then renamed
 //! into place (one inode per allocation: creating inodes is the dearest part of IPAM on a
 //! busy ext4); the index entry exists before the record and is removed after it, so every
@@ -20,11 +24,11 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::io::ErrorKind;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use nix::fcntl::{Flock, FlockArg, OFlag};
 use serde::{Deserialize, Serialize};
 
@@ -65,6 +69,12 @@ pub struct AllocationRecord {
     /// The CNI network name (the IPAM subdirectory).
     #[serde(default)]
     pub network: String,
+    /// The pod's IPv6 address (dual-stack networks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<Ipv6Addr>,
+    /// Prefix length of the node's IPv6 subnet the IPv6 address came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix6: Option<u8>,
 }
 
 impl AllocationRecord {
@@ -112,6 +122,23 @@ pub fn usable_range(subnet: Ipv4Network) -> Option<(u32, u32)> {
     let net = u32::from(subnet.network());
     let bcast = u32::from(subnet.broadcast());
     Some((net + 2, bcast - 1))
+}
+
+/// The IPv6 address paired with `ip` of `subnet` in the IPv6 subnet `subnet6`: the same host
+/// part. `None` when the IPv6 subnet has fewer host bits than the IPv4 one.
+pub fn ipv6_for(ip: Ipv4Addr, subnet: Ipv4Network, subnet6: Ipv6Network) -> Option<Ipv6Addr> {
+    let host = u32::from(ip).checked_sub(u32::from(subnet.network()))?;
+    if 128 - u32::from(subnet6.prefix()) < 32 - u32::from(subnet.prefix()) {
+        return None;
+    }
+    Some(Ipv6Addr::from(
+        u128::from(subnet6.network()) | u128::from(host),
+    ))
+}
+
+/// The gateway of a node's IPv6 subnet: its first address.
+pub fn gateway6(subnet6: Ipv6Network) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(subnet6.network()).wrapping_add(1))
 }
 
 /// The gateway of a node subnet: its first address.
@@ -370,6 +397,26 @@ impl IpamStore {
         req: &AllocationRequest,
         subnet: Ipv4Network,
     ) -> Result<AllocationRecord, CniError> {
+        self.allocate_dual(req, subnet, None)
+    }
+
+    /// [`IpamStore::allocate`] in a dual-stack network: with `subnet6`, the record holds the
+    /// paired IPv6 address ([`ipv6_for`]) too; a record from before the node had an IPv6
+    /// subnet gets it.
+    pub fn allocate_dual(
+        &self,
+        req: &AllocationRequest,
+        subnet: Ipv4Network,
+        subnet6: Option<Ipv6Network>,
+    ) -> Result<AllocationRecord, CniError> {
+        if let Some(s6) = subnet6
+            && 128 - u32::from(s6.prefix()) < 32 - u32::from(subnet.prefix())
+        {
+            return Err(CniError::new(
+                code::ADDRESSES_EXHAUSTED,
+                format!("the node's IPv6 subnet {s6} is smaller than its IPv4 subnet {subnet}"),
+            ));
+        }
         let network = self
             .dir
             .file_name()
@@ -393,6 +440,8 @@ impl IpamStore {
             labels: req.labels.clone(),
             netns: req.netns.clone(),
             network: network.clone(),
+            ip6: subnet6.and_then(|s6| ipv6_for(ip, subnet, s6)),
+            prefix6: subnet6.map(|s6| s6.prefix()),
         };
         if let Some(ip) = self.read_index(&idx)?
             && let Some(old) = self.read_record(ip)?

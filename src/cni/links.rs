@@ -12,16 +12,17 @@
 //! pod namespace, the pair goes with it anyway.
 
 use std::fs::File;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use futures::{StreamExt, TryStreamExt};
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use netlink_packet_core::{
     NLM_F_ACK, NLM_F_CREATE, NLM_F_ECHO, NLM_F_EXCL, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_route::RouteNetlinkMessage;
+use netlink_packet_route::address::{AddressAttribute, AddressFlags};
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
@@ -258,6 +259,27 @@ pub async fn ensure_gateway(
     }
 }
 
+/// [`ensure_gateway`] for the IPv6 gateway of a dual-stack node, added without duplicate
+/// address detection.
+pub async fn ensure_gateway6(
+    nl: &Netlink,
+    bridge: &Bridge,
+    gateway: Ipv6Network,
+) -> Result<(), CniError> {
+    let mut req =
+        nl.handle()
+            .address()
+            .add(bridge.index, IpAddr::V6(gateway.ip()), gateway.prefix());
+    req.message_mut()
+        .attributes
+        .push(AddressAttribute::Flags(AddressFlags::Nodad));
+    match req.execute().await {
+        Ok(()) => Ok(()),
+        Err(e) if is_exists(&e) => Ok(()),
+        Err(e) => Err(kernel(format!("adding gateway {gateway}"), e)),
+    }
+}
+
 /// What the veth pair of one attachment looks like.
 #[derive(Debug, Clone)]
 pub struct VethSpec {
@@ -469,6 +491,7 @@ pub async fn configure_pod_iface(
     known_index: Option<u32>,
     addr: Ipv4Network,
     gateway: Ipv4Addr,
+    v6: Option<(Ipv6Network, Ipv6Addr)>,
 ) -> Result<(), CniError> {
     // The index the host end reported for its peer saves a look-up; a new interface is down.
     let (index, is_up) = match known_index {
@@ -520,8 +543,39 @@ pub async fn configure_pod_iface(
             .await
             .map_err(|e| kernel(format!("default route via {gateway}"), e))
     };
-    let (u, a, r) = futures::join!(up, address, route);
-    u.and(a).and(r)
+    let ipv6 = async {
+        let Some((addr6, gw6)) = v6 else {
+            return Ok(());
+        };
+        let mut req = nl
+            .handle()
+            .address()
+            .add(index, IpAddr::V6(addr6.ip()), addr6.prefix());
+        req.message_mut()
+            .attributes
+            .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        match req.execute().await {
+            Ok(()) => {}
+            Err(e) if is_exists(&e) => {}
+            Err(e) => return Err(kernel(format!("adding {addr6} to {ifname}"), e)),
+        }
+        let msg = RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
+            .gateway(gw6)
+            .output_interface(index)
+            .protocol(RouteProtocol::Boot)
+            .table_id(u32::from(RouteHeader::RT_TABLE_MAIN))
+            .build();
+        nl.handle()
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| kernel(format!("default route via {gw6}"), e))
+    };
+    let (u, a, r, six) = futures::join!(up, address, route, ipv6);
+    u.and(a).and(r).and(six)
 }
 
 /// What CHECK reads back about the container interface.
@@ -533,6 +587,8 @@ pub struct PodIface {
     pub up: bool,
     /// IPv4 addresses.
     pub addrs: Vec<Ipv4Network>,
+    /// Global IPv6 addresses.
+    pub addrs6: Vec<Ipv6Network>,
     /// IPv4 routes of the main table through it: destination and gateway.
     pub routes: Vec<(Ipv4Network, Option<Ipv4Addr>)>,
 }
@@ -551,6 +607,10 @@ pub async fn read_pod_iface(nl: &Netlink, ifname: &str) -> Result<Option<PodIfac
         .ipv4_addrs(index)
         .await
         .map_err(|e| kernel("reading addresses", e))?;
+    let addrs6 = nl
+        .ipv6_addrs(index)
+        .await
+        .map_err(|e| kernel("reading IPv6 addresses", e))?;
     let msgs: Vec<RouteMessage> = nl
         .handle()
         .route()
@@ -585,6 +645,7 @@ pub async fn read_pod_iface(nl: &Netlink, ifname: &str) -> Result<Option<PodIfac
         mac: link_mac(&link).map(|m| format_mac(&m)).unwrap_or_default(),
         up: link.header.flags.contains(LinkFlags::Up),
         addrs,
+        addrs6,
         routes,
     }))
 }
@@ -637,14 +698,26 @@ fn refuse_node_namespace(path: &Path, netns: &File) -> Result<(), CniError> {
 /// calling thread enters the namespace, opens the socket (a socket stays in the namespace it
 /// was created in) and returns to its own namespace at once. A handle that is not a network
 /// namespace is error code 4.
-pub fn netlink_in(netns: &File) -> Result<Netlink, CniError> {
+///
+/// With `no_dad`, interfaces created in the namespace from then on skip IPv6 duplicate
+/// address detection (`net.ipv6.conf.default.accept_dad = 0` there), so a dual-stack pod's
+/// addresses are usable at once.
+pub fn netlink_in(netns: &File, no_dad: bool) -> Result<Netlink, CniError> {
     let own = File::open("/proc/thread-self/ns/net")
         .map_err(|e| CniError::kernel(format!("opening this thread's namespace: {e}")))?;
     setns(netns, CloneFlags::CLONE_NEWNET)
         .map_err(|e| CniError::env(format!("CNI_NETNS is not a network namespace: {e}")))?;
+    let dad = if no_dad {
+        // /proc/sys/net is the namespace of the thread that opens the file.
+        std::fs::write("/proc/sys/net/ipv6/conf/default/accept_dad", b"0")
+            .map_err(|e| CniError::kernel(format!("turning off IPv6 DAD in the container: {e}")))
+    } else {
+        Ok(())
+    };
     let nl = Netlink::connect();
     setns(&own, CloneFlags::CLONE_NEWNET)
         .map_err(|e| CniError::kernel(format!("returning to the node's network namespace: {e}")))?;
+    dad?;
     nl.map_err(|e| kernel("netlink in the container", e))
 }
 

@@ -5,11 +5,11 @@
 use std::collections::HashSet;
 use std::fs::File;
 use std::io::ErrorKind;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use std::time::Duration;
 
-use ipnetwork::{IpNetwork, Ipv4Network};
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use serde_json::{Map, Value};
 
 use super::bounded_read::{self, FileReadError, SUBNET_ENV_LIMIT};
@@ -105,10 +105,20 @@ struct AddPlan<'a> {
     subnet: Ipv4Network,
     gw: Ipv4Addr,
     gw_net: Ipv4Network,
+    /// The IPv6 half of a dual-stack node (subnet.env's `FLANNEL_IPV6_SUBNET`).
+    v6: Option<Plan6>,
     mtu: u32,
     host: String,
     /// The result's `dns` (the cluster DNS, with the pod namespace's search list).
     dns: Value,
+}
+
+/// The IPv6 half of an ADD: the node's IPv6 subnet and its gateway on the bridge.
+#[derive(Clone, Copy)]
+struct Plan6 {
+    subnet: Ipv6Network,
+    gw: Ipv6Addr,
+    gw_net: Ipv6Network,
 }
 
 /// The kernel side of ADD: both netlink sockets and what the links are built from.
@@ -119,6 +129,8 @@ struct AddKernel<'a> {
     plan: &'a AddPlan<'a>,
     store: &'a IpamStore,
     addr: Ipv4Network,
+    /// The pod's IPv6 address (dual-stack).
+    addr6: Option<Ipv6Network>,
 }
 
 fn add(env: &CniEnv, conf: &NetConf) -> Result<String, CniError> {
@@ -132,7 +144,9 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<String, CniError> {
     let (nl, pod_nl) = {
         let _g = rt.enter();
         let nl = Netlink::connect().map_err(|e| CniError::kernel(format!("netlink: {e:#}")))?;
-        (nl, links::netlink_in(&plan.netns)?)
+        // Dual-stack: no duplicate address detection in the pod (its address is unique by
+        // IPAM; detection would hold it back for a second, the known +1 s of dual-stack ADDs).
+        (nl, links::netlink_in(&plan.netns, plan.v6.is_some())?)
     };
     tl.mark("netlink");
 
@@ -141,6 +155,13 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<String, CniError> {
     tl.mark("ipam");
     let addr = Ipv4Network::new(rec.ip, plan.subnet.prefix())
         .map_err(|e| CniError::kernel(format!("address {}: {e}", rec.ip)))?;
+    let addr6 = match (plan.v6, rec.ip6) {
+        (Some(p6), Some(ip6)) => Some(
+            Ipv6Network::new(ip6, p6.subnet.prefix())
+                .map_err(|e| CniError::kernel(format!("address {ip6}: {e}")))?,
+        ),
+        _ => None,
+    };
     let mut spec = VethSpec {
         host: plan.host.clone(),
         host_mac: links::mac_for(MAC_KIND_HOST, rec.ip),
@@ -157,6 +178,7 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<String, CniError> {
         plan: &plan,
         store: &store,
         addr,
+        addr6,
     };
     let outcome = rt.block_on(add_links(&kernel, &mut spec, hint, &mut tl));
     tl.mark("kernel");
@@ -168,7 +190,7 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<String, CniError> {
         }
     };
 
-    let result = add_result(conf, &plan, &bridge, &spec, addr);
+    let result = add_result(conf, &plan, &bridge, &spec, addr, addr6);
     if let Err(e) = plan.daemon.sync() {
         // The pod is set up; tartand's directory check registers it within a second.
         log(&format!("ADD {}: nudging tartand failed: {e}", plan.cid));
@@ -194,6 +216,18 @@ fn add_checks<'a>(env: &'a CniEnv, conf: &NetConf) -> Result<AddPlan<'a>, CniErr
     let gw = ipam::gateway(subnet);
     let gw_net = Ipv4Network::new(gw, subnet.prefix())
         .map_err(|e| CniError::kernel(format!("gateway of {subnet}: {e}")))?;
+    let v6 = match senv.ipv6 {
+        Some(e6) => {
+            let gw = ipam::gateway6(e6.subnet);
+            Some(Plan6 {
+                subnet: e6.subnet,
+                gw,
+                gw_net: Ipv6Network::new(gw, e6.subnet.prefix())
+                    .map_err(|e| CniError::kernel(format!("gateway of {}: {e}", e6.subnet)))?,
+            })
+        }
+        None => None,
+    };
     let mtu = conf.mtu.unwrap_or(senv.mtu);
     let host = links::host_veth_name(cid, ifname);
     let dns = senv
@@ -211,6 +245,7 @@ fn add_checks<'a>(env: &'a CniEnv, conf: &NetConf) -> Result<AddPlan<'a>, CniErr
         subnet,
         gw,
         gw_net,
+        v6,
         mtu,
         host,
         dns,
@@ -235,7 +270,7 @@ fn add_allocate(
     plan: &AddPlan<'_>,
     store: &IpamStore,
 ) -> Result<AllocationRecord, CniError> {
-    store.allocate(
+    store.allocate_dual(
         &AllocationRequest {
             container_id: plan.cid.to_string(),
             ifname: plan.ifname.to_string(),
@@ -245,6 +280,7 @@ fn add_allocate(
             netns: plan.netns_path.to_string_lossy().into_owned(),
         },
         plan.subnet,
+        plan.v6.map(|p| p.subnet),
     )
 }
 
@@ -270,6 +306,9 @@ async fn add_links(
         }
     };
     tl.mark("veth");
+    if let Some(p6) = k.plan.v6 {
+        links::ensure_gateway6(k.nl, &br, p6.gw_net).await?;
+    }
     let hairpin = async {
         if k.conf.hairpin_mode {
             links::set_hairpin(k.nl, &k.plan.host).await
@@ -277,7 +316,8 @@ async fn add_links(
             Ok(())
         }
     };
-    let pod = links::configure_pod_iface(k.pod_nl, k.plan.ifname, pod_index, k.addr, k.plan.gw);
+    let v6 = k.addr6.zip(k.plan.v6.map(|p| p.gw));
+    let pod = links::configure_pod_iface(k.pod_nl, k.plan.ifname, pod_index, k.addr, k.plan.gw, v6);
     let (h, p) = futures::join!(hairpin, pod);
     h.and(p).map(|()| br)
 }
@@ -342,9 +382,10 @@ fn add_result(
     bridge: &Bridge,
     spec: &VethSpec,
     addr: Ipv4Network,
+    addr6: Option<Ipv6Network>,
 ) -> CniResult {
     let gw = plan.gw;
-    let ours = CniResult {
+    let mut ours = CniResult {
         interfaces: vec![
             Interface {
                 name: conf.bridge.clone(),
@@ -381,6 +422,19 @@ fn add_result(
         }],
         dns: plan.dns.clone(),
     };
+    if let (Some(a6), Some(p6)) = (addr6, plan.v6) {
+        ours.ips.push(IpConfig {
+            address: IpNetwork::V6(a6),
+            gateway: Some(IpAddr::V6(p6.gw)),
+            interface: Some(2),
+            extra: Map::new(),
+        });
+        ours.routes.push(Route {
+            dst: IpNetwork::V6(Ipv6Network::new(Ipv6Addr::UNSPECIFIED, 0).unwrap_or(a6)),
+            gw: Some(IpAddr::V6(p6.gw)),
+            extra: Map::new(),
+        });
+    }
     match conf.prev_result.clone() {
         Some(mut prev) => {
             prev.append(ours);
@@ -479,7 +533,7 @@ fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
     let iface = {
         let pod_nl = {
             let _g = rt.enter();
-            links::netlink_in(&netns)?
+            links::netlink_in(&netns, false)?
         };
         rt.block_on(links::read_pod_iface(&pod_nl, ifname))?
     };
@@ -584,6 +638,16 @@ fn check_pod_iface(
         return Err(check_failed(format!(
             "{ifname} does not hold {want_addr} (has {:?})",
             iface.addrs
+        )));
+    }
+    // Dual-stack: the IPv6 address the allocation names too.
+    if let (Some(ip6), Some(p6)) = (rec.ip6, rec.prefix6)
+        && let Ok(want6) = Ipv6Network::new(ip6, p6)
+        && !iface.addrs6.contains(&want6)
+    {
+        return Err(check_failed(format!(
+            "{ifname} does not hold {want6} (has {:?})",
+            iface.addrs6
         )));
     }
     for (dst, gw) in wants.routes {

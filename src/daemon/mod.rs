@@ -20,8 +20,8 @@ use crate::kernel::netlink::Netlink;
 use crate::metrics::Metrics;
 use crate::model::netconf::NetworkConfig;
 use crate::model::service::{AddressGuard, RangeContext, check_service_cidr};
-use crate::model::subnet_env::SubnetEnv;
-use crate::model::subnet_lease::MacAddr;
+use crate::model::subnet_env::{Ipv6Env, SubnetEnv};
+use crate::model::subnet_lease::{MacAddr, SubnetKey};
 use crate::node::lock::{OwnedPath, PathKind};
 use crate::node::state_file::{NodeState, state_path, vtep_mac_for, vtep_mac6_for};
 use crate::node::subnet_keeper::{KeepOutcome, NodeIdentity, OwnLease, Preferred, SubnetManager};
@@ -194,6 +194,8 @@ struct Identity {
     iface: crate::kernel::netlink::Iface,
     /// The VXLAN device's MTU.
     mtu: u32,
+    /// The IPv6 VXLAN device's MTU (when the underlay is large enough for VXLAN over IPv6).
+    mtu6: Option<u32>,
     state_file: PathBuf,
     /// The subnets the state file remembers.
     preferred: Preferred,
@@ -342,6 +344,7 @@ async fn identify(args: &DaemonArgs, name: &str) -> Result<Identity> {
         .public_ipv6
         .or_else(|| iface.addrs6.first().map(|a| a.ip()));
     let mtu = overlay_mtu(iface.mtu)?;
+    let mtu6 = crate::overlay::reconciler::overlay_mtu6(iface.mtu).ok();
     let state_file = state_path(&args.state_dir, name);
     let state = match NodeState::load(&state_file) {
         Ok(s) => s,
@@ -373,6 +376,7 @@ async fn identify(args: &DaemonArgs, name: &str) -> Result<Identity> {
         },
         iface,
         mtu,
+        mtu6,
         state_file,
         preferred,
     })
@@ -390,8 +394,8 @@ struct Feeds {
 struct Dataplane {
     overlay: tokio::task::JoinHandle<Result<()>>,
     proxy: tokio::task::JoinHandle<Result<()>>,
-    /// The subnet the overlay is programmed for (subnet.env is written from it).
-    ready: watch::Receiver<Option<Ipv4Network>>,
+    /// The subnets the overlay is programmed for (subnet.env is written from them).
+    ready: watch::Receiver<Option<SubnetKey>>,
 }
 
 /// Starts the liveness record, the pod registrar, the service proxy and the overlay
@@ -535,11 +539,21 @@ async fn supervise(
     // subnet.env is the node's readiness for CNI (and flannel's contract): written once the
     // overlay is programmed for the subnet, as flannel writes it after its backend is up.
     let dns = dns_settings(args, cfg).ok().flatten();
-    let write_env = |subnet| {
+    let write_env = |key: SubnetKey| {
+        let ipv6 = cfg.ipv6.as_ref().zip(key.v6).map(|(pool, subnet)| Ipv6Env {
+            network: pool.network,
+            subnet,
+        });
         let env = SubnetEnv {
             network: cfg.network,
-            subnet,
-            mtu: id.mtu,
+            subnet: key.v4,
+            // One MTU for both families of a pod: the smaller (the IPv6 device's, 20 bytes
+            // less over an IPv6 underlay), so neither family's packets exceed their device.
+            mtu: match (ipv6, id.mtu6) {
+                (Some(_), Some(m6)) => id.mtu.min(m6),
+                _ => id.mtu,
+            },
+            ipv6,
             ipmasq: args.ip_masq,
             cluster_dns: dns.as_ref().map(|d| crate::model::subnet_env::ClusterDns {
                 ip: d.dns_ip,
@@ -581,8 +595,8 @@ async fn supervise(
             r = ready_rx.changed(), if overlay_running => {
                 match r {
                     Ok(()) => {
-                        if let Some(subnet) = *ready_rx.borrow_and_update() {
-                            write_env(subnet);
+                        if let Some(key) = *ready_rx.borrow_and_update() {
+                            write_env(key);
                         }
                     }
                     // The reconciler stopped (it logged why).

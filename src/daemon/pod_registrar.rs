@@ -688,6 +688,8 @@ mod tests {
             labels: [("app".to_string(), "web".to_string())].into(),
             netns: String::new(),
             network: "tartan".into(),
+            ip6: None,
+            prefix6: None,
         }
     }
 

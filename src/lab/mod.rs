@@ -334,6 +334,8 @@ pub struct LabPod {
     pub ns: String,
     /// Address.
     pub ip: Ipv4Addr,
+    /// IPv6 address (a dual-stack pod's, from its ADD result).
+    pub ip6: Option<std::net::Ipv6Addr>,
 }
 
 /// A cluster in network namespaces; everything is removed on drop.
@@ -979,6 +981,7 @@ impl Lab {
         Ok(LabPod {
             ns: pod_ns,
             ip: pod_ip,
+            ip6: None,
         })
     }
 
@@ -1064,7 +1067,14 @@ impl Lab {
             .unwrap_or_default()
             .parse()
             .with_context(|| format!("ADD result address {ip_text:?}"))?;
-        Ok(LabPod { ns, ip: addr })
+        // A dual-stack pod's IPv6 address is the result's other entry.
+        let ip6 = v["ips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["address"].as_str()?.split('/').next()?.parse().ok())
+            .next();
+        Ok(LabPod { ns, ip: addr, ip6 })
     }
 
     /// Removes a pod started with [`Lab::add_cni_pod`] (tartan-cni DEL, then its namespace).

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow};
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 
 use crate::model::DecodeError;
 
@@ -24,6 +24,18 @@ pub struct SubnetEnv {
     /// `TARTAN_CLUSTER_DNS` and `TARTAN_CLUSTER_DOMAIN`: the cluster DNS the CNI result
     /// hands to pods (tartan's own keys; flannel's readers ignore them).
     pub cluster_dns: Option<ClusterDns>,
+    /// `FLANNEL_IPV6_NETWORK` and `FLANNEL_IPV6_SUBNET`: the IPv6 half of a dual-stack node.
+    pub ipv6: Option<Ipv6Env>,
+}
+
+/// The IPv6 half of `subnet.env` (flannel's dual-stack keys).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv6Env {
+    /// `FLANNEL_IPV6_NETWORK`: the whole IPv6 cluster network.
+    pub network: Ipv6Network,
+    /// `FLANNEL_IPV6_SUBNET`: the node's IPv6 subnet, written as its first address with the
+    /// prefix (`fd00:10:244:3::1/64`).
+    pub subnet: Ipv6Network,
 }
 
 /// The cluster DNS pods are told about.
@@ -55,6 +67,21 @@ impl SubnetEnv {
             self.mtu,
             self.ipmasq
         );
+        if let Some(v6) = &self.ipv6 {
+            let net = u128::from(v6.subnet.network());
+            let first = if v6.subnet.prefix() < 128 {
+                net + 1
+            } else {
+                net
+            };
+            s.push_str(&format!(
+                "FLANNEL_IPV6_NETWORK={}/{}\nFLANNEL_IPV6_SUBNET={}/{}\n",
+                v6.network.network(),
+                v6.network.prefix(),
+                std::net::Ipv6Addr::from(first),
+                v6.subnet.prefix()
+            ));
+        }
         if let Some(d) = &self.cluster_dns {
             s.push_str(&format!(
                 "TARTAN_CLUSTER_DNS={}\nTARTAN_CLUSTER_DOMAIN={}\n",
@@ -72,6 +99,7 @@ impl SubnetEnv {
         let mut mtu = None;
         let mut ipmasq = false;
         let (mut dns_ip, mut domain) = (None, None);
+        let (mut network6, mut subnet6) = (None, None);
         for line in text.lines() {
             let Some((k, v)) = line.trim().split_once('=') else {
                 continue;
@@ -102,6 +130,23 @@ impl SubnetEnv {
                     )
                 }
                 "FLANNEL_IPMASQ" => ipmasq = v.trim() == "true",
+                "FLANNEL_IPV6_NETWORK" => {
+                    network6 = Some(
+                        v.trim()
+                            .parse::<Ipv6Network>()
+                            .map_err(|_| bad("FLANNEL_IPV6_NETWORK", v, "is not an IPv6 CIDR"))?,
+                    )
+                }
+                "FLANNEL_IPV6_SUBNET" => {
+                    let n: Ipv6Network = v
+                        .trim()
+                        .parse()
+                        .map_err(|_| bad("FLANNEL_IPV6_SUBNET", v, "is not an IPv6 CIDR"))?;
+                    subnet6 = Some(
+                        Ipv6Network::new(n.network(), n.prefix())
+                            .map_err(|_| bad("FLANNEL_IPV6_SUBNET", v, "is invalid"))?,
+                    );
+                }
                 "TARTAN_CLUSTER_DNS" => {
                     dns_ip = Some(
                         v.trim()
@@ -135,6 +180,12 @@ impl SubnetEnv {
                 ip,
                 domain: domain.unwrap_or_else(|| "cluster.local".into()),
             }),
+            ipv6: match (network6, subnet6) {
+                (None, None) => None,
+                (Some(network), Some(subnet)) => Some(Ipv6Env { network, subnet }),
+                (Some(_), None) => return Err(DecodeError::missing("FLANNEL_IPV6_SUBNET")),
+                (None, Some(_)) => return Err(DecodeError::missing("FLANNEL_IPV6_NETWORK")),
+            },
         })
     }
 
@@ -189,6 +240,7 @@ mod tests {
                 ip: "10.96.0.10".parse().unwrap(),
                 domain: "cluster.local".into(),
             }),
+            ipv6: None,
         };
         assert_eq!(SubnetEnv::parse(&e.render()).unwrap(), e);
         let bad = e.render().replace("cluster.local", "bad..domain");
@@ -204,6 +256,7 @@ mod tests {
             mtu: 1450,
             ipmasq: true,
             cluster_dns: None,
+            ipv6: None,
         };
         let t = e.render();
         assert_eq!(
@@ -213,6 +266,38 @@ mod tests {
         assert_eq!(SubnetEnv::parse(&t).unwrap(), e);
         assert!(SubnetEnv::parse("FLANNEL_NETWORK=x").is_err());
         assert!(SubnetEnv::parse("").is_err());
+    }
+
+    #[test]
+    fn the_dual_stack_keys_are_flannels_and_come_in_pairs() {
+        let e = SubnetEnv {
+            network: "10.244.0.0/16".parse().unwrap(),
+            subnet: "10.244.3.0/24".parse().unwrap(),
+            mtu: 1430,
+            ipmasq: true,
+            cluster_dns: None,
+            ipv6: Some(Ipv6Env {
+                network: "fd00:10:244::/56".parse().unwrap(),
+                subnet: "fd00:10:244:3::/64".parse().unwrap(),
+            }),
+        };
+        let t = e.render();
+        assert!(
+            t.ends_with(
+                "FLANNEL_IPV6_NETWORK=fd00:10:244::/56\nFLANNEL_IPV6_SUBNET=fd00:10:244:3::1/64\n"
+            ),
+            "{t}"
+        );
+        assert_eq!(SubnetEnv::parse(&t).unwrap(), e);
+        let half = t.replace("FLANNEL_IPV6_SUBNET=fd00:10:244:3::1/64\n", "");
+        let err = SubnetEnv::parse(&half).unwrap_err().to_string();
+        assert!(err.contains("FLANNEL_IPV6_SUBNET"), "{err}");
+        let bad = t.replace("fd00:10:244:3::1/64", "10.0.0.1/24");
+        let err = SubnetEnv::parse(&bad).unwrap_err().to_string();
+        assert!(
+            err.contains("FLANNEL_IPV6_SUBNET") && err.contains("IPv6"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -226,6 +311,7 @@ mod tests {
                 mtu: 0,
                 ipmasq: false,
                 cluster_dns: None,
+                ipv6: None,
             };
             assert_eq!(SubnetEnv::parse(&e.render()).unwrap(), e, "{s}");
         }
@@ -241,6 +327,7 @@ mod tests {
             mtu: 1400,
             ipmasq: false,
             cluster_dns: None,
+            ipv6: None,
         };
         e.write_atomic(&p).unwrap();
         assert_eq!(

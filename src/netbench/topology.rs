@@ -227,7 +227,11 @@ fn flannel_pod(lab: &mut Lab, node_ns: &str, k: u8, n: u8) -> Result<LabPod> {
         &format!("{pod_ip}/24"),
         &format!("10.246.{k}.1"),
     )?;
-    Ok(LabPod { ns, ip: pod_ip })
+    Ok(LabPod {
+        ns,
+        ip: pod_ip,
+        ip6: None,
+    })
 }
 
 /// The tartan pods the paths use: `pod-a` and `pod-a2` on node 1, `pod-b` on node 2, `pod-c`

@@ -20,7 +20,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::metrics::Metrics;
 use crate::model::netconf::NetworkConfig;
-use crate::model::subnet_lease::MacAddr;
+use crate::model::subnet_lease::{MacAddr, SubnetKey};
 use crate::node::liveness::live_claims;
 use crate::node::subnet_keeper::OwnLease;
 use crate::overlay::events::{KernelChange, KernelEvents, NetlinkEvents, RTMGRP_OVERLAY};
@@ -399,7 +399,7 @@ pub async fn run(
     own_rx: watch::Receiver<Option<OwnLease>>,
     subnets_rx: watch::Receiver<Arc<PrefixView>>,
     nodes_rx: watch::Receiver<Arc<PrefixView>>,
-    ready_tx: watch::Sender<Option<ipnetwork::Ipv4Network>>,
+    ready_tx: watch::Sender<Option<SubnetKey>>,
     peers_tx: watch::Sender<Arc<PeerSet>>,
 ) -> Result<()> {
     let kernel = HostKernel::connect()?;
@@ -428,9 +428,9 @@ pub struct OverlayInputs {
 
 /// What the reconcile loop tells the rest of the daemon.
 pub struct OverlayOutputs {
-    /// The node's subnet, once the overlay has been programmed for it (the device, the
+    /// The node's subnets, once the overlay has been programmed for them (the devices, the
     /// peers known so far, masquerading): subnet.env may be written.
-    pub ready: watch::Sender<Option<ipnetwork::Ipv4Network>>,
+    pub ready: watch::Sender<Option<SubnetKey>>,
     /// The peer set the last successful pass programmed (peers, skipped records, lease
     /// conflicts), for `/status`; empty until then, unchanged by failed passes.
     pub peers: watch::Sender<Arc<PeerSet>>,
@@ -543,8 +543,8 @@ pub async fn reconcile_loop<K: OverlayKernel, E: KernelEvents>(
                     });
                 }
                 ready_tx.send_if_modified(|r| {
-                    let first = *r != Some(own.subnet);
-                    *r = Some(own.subnet);
+                    let first = *r != Some(own.key());
+                    *r = Some(own.key());
                     first
                 });
                 if failing {

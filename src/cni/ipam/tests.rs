@@ -289,6 +289,8 @@ fn leftovers_of_killed_processes_are_reclaimed() {
             labels: BTreeMap::new(),
             netns: String::new(),
             network: "n".into(),
+            ip6: None,
+            prefix6: None,
         })
         .unwrap(),
     )
@@ -329,4 +331,33 @@ fn paths_never_leave_the_data_dir() {
     assert!(child(&t.0, "..").is_err());
     assert!(child(&t.0, "x/../../y").is_err());
     assert!(child(&t.0, "ok:eth0").is_ok());
+}
+
+#[test]
+fn a_dual_stack_pod_gets_the_ipv6_address_with_its_ipv4_host_part() {
+    let t = TmpDir::new("ipam-dual");
+    let s = IpamStore::open(&t.0, "n").unwrap();
+    let subnet = net("10.244.3.0/24");
+    let s6: Ipv6Network = "fd00:10:244:3::/64".parse().unwrap();
+    // A pod from before the node was dual-stack gets its IPv6 address on its next ADD.
+    let old = s.allocate(&req("old"), subnet).unwrap();
+    assert_eq!((old.ip6, old.prefix6), (None, None));
+    let again = s.allocate_dual(&req("old"), subnet, Some(s6)).unwrap();
+    assert_eq!(again.ip, old.ip);
+    assert_eq!(again.ip6, Some("fd00:10:244:3::2".parse().unwrap()));
+    assert_eq!(again.prefix6, Some(64));
+    assert_eq!(s.get("old", "eth0").unwrap(), Some(again));
+    let b = s.allocate_dual(&req("b"), subnet, Some(s6)).unwrap();
+    assert_eq!(b.ip, Ipv4Addr::new(10, 244, 3, 3));
+    assert_eq!(b.ip6, Some("fd00:10:244:3::3".parse().unwrap()));
+    assert_eq!(
+        gateway6(s6),
+        "fd00:10:244:3::1".parse::<Ipv6Addr>().unwrap()
+    );
+    // An IPv6 subnet with fewer host bits than the IPv4 one cannot pair every address.
+    let e = s
+        .allocate_dual(&req("c"), subnet, Some("fd00::/124".parse().unwrap()))
+        .unwrap_err();
+    assert_eq!(e.code, code::ADDRESSES_EXHAUSTED, "{e}");
+    assert!(e.msg.contains("smaller than its IPv4 subnet"), "{e}");
 }

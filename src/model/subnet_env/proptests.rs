@@ -24,16 +24,30 @@ fn arb_net() -> impl Strategy<Value = Ipv4Network> {
     })
 }
 
+fn arb_net6() -> impl Strategy<Value = ipnetwork::Ipv6Network> {
+    (any::<u128>(), 0u8..=128).prop_map(|(ip, len)| {
+        let n =
+            ipnetwork::Ipv6Network::new(std::net::Ipv6Addr::from(ip), len).expect("prefix 0..=128");
+        ipnetwork::Ipv6Network::new(n.network(), len).expect("prefix 0..=128")
+    })
+}
+
 fn arb_env() -> impl Strategy<Value = SubnetEnv> {
-    (arb_net(), arb_net(), any::<u32>(), any::<bool>()).prop_map(
-        |(network, subnet, mtu, ipmasq)| SubnetEnv {
+    (
+        arb_net(),
+        arb_net(),
+        any::<u32>(),
+        any::<bool>(),
+        proptest::option::of((arb_net6(), arb_net6())),
+    )
+        .prop_map(|(network, subnet, mtu, ipmasq, v6)| SubnetEnv {
             network,
             subnet,
             mtu,
             ipmasq,
             cluster_dns: None,
-        },
-    )
+            ipv6: v6.map(|(network, subnet)| super::Ipv6Env { network, subnet }),
+        })
 }
 
 /// One change to the file's lines.

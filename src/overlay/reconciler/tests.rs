@@ -399,7 +399,7 @@ struct Harness {
     subnets: watch::Sender<Arc<PrefixView>>,
     nodes: watch::Sender<Arc<PrefixView>>,
     events: UnboundedSender<KernelChange>,
-    ready: watch::Receiver<Option<Ipv4Network>>,
+    ready: watch::Receiver<Option<SubnetKey>>,
     peers: watch::Receiver<Arc<PeerSet>>,
     world: Shared,
     metrics: Arc<Metrics>,
@@ -547,7 +547,7 @@ async fn nothing_is_touched_before_both_mirrors_were_listed() {
     assert_eq!(calls[1], Call::EnsureVxlan(DeviceChange::Created));
     assert_eq!(h.applies().len(), 1, "{calls:?}");
     assert_eq!(h.kernel(), programmed(&[2]));
-    assert_eq!(*h.ready.borrow(), Some(own_subnet()));
+    assert_eq!(h.ready.borrow().map(|k| k.v4), Some(own_subnet()));
     let spec = h.world.lock().unwrap().vxlan.clone().unwrap();
     assert_eq!(
         (spec.name.as_str(), spec.mtu, spec.vni),
@@ -699,7 +699,7 @@ async fn a_failed_apply_is_retried_every_second_until_it_lands() {
     assert_eq!(a[1].1 - t0, RETRY_AFTER);
     assert_eq!(a[2].1 - t0, RETRY_AFTER * 2);
     assert_eq!(h.kernel(), programmed(&[2]));
-    assert_eq!(*h.ready.borrow(), Some(own_subnet()));
+    assert_eq!(h.ready.borrow().map(|k| k.v4), Some(own_subnet()));
     assert_eq!(h.metrics.reconcile_errors.get(), 2);
     // Back to the resync period once it landed.
     tokio::time::sleep(RESYNC - RETRY_AFTER).await;
@@ -753,7 +753,7 @@ async fn a_changed_own_subnet_reprograms_the_device_address() {
         h.world.lock().unwrap().vx_addrs,
         ["10.244.9.0/32".parse::<Ipv4Network>().unwrap()]
     );
-    assert_eq!(*h.ready.borrow(), Some(moved));
+    assert_eq!(h.ready.borrow().map(|k| k.v4), Some(moved));
     let masq = h.world.lock().unwrap().masq.clone().unwrap();
     assert!(masq.contains("10.244.9.0/24"), "{masq}");
     assert!(
