@@ -22,7 +22,6 @@ use netlink_packet_core::{
     NLM_F_ACK, NLM_F_CREATE, NLM_F_ECHO, NLM_F_EXCL, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_route::RouteNetlinkMessage;
-use netlink_packet_route::address::{AddressAttribute, AddressFlags};
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
@@ -266,14 +265,7 @@ pub async fn ensure_gateway6(
     bridge: &Bridge,
     gateway: Ipv6Network,
 ) -> Result<(), CniError> {
-    let mut req =
-        nl.handle()
-            .address()
-            .add(bridge.index, IpAddr::V6(gateway.ip()), gateway.prefix());
-    req.message_mut()
-        .attributes
-        .push(AddressAttribute::Flags(AddressFlags::Nodad));
-    match req.execute().await {
+    match nl.add_addr6_nodad(bridge.index, gateway, false).await {
         Ok(()) => Ok(()),
         Err(e) if is_exists(&e) => Ok(()),
         Err(e) => Err(kernel(format!("adding gateway {gateway}"), e)),
@@ -547,14 +539,7 @@ pub async fn configure_pod_iface(
         let Some((addr6, gw6)) = v6 else {
             return Ok(());
         };
-        let mut req = nl
-            .handle()
-            .address()
-            .add(index, IpAddr::V6(addr6.ip()), addr6.prefix());
-        req.message_mut()
-            .attributes
-            .push(AddressAttribute::Flags(AddressFlags::Nodad));
-        match req.execute().await {
+        match nl.add_addr6_nodad(index, addr6, false).await {
             Ok(()) => {}
             Err(e) if is_exists(&e) => {}
             Err(e) => return Err(kernel(format!("adding {addr6} to {ifname}"), e)),

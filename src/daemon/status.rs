@@ -282,7 +282,7 @@ mod tests {
         let cfg = NetworkConfig::parse(br#"{"Network":"10.244.0.0/16"}"#).unwrap();
         let (_own_tx, own_rx) = watch::channel(Some(OwnLease {
             subnet: "10.244.1.0/24".parse().unwrap(),
-            subnet6: None,
+            subnet6: Some("fd00:10:244:1::/64".parse().unwrap()),
             etcd_lease: 7,
         }));
         let (peers_tx, peers_rx) = watch::channel(Arc::<PeerSet>::default());
@@ -295,6 +295,11 @@ mod tests {
                 subnet: "10.244.2.0/24".parse().unwrap(),
                 public_ip: "192.168.1.2".parse().unwrap(),
                 vtep_mac: MacAddr([2, 0, 0, 0, 0, 2]),
+            }],
+            peers6: vec![Peer {
+                subnet: "fd00:10:244:2::/64".parse().unwrap(),
+                public_ip: "fd00:1::2".parse().unwrap(),
+                vtep_mac: MacAddr([2, 0, 0, 0, 6, 2]),
             }],
             skipped: vec!["garbage".into()],
             conflicts: vec![LeaseConflict {
@@ -312,6 +317,15 @@ mod tests {
                 "subnet": "10.244.2.0/24",
                 "publicIp": "192.168.1.2",
                 "vtepMac": "02:00:00:00:00:02",
+            }])
+        );
+        assert_eq!(json["subnet6"], "fd00:10:244:1::/64");
+        assert_eq!(
+            json["peers6"],
+            serde_json::json!([{
+                "subnet": "fd00:10:244:2::/64",
+                "publicIp": "fd00:1::2",
+                "vtepMac": "02:00:00:00:06:02",
             }])
         );
         assert_eq!(json["network"], "10.244.0.0/16");

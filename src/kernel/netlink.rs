@@ -137,8 +137,8 @@ impl Netlink {
         }
     }
 
-    /// IPv4 addresses on interface `index`.
-    pub async fn ipv4_addrs(&self, index: u32) -> Result<Vec<Ipv4Network>> {
+    /// Every address message of interface `index` (both families, one dump).
+    async fn addr_msgs(&self, index: u32) -> Result<Vec<AddressMessage>> {
         let msgs: Vec<AddressMessage> = self
             .handle
             .address()
@@ -148,76 +148,20 @@ impl Netlink {
             .try_collect()
             .await
             .context("listing addresses")?;
-        let mut out = Vec::new();
-        for m in msgs {
-            if m.header.index != index || m.header.family != AddressFamily::Inet {
-                continue;
-            }
-            let addr = m.attributes.iter().find_map(|a| match a {
-                AddressAttribute::Local(IpAddr::V4(v)) => Some(*v),
-                _ => None,
-            });
-            let addr = addr.or_else(|| {
-                m.attributes.iter().find_map(|a| match a {
-                    AddressAttribute::Address(IpAddr::V4(v)) => Some(*v),
-                    _ => None,
-                })
-            });
-            if let Some(a) = addr
-                && let Ok(n) = Ipv4Network::new(a, m.header.prefix_len)
-            {
-                out.push(n);
-            }
-        }
-        Ok(out)
+        Ok(msgs
+            .into_iter()
+            .filter(|m| m.header.index == index)
+            .collect())
+    }
+
+    /// IPv4 addresses on interface `index`.
+    pub async fn ipv4_addrs(&self, index: u32) -> Result<Vec<Ipv4Network>> {
+        Ok(v4_addrs(&self.addr_msgs(index).await?))
     }
 
     /// Global IPv6 addresses on interface `index` (see [`Iface::addrs6`]).
     pub async fn ipv6_addrs(&self, index: u32) -> Result<Vec<Ipv6Network>> {
-        self.ipv6_addrs_of(index, true).await
-    }
-
-    /// Global IPv6 addresses on interface `index`; with `usable_only`, not those still
-    /// tentative or failed in duplicate address detection.
-    async fn ipv6_addrs_of(&self, index: u32, usable_only: bool) -> Result<Vec<Ipv6Network>> {
-        let msgs: Vec<AddressMessage> = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .execute()
-            .try_collect()
-            .await
-            .context("listing addresses")?;
-        let mut out = Vec::new();
-        for m in msgs {
-            if m.header.index != index || m.header.family != AddressFamily::Inet6 {
-                continue;
-            }
-            // IFA_F_TENTATIVE (0x40) and IFA_F_DADFAILED (0x08): not usable (yet).
-            let flags = m
-                .attributes
-                .iter()
-                .find_map(|a| match a {
-                    AddressAttribute::Flags(f) => Some(f.bits()),
-                    _ => None,
-                })
-                .unwrap_or(u32::from(m.header.flags.bits()));
-            if usable_only && flags & (0x40 | 0x08) != 0 {
-                continue;
-            }
-            let addr = m.attributes.iter().find_map(|a| match a {
-                AddressAttribute::Address(IpAddr::V6(v)) => Some(*v),
-                _ => None,
-            });
-            if let Some(a) = addr
-                && is_global6(a)
-                && let Ok(n) = Ipv6Network::new(a, m.header.prefix_len)
-            {
-                out.push(n);
-            }
-        }
-        Ok(out)
+        Ok(v6_addrs(&self.addr_msgs(index).await?, true))
     }
 
     /// Index, MTU, MAC and IPv4 and global IPv6 addresses of the interface `name`.
@@ -227,12 +171,13 @@ impl Netlink {
             .await?
             .ok_or_else(|| anyhow!("interface {name} does not exist"))?;
         let index = link.header.index;
+        let msgs = self.addr_msgs(index).await?;
         Ok(Iface {
             index,
             mtu: link_mtu(&link),
             mac: link_mac(&link),
-            addrs: self.ipv4_addrs(index).await?,
-            addrs6: self.ipv6_addrs(index).await?,
+            addrs: v4_addrs(&msgs),
+            addrs6: v6_addrs(&msgs, true),
         })
     }
 
@@ -284,18 +229,10 @@ impl Netlink {
     /// the kernel gives every device stays), added without duplicate address detection, so
     /// it is usable at once; returns whether something changed.
     pub async fn ensure_only_addr6(&self, index: u32, addr: Ipv6Network) -> Result<bool> {
-        let have = self.ipv6_addrs_of(index, false).await?;
+        let have = v6_addrs(&self.addr_msgs(index).await?, false);
         let mut changed = false;
         if !have.contains(&addr) {
-            let mut req = self
-                .handle
-                .address()
-                .add(index, IpAddr::V6(addr.ip()), addr.prefix())
-                .replace();
-            req.message_mut()
-                .attributes
-                .push(AddressAttribute::Flags(AddressFlags::Nodad));
-            req.execute()
+            self.add_addr6_nodad(index, addr, true)
                 .await
                 .with_context(|| format!("adding address {addr}"))?;
             changed = true;
@@ -318,6 +255,28 @@ impl Netlink {
         Ok(changed)
     }
 
+    /// Adds an IPv6 address without duplicate address detection (usable at once: IPAM or the
+    /// lease made it unique), replacing an identical one with `replace`; the kernel's answer
+    /// is returned as is, so callers can take EEXIST as "there already".
+    pub async fn add_addr6_nodad(
+        &self,
+        index: u32,
+        addr: Ipv6Network,
+        replace: bool,
+    ) -> std::result::Result<(), rtnetlink::Error> {
+        let mut req = self
+            .handle
+            .address()
+            .add(index, IpAddr::V6(addr.ip()), addr.prefix());
+        if replace {
+            req = req.replace();
+        }
+        req.message_mut()
+            .attributes
+            .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        req.execute().await
+    }
+
     /// Adds an address (replacing an identical one).
     pub async fn add_addr(&self, index: u32, addr: Ipv4Network) -> Result<()> {
         self.handle
@@ -328,6 +287,54 @@ impl Netlink {
             .await
             .with_context(|| format!("adding address {addr}"))
     }
+}
+
+/// The IPv4 addresses among `msgs` (the local address, else the address).
+fn v4_addrs(msgs: &[AddressMessage]) -> Vec<Ipv4Network> {
+    msgs.iter()
+        .filter(|m| m.header.family == AddressFamily::Inet)
+        .filter_map(|m| {
+            let local = m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(IpAddr::V4(v)) => Some(*v),
+                _ => None,
+            });
+            let a = local.or_else(|| {
+                m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Address(IpAddr::V4(v)) => Some(*v),
+                    _ => None,
+                })
+            })?;
+            Ipv4Network::new(a, m.header.prefix_len).ok()
+        })
+        .collect()
+}
+
+/// The global IPv6 addresses among `msgs`; with `usable_only`, not those still tentative
+/// (IFA_F_TENTATIVE, 0x40) or failed in duplicate address detection (IFA_F_DADFAILED, 0x08).
+fn v6_addrs(msgs: &[AddressMessage], usable_only: bool) -> Vec<Ipv6Network> {
+    msgs.iter()
+        .filter(|m| m.header.family == AddressFamily::Inet6)
+        .filter(|m| {
+            let flags = m
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    AddressAttribute::Flags(f) => Some(f.bits()),
+                    _ => None,
+                })
+                .unwrap_or(u32::from(m.header.flags.bits()));
+            !usable_only || flags & (0x40 | 0x08) == 0
+        })
+        .filter_map(|m| {
+            let a = m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(IpAddr::V6(v)) => Some(*v),
+                _ => None,
+            })?;
+            is_global6(a)
+                .then(|| Ipv6Network::new(a, m.header.prefix_len).ok())
+                .flatten()
+        })
+        .collect()
 }
 
 /// Whether `a` can be an underlay address: not loopback, unspecified, multicast or

@@ -141,7 +141,7 @@ impl SubnetManager {
     }
 
     fn key_for(&self, key: SubnetKey) -> String {
-        format!("{}{key}", self.keys.subnets_prefix())
+        crate::store::keys::subnet_key(&self.keys, key)
     }
 
     /// Whether this node takes an IPv6 subnet: the network is dual-stack and the node has an
@@ -578,7 +578,7 @@ impl SubnetManager {
             info!(subnet = %own.subnet, "keeping the reservation");
             return Ok(());
         }
-        let key = format!("{}{}", keys.subnets_prefix(), own.key());
+        let key = crate::store::keys::subnet_key(keys, own.key());
         store.delete(&key).await?;
         let _ = store.revoke(own.etcd_lease).await;
         Ok(())

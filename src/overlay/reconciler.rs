@@ -278,15 +278,7 @@ impl<K: OverlayKernel> Reconciler<K> {
         let t2 = Instant::now();
         let d = diff(&desired.v4, &actual);
         if !d.is_empty() {
-            debug!(
-                put_routes = d.put_routes.len(),
-                del_routes = d.del_routes.len(),
-                put_neigh = d.put_neighbours.len(),
-                del_neigh = d.del_neighbours.len(),
-                put_fdb = d.put_fdb.len(),
-                del_fdb = d.del_fdb.len(),
-                "applying overlay changes"
-            );
+            log_diff("IPv4", &d);
             ops += d.len();
             self.kernel.apply_overlay(vx, iface.index, &d).await?;
         }
@@ -305,15 +297,7 @@ impl<K: OverlayKernel> Reconciler<K> {
             Default::default()
         };
         if !d6.is_empty() {
-            debug!(
-                put_routes = d6.put_routes.len(),
-                del_routes = d6.del_routes.len(),
-                put_neigh = d6.put_neighbours.len(),
-                del_neigh = d6.del_neighbours.len(),
-                put_fdb = d6.put_fdb.len(),
-                del_fdb = d6.del_fdb.len(),
-                "applying IPv6 overlay changes"
-            );
+            log_diff("IPv6", &d6);
             ops += d6.len();
             self.kernel
                 .apply_overlay6(vx6.unwrap_or(0), iface.index, &d6)
@@ -388,6 +372,23 @@ impl<K: OverlayKernel> Reconciler<K> {
         self.masq_applied = Some((body, listed));
         Ok(1)
     }
+}
+
+/// Says at debug level what a pass changes in one family's overlay.
+fn log_diff<F: crate::overlay::plan::Family>(
+    family: &str,
+    d: &crate::overlay::plan::OverlayDiff<F>,
+) {
+    debug!(
+        family,
+        put_routes = d.put_routes.len(),
+        del_routes = d.del_routes.len(),
+        put_neigh = d.put_neighbours.len(),
+        del_neigh = d.del_neighbours.len(),
+        put_fdb = d.put_fdb.len(),
+        del_fdb = d.del_fdb.len(),
+        "applying overlay changes"
+    );
 }
 
 /// Runs the reconcile loop forever on this host's kernel. `ready_tx` gets the node's subnet

@@ -5,11 +5,9 @@
 
 use std::net::Ipv4Addr;
 
-use ipnetwork::Ipv4Network;
-
 use crate::model::pod::PodRecord;
 use crate::model::service::Protocol;
-use crate::model::subnet_lease::subnet_to_key;
+use crate::model::subnet_lease::SubnetKey;
 use crate::store::etcd::EtcdArgs;
 
 impl EtcdArgs {
@@ -29,9 +27,10 @@ impl EtcdArgs {
     }
 }
 
-/// The key of the lease of `subnet` (flannel's format).
-pub fn subnet_key(keys: &EtcdArgs, subnet: Ipv4Network) -> String {
-    format!("{}{}", keys.subnets_prefix(), subnet_to_key(subnet))
+/// The key of a lease naming `key`'s subnets (flannel's format: `10.244.3.0-24`, or
+/// dual-stack `10.244.3.0-24&fd00:10:244:3::-64`).
+pub fn subnet_key(keys: &EtcdArgs, key: SubnetKey) -> String {
+    format!("{}{key}", keys.subnets_prefix())
 }
 
 /// The prefix of every node record.

@@ -133,19 +133,7 @@ impl OverlayKernel for FakeKernel {
         assert_eq!(underlay_index, UNDERLAY);
         self.record(Call::Apply6(d.clone()));
         let mut w = self.0.lock().unwrap();
-        let o = &mut w.overlay6;
-        for (n, _) in &d.del_routes {
-            o.routes.remove(n);
-        }
-        for (ip, _) in &d.del_neighbours {
-            o.neighbours.remove(ip);
-        }
-        for (mac, _) in &d.del_fdb {
-            o.fdb.remove(mac);
-        }
-        o.routes.extend(d.put_routes.iter().copied());
-        o.neighbours.extend(d.put_neighbours.iter().copied());
-        o.fdb.extend(d.put_fdb.iter().copied());
+        apply_to(&mut w.overlay6, d);
         Ok(())
     }
 
@@ -184,19 +172,7 @@ impl OverlayKernel for FakeKernel {
                 "1 overlay operations failed: add route: File exists"
             ));
         }
-        let o = &mut w.overlay;
-        for (n, _) in &d.del_routes {
-            o.routes.remove(n);
-        }
-        for (ip, _) in &d.del_neighbours {
-            o.neighbours.remove(ip);
-        }
-        for (mac, _) in &d.del_fdb {
-            o.fdb.remove(mac);
-        }
-        o.routes.extend(d.put_routes.iter().copied());
-        o.neighbours.extend(d.put_neighbours.iter().copied());
-        o.fdb.extend(d.put_fdb.iter().copied());
+        apply_to(&mut w.overlay, d);
         Ok(())
     }
 
@@ -255,6 +231,22 @@ impl OverlayKernel for FakeKernel {
         self.0.lock().unwrap().masq = None;
         Ok(())
     }
+}
+
+/// What the kernel does with a diff, for either family.
+fn apply_to<F: crate::overlay::plan::Family>(o: &mut OverlayState<F>, d: &OverlayDiff<F>) {
+    for (n, _) in &d.del_routes {
+        o.routes.remove(n);
+    }
+    for (ip, _) in &d.del_neighbours {
+        o.neighbours.remove(ip);
+    }
+    for (mac, _) in &d.del_fdb {
+        o.fdb.remove(mac);
+    }
+    o.routes.extend(d.put_routes.iter().copied());
+    o.neighbours.extend(d.put_neighbours.iter().copied());
+    o.fdb.extend(d.put_fdb.iter().copied());
 }
 
 /// Notifications from the test; a closed channel is a quiet source, never an ended one.
