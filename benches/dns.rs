@@ -137,6 +137,7 @@ fn settings() -> Result<DnsSettings> {
         service_cidr: "10.96.0.0/12".parse()?,
         // bulk_pod's addresses start at 10.200.0.0 and go past a /16.
         cluster_network: "10.192.0.0/10".parse()?,
+        cluster_network6: None,
     })
 }
 
@@ -233,6 +234,7 @@ fn zone_files(zone: &Zone, s: &DnsSettings) -> BTreeMap<String, String> {
 fn master_rdata(d: &Rdata) -> (&'static str, String) {
     match d {
         Rdata::A(a) => ("A", a.to_string()),
+        Rdata::Aaaa(a) => ("AAAA", a.to_string()),
         Rdata::Ptr(t) => ("PTR", t.to_ascii()),
         Rdata::Srv {
             priority,

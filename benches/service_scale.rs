@@ -296,6 +296,7 @@ fn create_to_reachable() -> Result<()> {
     let backend = lab.add_manual_pod(2, 2)?;
     tartan::netbench::probe::tcp_whoami_server(&backend.ns, 8080, "b")?;
     let rec = PodRecord {
+        ip6: None,
         container_id: "backend".into(),
         ifname: "eth0".into(),
         node: lab.nodes[2].name.clone(),
@@ -458,6 +459,7 @@ fn dns_change() -> Result<()> {
         join_all(hs, &mut deleted)?;
         let ip = std::net::Ipv4Addr::new(10, 244, 200, (round % 250) as u8 + 1);
         let rec = PodRecord {
+            ip6: None,
             container_id: format!("dnspod{round}"),
             ifname: "eth0".into(),
             node: lab.nodes[0].name.clone(),
@@ -860,6 +862,7 @@ fn table_size(ns: &str) -> Result<(String, usize, usize, Duration)> {
 
 fn big_pod(k: u32, app: &str) -> PodRecord {
     PodRecord {
+        ip6: None,
         container_id: format!("{app}{k}"),
         ifname: "eth0".into(),
         node: "elsewhere".into(),

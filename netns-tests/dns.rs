@@ -1069,3 +1069,91 @@ fn a_query_flood_starves_neither_the_zone_nor_the_proxy_nor_the_overlay() -> Res
     ensure!(r.data("A") == set(&[vip.to_string()]), "{}", r.text);
     Ok(())
 }
+
+#[test]
+fn dual_stack_pods_and_headless_services_answer_aaaa_and_ip6_arpa_on_every_node() -> Result<()> {
+    let Some(mut lab) = lab(2, NET16)? else {
+        return Ok(());
+    };
+    lab.add_ipv6_underlay()?;
+    lab.etcdctl(&["put", "/coreos.com/network/config", DUAL_CONFIG])?;
+    start_nodes(&mut lab, |_| Vec::new())?;
+    let a = lab.add_cni_pod(0, "db-a", &[("app", "db")])?;
+    let b = lab.add_cni_pod(1, "db-b", &[("app", "db")])?;
+    let (a6, b6) = (
+        a.ip6.context("pod a has IPv6")?,
+        b.ip6.context("pod b has IPv6")?,
+    );
+    create(
+        &lab,
+        &[
+            "db",
+            "--cluster-ip",
+            "none",
+            "--port",
+            "pg=5432/tcp",
+            "--selector",
+            "app=db",
+        ],
+    )?;
+    let hl = "db.default.svc.cluster.local.";
+    let want6 = set(&[a6.to_string(), b6.to_string()]);
+    let want4 = set(&[a.ip.to_string(), b.ip.to_string()]);
+    for i in 0..2 {
+        wait_zone(&lab, i)?;
+        wait_answer(
+            &lab.nodes[i].ns,
+            &[hl, "AAAA"],
+            Duration::from_secs(20),
+            |r| r.data("AAAA") == want6,
+        )
+        .with_context(|| lab.log_tail(i, 30))?;
+    }
+    // From a pod on each node: both families of the headless name, the per-pod name, the
+    // pod's own IPv6 name and its ip6.arpa PTR.
+    let b_name6 = format!(
+        "{}.default.pod.cluster.local.",
+        b6.to_string().replace(':', "-")
+    );
+    for ns in [&a.ns, &b.ns] {
+        let r = dig(ns, &[hl, "A"])?;
+        ensure!(r.data("A") == want4, "{}", r.text);
+        let r = dig(ns, &[hl, "AAAA"])?;
+        ensure!(r.is("NOERROR") && r.flags.contains("aa"), "{}", r.text);
+        ensure!(r.data("AAAA") == want6, "{}", r.text);
+        let r = dig(ns, &["db-b.db.default.svc.cluster.local", "AAAA"])?;
+        ensure!(r.data("AAAA") == set(&[b6.to_string()]), "{}", r.text);
+        let r = dig(ns, &[&b_name6, "AAAA"])?;
+        ensure!(r.data("AAAA") == set(&[b6.to_string()]), "{}", r.text);
+        let r = dig(ns, &["-x", &b6.to_string()])?;
+        ensure!(
+            r.data("PTR") == set(std::slice::from_ref(&b_name6)),
+            "{}",
+            r.text
+        );
+        // An unused address of the pod network: ours, so NXDOMAIN with our SOA.
+        let r = dig(ns, &["-x", "fd00:10:244:ff::99"])?;
+        ensure!(r.is("NXDOMAIN") && r.flags.contains("aa"), "{}", r.text);
+        let r = dig(ns, &["_pg._tcp.db.default.svc.cluster.local", "SRV"])?;
+        ensure!(
+            r.additional
+                .iter()
+                .any(|x| x.rtype == "AAAA" && x.data == b6.to_string()),
+            "no AAAA of the SRV targets: {}",
+            r.text
+        );
+    }
+    // A pod going away takes its names of both families with it, on both nodes.
+    lab.del_cni_pod(1, "db-b", &b)?;
+    for i in 0..2 {
+        wait_answer(
+            &lab.nodes[i].ns,
+            &[hl, "AAAA"],
+            Duration::from_secs(20),
+            |r| r.data("AAAA") == set(&[a6.to_string()]),
+        )?;
+        let r = dig(&lab.nodes[i].ns, &["-x", &b6.to_string()])?;
+        ensure!(r.is("NXDOMAIN"), "{}", r.text);
+    }
+    Ok(())
+}

@@ -1525,8 +1525,6 @@ fn an_ipv6_vxlan_device_takes_and_loses_its_peers_entries() -> Result<()> {
     Ok(())
 }
 
-const DUAL_CONFIG: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#;
-
 /// A node's dual-stack lease as etcd holds it.
 #[derive(Debug, Clone, PartialEq)]
 struct DualLease {

@@ -718,6 +718,7 @@ fn register_many_elsewhere(lab: &Lab, n: u32) -> Result<()> {
         let mut ops = Vec::new();
         for k in 0..n {
             let rec = PodRecord {
+                ip6: None,
                 container_id: format!("c-ghost{k}"),
                 ifname: "eth0".into(),
                 node: "ghost-node".into(),
@@ -1016,6 +1017,7 @@ fn randomized_churn_converges_to_the_model() -> Result<()> {
                     // its IPAM directory and would remove hand-written ones.
                     let node = &format!("churn-node{}", p % 3);
                     let rec = PodRecord {
+                        ip6: None,
                         container_id: format!("churn{p}"),
                         ifname: "eth0".into(),
                         node: node.clone(),

@@ -88,6 +88,7 @@ impl AllocationRecord {
             namespace: self.namespace.clone(),
             name: self.name.clone(),
             labels: self.labels.clone(),
+            ip6: self.ip6,
         }
     }
 

@@ -700,6 +700,7 @@ pub fn dns_settings(
         ttl: 5,
         service_cidr: args.service_cidr,
         cluster_network: cfg.network,
+        cluster_network6: cfg.ipv6.as_ref().map(|p| p.network),
     }))
 }
 

@@ -11,14 +11,14 @@
 //! answered with our payload size (1232) and a response larger than the client's limit is
 //! truncated (TC) so the client asks again over TCP, where the full answer is given.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
-use hickory_proto::rr::rdata::{A, HINFO, NS, PTR, SOA, SRV};
+use hickory_proto::rr::rdata::{A, AAAA, HINFO, NS, PTR, SOA, SRV};
 use hickory_proto::rr::{DNSClass, LowerName, Name, RData, Record, RecordType};
-use ipnetwork::Ipv4Network;
+use ipnetwork::IpNetwork;
 
-use crate::dns::zone::{Origin, Rdata, Zone};
+use crate::dns::zone::{Origin, Rdata, Zone, reverse_ip6};
 
 /// The EDNS payload size we announce and accept (the DNS flag day 2020 value).
 pub const EDNS_PAYLOAD: u16 = 1232;
@@ -34,9 +34,9 @@ pub struct Authority {
     pub dns_ip: Ipv4Addr,
     /// TTL of every record (CoreDNS's default: 5 s); also the SOA minimum.
     pub ttl: u32,
-    /// Ranges whose reverse names are ours (service CIDR, cluster network): a PTR query in
-    /// them that names nothing is NXDOMAIN; other reverse names are forwarded.
-    pub reverse: Vec<Ipv4Network>,
+    /// Ranges whose reverse names are ours (service CIDR, cluster network, its IPv6 half): a
+    /// PTR query in them that names nothing is NXDOMAIN; other reverse names are forwarded.
+    pub reverse: Vec<IpNetwork>,
     /// Made once, used by every answer.
     fixed: Fixed,
 }
@@ -46,13 +46,14 @@ pub struct Authority {
 struct Fixed {
     domain: LowerName,
     arpa: LowerName,
+    arpa6: LowerName,
     ns_name: Name,
     soa: SOA,
 }
 
 impl Authority {
     /// How `domain` is answered, with `ttl` on every record and the SOA minimum.
-    pub fn new(domain: Name, dns_ip: Ipv4Addr, ttl: u32, reverse: Vec<Ipv4Network>) -> Self {
+    pub fn new(domain: Name, dns_ip: Ipv4Addr, ttl: u32, reverse: Vec<IpNetwork>) -> Self {
         let under = |label: &str| {
             Name::from_ascii(label)
                 .and_then(|n| n.append_domain(&domain))
@@ -72,6 +73,9 @@ impl Authority {
         let fixed = Fixed {
             domain: LowerName::new(&domain),
             arpa: Name::from_ascii("in-addr.arpa.")
+                .map(|n| LowerName::new(&n))
+                .unwrap_or_else(|_| LowerName::new(&Name::root())),
+            arpa6: Name::from_ascii("ip6.arpa.")
                 .map(|n| LowerName::new(&n))
                 .unwrap_or_else(|_| LowerName::new(&Name::root())),
             ns_name,
@@ -196,14 +200,19 @@ impl Authority {
 
 /// Whether `qname` is a reverse name of one of our ranges (or names a record we hold).
 fn reverse_is_ours(auth: &Authority, qname: &LowerName, zone: &Zone) -> bool {
-    if !auth.fixed.arpa.zone_of(qname) {
+    let ip = if auth.fixed.arpa.zone_of(qname) {
+        reverse_ip(qname).map(IpAddr::V4)
+    } else if auth.fixed.arpa6.zone_of(qname) {
+        reverse_ip6(&Name::from(qname.clone()).to_ascii()).map(IpAddr::V6)
+    } else {
         return false;
+    };
+    match ip {
+        Some(ip) => {
+            auth.reverse.iter().any(|n| n.contains(ip)) || zone.with_entry(qname, |e| e.is_some())
+        }
+        None => false,
     }
-    if let Some(ip) = reverse_ip(qname) {
-        return auth.reverse.iter().any(|n| n.contains(ip))
-            || zone.with_entry(qname, |e| e.is_some());
-    }
-    false
 }
 
 /// The address of a full `d.c.b.a.in-addr.arpa.` name.
@@ -278,6 +287,7 @@ fn authoritative(
         for (data, origin) in &e.records {
             let rdata = match (data, qtype) {
                 (Rdata::A(ip), RecordType::A | RecordType::ANY) => RData::A(A(*ip)),
+                (Rdata::Aaaa(ip), RecordType::AAAA | RecordType::ANY) => RData::AAAA(AAAA(*ip)),
                 (Rdata::Ptr(n), RecordType::PTR | RecordType::ANY) => RData::PTR(PTR(n.clone())),
                 (
                     Rdata::Srv {
@@ -315,12 +325,13 @@ fn authoritative(
     targets.sort();
     targets.dedup();
     for t in targets {
-        let ips: Vec<Ipv4Addr> = zone.with_entry(&LowerName::new(&t), |e| {
+        let ips: Vec<RData> = zone.with_entry(&LowerName::new(&t), |e| {
             e.map(|e| {
                 e.records
                     .iter()
                     .filter_map(|(d, _)| match d {
-                        Rdata::A(ip) => Some(*ip),
+                        Rdata::A(ip) => Some(RData::A(A(*ip))),
+                        Rdata::Aaaa(ip) => Some(RData::AAAA(AAAA(*ip))),
                         _ => None,
                     })
                     .collect()
@@ -328,7 +339,7 @@ fn authoritative(
             .unwrap_or_default()
         });
         for ip in ips {
-            r.add_additional(Record::from_rdata(t.clone(), auth.ttl, RData::A(A(ip))));
+            r.add_additional(Record::from_rdata(t.clone(), auth.ttl, ip));
         }
     }
     origins

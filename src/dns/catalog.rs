@@ -7,19 +7,21 @@
 //!   label and the dashed address (`10-244-1-5`) otherwise; SRV per named port and endpoint
 //!   → (target port, that host name);
 //! - a pod: `<a-b-c-d>.<ns>.pod.<zone>` A and the PTR of its address back to it (only for
-//!   pods that exist: CoreDNS's `pods verified`).
+//!   pods that exist: CoreDNS's `pods verified`); on a dual-stack network also
+//!   `<dashed IPv6>.<ns>.pod.<zone>` AAAA (`fd00-10-244-1--5`, CoreDNS's form: `:` → `-`) and
+//!   its `ip6.arpa` PTR; a headless service's names carry each pod's AAAA beside its A.
 //!
 //! A change replaces exactly that object's records in the [`Zone`]: the old ones are
 //! recomputed from the object it replaces (only headless services, whose records depend on
 //! their pods, are remembered), so the catalog holds no second copy of the zone.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use hickory_proto::rr::{LowerName, Name};
 
-use crate::dns::zone::{Origin, Rdata, Zone, reverse_name};
+use crate::dns::zone::{Origin, Rdata, Zone, reverse_name, reverse_name6};
 use crate::model::pod::PodRecord;
 use crate::model::service::{ExplicitEndpoints, Service, valid_name};
 use crate::store::records::ModelChange;
@@ -294,13 +296,20 @@ impl Catalog {
         let eps = self.headless_endpoints(s);
         let weight = u16::try_from((100 / eps.len().max(1)).max(1)).unwrap_or(1);
         let mut out = Vec::new();
-        for (ip, host) in &eps {
-            out.push((lname.clone(), Rdata::A(*ip), Origin::Endpoint));
+        for (ip, ip6, host) in &eps {
+            let addrs: Vec<Rdata> = std::iter::once(Rdata::A(*ip))
+                .chain(ip6.map(Rdata::Aaaa))
+                .collect();
+            for a in &addrs {
+                out.push((lname.clone(), a.clone(), Origin::Endpoint));
+            }
             let Ok(host_name) = Name::from_ascii(host).and_then(|h| h.append_domain(&name)) else {
                 self.skipped += 1;
                 continue;
             };
-            out.push((LowerName::new(&host_name), Rdata::A(*ip), Origin::Endpoint));
+            for a in addrs {
+                out.push((LowerName::new(&host_name), a, Origin::Endpoint));
+            }
             for sn in &srv {
                 let r = srv_data(0, weight, sn.target_port, host_name.clone());
                 out.push((sn.name.clone(), r, Origin::Endpoint));
@@ -309,13 +318,19 @@ impl Catalog {
         out
     }
 
-    /// A headless service's ready endpoints with their host labels, sorted by address.
-    fn headless_endpoints(&self, s: &Service) -> Vec<(Ipv4Addr, String)> {
-        let mut eps: Vec<(Ipv4Addr, String)> = match &s.selector {
+    /// A headless service's ready endpoints (IPv4, the pod's IPv6 if any) with their host
+    /// labels, sorted by address.
+    fn headless_endpoints(&self, s: &Service) -> Vec<(Ipv4Addr, Option<Ipv6Addr>, String)> {
+        let mut eps: Vec<(Ipv4Addr, Option<Ipv6Addr>, String)> = match &s.selector {
             None => self
                 .endpoints
                 .get(&s.id())
-                .map(|e| e.addresses.iter().map(|a| (a.ip, dashed(a.ip))).collect())
+                .map(|e| {
+                    e.addresses
+                        .iter()
+                        .map(|a| (a.ip, None, dashed(a.ip)))
+                        .collect()
+                })
                 .unwrap_or_default(),
             Some(_) => self
                 .pods_by_ns
@@ -330,7 +345,7 @@ impl Catalog {
                     } else {
                         dashed(p.ip)
                     };
-                    (p.ip, host)
+                    (p.ip, p.ip6, host)
                 })
                 .collect(),
         };
@@ -340,19 +355,21 @@ impl Catalog {
     }
 
     fn pod_records(&self, p: &PodRecord) -> Vec<Record> {
-        let Ok(name) = Name::from_ascii(format!("{}.{}.pod", dashed(p.ip), p.namespace))
-            .and_then(|n| n.append_domain(&self.domain))
-        else {
-            return Vec::new();
-        };
-        vec![
-            (LowerName::new(&name), Rdata::A(p.ip), Origin::Pod),
-            (
-                LowerName::new(&reverse_name(p.ip)),
-                Rdata::Ptr(name),
-                Origin::Pod,
-            ),
-        ]
+        let mut out = Vec::new();
+        for ip in std::iter::once(IpAddr::V4(p.ip)).chain(p.ip6.map(IpAddr::V6)) {
+            let Ok(name) = Name::from_ascii(format!("{}.{}.pod", dashed_ip(ip), p.namespace))
+                .and_then(|n| n.append_domain(&self.domain))
+            else {
+                continue;
+            };
+            let (addr, reverse) = match ip {
+                IpAddr::V4(a) => (Rdata::A(a), reverse_name(a)),
+                IpAddr::V6(a) => (Rdata::Aaaa(a), reverse_name6(a)),
+            };
+            out.push((LowerName::new(&name), addr, Origin::Pod));
+            out.push((LowerName::new(&reverse), Rdata::Ptr(name), Origin::Pod));
+        }
+        out
     }
 }
 
@@ -369,6 +386,14 @@ fn srv_data(priority: u16, weight: u16, port: u16, target: Name) -> Rdata {
 pub fn dashed(ip: Ipv4Addr) -> String {
     let o = ip.octets();
     format!("{}-{}-{}-{}", o[0], o[1], o[2], o[3])
+}
+
+/// A pod's address as a DNS label, CoreDNS's way: `10-244-1-5`, `fd00-10-244-1--5`.
+pub fn dashed_ip(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(a) => dashed(a),
+        IpAddr::V6(a) => a.to_string().replace(':', "-"),
+    }
 }
 
 #[cfg(test)]

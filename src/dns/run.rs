@@ -9,14 +9,14 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use hickory_proto::rr::Name;
-use ipnetwork::Ipv4Network;
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use tracing::{debug, info};
 
 use crate::dns::answer::Authority;
 use crate::dns::catalog::Catalog;
 use crate::dns::lookup::DnsHandle;
 use crate::dns::server::{DnsServer, ServerConfig};
-use crate::dns::zone::{Zone, reverse_apex};
+use crate::dns::zone::{Zone, reverse_apex, reverse_apex6};
 use crate::metrics::Metrics;
 use crate::store::etcd::EtcdArgs;
 use crate::store::records::{Feeds, ModelChange, RecordSink, apply_feeds};
@@ -38,17 +38,21 @@ pub struct DnsSettings {
     pub service_cidr: Ipv4Network,
     /// The pod network (reverse names of pods).
     pub cluster_network: Ipv4Network,
+    /// The IPv6 pod network of a dual-stack cluster (`ip6.arpa` names of pods).
+    pub cluster_network6: Option<Ipv6Network>,
 }
 
 impl DnsSettings {
     /// The zone this node serves with authority: the cluster domain and the reverse zones of
     /// the service range and the pod network.
     pub fn new_zone(&self) -> Arc<Zone> {
-        Arc::new(Zone::new(vec![
+        let mut apexes = vec![
             self.domain.clone(),
             reverse_apex(self.service_cidr),
             reverse_apex(self.cluster_network),
-        ]))
+        ];
+        apexes.extend(self.cluster_network6.map(reverse_apex6));
+        Arc::new(Zone::new(apexes))
     }
 
     /// How the answers are made.
@@ -57,7 +61,11 @@ impl DnsSettings {
             self.domain.clone(),
             self.dns_ip,
             self.ttl,
-            vec![self.service_cidr, self.cluster_network],
+            [self.service_cidr, self.cluster_network]
+                .into_iter()
+                .map(IpNetwork::V4)
+                .chain(self.cluster_network6.map(IpNetwork::V6))
+                .collect(),
         )
     }
 

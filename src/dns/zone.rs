@@ -7,7 +7,8 @@
 //! `_tcp.web.shop.svc.cluster.local`) exist as entries with no records and a count of names
 //! below them, so a query for them is NODATA, not NXDOMAIN (RFC 8020).
 
-use std::net::Ipv4Addr;
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use dashmap::DashMap;
@@ -18,6 +19,8 @@ use hickory_proto::rr::{LowerName, Name};
 pub enum Rdata {
     /// An IPv4 address.
     A(Ipv4Addr),
+    /// An IPv6 address.
+    Aaaa(Ipv6Addr),
     /// A service location (RFC 2782).
     Srv {
         /// Priority (lower first).
@@ -242,6 +245,54 @@ pub fn reverse_apex(net: ipnetwork::Ipv4Network) -> Name {
     Name::from_ascii(s).unwrap_or_else(|_| Name::root())
 }
 
+/// The reverse name (32 nibbles under `ip6.arpa.`, RFC 3596) of an IPv6 address.
+pub fn reverse_name6(ip: Ipv6Addr) -> Name {
+    let mut s = String::with_capacity(73);
+    for b in ip.octets().iter().rev() {
+        // Low nibble first: the name reads the address backwards, one hex digit per label.
+        let _ = write!(s, "{:x}.{:x}.", b & 0xf, b >> 4);
+    }
+    s.push_str("ip6.arpa.");
+    Name::from_ascii(s).unwrap_or_else(|_| Name::root())
+}
+
+/// The reverse zone apex covering `net` at a nibble boundary (fd00:10:244::/56 →
+/// `0.0.4.4.2.0.0.1.0.0.0.0.d.f.ip6.arpa.`).
+pub fn reverse_apex6(net: ipnetwork::Ipv6Network) -> Name {
+    let o = net.network().octets();
+    let nibbles: Vec<u8> = o.iter().flat_map(|b| [b >> 4, b & 0xf]).collect();
+    let whole = usize::from(net.prefix() / 4);
+    let mut s = String::new();
+    for n in nibbles[..whole].iter().rev() {
+        let _ = write!(s, "{n:x}.");
+    }
+    s.push_str("ip6.arpa.");
+    Name::from_ascii(s).unwrap_or_else(|_| Name::root())
+}
+
+/// The address of a full 32-nibble `ip6.arpa.` name.
+pub fn reverse_ip6(name: &str) -> Option<Ipv6Addr> {
+    let rest = name.strip_suffix(".ip6.arpa.")?;
+    let nibbles: Vec<u8> = rest
+        .split('.')
+        .map(|p| match p.as_bytes() {
+            [c] => char::from(*c).to_digit(16).map(|d| d as u8),
+            _ => None,
+        })
+        .collect::<Option<Vec<u8>>>()?;
+    if nibbles.len() != 32 {
+        return None;
+    }
+    let mut o = [0u8; 16];
+    for (i, pair) in nibbles.rchunks(2).enumerate() {
+        // `rchunks` walks from the end: the address's first byte is the name's last two labels.
+        if let [lo, hi] = pair {
+            o[i] = (hi << 4) | lo;
+        }
+    }
+    Some(Ipv6Addr::from(o))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -335,5 +386,42 @@ mod tests {
             reverse_apex("10.244.0.0/16".parse().unwrap()).to_ascii(),
             "244.10.in-addr.arpa."
         );
+        let ip: Ipv6Addr = "fd00:10:244:1::5".parse().unwrap();
+        let r = reverse_name6(ip).to_ascii();
+        assert_eq!(
+            r,
+            "5.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.1.0.0.0.4.4.2.0.0.1.0.0.0.0.d.f.ip6.arpa."
+        );
+        assert_eq!(reverse_ip6(&r), Some(ip));
+        assert_eq!(
+            reverse_apex6("fd00:10:244::/56".parse().unwrap()).to_ascii(),
+            "0.0.4.4.2.0.0.1.0.0.0.0.d.f.ip6.arpa."
+        );
+        // Not at a nibble boundary: the apex is the enclosing nibble.
+        assert_eq!(
+            reverse_apex6("fd00:10:244::/50".parse().unwrap()).to_ascii(),
+            "4.4.2.0.0.1.0.0.0.0.d.f.ip6.arpa."
+        );
+        for bad in [
+            "5.ip6.arpa.",
+            "g.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.1.0.0.0.4.4.2.0.0.1.0.0.0.0.d.f.ip6.arpa.",
+            "50.0.0.0.0.0.0.0.0.0.0.0.0.0.0.1.0.0.0.4.4.2.0.0.1.0.0.0.0.d.f.ip6.arpa.",
+        ] {
+            assert_eq!(reverse_ip6(bad), None, "{bad}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn ip6_reverse_names_round_trip_and_garbage_is_refused(
+            o in proptest::prelude::any::<[u8; 16]>(),
+            junk in "[0-9a-fA-F.]{0,80}(\\.ip6\\.arpa\\.)?",
+        ) {
+            let ip = Ipv6Addr::from(o);
+            proptest::prop_assert_eq!(reverse_ip6(&reverse_name6(ip).to_ascii()), Some(ip));
+            if let Some(a) = reverse_ip6(&junk) {
+                proptest::prop_assert_eq!(reverse_name6(a).to_ascii().to_lowercase(), junk.to_lowercase());
+            }
+        }
     }
 }

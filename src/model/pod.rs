@@ -3,7 +3,7 @@
 //! The service proxy selects endpoints from these records.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use serde::{Deserialize, Serialize};
 
@@ -28,6 +28,9 @@ pub struct PodRecord {
     /// Labels (CNI `args.cni.labels` / `runtimeConfig`).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The pod's IPv6 address, on dual-stack networks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<Ipv6Addr>,
 }
 
 impl PodRecord {
@@ -50,6 +53,7 @@ mod tests {
     #[test]
     fn roundtrip() {
         let r = PodRecord {
+            ip6: None,
             container_id: "abc".into(),
             ifname: "eth0".into(),
             node: "n1".into(),
@@ -65,6 +69,22 @@ mod tests {
                 .contains("\"containerId\":\"abc\"")
         );
         assert!(PodRecord::parse(b"{}").is_err());
+        assert!(
+            !String::from_utf8(r.to_bytes()).unwrap().contains("ip6"),
+            "an IPv4-only record stays as it was"
+        );
+        let dual = PodRecord {
+            ip6: Some("fd00:10:244:1::5".parse().unwrap()),
+            ..r
+        };
+        assert_eq!(PodRecord::parse(&dual.to_bytes()).unwrap(), dual);
+        let bad = String::from_utf8(dual.to_bytes())
+            .unwrap()
+            .replace("fd00:10:244:1::5", "10.244.1.5");
+        assert!(
+            PodRecord::parse(bad.as_bytes()).is_err(),
+            "ip6 must be IPv6"
+        );
     }
 }
 

@@ -141,6 +141,7 @@ fn pod(i: u32, k: u32, ip: Ipv4Addr) -> (String, PodRecord) {
     (
         format!("/bench/{i}/{k}"),
         PodRecord {
+            ip6: None,
             container_id: format!("c{i}-{k}"),
             ifname: "eth0".into(),
             node: "bench".into(),
@@ -384,6 +385,7 @@ pub fn bulk_service(i: u32) -> Service {
 /// Pod record `k` of [`bulk_service`]`(i)` on `node` (address 10.200.0.0 + 8i + k).
 pub fn bulk_pod(i: u32, k: u32, node: &str) -> PodRecord {
     PodRecord {
+        ip6: None,
         container_id: format!("c{i}x{k}"),
         ifname: "eth0".into(),
         node: node.into(),

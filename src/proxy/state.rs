@@ -954,6 +954,7 @@ mod memory_probe {
                 st.change(ModelChange::PutPod(
                     format!("/tartan/pods/elsewhere/c{i}x{k}/eth0"),
                     PodRecord {
+                        ip6: None,
                         container_id: format!("c{i}x{k}"),
                         ifname: "eth0".into(),
                         node: "elsewhere".into(),
@@ -1013,6 +1014,7 @@ mod memory_probe {
             (
                 format!("/p/x/c{k}/eth0"),
                 PodRecord {
+                    ip6: None,
                     container_id: format!("c{k}"),
                     ifname: "eth0".into(),
                     node: "x".into(),
@@ -1099,6 +1101,7 @@ mod memory_probe {
             (
                 format!("/tartan/pods/n{}/c{k}/eth0", k % 2),
                 PodRecord {
+                    ip6: None,
                     container_id: format!("c{k}"),
                     ifname: "eth0".into(),
                     node: format!("n{}", k % 2),

@@ -1,7 +1,9 @@
+use std::net::Ipv6Addr;
 use std::sync::Arc;
 
 use hickory_proto::op::Message;
 use hickory_proto::rr::{Name, RData, RecordType};
+use ipnetwork::Ipv6Network;
 use proptest::prelude::*;
 
 use super::*;
@@ -360,4 +362,112 @@ proptest! {
         let _ = answer(&zone, &auth(), &q, Transport::Udp);
         let _ = answer(&zone, &auth(), &q, Transport::Tcp);
     }
+}
+
+#[test]
+fn dual_stack_pods_answer_aaaa_and_ip6_arpa_ptr_and_headless_names_carry_both_families() {
+    let net6: Ipv6Network = "fd00:10:244::/56".parse().unwrap();
+    let zone = Arc::new(Zone::new(vec![
+        Name::from_ascii("cluster.local.").unwrap(),
+        Name::from_ascii("10.in-addr.arpa.").unwrap(),
+        crate::dns::zone::reverse_apex6(net6),
+    ]));
+    let mut c = Catalog::new(
+        zone.clone(),
+        Name::from_ascii("cluster.local.").unwrap(),
+        Ipv4Addr::new(10, 96, 0, 10),
+    );
+    let auth = Authority::new(
+        Name::from_ascii("cluster.local.").unwrap(),
+        Ipv4Addr::new(10, 96, 0, 10),
+        5,
+        vec![
+            "10.96.0.0/12".parse().unwrap(),
+            "10.244.0.0/16".parse().unwrap(),
+            IpNetwork::V6(net6),
+        ],
+    );
+    let v6: Ipv6Addr = "fd00:10:244:1::5".parse().unwrap();
+    let mut p = pod("db-0", [10, 244, 1, 5], "db");
+    p.ip6 = Some(v6);
+    c.change(ModelChange::PutService(
+        "/k/shop/db".into(),
+        svc("db", HEADLESS, Some("db")),
+    ));
+    c.change(ModelChange::PutPod("/p/0".into(), p));
+    zone.set_ready();
+    let ask = |name: &str, t: RecordType| -> Message {
+        match answer(&zone, &auth, &query(name, t, None), Transport::Udp) {
+            Outcome::Reply(r) => Message::from_vec(&r.bytes).unwrap(),
+            o => panic!("{name}: {o:?}"),
+        }
+    };
+    let data =
+        |m: &Message| -> Vec<String> { m.answers.iter().map(|r| r.data.to_string()).collect() };
+    let m = ask("fd00-10-244-1--5.shop.pod.cluster.local.", RecordType::AAAA);
+    assert_eq!(data(&m), ["fd00:10:244:1::5"]);
+    let m = ask("fd00-10-244-1--5.shop.pod.cluster.local.", RecordType::A);
+    assert!(m.answers.is_empty(), "the IPv6 name has no A: NODATA");
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    let m = ask("10-244-1-5.shop.pod.cluster.local.", RecordType::A);
+    assert_eq!(data(&m), ["10.244.1.5"]);
+    let rev = crate::dns::zone::reverse_name6(v6).to_ascii();
+    let m = ask(&rev, RecordType::PTR);
+    assert_eq!(data(&m), ["fd00-10-244-1--5.shop.pod.cluster.local."]);
+    for (name, t, want) in [
+        (
+            "db.shop.svc.cluster.local.",
+            RecordType::AAAA,
+            "fd00:10:244:1::5",
+        ),
+        ("db.shop.svc.cluster.local.", RecordType::A, "10.244.1.5"),
+        (
+            "db-0.db.shop.svc.cluster.local.",
+            RecordType::AAAA,
+            "fd00:10:244:1::5",
+        ),
+    ] {
+        assert_eq!(data(&ask(name, t)), [want], "{name} {t}");
+    }
+    // SRV targets carry both addresses as additional records.
+    let m = ask("_http._tcp.db.shop.svc.cluster.local.", RecordType::SRV);
+    let mut extra: Vec<String> = m.additionals.iter().map(|r| r.data.to_string()).collect();
+    extra.sort();
+    assert_eq!(extra, ["10.244.1.5", "fd00:10:244:1::5"]);
+    // Inside our IPv6 range but naming nothing: NXDOMAIN; outside it, or not a full address:
+    // forwarded.
+    let gone = crate::dns::zone::reverse_name6("fd00:10:244:1::99".parse().unwrap()).to_ascii();
+    assert_eq!(
+        ask(&gone, RecordType::PTR).metadata.response_code,
+        ResponseCode::NXDomain
+    );
+    for other in [
+        crate::dns::zone::reverse_name6("2001:db8::1".parse().unwrap()).to_ascii(),
+        "1.0.0.2.ip6.arpa.".to_string(),
+    ] {
+        let out = answer(
+            &zone,
+            &auth,
+            &query(&other, RecordType::PTR, None),
+            Transport::Udp,
+        );
+        assert!(matches!(out, Outcome::Forward(_)), "{other}: forwarded");
+    }
+    // The pod going away removes every name of both families.
+    c.change(ModelChange::DeletePod("/p/0".into()));
+    assert_eq!(
+        ask("fd00-10-244-1--5.shop.pod.cluster.local.", RecordType::AAAA)
+            .metadata
+            .response_code,
+        ResponseCode::NXDomain
+    );
+    assert_eq!(
+        ask(&rev, RecordType::PTR).metadata.response_code,
+        ResponseCode::NXDomain
+    );
+    assert!(
+        ask("db.shop.svc.cluster.local.", RecordType::AAAA)
+            .answers
+            .is_empty()
+    );
 }

@@ -23,6 +23,7 @@ pub(crate) fn svc(name: &str, ip: Ipv4Addr, sel: Option<&str>) -> Service {
 
 pub(crate) fn pod(name: &str, ip: [u8; 4], app: &str) -> PodRecord {
     PodRecord {
+        ip6: None,
         container_id: format!("c-{name}"),
         ifname: "eth0".into(),
         node: "n1".into(),

@@ -33,6 +33,7 @@ fn svc(ns: &str, name: &str, app: Option<&str>) -> Service {
 
 fn pod(ns: &str, name: &str, ip: [u8; 4], app: &str) -> PodRecord {
     PodRecord {
+        ip6: None,
         container_id: format!("c-{name}"),
         ifname: "eth0".into(),
         node: "n1".into(),

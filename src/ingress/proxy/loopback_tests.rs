@@ -117,6 +117,7 @@ fn proxy(ips: &[Ipv4Addr], port: u16) -> (Arc<Proxy>, SocketAddr) {
     b.change(ModelChange::PutService("svc/web".into(), svc));
     for (i, ip) in ips.iter().enumerate() {
         let pod = PodRecord {
+            ip6: None,
             container_id: format!("c{i}"),
             ifname: "eth0".into(),
             node: "n1".into(),

@@ -40,6 +40,7 @@ fn arb_record() -> impl Strategy<Value = PodRecord> {
     )
         .prop_map(
             |(container_id, ifname, node, ip, namespace, name, labels)| PodRecord {
+                ip6: None,
                 container_id,
                 ifname,
                 node,

@@ -4,6 +4,7 @@ use super::*;
 
 fn pod(ns: &str, labels: &[(&str, &str)]) -> PodRecord {
     PodRecord {
+        ip6: None,
         container_id: "c".into(),
         ifname: "eth0".into(),
         node: "n1".into(),

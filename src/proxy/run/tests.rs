@@ -212,6 +212,7 @@ fn web() -> Service {
 
 fn web_pod(n: u8) -> PodRecord {
     PodRecord {
+        ip6: None,
         container_id: format!("c{n}"),
         ifname: "eth0".into(),
         node: "n2".into(),
@@ -447,6 +448,7 @@ async fn a_small_service_changing_with_a_big_one_goes_first_and_the_big_one_foll
     big.cluster_ip = Ipv4Addr::new(10, 96, 0, 20);
     big.selector = Some([("app".to_string(), "big".to_string())].into());
     let big_pod = |n: u32| PodRecord {
+        ip6: None,
         container_id: format!("b{n}"),
         name: format!("big{n}"),
         ip: Ipv4Addr::from(0x0ac8_0000 + n),

@@ -29,6 +29,7 @@ fn pod(id: &str, ip: [u8; 4], node: &str, app: &str) -> (String, PodRecord) {
     (
         format!("/tartan/pods/{node}/{id}/eth0"),
         PodRecord {
+            ip6: None,
             container_id: id.into(),
             ifname: "eth0".into(),
             node: node.into(),

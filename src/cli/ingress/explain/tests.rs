@@ -53,6 +53,7 @@ fn svc(name: &str, app: &str) -> Service {
 
 fn pod(name: &str, ip: &str, app: &str) -> PodRecord {
     PodRecord {
+        ip6: None,
         container_id: format!("c-{name}"),
         ifname: "eth0".into(),
         node: "n1".into(),
