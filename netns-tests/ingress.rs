@@ -866,3 +866,57 @@ fn grpc_unary_streams_trailers_and_status_pass_through() -> Result<()> {
     );
     Ok(())
 }
+
+/// The ingress answers on the node's IPv6 address beside its IPv4 one (two listeners on one
+/// port, each family its own), with the IPv6 client in `X-Forwarded-For` and `Forwarded`.
+#[test]
+fn the_ingress_serves_ipv6_clients_beside_ipv4_ones() -> Result<()> {
+    let Some((mut lab, ing)) = setup_with(&["--http-listen", "[::]:80"])? else {
+        return Ok(());
+    };
+    lab.add_ipv6_underlay()?;
+    create_route(&lab, "shop", "shop.test", "shop")?;
+    let node6 = lab.nodes[0].ip6.context("node 0 has IPv6")?;
+    let [a, b] = tartan::lab::UNDERLAY6;
+    let client6 = std::net::Ipv6Addr::new(a, b, 0, 0, 0, 0, 0, 1);
+    let curl6 = || -> Result<(String, String)> {
+        let out = ns_command(&lab.infra, "curl")
+            .args(["-s", "-S", "--max-time", "10", "-w", "\n%{http_code}"])
+            .arg("--resolve")
+            .arg(format!("shop.test:80:[{node6}]"))
+            .arg("http://shop.test/echo")
+            .stdin(Stdio::null())
+            .output()
+            .context("running curl")?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        Ok((body.to_string(), code.to_string()))
+    };
+    let mut last = String::new();
+    let body = wait_for("an answer over IPv6", Duration::from_secs(20), || {
+        match curl6() {
+            Ok((body, code)) if code == "200" => return Some(body),
+            Ok((body, code)) => last = format!("{code} {body}"),
+            Err(e) => last = format!("{e:#}"),
+        }
+        None
+    })
+    .with_context(|| format!("last: {last}\n{}", ing.log_tail(20)))?;
+    ensure!(field(&body, "name") == Some("shop-1"), "{body}");
+    ensure!(
+        field(&body, "x-forwarded-for") == Some(&client6.to_string()),
+        "{body}"
+    );
+    ensure!(
+        field(&body, "forwarded").is_some_and(|f| f.contains(&format!("for=\"[{client6}]\""))),
+        "{body}"
+    );
+    // IPv4 on the same port still answers.
+    let g = curl(&lab, &ing, &["http://shop.test/echo"])?;
+    ensure!(
+        g.code == 200 && field(&g.body, "name") == Some("shop-1"),
+        "{}",
+        g.body
+    );
+    Ok(())
+}

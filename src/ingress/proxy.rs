@@ -866,13 +866,19 @@ impl AccessLog {
 }
 
 /// Binds a listener (errors name the address and the flag); `SO_REUSEPORT`, so each worker
-/// thread has its own and the kernel spreads connections over them.
+/// thread has its own and the kernel spreads connections over them. An IPv6 listener takes
+/// IPv6 only (`IPV6_V6ONLY`), so `0.0.0.0:80` and `[::]:80` bind side by side, each family
+/// with its own addresses in the access log and `X-Forwarded-For`.
 pub fn bind(addr: SocketAddr, flag: &str) -> Result<std::net::TcpListener> {
     let s = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
         Some(socket2::Protocol::TCP),
-    )?;
+    )
+    .with_context(|| format!("{flag}: cannot open a socket for {addr}"))?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?;
     s.set_nonblocking(true)?;

@@ -41,10 +41,12 @@ pub struct IngressArgs {
     /// etcd connection.
     #[command(flatten)]
     pub etcd: EtcdArgs,
-    /// Plain HTTP listen addresses (HTTP/1.1, and HTTP/2 by prior knowledge).
+    /// Plain HTTP listen addresses (HTTP/1.1, and HTTP/2 by prior knowledge); by default
+    /// every IPv4 and IPv6 address of the node (the IPv6 one is left out, with a warning, on
+    /// a kernel without IPv6).
     #[arg(
         long = "http-listen",
-        default_value = "0.0.0.0:80",
+        default_value = "0.0.0.0:80,[::]:80",
         value_delimiter = ','
     )]
     pub http_listen: Vec<SocketAddr>,
@@ -164,11 +166,14 @@ pub async fn run(args: IngressArgs) -> Result<()> {
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .max(1);
+    let default_http = args.http_listen == default_http_listen();
     let mut listeners = Vec::new();
     for _ in 0..workers {
         let mut mine = Vec::new();
         for a in &args.http_listen {
-            mine.push((bind(*a, "--http-listen")?, false));
+            if let Some(l) = bind_unless_no_ipv6(*a, "--http-listen", default_http)? {
+                mine.push((l, false));
+            }
         }
         for a in &args.https_listen {
             mine.push((bind(*a, "--https-listen")?, true));
@@ -321,6 +326,38 @@ impl RecordSink for BackendSink {
 }
 
 /// The part of `key` after `prefix` (a record's name).
+/// `--http-listen`'s default: every IPv4 and every IPv6 address, port 80.
+fn default_http_listen() -> Vec<SocketAddr> {
+    vec![
+        SocketAddr::from(([0, 0, 0, 0], 80)),
+        SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 80)),
+    ]
+}
+
+/// [`bind`], except that the default IPv6 listener is left out (with a warning) on a kernel
+/// without IPv6 (`EAFNOSUPPORT`); an address the operator gave must bind.
+fn bind_unless_no_ipv6(
+    a: SocketAddr,
+    flag: &str,
+    is_default: bool,
+) -> Result<Option<std::net::TcpListener>> {
+    match bind(a, flag) {
+        Ok(l) => Ok(Some(l)),
+        Err(e)
+            if is_default
+                && a.is_ipv6()
+                && e.chain().any(|c| {
+                    c.downcast_ref::<std::io::Error>()
+                        .is_some_and(|io| io.raw_os_error() == Some(nix::libc::EAFNOSUPPORT))
+                }) =>
+        {
+            warn!(address = %a, "this kernel has no IPv6: serving IPv4 only");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 fn name_of<'a>(key: &'a str, prefix: &str) -> Option<&'a str> {
     key.strip_prefix(prefix)
         .filter(|n| !n.is_empty() && !n.contains('/'))
