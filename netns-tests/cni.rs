@@ -1464,3 +1464,70 @@ fn podman_containers_on_two_nodes_reach_each_other() -> Result<()> {
     .with_context(|| format!("ports left: {}", bridge_ports().unwrap_or_default()))?;
     Ok(())
 }
+
+#[test]
+fn podman_containers_on_a_dual_stack_network_get_both_families_and_talk_over_ipv6() -> Result<()> {
+    let Some(mut lab) = lab(2, NET16)? else {
+        return Ok(());
+    };
+    lab.add_ipv6_underlay()?;
+    lab.etcdctl(&["put", "/coreos.com/network/config", DUAL_CONFIG])?;
+    start_daemons_for_podman(&mut lab, 2, &[])?;
+    let mut podmans = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..2 {
+        let pm = Podman::new(&lab, i, &lab.nodes[i].cni_dir().join("bin"))?;
+        let name = format!("{}-d{}", lab.id, i + 1);
+        let id = pm.run_busybox(&name, &format!("hello over v6 from node{}\n", i + 1), &[]);
+        podmans.push(pm);
+        ids.push(id?);
+    }
+    let mut ip6s = Vec::new();
+    for i in 0..2 {
+        let ip4 = podmans[i].container_ip(&ids[i])?;
+        let ip6 = podmans[i].container_ip6(&ids[i])?;
+        // podman read both addresses from the plugin's result.
+        let seen = podmans[i].run(&[
+            "inspect",
+            "--format",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{.GlobalIPv6Address}}{{end}}",
+            &ids[i],
+        ])?;
+        ensure!(
+            seen.split_whitespace().collect::<Vec<_>>() == [ip4.to_string(), ip6.to_string()],
+            "podman inspect: {seen:?}, IPAM: {ip4} {ip6}"
+        );
+        // Inside: the IPv6 address is usable at once (no DAD) and has a default route.
+        let inside = podmans[i].run(&["exec", &ids[i], "/bin/busybox", "ip", "-6", "addr"])?;
+        ensure!(
+            inside.contains(&ip6.to_string()) && !inside.contains("tentative"),
+            "{inside}"
+        );
+        let routes = podmans[i].run(&["exec", &ids[i], "/bin/busybox", "ip", "-6", "route"])?;
+        ensure!(routes.contains("default via"), "{routes}");
+        ip6s.push(ip6);
+    }
+    for (from, to) in [(0usize, 1usize), (1, 0)] {
+        let script = format!(
+            "printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | /bin/busybox nc -w 2 {} 8080",
+            ip6s[to]
+        );
+        let want = format!("hello over v6 from node{}", to + 1);
+        let mut last = String::new();
+        wait_for(
+            &format!("container {} to reach [{}]", from + 1, ip6s[to]),
+            Duration::from_secs(20),
+            || {
+                let args = ["exec", &ids[from], "/bin/busybox", "sh", "-c", &script];
+                match podmans[from].run(&args) {
+                    Ok(page) if page.contains(&want) => return Some(()),
+                    Ok(page) => last = page,
+                    Err(e) => last = format!("{e:#}"),
+                }
+                None
+            },
+        )
+        .with_context(|| format!("last attempt: {last}"))?;
+    }
+    Ok(())
+}

@@ -197,6 +197,15 @@ impl Podman {
             .map(|r| r.ip)
             .with_context(|| format!("no allocation for container {id}"))
     }
+
+    /// The IPv6 address tartan-cni gave the container (dual-stack networks).
+    pub fn container_ip6(&self, id: &str) -> Result<std::net::Ipv6Addr> {
+        scan_all(&self.data_dir)?
+            .into_iter()
+            .find(|r| r.container_id == id)
+            .and_then(|r| r.ip6)
+            .with_context(|| format!("no IPv6 allocation for container {id}"))
+    }
 }
 
 impl Drop for Podman {
