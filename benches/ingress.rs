@@ -223,6 +223,9 @@ fn service(i: u32) -> Result<Service> {
         session_affinity: SessionAffinity::None,
         session_affinity_timeout: DEFAULT_AFFINITY_TIMEOUT,
         external_traffic_policy: TrafficPolicy::Cluster,
+        cluster_ips: Vec::new(),
+        ip_families: Vec::new(),
+        ip_family_policy: Default::default(),
     })
 }
 

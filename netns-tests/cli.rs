@@ -480,6 +480,9 @@ fn the_create_transaction_right_after_losing_the_etcd_leader_is_sent_again() -> 
             session_affinity: Default::default(),
             session_affinity_timeout: 10800,
             external_traffic_policy: Default::default(),
+            cluster_ips: Vec::new(),
+            ip_families: Vec::new(),
+            ip_family_policy: Default::default(),
         };
         let start = std::time::Instant::now();
         st.create(svc, None, &[])

@@ -519,6 +519,9 @@ fn allocation_is_unique_under_concurrency_and_taken_values_are_errors() -> Resul
                     session_affinity: Default::default(),
                     session_affinity_timeout: 10800,
                     external_traffic_policy: Default::default(),
+                    cluster_ips: Vec::new(),
+                    ip_families: Vec::new(),
+                    ip_family_policy: Default::default(),
                 };
                 st.create(svc, None, &[tartan::store::services::NodePortRequest::Auto])
                     .await
@@ -978,6 +981,9 @@ fn randomized_churn_converges_to_the_model() -> Result<()> {
                             session_affinity: SessionAffinity::None,
                             session_affinity_timeout: 10800,
                             external_traffic_policy: TrafficPolicy::Cluster,
+                            cluster_ips: Vec::new(),
+                            ip_families: Vec::new(),
+                            ip_family_policy: Default::default(),
                         };
                         let np = if rng.random_bool(0.4) {
                             NodePortRequest::Auto

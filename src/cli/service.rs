@@ -283,6 +283,9 @@ pub async fn run(etcd: &EtcdArgs, range: &ServiceRange, cmd: ServiceCmd) -> Resu
                     PolicyArg::Cluster => TrafficPolicy::Cluster,
                     PolicyArg::Local => TrafficPolicy::Local,
                 },
+                cluster_ips: Vec::new(),
+                ip_families: Vec::new(),
+                ip_family_policy: Default::default(),
             };
             let created = st.create(svc, a.cluster_ip, &node_ports).await?;
             println!(

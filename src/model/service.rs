@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4};
 use std::str::FromStr;
 
 use ipnetwork::Ipv4Network;
@@ -147,6 +147,45 @@ pub enum SessionAffinity {
     ClientIp,
 }
 
+/// An IP family, as Kubernetes names it in `ipFamilies`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum IpFamily {
+    /// IPv4.
+    IPv4,
+    /// IPv6.
+    IPv6,
+}
+
+impl IpFamily {
+    /// The family of `ip`.
+    pub fn of(ip: IpAddr) -> IpFamily {
+        match ip {
+            IpAddr::V4(_) => IpFamily::IPv4,
+            IpAddr::V6(_) => IpFamily::IPv6,
+        }
+    }
+}
+
+/// Which families a service has cluster IPs of (Kubernetes' `ipFamilyPolicy`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, clap::ValueEnum,
+)]
+pub enum IpFamilyPolicy {
+    /// One family: IPv4.
+    #[default]
+    SingleStack,
+    /// Both families when the cluster has an IPv6 service range, else IPv4 alone.
+    PreferDualStack,
+    /// Both families, or the service is refused.
+    RequireDualStack,
+}
+
+impl IpFamilyPolicy {
+    fn is_single_stack(&self) -> bool {
+        *self == IpFamilyPolicy::SingleStack
+    }
+}
+
 /// Default client-IP affinity timeout (kube-proxy's: 3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10800;
 
@@ -176,6 +215,18 @@ pub struct Service {
     /// Node-port traffic policy.
     #[serde(default)]
     pub external_traffic_policy: TrafficPolicy,
+    /// Kubernetes' `clusterIPs`: empty (records from before dual-stack, headless services)
+    /// or `clusterIP` first, then the IPv6 cluster IP of a dual-stack service.
+    #[serde(rename = "clusterIPs", default, skip_serializing_if = "Vec::is_empty")]
+    pub cluster_ips: Vec<IpAddr>,
+    /// Kubernetes' `ipFamilies`: the families of `clusterIPs` in order (empty: IPv4); for a
+    /// headless service, the families its name answers with (empty: every family its pods
+    /// have).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ip_families: Vec<IpFamily>,
+    /// Kubernetes' `ipFamilyPolicy`.
+    #[serde(default, skip_serializing_if = "IpFamilyPolicy::is_single_stack")]
+    pub ip_family_policy: IpFamilyPolicy,
 }
 
 /// The `cluster_ip` of a headless service (stored as `"None"`).
@@ -296,6 +347,7 @@ impl Service {
                 check_label_value(v).map_err(|e| DecodeError::invalid("selector", e))?;
             }
         }
+        self.validate_families()?;
         let t = self.session_affinity_timeout;
         if t == 0 || t > 86400 {
             return Err(DecodeError::OutOfRange {
@@ -307,6 +359,93 @@ impl Service {
             });
         }
         Ok(())
+    }
+
+    /// `clusterIPs`, `ipFamilies` and `ipFamilyPolicy` agree with each other and with
+    /// `clusterIP`, as Kubernetes requires; IPv6-primary services (IPv6 first) are refused,
+    /// with the reason, since `clusterIP` is IPv4 here.
+    fn validate_families(&self) -> Result<(), DecodeError> {
+        let bad = |field: &str, why: String| Err(DecodeError::invalid(field, why));
+        let fams = &self.ip_families;
+        if fams.len() > 2 || (fams.len() == 2 && fams[0] == fams[1]) {
+            return bad(
+                "ipFamilies",
+                format!("{fams:?} must name each family at most once"),
+            );
+        }
+        if fams.first() == Some(&IpFamily::IPv6) {
+            return bad(
+                "ipFamilies",
+                "IPv6-primary services are not supported: the first family is IPv4 (clusterIP)"
+                    .into(),
+            );
+        }
+        if self.is_headless() {
+            if !self.cluster_ips.is_empty() {
+                return bad("clusterIPs", "a headless service has no cluster IPs".into());
+            }
+            return Ok(());
+        }
+        let ips = &self.cluster_ips;
+        if !ips.is_empty() {
+            if ips[0] != IpAddr::V4(self.cluster_ip) {
+                return bad(
+                    "clusterIPs",
+                    format!("the first must be clusterIP {}", self.cluster_ip),
+                );
+            }
+            match ips.get(1) {
+                Some(IpAddr::V4(a)) => {
+                    return bad("clusterIPs", format!("{a}: the second must be IPv6"));
+                }
+                Some(IpAddr::V6(a))
+                    if a.is_unspecified() || a.is_loopback() || a.is_multicast() =>
+                {
+                    return bad("clusterIPs", format!("{a} cannot be a cluster IP"));
+                }
+                _ => {}
+            }
+            if ips.len() > 2 {
+                return bad("clusterIPs", "at most one address per family".into());
+            }
+        }
+        let have: Vec<IpFamily> = self.cluster_ips().map(IpFamily::of).collect();
+        if !fams.is_empty() && *fams != have {
+            return bad(
+                "ipFamilies",
+                format!("{fams:?} do not match the families of clusterIPs {have:?}"),
+            );
+        }
+        match (self.ip_family_policy, have.len()) {
+            (IpFamilyPolicy::SingleStack, 2) => bad(
+                "ipFamilyPolicy",
+                "SingleStack with two cluster IPs (use PreferDualStack or RequireDualStack)".into(),
+            ),
+            (IpFamilyPolicy::RequireDualStack, 1) => bad(
+                "ipFamilyPolicy",
+                "RequireDualStack with only an IPv4 cluster IP".into(),
+            ),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every cluster IP, IPv4 first (none for a headless service).
+    pub fn cluster_ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        let v4 = (!self.is_headless()).then_some(IpAddr::V4(self.cluster_ip));
+        v4.into_iter().chain(self.cluster_ip6().map(IpAddr::V6))
+    }
+
+    /// The IPv6 cluster IP of a dual-stack service.
+    pub fn cluster_ip6(&self) -> Option<Ipv6Addr> {
+        self.cluster_ips.iter().find_map(|ip| match ip {
+            IpAddr::V6(a) => Some(*a),
+            IpAddr::V4(_) => None,
+        })
+    }
+
+    /// The cluster IP of `family`, if the service has one.
+    pub fn cluster_ip_of(&self, family: IpFamily) -> Option<IpAddr> {
+        self.cluster_ips().find(|ip| IpFamily::of(*ip) == family)
     }
 
     /// Encodes to JSON.

@@ -948,6 +948,9 @@ mod memory_probe {
                     session_affinity: SessionAffinity::None,
                     session_affinity_timeout: DEFAULT_AFFINITY_TIMEOUT,
                     external_traffic_policy: TrafficPolicy::Cluster,
+                    cluster_ips: Vec::new(),
+                    ip_families: Vec::new(),
+                    ip_family_policy: Default::default(),
                 },
             ));
             for k in 0..5 {
@@ -1008,6 +1011,9 @@ mod memory_probe {
                 session_affinity: SessionAffinity::None,
                 session_affinity_timeout: DEFAULT_AFFINITY_TIMEOUT,
                 external_traffic_policy: TrafficPolicy::Cluster,
+                cluster_ips: Vec::new(),
+                ip_families: Vec::new(),
+                ip_family_policy: Default::default(),
             },
         ));
         let pod = |k: u32| {
@@ -1094,6 +1100,9 @@ mod memory_probe {
                     session_affinity: SessionAffinity::None,
                     session_affinity_timeout: DEFAULT_AFFINITY_TIMEOUT,
                     external_traffic_policy: TrafficPolicy::Cluster,
+                    cluster_ips: Vec::new(),
+                    ip_families: Vec::new(),
+                    ip_family_policy: Default::default(),
                 },
             ));
         }

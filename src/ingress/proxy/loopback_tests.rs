@@ -113,6 +113,9 @@ fn proxy(ips: &[Ipv4Addr], port: u16) -> (Arc<Proxy>, SocketAddr) {
         session_affinity: SessionAffinity::None,
         session_affinity_timeout: DEFAULT_AFFINITY_TIMEOUT,
         external_traffic_policy: TrafficPolicy::Cluster,
+        cluster_ips: Vec::new(),
+        ip_families: Vec::new(),
+        ip_family_policy: Default::default(),
     };
     b.change(ModelChange::PutService("svc/web".into(), svc));
     for (i, ip) in ips.iter().enumerate() {

@@ -120,6 +120,9 @@ fn arb_service() -> impl Strategy<Value = Service> {
                     } else {
                         TrafficPolicy::Cluster
                     },
+                    cluster_ips: Vec::new(),
+                    ip_families: Vec::new(),
+                    ip_family_policy: Default::default(),
                 }
             },
         )

@@ -28,6 +28,9 @@ fn svc() -> Service {
         session_affinity: SessionAffinity::None,
         session_affinity_timeout: DEFAULT_AFFINITY_TIMEOUT,
         external_traffic_policy: TrafficPolicy::Cluster,
+        cluster_ips: Vec::new(),
+        ip_families: Vec::new(),
+        ip_family_policy: Default::default(),
     }
 }
 
@@ -305,4 +308,125 @@ fn selector_table() {
     assert!(e.contains("63"), "{e}");
     let e = parse_selector(&format!("a={long}")).unwrap_err();
     assert!(e.contains("63"), "{e}");
+}
+
+#[test]
+fn ip_families_policy_and_cluster_ips_are_checked_as_kubernetes_does() {
+    let v4: IpAddr = "10.96.0.10".parse().unwrap();
+    let v6: IpAddr = "fd00:96::a".parse().unwrap();
+    let dual = |policy: IpFamilyPolicy| Service {
+        cluster_ips: vec![v4, v6],
+        ip_families: vec![IpFamily::IPv4, IpFamily::IPv6],
+        ip_family_policy: policy,
+        ..svc()
+    };
+    for p in [
+        IpFamilyPolicy::PreferDualStack,
+        IpFamilyPolicy::RequireDualStack,
+    ] {
+        let s = dual(p);
+        let back = Service::parse(&s.to_bytes()).unwrap();
+        assert_eq!(back, s);
+        assert_eq!(back.cluster_ip6(), Some("fd00:96::a".parse().unwrap()));
+        assert_eq!(back.cluster_ip_of(IpFamily::IPv6), Some(v6));
+        assert_eq!(back.cluster_ips().collect::<Vec<_>>(), [v4, v6]);
+    }
+    // Kubernetes' field names and values.
+    let text = String::from_utf8(dual(IpFamilyPolicy::RequireDualStack).to_bytes()).unwrap();
+    assert!(
+        text.contains(r#""clusterIPs":["10.96.0.10","fd00:96::a"]"#)
+            && text.contains(r#""ipFamilies":["IPv4","IPv6"]"#)
+            && text.contains(r#""ipFamilyPolicy":"RequireDualStack""#),
+        "{text}"
+    );
+    // A record from before dual-stack is an IPv4 single-stack service, and stays as written.
+    let old = svc();
+    assert_eq!(old.cluster_ips().collect::<Vec<_>>(), [v4]);
+    assert_eq!(old.cluster_ip6(), None);
+    let old_text = String::from_utf8(old.to_bytes()).unwrap();
+    assert!(
+        !old_text.contains("clusterIPs") && !old_text.contains("ipFamil"),
+        "{old_text}"
+    );
+    let cases: Vec<(Service, &str)> = vec![
+        (
+            dual(IpFamilyPolicy::SingleStack),
+            "ipFamilyPolicy: SingleStack with two cluster IPs",
+        ),
+        (
+            Service {
+                ip_family_policy: IpFamilyPolicy::RequireDualStack,
+                ..svc()
+            },
+            "ipFamilyPolicy: RequireDualStack with only an IPv4 cluster IP",
+        ),
+        (
+            Service {
+                cluster_ips: vec![v6, v4],
+                ..dual(IpFamilyPolicy::RequireDualStack)
+            },
+            "clusterIPs: the first must be clusterIP 10.96.0.10",
+        ),
+        (
+            Service {
+                cluster_ips: vec![v4, "10.96.0.11".parse().unwrap()],
+                ..dual(IpFamilyPolicy::RequireDualStack)
+            },
+            "clusterIPs: 10.96.0.11: the second must be IPv6",
+        ),
+        (
+            Service {
+                cluster_ips: vec![v4, "::1".parse().unwrap()],
+                ..dual(IpFamilyPolicy::RequireDualStack)
+            },
+            "clusterIPs: ::1 cannot be a cluster IP",
+        ),
+        (
+            Service {
+                ip_families: vec![IpFamily::IPv6, IpFamily::IPv4],
+                ..dual(IpFamilyPolicy::RequireDualStack)
+            },
+            "ipFamilies: IPv6-primary services are not supported",
+        ),
+        (
+            Service {
+                ip_families: vec![IpFamily::IPv4, IpFamily::IPv4],
+                ..dual(IpFamilyPolicy::RequireDualStack)
+            },
+            "ipFamilies: [IPv4, IPv4] must name each family at most once",
+        ),
+        (
+            Service {
+                ip_families: vec![IpFamily::IPv4],
+                ..dual(IpFamilyPolicy::RequireDualStack)
+            },
+            "ipFamilies: [IPv4] do not match the families of clusterIPs [IPv4, IPv6]",
+        ),
+        (
+            Service {
+                cluster_ip: HEADLESS,
+                ..dual(IpFamilyPolicy::PreferDualStack)
+            },
+            "clusterIPs: a headless service has no cluster IPs",
+        ),
+    ];
+    for (s, want) in cases {
+        let e = Service::parse(&s.to_bytes()).unwrap_err().to_string();
+        assert!(e.contains(want), "{e:?} should say {want:?}");
+    }
+    // Not a family, not an address: a decode error naming the field.
+    let bad = old_text.replace(
+        r#""clusterIP":"10.96.0.10""#,
+        r#""clusterIP":"10.96.0.10","ipFamilies":["IPv5"]"#,
+    );
+    let e = Service::parse(bad.as_bytes()).unwrap_err().to_string();
+    assert!(e.contains("IPv5"), "{e}");
+    // A headless service may name the families its name answers with.
+    let hl = Service {
+        cluster_ip: HEADLESS,
+        ip_families: vec![IpFamily::IPv4, IpFamily::IPv6],
+        ip_family_policy: IpFamilyPolicy::RequireDualStack,
+        ..svc()
+    };
+    assert_eq!(Service::parse(&hl.to_bytes()).unwrap(), hl);
 }

@@ -32,6 +32,9 @@ fn svc(node_port: Option<u16>, affinity: bool, local: bool) -> Service {
         } else {
             TrafficPolicy::Cluster
         },
+        cluster_ips: Vec::new(),
+        ip_families: Vec::new(),
+        ip_family_policy: Default::default(),
     }
 }
 

@@ -207,6 +207,9 @@ fn web() -> Service {
         session_affinity: SessionAffinity::None,
         session_affinity_timeout: DEFAULT_AFFINITY_TIMEOUT,
         external_traffic_policy: TrafficPolicy::Cluster,
+        cluster_ips: Vec::new(),
+        ip_families: Vec::new(),
+        ip_family_policy: Default::default(),
     }
 }
 
