@@ -492,3 +492,125 @@ fn the_create_transaction_right_after_losing_the_etcd_leader_is_sent_again() -> 
     ensure!(created.name == "first");
     Ok(())
 }
+
+/// The IPv6 cluster IP `service create` printed, if any.
+fn created_ip6(out: &str) -> Option<std::net::Ipv6Addr> {
+    out.split("IPv6 cluster IP ")
+        .nth(1)?
+        .split(',')
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+#[test]
+fn dual_stack_services_get_an_ipv6_cluster_ip_by_policy_and_release_it() -> Result<()> {
+    let Some(lab) = cluster()? else {
+        return Ok(());
+    };
+    let both = "10.96.0.0/12,fd00:96::/108";
+    let create = |name: &str, cidrs: &str, extra: &[&str]| {
+        let mut a = vec![
+            "service",
+            "create",
+            name,
+            "--port",
+            "80",
+            "--service-cidr",
+            cidrs,
+        ];
+        a.extend_from_slice(extra);
+        ctl(&lab, &a)
+    };
+    let o = create("web", both, &["--ip-family-policy", "RequireDualStack"])?;
+    ensure!(o.ok, "{}", o.stderr);
+    let ip6 = created_ip6(&o.stdout).with_context(|| o.stdout.clone())?;
+    ensure!(
+        "fd00:96::/108"
+            .parse::<ipnetwork::Ipv6Network>()?
+            .contains(ip6),
+        "{ip6} outside the range"
+    );
+    let alloc = lab.etcdctl(&[
+        "get",
+        "--print-value-only",
+        &format!("/tartan/alloc/clusterip/{ip6}"),
+    ])?;
+    ensure!(
+        alloc.trim() == "default/web",
+        "allocation of {ip6}: {alloc:?}"
+    );
+    let rec = lab.etcdctl(&["get", "--print-value-only", "/tartan/services/default/web"])?;
+    for want in [
+        "\"clusterIPs\":[\"".to_string(),
+        format!("\"{ip6}\"]"),
+        "\"ipFamilies\":[\"IPv4\",\"IPv6\"]".to_string(),
+        "\"ipFamilyPolicy\":\"RequireDualStack\"".to_string(),
+    ] {
+        ensure!(rec.contains(&want), "{want} missing from {rec}");
+    }
+    let list = ctl(&lab, &["service", "list"])?;
+    ensure!(list.stdout.contains(&format!(",{ip6}")), "{}", list.stdout);
+    // Kubernetes' kebab-less names and ours both parse; PreferDualStack without an IPv6 range
+    // is IPv4 alone, RequireDualStack is refused with the reason.
+    let o = create(
+        "pref",
+        "10.96.0.0/12",
+        &["--ip-family-policy", "prefer-dual-stack"],
+    )?;
+    ensure!(
+        o.ok && created_ip6(&o.stdout).is_none(),
+        "{} {}",
+        o.stdout,
+        o.stderr
+    );
+    let o = create("pref2", both, &["--ip-family-policy", "PreferDualStack"])?;
+    ensure!(
+        o.ok && created_ip6(&o.stdout).is_some(),
+        "{} {}",
+        o.stdout,
+        o.stderr
+    );
+    let o = create("single", both, &[])?;
+    ensure!(
+        o.ok && created_ip6(&o.stdout).is_none(),
+        "{} {}",
+        o.stdout,
+        o.stderr
+    );
+    one_line_error(
+        &create(
+            "req",
+            "10.96.0.0/12",
+            &["--ip-family-policy", "RequireDualStack"],
+        )?,
+        "RequireDualStack: there is no IPv6 service range",
+        "RequireDualStack without an IPv6 range",
+    )?;
+    for (cidrs, want) in [
+        (
+            "10.96.0.0/12,fd00::/108,fd01::/108",
+            "two ranges of one family",
+        ),
+        ("fd00:96::/108", "has no IPv4 range"),
+        ("10.96.0.0/12,fe80::/108", "overlaps link-local"),
+    ] {
+        one_line_error(&create("bad", cidrs, &[])?, want, cidrs)?;
+    }
+    // Deleting releases both addresses.
+    let o = ctl(&lab, &["service", "delete", "web"])?;
+    ensure!(o.ok, "{}", o.stderr);
+    let left = lab.etcdctl(&[
+        "get",
+        "--keys-only",
+        "--prefix",
+        "/tartan/alloc/clusterip/fd00",
+    ])?;
+    let others: Vec<&str> = left.lines().filter(|l| !l.trim().is_empty()).collect();
+    ensure!(
+        others.len() == 1 && !others[0].contains(&ip6.to_string()),
+        "allocations left: {others:?}"
+    );
+    Ok(())
+}

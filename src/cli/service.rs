@@ -11,8 +11,9 @@ use super::{OutputFormat, join_capped, render_table};
 use crate::model::netconf::NetworkConfig;
 use crate::model::pod::PodRecord;
 use crate::model::service::{
-    AddressGuard, DEFAULT_AFFINITY_TIMEOUT, ExplicitEndpoints, HEADLESS, RangeContext, Service,
-    ServicePort, SessionAffinity, TrafficPolicy, check_service_cidr,
+    AddressGuard, DEFAULT_AFFINITY_TIMEOUT, ExplicitEndpoints, HEADLESS, IpFamilyPolicy,
+    RangeContext, Service, ServiceCidrs, ServicePort, SessionAffinity, TrafficPolicy,
+    check_service_cidr, check_service_cidr6,
 };
 use crate::store::etcd::{EtcdArgs, Store};
 use crate::store::services::{NodePortRequest, ServiceStore, split_id};
@@ -20,14 +21,15 @@ use crate::store::services::{NodePortRequest, ServiceStore, split_id};
 /// Flags shared by service commands.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServiceRange {
-    /// Range cluster IPs are allocated from.
+    /// Ranges cluster IPs are allocated from: IPv4, and IPv6 for dual-stack services
+    /// (`10.96.0.0/12,fd00:96::/108`).
     #[arg(
         long,
         env = "TARTAN_SERVICE_CIDR",
         default_value = "10.96.0.0/12",
         global = true
     )]
-    pub service_cidr: Ipv4Network,
+    pub service_cidr: ServiceCidrs,
     /// The cluster domain (for the DNS names `service list` shows).
     #[arg(
         long,
@@ -53,11 +55,15 @@ pub async fn node_public_ips(store: &Store, etcd: &EtcdArgs) -> Result<Vec<Ipv4A
 
 /// The cluster network of the stored config, if there is a valid one.
 pub async fn cluster_network(store: &Store, etcd: &EtcdArgs) -> Result<Option<Ipv4Network>> {
+    Ok(network_config(store, etcd).await?.map(|c| c.network))
+}
+
+/// The stored network config, if there is a valid one.
+async fn network_config(store: &Store, etcd: &EtcdArgs) -> Result<Option<NetworkConfig>> {
     Ok(store
         .get(&etcd.config_key())
         .await?
-        .and_then(|kv| NetworkConfig::parse(&kv.value).ok())
-        .map(|c| c.network))
+        .and_then(|kv| NetworkConfig::parse(&kv.value).ok()))
 }
 
 impl ServiceRange {
@@ -65,16 +71,25 @@ impl ServiceRange {
     /// endpoints, and returns the guard every address of a new service must pass.
     pub async fn checked_guard(&self, store: &Store, etcd: &EtcdArgs) -> Result<AddressGuard> {
         let node_ips = node_public_ips(store, etcd).await?;
-        let net = cluster_network(store, etcd).await?;
+        let cfg = network_config(store, etcd).await?;
+        let net = cfg.as_ref().map(|c| c.network);
+        let net6 = cfg
+            .as_ref()
+            .and_then(|c| c.ipv6.as_ref())
+            .map(|p| p.network);
         let etcd_addrs = etcd.endpoint_addrs();
         let ctx = RangeContext {
             underlay: node_ips.iter().map(|ip| Ipv4Network::from(*ip)).collect(),
             etcd: etcd_addrs.iter().map(|a| *a.ip()).collect(),
         };
-        check_service_cidr(self.service_cidr, net, &ctx)
+        check_service_cidr(self.service_cidr.v4, net, &ctx)
             .map_err(|e| anyhow::anyhow!("--service-cidr: {e}"))?;
+        if let Some(c6) = self.service_cidr.v6 {
+            check_service_cidr6(c6, net6).map_err(|e| anyhow::anyhow!("--service-cidr: {e}"))?;
+        }
         Ok(AddressGuard {
-            service_cidr: self.service_cidr,
+            service_cidr: self.service_cidr.v4,
+            service_cidr6: self.service_cidr.v6,
             cluster_network: net,
             node_ips,
             etcd: etcd_addrs,
@@ -150,12 +165,15 @@ fn parse_cluster_ip(s: &str) -> Result<Ipv4Addr, String> {
     }
 }
 
-/// The cluster IP as `service get/list` show it.
+/// The cluster IPs as `service get/list` show them (`10.96.0.7,fd00:96::7`, `None`).
 pub fn cluster_ip_text(s: &Service) -> String {
     if s.is_headless() {
         "None".into()
     } else {
-        s.cluster_ip.to_string()
+        s.cluster_ips()
+            .map(|ip| ip.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 
@@ -189,6 +207,11 @@ pub struct CreateArgs {
     /// Which endpoints node-port traffic uses.
     #[arg(long, value_enum, default_value_t)]
     pub external_traffic_policy: PolicyArg,
+    /// Kubernetes' `ipFamilyPolicy`: an IPv4 cluster IP only, or an IPv6 one beside it from
+    /// the IPv6 `--service-cidr` (PreferDualStack: when there is one; RequireDualStack: or
+    /// refuse). For a headless service: whether its name answers AAAA too.
+    #[arg(long, value_enum, default_value_t)]
+    pub ip_family_policy: IpFamilyPolicy,
 }
 
 /// Parses `k=v[,k=v]` in Kubernetes label syntax (see [`crate::model::service::parse_selector`]).
@@ -257,7 +280,7 @@ async fn endpoint_count(store: &Store, etcd: &EtcdArgs, svcs: &[Service]) -> Res
 /// Runs `service ...`.
 pub async fn run(etcd: &EtcdArgs, range: &ServiceRange, cmd: ServiceCmd) -> Result<()> {
     let store = Store::connect(etcd).await?;
-    let st = ServiceStore::new(&store, etcd, range.service_cidr);
+    let st = ServiceStore::new(&store, etcd, range.service_cidr.v4);
     match cmd {
         ServiceCmd::Create(a) => {
             let (ns, name) = split_id(&a.name, &a.namespace)?;
@@ -285,11 +308,15 @@ pub async fn run(etcd: &EtcdArgs, range: &ServiceRange, cmd: ServiceCmd) -> Resu
                 },
                 cluster_ips: Vec::new(),
                 ip_families: Vec::new(),
-                ip_family_policy: Default::default(),
+                ip_family_policy: a.ip_family_policy,
             };
             let created = st.create(svc, a.cluster_ip, &node_ports).await?;
+            let v6 = created
+                .cluster_ip6()
+                .map(|ip| format!(", IPv6 cluster IP {ip}"))
+                .unwrap_or_default();
             println!(
-                "service {} created: cluster IP {}, ports {}",
+                "service {} created: cluster IP {}{v6}, ports {}",
                 created.id(),
                 cluster_ip_text(&created),
                 ports_text(&created)
@@ -426,7 +453,7 @@ pub enum EndpointsCmd {
 /// Runs `endpoints ...`.
 pub async fn run_endpoints(etcd: &EtcdArgs, range: &ServiceRange, cmd: EndpointsCmd) -> Result<()> {
     let store = Store::connect(etcd).await?;
-    let st = ServiceStore::new(&store, etcd, range.service_cidr);
+    let st = ServiceStore::new(&store, etcd, range.service_cidr.v4);
     match cmd {
         EndpointsCmd::Set {
             name,

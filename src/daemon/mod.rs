@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use ipnetwork::Ipv4Network;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
@@ -19,7 +18,9 @@ use crate::daemon::status::DaemonStatus;
 use crate::kernel::netlink::Netlink;
 use crate::metrics::Metrics;
 use crate::model::netconf::NetworkConfig;
-use crate::model::service::{AddressGuard, RangeContext, check_service_cidr};
+use crate::model::service::{
+    AddressGuard, RangeContext, ServiceCidrs, check_service_cidr, check_service_cidr6,
+};
 use crate::model::subnet_env::{Ipv6Env, SubnetEnv};
 use crate::model::subnet_lease::{MacAddr, SubnetKey};
 use crate::node::lock::{OwnedPath, PathKind};
@@ -54,9 +55,10 @@ pub struct DaemonArgs {
     /// IPv6 address of --iface; without one the node holds no IPv6 subnet).
     #[arg(long)]
     pub public_ipv6: Option<std::net::Ipv6Addr>,
-    /// Virtual IP range for services (new connections to unknown ports in it are refused).
+    /// Virtual IP ranges for services, IPv4 and optionally IPv6 (`10.96.0.0/12,fd00:96::/108`);
+    /// new connections to unknown ports in them are refused.
     #[arg(long, default_value = "10.96.0.0/12")]
-    pub service_cidr: Ipv4Network,
+    pub service_cidr: ServiceCidrs,
     /// How services pick an endpoint for a new connection.
     #[arg(long, value_enum, default_value_t)]
     pub load_balancing: crate::proxy::rules::Balancing,
@@ -225,7 +227,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         underlay: id.iface.addrs.clone(),
         etcd: etcd_addrs.iter().map(|a| *a.ip()).collect(),
     };
-    check_service_cidr(args.service_cidr, None, &range_ctx)
+    check_service_cidr(args.service_cidr.v4, None, &range_ctx)
         .map_err(|e| anyhow!("--service-cidr: {e}"))?;
 
     let shutdown = shutdown_signal();
@@ -253,8 +255,12 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
             ),
         }
     }
-    check_service_cidr(args.service_cidr, Some(cfg.network), &range_ctx)
+    check_service_cidr(args.service_cidr.v4, Some(cfg.network), &range_ctx)
         .map_err(|e| anyhow!("--service-cidr: {e}"))?;
+    if let Some(c6) = args.service_cidr.v6 {
+        check_service_cidr6(c6, cfg.ipv6.as_ref().map(|p| p.network))
+            .map_err(|e| anyhow!("--service-cidr: {e}"))?;
+    }
 
     let subnets = store.mirror(&args.etcd.subnets_prefix());
     // Node records say which lease each live node holds (lease conflicts are resolved for it).
@@ -440,13 +446,14 @@ fn spawn_dataplane(
     let ctx = NodeContext {
         node: name.clone(),
         cluster_network: cfg.network,
-        service_cidr: args.service_cidr,
+        service_cidr: args.service_cidr.v4,
         balancing: args.load_balancing,
     };
     let mut node_ips: Vec<Ipv4Addr> = id.iface.addrs.iter().map(|a| a.ip()).collect();
     node_ips.push(public_ip);
     let guard = AddressGuard {
-        service_cidr: args.service_cidr,
+        service_cidr: args.service_cidr.v4,
+        service_cidr6: args.service_cidr.v6,
         cluster_network: Some(cfg.network),
         node_ips,
         etcd: etcd_addrs,
@@ -641,18 +648,18 @@ pub fn dns_settings(
     if !args.dns {
         return Ok(None);
     }
-    let reserved = crate::model::service::cluster_dns_ip(args.service_cidr);
+    let reserved = crate::model::service::cluster_dns_ip(args.service_cidr.v4);
     let dns_ip = match (args.cluster_dns, reserved) {
-        (Some(ip), r) if args.service_cidr.contains(ip) && Some(ip) != r => bail!(
+        (Some(ip), r) if args.service_cidr.v4.contains(ip) && Some(ip) != r => bail!(
             "--cluster-dns {ip} is inside the service CIDR {} but is not its reserved 10th address {}: a service could be given it",
-            args.service_cidr,
+            args.service_cidr.v4,
             r.map_or("(none)".to_string(), |r| r.to_string())
         ),
         (Some(ip), _) => ip,
         (None, Some(r)) => r,
         (None, None) => bail!(
             "the service CIDR {} is too small for a cluster DNS address; pass --cluster-dns",
-            args.service_cidr
+            args.service_cidr.v4
         ),
     };
     let domain = hickory_proto::rr::Name::from_ascii(format!(
@@ -698,7 +705,7 @@ pub fn dns_settings(
         port: 53,
         upstreams,
         ttl: 5,
-        service_cidr: args.service_cidr,
+        service_cidr: args.service_cidr.v4,
         cluster_network: cfg.network,
         cluster_network6: cfg.ipv6.as_ref().map(|p| p.network),
     }))
@@ -767,7 +774,7 @@ async fn leave(args: &DaemonArgs, store: &Store, node: &NodeIdentity) -> Result<
     }
     let dns_ip = args
         .cluster_dns
-        .or_else(|| crate::model::service::cluster_dns_ip(args.service_cidr));
+        .or_else(|| crate::model::service::cluster_dns_ip(args.service_cidr.v4));
     if let Some(ip) = dns_ip
         && let Err(e) = crate::dns::device::remove_dns_address(ip).await
     {

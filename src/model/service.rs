@@ -7,7 +7,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4};
 use std::str::FromStr;
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use serde::{Deserialize, Serialize};
 
 use crate::model::DecodeError;
@@ -173,10 +173,13 @@ impl IpFamily {
 pub enum IpFamilyPolicy {
     /// One family: IPv4.
     #[default]
+    #[value(name = "SingleStack", alias = "single-stack")]
     SingleStack,
     /// Both families when the cluster has an IPv6 service range, else IPv4 alone.
+    #[value(name = "PreferDualStack", alias = "prefer-dual-stack")]
     PreferDualStack,
     /// Both families, or the service is refused.
+    #[value(name = "RequireDualStack", alias = "require-dual-stack")]
     RequireDualStack,
 }
 
@@ -683,6 +686,91 @@ pub fn check_service_cidr(
     Ok(())
 }
 
+/// `--service-cidr`: the IPv4 service range and, for dual-stack services, an IPv6 one, comma
+/// separated in either order (Kubernetes' `--service-cluster-ip-range`,
+/// `10.96.0.0/12,fd00:96::/108`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceCidrs {
+    /// The IPv4 range (cluster IPs of every service).
+    pub v4: Ipv4Network,
+    /// The IPv6 range (the second cluster IP of dual-stack services), if any.
+    pub v6: Option<Ipv6Network>,
+}
+
+impl FromStr for ServiceCidrs {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut v4 = None;
+        let mut v6 = None;
+        for part in s.split(',') {
+            let net: ipnetwork::IpNetwork = part
+                .trim()
+                .parse()
+                .map_err(|_| format!("{part:?} is not a CIDR (10.96.0.0/12, fd00:96::/108)"))?;
+            let twice = match net {
+                ipnetwork::IpNetwork::V4(n) => v4.replace(n).is_some(),
+                ipnetwork::IpNetwork::V6(n) => v6.replace(n).is_some(),
+            };
+            if twice {
+                return Err(format!(
+                    "{s:?} gives two ranges of one family (one per family)"
+                ));
+            }
+        }
+        let v4 = v4.ok_or_else(|| {
+            format!("{s:?} has no IPv4 range (IPv6-only services are not supported yet)")
+        })?;
+        Ok(ServiceCidrs { v4, v6 })
+    }
+}
+
+impl fmt::Display for ServiceCidrs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.v4)?;
+        if let Some(v6) = self.v6 {
+            write!(f, ",{v6}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks an IPv6 service range: not loopback, link-local, multicast or the whole space, not
+/// overlapping the IPv6 pod network, between /64 and /120. The error names the problem.
+pub fn check_service_cidr6(
+    cidr: Ipv6Network,
+    cluster_network6: Option<Ipv6Network>,
+) -> Result<(), String> {
+    let fail = |why: String| Err(format!("IPv6 service CIDR {cidr}: {why}"));
+    let forbidden: [(&str, Ipv6Network); 3] = [
+        ("loopback ::1/128", Ipv6Network::from(Ipv6Addr::LOCALHOST)),
+        (
+            "link-local fe80::/10",
+            Ipv6Network::new(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), 10)
+                .unwrap_or_else(|_| Ipv6Network::from(Ipv6Addr::LOCALHOST)),
+        ),
+        (
+            "multicast ff00::/8",
+            Ipv6Network::new(Ipv6Addr::new(0xff00, 0, 0, 0, 0, 0, 0, 0), 8)
+                .unwrap_or_else(|_| Ipv6Network::from(Ipv6Addr::LOCALHOST)),
+        ),
+    ];
+    if let Some((name, _)) = forbidden.iter().find(|(_, n)| n.overlaps(cidr)) {
+        return fail(format!("overlaps {name}"));
+    }
+    if let Some(n) = cluster_network6
+        && n.overlaps(cidr)
+    {
+        return fail(format!("overlaps the IPv6 cluster network {n}"));
+    }
+    if cidr.prefix() < 64 {
+        return fail("is too large: at most a /64".into());
+    }
+    if cidr.prefix() > 120 {
+        return fail("is too small: cluster IPs need at least a /120".into());
+    }
+    Ok(())
+}
+
 /// Checks a cluster (pod) network (`tartanctl network init --network`): it must not overlap
 /// the service CIDR, loopback, link-local, multicast, the whole address space, or hold an
 /// etcd endpoint or node address. The error names the overlap.
@@ -715,6 +803,9 @@ pub fn cluster_dns_ip(service_cidr: Ipv4Network) -> Option<Ipv4Addr> {
 pub struct AddressGuard {
     /// Range cluster IPs must come from.
     pub service_cidr: Ipv4Network,
+    /// Range the IPv6 cluster IPs of dual-stack services must come from (none: no service
+    /// may have one).
+    pub service_cidr6: Option<Ipv6Network>,
     /// The pod network, when known.
     pub cluster_network: Option<Ipv4Network>,
     /// Node addresses (tartand: its own; tartanctl: every node's public IP).
@@ -728,6 +819,7 @@ impl AddressGuard {
     pub fn new(service_cidr: Ipv4Network) -> Self {
         AddressGuard {
             service_cidr,
+            service_cidr6: None,
             cluster_network: None,
             node_ips: Vec::new(),
             etcd: Vec::new(),
@@ -770,6 +862,28 @@ impl AddressGuard {
         if Some(ip) == cluster_dns_ip(c) {
             return Err(format!(
                 "cluster IP {ip} is reserved for the cluster DNS (the 10th address of {c})"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Why `ip` cannot be an IPv6 cluster IP, if it cannot: no IPv6 service range, outside
+    /// it, or its network address.
+    pub fn cluster_ip6(&self, ip: Ipv6Addr) -> Result<(), String> {
+        let Some(c) = self.service_cidr6 else {
+            return Err(format!(
+                "IPv6 cluster IP {ip}: there is no IPv6 service range (--service-cidr \
+                 IPV4/LEN,IPV6/LEN)"
+            ));
+        };
+        if !c.contains(ip) {
+            return Err(format!(
+                "IPv6 cluster IP {ip} is outside the service CIDR {c}"
+            ));
+        }
+        if ip == c.network() {
+            return Err(format!(
+                "IPv6 cluster IP {ip} is the network address of {c}"
             ));
         }
         Ok(())

@@ -3,7 +3,7 @@
 //! under `--tartan-prefix` (`/tartan`: nodes, pods, services, endpoints, allocations, leave
 //! requests, ingress routes and certificates).
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use crate::model::pod::PodRecord;
 use crate::model::service::Protocol;
@@ -92,7 +92,8 @@ pub fn alloc_prefix(keys: &EtcdArgs) -> String {
 }
 
 /// The allocation record of a cluster IP.
-pub fn cluster_ip_alloc_key(keys: &EtcdArgs, ip: Ipv4Addr) -> String {
+pub fn cluster_ip_alloc_key(keys: &EtcdArgs, ip: impl Into<IpAddr>) -> String {
+    let ip: IpAddr = ip.into();
     keys.tartan_key(&format!("alloc/clusterip/{ip}"))
 }
 

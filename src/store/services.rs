@@ -1,7 +1,7 @@
 //! Services in etcd: creation with unique cluster IP and node port allocation (one etcd
 //! transaction each), updates, deletion, explicit endpoints.
 //!
-//! Allocations are keys of their own (`/tartan/alloc/clusterip/<ip>`,
+//! Allocations are keys of their own (`/tartan/alloc/clusterip/<ip>`, for either family,
 //! `/tartan/alloc/nodeport/<proto>/<port>`) written in the same transaction as the service,
 //! so two concurrent creates can never get the same address or port.
 
@@ -9,7 +9,7 @@ use crate::store::keys::{
     cluster_ip_alloc_key, endpoints_key, node_port_alloc_key, service_key, services_prefix,
 };
 use std::collections::HashSet;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context, Result, bail};
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
@@ -17,8 +17,8 @@ use ipnetwork::Ipv4Network;
 use rand::RngExt;
 
 use crate::model::service::{
-    AddressGuard, ExplicitEndpoints, HEADLESS, NODE_PORT_MAX, NODE_PORT_MIN, Protocol, Service,
-    valid_name,
+    AddressGuard, ExplicitEndpoints, HEADLESS, IpFamily, IpFamilyPolicy, NODE_PORT_MAX,
+    NODE_PORT_MIN, Protocol, Service, valid_name,
 };
 use crate::store::etcd::{EtcdArgs, Store};
 
@@ -78,6 +78,26 @@ impl<'a> ServiceStore<'a> {
             return self.service_cidr.network();
         }
         Ipv4Addr::from(rand::rng().random_range(first..=last))
+    }
+
+    /// A random address of the IPv6 service range, past its network address and the first
+    /// one (as for IPv4).
+    fn random_ip6(&self) -> Option<Ipv6Addr> {
+        let c = self.guard.service_cidr6?;
+        let host_bits = 128 - u32::from(c.prefix());
+        let size = 1u128.checked_shl(host_bits).unwrap_or(0).max(4);
+        let offset = rand::rng().random_range(2..size);
+        Some(Ipv6Addr::from(u128::from(c.network()) | offset))
+    }
+
+    /// Whether a service created with `policy` gets an IPv6 cluster IP here.
+    fn wants_ipv6(&self, policy: IpFamilyPolicy) -> bool {
+        match policy {
+            IpFamilyPolicy::SingleStack => false,
+            IpFamilyPolicy::PreferDualStack | IpFamilyPolicy::RequireDualStack => {
+                self.guard.service_cidr6.is_some()
+            }
+        }
     }
 
     fn random_node_port() -> u16 {
@@ -141,6 +161,15 @@ impl<'a> ServiceStore<'a> {
                 svc.ports.len()
             );
         }
+        if svc.ip_family_policy == IpFamilyPolicy::RequireDualStack
+            && explicit_ip != Some(HEADLESS)
+            && self.guard.service_cidr6.is_none()
+        {
+            bail!(
+                "--ip-family-policy RequireDualStack: there is no IPv6 service range (give \
+                 --service-cidr IPV4/LEN,IPV6/LEN, e.g. 10.96.0.0/12,fd00:96::/108)"
+            );
+        }
         if explicit_ip == Some(HEADLESS) {
             if node_ports
                 .iter()
@@ -190,6 +219,23 @@ impl<'a> ServiceStore<'a> {
                 ip
             }
         };
+        let dual = self.wants_ipv6(svc.ip_family_policy);
+        svc.cluster_ips.clear();
+        svc.ip_families.clear();
+        if svc.is_headless() {
+            if svc.ip_family_policy != IpFamilyPolicy::SingleStack {
+                svc.ip_families = vec![IpFamily::IPv4, IpFamily::IPv6];
+            }
+        } else if dual {
+            let Some(ip6) = self
+                .random_ip6()
+                .filter(|ip| self.guard.cluster_ip6(*ip).is_ok())
+            else {
+                return false;
+            };
+            svc.cluster_ips = vec![svc.cluster_ip.into(), ip6.into()];
+            svc.ip_families = vec![IpFamily::IPv4, IpFamily::IPv6];
+        }
         let mut taken = explicit_ports.clone();
         for (i, req) in node_ports.iter().enumerate() {
             let proto = svc.ports[i].protocol;
@@ -221,8 +267,8 @@ impl<'a> ServiceStore<'a> {
             0,
         )];
         let mut ops = vec![TxnOp::put(key.to_string(), svc.to_bytes(), None)];
-        if !svc.is_headless() {
-            let alloc = cluster_ip_alloc_key(self.keys, svc.cluster_ip);
+        for ip in svc.cluster_ips() {
+            let alloc = cluster_ip_alloc_key(self.keys, ip);
             cmp.push(Compare::create_revision(alloc.clone(), CompareOp::Equal, 0));
             ops.push(TxnOp::put(alloc, id.clone(), None));
         }
@@ -267,6 +313,15 @@ impl<'a> ServiceStore<'a> {
                     String::from_utf8_lossy(&owner.value)
                 );
             }
+            return Ok(CreateConflict::ClusterIp);
+        }
+        if let Some(ip6) = svc.cluster_ip6()
+            && self
+                .store
+                .get(&cluster_ip_alloc_key(self.keys, ip6))
+                .await?
+                .is_some()
+        {
             return Ok(CreateConflict::ClusterIp);
         }
         for (i, p) in svc.ports.iter().enumerate() {
@@ -333,8 +388,8 @@ impl<'a> ServiceStore<'a> {
             .get(&svc.namespace, &svc.name)
             .await?
             .with_context(|| format!("service {} does not exist", svc.id()))?;
-        if old.cluster_ip != svc.cluster_ip {
-            bail!("the cluster IP of a service cannot change (delete and re-create it)");
+        if old.cluster_ip != svc.cluster_ip || old.cluster_ip6() != svc.cluster_ip6() {
+            bail!("the cluster IPs of a service cannot change (delete and re-create it)");
         }
         let old_np: Vec<(Protocol, u16)> = old
             .ports
@@ -379,11 +434,8 @@ impl<'a> ServiceStore<'a> {
             TxnOp::delete(endpoints_key(self.keys, namespace, name), None),
         ];
         if let Ok(s) = Service::parse(&kv.value) {
-            if !s.is_headless() {
-                ops.push(TxnOp::delete(
-                    cluster_ip_alloc_key(self.keys, s.cluster_ip),
-                    None,
-                ));
+            for ip in s.cluster_ips() {
+                ops.push(TxnOp::delete(cluster_ip_alloc_key(self.keys, ip), None));
             }
             for p in &s.ports {
                 if let Some(np) = p.node_port {

@@ -149,6 +149,7 @@ fn json_roundtrip() {
 fn guard() -> AddressGuard {
     AddressGuard {
         service_cidr: "10.96.0.0/12".parse().unwrap(),
+        service_cidr6: None,
         cluster_network: Some("10.244.0.0/16".parse().unwrap()),
         node_ips: vec![Ipv4Addr::new(192, 168, 77, 2)],
         etcd: vec!["192.168.170.2:2379".parse().unwrap()],
@@ -429,4 +430,66 @@ fn ip_families_policy_and_cluster_ips_are_checked_as_kubernetes_does() {
         ..svc()
     };
     assert_eq!(Service::parse(&hl.to_bytes()).unwrap(), hl);
+}
+
+#[test]
+fn service_cidrs_take_one_range_per_family_and_ipv6_ranges_are_checked() {
+    let c: ServiceCidrs = "10.96.0.0/12,fd00:96::/108".parse().unwrap();
+    assert_eq!(c.v4, "10.96.0.0/12".parse::<Ipv4Network>().unwrap());
+    assert_eq!(c.v6, Some("fd00:96::/108".parse().unwrap()));
+    assert_eq!(c.to_string(), "10.96.0.0/12,fd00:96::/108");
+    let swapped: ServiceCidrs = "fd00:96::/108, 10.96.0.0/12".parse().unwrap();
+    assert_eq!(swapped, c);
+    let one: ServiceCidrs = "10.96.0.0/12".parse().unwrap();
+    assert_eq!((one.v6, one.to_string().as_str()), (None, "10.96.0.0/12"));
+    for (bad, why) in [
+        ("fd00:96::/108", "has no IPv4 range"),
+        ("10.96.0.0/12,10.100.0.0/16", "two ranges of one family"),
+        (
+            "10.96.0.0/12,fd00::/108,fd01::/108",
+            "two ranges of one family",
+        ),
+        ("10.96.0.0/12,", "is not a CIDR"),
+        ("10.96.0.0/33", "is not a CIDR"),
+    ] {
+        let e = bad.parse::<ServiceCidrs>().unwrap_err();
+        assert!(e.contains(why), "{bad}: {e}");
+    }
+    let net6: Option<Ipv6Network> = Some("fd00:10:244::/56".parse().unwrap());
+    assert!(check_service_cidr6("fd00:96::/108".parse().unwrap(), net6).is_ok());
+    for (bad, why) in [
+        (
+            "fd00:10:244:1::/108",
+            "overlaps the IPv6 cluster network fd00:10:244::/56",
+        ),
+        ("fe80::/108", "overlaps link-local"),
+        ("ff02::/108", "overlaps multicast"),
+        ("::1/128", "overlaps loopback"),
+        ("fd00::/48", "too large"),
+        ("fd00:96::/124", "too small"),
+    ] {
+        let e = check_service_cidr6(bad.parse().unwrap(), net6).unwrap_err();
+        assert!(e.contains(why), "{bad}: {e}");
+    }
+    let g = AddressGuard {
+        service_cidr6: c.v6,
+        ..AddressGuard::new(c.v4)
+    };
+    assert!(g.cluster_ip6("fd00:96::a".parse().unwrap()).is_ok());
+    assert!(
+        g.cluster_ip6("fd00:96::".parse().unwrap())
+            .unwrap_err()
+            .contains("network address")
+    );
+    assert!(
+        g.cluster_ip6("fd00:97::a".parse().unwrap())
+            .unwrap_err()
+            .contains("outside")
+    );
+    assert!(
+        AddressGuard::new(c.v4)
+            .cluster_ip6("fd00:96::a".parse().unwrap())
+            .unwrap_err()
+            .contains("no IPv6 service range")
+    );
 }
