@@ -120,6 +120,7 @@ fn full_sync(services: u32) -> Result<Lab> {
 fn nft_script_peak_mb(ns: &str) -> Result<f64> {
     let ctx = tartan::proxy::rules::NodeContext {
         node: "node1".into(),
+        family: tartan::proxy::rules::Family::V4,
         cluster_network: "10.244.0.0/16".parse()?,
         service_cidr: "10.96.0.0/12".parse()?,
         balancing: Balancing::RoundRobin,

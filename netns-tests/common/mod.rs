@@ -208,6 +208,7 @@ pub fn expected_elements(
         for n in &nodes {
             let mut state = ServiceState::new(tartan::proxy::rules::NodeContext {
                 node: n.clone(),
+                family: tartan::proxy::rules::Family::V4,
                 cluster_network: "10.244.0.0/16".parse()?,
                 service_cidr: "10.96.0.0/12".parse()?,
                 balancing: Default::default(),

@@ -82,6 +82,10 @@ pub struct ServiceReport {
     /// `proxy::rules::COUNTED_MAX_SLOTS` live in uncounted maps): `connections` is then 0.
     #[serde(default)]
     pub uncounted: bool,
+    /// The IPv6 half of a dual-stack service (its IPv6 cluster IP, the pods' IPv6 addresses
+    /// and the `ip6` table's counters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<Box<ServiceReport>>,
 }
 
 /// One backend.

@@ -279,6 +279,7 @@ mod tests {
             refused: 0,
             problems: problems.iter().map(|p| p.to_string()).collect(),
             uncounted: backends > 512,
+            ipv6: None,
         }
     }
 

@@ -27,7 +27,7 @@ use crate::node::lock::{OwnedPath, PathKind};
 use crate::node::state_file::{NodeState, state_path, vtep_mac_for, vtep_mac6_for};
 use crate::node::subnet_keeper::{KeepOutcome, NodeIdentity, OwnLease, Preferred, SubnetManager};
 use crate::overlay::reconciler::{OverlaySettings, overlay_mtu};
-use crate::proxy::rules::NodeContext;
+use crate::proxy::rules::{Family, NodeContext};
 use crate::store::etcd::{EtcdArgs, Store};
 use crate::util::shutdown::shutdown_signal;
 
@@ -445,9 +445,29 @@ fn spawn_dataplane(
     let (status_tx, status_rx) = tokio::sync::mpsc::channel(4);
     let ctx = NodeContext {
         node: name.clone(),
-        cluster_network: cfg.network,
-        service_cidr: args.service_cidr.v4,
+        family: Family::V4,
+        cluster_network: cfg.network.into(),
+        service_cidr: args.service_cidr.v4.into(),
         balancing: args.load_balancing,
+    };
+    // The IPv6 table, for the IPv6 cluster IPs of dual-stack services: with an IPv6 service
+    // range and a dual-stack network.
+    let ctx6 = match (args.service_cidr.v6, &cfg.ipv6) {
+        (Some(c6), Some(p)) => Some(NodeContext {
+            family: Family::V6,
+            cluster_network: p.network.into(),
+            service_cidr: c6.into(),
+            ..ctx.clone()
+        }),
+        (Some(c6), None) => {
+            warn!(
+                service_cidr6 = %c6,
+                "--service-cidr has an IPv6 range but the network config is not dual-stack: \
+                 IPv6 cluster IPs are not programmed"
+            );
+            None
+        }
+        (None, _) => None,
     };
     let mut node_ips: Vec<Ipv4Addr> = id.iface.addrs.iter().map(|a| a.ip()).collect();
     node_ips.push(public_ip);
@@ -481,6 +501,7 @@ fn spawn_dataplane(
         proxy_feeds,
         args.etcd.clone(),
         ctx,
+        ctx6,
         guard,
         metrics.clone(),
         status_rx,

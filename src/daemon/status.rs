@@ -2,7 +2,7 @@
 //! and every service with its backends and packet counters, for `tartanctl explain`.
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
 
 use crate::api::status::{BackendReport, PeerStatus, ServiceReport, StatusReport};
@@ -14,8 +14,10 @@ use crate::proxy::run::ProxyStatus;
 
 /// Where status requests for the service proxy go.
 pub type ProxyRequests = tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<ProxyStatus>>;
-use crate::kernel::nft_elements::{KeyBuilder, NFPROTO_IPV4, NftSocket};
+use crate::kernel::nft_elements::{KeyBuilder, NftSocket};
+use crate::model::service::IpFamily;
 use crate::node::subnet_keeper::OwnLease;
+use crate::proxy::rules::Family;
 
 struct Inner {
     own: Option<watch::Receiver<Option<OwnLease>>>,
@@ -126,76 +128,23 @@ impl DaemonStatus {
         r.rejected_records = ps.rejected.clone();
         r.rejected_total = ps.rejected_total;
         let counters = match &ps.table {
-            Some(t) => read_counters(t).await,
+            Some(t) => read_counters(Family::V4, t).await,
             None => Counters::default(),
         };
-        for s in ps.services {
-            let svc = &s.service;
-            let mut connections = 0;
-            let mut refused = 0;
-            let mut per_backend: HashMap<Ipv4Addr, u64> = HashMap::new();
-            for p in &svc.ports {
-                let key = KeyBuilder::new()
-                    .ipv4(svc.cluster_ip)
-                    .proto(p.protocol.number())
-                    .port(p.port)
-                    .build();
-                refused += counters.refused.get(&key).copied().unwrap_or(0);
-                for b in &s.backends {
-                    if let Some(v) = counters.balanced.get(&(key.clone(), b.ip)) {
-                        *per_backend.entry(b.ip).or_default() += v;
-                        connections += v;
-                    }
-                }
+        r.services = service_reports(&ps, Family::V4, &counters);
+        if let Some(ps6) = &ps.ipv6 {
+            let counters6 = match &ps6.table {
+                Some(t) => read_counters(Family::V6, t).await,
+                None => Counters::default(),
+            };
+            let mut halves: HashMap<String, ServiceReport> =
+                service_reports(ps6, Family::V6, &counters6)
+                    .into_iter()
+                    .map(|s| (s.id.clone(), s))
+                    .collect();
+            for s in &mut r.services {
+                s.ipv6 = halves.remove(&s.id).map(Box::new);
             }
-            r.services.push(ServiceReport {
-                id: s.id.clone(),
-                cluster_ip: svc.cluster_ip.to_string(),
-                ports: svc
-                    .ports
-                    .iter()
-                    .map(|p| {
-                        let mut d = format!("{}/{} -> {}", p.port, p.protocol, p.target_port);
-                        if let Some(np) = p.node_port {
-                            d.push_str(&format!(", node port {np}"));
-                        }
-                        if let Some(n) = &p.name {
-                            d = format!("{n}: {d}");
-                        }
-                        d
-                    })
-                    .collect(),
-                options: {
-                    let mut o = Vec::new();
-                    if svc.session_affinity == crate::model::service::SessionAffinity::ClientIp {
-                        o.push(format!(
-                            "client-IP affinity for {} s",
-                            svc.session_affinity_timeout
-                        ));
-                    }
-                    if svc.external_traffic_policy == crate::model::service::TrafficPolicy::Local {
-                        o.push(
-                            "node ports use local endpoints only and keep client addresses".into(),
-                        );
-                    }
-                    o
-                },
-                backends: s
-                    .backends
-                    .iter()
-                    .map(|b| BackendReport {
-                        ip: b.ip.to_string(),
-                        node: b.node.clone(),
-                        connections: per_backend.get(&b.ip).copied().unwrap_or(0),
-                    })
-                    .collect(),
-                connections,
-                refused,
-                problems: s.problems.clone(),
-                uncounted: !crate::proxy::rules::counted_slots(crate::proxy::rules::slot_count(
-                    s.backends.len(),
-                )),
-            });
         }
         r
     }
@@ -207,23 +156,97 @@ struct Counters {
     /// `no_endpoints` key (cluster IP . proto . port) → connections refused.
     refused: HashMap<Vec<u8>, u64>,
     /// (`backends` key without its slot, endpoint address) → connections over its slots.
-    balanced: HashMap<(Vec<u8>, Ipv4Addr), u64>,
+    balanced: HashMap<(Vec<u8>, IpAddr), u64>,
 }
 
-/// Length of a `backends` key without its slot (cluster IP . proto . port, 4 bytes each).
-const PORT_KEY_LEN: usize = 12;
+/// The reports of the services `ps` (one family's table, counters read from it) programs.
+fn service_reports(ps: &ProxyStatus, family: Family, counters: &Counters) -> Vec<ServiceReport> {
+    let mut out = Vec::new();
+    for s in &ps.services {
+        let svc = &s.service;
+        let mut connections = 0;
+        let mut refused = 0;
+        let Some(vip) = svc.cluster_ip_of(family.ip_family()) else {
+            continue;
+        };
+        let mut per_backend: HashMap<IpAddr, u64> = HashMap::new();
+        for p in &svc.ports {
+            let key = KeyBuilder::new()
+                .ip(vip)
+                .proto(p.protocol.number())
+                .port(p.port)
+                .build();
+            refused += counters.refused.get(&key).copied().unwrap_or(0);
+            for b in &s.backends {
+                if let Some(v) = counters.balanced.get(&(key.clone(), b.ip)) {
+                    *per_backend.entry(b.ip).or_default() += v;
+                    connections += v;
+                }
+            }
+        }
+        out.push(ServiceReport {
+            id: s.id.clone(),
+            cluster_ip: vip.to_string(),
+            ports: svc
+                .ports
+                .iter()
+                .map(|p| {
+                    let mut d = format!("{}/{} -> {}", p.port, p.protocol, p.target_port);
+                    if let Some(np) = p.node_port {
+                        d.push_str(&format!(", node port {np}"));
+                    }
+                    if let Some(n) = &p.name {
+                        d = format!("{n}: {d}");
+                    }
+                    d
+                })
+                .collect(),
+            options: {
+                let mut o = Vec::new();
+                if svc.session_affinity == crate::model::service::SessionAffinity::ClientIp {
+                    o.push(format!(
+                        "client-IP affinity for {} s",
+                        svc.session_affinity_timeout
+                    ));
+                }
+                if svc.external_traffic_policy == crate::model::service::TrafficPolicy::Local {
+                    o.push("node ports use local endpoints only and keep client addresses".into());
+                }
+                o
+            },
+            backends: s
+                .backends
+                .iter()
+                .map(|b| BackendReport {
+                    ip: b.ip.to_string(),
+                    node: b.node.clone(),
+                    connections: per_backend.get(&b.ip).copied().unwrap_or(0),
+                })
+                .collect(),
+            connections,
+            refused,
+            problems: s.problems.clone(),
+            uncounted: !crate::proxy::rules::counted_slots(crate::proxy::rules::slot_count(
+                s.backends.len(),
+            )),
+            ipv6: None,
+        });
+    }
+    out
+}
 
 /// Reads the counters of `no_endpoints` and `backends` with one netlink dump each. Verdict
 /// maps cannot carry counters (the kernel refuses element expressions there), so connections
 /// are counted where they are balanced; services big enough for the uncounted `big_backends`
 /// are not counted at all. A failure leaves the counts at zero (logged).
-async fn read_counters(table: &str) -> Counters {
+async fn read_counters(family: Family, table: &str) -> Counters {
     let table = table.to_string();
+    let nfproto = family.nfproto();
     let dumped = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let mut sock = NftSocket::open()?;
         Ok((
-            sock.dump_elements(NFPROTO_IPV4, &table, "no_endpoints")?,
-            sock.dump_elements(NFPROTO_IPV4, &table, "backends")?,
+            sock.dump_elements(nfproto, &table, "no_endpoints")?,
+            sock.dump_elements(nfproto, &table, "backends")?,
         ))
     })
     .await;
@@ -248,10 +271,22 @@ async fn read_counters(table: &str) -> Counters {
         let (Some((packets, _)), Some(d)) = (e.counter, e.data.as_deref()) else {
             continue;
         };
-        let (Some(port_key), Some(ip)) = (e.key.get(..PORT_KEY_LEN), d.get(..4)) else {
+        // A `backends` key without its slot: cluster IP . proto . port (4-byte registers, the
+        // address 4 or 16 bytes); the data starts with the endpoint address.
+        let alen = match family.ip_family() {
+            IpFamily::IPv4 => 4,
+            IpFamily::IPv6 => 16,
+        };
+        let (Some(port_key), Some(ip)) = (e.key.get(..alen + 8), d.get(..alen)) else {
             continue;
         };
-        let ip = Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]);
+        let ip = match <[u8; 16]>::try_from(ip) {
+            Ok(o) => IpAddr::V6(Ipv6Addr::from(o)),
+            Err(_) => match <[u8; 4]>::try_from(ip) {
+                Ok(o) => IpAddr::V4(Ipv4Addr::from(o)),
+                Err(_) => continue,
+            },
+        };
         *c.balanced.entry((port_key.to_vec(), ip)).or_default() += packets;
     }
     c

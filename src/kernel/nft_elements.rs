@@ -49,6 +49,8 @@ const NFT_GOTO: i32 = -4;
 
 /// Address family of the table (`NFPROTO_IPV4`).
 pub const NFPROTO_IPV4: u8 = 2;
+/// Address family of an `ip6` table.
+pub const NFPROTO_IPV6: u8 = 10;
 
 /// Largest payload per NEWSETELEM/DELSETELEM message; a batch holds as many as needed.
 const MAX_MSG: usize = 60 * 1024;
@@ -95,6 +97,14 @@ impl KeyBuilder {
     /// An IPv4 address (network byte order, 4 bytes).
     pub fn ipv4(mut self, a: std::net::Ipv4Addr) -> Self {
         self.0.extend_from_slice(&a.octets());
+        self
+    }
+    /// An address of either family (4 or 16 bytes, network byte order).
+    pub fn ip(mut self, a: std::net::IpAddr) -> Self {
+        match a {
+            std::net::IpAddr::V4(v4) => self.0.extend_from_slice(&v4.octets()),
+            std::net::IpAddr::V6(v6) => self.0.extend_from_slice(&v6.octets()),
+        }
         self
     }
     /// A transport port (`th dport`, big endian, padded to 4).

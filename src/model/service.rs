@@ -969,8 +969,8 @@ pub fn valid_node_name(s: &str) -> bool {
 /// One backend of a service.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Backend {
-    /// Address.
-    pub ip: Ipv4Addr,
+    /// Address (of the family of the table it is programmed in).
+    pub ip: IpAddr,
     /// Node, if known (shared: node names repeat across thousands of backends).
     pub node: Option<std::sync::Arc<str>>,
 }

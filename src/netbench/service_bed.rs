@@ -160,6 +160,7 @@ fn pod(i: u32, k: u32, ip: Ipv4Addr) -> (String, PodRecord) {
 async fn program_tartan(services: u32, endpoints: u32, balancing: Balancing) -> Result<()> {
     let ctx = NodeContext {
         node: "bench".into(),
+        family: crate::proxy::rules::Family::V4,
         cluster_network: "10.244.0.0/16".parse()?,
         service_cidr: "10.96.0.0/12".parse()?,
         balancing,

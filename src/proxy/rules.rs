@@ -1,4 +1,5 @@
-//! The service table `ip tartan_svc`, computed as data: a fixed structure (maps, sets, a few
+//! The service table `ip tartan_svc` (and, for dual-stack services, its twin `ip6 tartan_svc`,
+//! one table per family as kube-proxy keeps them), computed as data: a fixed structure (maps, sets, a few
 //! chains; loaded with `nft -f`) plus elements per service port (written over netlink).
 //!
 //! One map lookup finds a service, whatever the number of services: first-packet cost does not
@@ -10,16 +11,80 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::IpNetwork;
 
-use crate::kernel::nft_elements::{ElemData, KeyBuilder};
-use crate::model::service::{Backend, Service, ServicePort, SessionAffinity, TrafficPolicy};
+use crate::kernel::nft_elements::{ElemData, KeyBuilder, NFPROTO_IPV4, NFPROTO_IPV6};
+use crate::model::service::{
+    Backend, IpFamily, Service, ServicePort, SessionAffinity, TrafficPolicy,
+};
 use crate::overlay::masquerade::MASQ_MARK;
 
-/// nftables family of the service table.
-pub const FAMILY: &str = "ip";
+/// The address family of one service table: `ip` for IPv4, `ip6` for the IPv6 cluster IPs of
+/// dual-stack services. Both tables have the same structure; only the address words and
+/// widths differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub enum Family {
+    /// IPv4 (`table ip`).
+    #[default]
+    V4,
+    /// IPv6 (`table ip6`).
+    V6,
+}
+
+impl Family {
+    /// Both families, IPv4 first.
+    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
+
+    /// The nftables family and address keyword (`ip`, `ip6`).
+    pub fn nft(self) -> &'static str {
+        match self {
+            Family::V4 => "ip",
+            Family::V6 => "ip6",
+        }
+    }
+
+    /// The netlink protocol family of the table.
+    pub fn nfproto(self) -> u8 {
+        match self {
+            Family::V4 => NFPROTO_IPV4,
+            Family::V6 => NFPROTO_IPV6,
+        }
+    }
+
+    /// The service model's name of the family.
+    pub fn ip_family(self) -> IpFamily {
+        match self {
+            Family::V4 => IpFamily::IPv4,
+            Family::V6 => IpFamily::IPv6,
+        }
+    }
+
+    /// The family of `ip`.
+    pub fn of(ip: IpAddr) -> Family {
+        match ip {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+
+    /// The loopback range node-port lookups skip.
+    fn loopback(self) -> &'static str {
+        match self {
+            Family::V4 => "127.0.0.0/8",
+            Family::V6 => "::1",
+        }
+    }
+
+    /// The unspecified address of the family.
+    pub fn unspecified(self) -> IpAddr {
+        match self {
+            Family::V4 => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            Family::V6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        }
+    }
+}
 /// Version of the structure; bumped when the base ruleset changes shape.
 pub const STRUCTURE_VERSION: u32 = 7;
 
@@ -126,21 +191,23 @@ impl DynChain {
 
     /// The chain's rules (one per line).
     pub fn rules(&self, ctx: &NodeContext) -> Vec<String> {
+        let ip = ctx.family.nft();
         let net = format!(
             "{}/{}",
             ctx.cluster_network.network(),
             ctx.cluster_network.prefix()
         );
         let mark = format!("meta mark set meta mark | {MASQ_MARK:#x}");
-        let sticky = "dnat ip to ip saddr . ip daddr . meta l4proto . th dport map @affinity";
+        let sticky =
+            format!("dnat {ip} to {ip} saddr . {ip} daddr . meta l4proto . th dport map @affinity");
         match *self {
             DynChain::Cluster { n, affinity } => {
-                let mut r = vec![format!("ip saddr != {net} {mark}")];
+                let mut r = vec![format!("{ip} saddr != {net} {mark}")];
                 if affinity {
-                    r.push(sticky.to_string());
+                    r.push(sticky.clone());
                 }
                 r.push(format!(
-                    "dnat ip to ip daddr . meta l4proto . th dport . numgen {} mod {n} map @{}",
+                    "dnat {ip} to {ip} daddr . meta l4proto . th dport . numgen {} mod {n} map @{}",
                     ctx.balancing.numgen(),
                     SetName::Backends.for_slots(n).as_str()
                 ));
@@ -152,31 +219,33 @@ impl DynChain {
                     r.push(mark);
                 }
                 if affinity {
-                    r.push(sticky.to_string());
+                    r.push(sticky.clone());
                 }
                 r.push(format!(
-                    "dnat ip to meta l4proto . th dport . numgen {} mod {n} map @{}",
+                    "dnat {ip} to meta l4proto . th dport . numgen {} mod {n} map @{}",
                     ctx.balancing.numgen(),
                     SetName::NodePortBackends.for_slots(n).as_str()
                 ));
                 r
             }
             DynChain::AffinityRecord { timeout } => vec![format!(
-                "meta l4proto {{ tcp, udp }} update @affinity {{ ip saddr . ct original ip daddr . meta l4proto . ct original proto-dst timeout {timeout}s : ip daddr . th dport }}"
+                "meta l4proto {{ tcp, udp }} update @affinity {{ {ip} saddr . ct original {ip} daddr . meta l4proto . ct original proto-dst timeout {timeout}s : {ip} daddr . th dport }}"
             )],
         }
     }
 }
 
-/// Node-specific inputs.
+/// Node-specific inputs of one family's table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeContext {
     /// This node's name (for the `local` traffic policy).
     pub node: String,
+    /// The table's family; `cluster_network` and `service_cidr` are of it.
+    pub family: Family,
     /// The whole pod network (traffic from outside it to a cluster IP is masqueraded).
-    pub cluster_network: Ipv4Network,
+    pub cluster_network: IpNetwork,
     /// The service IP range (new connections to an unknown service IP:port are refused).
-    pub service_cidr: Ipv4Network,
+    pub service_cidr: IpNetwork,
     /// How a new connection picks its endpoint.
     pub balancing: Balancing,
 }
@@ -205,18 +274,22 @@ impl Balancing {
     }
 }
 
-/// A set key: at most 16 bytes (`ip . proto . port . slot`), stored inline.
+/// The longest key any set has: `ip6 saddr . ip6 daddr` (32 bytes), `ip6 daddr . proto . port
+/// . slot` (28).
+const KEY_MAX: usize = 32;
+
+/// A set key: at most [`KEY_MAX`] bytes, stored inline.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Key {
     len: u8,
-    bytes: [u8; 16],
+    bytes: [u8; KEY_MAX],
 }
 
 impl Key {
-    /// From key bytes (truncated to 16 bytes, the longest key any set has).
+    /// From key bytes (truncated to [`KEY_MAX`] bytes, the longest key any set has).
     pub fn from_slice(b: &[u8]) -> Key {
-        let mut bytes = [0u8; 16];
-        let len = b.len().min(16);
+        let mut bytes = [0u8; KEY_MAX];
+        let len = b.len().min(KEY_MAX);
         bytes[..len].copy_from_slice(&b[..len]);
         Key {
             len: len as u8,
@@ -266,8 +339,8 @@ impl Target {
 pub enum Data {
     /// A plain set element.
     None,
-    /// An endpoint `ip . port` (8 register bytes).
-    Endpoint([u8; 8]),
+    /// An endpoint `ip . port` (8 register bytes for IPv4, 20 for IPv6).
+    Endpoint(IpAddr, u16),
     /// `goto` a chain.
     Goto(Target),
     /// `jump` to a chain.
@@ -279,7 +352,15 @@ impl Data {
     pub fn to_elem_data(&self) -> ElemData {
         match self {
             Data::None => ElemData::None,
-            Data::Endpoint(b) => ElemData::Value(b.to_vec()),
+            Data::Endpoint(ip, port) => {
+                let mut b = match ip {
+                    IpAddr::V4(a) => a.octets().to_vec(),
+                    IpAddr::V6(a) => a.octets().to_vec(),
+                };
+                b.extend_from_slice(&port.to_be_bytes());
+                b.extend_from_slice(&[0, 0]);
+                ElemData::Value(b)
+            }
             Data::Goto(t) => ElemData::Goto(t.name()),
             Data::Jump(t) => ElemData::Jump(t.name()),
         }
@@ -318,8 +399,8 @@ pub struct SlotBlock {
     pub set: SetName,
     /// The port's key (`ip . proto . port` or `proto . port`) without the slot.
     pub base: Key,
-    /// The endpoints the slots point into.
-    pub endpoints: Vec<Ipv4Addr>,
+    /// The endpoints the slots point into (all of the table's family).
+    pub endpoints: Vec<IpAddr>,
     /// The endpoint (index into `endpoints`) of each slot.
     pub slots: Vec<u32>,
     /// The endpoints' port.
@@ -346,19 +427,19 @@ impl SlotBlock {
     }
 
     /// The endpoint of slot `slot`.
-    pub fn ip(&self, slot: usize) -> Ipv4Addr {
+    pub fn ip(&self, slot: usize) -> IpAddr {
         self.slots
             .get(slot)
             .and_then(|i| self.endpoints.get(*i as usize))
             .copied()
-            .unwrap_or(Ipv4Addr::UNSPECIFIED)
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
     }
 
     /// The key of slot `slot`.
     pub fn key(&self, slot: usize) -> Key {
         let base = self.base.as_slice();
-        let mut b = [0u8; 16];
-        let n = base.len().min(12);
+        let mut b = [0u8; KEY_MAX];
+        let n = base.len().min(KEY_MAX - 4);
         b[..n].copy_from_slice(&base[..n]);
         b[n..n + 4].copy_from_slice(&(slot as u32).to_ne_bytes());
         Key::from_slice(&b[..n + 4])
@@ -379,11 +460,8 @@ impl SlotBlock {
     }
 }
 
-fn endpoint_value(ip: Ipv4Addr, port: u16) -> Data {
-    let mut b = [0u8; 8];
-    b[..4].copy_from_slice(&ip.octets());
-    b[4..6].copy_from_slice(&port.to_be_bytes());
-    Data::Endpoint(b)
+fn endpoint_value(ip: IpAddr, port: u16) -> Data {
+    Data::Endpoint(ip, port)
 }
 
 /// Largest endpoint count balanced exactly: `numgen … mod N` with one slot per endpoint.
@@ -464,8 +542,8 @@ pub fn moduli() -> impl Iterator<Item = u32> {
 /// halved). Deterministic for the same inputs; linear in the slots, one hash lookup per
 /// endpoint.
 pub fn assign_slots(
-    endpoints: &[Ipv4Addr],
-    prev_endpoints: &[Ipv4Addr],
+    endpoints: &[IpAddr],
+    prev_endpoints: &[IpAddr],
     prev_slots: &[u32],
 ) -> Vec<u32> {
     let m = slot_count(endpoints.len()) as usize;
@@ -474,7 +552,7 @@ pub fn assign_slots(
     }
     // More endpoints than slots only beyond MAX_SLOTS: the first M are used.
     let n = endpoints.len().min(m);
-    let index: HashMap<Ipv4Addr, u32, ahash::RandomState> = endpoints[..n]
+    let index: HashMap<IpAddr, u32, ahash::RandomState> = endpoints[..n]
         .iter()
         .enumerate()
         .map(|(i, ip)| (*ip, i as u32))
@@ -530,7 +608,7 @@ pub fn assign_slots(
 fn slot_block(
     set: SetName,
     base: Key,
-    usable: Vec<Ipv4Addr>,
+    usable: Vec<IpAddr>,
     target_port: u16,
     prev: Option<&PortRules>,
 ) -> SlotBlock {
@@ -556,7 +634,8 @@ fn slot_block(
 }
 
 /// The elements, slot blocks and chains for port `p` of `svc` with `backends` (all nodes,
-/// sorted); `prev` is what was applied for this port, so large slot tables stay stable.
+/// sorted, of the table's family); `prev` is what was applied for this port, so large slot
+/// tables stay stable. Nothing for a service without a cluster IP of the table's family.
 pub fn port_rules(
     svc: &Service,
     p: &ServicePort,
@@ -565,11 +644,11 @@ pub fn port_rules(
     prev: Option<&PortRules>,
 ) -> PortRules {
     let mut out = PortRules::default();
+    let Some(vip) = svc.cluster_ip_of(ctx.family.ip_family()) else {
+        return out;
+    };
     let proto = p.protocol.number();
-    let key = KeyBuilder::new()
-        .ipv4(svc.cluster_ip)
-        .proto(proto)
-        .port(p.port);
+    let key = KeyBuilder::new().ip(vip).proto(proto).port(p.port);
     let affinity = svc.session_affinity == SessionAffinity::ClientIp;
     let record = DynChain::AffinityRecord {
         timeout: svc.session_affinity_timeout,
@@ -581,7 +660,7 @@ pub fn port_rules(
             data: Data::None,
         });
     } else {
-        let ips: Vec<Ipv4Addr> = backends.iter().map(|b| b.ip).collect();
+        let ips: Vec<IpAddr> = backends.iter().map(|b| b.ip).collect();
         let block = slot_block(
             SetName::Backends,
             key.clone().into(),
@@ -612,7 +691,7 @@ pub fn port_rules(
     if let Some(np) = p.node_port {
         let nkey = KeyBuilder::new().proto(proto).port(np);
         let local = svc.external_traffic_policy == TrafficPolicy::Local;
-        let usable: Vec<Ipv4Addr> = backends
+        let usable: Vec<IpAddr> = backends
             .iter()
             .filter(|b| !local || b.node.as_deref() == Some(ctx.node.as_str()))
             .map(|b| b.ip)
@@ -664,10 +743,10 @@ pub fn port_rules(
 }
 
 /// The hairpin element for a local pod address.
-pub fn hairpin_element(ip: Ipv4Addr) -> Element {
+pub fn hairpin_element(ip: IpAddr) -> Element {
     Element {
         set: SetName::Hairpin,
-        key: KeyBuilder::new().ipv4(ip).ipv4(ip).into(),
+        key: KeyBuilder::new().ip(ip).ip(ip).into(),
         data: Data::None,
     }
 }
@@ -701,9 +780,9 @@ pub fn marker_chain(ctx: &NodeContext) -> String {
     let (net, svc) = (ctx.cluster_network, ctx.service_cidr);
     format!(
         "tag_v{STRUCTURE_VERSION}_{}_{}_{}_{}_{}",
-        net.network().to_string().replace('.', "_"),
+        net.network().to_string().replace(['.', ':'], "_"),
         net.prefix(),
-        svc.network().to_string().replace('.', "_"),
+        svc.network().to_string().replace(['.', ':'], "_"),
         svc.prefix(),
         ctx.balancing.numgen()
     )
@@ -792,16 +871,17 @@ impl Structure {
 
 /// A script adding the affinity recorder `c` to the live `table` (`nft -f`, one transaction).
 pub fn add_recorder_script(table: &str, c: &DynChain, ctx: &NodeContext) -> String {
-    let mut s = format!("add chain {FAMILY} {table} {}\n", c.name());
+    let family = ctx.family.nft();
+    let mut s = format!("add chain {family} {table} {}\n", c.name());
     for r in c.rules(ctx) {
-        let _ = writeln!(s, "add rule {FAMILY} {table} {} {r}", c.name());
+        let _ = writeln!(s, "add rule {family} {table} {} {r}", c.name());
     }
     s
 }
 
-/// A script deleting the unused chain `c` from `table`.
-pub fn delete_chain_script(table: &str, c: &DynChain) -> String {
-    format!("delete chain {FAMILY} {table} {}\n", c.name())
+/// A script deleting the unused chain `c` from `table` of `family`.
+pub fn delete_chain_script(family: Family, table: &str, c: &DynChain) -> String {
+    format!("delete chain {} {table} {}\n", family.nft(), c.name())
 }
 
 /// Parses a dynamic chain name back (`svc_3`, `svc_aff_3`, `np_local_aff_2`, `aff_record_60`).
@@ -848,45 +928,49 @@ pub fn build_script(table: &str, ctx: &NodeContext, st: &Structure) -> String {
         ctx.service_cidr.prefix()
     );
     let numgen = ctx.balancing.numgen();
+    let (family, ip, lo) = (ctx.family.nft(), ctx.family.nft(), ctx.family.loopback());
     // The cluster DNS address is a local address of every node, answered by tartand, not
     // a service: never refused.
-    let dns_exempt = crate::model::service::cluster_dns_ip(ctx.service_cidr)
-        .map(|ip| format!("\n\t\tip daddr {ip} return"))
-        .unwrap_or_default();
+    let dns_exempt = match ctx.service_cidr {
+        IpNetwork::V4(c) => crate::model::service::cluster_dns_ip(c)
+            .map(|a| format!("\n\t\tip daddr {a} return"))
+            .unwrap_or_default(),
+        IpNetwork::V6(_) => String::new(),
+    };
     let mut s = format!(
-        r#"table {FAMILY} {table}
-delete table {FAMILY} {table}
-table {FAMILY} {table} {{
+        r#"table {family} {table}
+delete table {family} {table}
+table {family} {table} {{
 	comment "{tag}"
-	map service_ips {{ typeof ip daddr . meta l4proto . th dport : verdict; }}
+	map service_ips {{ typeof {ip} daddr . meta l4proto . th dport : verdict; }}
 	map service_nodeports {{ typeof meta l4proto . th dport : verdict; }}
-	map backends {{ typeof ip daddr . meta l4proto . th dport . numgen {numgen} mod 1 : ip daddr . th dport; counter; }}
-	map nodeport_backends {{ typeof meta l4proto . th dport . numgen {numgen} mod 1 : ip daddr . th dport; counter; }}
-	map big_backends {{ typeof ip daddr . meta l4proto . th dport . numgen {numgen} mod 1 : ip daddr . th dport; }}
-	map big_nodeport_backends {{ typeof meta l4proto . th dport . numgen {numgen} mod 1 : ip daddr . th dport; }}
-	set no_endpoints {{ typeof ip daddr . meta l4proto . th dport; counter; }}
+	map backends {{ typeof {ip} daddr . meta l4proto . th dport . numgen {numgen} mod 1 : {ip} daddr . th dport; counter; }}
+	map nodeport_backends {{ typeof meta l4proto . th dport . numgen {numgen} mod 1 : {ip} daddr . th dport; counter; }}
+	map big_backends {{ typeof {ip} daddr . meta l4proto . th dport . numgen {numgen} mod 1 : {ip} daddr . th dport; }}
+	map big_nodeport_backends {{ typeof meta l4proto . th dport . numgen {numgen} mod 1 : {ip} daddr . th dport; }}
+	set no_endpoints {{ typeof {ip} daddr . meta l4proto . th dport; counter; }}
 	set no_endpoint_nodeports {{ typeof meta l4proto . th dport; counter; }}
-	map affinity_services {{ typeof ip daddr . meta l4proto . th dport : verdict; }}
+	map affinity_services {{ typeof {ip} daddr . meta l4proto . th dport : verdict; }}
 	map affinity_nodeports {{ typeof meta l4proto . th dport : verdict; }}
-	map affinity {{ typeof ip saddr . ip daddr . meta l4proto . th dport : ip daddr . th dport; size 1048576; flags dynamic,timeout; timeout 3h; }}
-	set hairpin {{ typeof ip saddr . ip daddr; }}
+	map affinity {{ typeof {ip} saddr . {ip} daddr . meta l4proto . th dport : {ip} daddr . th dport; size 1048576; flags dynamic,timeout; timeout 3h; }}
+	set hairpin {{ typeof {ip} saddr . {ip} daddr; }}
 	chain {marker} {{
 	}}
 	chain services {{
-		ip daddr . meta l4proto . th dport vmap @service_ips{dns_exempt}
-		ip daddr {svc_cidr} goto cluster_ip_refused
-		ip daddr != 127.0.0.0/8 fib daddr type local meta l4proto . th dport vmap @service_nodeports
-		ip daddr != 127.0.0.0/8 fib daddr type local meta l4proto . th dport @no_endpoint_nodeports goto refuse
+		{ip} daddr . meta l4proto . th dport vmap @service_ips{dns_exempt}
+		{ip} daddr {svc_cidr} goto cluster_ip_refused
+		{ip} daddr != {lo} fib daddr type local meta l4proto . th dport vmap @service_nodeports
+		{ip} daddr != {lo} fib daddr type local meta l4proto . th dport @no_endpoint_nodeports goto refuse
 	}}
 	chain cluster_ip_refused {{
-		ip daddr . meta l4proto . th dport @no_endpoints goto refuse
+		{ip} daddr . meta l4proto . th dport @no_endpoints goto refuse
 		goto refuse
 	}}
 	chain refuse {{
 		meta l4proto {{ tcp, udp }} redirect to :{REFUSE_PORT}
 	}}
 	chain affinity_record {{
-		meta l4proto {{ tcp, udp }} ct original ip daddr . meta l4proto . ct original proto-dst vmap @affinity_services
+		meta l4proto {{ tcp, udp }} ct original {ip} daddr . meta l4proto . ct original proto-dst vmap @affinity_services
 		meta l4proto {{ tcp, udp }} meta l4proto . ct original proto-dst vmap @affinity_nodeports
 	}}
 	chain {NODEPORT_DROP} {{
@@ -913,20 +997,22 @@ table {FAMILY} {table} {{
 
 /// Step 3 of a (re)build: hooks `table` into the packet path and removes `old` (if any), in
 /// one transaction, so there is no moment with both or neither in force.
-pub fn activate_script(table: &str, old: Option<&str>) -> String {
+pub fn activate_script(family: Family, table: &str, old: Option<&str>) -> String {
+    let ip = family.nft();
+    let family = family.nft();
     let mut s = format!(
-        r#"add chain {FAMILY} {table} nat_prerouting {{ type nat hook prerouting priority -100; policy accept; }}
-add rule {FAMILY} {table} nat_prerouting jump services
-add chain {FAMILY} {table} nat_output {{ type nat hook output priority -100; policy accept; }}
-add rule {FAMILY} {table} nat_output jump services
-add chain {FAMILY} {table} nat_postrouting {{ type nat hook postrouting priority 100; policy accept; }}
-add rule {FAMILY} {table} nat_postrouting ct status dnat jump affinity_record
-add rule {FAMILY} {table} nat_postrouting meta mark & {MASQ_MARK:#x} == {MASQ_MARK:#x} masquerade fully-random
-add rule {FAMILY} {table} nat_postrouting ct status dnat ip saddr . ip daddr @hairpin masquerade fully-random
+        r#"add chain {family} {table} nat_prerouting {{ type nat hook prerouting priority -100; policy accept; }}
+add rule {family} {table} nat_prerouting jump services
+add chain {family} {table} nat_output {{ type nat hook output priority -100; policy accept; }}
+add rule {family} {table} nat_output jump services
+add chain {family} {table} nat_postrouting {{ type nat hook postrouting priority 100; policy accept; }}
+add rule {family} {table} nat_postrouting ct status dnat jump affinity_record
+add rule {family} {table} nat_postrouting meta mark & {MASQ_MARK:#x} == {MASQ_MARK:#x} masquerade fully-random
+add rule {family} {table} nat_postrouting ct status dnat {ip} saddr . {ip} daddr @hairpin masquerade fully-random
 "#
     );
     if let Some(o) = old {
-        let _ = writeln!(s, "delete table {FAMILY} {o}");
+        let _ = writeln!(s, "delete table {family} {o}");
     }
     s
 }
@@ -963,13 +1049,30 @@ impl SetName {
 }
 
 fn render_fields(bytes: &[u8], fields: &[Field]) -> String {
+    // Every field but an address takes one 4-byte register; the addresses share the rest
+    // (4 bytes each in the `ip` table, 16 in `ip6`).
+    let ips = fields.iter().filter(|f| **f == Field::Ip).count();
+    let others = 4 * (fields.len() - ips);
+    let ip_len = if ips > 0 && bytes.len() >= others + 16 * ips {
+        16
+    } else {
+        4
+    };
     let mut parts = Vec::new();
     let mut rest = bytes;
     for f in fields {
-        let (chunk, tail) = rest.split_at(4.min(rest.len()));
+        let width = if *f == Field::Ip { ip_len } else { 4 };
+        let (chunk, tail) = rest.split_at(width.min(rest.len()));
         rest = tail;
         let b = |i: usize| chunk.get(i).copied().unwrap_or(0);
         parts.push(match f {
+            Field::Ip if ip_len == 16 => {
+                let mut o = [0u8; 16];
+                for (i, x) in o.iter_mut().enumerate() {
+                    *x = b(i);
+                }
+                Ipv6Addr::from(o).to_string()
+            }
             Field::Ip => Ipv4Addr::new(b(0), b(1), b(2), b(3)).to_string(),
             Field::Proto => match b(0) {
                 6 => "tcp".to_string(),

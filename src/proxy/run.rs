@@ -40,6 +40,9 @@ pub struct ProxyStatus {
     pub rejected: Vec<String>,
     /// Number of malformed records skipped.
     pub rejected_total: usize,
+    /// The IPv6 table's status (`ip6 tartan_svc`), on a node with an IPv6 service range.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<Box<ProxyStatus>>,
 }
 
 /// Malformed records listed in the status (the rest are counted).
@@ -62,7 +65,7 @@ pub struct ServiceStatus {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BackendStatus {
     /// The endpoint's address.
-    pub ip: std::net::Ipv4Addr,
+    pub ip: std::net::IpAddr,
     /// The node it runs on, when known.
     pub node: Option<String>,
 }
@@ -76,21 +79,65 @@ struct Source {
 /// Where status requests for the service proxy come from.
 pub type StatusRequests = tokio::sync::mpsc::Receiver<tokio::sync::oneshot::Sender<ProxyStatus>>;
 
-/// Runs the service proxy forever, programming only what `guard` admits.
+/// Runs the service proxy forever, programming only what `guard` admits: the `ip` table for
+/// `ctx`, and with `ctx6` (a node with an IPv6 service range) the `ip6` table of the IPv6
+/// cluster IPs beside it, each with its own loop over the same records. The metrics are the
+/// IPv4 table's; the status holds both.
 pub async fn run(
     feeds: Feeds,
     keys: EtcdArgs,
     ctx: NodeContext,
+    ctx6: Option<NodeContext>,
     guard: AddressGuard,
     metrics: Arc<Metrics>,
     status_requests: StatusRequests,
 ) -> Result<()> {
     // Hold the refusal port (bound, never listening) so no other process can take it: new
     // connections no service takes are redirected there and must find nothing.
-    let _refuse_port = reserve_refuse_port();
+    let _refuse_port = reserve_refuse_port(false);
     let table = NftTable::open(ctx.clone())?;
-    let state = ServiceState::with_guard(ctx, guard);
-    sync_loop(feeds, table, state, &keys, &metrics, status_requests).await
+    let state = ServiceState::with_guard(ctx, guard.clone());
+    let Some(ctx6) = ctx6 else {
+        return sync_loop(feeds, table, state, &keys, &metrics, status_requests).await;
+    };
+    let _refuse_port6 = reserve_refuse_port(true);
+    let (feeds4, feeds6) = feeds.tee();
+    let table6 = NftTable::open(ctx6.clone())?;
+    let state6 = ServiceState::with_guard(ctx6, guard);
+    let (tx4, rx4) = tokio::sync::mpsc::channel(4);
+    let (tx6, rx6) = tokio::sync::mpsc::channel(4);
+    // The IPv6 loop's counters are its own (not exported: the gauges are the IPv4 table's).
+    let metrics6 = Metrics::new();
+    let keys6 = keys.clone();
+    let v6 =
+        tokio::spawn(
+            async move { sync_loop(feeds6, table6, state6, &keys6, &metrics6, rx6).await },
+        );
+    tokio::spawn(merge_status(status_requests, tx4, tx6));
+    let r = sync_loop(feeds4, table, state, &keys, &metrics, rx4).await;
+    v6.abort();
+    r
+}
+
+/// Answers each status request with the IPv4 loop's status holding the IPv6 loop's.
+async fn merge_status(
+    mut requests: StatusRequests,
+    v4: tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<ProxyStatus>>,
+    v6: tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<ProxyStatus>>,
+) {
+    let ask = |tx: tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<ProxyStatus>>| async move {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        tx.send(reply).await.ok()?;
+        answer.await.ok()
+    };
+    while let Some(reply) = requests.recv().await {
+        let (a, b) = tokio::join!(ask(v4.clone()), ask(v6.clone()));
+        let Some(mut st) = a else {
+            return;
+        };
+        st.ipv6 = b.map(Box::new);
+        let _ = reply.send(st);
+    }
 }
 
 /// How long the loop waits between checks that the table is still there, and how it backs
@@ -313,6 +360,7 @@ fn build_status<T: ServiceTable>(
         elements: state.element_count(),
         chains: applier.chain_count(),
         table: applier.table().map(str::to_string),
+        ipv6: None,
         services: state
             .services_with_backends()
             .into_iter()
@@ -401,10 +449,18 @@ fn put(
     }
 }
 
-fn reserve_refuse_port() -> Option<socket2::Socket> {
+fn reserve_refuse_port(ipv6: bool) -> Option<socket2::Socket> {
     use socket2::{Domain, Socket, Type};
-    let addr: std::net::SocketAddr = ([0, 0, 0, 0], crate::proxy::rules::REFUSE_PORT).into();
-    let s = Socket::new(Domain::IPV4, Type::STREAM, None).ok()?;
+    let port = crate::proxy::rules::REFUSE_PORT;
+    let (addr, domain): (std::net::SocketAddr, Domain) = if ipv6 {
+        ((std::net::Ipv6Addr::UNSPECIFIED, port).into(), Domain::IPV6)
+    } else {
+        (([0, 0, 0, 0], port).into(), Domain::IPV4)
+    };
+    let s = Socket::new(domain, Type::STREAM, None).ok()?;
+    if ipv6 {
+        s.set_only_v6(true).ok()?;
+    }
     match s.bind(&addr.into()) {
         Ok(()) => Some(s),
         Err(e) => {

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 // A fast seeded hasher: the model hashes a few hundred thousand keys per full sync.
 type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
 type HashSet<K> = std::collections::HashSet<K, ahash::RandomState>;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use crate::kernel::nft_elements::{ElemData, SetOp};
@@ -18,8 +18,8 @@ use crate::model::service::{
     AddressGuard, Backend, ExplicitEndpoints, Protocol, Service, SessionAffinity,
 };
 use crate::proxy::rules::{
-    Data, DynChain, Key, MAX_SLOTS, NodeContext, PortRules, SetName, SlotBlock, hairpin_element,
-    port_rules,
+    Data, DynChain, Family, Key, MAX_SLOTS, NodeContext, PortRules, SetName, SlotBlock,
+    hairpin_element, port_rules,
 };
 
 pub use crate::store::records::ModelChange;
@@ -27,8 +27,8 @@ pub use crate::store::records::ModelChange;
 /// A backend that left a service, for connection-tracking and affinity cleanup.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RemovedBackend {
-    /// The service's cluster IP.
-    pub cluster_ip: Ipv4Addr,
+    /// The service's cluster IP (of the table's family).
+    pub cluster_ip: IpAddr,
     /// Service port.
     pub port: u16,
     /// Node port, if any.
@@ -36,7 +36,7 @@ pub struct RemovedBackend {
     /// Protocol.
     pub protocol: Protocol,
     /// The backend address.
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     /// The backend port.
     pub target_port: u16,
     /// Whether the service uses client-IP affinity.
@@ -46,8 +46,8 @@ pub struct RemovedBackend {
 /// A UDP service port that went from no endpoints to some.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RevivedPort {
-    /// The cluster IP.
-    pub cluster_ip: Ipv4Addr,
+    /// The cluster IP (of the table's family).
+    pub cluster_ip: IpAddr,
     /// The service port.
     pub port: u16,
     /// The node port, if any.
@@ -93,7 +93,8 @@ type Sym = Arc<str>;
 /// What the model keeps of a pod: only what selection and rules need, with interned text.
 #[derive(Debug, Clone)]
 struct PodEntry {
-    ip: Ipv4Addr,
+    /// The pod's address of the table's family.
+    ip: IpAddr,
     node: Sym,
     namespace: Sym,
     labels: Box<[(Sym, Sym)]>,
@@ -105,7 +106,7 @@ struct PodEntry {
 pub const BIG_SERVICE: usize = 512;
 
 /// Pods with one label, by (address, pod key) → node.
-type PodList = std::collections::BTreeMap<(Ipv4Addr, Sym), Sym>;
+type PodList = std::collections::BTreeMap<(IpAddr, Sym), Sym>;
 
 /// The model and what was applied.
 #[derive(Debug)]
@@ -132,7 +133,7 @@ pub struct ServiceState {
     /// Every applied element and the service owning it.
     applied: HashMap<ElemKey, (Data, Sym)>,
     chain_refs: HashMap<DynChain, usize>,
-    hairpin: HashSet<Ipv4Addr>,
+    hairpin: HashSet<IpAddr>,
     dirty: HashSet<Sym>,
     hairpin_dirty: bool,
     /// Elements another service holds, with the services that also want them.
@@ -157,9 +158,20 @@ impl ServiceState {
     /// An empty model for this node, keeping services inside the node's service CIDR and
     /// off its cluster network.
     pub fn new(ctx: NodeContext) -> Self {
-        let guard = AddressGuard {
-            cluster_network: Some(ctx.cluster_network),
-            ..AddressGuard::new(ctx.service_cidr)
+        let guard = match (ctx.service_cidr, ctx.cluster_network) {
+            (ipnetwork::IpNetwork::V4(c), net) => AddressGuard {
+                cluster_network: match net {
+                    ipnetwork::IpNetwork::V4(n) => Some(n),
+                    ipnetwork::IpNetwork::V6(_) => None,
+                },
+                ..AddressGuard::new(c)
+            },
+            // An IPv6 table consults only the IPv6 range (explicit endpoints, the one IPv4
+            // check, are IPv4 and never programmed there).
+            (ipnetwork::IpNetwork::V6(c), _) => AddressGuard {
+                service_cidr6: Some(c),
+                ..AddressGuard::new(ipnetwork::Ipv4Network::from(Ipv4Addr::UNSPECIFIED))
+            },
         };
         Self::with_guard(ctx, guard)
     }
@@ -239,14 +251,17 @@ impl ServiceState {
         self.problems.values().map(Vec::len).sum()
     }
 
-    /// Skips what of `s` the guard refuses: the whole service for a refused cluster IP or a
-    /// headless service (returns false), single node ports otherwise. Reasons go to `problems`.
+    /// Skips what of `s` the guard refuses: the whole service for a refused cluster IP, a
+    /// headless service or one without a cluster IP of the table's family (returns false),
+    /// single node ports otherwise. Reasons go to `problems`.
     fn admit(&self, s: &mut Service, problems: &mut Vec<String>) -> bool {
-        if s.is_headless() {
-            // No virtual IP, nothing to program: its name resolves to its endpoints.
-            return false;
-        }
-        if let Err(e) = self.guard.cluster_ip(s.cluster_ip) {
+        // Headless: no virtual IP, nothing to program (its name resolves to its endpoints).
+        let checked = match s.cluster_ip_of(self.ctx.family.ip_family()) {
+            None => return false,
+            Some(IpAddr::V4(ip)) => self.guard.cluster_ip(ip),
+            Some(IpAddr::V6(ip)) => self.guard.cluster_ip6(ip),
+        };
+        if let Err(e) = checked {
             problems.push(format!("not programmed: {e}"));
             return false;
         }
@@ -352,9 +367,18 @@ impl ServiceState {
             ModelChange::DeleteService(key) => self.remove_service(&key),
             ModelChange::PutPod(key, p) => {
                 self.remove_pod(&key);
+                // The pod's address of this table's family; a pod without one is no endpoint
+                // here (an IPv4-only pod in the IPv6 table).
+                let ip = match self.ctx.family {
+                    Family::V4 => IpAddr::V4(p.ip),
+                    Family::V6 => match p.ip6 {
+                        Some(a) => IpAddr::V6(a),
+                        None => return,
+                    },
+                };
                 let key: Sym = Arc::from(key.as_str());
                 let entry = PodEntry {
-                    ip: p.ip,
+                    ip,
                     node: self.intern(&p.node),
                     namespace: self.intern(&p.namespace),
                     labels: p
@@ -431,6 +455,8 @@ impl ServiceState {
                 out.dedup_by(|a, b| a.ip == b.ip);
                 return out;
             }
+            // Explicit endpoints are IPv4 addresses: none in the IPv6 table.
+            None if self.ctx.family == Family::V6 => Vec::new(),
             None => self
                 .explicit
                 .get(&s.id())
@@ -445,7 +471,7 @@ impl ServiceState {
                             }
                         })
                         .map(|a| Backend {
-                            ip: a.ip,
+                            ip: IpAddr::V4(a.ip),
                             node: a.node.as_deref().map(|n| {
                                 self.interned
                                     .get(n)
@@ -551,7 +577,16 @@ impl ServiceState {
             }
             None => (Vec::new(), Vec::new()),
         };
-        note_backend_changes(&id, svc.as_ref(), &old_backends, &new_backends, plan);
+        let vip = svc
+            .as_ref()
+            .and_then(|s| s.cluster_ip_of(self.ctx.family.ip_family()));
+        note_backend_changes(
+            &id,
+            svc.as_ref().zip(vip),
+            &old_backends,
+            &new_backends,
+            plan,
+        );
         let kept_rules = self.diff_elements(
             &id,
             svc.as_ref(),
@@ -616,7 +651,10 @@ impl ServiceState {
                     && *owner != *id
                 {
                     self.waiting.entry(k).or_default().insert(id.clone());
-                    let what = svc.map_or_else(String::new, |s| describe(e.set, s, pi));
+                    let vip = svc.and_then(|s| s.cluster_ip_of(self.ctx.family.ip_family()));
+                    let what = svc
+                        .zip(vip)
+                        .map_or_else(String::new, |(s, vip)| describe(e.set, s, vip, pi));
                     let text = format!("{what} is held by service {owner}; skipped");
                     plan.warnings.push(format!("service {id}: {text}"));
                     if !problems.contains(&text) {
@@ -685,7 +723,7 @@ impl ServiceState {
     /// Queues the hairpin pairs for this node's pods, if they changed.
     fn plan_hairpin(&mut self, acc: &mut PendingOps) {
         if std::mem::take(&mut self.hairpin_dirty) {
-            let want: HashSet<Ipv4Addr> = self
+            let want: HashSet<IpAddr> = self
                 .pods
                 .values()
                 .filter(|p| *p.node == *self.ctx.node)
@@ -772,7 +810,7 @@ impl ServiceState {
 /// conntrack and affinity entries), and warns when a service exceeds the slot limit.
 fn note_backend_changes(
     id: &Sym,
-    svc: Option<&Service>,
+    svc: Option<(&Service, IpAddr)>,
     old_backends: &[Backend],
     new_backends: &[Backend],
     plan: &mut SyncPlan,
@@ -783,19 +821,19 @@ fn note_backend_changes(
             new_backends.len()
         ));
     }
-    if let Some(s) = svc
+    if let Some((s, vip)) = svc
         && old_backends.is_empty()
         && !new_backends.is_empty()
     {
         for p in s.ports.iter().filter(|p| p.protocol == Protocol::Udp) {
             plan.revived.push(RevivedPort {
-                cluster_ip: s.cluster_ip,
+                cluster_ip: vip,
                 port: p.port,
                 node_port: p.node_port,
             });
         }
     }
-    if let Some(s) = svc {
+    if let Some((s, vip)) = svc {
         // Both lists are sorted by address: a merge finds the ones that left.
         let mut rest = new_backends.iter().map(|b| b.ip).peekable();
         let left = old_backends.iter().filter(|b| {
@@ -805,7 +843,7 @@ fn note_backend_changes(
         for b in left {
             for p in &s.ports {
                 plan.removed.push(RemovedBackend {
-                    cluster_ip: s.cluster_ip,
+                    cluster_ip: vip,
                     port: p.port,
                     node_port: p.node_port,
                     protocol: p.protocol,
@@ -878,7 +916,7 @@ fn diff_blocks(old: &[&SlotBlock], new: &[&SlotBlock], dels: &mut Dels, adds: &m
 }
 
 /// What an element of port `pi` of `s` stands for, in the operator's terms.
-fn describe(set: SetName, s: &Service, pi: usize) -> String {
+fn describe(set: SetName, s: &Service, vip: IpAddr, pi: usize) -> String {
     let Some(p) = s.ports.get(pi) else {
         return format!("an element of {}", set.as_str());
     };
@@ -891,7 +929,10 @@ fn describe(set: SetName, s: &Service, pi: usize) -> String {
             Some(np) => format!("node port {np}/{}", p.protocol),
             None => format!("a node port of {}/{}", p.port, p.protocol),
         },
-        _ => format!("{}:{}/{}", s.cluster_ip, p.port, p.protocol),
+        _ => match vip {
+            IpAddr::V4(a) => format!("{a}:{}/{}", p.port, p.protocol),
+            IpAddr::V6(a) => format!("[{a}]:{}/{}", p.port, p.protocol),
+        },
     }
 }
 
@@ -906,6 +947,7 @@ mod memory_probe {
     fn probe_ctx() -> NodeContext {
         NodeContext {
             node: "n1".into(),
+            family: crate::proxy::rules::Family::V4,
             cluster_network: "10.244.0.0/16".parse().unwrap(),
             service_cidr: "10.96.0.0/12".parse().unwrap(),
             balancing: Default::default(),

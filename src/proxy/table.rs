@@ -12,10 +12,10 @@ use tracing::{debug, info, warn};
 
 use crate::kernel::conntrack::{ConntrackSocket, CtFilter};
 use crate::kernel::nft_cmd;
-use crate::kernel::nft_elements::{NFPROTO_IPV4, NftSocket, SetOp};
+use crate::kernel::nft_elements::{NftSocket, SetOp};
 use crate::model::service::Protocol;
 use crate::proxy::rules::{
-    ACTIVE_MARKER_CHAIN, DynChain, FAMILY, NodeContext, Structure, TABLES, activate_script,
+    ACTIVE_MARKER_CHAIN, DynChain, Family, NodeContext, Structure, TABLES, activate_script,
     add_recorder_script, build_script, delete_chain_script, marker_chain, other_table,
 };
 use crate::proxy::state::{RemovedBackend, RevivedPort, SyncPlan};
@@ -92,7 +92,7 @@ impl ServiceTable for NftTable {
         let Some(t) = self.table() else {
             return false;
         };
-        match nft_cmd::list_chains(FAMILY, t).await {
+        match nft_cmd::list_chains(self.ctx.family.nft(), t).await {
             Ok(c) => {
                 c.iter().any(|n| *n == marker_chain(&self.ctx))
                     && c.iter().any(|n| n == ACTIVE_MARKER_CHAIN)
@@ -114,7 +114,7 @@ impl ServiceTable for NftTable {
 
     fn cleanup(&self, removed: Vec<RemovedBackend>, revived: Vec<RevivedPort>) {
         if let Some(t) = self.table() {
-            tokio::spawn(cleanup_removed(removed, revived, t));
+            tokio::spawn(cleanup_removed(removed, revived, self.ctx.family, t));
         }
     }
 }
@@ -127,7 +127,7 @@ impl NftTable {
         let marker = marker_chain(&self.ctx);
         let mut stale = Vec::new();
         for t in TABLES {
-            let chains = nft_cmd::list_chains(FAMILY, t).await?;
+            let chains = nft_cmd::list_chains(self.ctx.family.nft(), t).await?;
             if chains.is_empty() {
                 continue;
             }
@@ -141,7 +141,7 @@ impl NftTable {
         }
         for t in stale {
             warn!(table = t, "removing a service table that is not in force");
-            nft_cmd::delete_table(FAMILY, t).await?;
+            nft_cmd::delete_table(self.ctx.family.nft(), t).await?;
         }
         Ok(())
     }
@@ -190,7 +190,7 @@ impl NftTable {
         };
         for timeout in timeouts {
             let c = DynChain::AffinityRecord { timeout };
-            match nft_cmd::apply(&delete_chain_script(t, &c)).await {
+            match nft_cmd::apply(&delete_chain_script(self.ctx.family, t, &c)).await {
                 Ok(()) => {
                     st.timeouts.remove(&timeout);
                 }
@@ -211,7 +211,7 @@ impl NftTable {
             Err(ApplyError::Failed(e)) => return Err(e),
         };
         self.nft
-            .apply(NFPROTO_IPV4, t, &plan.ops)
+            .apply(self.ctx.family.nfproto(), t, &plan.ops)
             .context("applying service elements")?;
         let needed = Structure::for_chains(&plan.add_chains).timeouts;
         let unused: Vec<u32> = self
@@ -229,7 +229,7 @@ impl NftTable {
         let t = self.add_chains(&plan.add_chains).await?;
         if !plan.ops.is_empty() {
             self.nft
-                .apply(NFPROTO_IPV4, t, &plan.ops)
+                .apply(self.ctx.family.nfproto(), t, &plan.ops)
                 .context("applying service elements")?;
         }
         let unused = plan.drop_chains.iter().filter_map(|c| match *c {
@@ -262,13 +262,14 @@ pub async fn build_and_switch(
         .filter(|(_, op)| !matches!(op, SetOp::Flush))
         .cloned()
         .collect();
-    if let Err(e) = nft.apply(NFPROTO_IPV4, new, &adds) {
-        let _ = nft_cmd::delete_table(FAMILY, new).await;
+    let family = ctx.family;
+    if let Err(e) = nft.apply(family.nfproto(), new, &adds) {
+        let _ = nft_cmd::delete_table(family.nft(), new).await;
         return Err(e.context("loading the new service table"));
     }
     let t2 = Instant::now();
-    if let Err(e) = nft_cmd::apply(&activate_script(new, old)).await {
-        let _ = nft_cmd::delete_table(FAMILY, new).await;
+    if let Err(e) = nft_cmd::apply(&activate_script(family, new, old)).await {
+        let _ = nft_cmd::delete_table(family.nft(), new).await;
         return Err(e.context("switching to the new service table"));
     }
     debug!(
@@ -282,18 +283,30 @@ pub async fn build_and_switch(
 
 /// The conntrack entries that would keep UDP clients on a dead path: flows refused while a
 /// port had no endpoint (to the cluster IP and port, or to the node port) and flows DNATed to
-/// a backend that left (the same, answered by that backend).
+/// a backend that left (the same, answered by that backend). IPv4 flows only: the conntrack
+/// reader does not decode IPv6 entries yet, so an IPv6 UDP client keeps a dead flow until
+/// conntrack's UDP timeout (30 s unreplied, 120 s assured).
 fn stale_udp_flows(removed: &[RemovedBackend], revived: &[RevivedPort]) -> Vec<CtFilter> {
+    let v4 = |ip: std::net::IpAddr| match ip {
+        std::net::IpAddr::V4(a) => Some(a),
+        std::net::IpAddr::V6(_) => None,
+    };
     let mut filters = Vec::new();
     for r in revived {
-        filters.push(CtFilter::udp().orig_dst(r.cluster_ip).orig_dst_port(r.port));
+        let Some(vip) = v4(r.cluster_ip) else {
+            continue;
+        };
+        filters.push(CtFilter::udp().orig_dst(vip).orig_dst_port(r.port));
         if let Some(np) = r.node_port {
             filters.push(CtFilter::udp().orig_dst_port(np));
         }
     }
     for r in removed.iter().filter(|r| r.protocol == Protocol::Udp) {
-        let to_backend = CtFilter::udp().reply_src(r.ip);
-        filters.push(to_backend.orig_dst(r.cluster_ip).orig_dst_port(r.port));
+        let (Some(vip), Some(ip)) = (v4(r.cluster_ip), v4(r.ip)) else {
+            continue;
+        };
+        let to_backend = CtFilter::udp().reply_src(ip);
+        filters.push(to_backend.orig_dst(vip).orig_dst_port(r.port));
         if let Some(np) = r.node_port {
             filters.push(to_backend.orig_dst_port(np));
         }
@@ -306,6 +319,7 @@ fn stale_udp_flows(removed: &[RemovedBackend], revived: &[RevivedPort]) -> Vec<C
 async fn cleanup_removed(
     removed: Vec<RemovedBackend>,
     revived: Vec<RevivedPort>,
+    family: Family,
     table: &'static str,
 ) {
     let filters = stale_udp_flows(&removed, &revived);
@@ -326,7 +340,7 @@ async fn cleanup_removed(
         .map(|r| (r.ip, r.target_port))
         .collect();
     if !affinity_ips.is_empty()
-        && let Err(e) = drop_affinity_entries(&affinity_ips, table).await
+        && let Err(e) = drop_affinity_entries(&affinity_ips, family, table).await
     {
         warn!("clearing affinity entries: {e:#}");
     }
@@ -336,27 +350,36 @@ async fn cleanup_removed(
 /// dump of the `affinity` map: key client . service address . proto . port, data endpoint
 /// address . port).
 async fn drop_affinity_entries(
-    targets: &BTreeSet<(std::net::Ipv4Addr, u16)>,
+    targets: &BTreeSet<(std::net::IpAddr, u16)>,
+    family: Family,
     table: &'static str,
 ) -> Result<()> {
     let targets = targets.clone();
     tokio::task::spawn_blocking(move || -> Result<()> {
         let mut s = NftSocket::open()?;
         let entries = s
-            .dump_elements(NFPROTO_IPV4, table, "affinity")
+            .dump_elements(family.nfproto(), table, "affinity")
             .context("listing the affinity map")?;
+        let alen = match family {
+            Family::V4 => 4,
+            Family::V6 => 16,
+        };
+        let endpoint = |d: &[u8]| -> Option<(std::net::IpAddr, u16)> {
+            let ip = d.get(..alen)?;
+            let port = d.get(alen..alen + 2)?;
+            let ip = match family {
+                Family::V4 => std::net::IpAddr::from(<[u8; 4]>::try_from(ip).ok()?),
+                Family::V6 => std::net::IpAddr::from(<[u8; 16]>::try_from(ip).ok()?),
+            };
+            Some((ip, u16::from_be_bytes([port[0], port[1]])))
+        };
         let keys: Vec<Vec<u8>> = entries
             .into_iter()
             .filter(|e| {
                 e.data
                     .as_deref()
-                    .is_some_and(|d| match (d.get(..4), d.get(4..6)) {
-                        (Some(ip), Some(port)) => targets.contains(&(
-                            std::net::Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]),
-                            u16::from_be_bytes([port[0], port[1]]),
-                        )),
-                        _ => false,
-                    })
+                    .and_then(endpoint)
+                    .is_some_and(|t| targets.contains(&t))
             })
             .map(|e| e.key)
             .collect();
@@ -365,7 +388,7 @@ async fn drop_affinity_entries(
         let mut failed = 0;
         for k in keys {
             if s.apply(
-                NFPROTO_IPV4,
+                family.nfproto(),
                 table,
                 &[("affinity".to_string(), SetOp::Delete(vec![k]))],
             )
@@ -381,10 +404,12 @@ async fn drop_affinity_entries(
     .context("clearing affinity entries")?
 }
 
-/// Removes the service tables (node leave).
+/// Removes the service tables of both families (node leave).
 pub async fn teardown() -> Result<()> {
-    for t in TABLES {
-        nft_cmd::delete_table(FAMILY, t).await?;
+    for f in Family::ALL {
+        for t in TABLES {
+            nft_cmd::delete_table(f.nft(), t).await?;
+        }
     }
     Ok(())
 }

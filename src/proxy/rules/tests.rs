@@ -2,10 +2,12 @@
 
 use super::*;
 use crate::model::service::{DEFAULT_AFFINITY_TIMEOUT, Protocol};
+use std::net::{IpAddr, Ipv6Addr};
 
 fn ctx() -> NodeContext {
     NodeContext {
         node: "n1".into(),
+        family: crate::proxy::rules::Family::V4,
         cluster_network: "10.244.0.0/16".parse().unwrap(),
         service_cidr: "10.96.0.0/12".parse().unwrap(),
         balancing: Balancing::RoundRobin,
@@ -41,7 +43,7 @@ fn svc(node_port: Option<u16>, affinity: bool, local: bool) -> Service {
 fn backends(n: u8) -> Vec<Backend> {
     (0..n)
         .map(|i| Backend {
-            ip: Ipv4Addr::new(10, 244, i % 2 + 1, 10 + i),
+            ip: Ipv4Addr::new(10, 244, i % 2 + 1, 10 + i).into(),
             node: Some(format!("n{}", i % 2 + 1).into()),
         })
         .collect()
@@ -83,7 +85,10 @@ fn cluster_ip_with_endpoints() {
         .into_iter()
         .find(|e| e.set == SetName::Backends)
         .unwrap();
-    assert_eq!(b.data, endpoint_value(Ipv4Addr::new(10, 244, 1, 10), 8080));
+    assert_eq!(
+        b.data,
+        endpoint_value(Ipv4Addr::new(10, 244, 1, 10).into(), 8080)
+    );
 }
 
 #[test]
@@ -123,6 +128,7 @@ fn node_port_policies() {
     // Local with no endpoint on this node: drop.
     let other = NodeContext {
         node: "n9".into(),
+        family: crate::proxy::rules::Family::V4,
         ..ctx()
     };
     let r = port_rules(&s, &s.ports[0], &backends(4), &other, None);
@@ -191,7 +197,7 @@ fn elements_render_like_nft() {
         "10.96.0.10 . tcp . 80 . 0".into(),
         "10.244.1.10 . 8080".into()
     )));
-    let h = hairpin_element(Ipv4Addr::new(10, 244, 1, 2));
+    let h = hairpin_element(Ipv4Addr::new(10, 244, 1, 2).into());
     assert_eq!(
         describe(h.set, h.key.as_slice(), &h.data.to_elem_data()).0,
         "10.244.1.2 . 10.244.1.2"
@@ -224,7 +230,7 @@ fn build_and_activate_scripts() {
     assert!(!s.contains("\tchain svc_17 {"), "no exact chain above 16");
     assert!(!s.contains("hook"), "the build step must not hook anything");
     assert!(s.contains(&structure_tag(&ctx())));
-    let a = activate_script("tartan_svc2", Some("tartan_svc"));
+    let a = activate_script(Family::V4, "tartan_svc2", Some("tartan_svc"));
     assert!(a.contains("add chain ip tartan_svc2 nat_prerouting { type nat hook prerouting"));
     assert!(a.trim_end().ends_with("delete table ip tartan_svc"));
 }
@@ -266,13 +272,13 @@ fn structure_is_fixed_and_names_round_trip() {
     assert!(add.contains("add rule ip tartan_svc aff_record_61 meta l4proto"));
 }
 
-fn ips(n: usize) -> Vec<Ipv4Addr> {
+fn ips(n: usize) -> Vec<IpAddr> {
     (0..n as u32)
-        .map(|i| Ipv4Addr::from(0x0af4_0000 + i))
+        .map(|i| IpAddr::V4(Ipv4Addr::from(0x0af4_0000 + i)))
         .collect()
 }
 
-fn shares(eps: &[Ipv4Addr], slots: &[u32]) -> Vec<usize> {
+fn shares(eps: &[IpAddr], slots: &[u32]) -> Vec<usize> {
     let mut c = vec![0; eps.len()];
     for s in slots {
         c[*s as usize] += 1;
@@ -345,11 +351,11 @@ fn slots_spread_evenly_and_deterministically() {
 }
 
 /// The slots whose endpoint differs between two assignments of the same slot count.
-fn moved(a: &[Ipv4Addr], b: &[Ipv4Addr]) -> usize {
+fn moved(a: &[IpAddr], b: &[IpAddr]) -> usize {
     a.iter().zip(b).filter(|(x, y)| x != y).count()
 }
 
-fn resolve(e: &[Ipv4Addr], a: &[u32]) -> Vec<Ipv4Addr> {
+fn resolve(e: &[IpAddr], a: &[u32]) -> Vec<IpAddr> {
     a.iter().map(|i| e[*i as usize]).collect()
 }
 
@@ -378,14 +384,14 @@ fn one_endpoint_change_moves_only_its_share() {
     );
     // Add one endpoint.
     let mut more = e.clone();
-    more.insert(3, Ipv4Addr::new(10, 250, 0, 1));
+    more.insert(3, Ipv4Addr::new(10, 250, 0, 1).into());
     let after = resolve(&more, &assign_slots(&more, &e, &slots));
     assert!(
         moved(&before, &after) <= share,
         "{}",
         moved(&before, &after)
     );
-    assert!(after.contains(&Ipv4Addr::new(10, 250, 0, 1)));
+    assert!(after.contains(&Ipv4Addr::new(10, 250, 0, 1).into()));
     // Replace one (remove + add in one change).
     more.remove(600);
     let after = resolve(&more, &assign_slots(&more, &e, &slots));
@@ -424,4 +430,120 @@ fn large_ports_use_slot_blocks() {
     assert!(d.ends_with(" . 8080"), "{d}");
     // Fed its own result, nothing changes.
     assert_eq!(port_rules(&s, &s.ports[0], &many, &ctx(), Some(&r)), r);
+}
+
+fn ctx6() -> NodeContext {
+    NodeContext {
+        family: Family::V6,
+        cluster_network: "fd00:10:244::/56".parse().unwrap(),
+        service_cidr: "fd00:96::/108".parse().unwrap(),
+        ..ctx()
+    }
+}
+
+fn dual(node_port: Option<u16>, affinity: bool) -> Service {
+    Service {
+        cluster_ips: vec!["10.96.0.10".parse().unwrap(), "fd00:96::a".parse().unwrap()],
+        ip_families: vec![IpFamily::IPv4, IpFamily::IPv6],
+        ip_family_policy: crate::model::service::IpFamilyPolicy::RequireDualStack,
+        ..svc(node_port, affinity, false)
+    }
+}
+
+#[test]
+fn the_ipv6_table_has_the_same_structure_in_ip6_words() {
+    let st = Structure::for_chains(&[DynChain::AffinityRecord { timeout: 60 }].into());
+    let s = build_script("tartan_svc", &ctx6(), &st);
+    assert!(
+        s.starts_with("table ip6 tartan_svc\ndelete table ip6 tartan_svc\n"),
+        "{s}"
+    );
+    for want in [
+        "map service_ips { typeof ip6 daddr . meta l4proto . th dport : verdict; }",
+        "set hairpin { typeof ip6 saddr . ip6 daddr; }",
+        "ip6 daddr fd00:96::/108 goto cluster_ip_refused",
+        "ip6 daddr != ::1 fib daddr type local meta l4proto . th dport vmap @service_nodeports",
+        "ip6 saddr != fd00:10:244::/56 meta mark set",
+        "dnat ip6 to ip6 daddr . meta l4proto . th dport . numgen inc mod 3 map @backends",
+        "update @affinity { ip6 saddr . ct original ip6 daddr",
+    ] {
+        assert!(s.contains(want), "{want} missing");
+    }
+    // No IPv4 word, and the cluster DNS exemption (an IPv4 address) is the IPv4 table's.
+    assert!(!s.contains(" ip daddr") && !s.contains(" ip saddr") && !s.contains("10.96.0.10"));
+    let a = activate_script(Family::V6, "tartan_svc", None);
+    assert!(a.contains("add chain ip6 tartan_svc nat_prerouting"));
+    assert!(a.contains("ct status dnat ip6 saddr . ip6 daddr @hairpin masquerade"));
+    assert!(marker_chain(&ctx6()).starts_with("tag_v"));
+    assert!(
+        !marker_chain(&ctx6()).contains(':'),
+        "{}",
+        marker_chain(&ctx6())
+    );
+}
+
+#[test]
+fn a_dual_stack_service_gets_ipv6_elements_in_the_ipv6_table_only() {
+    let s = dual(Some(30080), true);
+    let b6: Vec<Backend> = (1..=3u16)
+        .map(|i| Backend {
+            ip: IpAddr::V6(Ipv6Addr::new(0xfd00, 0x10, 0x244, i, 0, 0, 0, 10)),
+            node: Some("n1".into()),
+        })
+        .collect();
+    let r = port_rules(&s, &s.ports[0], &b6, &ctx6(), None);
+    let texts: Vec<(SetName, String, String)> = all(&r)
+        .iter()
+        .map(|e| {
+            let (k, d) = describe(e.set, e.key.as_slice(), &e.data.to_elem_data());
+            (e.set, k, d)
+        })
+        .collect();
+    for want in [
+        (
+            SetName::ServiceIps,
+            "fd00:96::a . tcp . 80",
+            "goto svc_aff_3",
+        ),
+        (
+            SetName::Backends,
+            "fd00:96::a . tcp . 80 . 2",
+            "fd00:10:244:3::a . 8080",
+        ),
+        (SetName::ServiceNodePorts, "tcp . 30080", "goto np_aff_3"),
+        (
+            SetName::AffinityServices,
+            "fd00:96::a . tcp . 80",
+            "jump aff_record_10800",
+        ),
+    ] {
+        assert!(
+            texts.contains(&(want.0, want.1.to_string(), want.2.to_string())),
+            "{want:?} missing from {texts:?}"
+        );
+    }
+    // Key and data widths as the kernel's registers hold them.
+    let vip_key = r
+        .elements
+        .iter()
+        .find(|e| e.set == SetName::ServiceIps)
+        .unwrap();
+    assert_eq!(vip_key.key.as_slice().len(), 24);
+    assert_eq!(r.blocks[0].key(0).as_slice().len(), 28);
+    match r.blocks[0].data(0).to_elem_data() {
+        ElemData::Value(v) => assert_eq!(v.len(), 20),
+        other => panic!("{other:?}"),
+    }
+    let h = hairpin_element(b6[0].ip);
+    assert_eq!(h.key.as_slice().len(), 32);
+    assert_eq!(
+        describe(h.set, h.key.as_slice(), &h.data.to_elem_data()).0,
+        "fd00:10:244:1::a . fd00:10:244:1::a"
+    );
+    // An IPv4-only service has nothing in the IPv6 table.
+    let v4 = svc(Some(30080), false, false);
+    assert_eq!(
+        port_rules(&v4, &v4.ports[0], &b6, &ctx6(), None),
+        PortRules::default()
+    );
 }

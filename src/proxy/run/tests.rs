@@ -154,6 +154,7 @@ fn start() -> Harness {
     let keys = EtcdArgs::for_endpoints(&["http://127.0.0.1:2379"]);
     let ctx = NodeContext {
         node: "n1".into(),
+        family: crate::proxy::rules::Family::V4,
         cluster_network: "10.244.0.0/16".parse().unwrap(),
         service_cidr: "10.96.0.0/12".parse().unwrap(),
         balancing: Default::default(),

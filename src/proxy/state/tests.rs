@@ -6,6 +6,7 @@ use crate::model::service::{DEFAULT_AFFINITY_TIMEOUT, EndpointAddress, TrafficPo
 fn ctx() -> NodeContext {
     NodeContext {
         node: "n1".into(),
+        family: crate::proxy::rules::Family::V4,
         cluster_network: "10.244.0.0/16".parse().unwrap(),
         service_cidr: "10.96.0.0/12".parse().unwrap(),
         balancing: Default::default(),
@@ -230,10 +231,10 @@ fn label_change_moves_pod_between_services() {
 #[test]
 fn refused_addresses_are_skipped_and_reported() {
     let guard = AddressGuard {
-        cluster_network: Some(ctx().cluster_network),
+        cluster_network: Some("10.244.0.0/16".parse().unwrap()),
         node_ips: vec![Ipv4Addr::new(192, 168, 77, 2)],
         etcd: vec!["192.168.170.2:2379".parse().unwrap()],
-        ..AddressGuard::new(ctx().service_cidr)
+        ..AddressGuard::new("10.96.0.0/12".parse().unwrap())
     };
     let mut st = ServiceState::with_guard(ctx(), guard);
     // The etcd member's address as a cluster IP (written by hand into etcd).
@@ -522,4 +523,70 @@ fn contested_cluster_ip_passes_its_slots_to_the_waiting_service() {
     assert_eq!(dels(&p, SetName::Backends), 256);
     assert_eq!(adds(&p, SetName::Backends), 256);
     assert_eq!(st.element_count(), 257);
+}
+
+#[test]
+fn the_ipv6_model_programs_dual_stack_services_with_the_pods_ipv6_addresses() {
+    let ctx6 = NodeContext {
+        family: crate::proxy::rules::Family::V6,
+        cluster_network: "fd00:10:244::/56".parse().unwrap(),
+        service_cidr: "fd00:96::/108".parse().unwrap(),
+        ..ctx()
+    };
+    let mut st = ServiceState::new(ctx6);
+    let dual = Service {
+        cluster_ips: vec!["10.96.0.5".parse().unwrap(), "fd00:96::5".parse().unwrap()],
+        ip_families: vec![
+            crate::model::service::IpFamily::IPv4,
+            crate::model::service::IpFamily::IPv6,
+        ],
+        ip_family_policy: crate::model::service::IpFamilyPolicy::RequireDualStack,
+        ..svc("web", [10, 96, 0, 5], "web")
+    };
+    st.change(ModelChange::PutService("/s/web".into(), dual.clone()));
+    // An IPv4-only service and an IPv4-only pod: nothing of them in the IPv6 table.
+    st.change(ModelChange::PutService(
+        "/s/old".into(),
+        svc("old", [10, 96, 0, 6], "web"),
+    ));
+    let (k1, mut p1) = pod("a", [10, 244, 1, 2], "n1", "web");
+    p1.ip6 = Some("fd00:10:244:1::2".parse().unwrap());
+    let (k2, p2) = pod("b", [10, 244, 2, 2], "n2", "web");
+    st.change(ModelChange::PutPod(k1, p1));
+    st.change(ModelChange::PutPod(k2, p2));
+    let plan = st.plan();
+    assert_eq!(
+        adds(&plan, SetName::ServiceIps),
+        1,
+        "only the dual-stack one"
+    );
+    assert_eq!(adds(&plan, SetName::Backends), 1, "only the pod with IPv6");
+    assert_eq!(adds(&plan, SetName::Hairpin), 1);
+    let svcs = st.services_with_backends();
+    let web = svcs.iter().find(|(s, _)| s.name == "web").unwrap();
+    assert_eq!(
+        web.1.iter().map(|b| b.ip.to_string()).collect::<Vec<_>>(),
+        ["fd00:10:244:1::2"]
+    );
+    // The pod leaving is a removed backend of the IPv6 cluster IP.
+    st.change(ModelChange::DeletePod("/tartan/pods/n1/a/eth0".into()));
+    let plan = st.plan();
+    assert_eq!(adds(&plan, SetName::NoEndpoints), 1);
+    assert_eq!(plan.removed.len(), 1);
+    assert_eq!(plan.removed[0].cluster_ip.to_string(), "fd00:96::5");
+    // An IPv6 cluster IP outside the node's IPv6 range is refused with the reason.
+    let mut stray = dual;
+    stray.name = "stray".into();
+    stray.cluster_ips[1] = "fd00:97::5".parse().unwrap();
+    stray.cluster_ip = "10.96.0.7".parse().unwrap();
+    stray.cluster_ips[0] = "10.96.0.7".parse().unwrap();
+    st.change(ModelChange::PutService("/s/stray".into(), stray));
+    st.plan();
+    assert!(
+        st.problems("default/stray")
+            .iter()
+            .any(|p| p.contains("outside the service CIDR fd00:96::/108")),
+        "{:?}",
+        st.problems("default/stray")
+    );
 }
