@@ -138,6 +138,7 @@ fn settings() -> Result<DnsSettings> {
         // bulk_pod's addresses start at 10.200.0.0 and go past a /16.
         cluster_network: "10.192.0.0/10".parse()?,
         cluster_network6: None,
+        service_cidr6: None,
     })
 }
 

@@ -1094,6 +1094,8 @@ fn dual_stack_pods_and_headless_services_answer_aaaa_and_ip6_arpa_on_every_node(
             "pg=5432/tcp",
             "--selector",
             "app=db",
+            "--ip-family-policy",
+            "PreferDualStack",
         ],
     )?;
     let hl = "db.default.svc.cluster.local.";

@@ -162,7 +162,7 @@ fn no_endpoints_is_refused_at_once_and_unknown_ports_too() -> Result<()> {
     ensure!(format!("{e:#}").contains("refused"), "{e:#}");
     let e = tcp_whoami(
         &client.ns,
-        "10.96.200.200".parse()?,
+        "10.96.200.200".parse::<Ipv4Addr>()?,
         80,
         Duration::from_secs(3),
     )
@@ -1274,5 +1274,173 @@ fn cluster_ips_on_etcd_or_outside_the_service_cidr_are_skipped_and_reported() ->
         metric(&node, "tartan_service_addresses_skipped").filter(|v| *v >= 4.0)
     })?;
     ensure!(skipped == 4.0, "skipped {skipped}");
+    Ok(())
+}
+
+/// Waits until `ns` reaches `ip:port` (either family) and gets an answer.
+fn reach_any(ns: &str, ip: std::net::IpAddr, port: u16) -> Result<Whoami> {
+    let start = Instant::now();
+    loop {
+        let last = match tcp_whoami(ns, ip, port, Duration::from_secs(2)) {
+            Ok(w) if !w.name.is_empty() => return Ok(w),
+            Ok(_) => "empty answer".to_string(),
+            Err(e) => format!("{e:#}"),
+        };
+        if start.elapsed() > Duration::from_secs(20) {
+            bail!("[{ip}]:{port} not reachable from {ns}: {last}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+const SERVICE_CIDRS: &str = "10.96.0.0/12,fd00:96::/108";
+
+#[test]
+fn dual_stack_services_answer_on_ipv6_cluster_ips_and_node_ports() -> Result<()> {
+    let Some(mut lab) = lab(2, &["--network", "10.244.0.0/16"])? else {
+        return Ok(());
+    };
+    lab.add_ipv6_underlay()?;
+    lab.etcdctl(&["put", "/coreos.com/network/config", DUAL_CONFIG])?;
+    for i in 0..2 {
+        lab.start_daemon(i, &["--service-cidr", SERVICE_CIDRS])?;
+    }
+    for i in 0..2 {
+        lab.wait_subnet(i)?;
+    }
+    let mut webs = Vec::new();
+    for i in 0..2 {
+        let (p, name) = pod(&mut lab, i, 1, &[("app", "web")])?;
+        let ip6 = p.ip6.context("a dual-stack pod has IPv6")?;
+        tartan::netbench::probe::tcp_whoami_server_on(
+            &p.ns,
+            std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, WEB)),
+            &name,
+        )?;
+        webs.push((p, name, ip6));
+    }
+    let (client, _) = pod(&mut lab, 1, 2, &[("app", "client")])?;
+    let client6 = client.ip6.context("client IPv6")?;
+    let out = lab.tartanctl(&[
+        "service",
+        "create",
+        "web",
+        "--port",
+        "80:8080/tcp",
+        "--selector",
+        "app=web",
+        "--node-port",
+        "auto",
+        "--ip-family-policy",
+        "RequireDualStack",
+        "--service-cidr",
+        SERVICE_CIDRS,
+    ])?;
+    let vip6: std::net::Ipv6Addr = out
+        .split("IPv6 cluster IP ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .context("no IPv6 cluster IP")?
+        .trim()
+        .parse()?;
+    let vip4: Ipv4Addr = tartan::netbench::topology::created_cluster_ip(&out)?;
+    let np: u16 = out
+        .split("(node ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .context("no node port")?
+        .parse()?;
+    // The IPv6 cluster IP from a pod: both pods (one across the IPv6 overlay), the client's
+    // own address kept (it is inside the cluster network).
+    let first = reach_any(&client.ns, vip6.into(), 80)?;
+    ensure!(first.peer == client6.to_string(), "{first:?}");
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let w = tcp_whoami(&client.ns, vip6, 80, Duration::from_secs(3))?;
+        seen.insert(w.name);
+    }
+    ensure!(
+        seen == webs.iter().map(|w| w.1.clone()).collect(),
+        "spread over {seen:?}"
+    );
+    // The IPv4 cluster IP of the same service still answers.
+    reach(&client.ns, vip4, 80)?;
+    // A node port on a node's IPv6 address from outside the cluster: masqueraded.
+    let node6 = lab.nodes[0].ip6.context("node IPv6")?;
+    let w = reach_any(&lab.infra, node6.into(), np)?;
+    ensure!(
+        !w.peer.starts_with("fd00:77::1") || w.peer.len() > "fd00:77::1".len(),
+        "cluster policy must masquerade: {w:?}"
+    );
+    // Hairpin: a pod reaches itself through the IPv6 cluster IP.
+    let (p0, name0, _) = &webs[0];
+    let mut got_self = false;
+    for _ in 0..20 {
+        let w = tcp_whoami(&p0.ns, vip6, 80, Duration::from_secs(3))?;
+        got_self |= w.name == *name0;
+    }
+    ensure!(got_self, "never balanced to itself over 20 connections");
+    // Refused at once: another port of the IPv6 cluster IP, an unused address of the range.
+    for (ip, port) in [(vip6, 81), ("fd00:96::fff0".parse()?, 80)] {
+        let t = Instant::now();
+        let e = tcp_whoami(&client.ns, ip, port, Duration::from_secs(3)).unwrap_err();
+        ensure!(
+            format!("{e:#}").contains("refused") && t.elapsed() < Duration::from_secs(1),
+            "[{ip}]:{port}: {e:#} after {:?}",
+            t.elapsed()
+        );
+    }
+    // Both tables are there, each of its family.
+    let v6 = ns_run(
+        &lab.nodes[0].ns,
+        "nft",
+        &["list", "table", "ip6", "tartan_svc"],
+    )?;
+    ensure!(
+        v6.contains(&vip6.to_string()) || v6.contains("service_ips"),
+        "{v6}"
+    );
+    // The cluster DNS names both cluster IPs, and the IPv6 one's ip6.arpa name back.
+    let dig = |args: &[&str]| -> Result<String> {
+        let mut a = vec!["@10.96.0.10", "+short", "+time=2", "+tries=3"];
+        a.extend_from_slice(args);
+        ns_run(&client.ns, "dig", &a)
+    };
+    let mut last = String::new();
+    wait_for("AAAA of the service", Duration::from_secs(20), || {
+        last = dig(&["web.default.svc.cluster.local", "AAAA"]).unwrap_or_default();
+        (last.trim() == vip6.to_string()).then_some(())
+    })
+    .with_context(|| format!("last answer {last:?}"))?;
+    ensure!(dig(&["web.default.svc.cluster.local", "A"])?.trim() == vip4.to_string());
+    ensure!(dig(&["-x", &vip6.to_string()])?.trim() == "web.default.svc.cluster.local.");
+    // explain shows the IPv6 half: its cluster IP and the pods' IPv6 addresses, counted.
+    let out = ns_run(
+        &lab.nodes[1].ns,
+        &lab.bins.tartanctl.to_string_lossy(),
+        &["explain", "--node", "node2"],
+    )?;
+    ensure!(out.contains(&format!("over IPv6 at {vip6}:")), "{out}");
+    for (_, _, ip6) in &webs {
+        ensure!(
+            out.contains(&format!("{ip6} on node")),
+            "{ip6} missing:\n{out}"
+        );
+    }
+    ensure!(
+        !out.contains("  0 new connections so far, spread over 2 endpoints:\n    fd00"),
+        "IPv6 connections not counted:\n{out}"
+    );
+    // Deleting the service takes its IPv6 rules away.
+    lab.tartanctl(&["service", "delete", "web"])?;
+    wait_for(
+        "the IPv6 cluster IP refused",
+        Duration::from_secs(20),
+        || {
+            tcp_whoami(&client.ns, vip6, 80, Duration::from_secs(2))
+                .err()
+                .filter(|e| format!("{e:#}").contains("refused"))
+        },
+    )?;
     Ok(())
 }

@@ -9,7 +9,7 @@ use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 
 use super::{cap_text, join_capped};
-use crate::api::status::StatusReport;
+use crate::api::status::{ServiceReport, StatusReport};
 
 /// Largest `/status` document read (a node with 30,000 services answers with ≈ 20 MB).
 const MAX_STATUS_BYTES: usize = 256 << 20;
@@ -63,6 +63,47 @@ pub async fn get_json<T: serde::de::DeserializeOwned>(addr: SocketAddr, path: &s
         .map_err(|_| anyhow::anyhow!("tartand at {addr} did not answer {what} within 30 s"))?
 }
 
+/// The endpoints part of one service (or its IPv6 half), indented by `pad`.
+fn render_backends(s: &ServiceReport, pad: &str, o: &mut String) {
+    if s.backends.is_empty() {
+        o.push_str(&format!(
+            "{pad}  no endpoints: new connections are refused ({} refused so far)\n",
+            s.refused
+        ));
+        return;
+    }
+    if s.uncounted {
+        o.push_str(&format!(
+            "{pad}  new connections spread over {} endpoints (not counted: services this big \
+             keep their slots in uncounted maps, so the kernel writes them fast):\n",
+            s.backends.len()
+        ));
+    } else {
+        o.push_str(&format!(
+            "{pad}  {} new connections so far, spread over {} endpoints:\n",
+            s.connections,
+            s.backends.len()
+        ));
+    }
+    for b in s.backends.iter().take(MAX_LISTED) {
+        let node = b.node.as_deref().unwrap_or("an unknown node");
+        if s.uncounted {
+            o.push_str(&format!("{pad}    {} on {node}\n", b.ip));
+        } else {
+            o.push_str(&format!(
+                "{pad}    {} on {node}: {} connections\n",
+                b.ip, b.connections
+            ));
+        }
+    }
+    if s.backends.len() > MAX_LISTED {
+        o.push_str(&format!(
+            "{pad}    … and {} more endpoints (--json lists them all)\n",
+            s.backends.len() - MAX_LISTED
+        ));
+    }
+}
+
 /// Renders a report as sentences.
 pub fn render(r: &StatusReport) -> String {
     let mut o = String::new();
@@ -85,6 +126,18 @@ pub fn render(r: &StatusReport) -> String {
             r.peers.len()
         ));
         for p in &r.peers {
+            o.push_str(&format!(
+                "  {} via {} (VTEP {})\n",
+                p.subnet, p.public_ip, p.vtep_mac
+            ));
+        }
+    }
+    if !r.peers6.is_empty() {
+        o.push_str(&format!(
+            "It routes to {} peers over IPv6 VXLAN:\n",
+            r.peers6.len()
+        ));
+        for p in &r.peers6 {
             o.push_str(&format!(
                 "  {} via {} (VTEP {})\n",
                 p.subnet, p.public_ip, p.vtep_mac
@@ -129,42 +182,13 @@ pub fn render(r: &StatusReport) -> String {
         if s.problems.iter().any(|p| p.starts_with("not programmed:")) {
             continue;
         }
-        if s.backends.is_empty() {
-            o.push_str(&format!(
-                "  no endpoints: new connections are refused ({} refused so far)\n",
-                s.refused
-            ));
-            continue;
-        }
-        if s.uncounted {
-            o.push_str(&format!(
-                "  new connections spread over {} endpoints (not counted: services this big \
-                 keep their slots in uncounted maps, so the kernel writes them fast):\n",
-                s.backends.len()
-            ));
-        } else {
-            o.push_str(&format!(
-                "  {} new connections so far, spread over {} endpoints:\n",
-                s.connections,
-                s.backends.len()
-            ));
-        }
-        for b in s.backends.iter().take(MAX_LISTED) {
-            let node = b.node.as_deref().unwrap_or("an unknown node");
-            if s.uncounted {
-                o.push_str(&format!("    {} on {node}\n", b.ip));
-            } else {
-                o.push_str(&format!(
-                    "    {} on {node}: {} connections\n",
-                    b.ip, b.connections
-                ));
+        render_backends(s, "", &mut o);
+        if let Some(h) = &s.ipv6 {
+            o.push_str(&format!("  over IPv6 at {}:\n", h.cluster_ip));
+            for p in h.problems.iter().take(MAX_LISTED) {
+                o.push_str(&format!("    {p}\n"));
             }
-        }
-        if s.backends.len() > MAX_LISTED {
-            o.push_str(&format!(
-                "    … and {} more endpoints (--json lists them all)\n",
-                s.backends.len() - MAX_LISTED
-            ));
+            render_backends(h, "  ", &mut o);
         }
     }
     render_dns(r, &mut o);

@@ -729,6 +729,7 @@ pub fn dns_settings(
         service_cidr: args.service_cidr.v4,
         cluster_network: cfg.network,
         cluster_network6: cfg.ipv6.as_ref().map(|p| p.network),
+        service_cidr6: args.service_cidr.v6,
     }))
 }
 

@@ -9,7 +9,10 @@
 //! - a pod: `<a-b-c-d>.<ns>.pod.<zone>` A and the PTR of its address back to it (only for
 //!   pods that exist: CoreDNS's `pods verified`); on a dual-stack network also
 //!   `<dashed IPv6>.<ns>.pod.<zone>` AAAA (`fd00-10-244-1--5`, CoreDNS's form: `:` → `-`) and
-//!   its `ip6.arpa` PTR; a headless service's names carry each pod's AAAA beside its A.
+//!   its `ip6.arpa` PTR; a dual-stack service's name has AAAA → its IPv6 cluster IP (and
+//!   that address's PTR); a headless service whose families include IPv6 (`ipFamilies`, or a
+//!   dual-stack `ipFamilyPolicy`, as Kubernetes' endpoint slices go) carries each pod's AAAA
+//!   beside its A.
 //!
 //! A change replaces exactly that object's records in the [`Zone`]: the old ones are
 //! recomputed from the object it replaces (only headless services, whose records depend on
@@ -23,7 +26,7 @@ use hickory_proto::rr::{LowerName, Name};
 
 use crate::dns::zone::{Origin, Rdata, Zone, reverse_name, reverse_name6};
 use crate::model::pod::PodRecord;
-use crate::model::service::{ExplicitEndpoints, Service, valid_name};
+use crate::model::service::{ExplicitEndpoints, IpFamily, IpFamilyPolicy, Service, valid_name};
 use crate::store::records::ModelChange;
 
 /// The SRV owner name of one named port.
@@ -275,6 +278,14 @@ impl Catalog {
                 Origin::Service,
             ),
         ];
+        if let Some(ip6) = s.cluster_ip6() {
+            out.push((LowerName::new(&name), Rdata::Aaaa(ip6), Origin::Service));
+            out.push((
+                LowerName::new(&reverse_name6(ip6)),
+                Rdata::Ptr(name.clone()),
+                Origin::Service,
+            ));
+        }
         for sn in srv {
             out.push((
                 sn.name,
@@ -294,11 +305,13 @@ impl Catalog {
         };
         let lname = LowerName::new(&name);
         let eps = self.headless_endpoints(s);
+        let with_v6 = s.ip_families.contains(&IpFamily::IPv6)
+            || s.ip_family_policy != IpFamilyPolicy::SingleStack;
         let weight = u16::try_from((100 / eps.len().max(1)).max(1)).unwrap_or(1);
         let mut out = Vec::new();
         for (ip, ip6, host) in &eps {
             let addrs: Vec<Rdata> = std::iter::once(Rdata::A(*ip))
-                .chain(ip6.map(Rdata::Aaaa))
+                .chain(ip6.filter(|_| with_v6).map(Rdata::Aaaa))
                 .collect();
             for a in &addrs {
                 out.push((lname.clone(), a.clone(), Origin::Endpoint));

@@ -40,6 +40,8 @@ pub struct DnsSettings {
     pub cluster_network: Ipv4Network,
     /// The IPv6 pod network of a dual-stack cluster (`ip6.arpa` names of pods).
     pub cluster_network6: Option<Ipv6Network>,
+    /// The IPv6 service range (`ip6.arpa` names of IPv6 cluster IPs).
+    pub service_cidr6: Option<Ipv6Network>,
 }
 
 impl DnsSettings {
@@ -52,6 +54,7 @@ impl DnsSettings {
             reverse_apex(self.cluster_network),
         ];
         apexes.extend(self.cluster_network6.map(reverse_apex6));
+        apexes.extend(self.service_cidr6.map(reverse_apex6));
         Arc::new(Zone::new(apexes))
     }
 
@@ -65,6 +68,7 @@ impl DnsSettings {
                 .into_iter()
                 .map(IpNetwork::V4)
                 .chain(self.cluster_network6.map(IpNetwork::V6))
+                .chain(self.service_cidr6.map(IpNetwork::V6))
                 .collect(),
         )
     }

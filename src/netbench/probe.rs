@@ -71,15 +71,37 @@ fn udp_recv_spin(s: &std::net::UdpSocket, buf: &mut [u8]) -> std::io::Result<(us
 /// Starts a TCP server in `ns` listening on `port` and returns once it listens. Each accepted
 /// connection is passed to `handle` on the accept thread (spawn there for long conversations).
 /// The server lives until the namespace goes away.
-pub fn tcp_server<F>(ns: &str, port: u16, what: &'static str, mut handle: F) -> Result<()>
+pub fn tcp_server<F>(ns: &str, port: u16, what: &'static str, handle: F) -> Result<()>
+where
+    F: FnMut(TcpStream) + Send + 'static,
+{
+    tcp_server_on(ns, SocketAddr::from(([0, 0, 0, 0], port)), what, handle)
+}
+
+/// [`tcp_server`] on `addr`; an IPv6 address listens for IPv6 only.
+pub fn tcp_server_on<F>(ns: &str, addr: SocketAddr, what: &'static str, mut handle: F) -> Result<()>
 where
     F: FnMut(TcpStream) + Send + 'static,
 {
     spawn_listener(ns, what, move |tx| {
-        let l = match TcpListener::bind(("0.0.0.0", port)) {
+        let bound = (|| -> std::io::Result<TcpListener> {
+            let s = socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::STREAM,
+                None,
+            )?;
+            if addr.is_ipv6() {
+                s.set_only_v6(true)?;
+            }
+            s.set_reuse_address(true)?;
+            s.bind(&addr.into())?;
+            s.listen(1024)?;
+            Ok(s.into())
+        })();
+        let l = match bound {
             Ok(l) => l,
             Err(e) => {
-                let _ = tx.send(Err(format!("port {port}: {e}")));
+                let _ = tx.send(Err(format!("{addr}: {e}")));
                 return;
             }
         };
@@ -154,8 +176,14 @@ pub fn tcp_rr(ns: &str, dst: Ipv4Addr, port: u16, count: usize) -> Result<Vec<Du
 /// Starts a TCP "who am I" server in `ns`: every connection gets one line
 /// `<name> <client address as seen>` and is closed.
 pub fn tcp_whoami_server(ns: &str, port: u16, name: &str) -> Result<()> {
+    tcp_whoami_server_on(ns, SocketAddr::from(([0, 0, 0, 0], port)), name)
+}
+
+/// [`tcp_whoami_server`] on `addr` (`[::]:PORT` for IPv6 clients; IPv6 only, so it binds
+/// beside an IPv4 one on the same port).
+pub fn tcp_whoami_server_on(ns: &str, addr: SocketAddr, name: &str) -> Result<()> {
     let name = name.to_string();
-    tcp_server(ns, port, "whoami", move |mut s| {
+    tcp_server_on(ns, addr, "whoami", move |mut s| {
         let peer = s
             .peer_addr()
             .map(|a| a.ip().to_string())
@@ -204,14 +232,25 @@ pub struct Whoami {
 }
 
 /// Connects from `ns` to a TCP who-am-I server (a fresh connection each call).
-pub fn tcp_whoami(ns: &str, dst: Ipv4Addr, port: u16, timeout: Duration) -> Result<Whoami> {
+pub fn tcp_whoami(
+    ns: &str,
+    dst: impl Into<std::net::IpAddr>,
+    port: u16,
+    timeout: Duration,
+) -> Result<Whoami> {
+    let dst = dst.into();
     in_netns(ns, move || -> Result<Whoami> {
         whoami_here(dst, port, timeout)
     })?
 }
 
 /// [`tcp_whoami`] from the calling thread's namespace.
-pub fn whoami_here(dst: Ipv4Addr, port: u16, timeout: Duration) -> Result<Whoami> {
+pub fn whoami_here(
+    dst: impl Into<std::net::IpAddr>,
+    port: u16,
+    timeout: Duration,
+) -> Result<Whoami> {
+    let dst: std::net::IpAddr = dst.into();
     let mut s = TcpStream::connect_timeout(&SocketAddr::from((dst, port)), timeout)?;
     s.set_read_timeout(Some(timeout))?;
     let mut line = String::new();

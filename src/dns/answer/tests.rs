@@ -9,7 +9,7 @@ use proptest::prelude::*;
 use super::*;
 use crate::dns::catalog::Catalog;
 use crate::dns::catalog::tests_support::{catalog, pod, svc};
-use crate::model::service::HEADLESS;
+use crate::model::service::{HEADLESS, Service};
 use crate::store::records::ModelChange;
 
 fn auth() -> Authority {
@@ -371,6 +371,7 @@ fn dual_stack_pods_answer_aaaa_and_ip6_arpa_ptr_and_headless_names_carry_both_fa
         Name::from_ascii("cluster.local.").unwrap(),
         Name::from_ascii("10.in-addr.arpa.").unwrap(),
         crate::dns::zone::reverse_apex6(net6),
+        crate::dns::zone::reverse_apex6("fd00:96::/108".parse().unwrap()),
     ]));
     let mut c = Catalog::new(
         zone.clone(),
@@ -385,6 +386,7 @@ fn dual_stack_pods_answer_aaaa_and_ip6_arpa_ptr_and_headless_names_carry_both_fa
             "10.96.0.0/12".parse().unwrap(),
             "10.244.0.0/16".parse().unwrap(),
             IpNetwork::V6(net6),
+            "fd00:96::/108".parse().unwrap(),
         ],
     );
     let v6: Ipv6Addr = "fd00:10:244:1::5".parse().unwrap();
@@ -392,7 +394,29 @@ fn dual_stack_pods_answer_aaaa_and_ip6_arpa_ptr_and_headless_names_carry_both_fa
     p.ip6 = Some(v6);
     c.change(ModelChange::PutService(
         "/k/shop/db".into(),
-        svc("db", HEADLESS, Some("db")),
+        Service {
+            ip_family_policy: crate::model::service::IpFamilyPolicy::PreferDualStack,
+            ..svc("db", HEADLESS, Some("db"))
+        },
+    ));
+    // The same pods behind a single-stack headless service: IPv4 only, as Kubernetes' endpoint
+    // slices of that family.
+    c.change(ModelChange::PutService(
+        "/k/shop/db4".into(),
+        svc("db4", HEADLESS, Some("db")),
+    ));
+    // A dual-stack service: AAAA of its IPv6 cluster IP, PTR back.
+    c.change(ModelChange::PutService(
+        "/k/shop/web".into(),
+        Service {
+            cluster_ips: vec!["10.96.0.7".parse().unwrap(), "fd00:96::7".parse().unwrap()],
+            ip_families: vec![
+                crate::model::service::IpFamily::IPv4,
+                crate::model::service::IpFamily::IPv6,
+            ],
+            ip_family_policy: crate::model::service::IpFamilyPolicy::RequireDualStack,
+            ..svc("web", Ipv4Addr::new(10, 96, 0, 7), Some("web"))
+        },
     ));
     c.change(ModelChange::PutPod("/p/0".into(), p));
     zone.set_ready();
@@ -429,6 +453,28 @@ fn dual_stack_pods_answer_aaaa_and_ip6_arpa_ptr_and_headless_names_carry_both_fa
     ] {
         assert_eq!(data(&ask(name, t)), [want], "{name} {t}");
     }
+    assert!(
+        ask("db4.shop.svc.cluster.local.", RecordType::AAAA)
+            .answers
+            .is_empty()
+    );
+    assert_eq!(
+        data(&ask("db4.shop.svc.cluster.local.", RecordType::A)),
+        ["10.244.1.5"]
+    );
+    assert_eq!(
+        data(&ask("web.shop.svc.cluster.local.", RecordType::AAAA)),
+        ["fd00:96::7"]
+    );
+    assert_eq!(
+        data(&ask("web.shop.svc.cluster.local.", RecordType::A)),
+        ["10.96.0.7"]
+    );
+    let vip6 = crate::dns::zone::reverse_name6("fd00:96::7".parse().unwrap()).to_ascii();
+    assert_eq!(
+        data(&ask(&vip6, RecordType::PTR)),
+        ["web.shop.svc.cluster.local."]
+    );
     // SRV targets carry both addresses as additional records.
     let m = ask("_http._tcp.db.shop.svc.cluster.local.", RecordType::SRV);
     let mut extra: Vec<String> = m.additionals.iter().map(|r| r.data.to_string()).collect();
