@@ -515,6 +515,10 @@ fn first_packet() -> Result<()> {
     for s in sizes {
         kinds.push(NatKind::Linear { services: s });
     }
+    // The IPv6 table (dual-stack services, the IPv6 cluster IP measured).
+    for s in sizes {
+        kinds.push(NatKind::Tartan6 { services: s });
+    }
     wait_quiet();
     let bed = ServiceBed::new(&kinds)?;
     for v in &bed.variants {
@@ -540,7 +544,8 @@ fn first_packet() -> Result<()> {
     println!("  {rounds} interleaved rounds x 50 new connections per variant:");
     for (i, v) in bed.variants.iter().enumerate() {
         let s = sorted_us(&samples[i]);
-        let base = if i < sizes.len() { 0 } else { sizes.len() };
+        // Each kind's ratio is to its own 1-service variant.
+        let base = i - i % sizes.len();
         let mut ratios: Vec<f64> = round_p50[i]
             .iter()
             .zip(&round_p50[base])

@@ -291,6 +291,7 @@ fn scale(s: &Settings, pb: &ProgressBar) -> Result<Vec<ScaleResult>> {
             let (table, services) = match v.kind {
                 NatKind::Tartan { services, .. } => ("tartan", services),
                 NatKind::Linear { services } => ("linear", services),
+                NatKind::Tartan6 { services } => ("tartan-ipv6", services),
             };
             let sm = samples[i].summary();
             let bm = samples[base].summary();

@@ -1,11 +1,13 @@
 //! A bench for the service NAT alone: one "node" namespace per variant, each with a client pod
 //! and a server pod, and either tartan's service table (programmed with the daemon's own code,
 //! for N services) or an iptables-style linear NAT chain of N rules as the reference. New
-//! connections from the client to the last service measure the first-packet cost.
+//! connections from the client to the last service measure the first-packet cost. Every
+//! variant's pods are dual-stack, so the same bed measures tartan's IPv6 table
+//! ([`NatKind::Tartan6`]: dual-stack services, the IPv6 cluster IP measured).
 
 use crate::store::keys::pod_key;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -19,10 +21,11 @@ use crate::lab::{
 };
 use crate::model::pod::PodRecord;
 use crate::model::service::{
-    DEFAULT_AFFINITY_TIMEOUT, Service, ServicePort, SessionAffinity, TrafficPolicy,
+    DEFAULT_AFFINITY_TIMEOUT, IpFamily, IpFamilyPolicy, Service, ServicePort, SessionAffinity,
+    TrafficPolicy,
 };
-use crate::netbench::probe::tcp_server;
-use crate::proxy::rules::{Balancing, NodeContext};
+use crate::netbench::probe::{tcp_server, tcp_server_on};
+use crate::proxy::rules::{Balancing, Family, NodeContext};
 use crate::proxy::state::{ModelChange, ServiceState};
 use crate::proxy::table::build_and_switch;
 use crate::store::etcd::{EtcdArgs, Store};
@@ -33,6 +36,10 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
 /// The server pod's first address (more follow when a service needs several endpoints).
 pub const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 2);
+/// The client pod's IPv6 address.
+pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 2);
+/// The server pod's first IPv6 address.
+pub const SERVER_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 2, 0, 0, 0, 2);
 /// The port the server listens on.
 pub const SERVER_PORT: u16 = 8080;
 /// The service port.
@@ -56,6 +63,12 @@ pub enum NatKind {
         /// Rules in the chain.
         services: u32,
     },
+    /// tartan's IPv6 table (`ip6 tartan_svc`) with this many dual-stack services (5 endpoints
+    /// each); the last one's IPv6 cluster IP is measured, to its one endpoint.
+    Tartan6 {
+        /// Services in the table.
+        services: u32,
+    },
 }
 
 impl NatKind {
@@ -64,6 +77,7 @@ impl NatKind {
         match self {
             NatKind::Tartan { services, .. } => format!("tartan, {services} services"),
             NatKind::Linear { services } => format!("linear chain, {services} rules"),
+            NatKind::Tartan6 { services } => format!("tartan IPv6, {services} services"),
         }
     }
 }
@@ -72,6 +86,11 @@ impl NatKind {
 /// past the address the guard reserves for the cluster DNS (10.96.0.10).
 pub fn vip(i: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + 16 + i)
+}
+
+/// The IPv6 cluster IP of service number `i` in a bench table (from fd00:96::10 up).
+pub fn vip6(i: u32) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0)) + 16 + u128::from(i))
 }
 
 /// One variant: namespaces and the measured service's address.
@@ -85,7 +104,7 @@ pub struct Variant {
     /// Server pod namespace.
     pub server: String,
     /// The measured service's cluster IP.
-    pub target: Ipv4Addr,
+    pub target: IpAddr,
     /// Seconds it took to program the NAT.
     pub load_seconds: f64,
 }
@@ -154,6 +173,49 @@ fn pod(i: u32, k: u32, ip: Ipv4Addr) -> (String, PodRecord) {
             labels: [("app".to_string(), format!("a{i}"))].into(),
         },
     )
+}
+
+/// A dual-stack [`service`]: its IPv6 cluster IP is [`vip6`]`(i)`.
+fn service6(i: u32) -> Service {
+    Service {
+        cluster_ips: vec![vip(i).into(), vip6(i).into()],
+        ip_families: vec![IpFamily::IPv4, IpFamily::IPv6],
+        ip_family_policy: IpFamilyPolicy::RequireDualStack,
+        ..service(i)
+    }
+}
+
+/// Programs tartan's IPv6 table with `services` dual-stack services in the current namespace.
+async fn program_tartan6(services: u32) -> Result<()> {
+    let ctx = NodeContext {
+        node: "bench".into(),
+        family: Family::V6,
+        cluster_network: "fd00:10::/32".parse()?,
+        service_cidr: "fd00:96::/108".parse()?,
+        balancing: Balancing::RoundRobin,
+    };
+    let mut st = ServiceState::new(ctx.clone());
+    for i in 0..services {
+        st.change(ModelChange::PutService(format!("/svc/{i}"), service6(i)));
+        let last = i + 1 == services;
+        let n = if last { 1 } else { 5 };
+        for k in 0..n {
+            let (key, mut rec) = pod(i, k, Ipv4Addr::from(0x0ac8_0000 + i * 8 + k));
+            rec.ip6 = Some(if last {
+                SERVER_IP6
+            } else {
+                Ipv6Addr::from(
+                    u128::from(Ipv6Addr::new(0xfd00, 0x10, 0x200, 0, 0, 0, 0, 0))
+                        + u128::from(i * 8 + k),
+                )
+            });
+            st.change(ModelChange::PutPod(key, rec));
+        }
+    }
+    let plan = st.plan_full();
+    let mut nft = NftSocket::open()?;
+    build_and_switch(&mut nft, &ctx, &plan, None).await?;
+    Ok(())
 }
 
 /// Programs tartan's table for `kind` in the current namespace (call inside the node namespace).
@@ -228,13 +290,20 @@ fn program_linear(ns: &str, services: u32) -> Result<()> {
 /// Starts a server in `ns` that answers every connection with one byte and the local address
 /// it was reached at (so the endpoint is known), then closes.
 fn server(ns: &str) -> Result<()> {
-    tcp_server(ns, SERVER_PORT, "bench", |mut s| {
+    let answer = |mut s: TcpStream| {
         let local = s
             .local_addr()
             .map(|a| a.ip().to_string())
             .unwrap_or_default();
         let _ = s.write_all(format!("{local}\n").as_bytes());
-    })
+    };
+    tcp_server(ns, SERVER_PORT, "bench", answer)?;
+    tcp_server_on(
+        ns,
+        SocketAddr::from((Ipv6Addr::UNSPECIFIED, SERVER_PORT)),
+        "bench6",
+        answer,
+    )
 }
 
 impl ServiceBed {
@@ -273,11 +342,48 @@ impl ServiceBed {
             ip(&["-n", &node, "link", "set", "toc", "up"])?;
             ip(&["-n", &node, "link", "set", "tos", "up"])?;
             ns_run(&node, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+            ns_run(&node, "sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"])?;
+            for (dev, a) in [
+                ("toc", "fd00:10:244:1::1/64"),
+                ("tos", "fd00:10:244:2::1/64"),
+            ] {
+                ip(&["-n", &node, "addr", "add", a, "dev", dev, "nodad"])?;
+            }
             address_up_default_route(&client, "eth0", &format!("{CLIENT_IP}/24"), "10.244.1.1")?;
+            ip(&[
+                "-n",
+                &client,
+                "addr",
+                "add",
+                &format!("{CLIENT_IP6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            ip(&[
+                "-n",
+                &client,
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                "fd00:10:244:1::1",
+            ])?;
             let endpoints = match kind {
                 NatKind::Tartan { endpoints, .. } => (*endpoints).max(1),
-                NatKind::Linear { .. } => 1,
+                NatKind::Linear { .. } | NatKind::Tartan6 { .. } => 1,
             };
+            ip(&[
+                "-n",
+                &server_ns,
+                "addr",
+                "add",
+                &format!("{SERVER_IP6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
             for k in 0..endpoints {
                 let a = Ipv4Addr::from(u32::from(SERVER_IP) + k);
                 ip(&[
@@ -300,6 +406,16 @@ impl ServiceBed {
                 "via",
                 "10.244.2.1",
             ])?;
+            ip(&[
+                "-n",
+                &server_ns,
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                "fd00:10:244:2::1",
+            ])?;
             server(&server_ns)?;
             let t = Instant::now();
             let target = match *kind {
@@ -314,14 +430,21 @@ impl ServiceBed {
                     crate::lab::block_on_in_netns(&node, move || {
                         program_tartan(services, endpoints, balancing)
                     })??;
-                    vip(services - 1)
+                    vip(services - 1).into()
+                }
+                NatKind::Tartan6 { services } => {
+                    if services == 0 {
+                        bail!("a variant needs at least one service");
+                    }
+                    crate::lab::block_on_in_netns(&node, move || program_tartan6(services))??;
+                    vip6(services - 1).into()
                 }
                 NatKind::Linear { services } => {
                     if services == 0 {
                         bail!("a variant needs at least one service");
                     }
                     program_linear(&node, services)?;
-                    vip(services - 1)
+                    vip(services - 1).into()
                 }
             };
             let load_seconds = t.elapsed().as_secs_f64();
@@ -348,7 +471,7 @@ impl ServiceBed {
 
 /// One new TCP connection to `dst:80` and its first byte, from the calling thread's namespace:
 /// the time from `connect` to the first byte, and the endpoint address the server reported.
-pub fn first_connection(dst: Ipv4Addr) -> Result<(Duration, String)> {
+pub fn first_connection(dst: IpAddr) -> Result<(Duration, String)> {
     let t = Instant::now();
     let mut s = TcpStream::connect_timeout(
         &SocketAddr::from((dst, SERVICE_PORT)),
@@ -365,7 +488,12 @@ pub fn first_connection(dst: Ipv4Addr) -> Result<(Duration, String)> {
 }
 
 /// `count` new connections from namespace `ns` to `dst`.
-pub fn first_connections(ns: &str, dst: Ipv4Addr, count: usize) -> Result<Vec<(Duration, String)>> {
+pub fn first_connections(
+    ns: &str,
+    dst: impl Into<IpAddr>,
+    count: usize,
+) -> Result<Vec<(Duration, String)>> {
+    let dst = dst.into();
     in_netns(ns, move || {
         (0..count).map(|_| first_connection(dst)).collect()
     })?
