@@ -2,7 +2,7 @@
 //! DNATed inside a namespace of their own, some deleted by the filters the service proxy
 //! uses, checked with the `conntrack` tool, which must still list the unrelated ones.
 
-use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -26,18 +26,26 @@ const NAT: &str = r#"table ip t {
 
 /// UDP echo servers on `servers`; one request from a fresh client socket to each of
 /// `targets`, answered. Returns the clients' ports, in the order of `targets`.
-fn udp_flows(servers: &[SocketAddrV4], targets: &[SocketAddrV4]) -> Result<Vec<u16>> {
+fn udp_flows<A: Into<SocketAddr> + Copy + std::fmt::Display>(
+    servers: &[A],
+    targets: &[A],
+) -> Result<Vec<u16>> {
     let listeners = servers
         .iter()
         .map(|a| {
-            let s = UdpSocket::bind(a).with_context(|| format!("binding {a}"))?;
+            let s = UdpSocket::bind((*a).into()).with_context(|| format!("binding {a}"))?;
             s.set_read_timeout(Some(Duration::from_secs(2)))?;
             Ok(s)
         })
         .collect::<Result<Vec<_>>>()?;
     let mut ports = Vec::new();
     for t in targets {
-        let c = UdpSocket::bind("0.0.0.0:0")?;
+        let t: SocketAddr = (*t).into();
+        let c = if t.is_ipv6() {
+            UdpSocket::bind("[::]:0")?
+        } else {
+            UdpSocket::bind("0.0.0.0:0")?
+        };
         c.set_read_timeout(Some(Duration::from_secs(2)))?;
         c.send_to(b"q", t)?;
         let mut buf = [0u8; 16];
@@ -59,8 +67,10 @@ fn udp_flows(servers: &[SocketAddrV4], targets: &[SocketAddrV4]) -> Result<Vec<u
 }
 
 /// `conntrack -L -p udp` lines inside `ns` that go to `dst:dport` and come from `sport`.
-fn listed(ns: &ScratchNs, dst: Ipv4Addr, dport: u16, sport: u16) -> Result<usize> {
-    let out = ns_run(ns.name(), "conntrack", &["-L", "-p", "udp"])?;
+fn listed(ns: &ScratchNs, dst: impl Into<IpAddr>, dport: u16, sport: u16) -> Result<usize> {
+    let dst: IpAddr = dst.into();
+    let family = if dst.is_ipv6() { "ipv6" } else { "ipv4" };
+    let out = ns_run(ns.name(), "conntrack", &["-L", "-f", family, "-p", "udp"])?;
     let want_dst = format!("dst={dst} ");
     let want_ports = format!("sport={sport} dport={dport} ");
     Ok(out
@@ -162,5 +172,103 @@ fn udp_flows_to_a_backend_are_deleted_and_others_stay() -> Result<()> {
         listed(&ns, OTHER_VIP, 53, other_service)? == 1,
         "unrelated flow deleted"
     );
+    Ok(())
+}
+
+/// The IPv6 twin of [`NAT`]: one service on port 53 DNATed to its backend on 5353.
+const NAT6: &str = r#"table ip6 t {
+  chain out {
+    type nat hook output priority -100;
+    ip6 daddr fd00:96::a udp dport 53 dnat to [fd00:10:244:1::a]:5353
+  }
+}
+"#;
+
+#[test]
+fn ipv6_udp_flows_to_a_backend_are_deleted_and_ipv4_ones_stay() -> Result<()> {
+    if !require_root()? {
+        return Ok(());
+    }
+    let ns = ScratchNs::new("ct6")?;
+    let vip6: Ipv6Addr = "fd00:96::a".parse()?;
+    let backend6: Ipv6Addr = "fd00:10:244:1::a".parse()?;
+    for a in [vip6, backend6] {
+        ip(&[
+            "-n",
+            ns.name(),
+            "addr",
+            "add",
+            &format!("{a}/128"),
+            "dev",
+            "lo",
+            "nodad",
+        ])?;
+    }
+    for a in [VIP, BACKEND] {
+        ip(&[
+            "-n",
+            ns.name(),
+            "addr",
+            "add",
+            &format!("{a}/32"),
+            "dev",
+            "lo",
+        ])?;
+    }
+    ns.nft_load(NAT)?;
+    ns.nft_load(NAT6)?;
+    let v6 = [SocketAddr::from((backend6, 5353))];
+    let v6_targets = [SocketAddr::from((vip6, 53)), SocketAddr::from((vip6, 53))];
+    let ports6 = in_netns(ns.name(), move || udp_flows(&v6, &v6_targets))??;
+    let v4 = [SocketAddrV4::new(BACKEND, 5353)];
+    let v4_targets = [SocketAddrV4::new(VIP, 53)];
+    let ports4 = in_netns(ns.name(), move || udp_flows(&v4, &v4_targets))??;
+    for p in &ports6 {
+        ensure!(
+            listed(&ns, vip6, 53, *p)? == 1,
+            "IPv6 flow from {p} not listed"
+        );
+    }
+    ensure!(listed(&ns, VIP, 53, ports4[0])? == 1);
+    // The dump of the IPv6 family has the DNATed flows, the backend as reply source.
+    let entries: Vec<CtEntry> =
+        in_netns(ns.name(), || ConntrackSocket::open()?.list_family(true))??;
+    ensure!(
+        entries
+            .iter()
+            .filter(|e| e.orig.dst == IpAddr::V6(vip6) && e.reply.src == IpAddr::V6(backend6))
+            .count()
+            == 2,
+        "dumped: {entries:?}"
+    );
+    // The backend leaves: its IPv6 flows go; the IPv4 flow (same ports, other family) stays.
+    let filter = CtFilter::udp()
+        .orig_dst(vip6)
+        .orig_dst_port(53)
+        .reply_src(backend6);
+    let n = in_netns(ns.name(), move || {
+        ConntrackSocket::open()?.delete_matching(&[filter])
+    })??;
+    ensure!(n == 2, "{n} entries deleted, 2 expected");
+    for p in &ports6 {
+        ensure!(
+            listed(&ns, vip6, 53, *p)? == 0,
+            "IPv6 flow from {p} survived"
+        );
+    }
+    ensure!(
+        listed(&ns, VIP, 53, ports4[0])? == 1,
+        "the IPv4 flow was deleted"
+    );
+    // A node-port filter of one family leaves the other's flows alone.
+    let n = in_netns(ns.name(), move || {
+        ConntrackSocket::open()?
+            .delete_matching(&[CtFilter::udp_of(IpAddr::V6(vip6)).orig_dst_port(53)])
+    })??;
+    ensure!(
+        n == 0,
+        "{n} deleted by an IPv6 port filter with no IPv6 flow left"
+    );
+    ensure!(listed(&ns, VIP, 53, ports4[0])? == 1);
     Ok(())
 }

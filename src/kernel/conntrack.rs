@@ -1,6 +1,7 @@
 //! Connection-tracking entries over ctnetlink (`NFNL_SUBSYS_CTNETLINK`), in the current
-//! network namespace: list the IPv4 entries and delete the ones that match filters of the
-//! kind `conntrack -D -p udp --orig-dst IP --orig-port-dst PORT --reply-src IP` takes.
+//! network namespace: list the entries of one family (IPv4 or IPv6) and delete the ones that
+//! match filters of the kind `conntrack -D [-f ipv6] -p udp --orig-dst IP --orig-port-dst PORT
+//! --reply-src IP` takes.
 //!
 //! The service proxy uses it to clear stale UDP flows (as kube-proxy does): flows to a
 //! backend that left, and flows that were refused while a port had no endpoint. One dump of
@@ -14,7 +15,7 @@
 //! the `netlink-packet-core` the rest of the kernel room uses.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::os::fd::AsFd;
 use std::time::Duration;
 
@@ -52,9 +53,9 @@ const RECV_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CtTuple {
     /// Source address.
-    pub src: Ipv4Addr,
-    /// Destination address.
-    pub dst: Ipv4Addr,
+    pub src: IpAddr,
+    /// Destination address (of the same family).
+    pub dst: IpAddr,
     /// IP protocol number.
     pub protocol: u8,
     /// Source port (0 for protocols without ports).
@@ -73,7 +74,7 @@ impl fmt::Display for CtTuple {
     }
 }
 
-/// One IPv4 conntrack entry.
+/// One conntrack entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CtEntry {
     /// The original direction (as the client sent it, before NAT).
@@ -100,20 +101,23 @@ impl CtEntry {
 /// `conntrack -D`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CtFilter {
+    /// Whether it names IPv6 entries (`-f ipv6`); else IPv4 ones.
+    pub ipv6: bool,
     /// IP protocol number (`-p`).
     pub protocol: u8,
     /// Original destination address (`--orig-dst`).
-    pub orig_dst: Option<Ipv4Addr>,
+    pub orig_dst: Option<IpAddr>,
     /// Original destination port (`--orig-port-dst`).
     pub orig_dst_port: Option<u16>,
     /// Reply source address (`--reply-src`): the backend a DNATed flow went to.
-    pub reply_src: Option<Ipv4Addr>,
+    pub reply_src: Option<IpAddr>,
 }
 
 impl CtFilter {
-    /// Every UDP entry; narrow it with the other methods.
+    /// Every IPv4 UDP entry; narrow it with the other methods.
     pub fn udp() -> CtFilter {
         CtFilter {
+            ipv6: false,
             protocol: IPPROTO_UDP,
             orig_dst: None,
             orig_dst_port: None,
@@ -121,8 +125,18 @@ impl CtFilter {
         }
     }
 
-    /// Only entries whose original destination is `ip`.
-    pub fn orig_dst(mut self, ip: Ipv4Addr) -> CtFilter {
+    /// Every UDP entry of `ip`'s family.
+    pub fn udp_of(ip: IpAddr) -> CtFilter {
+        CtFilter {
+            ipv6: ip.is_ipv6(),
+            ..CtFilter::udp()
+        }
+    }
+
+    /// Only entries whose original destination is `ip` (of the filter's family).
+    pub fn orig_dst(mut self, ip: impl Into<IpAddr>) -> CtFilter {
+        let ip = ip.into();
+        self.ipv6 = ip.is_ipv6();
         self.orig_dst = Some(ip);
         self
     }
@@ -133,15 +147,18 @@ impl CtFilter {
         self
     }
 
-    /// Only entries whose reply comes from `ip`.
-    pub fn reply_src(mut self, ip: Ipv4Addr) -> CtFilter {
+    /// Only entries whose reply comes from `ip` (of the filter's family).
+    pub fn reply_src(mut self, ip: impl Into<IpAddr>) -> CtFilter {
+        let ip = ip.into();
+        self.ipv6 = ip.is_ipv6();
         self.reply_src = Some(ip);
         self
     }
 
     /// Whether `e` is one of the entries this filter names.
     pub fn matches(&self, e: &CtEntry) -> bool {
-        e.orig.protocol == self.protocol
+        e.orig.dst.is_ipv6() == self.ipv6
+            && e.orig.protocol == self.protocol
             && self.orig_dst.is_none_or(|ip| e.orig.dst == ip)
             && self.orig_dst_port.is_none_or(|p| e.orig.dst_port == p)
             && self.reply_src.is_none_or(|ip| e.reply.src == ip)
@@ -151,6 +168,9 @@ impl CtFilter {
 impl fmt::Display for CtFilter {
     /// The filter as `conntrack` options.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.ipv6 {
+            write!(f, "-f ipv6 ")?;
+        }
         match self.protocol {
             IPPROTO_UDP => write!(f, "-p udp")?,
             IPPROTO_TCP => write!(f, "-p tcp")?,
@@ -182,11 +202,19 @@ fn header(flags: u16, seq: u32) -> NetlinkHeader {
     h
 }
 
-fn serialize(msg: ConntrackMessage, flags: u16, seq: u32, out: &mut Vec<u8>) {
+fn family(ipv6: bool) -> NetfilterProtoFamily {
+    if ipv6 {
+        NetfilterProtoFamily::IPv6
+    } else {
+        NetfilterProtoFamily::IPv4
+    }
+}
+
+fn serialize(msg: ConntrackMessage, ipv6: bool, flags: u16, seq: u32, out: &mut Vec<u8>) {
     let mut m = NetlinkMessage::new(
         header(flags, seq),
         NetlinkPayload::from(NetfilterMessage::new(
-            NetfilterHeader::new(NetfilterProtoFamily::IPv4, 0, 0),
+            NetfilterHeader::new(family(ipv6), 0, 0),
             msg,
         )),
     );
@@ -199,8 +227,8 @@ fn serialize(msg: ConntrackMessage, flags: u16, seq: u32, out: &mut Vec<u8>) {
 fn tuple_attrs(t: &CtTuple) -> Vec<Tuple> {
     vec![
         Tuple::Ip(vec![
-            IPTuple::SourceAddress(IpAddr::V4(t.src)),
-            IPTuple::DestinationAddress(IpAddr::V4(t.dst)),
+            IPTuple::SourceAddress(t.src),
+            IPTuple::DestinationAddress(t.dst),
         ]),
         Tuple::Proto(vec![
             ProtoTuple::Protocol(t.protocol.into()),
@@ -210,7 +238,7 @@ fn tuple_attrs(t: &CtTuple) -> Vec<Tuple> {
     ]
 }
 
-/// The IPv4 tuple in `attrs`, `None` for IPv6 or an incomplete tuple.
+/// The tuple in `attrs`, `None` for an incomplete one or one of mixed families.
 fn decode_tuple(attrs: &[Tuple]) -> Option<CtTuple> {
     let (mut src, mut dst, mut protocol) = (None, None, None);
     let (mut src_port, mut dst_port) = (0, 0);
@@ -219,8 +247,8 @@ fn decode_tuple(attrs: &[Tuple]) -> Option<CtTuple> {
             Tuple::Ip(ips) => {
                 for ip in ips {
                     match ip {
-                        IPTuple::SourceAddress(IpAddr::V4(a)) => src = Some(*a),
-                        IPTuple::DestinationAddress(IpAddr::V4(a)) => dst = Some(*a),
+                        IPTuple::SourceAddress(a) => src = Some(*a),
+                        IPTuple::DestinationAddress(a) => dst = Some(*a),
                         _ => {}
                     }
                 }
@@ -238,16 +266,20 @@ fn decode_tuple(attrs: &[Tuple]) -> Option<CtTuple> {
             _ => {}
         }
     }
+    let (src, dst) = (src?, dst?);
+    if src.is_ipv6() != dst.is_ipv6() {
+        return None;
+    }
     Some(CtTuple {
-        src: src?,
-        dst: dst?,
+        src,
+        dst,
         protocol: protocol?,
         src_port,
         dst_port,
     })
 }
 
-/// The entry a dumped message describes (`None` for IPv6 and anything undecodable).
+/// The entry a dumped message describes (`None` for anything undecodable).
 fn decode_entry(attrs: Vec<ConntrackAttribute>) -> Option<CtEntry> {
     let (mut orig, mut reply, mut ident) = (None, None, Vec::new());
     for a in attrs {
@@ -319,10 +351,17 @@ impl ConntrackSocket {
 
     /// Every IPv4 entry of this namespace's table (one dump).
     pub fn list(&mut self) -> Result<Vec<CtEntry>> {
+        self.list_family(false)
+    }
+
+    /// Every entry of one family (IPv6 with `ipv6`) of this namespace's table (one dump: the
+    /// kernel filters by the request's family).
+    pub fn list_family(&mut self, ipv6: bool) -> Result<Vec<CtEntry>> {
         let seq = self.next_seq();
         let mut req = Vec::with_capacity(64);
         serialize(
             ConntrackMessage::Get(vec![]),
+            ipv6,
             NLM_F_REQUEST | NLM_F_DUMP,
             seq,
             &mut req,
@@ -371,6 +410,7 @@ impl ConntrackSocket {
                 let seq = self.next_seq();
                 serialize(
                     ConntrackMessage::Delete(attrs),
+                    e.orig.dst.is_ipv6(),
                     NLM_F_REQUEST | NLM_F_ACK,
                     seq,
                     &mut req,
@@ -410,17 +450,23 @@ impl ConntrackSocket {
         Ok(deleted)
     }
 
-    /// Deletes every IPv4 entry that matches any of `filters` (one dump, then the deletes);
-    /// returns how many were deleted.
+    /// Deletes every entry that matches any of `filters` (one dump per family the filters
+    /// name, then the deletes); returns how many were deleted.
     pub fn delete_matching(&mut self, filters: &[CtFilter]) -> Result<usize> {
         if filters.is_empty() {
             return Ok(0);
         }
-        let doomed: Vec<CtEntry> = self
-            .list()?
-            .into_iter()
-            .filter(|e| filters.iter().any(|f| f.matches(e)))
-            .collect();
+        let mut doomed: Vec<CtEntry> = Vec::new();
+        for ipv6 in [false, true] {
+            if !filters.iter().any(|f| f.ipv6 == ipv6) {
+                continue;
+            }
+            doomed.extend(
+                self.list_family(ipv6)?
+                    .into_iter()
+                    .filter(|e| filters.iter().any(|f| f.matches(e))),
+            );
+        }
         self.delete(&doomed).with_context(|| {
             let names: Vec<String> = filters.iter().map(ToString::to_string).collect();
             format!("deleting conntrack entries matching [{}]", names.join("; "))
@@ -452,8 +498,8 @@ mod tests {
     #[test]
     fn filters_match_like_conntrack_options() {
         let e = dnat("10.96.0.10", "10.244.1.10");
-        let vip = "10.96.0.10".parse().unwrap();
-        let be = "10.244.1.10".parse().unwrap();
+        let vip: IpAddr = "10.96.0.10".parse().unwrap();
+        let be: IpAddr = "10.244.1.10".parse().unwrap();
         assert!(CtFilter::udp().matches(&e));
         assert!(
             CtFilter::udp()
@@ -466,7 +512,7 @@ mod tests {
         assert!(!CtFilter::udp().orig_dst_port(54).matches(&e));
         assert!(
             !CtFilter::udp()
-                .orig_dst("10.96.0.11".parse().unwrap())
+                .orig_dst("10.96.0.11".parse::<IpAddr>().unwrap())
                 .matches(&e)
         );
         assert!(!CtFilter::udp().reply_src(vip).matches(&e));
@@ -491,6 +537,7 @@ mod tests {
         let mut buf = Vec::new();
         serialize(
             ConntrackMessage::Delete(vec![ConntrackAttribute::CtaTupleOrig(tuple_attrs(&e.orig))]),
+            false,
             NLM_F_REQUEST | NLM_F_ACK,
             7,
             &mut buf,
@@ -520,16 +567,28 @@ mod tests {
     #[test]
     fn a_truncated_message_ends_the_walk_and_earlier_ones_count() {
         let mut buf = Vec::new();
-        serialize(ConntrackMessage::Get(vec![]), NLM_F_REQUEST, 1, &mut buf);
+        serialize(
+            ConntrackMessage::Get(vec![]),
+            false,
+            NLM_F_REQUEST,
+            1,
+            &mut buf,
+        );
         let one = buf.len();
-        serialize(ConntrackMessage::Get(vec![]), NLM_F_REQUEST, 2, &mut buf);
+        serialize(
+            ConntrackMessage::Get(vec![]),
+            false,
+            NLM_F_REQUEST,
+            2,
+            &mut buf,
+        );
         buf[one..one + 4].copy_from_slice(&1000u32.to_ne_bytes());
         let got: Vec<u32> = messages(&buf).map(|(seq, _)| seq).collect();
         assert_eq!(got, [1]);
     }
 
     #[test]
-    fn dumped_entries_keep_id_and_zone_and_skip_ipv6() {
+    fn dumped_entries_keep_id_and_zone_and_decode_either_family() {
         let e = dnat("10.96.0.10", "10.244.1.10");
         let id = DefaultNla::new(CTA_ID, 42u32.to_be_bytes().to_vec());
         let attrs = vec![
@@ -541,6 +600,35 @@ mod tests {
         let got = decode_entry(attrs).unwrap();
         assert_eq!((got.orig, got.reply), (e.orig, e.reply));
         assert_eq!(got.ident, [id]);
+        // IPv6 entries decode and match IPv6 filters only.
+        let e6 = CtEntry::from_tuples(
+            tuple("fd00:10:244::5", 40000, "fd00:96::a", 53),
+            tuple("fd00:10:244:1::a", 5353, "fd00:10:244::5", 40000),
+        );
+        let got6 = decode_entry(vec![
+            ConntrackAttribute::CtaTupleOrig(tuple_attrs(&e6.orig)),
+            ConntrackAttribute::CtaTupleReply(tuple_attrs(&e6.reply)),
+        ])
+        .unwrap();
+        assert_eq!(got6.orig, e6.orig);
+        let vip6: IpAddr = "fd00:96::a".parse().unwrap();
+        assert!(
+            CtFilter::udp()
+                .orig_dst(vip6)
+                .orig_dst_port(53)
+                .matches(&got6)
+        );
+        assert!(CtFilter::udp_of(vip6).orig_dst_port(53).matches(&got6));
+        assert!(
+            !CtFilter::udp().orig_dst_port(53).matches(&got6),
+            "an IPv4 filter"
+        );
+        assert!(!CtFilter::udp_of(vip6).matches(&e), "an IPv6 filter");
+        assert_eq!(
+            CtFilter::udp_of(vip6).orig_dst_port(30053).to_string(),
+            "-f ipv6 -p udp --orig-port-dst 30053"
+        );
+        // Incomplete or of mixed families: skipped.
         let v6 = vec![Tuple::Ip(vec![
             IPTuple::SourceAddress("fd00::1".parse().unwrap()),
             IPTuple::DestinationAddress("fd00::2".parse().unwrap()),
@@ -552,5 +640,13 @@ mod tests {
             ]),
             None
         );
+        let mixed = vec![
+            Tuple::Ip(vec![
+                IPTuple::SourceAddress("fd00::1".parse().unwrap()),
+                IPTuple::DestinationAddress("10.0.0.1".parse().unwrap()),
+            ]),
+            Tuple::Proto(vec![ProtoTuple::Protocol(IPPROTO_UDP.into())]),
+        ];
+        assert_eq!(decode_tuple(&mixed), None);
     }
 }

@@ -283,30 +283,18 @@ pub async fn build_and_switch(
 
 /// The conntrack entries that would keep UDP clients on a dead path: flows refused while a
 /// port had no endpoint (to the cluster IP and port, or to the node port) and flows DNATed to
-/// a backend that left (the same, answered by that backend). IPv4 flows only: the conntrack
-/// reader does not decode IPv6 entries yet, so an IPv6 UDP client keeps a dead flow until
-/// conntrack's UDP timeout (30 s unreplied, 120 s assured).
+/// a backend that left (the same, answered by that backend); each of the table's family.
 fn stale_udp_flows(removed: &[RemovedBackend], revived: &[RevivedPort]) -> Vec<CtFilter> {
-    let v4 = |ip: std::net::IpAddr| match ip {
-        std::net::IpAddr::V4(a) => Some(a),
-        std::net::IpAddr::V6(_) => None,
-    };
     let mut filters = Vec::new();
     for r in revived {
-        let Some(vip) = v4(r.cluster_ip) else {
-            continue;
-        };
-        filters.push(CtFilter::udp().orig_dst(vip).orig_dst_port(r.port));
+        filters.push(CtFilter::udp().orig_dst(r.cluster_ip).orig_dst_port(r.port));
         if let Some(np) = r.node_port {
-            filters.push(CtFilter::udp().orig_dst_port(np));
+            filters.push(CtFilter::udp_of(r.cluster_ip).orig_dst_port(np));
         }
     }
     for r in removed.iter().filter(|r| r.protocol == Protocol::Udp) {
-        let (Some(vip), Some(ip)) = (v4(r.cluster_ip), v4(r.ip)) else {
-            continue;
-        };
-        let to_backend = CtFilter::udp().reply_src(ip);
-        filters.push(to_backend.orig_dst(vip).orig_dst_port(r.port));
+        let to_backend = CtFilter::udp().reply_src(r.ip);
+        filters.push(to_backend.orig_dst(r.cluster_ip).orig_dst_port(r.port));
         if let Some(np) = r.node_port {
             filters.push(to_backend.orig_dst_port(np));
         }
@@ -455,5 +443,28 @@ mod tests {
             ]
         );
         assert!(stale_udp_flows(&[backend(Protocol::Tcp, None)], &[]).is_empty());
+        // The IPv6 table's: IPv6 filters (the node port one of that family too).
+        let revived6 = [RevivedPort {
+            cluster_ip: "fd00:96::b".parse().unwrap(),
+            port: 53,
+            node_port: Some(30053),
+        }];
+        let removed6 = [RemovedBackend {
+            cluster_ip: "fd00:96::a".parse().unwrap(),
+            ip: "fd00:10:244:1::7".parse().unwrap(),
+            ..backend(Protocol::Udp, None)
+        }];
+        let got: Vec<String> = stale_udp_flows(&removed6, &revived6)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "-f ipv6 -p udp --orig-dst fd00:96::b --orig-port-dst 53",
+                "-f ipv6 -p udp --orig-port-dst 30053",
+                "-f ipv6 -p udp --orig-dst fd00:96::a --orig-port-dst 53 --reply-src fd00:10:244:1::7",
+            ]
+        );
     }
 }
