@@ -245,12 +245,39 @@ fn main() -> Result<()> {
     let conc_rounds = arg_value("--concurrent-rounds", 5);
     let conc = 50;
 
+    // `--dual-stack`: a dual-stack network (flannel's EnableIPv6), each pod given both
+    // families by either plugin (the reference's host-local with a range per family).
+    let dual = std::env::args().any(|a| a == "--dual-stack");
     let mut lab = Lab::new(2, bins())?;
     tartan::lab::cleanup_on_signal(&lab.id)?;
     lab.start_etcd()?;
     lab.init_network(&["--network", "10.244.0.0/16"])?;
+    if dual {
+        lab.add_ipv6_underlay()?;
+        lab.etcdctl(&[
+            "put",
+            "/coreos.com/network/config",
+            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#,
+        ])?;
+    }
     lab.start_daemon(0, &[])?;
     let subnet = lab.wait_subnet(0)?;
+    let subnet6 = if dual {
+        let path = lab.nodes[0].subnet_file();
+        Some(wait_for(
+            "the IPv6 subnet in subnet.env",
+            Duration::from_secs(30),
+            || {
+                let t = std::fs::read_to_string(&path).ok()?;
+                tartan::model::subnet_env::SubnetEnv::parse(&t)
+                    .ok()?
+                    .ipv6
+                    .map(|v| v.subnet)
+            },
+        )?)
+    } else {
+        None
+    };
     let conflist = lab.nodes[0].cni_conf_dir().join("10-tartan.conflist");
     let text = wait_for("conflist", Duration::from_secs(30), || {
         std::fs::read_to_string(&conflist).ok()
@@ -279,7 +306,10 @@ fn main() -> Result<()> {
         "mtu": 1450,
         "ipam": {
             "type": "host-local",
-            "ranges": [[{"subnet": subnet.to_string()}]],
+            "ranges": match subnet6 {
+                Some(s6) => json!([[{"subnet": subnet.to_string()}], [{"subnet": s6.to_string()}]]),
+                None => json!([[{"subnet": subnet.to_string()}]]),
+            },
             "dataDir": lab.dir.join("host-local"),
         },
     });
@@ -301,7 +331,8 @@ fn main() -> Result<()> {
         seq_pods_r.push(lab.add_namespace(&format!("br{k}"))?);
     }
     eprintln!(
-        "subnet {subnet}; {rounds} sequential rounds, {conc_rounds} rounds of {conc} concurrent calls; tartan-cni = {}",
+        "subnet {subnet}{}; {rounds} sequential rounds, {conc_rounds} rounds of {conc} concurrent calls; tartan-cni = {}",
+        subnet6.map(|s| format!(" and {s}")).unwrap_or_default(),
         tartan.path.display()
     );
 
