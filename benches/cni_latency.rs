@@ -231,23 +231,8 @@ fn arg_value(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn main() -> Result<()> {
-    if !require_root()? {
-        return Ok(());
-    }
-    for p in ["bridge", "host-local"] {
-        ensure!(
-            Path::new("/usr/lib/cni").join(p).exists(),
-            "/usr/lib/cni/{p} is missing: install containernetworking-plugins (make deps)"
-        );
-    }
-    let rounds = arg_value("--rounds", 200);
-    let conc_rounds = arg_value("--concurrent-rounds", 5);
-    let conc = 50;
-
-    // `--dual-stack`: a dual-stack network (flannel's EnableIPv6), each pod given both
-    // families by either plugin (the reference's host-local with a range per family).
-    let dual = std::env::args().any(|a| a == "--dual-stack");
+/// A two-node lab with etcd and tartand on node 1, IPv4 or dual-stack; node 1's subnets.
+fn start_lab(dual: bool) -> Result<(Lab, ipnetwork::Ipv4Network, Option<ipnetwork::Ipv6Network>)> {
     let mut lab = Lab::new(2, bins())?;
     tartan::lab::cleanup_on_signal(&lab.id)?;
     lab.start_etcd()?;
@@ -278,6 +263,27 @@ fn main() -> Result<()> {
     } else {
         None
     };
+    Ok((lab, subnet, subnet6))
+}
+
+fn main() -> Result<()> {
+    if !require_root()? {
+        return Ok(());
+    }
+    for p in ["bridge", "host-local"] {
+        ensure!(
+            Path::new("/usr/lib/cni").join(p).exists(),
+            "/usr/lib/cni/{p} is missing: install containernetworking-plugins (make deps)"
+        );
+    }
+    let rounds = arg_value("--rounds", 200);
+    let conc_rounds = arg_value("--concurrent-rounds", 5);
+    let conc = 50;
+
+    // `--dual-stack`: a dual-stack network (flannel's EnableIPv6), each pod given both
+    // families by either plugin (the reference's host-local with a range per family).
+    let dual = std::env::args().any(|a| a == "--dual-stack");
+    let (mut lab, subnet, subnet6) = start_lab(dual)?;
     let conflist = lab.nodes[0].cni_conf_dir().join("10-tartan.conflist");
     let text = wait_for("conflist", Duration::from_secs(30), || {
         std::fs::read_to_string(&conflist).ok()
