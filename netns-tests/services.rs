@@ -1431,6 +1431,60 @@ fn dual_stack_services_answer_on_ipv6_cluster_ips_and_node_ports() -> Result<()>
         !out.contains("  0 new connections so far, spread over 2 endpoints:\n    fd00"),
         "IPv6 connections not counted:\n{out}"
     );
+    // The local traffic policy over IPv6: a node port on the node with an endpoint keeps the
+    // outside client's IPv6 address. (Client-IP affinity is not applied to IPv6 cluster IPs:
+    // the service says so.)
+    let out = lab.tartanctl(&[
+        "service",
+        "create",
+        "sticky",
+        "--port",
+        "80:8080/tcp",
+        "--selector",
+        "app=web",
+        "--node-port",
+        "auto",
+        "--session-affinity",
+        "client-ip",
+        "--external-traffic-policy",
+        "local",
+        "--ip-family-policy",
+        "RequireDualStack",
+        "--service-cidr",
+        SERVICE_CIDRS,
+    ])?;
+    let sticky6: std::net::Ipv6Addr = out
+        .split("IPv6 cluster IP ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .context("no IPv6 cluster IP")?
+        .trim()
+        .parse()?;
+    let np2: u16 = out
+        .split("(node ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .context("no node port")?
+        .parse()?;
+    reach_any(&client.ns, sticky6.into(), 80)?;
+    let infra6 = {
+        let [a, b] = tartan::lab::UNDERLAY6;
+        std::net::Ipv6Addr::new(a, b, 0, 0, 0, 0, 0, 1)
+    };
+    let w = reach_any(&lab.infra, node6.into(), np2)?;
+    ensure!(
+        w.peer == infra6.to_string() && w.name == webs[0].1,
+        "local policy: the node's own pod, the client's address kept: {w:?}"
+    );
+    let out = ns_run(
+        &lab.nodes[0].ns,
+        &lab.bins.tartanctl.to_string_lossy(),
+        &["explain", "--node", "node1"],
+    )?;
+    ensure!(
+        out.contains("client-IP affinity is not applied to the IPv6 cluster IP"),
+        "{out}"
+    );
     // Deleting the service takes its IPv6 rules away.
     lab.tartanctl(&["service", "delete", "web"])?;
     wait_for(

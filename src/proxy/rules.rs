@@ -77,6 +77,16 @@ impl Family {
         }
     }
 
+    /// Whether client-IP affinity is programmed in this family's table. Not in IPv6: the
+    /// recorder's `update @affinity { ip6 saddr . ct original ip6 daddr . meta l4proto . ct
+    /// original proto-dst : ip6 daddr . th dport }` (a 40-byte key with 20 bytes of data)
+    /// makes nft 1.0.6 abort (`netlink_gen_expr: Assertion 'dreg < ctx->reg_low'`: it runs
+    /// out of registers), and so would the whole table's build. The IPv6 cluster IP of such
+    /// a service balances each connection instead, and says so in its problems.
+    pub fn has_affinity(self) -> bool {
+        self == Family::V4
+    }
+
     /// The unspecified address of the family.
     pub fn unspecified(self) -> IpAddr {
         match self {
@@ -649,7 +659,7 @@ pub fn port_rules(
     };
     let proto = p.protocol.number();
     let key = KeyBuilder::new().ip(vip).proto(proto).port(p.port);
-    let affinity = svc.session_affinity == SessionAffinity::ClientIp;
+    let affinity = svc.session_affinity == SessionAffinity::ClientIp && ctx.family.has_affinity();
     let record = DynChain::AffinityRecord {
         timeout: svc.session_affinity_timeout,
     };

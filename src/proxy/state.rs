@@ -265,6 +265,13 @@ impl ServiceState {
             problems.push(format!("not programmed: {e}"));
             return false;
         }
+        if s.session_affinity == SessionAffinity::ClientIp && !self.ctx.family.has_affinity() {
+            problems.push(
+                "client-IP affinity is not applied to the IPv6 cluster IP (nft cannot build \
+                 the IPv6 affinity recorder): each new connection is balanced"
+                    .into(),
+            );
+        }
         for p in s.ports.iter_mut() {
             if let Some(np) = p.node_port
                 && let Err(e) = self.guard.node_port(np)

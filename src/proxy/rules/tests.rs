@@ -499,23 +499,26 @@ fn a_dual_stack_service_gets_ipv6_elements_in_the_ipv6_table_only() {
             (e.set, k, d)
         })
         .collect();
+    // Client-IP affinity is not programmed in IPv6 (nft cannot build its recorder there).
+    assert!(
+        !r.elements
+            .iter()
+            .any(|e| e.set == SetName::AffinityServices)
+            && !r
+                .chains
+                .iter()
+                .any(|c| matches!(c, DynChain::AffinityRecord { .. })),
+        "{:?}",
+        r.chains
+    );
     for want in [
-        (
-            SetName::ServiceIps,
-            "fd00:96::a . tcp . 80",
-            "goto svc_aff_3",
-        ),
+        (SetName::ServiceIps, "fd00:96::a . tcp . 80", "goto svc_3"),
         (
             SetName::Backends,
             "fd00:96::a . tcp . 80 . 2",
             "fd00:10:244:3::a . 8080",
         ),
-        (SetName::ServiceNodePorts, "tcp . 30080", "goto np_aff_3"),
-        (
-            SetName::AffinityServices,
-            "fd00:96::a . tcp . 80",
-            "jump aff_record_10800",
-        ),
+        (SetName::ServiceNodePorts, "tcp . 30080", "goto np_3"),
     ] {
         assert!(
             texts.contains(&(want.0, want.1.to_string(), want.2.to_string())),
