@@ -1527,7 +1527,23 @@ fn podman_containers_on_a_dual_stack_network_get_both_families_and_talk_over_ipv
                 None
             },
         )
-        .with_context(|| format!("last attempt: {last}"))?;
+        .with_context(|| {
+            // What the container and its node had at that moment, for the failure report.
+            let sh = |id: &str, cmd: &str| {
+                podmans[from]
+                    .run(&["exec", id, "/bin/busybox", "sh", "-c", cmd])
+                    .unwrap_or_else(|e| format!("{e:#}"))
+            };
+            let node = &lab.nodes[from].ns;
+            format!(
+                "last attempt: {last}\ncontainer: {}\n{}\n{}\nnode {node}: {}\n{}",
+                sh(&ids[from], "ip -6 addr; ip -6 route"),
+                sh(&ids[from], "cat /proc/sys/net/ipv6/conf/all/disable_ipv6 /proc/sys/net/ipv6/conf/eth0/disable_ipv6"),
+                sh(&ids[from], "ip -6 neigh"),
+                ip(&["-n", node, "-6", "addr"]).unwrap_or_default(),
+                ip(&["-n", node, "-6", "route"]).unwrap_or_default(),
+            )
+        })?;
     }
     Ok(())
 }
