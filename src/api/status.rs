@@ -27,6 +27,12 @@ pub struct StatusReport {
     pub services_synced: bool,
     /// Last service sync error.
     pub service_error: Option<String>,
+    /// Whether the IPv6 service table was synced (absent: the node has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub services_synced6: Option<bool>,
+    /// Last IPv6 service table sync error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_error6: Option<String>,
     /// Services with backends and counters.
     pub services: Vec<ServiceReport>,
     /// Elements in the service table.

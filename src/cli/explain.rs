@@ -144,6 +144,11 @@ pub fn render(r: &StatusReport) -> String {
             ));
         }
     }
+    if let Some(e) = &r.service_error6 {
+        o.push_str(&format!("The last IPv6 service table sync failed: {e}\n"));
+    } else if r.services_synced6 == Some(false) {
+        o.push_str("The IPv6 service table is not synced yet.\n");
+    }
     if let Some(e) = &r.service_error {
         o.push_str(&format!("The last service sync failed: {e}\n"));
     }
@@ -188,7 +193,9 @@ pub fn render(r: &StatusReport) -> String {
             for p in h.problems.iter().take(MAX_LISTED) {
                 o.push_str(&format!("    {p}\n"));
             }
-            render_backends(h, "  ", &mut o);
+            if !h.problems.iter().any(|p| p.starts_with("not programmed:")) {
+                render_backends(h, "  ", &mut o);
+            }
         }
     }
     render_dns(r, &mut o);

@@ -85,7 +85,15 @@ impl ServiceRange {
         check_service_cidr(self.service_cidr.v4, net, &ctx)
             .map_err(|e| anyhow::anyhow!("--service-cidr: {e}"))?;
         if let Some(c6) = self.service_cidr.v6 {
-            check_service_cidr6(c6, net6).map_err(|e| anyhow::anyhow!("--service-cidr: {e}"))?;
+            let (_, leases) = store.list(&etcd.subnets_prefix()).await?;
+            let nodes6: Vec<ipnetwork::Ipv6Network> = leases
+                .iter()
+                .filter_map(|l| crate::model::subnet_lease::LeaseValue::parse(&l.value).ok())
+                .filter_map(|v| v.public_ipv6)
+                .map(ipnetwork::Ipv6Network::from)
+                .collect();
+            check_service_cidr6(c6, net6, &nodes6)
+                .map_err(|e| anyhow::anyhow!("--service-cidr: {e}"))?;
         }
         Ok(AddressGuard {
             service_cidr: self.service_cidr.v4,
@@ -315,10 +323,14 @@ pub async fn run(etcd: &EtcdArgs, range: &ServiceRange, cmd: ServiceCmd) -> Resu
                 .cluster_ip6()
                 .map(|ip| format!(", IPv6 cluster IP {ip}"))
                 .unwrap_or_default();
+            let v4 = if created.is_headless() {
+                "None".to_string()
+            } else {
+                created.cluster_ip.to_string()
+            };
             println!(
-                "service {} created: cluster IP {}{v6}, ports {}",
+                "service {} created: cluster IP {v4}{v6}, ports {}",
                 created.id(),
-                cluster_ip_text(&created),
                 ports_text(&created)
             );
             Ok(())

@@ -258,7 +258,9 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     check_service_cidr(args.service_cidr.v4, Some(cfg.network), &range_ctx)
         .map_err(|e| anyhow!("--service-cidr: {e}"))?;
     if let Some(c6) = args.service_cidr.v6 {
-        check_service_cidr6(c6, cfg.ipv6.as_ref().map(|p| p.network))
+        let mut underlay6 = id.iface.addrs6.clone();
+        underlay6.extend(id.node.public_ipv6.map(ipnetwork::Ipv6Network::from));
+        check_service_cidr6(c6, cfg.ipv6.as_ref().map(|p| p.network), &underlay6)
             .map_err(|e| anyhow!("--service-cidr: {e}"))?;
     }
 

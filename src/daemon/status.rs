@@ -133,6 +133,8 @@ impl DaemonStatus {
         };
         r.services = service_reports(&ps, Family::V4, &counters);
         if let Some(ps6) = &ps.ipv6 {
+            r.service_error6 = ps6.last_error.clone();
+            r.services_synced6 = Some(ps6.synced);
             let counters6 = match &ps6.table {
                 Some(t) => read_counters(Family::V6, t).await,
                 None => Counters::default(),

@@ -53,6 +53,9 @@ pub struct Catalog {
     headless_records: HashMap<String, Vec<Record>>,
     /// Names that could not be formed (too long), skipped.
     pub skipped: u64,
+    /// The IPv6 service range this node programs: an IPv6 cluster IP outside it (or any, with
+    /// none) gets no AAAA, so no client is sent where nothing answers.
+    service_cidr6: Option<ipnetwork::Ipv6Network>,
 }
 
 impl Catalog {
@@ -73,7 +76,14 @@ impl Catalog {
             headless_by_ns: HashMap::new(),
             headless_records: HashMap::new(),
             skipped: 0,
+            service_cidr6: None,
         }
+    }
+
+    /// Publishes AAAA for IPv6 cluster IPs inside `range` (the node's IPv6 service range).
+    pub fn with_service_cidr6(mut self, range: Option<ipnetwork::Ipv6Network>) -> Self {
+        self.service_cidr6 = range;
+        self
     }
 
     /// The etcd keys of the services, pods and the ids of the explicit endpoints held.
@@ -278,7 +288,10 @@ impl Catalog {
                 Origin::Service,
             ),
         ];
-        if let Some(ip6) = s.cluster_ip6() {
+        if let Some(ip6) = s
+            .cluster_ip6()
+            .filter(|ip| self.service_cidr6.is_some_and(|r| r.contains(*ip)))
+        {
             out.push((LowerName::new(&name), Rdata::Aaaa(ip6), Origin::Service));
             out.push((
                 LowerName::new(&reverse_name6(ip6)),

@@ -110,7 +110,8 @@ pub async fn run(
         upstreams = ?settings.upstreams,
         "cluster DNS serving"
     );
-    let catalog = Catalog::new(zone.clone(), settings.domain.clone(), settings.dns_ip);
+    let catalog = Catalog::new(zone.clone(), settings.domain.clone(), settings.dns_ip)
+        .with_service_cidr6(settings.service_cidr6);
     feed_loop(feeds, &keys, catalog, &zone, &metrics).await;
     drop(server);
     Ok(())

@@ -866,17 +866,17 @@ impl AccessLog {
 }
 
 /// Binds a listener (errors name the address and the flag); `SO_REUSEPORT`, so each worker
-/// thread has its own and the kernel spreads connections over them. An IPv6 listener takes
-/// IPv6 only (`IPV6_V6ONLY`), so `0.0.0.0:80` and `[::]:80` bind side by side, each family
-/// with its own addresses in the access log and `X-Forwarded-For`.
-pub fn bind(addr: SocketAddr, flag: &str) -> Result<std::net::TcpListener> {
+/// thread has its own and the kernel spreads connections over them. With `v6only` an IPv6
+/// listener takes IPv6 only (`IPV6_V6ONLY`), so `0.0.0.0:80` and `[::]:80` bind side by
+/// side; without it `[::]:80` alone takes both families, as before.
+pub fn bind(addr: SocketAddr, flag: &str, v6only: bool) -> Result<std::net::TcpListener> {
     let s = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
         Some(socket2::Protocol::TCP),
     )
     .with_context(|| format!("{flag}: cannot open a socket for {addr}"))?;
-    if addr.is_ipv6() {
+    if addr.is_ipv6() && v6only {
         s.set_only_v6(true)?;
     }
     s.set_reuse_address(true)?;

@@ -171,12 +171,15 @@ pub async fn run(args: IngressArgs) -> Result<()> {
     for _ in 0..workers {
         let mut mine = Vec::new();
         for a in &args.http_listen {
-            if let Some(l) = bind_unless_no_ipv6(*a, "--http-listen", default_http)? {
+            if let Some(l) =
+                bind_unless_no_ipv6(*a, &args.http_listen, "--http-listen", default_http)?
+            {
                 mine.push((l, false));
             }
         }
         for a in &args.https_listen {
-            mine.push((bind(*a, "--https-listen")?, true));
+            let v6only = beside_ipv4(*a, &args.https_listen);
+            mine.push((bind(*a, "--https-listen", v6only)?, true));
         }
         listeners.push(mine);
     }
@@ -326,6 +329,12 @@ impl RecordSink for BackendSink {
 }
 
 /// The part of `key` after `prefix` (a record's name).
+/// Whether the IPv6 listener `a` has an IPv4 one on its port in `list` (then it takes IPv6
+/// only, so both bind; alone, `[::]:PORT` serves both families).
+fn beside_ipv4(a: SocketAddr, list: &[SocketAddr]) -> bool {
+    a.is_ipv6() && list.iter().any(|b| b.is_ipv4() && b.port() == a.port())
+}
+
 /// `--http-listen`'s default: every IPv4 and every IPv6 address, port 80.
 fn default_http_listen() -> Vec<SocketAddr> {
     vec![
@@ -338,10 +347,11 @@ fn default_http_listen() -> Vec<SocketAddr> {
 /// without IPv6 (`EAFNOSUPPORT`); an address the operator gave must bind.
 fn bind_unless_no_ipv6(
     a: SocketAddr,
+    list: &[SocketAddr],
     flag: &str,
     is_default: bool,
 ) -> Result<Option<std::net::TcpListener>> {
-    match bind(a, flag) {
+    match bind(a, flag, beside_ipv4(a, list)) {
         Ok(l) => Ok(Some(l)),
         Err(e)
             if is_default

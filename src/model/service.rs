@@ -223,8 +223,8 @@ pub struct Service {
     #[serde(rename = "clusterIPs", default, skip_serializing_if = "Vec::is_empty")]
     pub cluster_ips: Vec<IpAddr>,
     /// Kubernetes' `ipFamilies`: the families of `clusterIPs` in order (empty: IPv4); for a
-    /// headless service, the families its name answers with (empty: every family its pods
-    /// have).
+    /// headless service, the families its name answers with (empty: IPv4 alone, unless the
+    /// policy is dual-stack).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ip_families: Vec<IpFamily>,
     /// Kubernetes' `ipFamilyPolicy`.
@@ -384,6 +384,13 @@ impl Service {
             );
         }
         if self.is_headless() {
+            if self.ip_family_policy == IpFamilyPolicy::SingleStack && fams.len() == 2 {
+                return bad(
+                    "ipFamilyPolicy",
+                    "SingleStack with two ipFamilies (use PreferDualStack or RequireDualStack)"
+                        .into(),
+                );
+            }
             if !self.cluster_ips.is_empty() {
                 return bad("clusterIPs", "a headless service has no cluster IPs".into());
             }
@@ -734,14 +741,34 @@ impl fmt::Display for ServiceCidrs {
     }
 }
 
-/// Checks an IPv6 service range: not loopback, link-local, multicast or the whole space, not
-/// overlapping the IPv6 pod network, between /64 and /120. The error names the problem.
+/// Checks an IPv6 service range: not loopback, link-local, multicast, IPv4-mapped or
+/// IPv4-compatible space, not overlapping the IPv6 pod network or the underlay (the node's
+/// IPv6 networks, or node addresses as /128), between /64 and /120. The error names the
+/// problem.
 pub fn check_service_cidr6(
     cidr: Ipv6Network,
     cluster_network6: Option<Ipv6Network>,
+    underlay6: &[Ipv6Network],
 ) -> Result<(), String> {
     let fail = |why: String| Err(format!("IPv6 service CIDR {cidr}: {why}"));
-    let forbidden: [(&str, Ipv6Network); 3] = [
+    if let Some(u) = underlay6.iter().find(|u| u.overlaps(cidr)) {
+        return fail(if u.prefix() == 128 {
+            format!("contains the node address {}", u.ip())
+        } else {
+            format!("overlaps the underlay network {u}")
+        });
+    }
+    let forbidden: [(&str, Ipv6Network); 5] = [
+        (
+            "IPv4-mapped ::ffff:0:0/96",
+            Ipv6Network::new(Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0, 0), 96)
+                .unwrap_or_else(|_| Ipv6Network::from(Ipv6Addr::LOCALHOST)),
+        ),
+        (
+            "IPv4-compatible ::/96",
+            Ipv6Network::new(Ipv6Addr::UNSPECIFIED, 96)
+                .unwrap_or_else(|_| Ipv6Network::from(Ipv6Addr::LOCALHOST)),
+        ),
         ("loopback ::1/128", Ipv6Network::from(Ipv6Addr::LOCALHOST)),
         (
             "link-local fe80::/10",

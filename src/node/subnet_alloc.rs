@@ -158,12 +158,16 @@ fn pick_free<T>(
 /// The IPv6 subnet a dual-stack node holds beside its IPv4 one (flannel's dual-stack leases
 /// name both in one key): `own`, the one its own key already names, when `pool` can lease
 /// it; else `preferred` (remembered across restarts) when leasable and no other key names
-/// it; else a random free one. `None`: every IPv6 subnet of the pool is taken.
+/// it; else `paired`, the IPv6 subnet of the same index as the node's IPv4 subnet, when free
+/// (the key's create-if-absent makes the IPv4 subnet unique, so two nodes starting at once
+/// get different IPv6 subnets too, where flannel's random pick can give both the same);
+/// else a random free one. `None`: every IPv6 subnet of the pool is taken.
 pub fn decide_v6(
     pool: &Ipv6Pool,
     existing: &[ExistingSubnet],
     own: Option<Ipv6Network>,
     preferred: Option<Ipv6Network>,
+    paired: Option<Ipv6Network>,
     rng: &mut impl rand::Rng,
 ) -> Option<Ipv6Network> {
     if let Some(o) = own.filter(|o| pool.is_leasable(*o)) {
@@ -175,6 +179,12 @@ pub fn decide_v6(
         .map(|s| u128::from(s.network()))
         .collect();
     if let Some(p) = preferred
+        && pool.is_leasable(p)
+        && !taken.contains(&u128::from(p.network()))
+    {
+        return Some(p);
+    }
+    if let Some(p) = paired
         && pool.is_leasable(p)
         && !taken.contains(&u128::from(p.network()))
     {

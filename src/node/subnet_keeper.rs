@@ -173,6 +173,7 @@ impl SubnetManager {
     /// that names none (an operator's key is never renamed).
     fn pick_v6(
         &self,
+        v4: Ipv4Network,
         existing: &[ExistingSubnet],
         current: Option<&ExistingSubnet>,
         preferred: Option<Ipv6Network>,
@@ -189,8 +190,14 @@ impl SubnetManager {
             return Ok(c.subnet6.filter(|s| pool.is_leasable(*s)));
         }
         let own6 = current.and_then(|c| c.subnet6);
+        // The IPv6 subnet of the IPv4 subnet's index in its pool.
+        let size4 = 1u64 << (32 - u32::from(self.cfg.subnet_len.min(32)));
+        let index = (u64::from(u32::from(v4.network())))
+            .checked_sub(u64::from(u32::from(self.cfg.subnet_min)))
+            .map(|d| d / size4);
+        let paired = index.and_then(|i| pool.nth_subnet(i));
         let mut rng = rand::rng();
-        match decide_v6(pool, existing, own6, preferred, &mut rng) {
+        match decide_v6(pool, existing, own6, preferred, paired, &mut rng) {
             Some(s) => Ok(Some(s)),
             None => bail!(
                 "IPv6 subnet space exhausted: all {} subnets /{} between {} and {} are taken",
@@ -262,7 +269,7 @@ impl SubnetManager {
                 };
                 let want = SubnetKey {
                     v4: subnet,
-                    v6: self.pick_v6(&existing, current, preferred.v6)?,
+                    v6: self.pick_v6(subnet, &existing, current, preferred.v6)?,
                 };
                 let key = self.key_for(old);
                 let value = self.value();
@@ -322,7 +329,7 @@ impl SubnetManager {
             Decision::Create { subnet } => {
                 let want = SubnetKey {
                     v4: subnet,
-                    v6: self.pick_v6(&existing, None, preferred.v6)?,
+                    v6: self.pick_v6(subnet, &existing, None, preferred.v6)?,
                 };
                 let lease = self.store.grant(self.ttl).await?;
                 if self

@@ -392,11 +392,15 @@ async fn drop_affinity_entries(
     .context("clearing affinity entries")?
 }
 
-/// Removes the service tables of both families (node leave).
+/// Removes the service tables of both families (node leave); the IPv6 ones only where the
+/// kernel has `ip6` nftables (a failure there is logged, the IPv4 tables are gone either way).
 pub async fn teardown() -> Result<()> {
-    for f in Family::ALL {
-        for t in TABLES {
-            nft_cmd::delete_table(f.nft(), t).await?;
+    for t in TABLES {
+        nft_cmd::delete_table(Family::V4.nft(), t).await?;
+    }
+    for t in TABLES {
+        if let Err(e) = nft_cmd::delete_table(Family::V6.nft(), t).await {
+            warn!(table = t, "removing the IPv6 service table: {e:#}");
         }
     }
     Ok(())

@@ -377,7 +377,8 @@ fn dual_stack_pods_answer_aaaa_and_ip6_arpa_ptr_and_headless_names_carry_both_fa
         zone.clone(),
         Name::from_ascii("cluster.local.").unwrap(),
         Ipv4Addr::new(10, 96, 0, 10),
-    );
+    )
+    .with_service_cidr6(Some("fd00:96::/108".parse().unwrap()));
     let auth = Authority::new(
         Name::from_ascii("cluster.local.").unwrap(),
         Ipv4Addr::new(10, 96, 0, 10),
@@ -416,6 +417,20 @@ fn dual_stack_pods_answer_aaaa_and_ip6_arpa_ptr_and_headless_names_carry_both_fa
             ],
             ip_family_policy: crate::model::service::IpFamilyPolicy::RequireDualStack,
             ..svc("web", Ipv4Addr::new(10, 96, 0, 7), Some("web"))
+        },
+    ));
+    // An IPv6 cluster IP outside the node's IPv6 service range: nothing programs it here,
+    // so no AAAA sends clients there.
+    c.change(ModelChange::PutService(
+        "/k/shop/far".into(),
+        Service {
+            cluster_ips: vec!["10.96.0.8".parse().unwrap(), "fd00:97::8".parse().unwrap()],
+            ip_families: vec![
+                crate::model::service::IpFamily::IPv4,
+                crate::model::service::IpFamily::IPv6,
+            ],
+            ip_family_policy: crate::model::service::IpFamilyPolicy::RequireDualStack,
+            ..svc("far", Ipv4Addr::new(10, 96, 0, 8), Some("far"))
         },
     ));
     c.change(ModelChange::PutPod("/p/0".into(), p));
@@ -469,6 +484,15 @@ fn dual_stack_pods_answer_aaaa_and_ip6_arpa_ptr_and_headless_names_carry_both_fa
     assert_eq!(
         data(&ask("web.shop.svc.cluster.local.", RecordType::A)),
         ["10.96.0.7"]
+    );
+    assert!(
+        ask("far.shop.svc.cluster.local.", RecordType::AAAA)
+            .answers
+            .is_empty()
+    );
+    assert_eq!(
+        data(&ask("far.shop.svc.cluster.local.", RecordType::A)),
+        ["10.96.0.8"]
     );
     let vip6 = crate::dns::zone::reverse_name6("fd00:96::7".parse().unwrap()).to_ascii();
     assert_eq!(

@@ -150,7 +150,7 @@ fn proxy(ips: &[Ipv4Addr], port: u16) -> (Arc<Proxy>, SocketAddr) {
         .upsert(route)
         .expect("a valid route");
     p.set_ready();
-    let l = bind(SocketAddr::from(([127, 0, 0, 1], 0)), "test").expect("a loopback port");
+    let l = bind(SocketAddr::from(([127, 0, 0, 1], 0)), "test", false).expect("a loopback port");
     let addr = l.local_addr().expect("its address");
     tokio::spawn(p.clone().serve(l, None));
     (p, addr)

@@ -410,6 +410,14 @@ fn ip_families_policy_and_cluster_ips_are_checked_as_kubernetes_does() {
             },
             "clusterIPs: a headless service has no cluster IPs",
         ),
+        (
+            Service {
+                cluster_ip: HEADLESS,
+                cluster_ips: Vec::new(),
+                ..dual(IpFamilyPolicy::SingleStack)
+            },
+            "ipFamilyPolicy: SingleStack with two ipFamilies",
+        ),
     ];
     for (s, want) in cases {
         let e = Service::parse(&s.to_bytes()).unwrap_err().to_string();
@@ -456,7 +464,20 @@ fn service_cidrs_take_one_range_per_family_and_ipv6_ranges_are_checked() {
         assert!(e.contains(why), "{bad}: {e}");
     }
     let net6: Option<Ipv6Network> = Some("fd00:10:244::/56".parse().unwrap());
-    assert!(check_service_cidr6("fd00:96::/108".parse().unwrap(), net6).is_ok());
+    assert!(check_service_cidr6("fd00:96::/108".parse().unwrap(), net6, &[]).is_ok());
+    let node: Ipv6Network = "fd00:77::11/128".parse().unwrap();
+    let lan: Ipv6Network = "fd00:78::/64".parse().unwrap();
+    for (bad, why) in [
+        ("fd00:77::/120", "contains the node address fd00:77::11"),
+        (
+            "fd00:78::/108",
+            "overlaps the underlay network fd00:78::/64",
+        ),
+        ("::ffff:10.96.0.0/108", "IPv4-mapped"),
+    ] {
+        let e = check_service_cidr6(bad.parse().unwrap(), net6, &[node, lan]).unwrap_err();
+        assert!(e.contains(why), "{bad}: {e}");
+    }
     for (bad, why) in [
         (
             "fd00:10:244:1::/108",
@@ -464,11 +485,11 @@ fn service_cidrs_take_one_range_per_family_and_ipv6_ranges_are_checked() {
         ),
         ("fe80::/108", "overlaps link-local"),
         ("ff02::/108", "overlaps multicast"),
-        ("::1/128", "overlaps loopback"),
+        ("::1/128", "overlaps"),
         ("fd00::/48", "too large"),
         ("fd00:96::/124", "too small"),
     ] {
-        let e = check_service_cidr6(bad.parse().unwrap(), net6).unwrap_err();
+        let e = check_service_cidr6(bad.parse().unwrap(), net6, &[]).unwrap_err();
         assert!(e.contains(why), "{bad}: {e}");
     }
     let g = AddressGuard {

@@ -262,13 +262,14 @@ fn an_ipv6_subnet_is_kept_then_remembered_then_picked_free() {
             &ex,
             Some(net("fc00:0:0:2::/64")),
             Some(net("fc00:0:0:3::/64")),
+            None,
             &mut rng()
         ),
         Some(net("fc00:0:0:2::/64"))
     );
     // Not leasable (the network's first subnet, or another length): not kept.
     for bad in ["fc00::/64", "fc00:0:0:2::/65"] {
-        let got = decide_v6(&p, &ex, Some(net(bad)), None, &mut rng()).expect("free ones");
+        let got = decide_v6(&p, &ex, Some(net(bad)), None, None, &mut rng()).expect("free ones");
         assert!(
             p.is_leasable(got) && got != net("fc00:0:0:1::/64"),
             "{bad}: {got}"
@@ -276,12 +277,19 @@ fn an_ipv6_subnet_is_kept_then_remembered_then_picked_free() {
     }
     // The remembered one when free, never one another key names.
     assert_eq!(
-        decide_v6(&p, &ex, None, Some(net("fc00:0:0:3::/64")), &mut rng()),
+        decide_v6(
+            &p,
+            &ex,
+            None,
+            Some(net("fc00:0:0:3::/64")),
+            None,
+            &mut rng()
+        ),
         Some(net("fc00:0:0:3::/64"))
     );
     for seed in 0..20 {
         let mut r = rand::rngs::StdRng::seed_from_u64(seed);
-        let got = decide_v6(&p, &ex, None, Some(net("fc00:0:0:1::/64")), &mut r);
+        let got = decide_v6(&p, &ex, None, Some(net("fc00:0:0:1::/64")), None, &mut r);
         assert!(
             matches!(got, Some(g) if g == net("fc00:0:0:2::/64") || g == net("fc00:0:0:3::/64")),
             "{got:?}"
@@ -302,5 +310,47 @@ fn no_free_ipv6_subnet_is_none() {
             )
         })
         .collect();
-    assert_eq!(decide_v6(&p, &ex, None, None, &mut rng()), None);
+    assert_eq!(decide_v6(&p, &ex, None, None, None, &mut rng()), None);
+}
+
+#[test]
+fn a_new_node_takes_the_ipv6_subnet_paired_with_its_ipv4_one_when_free() {
+    let p = pool6();
+    let net = |s: &str| -> Ipv6Network { s.parse().unwrap() };
+    let ex = vec![with_v6(
+        lease("10.1.1.0/24", Some("a"), [1, 1, 1, 1], 9),
+        "fc00:0:0:1::/64",
+    )];
+    // Free: taken, whatever the random choice would be (two nodes starting at once hold
+    // different IPv4 subnets, so they get different IPv6 ones).
+    for seed in 0..20u64 {
+        let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+        assert_eq!(
+            decide_v6(&p, &ex, None, None, Some(net("fc00:0:0:2::/64")), &mut r),
+            Some(net("fc00:0:0:2::/64"))
+        );
+    }
+    // Taken by another key: a random free one instead.
+    let got = decide_v6(
+        &p,
+        &ex,
+        None,
+        None,
+        Some(net("fc00:0:0:1::/64")),
+        &mut rng(),
+    )
+    .expect("free ones");
+    assert_ne!(got, net("fc00:0:0:1::/64"));
+    // A remembered subnet comes first.
+    assert_eq!(
+        decide_v6(
+            &p,
+            &ex,
+            None,
+            Some(net("fc00:0:0:3::/64")),
+            Some(net("fc00:0:0:2::/64")),
+            &mut rng()
+        ),
+        Some(net("fc00:0:0:3::/64"))
+    );
 }
