@@ -238,12 +238,7 @@ fn start_lab(dual: bool) -> Result<(Lab, ipnetwork::Ipv4Network, Option<ipnetwor
     lab.start_etcd()?;
     lab.init_network(&["--network", "10.244.0.0/16"])?;
     if dual {
-        lab.add_ipv6_underlay()?;
-        lab.etcdctl(&[
-            "put",
-            "/coreos.com/network/config",
-            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#,
-        ])?;
+        lab.make_dual_stack()?;
     }
     lab.start_daemon(0, &[])?;
     let subnet = lab.wait_subnet(0)?;

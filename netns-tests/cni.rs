@@ -1391,6 +1391,29 @@ fn try_again_later_until_the_node_is_ready_and_records_survive_restarts() -> Res
     Ok(())
 }
 
+/// Waits until container `id` fetches `/index.html` from port 8080 at `ip` (busybox nc: Debian
+/// 12's static busybox wget crashes at start when given -T, see the DNS tests) and finds
+/// `want` in it.
+fn wait_page(pm: &Podman, id: &str, ip: &str, want: &str) -> Result<()> {
+    let script =
+        format!("printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | /bin/busybox nc -w 2 {ip} 8080");
+    let mut last = String::new();
+    wait_for(
+        &format!("container {id} to reach {ip}"),
+        Duration::from_secs(20),
+        || {
+            let args = ["exec", id, "/bin/busybox", "sh", "-c", &script];
+            match pm.run(&args) {
+                Ok(page) if page.contains(want) => return Some(()),
+                Ok(page) => last = page,
+                Err(e) => last = format!("{e:#}"),
+            }
+            None
+        },
+    )
+    .with_context(|| format!("last attempt: {last}"))
+}
+
 #[test]
 fn podman_containers_on_two_nodes_reach_each_other() -> Result<()> {
     let Some(mut lab) = lab(2, NET16)? else {
@@ -1419,26 +1442,8 @@ fn podman_containers_on_two_nodes_reach_each_other() -> Result<()> {
     // Each container fetches the other's page across the overlay, by IP (with busybox nc:
     // Debian 12's static busybox wget crashes at start when given -T, see the DNS tests).
     for (from, to) in [(0usize, 1usize), (1, 0)] {
-        let script = format!(
-            "printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | /bin/busybox nc -w 2 {} 8080",
-            ips[to]
-        );
         let want = format!("hello from node{}", to + 1);
-        let mut last = String::new();
-        wait_for(
-            &format!("container {} to reach {}", from + 1, ips[to]),
-            Duration::from_secs(20),
-            || {
-                let args = ["exec", &ids[from], "/bin/busybox", "sh", "-c", &script];
-                match podmans[from].run(&args) {
-                    Ok(page) if page.contains(&want) => return Some(()),
-                    Ok(page) => last = page,
-                    Err(e) => last = format!("{e:#}"),
-                }
-                None
-            },
-        )
-        .with_context(|| format!("last attempt: {last}"))?;
+        wait_page(&podmans[from], &ids[from], &ips[to].to_string(), &want)?;
     }
     // Removing a container frees its address and its record.
     podmans[0].run(&["rm", "--force", "--time", "0", &ids[0]])?;
@@ -1470,8 +1475,7 @@ fn podman_containers_on_a_dual_stack_network_get_both_families_and_talk_over_ipv
     let Some(mut lab) = lab(2, NET16)? else {
         return Ok(());
     };
-    lab.add_ipv6_underlay()?;
-    lab.etcdctl(&["put", "/coreos.com/network/config", DUAL_CONFIG])?;
+    lab.make_dual_stack()?;
     start_daemons_for_podman(&mut lab, 2, &[])?;
     let mut podmans = Vec::new();
     let mut ids = Vec::new();
@@ -1508,26 +1512,8 @@ fn podman_containers_on_a_dual_stack_network_get_both_families_and_talk_over_ipv
         ip6s.push(ip6);
     }
     for (from, to) in [(0usize, 1usize), (1, 0)] {
-        let script = format!(
-            "printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | /bin/busybox nc -w 2 {} 8080",
-            ip6s[to]
-        );
         let want = format!("hello over v6 from node{}", to + 1);
-        let mut last = String::new();
-        wait_for(
-            &format!("container {} to reach [{}]", from + 1, ip6s[to]),
-            Duration::from_secs(20),
-            || {
-                let args = ["exec", &ids[from], "/bin/busybox", "sh", "-c", &script];
-                match podmans[from].run(&args) {
-                    Ok(page) if page.contains(&want) => return Some(()),
-                    Ok(page) => last = page,
-                    Err(e) => last = format!("{e:#}"),
-                }
-                None
-            },
-        )
-        .with_context(|| {
+        wait_page(&podmans[from], &ids[from], &ip6s[to].to_string(), &want).with_context(|| {
             // What the container and its node had at that moment, for the failure report.
             let sh = |id: &str, cmd: &str| {
                 podmans[from]
@@ -1536,7 +1522,7 @@ fn podman_containers_on_a_dual_stack_network_get_both_families_and_talk_over_ipv
             };
             let node = &lab.nodes[from].ns;
             format!(
-                "last attempt: {last}\ncontainer: {}\n{}\n{}\nnode {node}: {}\n{}",
+                "container: {}\n{}\n{}\nnode {node}: {}\n{}",
                 sh(&ids[from], "ip -6 addr; ip -6 route"),
                 sh(&ids[from], "cat /proc/sys/net/ipv6/conf/all/disable_ipv6 /proc/sys/net/ipv6/conf/eth0/disable_ipv6"),
                 sh(&ids[from], "ip -6 neigh"),

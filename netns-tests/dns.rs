@@ -1075,8 +1075,7 @@ fn dual_stack_pods_and_headless_services_answer_aaaa_and_ip6_arpa_on_every_node(
     let Some(mut lab) = lab(2, NET16)? else {
         return Ok(());
     };
-    lab.add_ipv6_underlay()?;
-    lab.etcdctl(&["put", "/coreos.com/network/config", DUAL_CONFIG])?;
+    lab.make_dual_stack()?;
     start_nodes(&mut lab, |_| Vec::new())?;
     let a = lab.add_cni_pod(0, "db-a", &[("app", "db")])?;
     let b = lab.add_cni_pod(1, "db-b", &[("app", "db")])?;

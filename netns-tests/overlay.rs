@@ -1605,8 +1605,7 @@ fn a_dual_stack_cluster_carries_ipv6_between_three_nodes() -> Result<()> {
     let Some(mut lab) = lab(3, NET16)? else {
         return Ok(());
     };
-    lab.add_ipv6_underlay()?;
-    lab.etcdctl(&["put", "/coreos.com/network/config", DUAL_CONFIG])?;
+    lab.make_dual_stack()?;
     for i in 0..3 {
         lab.start_daemon(i, &[])?;
     }

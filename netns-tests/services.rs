@@ -1295,13 +1295,53 @@ fn reach_any(ns: &str, ip: std::net::IpAddr, port: u16) -> Result<Whoami> {
 
 const SERVICE_CIDRS: &str = "10.96.0.0/12,fd00:96::/108";
 
+/// A RequireDualStack service `name` on port 80 → 8080 selecting `app=web`, with a node port
+/// and `extra` flags: its IPv4 and IPv6 cluster IPs and its node port, as tartanctl printed.
+fn create_dual(
+    lab: &Lab,
+    name: &str,
+    extra: &[&str],
+) -> Result<(Ipv4Addr, std::net::Ipv6Addr, u16)> {
+    let mut args = vec![
+        "service",
+        "create",
+        name,
+        "--port",
+        "80:8080/tcp",
+        "--selector",
+        "app=web",
+        "--node-port",
+        "auto",
+        "--ip-family-policy",
+        "RequireDualStack",
+        "--service-cidr",
+        SERVICE_CIDRS,
+    ];
+    args.extend_from_slice(extra);
+    let out = lab.tartanctl(&args)?;
+    let vip4 = tartan::netbench::topology::created_cluster_ip(&out)?;
+    let vip6 = out
+        .split("IPv6 cluster IP ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .with_context(|| format!("no IPv6 cluster IP in {out:?}"))?
+        .trim()
+        .parse()?;
+    let np = out
+        .split("(node ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .with_context(|| format!("no node port in {out:?}"))?
+        .parse()?;
+    Ok((vip4, vip6, np))
+}
+
 #[test]
 fn dual_stack_services_answer_on_ipv6_cluster_ips_and_node_ports() -> Result<()> {
     let Some(mut lab) = lab(2, &["--network", "10.244.0.0/16"])? else {
         return Ok(());
     };
-    lab.add_ipv6_underlay()?;
-    lab.etcdctl(&["put", "/coreos.com/network/config", DUAL_CONFIG])?;
+    lab.make_dual_stack()?;
     for i in 0..2 {
         lab.start_daemon(i, &["--service-cidr", SERVICE_CIDRS])?;
     }
@@ -1321,35 +1361,7 @@ fn dual_stack_services_answer_on_ipv6_cluster_ips_and_node_ports() -> Result<()>
     }
     let (client, _) = pod(&mut lab, 1, 2, &[("app", "client")])?;
     let client6 = client.ip6.context("client IPv6")?;
-    let out = lab.tartanctl(&[
-        "service",
-        "create",
-        "web",
-        "--port",
-        "80:8080/tcp",
-        "--selector",
-        "app=web",
-        "--node-port",
-        "auto",
-        "--ip-family-policy",
-        "RequireDualStack",
-        "--service-cidr",
-        SERVICE_CIDRS,
-    ])?;
-    let vip6: std::net::Ipv6Addr = out
-        .split("IPv6 cluster IP ")
-        .nth(1)
-        .and_then(|r| r.split(',').next())
-        .context("no IPv6 cluster IP")?
-        .trim()
-        .parse()?;
-    let vip4: Ipv4Addr = tartan::netbench::topology::created_cluster_ip(&out)?;
-    let np: u16 = out
-        .split("(node ")
-        .nth(1)
-        .and_then(|r| r.split(')').next())
-        .context("no node port")?
-        .parse()?;
+    let (vip4, vip6, np) = create_dual(&lab, "web", &[])?;
     // The IPv6 cluster IP from a pod: both pods (one across the IPv6 overlay), the client's
     // own address kept (it is inside the cluster network).
     let first = reach_any(&client.ns, vip6.into(), 80)?;
@@ -1434,38 +1446,16 @@ fn dual_stack_services_answer_on_ipv6_cluster_ips_and_node_ports() -> Result<()>
     // The local traffic policy over IPv6: a node port on the node with an endpoint keeps the
     // outside client's IPv6 address. (Client-IP affinity is not applied to IPv6 cluster IPs:
     // the service says so.)
-    let out = lab.tartanctl(&[
-        "service",
-        "create",
+    let (_, sticky6, np2) = create_dual(
+        &lab,
         "sticky",
-        "--port",
-        "80:8080/tcp",
-        "--selector",
-        "app=web",
-        "--node-port",
-        "auto",
-        "--session-affinity",
-        "client-ip",
-        "--external-traffic-policy",
-        "local",
-        "--ip-family-policy",
-        "RequireDualStack",
-        "--service-cidr",
-        SERVICE_CIDRS,
-    ])?;
-    let sticky6: std::net::Ipv6Addr = out
-        .split("IPv6 cluster IP ")
-        .nth(1)
-        .and_then(|r| r.split(',').next())
-        .context("no IPv6 cluster IP")?
-        .trim()
-        .parse()?;
-    let np2: u16 = out
-        .split("(node ")
-        .nth(1)
-        .and_then(|r| r.split(')').next())
-        .context("no node port")?
-        .parse()?;
+        &[
+            "--session-affinity",
+            "client-ip",
+            "--external-traffic-policy",
+            "local",
+        ],
+    )?;
     reach_any(&client.ns, sticky6.into(), 80)?;
     let infra6 = {
         let [a, b] = tartan::lab::UNDERLAY6;

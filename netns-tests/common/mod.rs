@@ -308,6 +308,3 @@ pub fn metric(ns: &str, name: &str) -> Option<f64> {
     .ok()
     .flatten()
 }
-
-/// flannel's dual-stack network config: an IPv4 /16 beside an IPv6 /56, VXLAN.
-pub const DUAL_CONFIG: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#;

@@ -120,24 +120,16 @@ pub fn render(r: &StatusReport) -> String {
     ));
     if r.peers.is_empty() {
         o.push_str("It has no peers.\n");
-    } else {
-        o.push_str(&format!(
-            "It routes to {} peers over VXLAN:\n",
-            r.peers.len()
-        ));
-        for p in &r.peers {
-            o.push_str(&format!(
-                "  {} via {} (VTEP {})\n",
-                p.subnet, p.public_ip, p.vtep_mac
-            ));
-        }
     }
-    if !r.peers6.is_empty() {
+    for (peers, over) in [(&r.peers, "VXLAN"), (&r.peers6, "IPv6 VXLAN")] {
+        if peers.is_empty() {
+            continue;
+        }
         o.push_str(&format!(
-            "It routes to {} peers over IPv6 VXLAN:\n",
-            r.peers6.len()
+            "It routes to {} peers over {over}:\n",
+            peers.len()
         ));
-        for p in &r.peers6 {
+        for p in peers {
             o.push_str(&format!(
                 "  {} via {} (VTEP {})\n",
                 p.subnet, p.public_ip, p.vtep_mac

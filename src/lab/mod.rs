@@ -31,6 +31,9 @@ pub const INFRA_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 1);
 /// The IPv6 underlay of [`Lab::add_ipv6_underlay`]: the infra's bridge is `fd00:77::1`, node
 /// `i` (from 1) `fd00:77::<10 + i>`, in one /64.
 pub const UNDERLAY6: [u16; 2] = [0xfd00, 0x77];
+
+/// flannel's dual-stack network config: an IPv4 /16 beside an IPv6 /56, VXLAN.
+pub const DUAL_CONFIG: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#;
 /// The etcd client port.
 pub const ETCD_PORT: u16 = 2379;
 
@@ -450,6 +453,14 @@ impl Lab {
             daemon: None,
         });
         Ok(i - 1)
+    }
+
+    /// Makes the lab dual-stack before its daemons start: an IPv6 underlay
+    /// ([`Lab::add_ipv6_underlay`]) and flannel's dual-stack network config ([`DUAL_CONFIG`]).
+    pub fn make_dual_stack(&mut self) -> Result<()> {
+        self.add_ipv6_underlay()?;
+        self.etcdctl(&["put", "/coreos.com/network/config", DUAL_CONFIG])?;
+        Ok(())
     }
 
     /// Gives the underlay IPv6 too (see [`UNDERLAY6`]): every node's `eth0` and the infra's
