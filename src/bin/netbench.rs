@@ -40,9 +40,9 @@ enum Cmd {
         /// Client network namespace.
         #[arg(long)]
         ns: String,
-        /// Destination address (a bench server listens on 7001).
+        /// Destination address, IPv4 or IPv6 (a bench server listens on 7001).
         #[arg(long)]
-        dst: std::net::Ipv4Addr,
+        dst: std::net::IpAddr,
         /// Round trips.
         #[arg(long, default_value_t = 2000)]
         count: usize,
@@ -73,6 +73,9 @@ struct RunArgs {
     /// A short run (about 30 s).
     #[arg(long)]
     quick: bool,
+    /// IPv4 only: no IPv6 underlay, pod subnets or cluster IP, and no IPv6 paths.
+    #[arg(long)]
+    no_ipv6: bool,
     /// Leave the cluster up afterwards (namespaces tt<pid>x*), for inspection.
     #[arg(long)]
     keep: bool,
@@ -123,7 +126,11 @@ fn main() -> std::process::ExitCode {
             server_ns,
         }) => (|| {
             if let Some(sn) = &server_ns {
-                tartan::netbench::probe::bench_servers(sn)?;
+                let any = match dst {
+                    std::net::IpAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+                    std::net::IpAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+                };
+                tartan::netbench::probe::bench_servers_on(sn, any)?;
             }
             let mut s = tartan::netbench::stats::Samples::new();
             for d in tartan::netbench::probe::tcp_rr(
@@ -157,6 +164,7 @@ fn main() -> std::process::ExitCode {
                 s.services = parse_sizes(sz).map_err(anyhow::Error::msg)?;
             }
             s.keep = a.keep;
+            s.ipv6 = !a.no_ipv6;
             s.progress = !a.no_progress;
             if !tartan::lab::require_root()? {
                 return Ok(());

@@ -2,7 +2,7 @@
 //! round trips over a kept connection.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
@@ -84,20 +84,8 @@ where
     F: FnMut(TcpStream) + Send + 'static,
 {
     spawn_listener(ns, what, move |tx| {
-        let bound = (|| -> std::io::Result<TcpListener> {
-            let s = socket2::Socket::new(
-                socket2::Domain::for_address(addr),
-                socket2::Type::STREAM,
-                None,
-            )?;
-            if addr.is_ipv6() {
-                s.set_only_v6(true)?;
-            }
-            s.set_reuse_address(true)?;
-            s.bind(&addr.into())?;
-            s.listen(1024)?;
-            Ok(s.into())
-        })();
+        let bound = bound_socket(addr, socket2::Type::STREAM)
+            .and_then(|s| s.listen(1024).map(|()| TcpListener::from(s)));
         let l = match bound {
             Ok(l) => l,
             Err(e) => {
@@ -115,25 +103,28 @@ where
 
 /// Starts a TCP echo server in `ns` on `port`, serving until the namespace goes away.
 pub fn tcp_echo_server(ns: &str, port: u16) -> Result<()> {
-    tcp_server(ns, port, "echo", |mut s| {
-        let _ = s.set_nodelay(true);
-        if s.set_nonblocking(true).is_err() {
-            return;
-        }
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 65536];
-            loop {
-                match tcp_read_spin(&mut s, &mut buf) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => {
-                        if write_all_nb(&mut s, &buf[..n]).is_err() {
-                            return;
-                        }
+    tcp_server(ns, port, "echo", echo_conn)
+}
+
+/// Echoes one accepted connection on a thread of its own, busy-waiting for data.
+fn echo_conn(mut s: TcpStream) {
+    let _ = s.set_nodelay(true);
+    if s.set_nonblocking(true).is_err() {
+        return;
+    }
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 65536];
+        loop {
+            match tcp_read_spin(&mut s, &mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if write_all_nb(&mut s, &buf[..n]).is_err() {
+                        return;
                     }
                 }
             }
-        });
-    })
+        }
+    });
 }
 
 /// `write_all` on a non-blocking stream (spins while the send buffer is full).
@@ -151,7 +142,8 @@ fn write_all_nb(s: &mut TcpStream, mut b: &[u8]) -> std::io::Result<()> {
 
 /// Round trips of a 1-byte request/response over one kept TCP connection from `ns`
 /// (both ends busy-wait for data, so the figure is the path, not thread wake-ups).
-pub fn tcp_rr(ns: &str, dst: Ipv4Addr, port: u16, count: usize) -> Result<Vec<Duration>> {
+pub fn tcp_rr(ns: &str, dst: impl Into<IpAddr>, port: u16, count: usize) -> Result<Vec<Duration>> {
+    let dst: IpAddr = dst.into();
     in_netns(ns, move || -> Result<Vec<Duration>> {
         let mut s =
             TcpStream::connect_timeout(&SocketAddr::from((dst, port)), Duration::from_secs(3))
@@ -302,11 +294,39 @@ where
         .map_err(|e| anyhow!("{what} server: {e}"))
 }
 
-/// Starts the four bench servers (TCP echo, UDP echo, first byte, sink) in `ns`.
+/// Starts the four bench servers (TCP echo, UDP echo, first byte, sink) in `ns`, on IPv4.
 pub fn bench_servers(ns: &str) -> Result<()> {
-    tcp_echo_server(ns, ports::TCP_RR)?;
-    spawn_listener(ns, "UDP echo", |tx| {
-        let s = match std::net::UdpSocket::bind(("0.0.0.0", ports::UDP_RR)) {
+    bench_servers_on(ns, IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+}
+
+/// The unspecified address of `ip`'s family.
+fn unspecified(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        IpAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+    }
+}
+
+/// A socket of `ty` bound to `addr` (IPv6 sockets IPv6-only, so an IPv4 set of servers can
+/// listen on the same ports beside them).
+fn bound_socket(addr: SocketAddr, ty: socket2::Type) -> std::io::Result<socket2::Socket> {
+    let s = socket2::Socket::new(socket2::Domain::for_address(addr), ty, None)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into())?;
+    Ok(s)
+}
+
+/// Starts the four bench servers in `ns` on `any` (`0.0.0.0` or `::`, the family's every
+/// address); an IPv6 set is IPv6-only and sits beside the IPv4 one on the same ports.
+pub fn bench_servers_on(ns: &str, any: IpAddr) -> Result<()> {
+    tcp_server_on(ns, SocketAddr::new(any, ports::TCP_RR), "echo", echo_conn)?;
+    spawn_listener(ns, "UDP echo", move |tx| {
+        let s = match bound_socket(SocketAddr::new(any, ports::UDP_RR), socket2::Type::DGRAM)
+            .map(std::net::UdpSocket::from)
+        {
             Ok(s) => s,
             Err(e) => {
                 let _ = tx.send(Err(e.to_string()));
@@ -326,8 +346,13 @@ pub fn bench_servers(ns: &str) -> Result<()> {
             let _ = s.send_to(&buf[..n], from);
         }
     })?;
-    spawn_listener(ns, "first-byte", |tx| {
-        let l = match TcpListener::bind(("0.0.0.0", ports::FIRST_BYTE)) {
+    spawn_listener(ns, "first-byte", move |tx| {
+        let bound = bound_socket(
+            SocketAddr::new(any, ports::FIRST_BYTE),
+            socket2::Type::STREAM,
+        )
+        .and_then(|s| s.listen(1024).map(|()| TcpListener::from(s)));
+        let l = match bound {
             Ok(l) => l,
             Err(e) => {
                 let _ = tx.send(Err(e.to_string()));
@@ -363,7 +388,7 @@ pub fn bench_servers(ns: &str) -> Result<()> {
             }
         }
     })?;
-    tcp_server(ns, ports::SINK, "sink", |mut s| {
+    tcp_server_on(ns, SocketAddr::new(any, ports::SINK), "sink", |mut s| {
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 1 << 16];
             while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
@@ -382,12 +407,13 @@ pub struct UdpSample {
 }
 
 /// `count` UDP round trips of 1 byte from `ns` to `dst`, with kernel receive timestamps.
-pub fn udp_rr(ns: &str, dst: Ipv4Addr, port: u16, count: usize) -> Result<Vec<UdpSample>> {
+pub fn udp_rr(ns: &str, dst: impl Into<IpAddr>, port: u16, count: usize) -> Result<Vec<UdpSample>> {
+    let dst: IpAddr = dst.into();
     in_netns(ns, move || -> Result<Vec<UdpSample>> {
         use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg, setsockopt, sockopt};
         use std::io::IoSliceMut;
         use std::os::fd::AsRawFd;
-        let s = std::net::UdpSocket::bind(("0.0.0.0", 0))?;
+        let s = std::net::UdpSocket::bind(SocketAddr::new(unspecified(dst), 0))?;
         s.connect((dst, port))?;
         s.set_read_timeout(Some(Duration::from_secs(2)))?;
         setsockopt(&s, sockopt::ReceiveTimestampns, &true).context("SO_TIMESTAMPNS")?;
@@ -432,7 +458,13 @@ pub fn udp_rr(ns: &str, dst: Ipv4Addr, port: u16, count: usize) -> Result<Vec<Ud
 }
 
 /// `count` new TCP connections from `ns`: connect until the server's first byte arrives.
-pub fn new_conns(ns: &str, dst: Ipv4Addr, port: u16, count: usize) -> Result<Vec<Duration>> {
+pub fn new_conns(
+    ns: &str,
+    dst: impl Into<IpAddr>,
+    port: u16,
+    count: usize,
+) -> Result<Vec<Duration>> {
+    let dst: IpAddr = dst.into();
     in_netns(ns, move || -> Result<Vec<Duration>> {
         let mut out = Vec::with_capacity(count);
         let mut b = [0u8; 1];
@@ -455,7 +487,8 @@ pub fn new_conns(ns: &str, dst: Ipv4Addr, port: u16, count: usize) -> Result<Vec
 }
 
 /// One TCP flow from `ns` to a sink at `dst:port` for `secs` seconds; returns Gbit/s.
-pub fn throughput(ns: &str, dst: Ipv4Addr, port: u16, secs: f64) -> Result<f64> {
+pub fn throughput(ns: &str, dst: impl Into<IpAddr>, port: u16, secs: f64) -> Result<f64> {
+    let dst: IpAddr = dst.into();
     in_netns(ns, move || -> Result<f64> {
         let mut s =
             TcpStream::connect_timeout(&SocketAddr::from((dst, port)), Duration::from_secs(3))

@@ -19,6 +19,10 @@ pub struct PathResult {
     pub dataplane: String,
     /// The flannel path this one is compared with.
     pub reference: Option<String>,
+    /// An IPv6 path: its "underlay" ratio is to the IPv6 underlay, and its IPv4 twin is the
+    /// path of the same id without `-ipv6`.
+    #[serde(default)]
+    pub ipv6: bool,
     /// TCP request/response on a kept connection.
     pub tcp_rr: Summary,
     /// Cumulative distribution of the TCP request/response latency: (fraction, µs).
@@ -153,7 +157,8 @@ pub fn add_ratios(paths: &mut [PathResult]) {
         throughput: paired_ratio(&a.throughput_gbps, &b.throughput_gbps),
     };
     for p in paths.iter_mut() {
-        if let Some(u) = find(&snapshot, "underlay") {
+        let floor = if p.ipv6 { "underlay-ipv6" } else { "underlay" };
+        if let Some(u) = find(&snapshot, floor) {
             p.ratio_to_underlay = ratios(p, u);
         }
         if let Some(r) = p
@@ -253,6 +258,43 @@ fn ratio(r: Option<f64>) -> String {
     r.map_or_else(|| "-".into(), |x| format!("{x:.2}x"))
 }
 
+/// The IPv6 paths against their IPv4 twins (the same id without `-ipv6`), paired per round.
+fn ipv6_against_ipv4(o: &mut String, paths: &[PathResult]) {
+    let pairs: Vec<(&PathResult, &PathResult)> = paths
+        .iter()
+        .filter(|p| p.ipv6)
+        .filter_map(|p| Some((p, find(paths, p.id.strip_suffix("-ipv6")?)?)))
+        .collect();
+    if pairs.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "\nIPv6 against IPv4 on the same path (x IPv4, paired per round; throughput median):"
+    );
+    let _ = writeln!(
+        o,
+        "{:<44} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9}",
+        "path", "TCP p50", "IPv4", "x IPv4", "new conn", "x IPv4", "Gbit x4"
+    );
+    for (six, four) in pairs {
+        let r = |a: &Summary, b: &Summary| {
+            ratio(paired_ratio(&a.round_medians_us, &b.round_medians_us))
+        };
+        let _ = writeln!(
+            o,
+            "{:<44} {:>8.1} {:>8.1} {:>8} {:>9.1} {:>9} {:>9}",
+            six.label,
+            six.tcp_rr.p50_us,
+            four.tcp_rr.p50_us,
+            r(&six.tcp_rr, &four.tcp_rr),
+            six.new_conn.p50_us,
+            r(&six.new_conn, &four.new_conn),
+            ratio(paired_ratio(&six.throughput_gbps, &four.throughput_gbps)),
+        );
+    }
+}
+
 /// The report as text tables.
 pub fn render_text(r: &Report) -> String {
     let mut o = String::new();
@@ -313,6 +355,7 @@ pub fn render_text(r: &Report) -> String {
             ratio(p.ratio_to_underlay.throughput)
         );
     }
+    ipv6_against_ipv4(&mut o, &r.paths);
     if let Some(d) = r
         .paths
         .iter()
@@ -403,6 +446,7 @@ mod tests {
             label: id.into(),
             dataplane: "tartan".into(),
             reference: reference.map(str::to_string),
+            ipv6: id.ends_with("-ipv6"),
             tcp_rr: summary(rr),
             tcp_rr_cdf: vec![(0.5, rr[0])],
             udp_rr: summary(rr),
@@ -439,6 +483,27 @@ mod tests {
         let r = v.ratio_to_reference.as_ref().unwrap().tcp_rr.unwrap();
         assert!((r - 40.0 / 44.0).abs() < 1e-6);
         assert_eq!(v.ratio_to_underlay.throughput, Some(1.0));
+    }
+
+    #[test]
+    fn ipv6_paths_take_the_ipv6_floor_and_face_their_ipv4_twin() {
+        let mut p = paths();
+        p.push(path("underlay-ipv6", &[25.0, 25.0, 25.0], None));
+        p.push(path("pod-cross-vxlan-ipv6", &[50.0, 50.0, 50.0], None));
+        add_ratios(&mut p);
+        let v = p.iter().find(|x| x.id == "pod-cross-vxlan-ipv6").unwrap();
+        assert_eq!(v.ratio_to_underlay.tcp_rr, Some(2.0));
+        let v4 = p.iter().find(|x| x.id == "pod-cross-vxlan").unwrap();
+        assert_eq!(v4.ratio_to_underlay.tcp_rr, Some(2.0));
+        let mut o = String::new();
+        ipv6_against_ipv4(&mut o, &p);
+        assert!(
+            o.contains("pod-cross-vxlan-ipv6") && o.contains("1.25x"),
+            "{o}"
+        );
+        let mut none = String::new();
+        ipv6_against_ipv4(&mut none, &paths());
+        assert!(none.is_empty());
     }
 
     #[test]

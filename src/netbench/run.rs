@@ -38,6 +38,9 @@ pub struct Settings {
     pub scale_rounds: usize,
     /// New connections per table per scale round.
     pub scale_conns: usize,
+    /// A dual-stack cluster with the IPv6 paths beside the IPv4 ones (skipped, with a note,
+    /// on a kernel without IPv6).
+    pub ipv6: bool,
     /// Leave the cluster up afterwards.
     pub keep: bool,
     /// Where the binaries are.
@@ -61,6 +64,7 @@ impl Settings {
             services: vec![1, 1000, 10_000, 30_000],
             scale_rounds: 20,
             scale_conns: 40,
+            ipv6: true,
             keep: false,
             bin_dir,
             progress: true,
@@ -133,7 +137,16 @@ fn bar(total: u64, show: bool) -> ProgressBar {
 pub fn build_cluster(s: &Settings, pb: &ProgressBar) -> Result<Topology> {
     let lab = Lab::new(s.nodes, Binaries::in_dir(&s.bin_dir))?;
     let msg = |m: &str| pb.set_message(format!("setting up: {m}"));
-    topology::build(lab, s.nodes, &msg)
+    let ipv6 = s.ipv6 && kernel_has_ipv6();
+    if s.ipv6 && !ipv6 {
+        pb.println("netbench: this kernel has no IPv6; measuring the IPv4 paths only");
+    }
+    topology::build(lab, s.nodes, ipv6, &msg)
+}
+
+/// Whether the kernel has IPv6 (`/proc/net/if_inet6` exists).
+fn kernel_has_ipv6() -> bool {
+    std::path::Path::new("/proc/net/if_inet6").exists()
 }
 
 /// Measures `topo` and the service table; returns the report.
@@ -225,6 +238,7 @@ pub fn measure(
                 .and_then(|v| v.as_str().map(str::to_string))
                 .unwrap_or_default(),
             reference: p.reference.map(str::to_string),
+            ipv6: p.ipv6,
             tcp_rr: ps.tcp.summary(),
             tcp_rr_cdf: ps.tcp.cdf_us(),
             udp_rr: ps.udp.summary(),
