@@ -59,6 +59,13 @@ fn short_netbench_run_measures_every_path_and_writes_json_and_svg() -> Result<()
         "flannel-pod-same-node",
         "flannel-pod-cross",
         "flannel-host-remote-pod",
+        "underlay-ipv6",
+        "pod-cross-vxlan-ipv6",
+        "host-remote-pod-ipv6",
+        "pod-clusterip-ipv6",
+        "external-nodeport-ipv6",
+        "flannel-pod-cross-ipv6",
+        "flannel-host-remote-pod-ipv6",
     ];
     for id in want {
         let p = r
@@ -98,7 +105,9 @@ fn short_netbench_run_measures_every_path_and_writes_json_and_svg() -> Result<()
     ensure!(r.noise_pct.is_some());
     // The printed table and the chart.
     ensure!(
-        stdout.contains("pod -> pod, other node, VXLAN") && stdout.contains("Noise:"),
+        stdout.contains("pod -> pod, other node, VXLAN")
+            && stdout.contains("IPv6 against IPv4")
+            && stdout.contains("Noise:"),
         "{stdout}"
     );
     let chart = std::fs::read_to_string(&svg)?;
