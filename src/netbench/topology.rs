@@ -245,49 +245,14 @@ fn flannel_node6(ns: &str, k: u8, underlay6: Ipv6Addr) -> Result<()> {
 /// underlay `public`).
 fn flannel_peer6(ns: &str, k: u8, mac: &str, public: Ipv6Addr) -> Result<()> {
     let subnet = flannel_subnet6(k);
-    let gw = subnet.network().to_string();
-    ip(&[
-        "-n",
+    peer_entries(
         ns,
-        "neigh",
-        "add",
-        &gw,
-        "lladdr",
-        mac,
-        "dev",
         "flannel-v6.1",
-        "nud",
-        "permanent",
-    ])?;
-    ns_run(
-        ns,
-        "bridge",
-        &[
-            "fdb",
-            "append",
-            mac,
-            "dev",
-            "flannel-v6.1",
-            "dst",
-            &public.to_string(),
-            "self",
-            "permanent",
-        ],
-    )?;
-    ip(&[
-        "-n",
-        ns,
-        "-6",
-        "route",
-        "add",
         &subnet.to_string(),
-        "via",
-        &gw,
-        "dev",
-        "flannel-v6.1",
-        "onlink",
-    ])?;
-    Ok(())
+        &subnet.network().to_string(),
+        mac,
+        &public.to_string(),
+    )
 }
 
 /// flannel's per-peer entries on `ns` towards the peer with `subnet`, VTEP `mac`, `public`.
@@ -297,17 +262,36 @@ fn flannel_peer(
     mac: &str,
     public: Ipv4Addr,
 ) -> Result<()> {
-    let gw = subnet.network().to_string();
+    peer_entries(
+        ns,
+        "flannel.1",
+        &subnet.to_string(),
+        &subnet.network().to_string(),
+        mac,
+        &public.to_string(),
+    )
+}
+
+/// flannel's three entries per peer on device `dev`: a permanent neighbour `gw` → `mac`, an
+/// FDB entry `mac` → `public`, and the route to `subnet` via `gw` (on-link).
+fn peer_entries(
+    ns: &str,
+    dev: &str,
+    subnet: &str,
+    gw: &str,
+    mac: &str,
+    public: &str,
+) -> Result<()> {
     ip(&[
         "-n",
         ns,
         "neigh",
         "add",
-        &gw,
+        gw,
         "lladdr",
         mac,
         "dev",
-        "flannel.1",
+        dev,
         "nud",
         "permanent",
     ])?;
@@ -319,24 +303,15 @@ fn flannel_peer(
             "append",
             mac,
             "dev",
-            "flannel.1",
+            dev,
             "dst",
-            &public.to_string(),
+            public,
             "self",
             "permanent",
         ],
     )?;
     ip(&[
-        "-n",
-        ns,
-        "route",
-        "add",
-        &subnet.to_string(),
-        "via",
-        &gw,
-        "dev",
-        "flannel.1",
-        "onlink",
+        "-n", ns, "route", "add", subnet, "via", gw, "dev", dev, "onlink",
     ])?;
     Ok(())
 }
