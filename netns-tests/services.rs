@@ -1320,13 +1320,7 @@ fn create_dual(
     args.extend_from_slice(extra);
     let out = lab.tartanctl(&args)?;
     let vip4 = tartan::netbench::topology::created_cluster_ip(&out)?;
-    let vip6 = out
-        .split("IPv6 cluster IP ")
-        .nth(1)
-        .and_then(|r| r.split(',').next())
-        .with_context(|| format!("no IPv6 cluster IP in {out:?}"))?
-        .trim()
-        .parse()?;
+    let vip6 = tartan::netbench::topology::created_cluster_ip6(&out)?;
     let np = out
         .split("(node ")
         .nth(1)

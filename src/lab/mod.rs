@@ -133,6 +133,14 @@ pub fn address_up_default_route(ns: &str, dev: &str, cidr: &str, gateway: &str) 
     Ok(())
 }
 
+/// Adds the IPv6 address `cidr` to the (up) `dev` in `ns` without duplicate address
+/// detection, and the IPv6 default route via `gateway`.
+pub fn address6_default_route(ns: &str, dev: &str, cidr: &str, gateway: &str) -> Result<()> {
+    ip(&["-n", ns, "addr", "add", cidr, "dev", dev, "nodad"])?;
+    ip(&["-n", ns, "-6", "route", "add", "default", "via", gateway])?;
+    Ok(())
+}
+
 /// Runs `program args` inside `ns`; returns stdout, failing on a non-zero exit.
 pub fn ns_run(ns: &str, program: &str, args: &[&str]) -> Result<String> {
     let out = run(ns_command(ns, program).args(args))?;

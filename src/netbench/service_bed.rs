@@ -350,26 +350,12 @@ impl ServiceBed {
                 ip(&["-n", &node, "addr", "add", a, "dev", dev, "nodad"])?;
             }
             address_up_default_route(&client, "eth0", &format!("{CLIENT_IP}/24"), "10.244.1.1")?;
-            ip(&[
-                "-n",
+            crate::lab::address6_default_route(
                 &client,
-                "addr",
-                "add",
-                &format!("{CLIENT_IP6}/64"),
-                "dev",
                 "eth0",
-                "nodad",
-            ])?;
-            ip(&[
-                "-n",
-                &client,
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
+                &format!("{CLIENT_IP6}/64"),
                 "fd00:10:244:1::1",
-            ])?;
+            )?;
             let endpoints = match kind {
                 NatKind::Tartan { endpoints, .. } => (*endpoints).max(1),
                 NatKind::Linear { .. } | NatKind::Tartan6 { .. } => 1,

@@ -65,26 +65,28 @@ const STD: [u16; 4] = [ports::TCP_RR, ports::UDP_RR, ports::FIRST_BYTE, ports::S
 /// The cluster IP in `tartanctl service create`'s answer ("service NS/NAME created: cluster IP
 /// A.B.C.D, ports ...").
 pub fn created_cluster_ip(out: &str) -> Result<Ipv4Addr> {
-    let ip = out
-        .split("cluster IP ")
-        .nth(1)
-        .and_then(|r| r.split(',').next())
-        .with_context(|| format!("no cluster IP in tartanctl's output {out:?}"))?;
-    ip.trim()
-        .parse()
-        .with_context(|| format!("cluster IP {ip:?} in tartanctl's output"))
+    created_address(out, "cluster IP ")
 }
 
 /// The IPv6 cluster IP in `tartanctl service create`'s answer ("…, IPv6 cluster IP X, …").
 pub fn created_cluster_ip6(out: &str) -> Result<Ipv6Addr> {
+    created_address(out, "IPv6 cluster IP ")
+}
+
+/// The address after the first `marker` in tartanctl's output, up to the next comma.
+fn created_address<T: std::str::FromStr>(out: &str, marker: &str) -> Result<T>
+where
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    let what = marker.trim();
     let ip = out
-        .split("IPv6 cluster IP ")
+        .split(marker)
         .nth(1)
         .and_then(|r| r.split(',').next())
-        .with_context(|| format!("no IPv6 cluster IP in tartanctl's output {out:?}"))?;
+        .with_context(|| format!("no {what} in tartanctl's output {out:?}"))?;
     ip.trim()
         .parse()
-        .with_context(|| format!("IPv6 cluster IP {ip:?} in tartanctl's output"))
+        .with_context(|| format!("{what} {ip:?} in tartanctl's output"))
 }
 
 /// Builds the flannel-equivalent VXLAN node `ns` (index `k` of 2): device `flannel.1` (VNI 1,
@@ -365,26 +367,7 @@ fn flannel_pod(
         let subnet = flannel_subnet6(k);
         let a6 = Ipv6Addr::from(u128::from(subnet.network()) + 1 + u128::from(n));
         let gw = Ipv6Addr::from(u128::from(subnet.network()) + 1);
-        ip(&[
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{a6}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-        ip(&[
-            "-n",
-            &ns,
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            &gw.to_string(),
-        ])?;
+        crate::lab::address6_default_route(&ns, "eth0", &format!("{a6}/64"), &gw.to_string())?;
         Some(a6)
     } else {
         None
